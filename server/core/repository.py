@@ -1,0 +1,158 @@
+"""The model repository: versioned encoder directories and an atomically replaced serving pointer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+from chronorec.server.core.errors import NotFound
+from chronorec.server.core.manifest import MANIFEST_FILE, TOKENIZER_FILE, load_manifest
+
+POINTER_FILE = "CURRENT"
+HISTORY_FILE = "HISTORY"
+STAGING_PREFIX = ".staging-"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class ModelRepository:
+    """`<root>/encoder/<version>/` directories plus the `CURRENT` pointer and activation `HISTORY`."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.encoder_dir = self.root / "encoder"
+
+    def ensure(self) -> "ModelRepository":
+        self.encoder_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def version_dir(self, version: str) -> Path:
+        return self.encoder_dir / version
+
+    def is_complete(self, version: str) -> bool:
+        """A version is complete when its manifest parses and its model and tokenizer exist."""
+        path = self.version_dir(version)
+        try:
+            manifest = load_manifest(path)
+        except (OSError, ValueError, TypeError, KeyError):
+            return False
+        model = path / manifest.onnx_file
+        return model.is_file() and model.stat().st_size > 0 and (path / TOKENIZER_FILE).is_file()
+
+    def list_versions(self) -> list[str]:
+        """Complete versions, oldest first (by manifest creation time, then name)."""
+        if not self.encoder_dir.is_dir():
+            return []
+        found = []
+        for child in self.encoder_dir.iterdir():
+            if not child.is_dir() or child.name.startswith("."):
+                continue
+            if not self.is_complete(child.name):
+                continue
+            found.append((load_manifest(child).created_at, child.name))
+        return [name for _, name in sorted(found)]
+
+    def current(self) -> str | None:
+        """The serving version named by the pointer, or None when nothing was activated."""
+        try:
+            name = (self.encoder_dir / POINTER_FILE).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def history(self) -> list[str]:
+        try:
+            text = (self.encoder_dir / HISTORY_FILE).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    @staticmethod
+    def new_version_name() -> str:
+        return time.strftime("v%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+    @contextlib.contextmanager
+    def stage_version(self, version: str | None = None) -> Iterator[tuple[str, Path]]:
+        """Yield `(version, staging_dir)`; on success the directory is renamed into place.
+
+        A failure (or a kill) leaves at most a `.staging-*` directory, which is never listed
+        or served.
+        """
+        self.ensure()
+        version = version or self.new_version_name()
+        if self.version_dir(version).exists():
+            raise FileExistsError(f"model version {version} already exists")
+        staging = self.encoder_dir / f"{STAGING_PREFIX}{version}-{secrets.token_hex(3)}"
+        staging.mkdir()
+        try:
+            yield version, staging
+            for child in staging.iterdir():
+                if child.is_file():
+                    with open(child, "rb") as handle:
+                        os.fsync(handle.fileno())
+            _fsync_dir(staging)
+            os.rename(staging, self.version_dir(version))
+            _fsync_dir(self.encoder_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def activate(self, version: str) -> None:
+        """Make `version` the serving one (pointer replaced atomically) and record it in HISTORY."""
+        if not self.is_complete(version):
+            raise NotFound(f"model version {version!r} does not exist or is incomplete")
+        self.ensure()
+        history = self.history()
+        if not history or history[-1] != version:
+            history.append(version)
+        _write_atomically(self.encoder_dir / HISTORY_FILE, "\n".join(history[-100:]) + "\n")
+        _write_atomically(self.encoder_dir / POINTER_FILE, version + "\n")
+
+    def rollback(self) -> str:
+        """Re-activate the version that served before the current one; returns it."""
+        current = self.current()
+        history = self.history()
+        while history and history[-1] == current:
+            history.pop()
+        while history and not self.is_complete(history[-1]):
+            history.pop()
+        if not history:
+            raise NotFound("no previous model version to roll back to")
+        previous = history[-1]
+        _write_atomically(self.encoder_dir / HISTORY_FILE, "\n".join(history) + "\n")
+        _write_atomically(self.encoder_dir / POINTER_FILE, previous + "\n")
+        return previous
+
+    def clean_staging(self) -> int:
+        """Remove staging directories left by killed writers; returns how many."""
+        removed = 0
+        if self.encoder_dir.is_dir():
+            for child in self.encoder_dir.iterdir():
+                if child.is_dir() and child.name.startswith(STAGING_PREFIX):
+                    shutil.rmtree(child, ignore_errors=True)
+                    removed += 1
+        return removed
+
+
+__all__ = ["ModelRepository", "POINTER_FILE", "HISTORY_FILE", "MANIFEST_FILE"]

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs of the chronorec.v1 API."""

@@ -1,0 +1,123 @@
+"""Server configuration: flags with environment fallbacks, parsed once in main() into one object."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; each is enforced with a status whose message names it."""
+
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_texts_per_encode: int = 256
+    max_text_chars: int = 20_000
+    max_k: int = 1000
+    max_feedback_batch: int = 5000
+    max_history_events: int = 1000
+    max_exclude_items: int = 10_000
+    max_upsert_batch: int = 5000
+    max_concurrent_rpcs: int = 64
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to start; secrets are kept out of `redacted()`."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path = Path("var")
+    db_path: Path | None = None
+    models_root: Path | None = None
+    demo: bool = True
+    workers: int = 16
+    encoder_max_batch: int = 64
+    encoder_max_wait_ms: float = 2.0
+    encoder_max_queue: int = 4096
+    intra_op_threads: int | None = None
+    prefer_int8: bool = False
+    watch_interval_s: float = 2.0
+    cooccurrence_refresh_s: float = 300.0
+    grace_s: float = 10.0
+    log_level: str = "INFO"
+    log_json: bool = True
+    metrics_port: int | None = None
+    tokens_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    allow_insecure_public: bool = False
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def database(self) -> Path:
+        return self.db_path or self.data_dir / "chronorec.db"
+
+    @property
+    def models(self) -> Path:
+        return self.models_root or self.data_dir / "models"
+
+    def redacted(self) -> dict:
+        """The configuration as loggable data (paths only; no token values ever)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "limits"}
+        out["limits"] = {f.name: getattr(self.limits, f.name) for f in fields(self.limits)}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+
+
+def _env(name: str, default):
+    return os.environ.get(f"CHRONOREC_{name.upper()}", default)
+
+
+def _bool(text) -> bool:
+    return str(text).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chronorec-server",
+        description="Serve time-aware recommendations over gRPC. Every flag has a CHRONOREC_<NAME> environment fallback.",
+    )
+    d = ServerConfig()
+    add = parser.add_argument
+    add("--host", default=_env("host", d.host), help="bind address (default 127.0.0.1)")
+    add("--port", type=int, default=int(_env("port", d.port)), help="port; 0 picks a free one")
+    add("--data-dir", type=Path, default=Path(_env("data_dir", d.data_dir)), help="folder for the database and models")
+    add("--db", dest="db_path", type=Path, default=_env("db", None), help="SQLite file (default DATA_DIR/chronorec.db)")
+    add("--models", dest="models_root", type=Path, default=_env("models", None), help="model repository (default DATA_DIR/models)")
+    add("--no-demo", dest="demo", action="store_false", default=_bool(_env("demo", "1")), help="do not load the demo catalog into an empty database")
+    add("--workers", type=int, default=int(_env("workers", d.workers)), help="gRPC worker threads")
+    add("--encoder-max-batch", type=int, default=int(_env("encoder_max_batch", d.encoder_max_batch)))
+    add("--encoder-max-wait-ms", type=float, default=float(_env("encoder_max_wait_ms", d.encoder_max_wait_ms)))
+    add("--encoder-max-queue", type=int, default=int(_env("encoder_max_queue", d.encoder_max_queue)), help="texts queued before RESOURCE_EXHAUSTED")
+    add("--intra-op-threads", type=int, default=_env("intra_op_threads", None), help="ONNX Runtime threads (default: all cores)")
+    add("--int8", dest="prefer_int8", action="store_true", default=_bool(_env("int8", "0")), help="serve the int8 model when the version has one")
+    add("--watch-interval", dest="watch_interval_s", type=float, default=float(_env("watch_interval", d.watch_interval_s)), help="seconds between checks of the model pointer")
+    add("--cooccurrence-refresh", dest="cooccurrence_refresh_s", type=float, default=float(_env("cooccurrence_refresh", d.cooccurrence_refresh_s)))
+    add("--grace", dest="grace_s", type=float, default=float(_env("grace", d.grace_s)), help="seconds in-flight calls get on SIGTERM")
+    add("--log-level", default=_env("log_level", d.log_level))
+    add("--log-text", dest="log_json", action="store_false", default=_bool(_env("log_json", "1")), help="plain-text logs instead of JSON lines")
+    add("--metrics-port", type=int, default=_env("metrics_port", None), help="serve Prometheus metrics on this port")
+    add("--tokens-file", type=Path, default=_env("tokens_file", None), help="bearer tokens file (see README: security)")
+    add("--tls-cert", type=Path, default=_env("tls_cert", None))
+    add("--tls-key", type=Path, default=_env("tls_key", None))
+    add("--tls-client-ca", type=Path, default=_env("tls_client_ca", None), help="CA for client certificates (mutual TLS)")
+    add("--allow-insecure-public", action="store_true", default=_bool(_env("allow_insecure_public", "0")), help="bind a non-loopback address without authentication")
+    lim = Limits()
+    for f in fields(Limits):
+        add(f"--{f.name.replace('_', '-')}", type=int, default=int(_env(f.name, getattr(lim, f.name))), help=f"limit (default {getattr(lim, f.name)})")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> ServerConfig:
+    args = vars(build_parser().parse_args(argv))
+    limits = Limits(**{f.name: args.pop(f.name) for f in fields(Limits)})
+    for name in ("intra_op_threads", "metrics_port"):
+        if args.get(name) is not None:
+            args[name] = int(args[name])
+    for name in ("db_path", "models_root", "tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
+        if args.get(name) is not None:
+            args[name] = Path(args[name])
+    return ServerConfig(limits=limits, **args)

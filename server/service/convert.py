@@ -1,0 +1,98 @@
+"""Conversions between protobuf messages and the core's plain Python objects."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.errors import InvalidArgument
+from chronorec.server.core.timetext import HistoryEntry
+from chronorec.v1 import common_pb2
+
+# Unix seconds the core accepts: 1970 .. 2100.
+MAX_TIME = 4102444800.0
+
+
+def to_seconds(ts: Timestamp, what: str) -> float:
+    seconds = ts.seconds + ts.nanos / 1e9
+    if not (0.0 <= seconds < MAX_TIME):
+        raise InvalidArgument(f"{what} must be between 1970 and 2100")
+    return seconds
+
+
+def optional_seconds(message, name: str, what: str) -> float | None:
+    return to_seconds(getattr(message, name), what) if message.HasField(name) else None
+
+
+def to_timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    whole = math.floor(seconds)
+    ts.seconds = int(whole)
+    ts.nanos = int(round((seconds - whole) * 1e9)) % 1_000_000_000
+    return ts
+
+
+def item_from_proto(message: common_pb2.Item, index: int) -> Item:
+    where = f"item {index} (id {message.item_id!r})"
+    return Item(
+        item_id=message.item_id,
+        title=message.title,
+        text=message.text,
+        category=message.category,
+        published_at=optional_seconds(message, "published_at", f"{where}: published_at"),
+        expires_at=optional_seconds(message, "expires_at", f"{where}: expires_at"),
+        attributes=dict(message.attributes),
+    )
+
+
+def item_to_proto(item: Item) -> common_pb2.Item:
+    message = common_pb2.Item(
+        item_id=item.item_id,
+        title=item.title,
+        text=item.text,
+        category=item.category,
+        attributes=item.attributes,
+    )
+    if item.published_at is not None:
+        message.published_at.CopyFrom(to_timestamp(item.published_at))
+    if item.expires_at is not None:
+        message.expires_at.CopyFrom(to_timestamp(item.expires_at))
+    return message
+
+
+def _value(message, where: str) -> float | None:
+    if not message.HasField("value"):
+        return None
+    if not math.isfinite(message.value):
+        raise InvalidArgument(f"{where}: value must be a finite number")
+    return float(message.value)
+
+
+def event_from_proto(message: common_pb2.Event, index: int, received_at: float | None = None) -> Event:
+    where = f"event {index} (id {message.event_id!r})"
+    timestamp = optional_seconds(message, "timestamp", f"{where}: timestamp")
+    return Event(
+        event_id=message.event_id,
+        user_id=message.user_id,
+        item_id=message.item_id,
+        action=message.action,
+        timestamp=timestamp if timestamp is not None else (received_at or time.time()),
+        value=_value(message, where),
+    )
+
+
+def history_from_proto(message: common_pb2.HistoryEvent, index: int) -> HistoryEntry:
+    where = f"history event {index}"
+    if not message.HasField("timestamp"):
+        raise InvalidArgument(f"{where}: timestamp is required")
+    return HistoryEntry(
+        item_id=message.item_id,
+        action=message.action or "view",
+        timestamp=to_seconds(message.timestamp, f"{where}: timestamp"),
+        value=_value(message, where),
+    )

@@ -1,0 +1,41 @@
+"""ModelService: serving status, versions, activation and rollback."""
+
+from __future__ import annotations
+
+from chronorec.server.core.engine import ChronorecEngine
+from chronorec.server.core.errors import InvalidArgument
+from chronorec.server.service.convert import to_timestamp
+from chronorec.server.service.errors import rpc
+from chronorec.v1 import models_pb2, models_pb2_grpc
+
+
+class ModelServicer(models_pb2_grpc.ModelServiceServicer):
+    def __init__(self, engine: ChronorecEngine):
+        self.engine = engine
+
+    @rpc
+    def GetStatus(self, request, context):
+        status = self.engine.status()
+        loaded_at = status.pop("loaded_at")
+        response = models_pb2.GetStatusResponse(**status)
+        if loaded_at is not None:
+            response.loaded_at.CopyFrom(to_timestamp(loaded_at))
+        return response
+
+    @rpc
+    def ListVersions(self, request, context):
+        return models_pb2.ListVersionsResponse(
+            versions=[models_pb2.ModelVersion(**v) for v in self.engine.list_versions()]
+        )
+
+    @rpc
+    def ActivateVersion(self, request, context):
+        if not request.version:
+            raise InvalidArgument("version is empty")
+        serving = self.engine.manager.activate(request.version, wait=request.wait)
+        return models_pb2.ActivateVersionResponse(serving_version=serving)
+
+    @rpc
+    def Rollback(self, request, context):
+        active = self.engine.manager.rollback(wait=request.wait)
+        return models_pb2.RollbackResponse(active_version=active, serving_version=self.engine.manager.current_version() or "")

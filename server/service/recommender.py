@@ -1,0 +1,108 @@
+"""RecommenderService: time-aware Recommend and idempotent Feedback."""
+
+from __future__ import annotations
+
+import time
+
+from chronorec.server.config import Limits
+from chronorec.server.core.engine import ChronorecEngine, RecommendRequest
+from chronorec.server.core.errors import InvalidArgument
+from chronorec.server.service.convert import event_from_proto, history_from_proto, optional_seconds, to_timestamp
+from chronorec.server.service.errors import rpc
+from chronorec.v1 import recommender_pb2, recommender_pb2_grpc
+
+OVERRIDE_FIELDS = [f.name for f in recommender_pb2.TimeModelOverrides.DESCRIPTOR.fields]
+
+
+class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
+    def __init__(self, engine: ChronorecEngine, limits: Limits):
+        self.engine = engine
+        self.limits = limits
+
+    def _request(self, request) -> RecommendRequest:
+        limits = self.limits
+        if not (1 <= request.k <= limits.max_k):
+            raise InvalidArgument(f"k must be between 1 and max_k={limits.max_k}, got {request.k}")
+        if not request.user_id and not request.history:
+            raise InvalidArgument("give a user_id or an inline history")
+        if len(request.user_id) > 256:
+            raise InvalidArgument("user_id is longer than 256 characters")
+        if len(request.history) > limits.max_history_events:
+            raise InvalidArgument(
+                f"{len(request.history)} history events exceed max_history_events={limits.max_history_events}"
+            )
+        if len(request.exclude_item_ids) > limits.max_exclude_items:
+            raise InvalidArgument(f"exclude list exceeds max_exclude_items={limits.max_exclude_items}")
+        overrides = {
+            name: getattr(request.overrides, name)
+            for name in OVERRIDE_FIELDS
+            if request.HasField("overrides") and request.overrides.HasField(name)
+        }
+        return RecommendRequest(
+            user_id=request.user_id or None,
+            k=request.k,
+            at=optional_seconds(request, "at", "at"),
+            inline_history=[history_from_proto(h, i) for i, h in enumerate(request.history)],
+            exclude=frozenset(request.exclude_item_ids),
+            categories=frozenset(c for c in request.categories if c),
+            allow_repeats=request.allow_repeats,
+            overrides=overrides,
+        )
+
+    @rpc
+    def Recommend(self, request, context):
+        answer = self.engine.recommend(self._request(request))
+        catalog = self.engine.catalog.items
+        items = []
+        for rec in answer.result.items:
+            item = catalog.get(rec.item_id)
+            reasons = recommender_pb2.Reasons(
+                semantic=rec.semantic,
+                cooccurrence=rec.cooccurrence,
+                freshness=rec.freshness,
+                trend=rec.trend,
+                history=[
+                    recommender_pb2.HistoryContribution(
+                        item_id=hid, title=catalog[hid].title if hid in catalog else "", contribution=share
+                    )
+                    for hid, share in rec.top_history
+                ],
+            )
+            items.append(
+                recommender_pb2.ScoredItem(
+                    item_id=rec.item_id,
+                    title=item.title if item else "",
+                    category=item.category if item else "",
+                    score=rec.score,
+                    reasons=reasons,
+                )
+            )
+        return recommender_pb2.RecommendResponse(
+            items=items,
+            model_version=answer.model_version,
+            at=to_timestamp(answer.at),
+            history_length=answer.result.history_length,
+        )
+
+    def _store(self, request) -> tuple[int, int]:
+        if len(request.events) > self.limits.max_feedback_batch:
+            raise InvalidArgument(
+                f"{len(request.events)} events exceed max_feedback_batch={self.limits.max_feedback_batch}; split the batch"
+            )
+        received_at = time.time()
+        events = [event_from_proto(e, i, received_at) for i, e in enumerate(request.events)]
+        return self.engine.feedback(events)
+
+    @rpc
+    def Feedback(self, request, context):
+        stored, duplicates = self._store(request)
+        return recommender_pb2.FeedbackResponse(stored=stored, duplicates=duplicates)
+
+    @rpc
+    def FeedbackStream(self, request_iterator, context):
+        stored = duplicates = 0
+        for request in request_iterator:
+            new, dup = self._store(request)
+            stored += new
+            duplicates += dup
+        return recommender_pb2.FeedbackResponse(stored=stored, duplicates=duplicates)

@@ -1,0 +1,739 @@
+"""Typed gRPC client of the chronorec services: deadlines, bearer token, TLS and retries on UNAVAILABLE."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+import numpy as np
+
+from chronorec.client.convert import (
+    TimeLike,
+    optional_timestamp,
+    timestamp_to_datetime,
+    to_timestamp,
+)
+from chronorec.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    common_pb2,
+    encoder_pb2,
+    encoder_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    recommender_pb2,
+    recommender_pb2_grpc,
+)
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_ITEM_ID_LENGTH = 256
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class ChronorecClientError(Exception):
+    """A call failed with a gRPC status; `code` is the grpc.StatusCode, `message` the server's text."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> ChronorecClientError:
+        """The client error of a failed grpc call."""
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+# --------------------------------------------------------------------------------------------
+# Plain data types (what callers pass and get back; never protobuf)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """Sentence vectors, one row per input text, and the model version that produced them."""
+
+    vectors: np.ndarray  # float32, shape (n, dimension), rows L2-normalised
+    model_version: str
+
+    @property
+    def dimension(self) -> int:
+        """Length of each vector."""
+        return int(self.vectors.shape[1])
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    """One event of an inline (anonymous or not yet ingested) history."""
+
+    item_id: str
+    action: str
+    timestamp: TimeLike
+    value: float | None = None
+
+
+class HistoryReason(NamedTuple):
+    """A history item behind a recommendation and its share of the score."""
+
+    item_id: str
+    title: str
+    contribution: float
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommended item with the parts of its score."""
+
+    item_id: str
+    title: str
+    category: str
+    score: float
+    semantic: float
+    cooccurrence: float
+    freshness: float
+    trend: float
+    history: list[HistoryReason] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RecommendResult:
+    """Recommendations (best first) as of `at`."""
+
+    items: list[Recommendation]
+    model_version: str
+    at: datetime
+    history_length: int
+
+
+@dataclass(frozen=True)
+class FeedbackEvent:
+    """A feedback event to store; a missing event id is generated, a missing timestamp means now."""
+
+    user_id: str
+    item_id: str
+    action: str
+    timestamp: TimeLike | None = None
+    value: float | None = None
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    """How many events were newly stored and how many were already stored (same event id)."""
+
+    stored: int
+    duplicates: int
+
+    def __add__(self, other: FeedbackResult) -> FeedbackResult:
+        return FeedbackResult(self.stored + other.stored, self.duplicates + other.duplicates)
+
+
+@dataclass(frozen=True)
+class CatalogItem:
+    """A catalog item; times are aware UTC datetimes, None means unbounded."""
+
+    item_id: str
+    title: str
+    text: str = ""
+    category: str = ""
+    published_at: datetime | None = None
+    expires_at: datetime | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    """Items inserted or replaced, and live items in the index afterwards."""
+
+    upserted: int
+    index_size: int
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    """Items deleted, and live items in the index afterwards."""
+
+    deleted: int
+    index_size: int
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """The server's model state."""
+
+    serving_version: str
+    manifest: dict[str, Any]
+    providers: list[str]
+    swap_in_progress: bool
+    swap_target: str
+    last_error: str
+    index_size: int
+    loaded_at: datetime | None
+    metrics: dict[str, float]
+    swap_count: int
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One complete model version in the repository."""
+
+    version: str
+    parent_version: str
+    created_at: str
+    metrics: dict[str, float]
+    serving: bool
+    active: bool
+
+
+@dataclass(frozen=True)
+class ActivateResult:
+    """The version serving when the activation call returned."""
+
+    serving_version: str
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    """The version the repository pointer names now and the one serving when the call returned."""
+
+    active_version: str
+    serving_version: str
+
+
+# --------------------------------------------------------------------------------------------
+# Request building: every check runs here, so invalid input fails with ValueError before a call
+# --------------------------------------------------------------------------------------------
+
+_EVENT_FIELDS = ("event_id", "user_id", "item_id", "action", "timestamp", "value")
+_HISTORY_FIELDS = ("item_id", "action", "timestamp", "value")
+_ITEM_FIELDS = ("item_id", "title", "text", "category", "published_at", "expires_at", "attributes")
+OVERRIDE_FIELDS = tuple(f.name for f in recommender_pb2.TimeModelOverrides.DESCRIPTOR.fields)
+
+
+def _fields(kind: str, value: Any, names: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
+    """The named fields of a mapping or of any object with those attributes (dataclasses included)."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            # Strict on keys: a misspelt "timestmp" would otherwise silently mean "now".
+            raise ValueError(f"{kind}: unknown field(s) {unknown}; expected some of {list(names)}")
+        fields = {name: value.get(name) for name in names}
+    else:
+        if not all(hasattr(value, name) for name in required):
+            raise ValueError(f"{kind}: expected a mapping or an object with {list(required)}, got {value!r}")
+        fields = {name: getattr(value, name, None) for name in names}
+    missing = [name for name in required if fields[name] is None]
+    if missing:
+        raise ValueError(f"{kind}: missing {missing}")
+    return fields
+
+
+def _text(kind: str, name: str, value: Any, *, required: bool = True) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{kind}: {name} must be a string, got {value!r}")
+    if required and not value.strip():
+        raise ValueError(f"{kind}: {name} must not be empty")
+    return value
+
+
+def _item_id(kind: str, value: Any) -> str:
+    item_id = _text(kind, "item_id", value)
+    if len(item_id) > MAX_ITEM_ID_LENGTH:
+        raise ValueError(f"{kind}: item_id longer than {MAX_ITEM_ID_LENGTH} characters")
+    return item_id
+
+
+def _number(kind: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{kind}: {name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{kind}: {name} must be finite, got {value!r}")
+    return number
+
+
+def _timestamp(kind: str, name: str, value: Any):
+    try:
+        return to_timestamp(value)
+    except ValueError as error:
+        raise ValueError(f"{kind}: {name}: {error}") from None
+
+
+def _strings(name: str, values: Iterable[str] | str | None) -> list[str]:
+    """A list of non-empty strings; one bare string counts as a list of one (never as characters)."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    result = list(values)
+    for value in result:
+        _text(name, "entry", value)
+    return result
+
+
+def event_to_proto(event: FeedbackEvent | Mapping[str, Any] | Any) -> common_pb2.Event:
+    """The Event message of a FeedbackEvent, a dict or any object with the event's fields."""
+    fields = _fields("event", event, _EVENT_FIELDS, ("user_id", "item_id", "action"))
+    message = common_pb2.Event(
+        # Generated once here, so every retry of this request carries the same id (stored once).
+        event_id=_text("event", "event_id", fields["event_id"]) if fields["event_id"] is not None else str(uuid.uuid4()),
+        user_id=_text("event", "user_id", fields["user_id"]),
+        item_id=_item_id("event", fields["item_id"]),
+        action=_text("event", "action", fields["action"]),
+    )
+    if fields["timestamp"] is not None:
+        message.timestamp.CopyFrom(_timestamp("event", "timestamp", fields["timestamp"]))
+    if fields["value"] is not None:
+        message.value = _number("event", "value", fields["value"])
+    return message
+
+
+def history_to_proto(entry: HistoryItem | Mapping[str, Any] | Any) -> common_pb2.HistoryEvent:
+    """The HistoryEvent message of a HistoryItem, a dict or any object with those fields."""
+    fields = _fields("history", entry, _HISTORY_FIELDS, ("item_id", "action", "timestamp"))
+    message = common_pb2.HistoryEvent(
+        item_id=_item_id("history", fields["item_id"]),
+        action=_text("history", "action", fields["action"]),
+        timestamp=_timestamp("history", "timestamp", fields["timestamp"]),
+    )
+    if fields["value"] is not None:
+        message.value = _number("history", "value", fields["value"])
+    return message
+
+
+def item_to_proto(item: CatalogItem | Mapping[str, Any] | Any) -> common_pb2.Item:
+    """The Item message of a CatalogItem, a dict or any object with the item's fields."""
+    fields = _fields("item", item, _ITEM_FIELDS, ("item_id", "title"))
+    attributes = fields["attributes"] or {}
+    if not isinstance(attributes, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in attributes.items()
+    ):
+        raise ValueError(f"item {fields['item_id']!r}: attributes must map strings to strings")
+    message = common_pb2.Item(
+        item_id=_item_id("item", fields["item_id"]),
+        title=_text("item", "title", fields["title"]),
+        text=_text("item", "text", fields["text"], required=False),
+        category=_text("item", "category", fields["category"], required=False),
+        attributes=dict(attributes),
+    )
+    for name in ("published_at", "expires_at"):
+        if fields[name] is not None:
+            getattr(message, name).CopyFrom(_timestamp("item", name, fields[name]))
+    return message
+
+
+def overrides_to_proto(overrides: Mapping[str, Any] | None) -> recommender_pb2.TimeModelOverrides | None:
+    """TimeModelOverrides from a dict of field name to value; None values keep the manifest's value."""
+    if not overrides:
+        return None
+    message = recommender_pb2.TimeModelOverrides()
+    descriptor = recommender_pb2.TimeModelOverrides.DESCRIPTOR
+    for name, value in overrides.items():
+        if name not in descriptor.fields_by_name:
+            raise ValueError(f"overrides: unknown parameter {name!r}; known: {list(OVERRIDE_FIELDS)}")
+        if value is None:
+            continue
+        number = _number("overrides", name, value)
+        if descriptor.fields_by_name[name].cpp_type == descriptor.fields_by_name[name].CPPTYPE_INT32:
+            if not number.is_integer():
+                raise ValueError(f"overrides: {name} must be an integer, got {value!r}")
+            setattr(message, name, int(number))
+        else:
+            setattr(message, name, number)
+    return message
+
+
+def build_recommend_request(
+    user_id: str | None = None,
+    k: int = 10,
+    at: TimeLike | None = None,
+    history: Iterable[HistoryItem | Mapping[str, Any]] = (),
+    exclude: Iterable[str] = (),
+    categories: Iterable[str] = (),
+    allow_repeats: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+) -> recommender_pb2.RecommendRequest:
+    """The RecommendRequest of recommend()'s arguments."""
+    if user_id is not None and not isinstance(user_id, str):
+        raise ValueError(f"recommend: user_id must be a string, got {user_id!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"recommend: k must be a positive integer, got {k!r}")
+    request = recommender_pb2.RecommendRequest(
+        user_id=user_id or "",
+        k=int(k),
+        history=[history_to_proto(entry) for entry in history],
+        exclude_item_ids=_strings("exclude", exclude),
+        categories=_strings("categories", categories),
+        allow_repeats=bool(allow_repeats),
+    )
+    if at is not None:
+        request.at.CopyFrom(_timestamp("recommend", "at", at))
+    override_message = overrides_to_proto(overrides)
+    if override_message is not None:
+        request.overrides.CopyFrom(override_message)
+    return request
+
+
+def feedback_request(events: Iterable[Any]) -> recommender_pb2.FeedbackRequest:
+    """A FeedbackRequest of one non-empty batch of events."""
+    messages = [event_to_proto(event) for event in events]
+    if not messages:
+        raise ValueError("feedback: no events")
+    return recommender_pb2.FeedbackRequest(events=messages)
+
+
+# --------------------------------------------------------------------------------------------
+# Response conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _recommendation(item: recommender_pb2.ScoredItem) -> Recommendation:
+    reasons = item.reasons
+    return Recommendation(
+        item_id=item.item_id,
+        title=item.title,
+        category=item.category,
+        score=item.score,
+        semantic=reasons.semantic,
+        cooccurrence=reasons.cooccurrence,
+        freshness=reasons.freshness,
+        trend=reasons.trend,
+        history=[HistoryReason(h.item_id, h.title, h.contribution) for h in reasons.history],
+    )
+
+
+def catalog_item(message: common_pb2.Item) -> CatalogItem:
+    """The CatalogItem of an Item message."""
+    return CatalogItem(
+        item_id=message.item_id,
+        title=message.title,
+        text=message.text,
+        category=message.category,
+        published_at=optional_timestamp(message, "published_at"),
+        expires_at=optional_timestamp(message, "expires_at"),
+        attributes=dict(message.attributes),
+    )
+
+
+def _manifest(text: str) -> dict[str, Any]:
+    # The manifest is informational here; a server sending something unparsable must not break status().
+    try:
+        parsed = json.loads(text) if text else {}
+    except ValueError:
+        return {"raw": text}
+    return parsed if isinstance(parsed, dict) else {"raw": parsed}
+
+
+# --------------------------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------------------------
+
+
+class _Replayable:
+    """Caches what a one-shot iterable yields so that a retried stream resends the same requests."""
+
+    def __init__(self, source: Iterable[Any], convert: Callable[[Any], Any]):
+        self._source = iter(source)
+        self._convert = convert
+        self._sent: list[Any] = []
+        self._lock = threading.Lock()
+        self.error: ValueError | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        index = 0
+        while True:
+            # grpc reads requests on its own thread; a failed attempt's reader may still be here.
+            with self._lock:
+                if index == len(self._sent):
+                    try:
+                        self._sent.append(self._convert(next(self._source)))
+                    except StopIteration:
+                        return
+                    except ValueError as error:
+                        # Raised after the call fails, as a ValueError the caller can act on.
+                        self.error = error
+                        raise
+                request = self._sent[index]
+            yield request
+            index += 1
+
+
+class ChronorecClient:
+    """A client of the Encoder, Recommender, Catalog and Model services of one chronorec server.
+
+    Every call has a deadline (`timeout` seconds, overridable per call) that also bounds its
+    retries. A call failing with UNAVAILABLE is retried up to `max_retries` times with
+    exponential backoff and jitter; any other status fails at once as ChronorecClientError.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        server_name_override: str | None = None,
+        timeout: float = 10.0,
+        max_retries: int = 4,
+        backoff_base: float = 0.05,
+        backoff_max: float = 2.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ):
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
+        if backoff_base < 0 or backoff_max < 0:
+            raise ValueError("backoff_base and backoff_max must be >= 0")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("mutual TLS needs both tls_cert and tls_key")
+        secure = any(path is not None for path in (tls_ca, tls_cert, tls_key))
+        if server_name_override and not secure:
+            raise ValueError("server_name_override needs TLS (tls_ca, or tls_cert and tls_key)")
+        if token is not None and ("\n" in token or "\r" in token):
+            raise ValueError("token must be a single line")
+
+        self.target = target
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.backoff_base = float(backoff_base)
+        self.backoff_max = float(backoff_max)
+        self.secure = secure
+        # Kept private and out of repr so the bearer token never lands in a log line.
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token.strip()}"),) if token and token.strip() else ()
+        )
+        self._random = random.Random()
+
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.primary_user_agent", "chronorec-client"),
+        ]
+        if secure:
+            if server_name_override:
+                options.append(("grpc.ssl_target_name_override", server_name_override))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+
+        self._encoder = encoder_pb2_grpc.EncoderServiceStub(self._channel)
+        self._recommender = recommender_pb2_grpc.RecommenderServiceStub(self._channel)
+        self._catalog = catalog_pb2_grpc.CatalogServiceStub(self._channel)
+        self._models = models_pb2_grpc.ModelServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        return (
+            f"ChronorecClient(target={self.target!r}, secure={self.secure}, "
+            f"token={'set' if self._metadata else 'none'}, timeout={self.timeout})"
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> ChronorecClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Blocks until the channel is connected; UNAVAILABLE ChronorecClientError when it is not in time."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.timeout if timeout is None else timeout)
+        except grpc.FutureTimeoutError:
+            raise ChronorecClientError(grpc.StatusCode.UNAVAILABLE, f"{self.target} not reachable") from None
+
+    # -- encoder -------------------------------------------------------------------------------
+
+    def encode(self, texts: Iterable[str] | str, *, timeout: float | None = None) -> EncodeResult:
+        """L2-normalised sentence vectors of `texts` (one bare string counts as one text)."""
+        request = encoder_pb2.EncodeRequest(texts=_strings("encode", texts))
+        if not request.texts:
+            raise ValueError("encode: no texts")
+        response = self._call(self._encoder.Encode, request, timeout)
+        dimension = response.dimension or (len(response.embeddings[0].values) if response.embeddings else 0)
+        vectors = np.zeros((len(response.embeddings), dimension), dtype=np.float32)
+        for row, embedding in enumerate(response.embeddings):
+            if len(embedding.values) != dimension:
+                raise ChronorecClientError(
+                    grpc.StatusCode.INTERNAL, f"embedding {row} has {len(embedding.values)} values, expected {dimension}"
+                )
+            vectors[row] = embedding.values
+        return EncodeResult(vectors=vectors, model_version=response.model_version)
+
+    # -- recommender ---------------------------------------------------------------------------
+
+    def recommend(
+        self,
+        user_id: str | None = None,
+        k: int = 10,
+        at: TimeLike | None = None,
+        history: Iterable[HistoryItem | Mapping[str, Any]] = (),
+        exclude: Iterable[str] = (),
+        categories: Iterable[str] = (),
+        allow_repeats: bool = False,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> RecommendResult:
+        """The top-k items for a user (or an anonymous inline history) as of `at` (default: now)."""
+        request = build_recommend_request(user_id, k, at, history, exclude, categories, allow_repeats, overrides)
+        response = self._call(self._recommender.Recommend, request, timeout)
+        return RecommendResult(
+            items=[_recommendation(item) for item in response.items],
+            model_version=response.model_version,
+            at=timestamp_to_datetime(response.at),
+            history_length=response.history_length,
+        )
+
+    def feedback(self, events: Iterable[Any], *, timeout: float | None = None) -> FeedbackResult:
+        """Stores one batch of events atomically; retrying is safe because events are idempotent by id."""
+        request = feedback_request(events)
+        response = self._call(self._recommender.Feedback, request, timeout)
+        return FeedbackResult(stored=response.stored, duplicates=response.duplicates)
+
+    def feedback_stream(self, batches: Iterable[Iterable[Any]], *, timeout: float | None = None) -> FeedbackResult:
+        """Streams batches of events, each stored atomically as it arrives; `timeout` bounds the whole stream.
+
+        Batches are converted as they are sent, so an invalid event raises ValueError after the
+        batches before it were stored. After a retry, events stored by the failed attempt count
+        as duplicates.
+        """
+        requests = _Replayable(batches, feedback_request)
+        try:
+            response = self._call(self._recommender.FeedbackStream, requests, timeout, stream=True)
+        except ChronorecClientError:
+            if requests.error is not None:
+                raise requests.error from None
+            raise
+        return FeedbackResult(stored=response.stored, duplicates=response.duplicates)
+
+    # -- catalog -------------------------------------------------------------------------------
+
+    def upsert_items(self, items: Iterable[Any], *, timeout: float | None = None) -> UpsertResult:
+        """Inserts or replaces items (CatalogItem, dicts or objects with the item fields) in one call."""
+        request = catalog_pb2.UpsertItemsRequest(items=[item_to_proto(item) for item in items])
+        if not request.items:
+            raise ValueError("upsert_items: no items")
+        response = self._call(self._catalog.UpsertItems, request, timeout)
+        return UpsertResult(upserted=response.upserted, index_size=response.index_size)
+
+    def delete_items(self, item_ids: Iterable[str] | str, *, timeout: float | None = None) -> DeleteResult:
+        """Deletes items by id; an unknown id fails the whole call with NOT_FOUND."""
+        ids = _strings("delete_items", item_ids)
+        if not ids:
+            raise ValueError("delete_items: no item ids")
+        response = self._call(self._catalog.DeleteItems, catalog_pb2.DeleteItemsRequest(item_ids=ids), timeout)
+        return DeleteResult(deleted=response.deleted, index_size=response.index_size)
+
+    def get_item(self, item_id: str, *, timeout: float | None = None) -> CatalogItem:
+        """One stored item; NOT_FOUND when it does not exist."""
+        request = catalog_pb2.GetItemRequest(item_id=_item_id("get_item", item_id))
+        return catalog_item(self._call(self._catalog.GetItem, request, timeout).item)
+
+    # -- models --------------------------------------------------------------------------------
+
+    def status(self, *, timeout: float | None = None) -> ModelStatus:
+        """The serving version, its manifest, providers in use, index size and swap state."""
+        response = self._call(self._models.GetStatus, models_pb2.GetStatusRequest(), timeout)
+        return ModelStatus(
+            serving_version=response.serving_version,
+            manifest=_manifest(response.manifest_json),
+            providers=list(response.providers),
+            swap_in_progress=response.swap_in_progress,
+            swap_target=response.swap_target,
+            last_error=response.last_error,
+            index_size=response.index_size,
+            loaded_at=optional_timestamp(response, "loaded_at"),
+            metrics=dict(response.metrics),
+            swap_count=response.swap_count,
+        )
+
+    def list_versions(self, *, timeout: float | None = None) -> list[ModelVersionInfo]:
+        """Complete versions in the repository, oldest first."""
+        response = self._call(self._models.ListVersions, models_pb2.ListVersionsRequest(), timeout)
+        return [
+            ModelVersionInfo(
+                version=v.version,
+                parent_version=v.parent_version,
+                created_at=v.created_at,
+                metrics=dict(v.metrics),
+                serving=v.serving,
+                active=v.active,
+            )
+            for v in response.versions
+        ]
+
+    def activate(self, version: str, wait: bool = True, *, timeout: float | None = None) -> ActivateResult:
+        """Makes `version` the serving one; with `wait`, returns after the hot swap completes or fails."""
+        request = models_pb2.ActivateVersionRequest(version=_text("activate", "version", version), wait=wait)
+        response = self._call(self._models.ActivateVersion, request, timeout)
+        return ActivateResult(serving_version=response.serving_version)
+
+    def rollback(self, wait: bool = True, *, timeout: float | None = None) -> RollbackResult:
+        """Re-activates the previously serving version. Never retried: a repeat would roll back twice."""
+        response = self._call(self._models.Rollback, models_pb2.RollbackRequest(wait=wait), timeout, retry=False)
+        return RollbackResult(active_version=response.active_version, serving_version=response.serving_version)
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _call(self, method, request, timeout: float | None, *, retry: bool = True, stream: bool = False):
+        """Runs one call under one deadline, retrying UNAVAILABLE with backoff while time is left."""
+        budget = self.timeout if timeout is None else float(timeout)
+        if budget <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        deadline = time.monotonic() + budget
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ChronorecClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while retrying")
+            try:
+                payload = iter(request) if stream else request
+                return method(payload, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as error:
+                code = error.code() if hasattr(error, "code") else None
+                retryable = retry and code == grpc.StatusCode.UNAVAILABLE and attempt < self.max_retries
+                delay = self._backoff(attempt) if retryable else 0.0
+                if not retryable or time.monotonic() + delay >= deadline:
+                    raise ChronorecClientError.from_rpc_error(error) from error
+                time.sleep(delay)
+                attempt += 1
+
+    def _backoff(self, attempt: int) -> float:
+        # Half fixed, half random: the delay still grows, and clients failing together spread out.
+        ceiling = min(self.backoff_max, self.backoff_base * (2**attempt))
+        return ceiling / 2 + self._random.uniform(0, ceiling / 2)
+
+
+def _read(path: str | Path | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()

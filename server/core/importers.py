@@ -1,0 +1,332 @@
+"""Readers turning MovieLens and generic JSONL files into catalog items and events.
+
+Generic JSONL format (UTF-8, one JSON object per line, blank lines ignored):
+
+items file, one item per line::
+
+    {"item_id": "a1", "title": "Sourdough basics", "text": "optional longer text",
+     "category": "cooking", "published_at": "2024-05-01T08:00:00Z", "expires_at": null,
+     "attributes": {"author": "Ann"}}
+
+    item_id and title are required. Times are unix seconds (number) or ISO-8601 strings
+    (a date, or a date-time; without an offset it is taken as UTC); null or absent means
+    unbounded. attributes values that are not strings are stored as their JSON text.
+
+events file, one event per line::
+
+    {"event_id": "e-1001", "user_id": "u7", "item_id": "a1", "action": "click",
+     "timestamp": 1714550400, "value": null}
+
+    event_id (the idempotency key: importing the file again adds nothing), user_id,
+    item_id, action (view, click, like, purchase, rating, skip, share, add_to_cart,
+    dislike) and timestamp are required; value (e.g. the rating) is optional.
+
+Errors are errors.InvalidArgument naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from chronorec.server.core import errors
+from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.store import event_problem, item_problem
+
+ML100K = "movielens-100k"
+ML_LATEST = "movielens-latest"
+JSONL = "jsonl"
+MAX_TAGS_PER_MOVIE = 10
+
+
+def _bad(path: Path, line: int, problem: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(f"{path}:{line}: {problem}")
+
+
+def _checked_item(path: Path, line: int, item: Item) -> Item:
+    problem = item_problem(item)
+    if problem:
+        raise _bad(path, line, problem)
+    return item
+
+
+def _checked_event(path: Path, line: int, event: Event) -> Event:
+    problem = event_problem(event)
+    if problem:
+        raise _bad(path, line, problem)
+    return event
+
+
+def _require_file(path: Path) -> Path:
+    if not path.is_file():
+        raise errors.InvalidArgument(f"{path}: no such file")
+    return path
+
+
+# -- MovieLens 100K ----------------------------------------------------------------------
+
+
+def load_movielens_100k(folder: str | Path) -> tuple[list[Item], list[Event]]:
+    """Items from u.item (genres named by u.genre) and rating events from u.data, in file order."""
+    folder = Path(folder)
+    genre_path = _require_file(folder / "u.genre")
+    genres: dict[int, str] = {}
+    for line_no, line in enumerate(genre_path.read_text(encoding="latin-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, sep, index = line.rpartition("|")
+        if not sep or not index.strip().isdigit():
+            raise _bad(genre_path, line_no, "expected 'name|index'")
+        genres[int(index)] = name
+    genre_names = [genres[i] for i in sorted(genres)]
+
+    item_path = _require_file(folder / "u.item")
+    items: list[Item] = []
+    for line_no, line in enumerate(item_path.read_text(encoding="latin-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("|")
+        if len(fields) != 5 + len(genre_names):
+            raise _bad(item_path, line_no, f"expected {5 + len(genre_names)} '|'-separated fields, got {len(fields)}")
+        movie_id, title, release_date, _video_release_date, imdb_url = fields[:5]
+        flags = fields[5:]
+        category = ", ".join(name for name, flag in zip(genre_names, flags) if flag.strip() == "1")
+        # Release dates are when a film came out, not when it became recommendable here.
+        items.append(_checked_item(item_path, line_no, Item(
+            item_id=movie_id.strip(), title=title, category=category,
+            attributes={"release_date": release_date, "imdb_url": imdb_url},
+        )))
+
+    data_path = _require_file(folder / "u.data")
+    events: list[Event] = []
+    with data_path.open(encoding="latin-1") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 4:
+                raise _bad(data_path, line_no, "expected 4 tab-separated fields: user item rating timestamp")
+            user_id, item_id, rating, timestamp = (x.strip() for x in fields)
+            try:
+                value, ts = float(rating), float(int(timestamp))
+            except ValueError:
+                raise _bad(data_path, line_no, "rating and timestamp must be numbers") from None
+            events.append(_checked_event(data_path, line_no, Event(
+                event_id=f"ml100k-{line_no}", user_id=user_id, item_id=item_id,
+                action="rating", timestamp=ts, value=value,
+            )))
+    return items, events
+
+
+# -- MovieLens latest (ml-latest, ml-latest-small, ml-25m, ...) -----------------------
+
+
+def _csv_rows(path: Path, required: list[str]):
+    """(physical line number, row dict) of a CSV file with a header naming `required` columns."""
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise _bad(path, 1, f"header lacks column(s) {', '.join(missing)}")
+        for row in reader:
+            if None in row or any(row[c] is None for c in required):
+                raise _bad(path, reader.line_num, "wrong number of fields")
+            yield reader.line_num, row
+
+
+def load_movielens_latest(folder: str | Path) -> tuple[list[Item], list[Event]]:
+    """Items from movies.csv (tags.csv, links.csv when present) and rating events from
+    ratings.csv; event ids carry the line number in ratings.csv (the header is line 1)."""
+    folder = Path(folder)
+    tags: dict[str, list[str]] = {}
+    tags_path = folder / "tags.csv"
+    if tags_path.is_file():
+        seen: dict[str, set[str]] = {}
+        for _, row in _csv_rows(tags_path, ["movieId", "tag"]):
+            tag = " ".join(row["tag"].split())
+            movie_tags = tags.setdefault(row["movieId"], [])
+            # Case-insensitive distinct: users write "funny" and "Funny".
+            if tag and len(movie_tags) < MAX_TAGS_PER_MOVIE and tag.casefold() not in seen.setdefault(row["movieId"], set()):
+                seen[row["movieId"]].add(tag.casefold())
+                movie_tags.append(tag)
+    links: dict[str, dict[str, str]] = {}
+    links_path = folder / "links.csv"
+    if links_path.is_file():
+        for _, row in _csv_rows(links_path, ["movieId", "imdbId", "tmdbId"]):
+            links[row["movieId"]] = {k: v for k, v in (("imdb_id", row["imdbId"]), ("tmdb_id", row["tmdbId"])) if v}
+
+    movies_path = _require_file(folder / "movies.csv")
+    items: list[Item] = []
+    for line_no, row in _csv_rows(movies_path, ["movieId", "title", "genres"]):
+        genres = "" if row["genres"] == "(no genres listed)" else ", ".join(row["genres"].split("|"))
+        items.append(_checked_item(movies_path, line_no, Item(
+            item_id=row["movieId"], title=row["title"], text=", ".join(tags.get(row["movieId"], [])),
+            category=genres, attributes=links.get(row["movieId"], {}),
+        )))
+
+    ratings_path = _require_file(folder / "ratings.csv")
+    events: list[Event] = []
+    for line_no, row in _csv_rows(ratings_path, ["userId", "movieId", "rating", "timestamp"]):
+        try:
+            value, ts = float(row["rating"]), float(int(row["timestamp"]))
+        except ValueError:
+            raise _bad(ratings_path, line_no, "rating and timestamp must be numbers") from None
+        events.append(_checked_event(ratings_path, line_no, Event(
+            event_id=f"mllatest-{line_no}", user_id=row["userId"], item_id=row["movieId"],
+            action="rating", timestamp=ts, value=value,
+        )))
+    return items, events
+
+
+# -- generic JSONL ------------------------------------------------------------------------
+
+
+def parse_time(value: object) -> float | None:
+    """Unix seconds from a number or an ISO-8601 string (UTC when it has no offset); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"not a time: {value!r}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"not a finite time: {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        # Python 3.10's fromisoformat does not take the "Z" suffix.
+        if text[-1:] in ("Z", "z"):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"not an ISO-8601 time: {value!r}") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.timestamp()
+    raise ValueError(f"not a time: {value!r}")
+
+
+def _jsonl_objects(path: Path):
+    with _require_file(path).open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _bad(path, line_no, f"invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise _bad(path, line_no, "expected a JSON object")
+            yield line_no, obj
+
+
+def _field(path: Path, line: int, obj: dict, name: str, kind: type | tuple, default: object = ...) -> object:
+    if name not in obj or obj[name] is None:
+        if default is ...:
+            raise _bad(path, line, f"missing field {name!r}")
+        return default
+    value = obj[name]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _bad(path, line, f"field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _time_field(path: Path, line: int, obj: dict, name: str, required: bool) -> float | None:
+    if required and obj.get(name) is None:
+        raise _bad(path, line, f"missing field {name!r}")
+    try:
+        return parse_time(obj.get(name))
+    except ValueError as exc:
+        raise _bad(path, line, f"field {name!r}: {exc}") from None
+
+
+def _load_jsonl_items(path: Path) -> list[Item]:
+    items = []
+    for line_no, obj in _jsonl_objects(path):
+        attributes = _field(path, line_no, obj, "attributes", dict, {})
+        items.append(_checked_item(path, line_no, Item(
+            item_id=_field(path, line_no, obj, "item_id", str),
+            title=_field(path, line_no, obj, "title", str),
+            text=_field(path, line_no, obj, "text", str, ""),
+            category=_field(path, line_no, obj, "category", str, ""),
+            published_at=_time_field(path, line_no, obj, "published_at", required=False),
+            expires_at=_time_field(path, line_no, obj, "expires_at", required=False),
+            attributes={str(k): v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                        for k, v in attributes.items()},
+        )))
+    return items
+
+
+def _load_jsonl_events(path: Path) -> list[Event]:
+    events = []
+    for line_no, obj in _jsonl_objects(path):
+        value = _field(path, line_no, obj, "value", (int, float), None)
+        events.append(_checked_event(path, line_no, Event(
+            event_id=_field(path, line_no, obj, "event_id", str),
+            user_id=_field(path, line_no, obj, "user_id", str),
+            item_id=_field(path, line_no, obj, "item_id", str),
+            action=_field(path, line_no, obj, "action", str),
+            timestamp=_time_field(path, line_no, obj, "timestamp", required=True),
+            value=None if value is None else float(value),
+        )))
+    return events
+
+
+def load_jsonl(items_path: str | Path | None, events_path: str | Path | None = None) -> tuple[list[Item], list[Event]]:
+    """Items and events from the generic JSONL files described in this module's docstring."""
+    items = _load_jsonl_items(Path(items_path)) if items_path is not None else []
+    events = _load_jsonl_events(Path(events_path)) if events_path is not None else []
+    return items, events
+
+
+def _is_events_jsonl(path: Path) -> bool:
+    for _, obj in _jsonl_objects(path):
+        return "event_id" in obj or "user_id" in obj
+    return False
+
+
+# -- detection ----------------------------------------------------------------------------
+
+
+def detect_format(path: str | Path) -> str:
+    """ML100K for a folder holding u.data, ML_LATEST for one holding ratings.csv, JSONL for
+    a .jsonl file or a folder holding items.jsonl / events.jsonl."""
+    path = Path(path)
+    if path.is_file() and path.name in ("u.data", "u.item", "ratings.csv", "movies.csv"):
+        path = path.parent
+    if path.is_dir():
+        if (path / "u.data").is_file():
+            return ML100K
+        if (path / "ratings.csv").is_file():
+            return ML_LATEST
+        if (path / "items.jsonl").is_file() or (path / "events.jsonl").is_file():
+            return JSONL
+        raise errors.InvalidArgument(
+            f"{path}: no known dataset here (expected u.data, ratings.csv, items.jsonl or events.jsonl)")
+    if path.is_file() and path.suffix == ".jsonl":
+        return JSONL
+    if not path.exists():
+        raise errors.InvalidArgument(f"{path}: no such file or folder")
+    raise errors.InvalidArgument(f"{path}: unknown dataset format (expected a MovieLens folder or a .jsonl file)")
+
+
+def detect_and_load(path: str | Path) -> tuple[list[Item], list[Event]]:
+    """Load whatever dataset `path` names (see detect_format). A single .jsonl file is
+    read as an events file when its first record has event_id or user_id, else as items."""
+    path = Path(path)
+    fmt = detect_format(path)
+    folder = path.parent if path.is_file() and fmt != JSONL else path
+    if fmt == ML100K:
+        return load_movielens_100k(folder)
+    if fmt == ML_LATEST:
+        return load_movielens_latest(folder)
+    if path.is_dir():
+        items_path, events_path = path / "items.jsonl", path / "events.jsonl"
+        return load_jsonl(items_path if items_path.is_file() else None,
+                          events_path if events_path.is_file() else None)
+    if _is_events_jsonl(path):
+        return load_jsonl(None, path)
+    return load_jsonl(path)

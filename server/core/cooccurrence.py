@@ -1,0 +1,237 @@
+"""Item-item co-occurrence similarity (ItemKNN: cosine on the binary user×item matrix)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import scipy.sparse as sp
+
+from chronorec.server.core.catalog import Event
+
+Interactions = Union[Mapping[str, Iterable[str]], Iterable[Event]]
+
+# Above this many items the similarity is kept sparse (top-N per row) instead of n×n dense.
+DENSE_MAX_ITEMS = 3000
+# Bound on the user×user-chunk work (and memory) of one step of the fit.
+_CHUNK_CELLS = 8_000_000
+
+
+def _user_item_pairs(interactions: Interactions) -> list[tuple[str, str]]:
+    if isinstance(interactions, Mapping):
+        return [(str(user), str(item)) for user, items in interactions.items() for item in items]
+    return [(event.user_id, event.item_id) for event in interactions]
+
+
+class CooccurrenceModel:
+    """sim(i, j) = |users(i) ∩ users(j)| / sqrt(|users(i)|·|users(j)|), zero diagonal.
+
+    Each item keeps its top `max_neighbors` neighbours (all when None). Small catalogs
+    hold a dense n×n matrix; large ones a sparse one built in row chunks, so a catalog of
+    100k items with few events never allocates n² memory.
+    """
+
+    def __init__(self, item_ids: Sequence[str], similarity: np.ndarray | sp.csr_matrix, num_users: int):
+        self._item_ids = list(item_ids)
+        self._index = {item_id: i for i, item_id in enumerate(self._item_ids)}
+        self._dense = similarity if isinstance(similarity, np.ndarray) else None
+        self._sparse = None if self._dense is not None else sp.csr_matrix(similarity, dtype=np.float32)
+        self.num_users = num_users
+
+    # -------------------------------------------------------------------- fit
+
+    @classmethod
+    def fit(
+        cls,
+        interactions: Interactions,
+        item_ids: Sequence[str] | None = None,
+        max_neighbors: int | None = 200,
+        *,
+        dense_max_items: int = DENSE_MAX_ITEMS,
+    ) -> "CooccurrenceModel":
+        """Fit from `{user: [item, ...]}` or from events; only items in `item_ids` count.
+
+        Items outside `item_ids` are dropped, which leaves the cosine between the kept
+        items unchanged (a column's norm depends only on its own users).
+        """
+        pairs = _user_item_pairs(interactions)
+        if item_ids is None:
+            item_ids = sorted({item for _, item in pairs})
+        item_ids = list(dict.fromkeys(str(i) for i in item_ids))
+        item_index = {item_id: i for i, item_id in enumerate(item_ids)}
+        user_index: dict[str, int] = {}
+        rows, cols = [], []
+        for user, item in pairs:
+            col = item_index.get(item)
+            if col is None:
+                continue
+            rows.append(user_index.setdefault(user, len(user_index)))
+            cols.append(col)
+        n_items, n_users = len(item_ids), len(user_index)
+        binary = sp.csr_matrix(
+            (np.ones(len(rows), dtype=np.float32), (np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64))),
+            shape=(n_users, n_items),
+        )
+        binary.sum_duplicates()
+        binary.data[:] = 1.0  # repeated events on an item count once
+        users_per_item = np.asarray(binary.sum(axis=0)).ravel()
+        inverse_norm = np.zeros(n_items, dtype=np.float32)
+        np.divide(1.0, np.sqrt(users_per_item), out=inverse_norm, where=users_per_item > 0)
+        normalised = (binary @ sp.diags(inverse_norm)).tocsr().astype(np.float32)
+
+        keep = None if max_neighbors is None or max_neighbors >= n_items - 1 else max(1, int(max_neighbors))
+        if n_items <= dense_max_items:
+            similarity = cls._fit_dense(normalised, keep)
+        else:
+            similarity = cls._fit_sparse(normalised, keep)
+        return cls(item_ids, similarity, n_users)
+
+    @staticmethod
+    def _fit_dense(normalised: sp.csr_matrix, keep: int | None) -> np.ndarray:
+        n_users, n_items = normalised.shape
+        similarity = np.zeros((n_items, n_items), dtype=np.float32)
+        step = max(1, _CHUNK_CELLS // max(1, n_items))
+        for start in range(0, n_users, step):
+            block = normalised[start : start + step].toarray()
+            similarity += block.T @ block
+        np.fill_diagonal(similarity, 0.0)
+        if keep is not None and n_items:
+            top = np.argpartition(-similarity, keep - 1, axis=1)[:, :keep]
+            mask = np.zeros(similarity.shape, dtype=bool)
+            np.put_along_axis(mask, top, True, axis=1)
+            similarity[~mask] = 0.0
+        return similarity
+
+    @staticmethod
+    def _fit_sparse(normalised: sp.csr_matrix, keep: int | None) -> sp.csr_matrix:
+        n_users, n_items = normalised.shape
+        by_item = normalised.T.tocsr()
+        # Work for item i is Σ over its users of their item counts; chunk rows by that.
+        items_per_user = np.diff(normalised.indptr).astype(np.float64)
+        work = (by_item != 0).astype(np.float64) @ items_per_user
+        bounds = [0]
+        cumulative = np.cumsum(work)
+        while bounds[-1] < n_items:
+            done = cumulative[bounds[-1] - 1] if bounds[-1] else 0.0
+            end = int(np.searchsorted(cumulative, done + _CHUNK_CELLS, side="right"))
+            bounds.append(min(n_items, max(end, bounds[-1] + 1)))
+        blocks = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            block = (by_item[start:end] @ normalised).tocoo()
+            row, col, value = block.row, block.col, block.data
+            off_diagonal = (col != row + start) & (value > 0)
+            row, col, value = row[off_diagonal], col[off_diagonal], value[off_diagonal]
+            if keep is not None and len(value):
+                # Rank within each row by similarity (ties by item order), keep the top.
+                order = np.lexsort((col, -value, row))
+                row, col, value = row[order], col[order], value[order]
+                rank = np.arange(len(row)) - np.searchsorted(row, row, side="left")
+                kept = rank < keep
+                row, col, value = row[kept], col[kept], value[kept]
+            blocks.append(sp.csr_matrix((value, (row, col)), shape=(end - start, n_items), dtype=np.float32))
+        if not blocks:
+            return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+        return sp.vstack(blocks, format="csr")
+
+    # ----------------------------------------------------------------- query
+
+    @property
+    def item_ids(self) -> list[str]:
+        return self._item_ids
+
+    def __len__(self) -> int:
+        return len(self._item_ids)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._index
+
+    def indices_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Positions of `item_ids` in `item_ids` order; -1 for unknown items."""
+        index = self._index
+        return np.fromiter((index.get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+
+    def _history_rows(self, weights: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        rows, row_weights = [], []
+        for item_id, weight in weights.items():
+            row = self._index.get(item_id)
+            if row is not None and weight != 0.0:
+                rows.append(row)
+                row_weights.append(weight)
+        return np.asarray(rows, dtype=np.int64), np.asarray(row_weights, dtype=np.float32)
+
+    def scores(self, weights: Mapping[str, float], candidates: Sequence[str] | None = None) -> np.ndarray:
+        """Σ_h weights[h]·sim(h, c) per candidate (aligned to `candidates`, or to `item_ids`)."""
+        rows, row_weights = self._history_rows(weights)
+        n_items = len(self._item_ids)
+        if not len(rows):
+            full = np.zeros(n_items, dtype=np.float32)
+        elif self._dense is not None:
+            full = row_weights @ self._dense[rows]
+        else:
+            full = np.asarray(self._sparse[rows].T @ row_weights, dtype=np.float32).ravel()
+        if candidates is None:
+            return full
+        positions = self.indices_of(candidates)
+        if not n_items:
+            return np.zeros(len(positions), dtype=np.float32)
+        return np.where(positions >= 0, full[np.maximum(positions, 0)], 0.0).astype(np.float32)
+
+    def pair_similarities(self, row_ids: Sequence[str], col_ids: Sequence[str]) -> np.ndarray:
+        """sim(r, c) as a len(row_ids)×len(col_ids) matrix; 0 for unknown items."""
+        rows, cols = self.indices_of(row_ids), self.indices_of(col_ids)
+        result = np.zeros((len(rows), len(cols)), dtype=np.float32)
+        known_rows, known_cols = np.flatnonzero(rows >= 0), np.flatnonzero(cols >= 0)
+        if not len(known_rows) or not len(known_cols):
+            return result
+        if self._dense is not None:
+            block = self._dense[np.ix_(rows[known_rows], cols[known_cols])]
+        else:
+            block = self._sparse[rows[known_rows]][:, cols[known_cols]].toarray()
+        result[np.ix_(known_rows, known_cols)] = block
+        return result
+
+    def top_contributors(
+        self, weights: Mapping[str, float], candidates: Sequence[str], top: int = 3
+    ) -> list[list[tuple[str, float]]]:
+        """Per candidate, the history items with the largest weights[h]·sim(h, c) (> 0)."""
+        history = [h for h, w in weights.items() if w != 0.0]
+        contributions = self.pair_similarities(history, candidates) * np.asarray(
+            [weights[h] for h in history], dtype=np.float32
+        )[:, None]
+        result = []
+        for column in range(len(candidates)):
+            values = contributions[:, column] if history else np.zeros(0)
+            best = sorted(
+                ((history[i], float(values[i])) for i in np.flatnonzero(values > 0)),
+                key=lambda pair: (-pair[1], pair[0]),
+            )
+            result.append(best[:top])
+        return result
+
+    def neighbours(self, item_ids: Iterable[str], n: int) -> dict[str, list[tuple[str, float]]]:
+        """The `n` most similar items of each known item (similarity > 0), best first."""
+        result: dict[str, list[tuple[str, float]]] = {}
+        if n <= 0:
+            return result
+        for item_id in item_ids:
+            row = self._index.get(item_id)
+            if row is None:
+                continue
+            if self._dense is not None:
+                values = self._dense[row]
+                columns = np.flatnonzero(values > 0)
+                values = values[columns]
+            else:
+                start, end = self._sparse.indptr[row], self._sparse.indptr[row + 1]
+                columns, values = self._sparse.indices[start:end], self._sparse.data[start:end]
+            if len(values) > n:
+                cut = np.argpartition(-values, n - 1)[:n]
+                columns, values = columns[cut], values[cut]
+            order = np.lexsort((columns, -values))
+            result[item_id] = [(self._item_ids[columns[i]], float(values[i])) for i in order]
+        return result
+
+    def neighbour_ids(self, item_ids: Iterable[str], n: int) -> set[str]:
+        """Union of the `n` nearest neighbours of each item."""
+        return {neighbour for hits in self.neighbours(item_ids, n).values() for neighbour, _ in hits}

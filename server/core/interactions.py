@@ -1,0 +1,237 @@
+"""In-memory, as-of-time view of the event log: user histories and item popularity at any time."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from chronorec.server.core.catalog import Event
+from chronorec.server.core.rwlock import ReadWriteLock
+from chronorec.server.core.timetext import HistoryEntry
+
+
+class _UserLog:
+    """One user's events sorted by time; equal times keep arrival order."""
+
+    __slots__ = ("timestamps", "entries")
+
+    def __init__(self) -> None:
+        self.timestamps: list[float] = []
+        self.entries: list[HistoryEntry] = []
+
+    def insert(self, entry: HistoryEntry) -> None:
+        if not self.timestamps or entry.timestamp >= self.timestamps[-1]:
+            self.timestamps.append(entry.timestamp)
+            self.entries.append(entry)
+        else:
+            # Late arrival: after every event of the same time, so arrival order breaks ties.
+            at = bisect_right(self.timestamps, entry.timestamp)
+            self.timestamps.insert(at, entry.timestamp)
+            self.entries.insert(at, entry)
+
+    def visible_count(self, at: float) -> int:
+        return bisect_right(self.timestamps, at)
+
+
+class InteractionState:
+    """Events fed in arrival order, queried as of any time `at` (only timestamps ≤ `at` count).
+
+    Popularity is answered from one global event array sorted by time (ties in arrival
+    order) so a window count is a `searchsorted` plus a `bincount`. New events wait in a
+    small pending list and are merged into that array at the next popularity query, so a
+    replay that alternates "add one event, ask one question" stays linear-ish.
+    """
+
+    def __init__(self) -> None:
+        self._lock = ReadWriteLock()
+        self._users: dict[str, _UserLog] = {}
+        self._item_index: dict[str, int] = {}
+        self._item_ids: list[str] = []
+        self._event_ids: set[str] = set()
+        self._times = np.zeros(0, dtype=np.float64)
+        self._items = np.zeros(0, dtype=np.int32)
+        self._pending_times: list[float] = []
+        self._pending_items: list[int] = []
+        self._id_rank: np.ndarray | None = None  # rank of each item id in sorted order
+
+    # ----------------------------------------------------------------- writes
+
+    def add(self, events: Iterable[Event]) -> int:
+        """Ingest events (duplicates by event id are ignored); returns how many were new."""
+        added = 0
+        with self._lock.write():
+            for event in events:
+                if event.event_id:
+                    if event.event_id in self._event_ids:
+                        continue
+                    self._event_ids.add(event.event_id)
+                timestamp = float(event.timestamp)
+                log = self._users.get(event.user_id)
+                if log is None:
+                    log = self._users[event.user_id] = _UserLog()
+                log.insert(HistoryEntry(event.item_id, event.action, timestamp, event.value))
+                item = self._item_index.get(event.item_id)
+                if item is None:
+                    item = self._item_index[event.item_id] = len(self._item_ids)
+                    self._item_ids.append(event.item_id)
+                    self._id_rank = None
+                self._pending_times.append(timestamp)
+                self._pending_items.append(item)
+                added += 1
+        return added
+
+    def _merge_pending(self) -> None:
+        times = np.asarray(self._pending_times, dtype=np.float64)
+        items = np.asarray(self._pending_items, dtype=np.int32)
+        self._pending_times = []
+        self._pending_items = []
+        order = np.argsort(times, kind="stable")
+        times, items = times[order], items[order]
+        if not len(self._times) or times[0] >= self._times[-1]:
+            self._times = np.concatenate([self._times, times])
+            self._items = np.concatenate([self._items, items])
+        else:
+            # side="right" puts late events after existing ones of the same time (arrival order).
+            at = np.searchsorted(self._times, times, side="right")
+            self._times = np.insert(self._times, at, times)
+            self._items = np.insert(self._items, at, items)
+
+    def _ensure_merged(self) -> None:
+        if self._pending_times:
+            with self._lock.write():
+                if self._pending_times:
+                    self._merge_pending()
+
+    # ------------------------------------------------------------ histories
+
+    def history(self, user_id: str, at: float, limit: int | None = None) -> list[HistoryEntry]:
+        """The user's events with timestamp ≤ `at`, oldest to newest (the last `limit`)."""
+        with self._lock.read():
+            log = self._users.get(user_id)
+            if log is None:
+                return []
+            end = log.visible_count(at)
+            start = 0 if limit is None else max(0, end - int(limit))
+            return log.entries[start:end]
+
+    def seen_items(self, user_id: str, at: float) -> set[str]:
+        """Items the user had any event on at or before `at`."""
+        with self._lock.read():
+            log = self._users.get(user_id)
+            if log is None:
+                return set()
+            return {e.item_id for e in log.entries[: log.visible_count(at)]}
+
+    def user_event_count(self, user_id: str, at: float | None = None) -> int:
+        """How many events of the user are visible at `at` (all when `at` is None)."""
+        with self._lock.read():
+            log = self._users.get(user_id)
+            if log is None:
+                return 0
+            return len(log.timestamps) if at is None else log.visible_count(at)
+
+    @property
+    def event_count(self) -> int:
+        """Number of events held (all times)."""
+        return len(self._times) + len(self._pending_times)
+
+    def user_items(self, at: float | None = None) -> dict[str, list[str]]:
+        """Per user, the items of their events up to `at` (input for co-occurrence fitting)."""
+        with self._lock.read():
+            result = {}
+            for user_id, log in self._users.items():
+                end = len(log.entries) if at is None else log.visible_count(at)
+                if end:
+                    result[user_id] = [e.item_id for e in log.entries[:end]]
+            return result
+
+    user_sequences = user_items
+
+    def users(self) -> list[str]:
+        with self._lock.read():
+            return list(self._users)
+
+    def __len__(self) -> int:
+        return self.event_count
+
+    # ----------------------------------------------------------- popularity
+
+    @property
+    def num_items(self) -> int:
+        """Items with at least one event; positions below this never change meaning."""
+        return len(self._item_ids)
+
+    def item_ids(self) -> list[str]:
+        """Items in the order that unaligned count arrays use (first-seen order)."""
+        with self._lock.read():
+            return list(self._item_ids)
+
+    def indices_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Positions of `item_ids` in `item_ids()` order; -1 for items with no event."""
+        with self._lock.read():
+            index = self._item_index
+            return np.fromiter((index.get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+
+    def _counts_between(self, start: float | None, end: float) -> np.ndarray:
+        # Caller holds the read lock. Window is [start, end], both ends included.
+        lo = 0 if start is None else int(np.searchsorted(self._times, start, side="left"))
+        hi = int(np.searchsorted(self._times, end, side="right"))
+        return np.bincount(self._items[lo:hi], minlength=len(self._item_ids))
+
+    @staticmethod
+    def _aligned(counts: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if not len(counts):
+            return np.zeros(len(positions), dtype=np.int64)
+        return np.where(positions >= 0, counts[np.maximum(positions, 0)], 0)
+
+    def trend_counts(
+        self, at: float, window_seconds: float, item_ids: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """Events per item in [at - window, at]; aligned to `item_ids` or to `item_ids()`."""
+        positions = None if item_ids is None else self.indices_of(item_ids)
+        self._ensure_merged()
+        with self._lock.read():
+            counts = self._counts_between(at - window_seconds, at)
+        return counts if positions is None else self._aligned(counts, positions)
+
+    def all_time_counts(self, at: float, item_ids: Sequence[str] | None = None) -> np.ndarray:
+        """Events per item up to `at`; aligned to `item_ids` or to `item_ids()`."""
+        positions = None if item_ids is None else self.indices_of(item_ids)
+        self._ensure_merged()
+        with self._lock.read():
+            counts = self._counts_between(None, at)
+        return counts if positions is None else self._aligned(counts, positions)
+
+    def trending(self, at: float, window_seconds: float, n: int) -> list[tuple[str, int]]:
+        """Top-n items by events in [at - window, at]; ties by all-time count up to `at`, then id.
+
+        Items with no window event but earlier events follow, by all-time count, so a
+        quiet period still yields a popularity ranking.
+        """
+        self._ensure_merged()
+        with self._lock.read():
+            window = self._counts_between(at - window_seconds, at)
+            total = self._counts_between(None, at)
+            ids = self._item_ids
+            rank = self._sorted_id_rank()
+        eligible = np.flatnonzero(total > 0)
+        if n <= 0 or not len(eligible):
+            return []
+        if len(eligible) > n:
+            # Only items at least as popular in the window as the n-th can make the cut.
+            cut = np.partition(window[eligible], len(eligible) - n)[len(eligible) - n]
+            eligible = eligible[window[eligible] >= cut]
+        order = np.lexsort((rank[eligible], -total[eligible], -window[eligible]))[:n]
+        return [(ids[i], int(window[i])) for i in eligible[order]]
+
+    def _sorted_id_rank(self) -> np.ndarray:
+        # Caller holds the read lock; a stale cache is only replaced, never mutated.
+        rank = self._id_rank
+        if rank is None or len(rank) != len(self._item_ids):
+            order = sorted(range(len(self._item_ids)), key=self._item_ids.__getitem__)
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            self._id_rank = rank
+        return rank

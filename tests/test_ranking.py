@@ -1,0 +1,527 @@
+"""Tests of the time-aware ranking, the as-of interaction state and the co-occurrence model."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.cooccurrence import CooccurrenceModel
+from chronorec.server.core.errors import InvalidArgument
+from chronorec.server.core.index import ItemIndex
+from chronorec.server.core.interactions import InteractionState
+from chronorec.server.core.manifest import TimeModelParams
+from chronorec.server.core.ranking import (
+    CatalogView,
+    RankingEngine,
+    RecommendQuery,
+    catalog_item_text,
+)
+from chronorec.server.core.timetext import HISTORY_SEPARATOR, HistoryEntry
+
+DAY = 86400.0
+NOW = 1_700_000_000.0
+TOPICS = ("space", "cooking", "jazz", "football")
+DIM = 16
+ITEMS_PER_TOPIC = 12
+
+
+# ------------------------------------------------------------ test doubles
+
+
+class TopicEncoder:
+    """Deterministic stand-in for the BERT encoder: topic keywords → one-hot, plus hash noise.
+
+    Earlier segments of a history text (newest first) weigh more, as a sequence model
+    would weigh recent events, so the short-term vector follows recent interest.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        return np.stack([self._one(text) for text in texts])
+
+    @staticmethod
+    def _one(text: str) -> np.ndarray:
+        vector = np.zeros(DIM, dtype=np.float32)
+        for position, segment in enumerate(text.split(HISTORY_SEPARATOR)):
+            weight = 1.0 / (1.0 + position)
+            lowered = segment.lower()
+            for t, topic in enumerate(TOPICS):
+                vector[t] += weight * lowered.count(topic)
+            digest = hashlib.sha256(segment.encode()).digest()
+            noise = np.frombuffer(digest[: DIM - len(TOPICS)], dtype=np.uint8) / 255.0 - 0.5
+            vector[len(TOPICS) :] += 0.1 * weight * noise
+        return vector / max(np.linalg.norm(vector), 1e-9)
+
+
+def topic_of(item_id: str) -> str:
+    return item_id.split("-")[0]
+
+
+def make_items() -> list[Item]:
+    items = []
+    for topic in TOPICS:
+        for i in range(ITEMS_PER_TOPIC):
+            items.append(
+                Item(
+                    item_id=f"{topic}-{i:02d}",
+                    title=f"{topic.title()} story {i}",
+                    category=topic,
+                    # Published between 200 and 90 days before NOW, so all are live at NOW-60d.
+                    published_at=NOW - (200 - 10 * i) * DAY,
+                )
+            )
+    return items
+
+
+def background_events() -> list[Event]:
+    """Users who each stay in one topic, so co-occurrence links items of a topic."""
+    events = []
+    rng = np.random.default_rng(1)
+    for u in range(40):
+        topic = TOPICS[u % len(TOPICS)]
+        chosen = rng.choice(ITEMS_PER_TOPIC, size=6, replace=False)
+        for n, i in enumerate(chosen):
+            events.append(
+                Event(f"bg{u}-{n}", f"bg{u}", f"{topic}-{i:02d}", "view", NOW - (150 - u - n) * DAY, None)
+            )
+    return events
+
+
+def shifting_user_events(user: str = "alice") -> list[Event]:
+    """Space fan long ago (100–60 days before NOW), jazz fan in the last 10 days."""
+    events = []
+    for n in range(8):
+        events.append(Event(f"{user}-s{n}", user, f"space-{n:02d}", "like", NOW - (100 - 5 * n) * DAY, None))
+    for n in range(5):
+        events.append(Event(f"{user}-j{n}", user, f"jazz-{n:02d}", "like", NOW - (10 - 2 * n) * DAY, None))
+    return events
+
+
+def make_engine(items=None, events=None, cooccurrence=True, encoder=None):
+    items = make_items() if items is None else items
+    events = background_events() + shifting_user_events() if events is None else events
+    catalog = CatalogView(items)
+    encoder = encoder or TopicEncoder()
+    item_text_of = catalog_item_text(catalog)
+    index = ItemIndex(DIM, initial_capacity=16)
+    index.upsert([i.item_id for i in items], encoder([item_text_of(i.item_id) for i in items]))
+    state = InteractionState()
+    state.add(events)
+    model = CooccurrenceModel.fit(events, [i.item_id for i in items]) if cooccurrence else None
+    # exhaustive_below=0: the tiny test catalog must exercise the candidate path too.
+    return RankingEngine(catalog, index, state, model, encoder, item_text_of, exhaustive_below=0)
+
+
+def query(user_id="alice", k=5, at=NOW, **kwargs) -> RecommendQuery:
+    kwargs.setdefault("params", TimeModelParams())
+    return RecommendQuery(user_id=user_id, k=k, at=at, **kwargs)
+
+
+def topics(result) -> Counter:
+    return Counter(topic_of(r.item_id) for r in result.items)
+
+
+# ------------------------------------------------------------------ ranking
+
+
+@pytest.mark.parametrize("exhaustive", [False, True])
+def test_interest_shift_follows_the_request_time(exhaustive):
+    engine = make_engine()
+    now = engine.recommend(query(at=NOW, exhaustive=exhaustive))
+    assert topics(now).most_common(1)[0] == ("jazz", 5)
+    before_the_move = engine.recommend(query(at=NOW - 50 * DAY, exhaustive=exhaustive))
+    assert topics(before_the_move).most_common(1)[0][0] == "space"
+    assert topics(before_the_move)["space"] >= 4
+    assert before_the_move.history_length == 8 and now.history_length == 13
+
+
+def test_candidate_path_agrees_with_exhaustive_scoring():
+    engine = make_engine()
+    for at in (NOW, NOW - 50 * DAY):
+        fast = engine.recommend(query(at=at, k=8))
+        full = engine.recommend(query(at=at, k=8, exhaustive=True))
+        assert [r.item_id for r in fast.items] == [r.item_id for r in full.items]
+
+
+def test_events_after_at_are_ignored():
+    at = NOW - 50 * DAY
+    past_only = [e for e in background_events() + shifting_user_events() if e.timestamp <= at]
+    with_future = make_engine()
+    without_future = make_engine(events=past_only)
+    # The same co-occurrence model for both, so only the event log differs.
+    without_future.set_cooccurrence(with_future.cooccurrence)
+    for exhaustive in (False, True):
+        a = with_future.recommend(query(at=at, k=10, exhaustive=exhaustive))
+        b = without_future.recommend(query(at=at, k=10, exhaustive=exhaustive))
+        assert a == b
+
+
+@pytest.mark.parametrize("exhaustive", [False, True])
+def test_unpublished_and_expired_items_are_never_returned(exhaustive):
+    items = make_items() + [
+        Item("space-future", "Space story future", category="space", published_at=NOW + DAY),
+        Item("space-expired", "Space story expired", category="space", published_at=NOW - 300 * DAY, expires_at=NOW - DAY),
+        Item("space-timeless", "Space story timeless", category="space"),
+    ]
+    engine = make_engine(items=items)
+    everything = query(user_id="alice", k=len(items), params=TimeModelParams(w_semantic=5.0))
+    returned = {r.item_id for r in engine.recommend(query(k=len(items), exhaustive=exhaustive)).items}
+    assert "space-future" not in returned and "space-expired" not in returned
+    assert "space-timeless" in returned
+    # Cold start goes through the same filter.
+    cold = {r.item_id for r in engine.recommend(query(user_id=None, k=len(items))).items}
+    assert "space-future" not in cold and "space-expired" not in cold
+    # Either side of its window the same item is fine.
+    later = {r.item_id for r in engine.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW + 2 * DAY})).items}
+    assert "space-future" in later
+    earlier = {r.item_id for r in engine.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW - 2 * DAY})).items}
+    assert "space-expired" in earlier
+    # An item published exactly at `at` is live; one expiring exactly at `at` is not.
+    edge = engine.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW + DAY})).items
+    assert "space-future" in {r.item_id for r in edge}
+    edge = engine.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW - DAY})).items
+    assert "space-expired" not in {r.item_id for r in edge}
+
+
+def test_new_events_change_the_next_recommendation():
+    engine = make_engine()
+    first = engine.recommend(query())
+    top = first.items[0].item_id
+    engine.state.add([Event("fresh-1", "alice", top, "purchase", NOW - 60, None)])
+    second = engine.recommend(query())
+    assert top not in {r.item_id for r in second.items}  # now seen
+    assert second.history_length == first.history_length + 1
+    # A burst of football in the last hour brings football in at the top.
+    assert topics(second)["football"] == 0
+    engine.state.add(
+        [Event(f"fb-{n}", "alice", f"football-{n:02d}", "like", NOW - 3600 + n, None) for n in range(4)]
+    )
+    third = engine.recommend(query())
+    assert topic_of(third.items[0].item_id) == "football"
+
+
+def test_seen_items_are_excluded_unless_repeats_are_allowed():
+    engine = make_engine()
+    seen = {e.item_id for e in shifting_user_events()}
+    plain = engine.recommend(query(k=10))
+    assert not seen & {r.item_id for r in plain.items}
+    repeats = engine.recommend(query(k=10, allow_repeats=True))
+    assert seen & {r.item_id for r in repeats.items}
+
+
+def test_exclude_and_category_filters():
+    engine = make_engine()
+    base = engine.recommend(query(k=5))
+    excluded = frozenset(r.item_id for r in base.items[:3])
+    filtered = engine.recommend(query(k=5, exclude=excluded))
+    assert not excluded & {r.item_id for r in filtered.items}
+    cooking = engine.recommend(query(k=5, categories=frozenset({"cooking"})))
+    assert len(cooking.items) == 5 and topics(cooking) == Counter({"cooking": 5})
+    # A filter that leaves fewer than k items returns what is left.
+    few = engine.recommend(query(k=50, categories=frozenset({"football"})))
+    assert len(few.items) == ITEMS_PER_TOPIC and topics(few) == Counter({"football": ITEMS_PER_TOPIC})
+    assert engine.recommend(query(k=5, categories=frozenset({"no-such-category"}))).items == []
+
+
+def test_cold_start_returns_trending_then_fresh():
+    engine = make_engine()
+    at = NOW - 130 * DAY
+    trend_only = TimeModelParams().with_overrides({"w_freshness": 0.0, "w_trend": 1.0})
+    cold = engine.recommend(query(user_id="nobody", k=5, at=at, params=trend_only))
+    assert cold.history_length == 0
+    window = trend_only.trend_window_days * DAY
+    live = {i.item_id for i in make_items() if i.available_at(at)}
+    counts = {item: c for item, c in engine.state.trending(at, window, 100) if item in live}
+    assert [counts.get(r.item_id, 0) for r in cold.items] == sorted(counts.values(), reverse=True)[:5]
+    assert all(r.semantic == 0 and r.cooccurrence == 0 and r.top_history == [] for r in cold.items)
+
+    fresh_only = TimeModelParams().with_overrides({"w_freshness": 1.0, "w_trend": 0.0})
+    fresh = engine.recommend(query(user_id=None, k=4, at=NOW, params=fresh_only))
+    assert {r.item_id for r in fresh.items} == {f"{t}-{ITEMS_PER_TOPIC - 1:02d}" for t in TOPICS}
+    assert fresh.items[0].freshness == pytest.approx(2 ** (-90 / fresh_only.freshness_half_life_days), rel=1e-4)
+
+
+def test_anonymous_inline_history_is_used():
+    engine = make_engine()
+    inline = tuple(HistoryEntry(f"cooking-{n:02d}", "view", NOW - n * DAY) for n in range(4))
+    result = engine.recommend(query(user_id=None, inline_history=inline))
+    assert result.history_length == 4
+    assert topics(result)["cooking"] == 5
+    assert not {r.item_id for r in result.items} & {e.item_id for e in inline}
+    # Inline entries after `at` are ignored like stored ones.
+    future = inline + (HistoryEntry("football-00", "view", NOW + DAY),)
+    assert engine.recommend(query(user_id=None, inline_history=future)).history_length == 4
+
+
+def test_inline_history_merges_with_stored_history_without_duplicates():
+    engine = make_engine()
+    stored = engine.state.history("alice", NOW)
+    resent = (HistoryEntry(stored[-1].item_id, stored[-1].action, stored[-1].timestamp, stored[-1].value),)
+    extra = (HistoryEntry("cooking-00", "view", NOW - 60),)
+    merged = engine.history_for(query(inline_history=resent + extra))
+    assert len(merged) == len(stored) + 1 and merged[-1].item_id == "cooking-00"
+
+
+def test_overrides_change_the_ranking():
+    engine = make_engine()
+    default = engine.recommend(query(k=5))
+    long_term_only = engine.recommend(query(k=5, params=TimeModelParams().with_overrides({"alpha": 0.0, "long_term_half_life_days": 3650.0, "w_cooccurrence": 0.0, "w_trend": 0.0})))
+    # With a ten-year half-life the 8 old space events outweigh the 5 recent jazz ones:
+    # all 4 unseen space items come first.
+    assert topics(default)["jazz"] == 5
+    assert [topic_of(r.item_id) for r in long_term_only.items[:4]] == ["space"] * 4
+    trend_only = engine.recommend(query(k=5, params=TimeModelParams().with_overrides({"w_semantic": 0.0, "w_cooccurrence": 0.0, "w_freshness": 0.0, "w_trend": 1.0})))
+    assert all(r.score == pytest.approx(r.trend) for r in trend_only.items)
+    assert [r.item_id for r in trend_only.items] != [r.item_id for r in default.items]
+    with pytest.raises(InvalidArgument):
+        TimeModelParams().with_overrides({"alpha": 2.0})
+
+
+def test_scores_and_reasons_are_consistent():
+    engine = make_engine()
+    params = TimeModelParams()
+    result = engine.recommend(query(k=5, params=params))
+    history_items = {e.item_id for e in shifting_user_events()}
+    for r in result.items:
+        expected = (
+            params.w_semantic * r.semantic
+            + params.w_cooccurrence * r.cooccurrence
+            + params.w_freshness * r.freshness
+            + params.w_trend * r.trend
+        )
+        assert r.score == pytest.approx(expected, rel=1e-5)
+        assert 0 <= r.cooccurrence <= 1 and 0 <= r.trend <= 1 and 0 <= r.freshness <= 1
+        assert 1 <= len(r.top_history) <= 3
+        assert {h for h, _ in r.top_history} <= history_items
+        assert [c for _, c in r.top_history] == sorted((c for _, c in r.top_history), reverse=True)
+        # A jazz recommendation is explained by the jazz history.
+        assert topic_of(r.top_history[0][0]) == topic_of(r.item_id)
+    assert [r.score for r in result.items] == sorted((r.score for r in result.items), reverse=True)
+
+
+def test_ties_are_broken_by_item_id():
+    items = [Item(f"same-{i}", "Same", category="x") for i in (3, 1, 2, 0)]
+    engine = make_engine(items=items, events=[], cooccurrence=False)
+    result = engine.recommend(query(user_id=None, k=3))
+    assert [r.item_id for r in result.items] == ["same-0", "same-1", "same-2"]
+
+
+def test_short_term_vector_is_cached_by_history_text():
+    encoder = TopicEncoder()
+    engine = make_engine(encoder=encoder)
+    calls = encoder.calls
+    first = engine.recommend(query())
+    second = engine.recommend(query(at=NOW + 60))  # same relative phrases
+    assert not first.used_cache and second.used_cache and encoder.calls == calls + 1
+    engine.state.add([Event("new", "alice", "jazz-09", "view", NOW + 120, None)])
+    third = engine.recommend(query(at=NOW + 180))
+    assert not third.used_cache and encoder.calls == calls + 2
+    # A precomputed short-term vector skips the encoder.
+    given = engine.recommend(query(short_term_vector=encoder(["jazz"])[0]))
+    assert not given.used_cache and encoder.calls == calls + 3
+    # alpha = 0 never needs the short-term vector.
+    engine.recommend(query(at=NOW + 10 * DAY, params=TimeModelParams(alpha=0.0)))
+    assert encoder.calls == calls + 3
+
+
+def test_recommend_without_cooccurrence_model_and_with_unindexed_items():
+    engine = make_engine(cooccurrence=False)
+    engine.index.delete(["jazz-11"])
+    result = engine.recommend(query(k=len(make_items()), exhaustive=True))
+    by_id = {r.item_id: r for r in result.items}
+    assert by_id["jazz-11"].semantic == 0.0  # still rankable by freshness/trend
+    assert all(r.cooccurrence == 0.0 for r in result.items)
+
+
+def test_invalid_queries_are_rejected():
+    engine = make_engine()
+    with pytest.raises(InvalidArgument):
+        engine.recommend(query(k=0))
+    with pytest.raises(InvalidArgument):
+        engine.recommend(query(at=math.nan))
+
+
+def test_catalog_changes_are_seen_by_exhaustive_scoring():
+    engine = make_engine()
+    before = {r.item_id for r in engine.recommend(query(user_id=None, k=100)).items}
+    engine.catalog.upsert([Item("brand-new", "Jazz story new", category="jazz", published_at=NOW - 60)])
+    engine.catalog.delete(["space-00"])
+    after = {r.item_id for r in engine.recommend(query(user_id=None, k=100)).items}
+    assert after == (before - {"space-00"}) | {"brand-new"}
+
+
+def test_score_candidates_covers_every_rankable_item():
+    engine = make_engine()
+    scored = engine.score_candidates(query(exhaustive=True))
+    seen = {e.item_id for e in shifting_user_events()}
+    assert set(scored.item_ids) == {i.item_id for i in make_items()} - seen
+    assert len(scored.score) == len(scored.item_ids)
+
+
+# -------------------------------------------------------- interaction state
+
+
+def _event(event_id, user, item, ts, action="view"):
+    return Event(event_id, user, item, action, float(ts), None)
+
+
+def test_interaction_state_is_an_as_of_view():
+    state = InteractionState()
+    state.add([_event("1", "u", "a", 10), _event("2", "u", "b", 30), _event("3", "v", "a", 20)])
+    state.add([_event("4", "u", "c", 20)])  # arrives late, lands in time order
+    assert [e.item_id for e in state.history("u", 100)] == ["a", "c", "b"]
+    assert [e.item_id for e in state.history("u", 20)] == ["a", "c"]
+    assert [e.item_id for e in state.history("u", 100, limit=2)] == ["c", "b"]
+    assert state.history("u", 5) == [] and state.history("ghost", 100) == []
+    assert state.seen_items("u", 25) == {"a", "c"}
+    assert state.user_event_count("u", 25) == 2 and len(state) == state.event_count == 4
+    assert state.add([_event("1", "u", "a", 10)]) == 0  # duplicate event id
+    assert state.user_items(25) == {"u": ["a", "c"], "v": ["a"]}
+
+
+def test_equal_timestamps_keep_arrival_order():
+    state = InteractionState()
+    state.add([_event("1", "u", "a", 10), _event("2", "u", "b", 10)])
+    state.add([_event("3", "u", "c", 10), _event("4", "u", "d", 5)])
+    assert [e.item_id for e in state.history("u", 10)] == ["d", "a", "b", "c"]
+
+
+def test_trend_counts_and_trending_as_of_time():
+    state = InteractionState()
+    events = [_event("a1", "u1", "a", 100), _event("a2", "u2", "a", 101), _event("a3", "u3", "a", 102)]
+    events += [_event("b1", "u1", "b", 195), _event("b2", "u2", "b", 200)]
+    events += [_event("c1", "u1", "c", 190), _event("c2", "u3", "c", 50), _event("c3", "u4", "c", 60)]
+    events += [_event("d1", "u9", "d", 300)]  # the future for every query below
+    state.add(events)
+    counts = state.trend_counts(200, 10, ["a", "b", "c", "d", "zzz"])
+    assert counts.tolist() == [0, 2, 1, 0, 0]  # window [190, 200] includes both ends
+    assert state.all_time_counts(200, ["a", "b", "c", "d"]).tolist() == [3, 2, 3, 0]
+    # b leads the window; c beats a on the window; a is still listed by all-time count.
+    assert state.trending(200, 10, 3) == [("b", 2), ("c", 1), ("a", 0)]
+    # Tie on window (0) and all-time (3): item id decides.
+    assert state.trending(150, 10, 2) == [("a", 0), ("c", 0)]
+    # A late event changes counts of the past.
+    state.add([_event("late", "u5", "a", 199)])
+    assert state.trend_counts(200, 10, ["a"]).tolist() == [1]
+    assert state.trending(40, 10, 5) == []
+
+
+def test_interaction_state_replays_a_large_log_fast():
+    rng = np.random.default_rng(0)
+    n = 100_000
+    users = rng.integers(0, 1000, n)
+    items = rng.integers(0, 1700, n)
+    times = np.sort(rng.uniform(0, 200 * DAY, n))
+    events = [Event(str(i), f"u{users[i]}", f"i{items[i]}", "rating", float(times[i]), 4.0) for i in range(n)]
+    state = InteractionState()
+    started = time.perf_counter()
+    for start in range(0, n, 1000):
+        state.add(events[start : start + 1000])
+        state.trend_counts(times[start], 7 * DAY)
+    for q in range(300):
+        at = float(times[rng.integers(0, n)])
+        state.history(f"u{q}", at)
+        state.trend_counts(at, 7 * DAY, [f"i{j}" for j in range(100)])
+        state.trending(at, 7 * DAY, 20)
+    assert time.perf_counter() - started < 10
+
+
+# ------------------------------------------------------------- co-occurrence
+
+
+TINY = {"u1": ["a", "b"], "u2": ["a", "b", "c"], "u3": ["a", "c", "a"], "u4": ["d"]}
+
+
+@pytest.mark.parametrize("dense_max_items", [100, 0])
+def test_cooccurrence_is_the_cosine_of_the_binary_matrix(dense_max_items):
+    model = CooccurrenceModel.fit(TINY, ["a", "b", "c", "d"], max_neighbors=None, dense_max_items=dense_max_items)
+    # users(a)={1,2,3}, users(b)={1,2}, users(c)={2,3}, users(d)={4}; repeats count once.
+    expected = np.array(
+        [
+            [0, 2 / math.sqrt(6), 2 / math.sqrt(6), 0],
+            [2 / math.sqrt(6), 0, 1 / 2, 0],
+            [2 / math.sqrt(6), 1 / 2, 0, 0],
+            [0, 0, 0, 0],
+        ]
+    )
+    ids = ["a", "b", "c", "d"]
+    np.testing.assert_allclose(model.pair_similarities(ids, ids), expected, atol=1e-6)
+    scores = model.scores({"a": 1.0, "b": 0.5}, ["c", "d", "unknown"])
+    np.testing.assert_allclose(scores, [2 / math.sqrt(6) + 0.25, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(model.scores({"a": 1.0}), expected[0], atol=1e-6)
+    assert model.neighbours(["a", "d", "zzz"], 1) == {"a": [("b", pytest.approx(2 / math.sqrt(6)))], "d": []}
+    contributors = model.top_contributors({"a": 1.0, "b": 0.5}, ["c", "d"])
+    assert contributors[0] == [("a", pytest.approx(2 / math.sqrt(6))), ("b", pytest.approx(0.25))]
+    assert contributors[1] == []
+
+
+def test_cooccurrence_from_events_equals_from_sequences_and_ignores_unknown_items():
+    events = [_event(f"{u}{n}", u, item, n) for u, items in TINY.items() for n, item in enumerate(items)]
+    from_events = CooccurrenceModel.fit(events + [_event("x", "u1", "gone", 9)], ["a", "b", "c", "d"])
+    from_sequences = CooccurrenceModel.fit(TINY, ["a", "b", "c", "d"])
+    ids = ["a", "b", "c", "d"]
+    np.testing.assert_allclose(from_events.pair_similarities(ids, ids), from_sequences.pair_similarities(ids, ids))
+    assert from_events.num_users == 4
+
+
+@pytest.mark.parametrize("dense_max_items", [10_000, 0])
+def test_cooccurrence_keeps_top_neighbours_only(dense_max_items):
+    rng = np.random.default_rng(3)
+    baskets = {f"u{u}": [f"i{j}" for j in rng.choice(60, size=8, replace=False)] for u in range(200)}
+    ids = [f"i{j}" for j in range(60)]
+    full = CooccurrenceModel.fit(baskets, ids, max_neighbors=None, dense_max_items=dense_max_items)
+    top = CooccurrenceModel.fit(baskets, ids, max_neighbors=5, dense_max_items=dense_max_items)
+    full_matrix, top_matrix = full.pair_similarities(ids, ids), top.pair_similarities(ids, ids)
+    assert ((top_matrix > 0).sum(axis=1) <= 5).all()
+    for row in range(60):
+        kept = np.sort(top_matrix[row][top_matrix[row] > 0])[::-1]
+        np.testing.assert_allclose(kept, np.sort(full_matrix[row])[::-1][: len(kept)], atol=1e-6)
+
+
+def test_cooccurrence_on_a_large_sparse_catalog_stays_small():
+    rng = np.random.default_rng(4)
+    n_items = 100_000
+    baskets = {f"u{u}": [f"i{j}" for j in rng.integers(0, n_items, size=5)] for u in range(2000)}
+    started = time.perf_counter()
+    model = CooccurrenceModel.fit(baskets, [f"i{j}" for j in range(n_items)], max_neighbors=50)
+    assert time.perf_counter() - started < 10
+    assert model._dense is None and model._sparse.nnz <= 2000 * 5 * 4
+    user_items = baskets["u0"]
+    scores = model.scores({user_items[0]: 1.0})
+    assert scores.shape == (n_items,) and scores.max() > 0
+
+
+def test_plain_dict_catalog_changed_in_place_never_leaks_an_expired_item():
+    items = make_items()
+    engine = make_engine(items=items)
+    plain = {i.item_id: i for i in items}
+    engine.catalog = plain
+    cold = query(user_id=None, k=3, exhaustive=True)
+    top = engine.recommend(cold).items[0].item_id
+    # Same length, so the cached columns look current; the returned items are re-checked.
+    old = plain[top]
+    plain[top] = Item(old.item_id, old.title, category=old.category, published_at=old.published_at, expires_at=NOW - 1)
+    assert top not in {r.item_id for r in engine.recommend(cold).items}
+
+
+def test_catalog_version_callable_keys_the_cached_columns():
+    items = make_items()
+    engine = make_engine(items=items)
+    plain = {i.item_id: i for i in items}
+    version = [0]
+    engine.catalog, engine.catalog_version = plain, lambda: version[0]
+    engine.recommend(query(user_id=None, exhaustive=True))
+    plain.pop("space-00")
+    plain["added"] = Item("added", "Added story", category="space", published_at=NOW)
+    version[0] += 1
+    scored = engine.score_candidates(query(user_id=None, exhaustive=True))
+    assert "added" in set(scored.item_ids) and "space-00" not in set(scored.item_ids)

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread: the ranking's small matrix-vector products are ~100x slower when OpenBLAS
+# spreads them over busy cores, and gRPC already runs requests in parallel.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import json
 import logging
 import signal
@@ -148,6 +155,8 @@ def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> Run
         except Exception:
             log.exception("the engine failed to start; health stays NOT_SERVING")
             return
+        if not engine.ready.is_set():
+            return  # stopped before a model version appeared
         for name in SERVICE_NAMES + [""]:
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("SERVING model %s", engine.manager.current_version())

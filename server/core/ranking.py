@@ -574,6 +574,10 @@ class _UserContext:
         params, at = query.params, query.at
         context.w_cooccurrence = params.w_cooccurrence
         ages = at - np.fromiter((e.timestamp for e in history), dtype=np.float64, count=len(history))
+        # Both decayed sums are used only up to scale (co-occurrence is normalised by its peak,
+        # the long-term mean to unit length), so ages are taken relative to the newest event:
+        # same result, and no underflow to all-zero weights when `at` is years after the history.
+        ages = ages - ages.min()
         strengths = np.fromiter((action_strength(e.action, e.value) for e in history), dtype=np.float64, count=len(history))
         item_ids = [e.item_id for e in history]
         context.unique_items = list(dict.fromkeys(reversed(item_ids)))  # newest first

@@ -8,6 +8,7 @@ import sqlite3
 
 import grpc
 
+from chronorec.server.core.encoder import EncodeDeadlineExceeded
 from chronorec.server.core.errors import (
     ChronorecError,
     FailedPrecondition,
@@ -48,6 +49,8 @@ def rpc(method):
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
+        except EncodeDeadlineExceeded as error:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, error.message)
         except ChronorecError as error:
             context.abort(status_for(error), error.message)
         except sqlite3.OperationalError as error:

@@ -131,6 +131,12 @@ def test_a_corrupt_version_is_refused_and_the_old_keeps_serving(start_server, ti
     repo = ModelRepository(tiny_repo)
     old_version = server.engine.manager.current_version()
     bad = _corrupt_copy(repo, "v-corrupt", damage)
+    # Activating through the API refuses it and leaves the pointer where it was.
+    with pytest.raises(grpc.RpcError) as info:
+        server.models.ActivateVersion(models_pb2.ActivateVersionRequest(version=bad, wait=True))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert repo.current() == old_version
+    # A pointer moved behind the server's back (by a trainer) is tried by the watcher and refused.
     repo.activate(bad)
     assert wait_for(lambda: "v-corrupt" in server.engine.manager.last_error), "the watcher never tried the bad version"
     status = server.models.GetStatus(models_pb2.GetStatusRequest())
@@ -138,11 +144,15 @@ def test_a_corrupt_version_is_refused_and_the_old_keeps_serving(start_server, ti
     assert "v-corrupt" in status.last_error
     response = server.encoder.Encode(encoder_pb2.EncodeRequest(texts=["still serving"]))
     assert response.model_version == old_version
-    # Activating it through the API fails with a clear status, and the old still serves.
-    with pytest.raises(grpc.RpcError) as info:
-        server.models.ActivateVersion(models_pb2.ActivateVersionRequest(version=bad, wait=True))
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert server.engine.manager.current_version() == old_version
+
+
+def test_a_restart_with_an_unusable_active_version_serves_the_previous_one(start_server, tiny_repo, tmp_path):
+    repo = ModelRepository(tiny_repo)
+    good = repo.current()
+    repo.activate(_corrupt_copy(repo, "v-corrupt", _truncate_onnx))
+    server = start_server(tiny_repo, db=seeded_db(tmp_path))
+    assert server.engine.manager.current_version() == good
+    assert server.encoder.Encode(encoder_pb2.EncodeRequest(texts=["hello"])).model_version == good
 
 
 def test_activate_and_rollback_through_the_models_service(start_server, tiny_repo, tmp_path, second_tiny_bert):

@@ -89,7 +89,7 @@ class ChronorecEngine:
         version = self._wait_for_version()
         if version is None:
             return
-        self.manager.load_version(version)
+        self._load_first_good(version)
         if self.watch_interval_s:
             self._watcher = PointerWatcher(self.manager, self.watch_interval_s).start()
         if self.cooccurrence_refresh_s:
@@ -103,6 +103,19 @@ class ChronorecEngine:
             self.state.event_count,
             version,
         )
+
+    def _load_first_good(self, version: str) -> None:
+        """Serve the active version, or else the most recent earlier one that loads and checks."""
+        candidates = [version] + [v for v in reversed(self.repository.history()) if v != version]
+        for candidate in dict.fromkeys(candidates):
+            try:
+                self.manager.load_version(candidate)
+                if candidate != version:
+                    log.error("active version %s is unusable; serving %s instead", version, candidate)
+                return
+            except Unavailable as exc:
+                log.error("model version %s cannot serve: %s", candidate, exc)
+        raise Unavailable(f"no usable model version in {self.repository.root} ({self.manager.last_error})")
 
     def _wait_for_version(self) -> str | None:
         """The active version; with none yet, wait (health stays NOT_SERVING) until one appears."""

@@ -129,8 +129,7 @@ class ModelRepository:
         _write_atomically(self.encoder_dir / HISTORY_FILE, "\n".join(history[-100:]) + "\n")
         _write_atomically(self.encoder_dir / POINTER_FILE, version + "\n")
 
-    def rollback(self) -> str:
-        """Re-activate the version that served before the current one; returns it."""
+    def _history_before_current(self) -> list[str]:
         current = self.current()
         history = self.history()
         while history and history[-1] == current:
@@ -139,6 +138,15 @@ class ModelRepository:
             history.pop()
         if not history:
             raise NotFound("no previous model version to roll back to")
+        return history
+
+    def previous(self) -> str:
+        """The complete version that was active before the current one."""
+        return self._history_before_current()[-1]
+
+    def rollback(self) -> str:
+        """Re-activate the version that served before the current one; returns it."""
+        history = self._history_before_current()
         previous = history[-1]
         _write_atomically(self.encoder_dir / HISTORY_FILE, "\n".join(history) + "\n")
         _write_atomically(self.encoder_dir / POINTER_FILE, previous + "\n")

@@ -240,14 +240,25 @@ class ModelManager:
         if old is not None:
             old.retire()
 
-    def load_version(self, version: str) -> ServingModel:
-        """Swap to `version` now (blocking); the old keeps serving if anything fails."""
+    def load_version(self, version: str, before_install: Callable[[], None] | None = None) -> ServingModel:
+        """Swap to `version` now (blocking); the old keeps serving if anything fails.
+
+        `before_install` runs once the new version has loaded and passed its checks, just before
+        it starts serving (activation moves the repository pointer there, so a version that fails
+        to load never becomes the pointer's).
+        """
         if not self._swap_lock.acquire(blocking=False):
             raise FailedPrecondition(f"a swap to {self.swap_target} is already in progress")
         started = time.perf_counter()
         try:
             self.swap_target = version
             model, snapshot_seq = self.build(version)
+            if before_install is not None:
+                try:
+                    before_install()
+                except BaseException:
+                    model.retire()
+                    raise
             self._install(model, snapshot_seq)
             self.last_swap_seconds = time.perf_counter() - started
             self.swap_count += 1
@@ -278,17 +289,20 @@ class ModelManager:
     def activate(self, version: str, wait: bool = True) -> str:
         if not self.repository.is_complete(version):
             raise NotFound(f"model version {version!r} does not exist or is incomplete")
-        self.repository.activate(version)
-        self.last_error = ""
-        if wait:
-            self.load_version(version)
+        if not wait:
+            self.last_error = ""
+            self.repository.activate(version)  # the pointer watcher swaps
+            return self.current_version() or ""
+        self.load_version(version, before_install=lambda: self.repository.activate(version))
         return self.current_version() or ""
 
     def rollback(self, wait: bool = True) -> str:
-        previous = self.repository.rollback()
-        self.last_error = ""
-        if wait:
-            self.load_version(previous)
+        """Re-activate the previous version; returns the version the pointer names afterwards."""
+        previous = self.repository.previous()
+        if not wait:
+            self.last_error = ""
+            return self.repository.rollback()
+        self.load_version(previous, before_install=self.repository.rollback)
         return previous
 
     def close(self) -> None:

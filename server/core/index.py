@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterable, Sequence
 
 import hnswlib
@@ -92,6 +93,65 @@ class ItemIndex:
                 self._vectors[: len(ids)] = matrix
                 self._id_of_label = list(ids)
                 self._label_of = {item_id: i for i, item_id in enumerate(ids)}
+
+    def save(self, path: str | os.PathLike) -> list[str]:
+        """Write the HNSW graph to `path` (hnswlib's format); returns the ids in label order.
+
+        Only an index without deletions is saved, so its labels are exactly 0..n-1 and
+        `load` can rebuild the id mapping from that list alone.
+        """
+        with self._lock.read():
+            if self._free_labels or len(self._label_of) != len(self._id_of_label):
+                raise ValueError("an index with deleted items is not saved; rebuild it first")
+            self._graph.save_index(os.fspath(path))
+            return list(self._id_of_label)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        *,
+        initial_capacity: int = 1024,
+        M: int = 16,
+        ef_construction: int = 200,
+        ef_search: int = 100,
+    ) -> "ItemIndex":
+        """An index from a graph written by `save`, its ids (label order) and their vectors.
+
+        The graph must have been built with the same dimension, M and ef_construction, and
+        its stored vectors must match `vectors`; ValueError otherwise (rebuild instead).
+        """
+        ids = [str(i) for i in ids]
+        matrix = normalise_rows(vectors) if len(ids) else np.zeros((0, vectors.shape[1]), dtype=np.float32)
+        index = cls(matrix.shape[1], initial_capacity=1, M=M, ef_construction=ef_construction, ef_search=ef_search)
+        capacity = max(int(initial_capacity), len(ids), 1)
+        graph = hnswlib.Index(space="ip", dim=index.dim)
+        graph.load_index(os.fspath(path), max_elements=capacity, allow_replace_deleted=True)
+        if graph.element_count != len(ids) or graph.M != index.M or graph.ef_construction != index.ef_construction:
+            raise ValueError(
+                f"saved graph has {graph.element_count} items, M={graph.M}, ef_construction={graph.ef_construction}; "
+                f"expected {len(ids)}, M={index.M}, ef_construction={index.ef_construction}"
+            )
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate ids for a saved graph")
+        if ids:
+            # A spot check that the graph holds these vectors under these labels.
+            probe = np.unique(np.linspace(0, len(ids) - 1, num=min(len(ids), 16)).astype(np.int64))
+            stored = np.asarray(graph.get_items(probe), dtype=np.float32)
+            if not np.allclose(stored, matrix[probe], atol=1e-5):
+                raise ValueError("saved graph's vectors differ from the given ones")
+        graph.set_ef(index.ef_search)
+        index._graph = graph
+        index._capacity = capacity
+        index._vectors = np.zeros((capacity, index.dim), dtype=np.float32)
+        index._vectors[: len(ids)] = matrix
+        index._id_of_label = list(ids)
+        index._label_of = {item_id: label for label, item_id in enumerate(ids)}
+        index._free_labels = []
+        index.generation += 1
+        return index
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, num_threads: int = -1) -> None:
         """Add new items and replace the vectors of existing ones."""

@@ -1,0 +1,120 @@
+"""Benchmark 1: encode texts/s at batch 1, 8, 32 for PyTorch eager, ONNX Runtime fp32 and int8, and int8's cosine to fp32."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+
+from .common import Context, log, parse_args, print_table, target
+
+BATCHES = (1, 8, 32)
+ENGINES = ("pytorch", "ort-fp32", "ort-int8")
+
+
+def demo_texts() -> list[str]:
+    """The demo catalog's item texts, exactly as the server encodes them."""
+    from chronorec.server.core.demo import generate_demo
+    from chronorec.server.core.serving import text_of
+
+    items, _ = generate_demo(anchor=0.0)
+    return [text_of(item) for item in items]
+
+
+def run(ctx: Context) -> dict:
+    import torch
+
+    from chronorec.server.core.encoder import OnnxEncoder
+    from chronorec.server.core.repository import ModelRepository
+    from chronorec.trainer.export import load_base_model
+
+    # The baseline gets every core, as ONNX Runtime does by default (common.py caps OpenMP
+    # at one thread for the server's BLAS, which would otherwise handicap PyTorch).
+    torch.set_num_threads(os.cpu_count() or 1)
+    all_texts = demo_texts()
+    texts = all_texts[: ctx.sizes.encode_texts]
+    repo = ModelRepository(ctx.model_template())
+    version_dir = repo.version_dir(repo.current())
+    module, tokenizer = load_base_model(ctx.base_model_dir())
+    module.eval()
+    # Every engine gets its library's default thread count, as each would run in production.
+    fp32 = OnnxEncoder(version_dir, prefer_int8=False)
+    int8 = OnnxEncoder(version_dir, prefer_int8=True)
+    assert int8.model_file != fp32.model_file, "the published version has no int8 graph"
+
+    def run_engine(engine: str, batch: int) -> None:
+        if engine == "pytorch":
+            module.encode_texts(tokenizer, texts, batch_size=batch)
+        else:
+            encoder = fp32 if engine == "ort-fp32" else int8
+            for start in range(0, len(texts), batch):
+                encoder.encode(texts[start : start + batch])
+
+    for engine in ENGINES:  # warm-up: first calls allocate and pick kernels
+        run_engine(engine, 8)
+    # Engines interleave inside each repeat, so load from other processes hits all of them alike.
+    seconds: dict[tuple[str, int], list[float]] = {(e, b): [] for e in ENGINES for b in BATCHES}
+    for repeat in range(ctx.sizes.encode_repeats):
+        for batch in BATCHES:
+            for engine in ENGINES:
+                started = time.perf_counter()
+                run_engine(engine, batch)
+                seconds[(engine, batch)].append(time.perf_counter() - started)
+        log(f"encode repeat {repeat + 1}/{ctx.sizes.encode_repeats} done")
+
+    rate = {key: len(texts) / statistics.median(values) for key, values in seconds.items()}
+    rows, cells = [], []
+    for batch in BATCHES:
+        base = rate[("pytorch", batch)]
+        for engine in ENGINES:
+            r = rate[(engine, batch)]
+            cells.append({"engine": engine, "batch": batch, "texts_per_s": r, "ratio_to_pytorch": r / base})
+            rows.append([batch, engine, r, r / base])
+
+    # Quality on every demo text: int8 against fp32, and fp32 against PyTorch (export parity).
+    v_fp32, v_int8 = fp32.encode(all_texts), int8.encode(all_texts)
+    cosine = np.sum(v_fp32 * v_int8, axis=1) / (np.linalg.norm(v_fp32, axis=1) * np.linalg.norm(v_int8, axis=1))
+    v_torch = module.encode_texts(tokenizer, all_texts, batch_size=32).numpy()
+    parity = float(np.max(np.abs(v_torch - v_fp32)))
+
+    ratio_fp32 = rate[("ort-fp32", 32)] / rate[("pytorch", 32)]
+    ratio_int8 = rate[("ort-int8", 32)] / rate[("pytorch", 32)]
+    targets = {
+        "ort_fp32_ratio_b32_ge_1.2": {"value": ratio_fp32, "met": ratio_fp32 >= 1.2},
+        "ort_int8_ratio_b32_ge_2.5": {"value": ratio_int8, "met": ratio_int8 >= 2.5},
+        "int8_mean_cosine_ge_0.99": {"value": float(cosine.mean()), "met": float(cosine.mean()) >= 0.99},
+    }
+    print_table(
+        f"Encode: {len(texts)} demo texts per pass, median of {ctx.sizes.encode_repeats} (torch threads {torch.get_num_threads()}, ORT default threads)",
+        ["batch", "engine", "texts/s", "x pytorch"],
+        rows,
+    )
+    print(f"int8 cosine to fp32 on {len(all_texts)} demo texts: mean {cosine.mean():.4f}, min {cosine.min():.4f}; "
+          f"fp32 ONNX vs PyTorch max |diff| {parity:.2g}")
+    for name, t in targets.items():
+        print(f"  target {name}: {t['value']:.3f} {target(t['met'])}")
+    result = {
+        "texts_per_pass": len(texts),
+        "repeats": ctx.sizes.encode_repeats,
+        "torch_threads": torch.get_num_threads(),
+        "results": cells,
+        "int8_cosine": {"mean": float(cosine.mean()), "min": float(cosine.min()), "texts": len(all_texts)},
+        "fp32_vs_pytorch_max_abs_diff": parity,
+        "targets": targets,
+    }
+    ctx.write("encode", result)
+    return result
+
+
+def main(argv=None) -> None:
+    ctx = parse_args(__doc__, argv)
+    try:
+        run(ctx)
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -36,7 +36,8 @@ def test_every_benchmark_wrote_its_json(results):
 
 def test_encode_figures(results):
     cells = results["encode"]["results"]
-    assert {(c["engine"], c["batch"]) for c in cells} == {(e, b) for e in ("pytorch", "ort-fp32", "ort-int8") for b in (1, 8, 32)}
+    main = {(c["engine"], c["batch"]) for c in cells if not c["engine"].startswith("pytorch-")}
+    assert main == {(e, b) for e in ("pytorch", "ort-fp32", "ort-int8") for b in (1, 8, 32)}
     assert all(_finite_positive(c["texts_per_s"]) and _finite_positive(c["ratio_to_pytorch"]) for c in cells)
     cosine = results["encode"]["int8_cosine"]
     assert -1.0 <= cosine["min"] <= cosine["mean"] <= 1.0 + 1e-6

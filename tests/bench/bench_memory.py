@@ -45,6 +45,8 @@ def run(ctx: Context) -> dict:
         rows,
     )
     print(f"  RSS above the empty server: {warm['rss_mb'] - baseline['rss_mb']:.0f} MB, {per_item_kb:.2f} KB per item")
+    print(f"  cold start, server log: {cold.get('indexing_log', '')}")
+    print(f"  warm start, server log: {warm.get('indexing_log', '')}")
     other = {str(s.n_items): s.starts for s in ctx._catalogs.values() if s.n_items != n}
     result = {"items": n, "empty": baseline, "cold": cold, "warm": warm, "kb_per_item": per_item_kb, "other_catalog_starts": other}
     ctx.write("memory", result)

@@ -57,6 +57,9 @@ class Sizes:
     feedback_single: int = 300
     swap_sizes: tuple[int, ...] = (10_000, 100_000)
     memory_size: int = 100_000
+    # A fresh version at 100k means encoding 100k texts again (a quarter of an hour on two
+    # busy cores); the default run swaps back to a cached version there instead.
+    prepared_swap_max_items: int = 10_000
 
     @classmethod
     def quick(cls) -> "Sizes":
@@ -75,6 +78,7 @@ class Sizes:
             feedback_single=20,
             swap_sizes=(300,),
             memory_size=1000,
+            prepared_swap_max_items=300,
         )
 
 
@@ -436,15 +440,22 @@ class CatalogSetup:
         self.stop()
         cache = self.models / "vector-cache"
         warm = cache.is_dir() and any(cache.rglob("seg-*.npy"))
-        server = ServerProcess(self.db, self.models, self.folder / "server.log", int8=self.ctx.int8)
+        log_path = self.folder / "server.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        server = ServerProcess(self.db, self.models, log_path, int8=self.ctx.int8)
         log(f"starting the server over {self.n_items} items ({'warm' if warm else 'cold'} vector cache)")
         seconds = server.wait_serving()
+        with open(log_path, "rb") as handle:
+            handle.seek(offset)
+            lines = [line for line in handle.read().decode("utf-8", "replace").splitlines() if "indexed " in line]
         record = {
             "label": label or ("warm" if warm else "cold"),
             "vector_cache": "warm" if warm else "cold",
             "seconds_to_serving": seconds,
             "rss_mb": server.rss_mb(),
             "peak_rss_mb": server.peak_rss_mb(),
+            # The server's own account of the index build (encode / graph seconds).
+            "indexing_log": lines[-1].split(": ", 1)[-1] if lines else "",
         }
         log(f"SERVING after {seconds:.1f} s, RSS {record['rss_mb']:.0f} MB")
         self.starts.append(record)
@@ -524,7 +535,14 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> Context:
     parser.add_argument("--model", choices=("minilm", "tiny"), default=None, help="minilm (default) or tiny (random tiny BERT, default with --quick)")
     parser.add_argument("--fp32", action="store_true", help="serve the fp32 graph instead of int8")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch databases and models")
+    parser.add_argument("--catalogs", help="comma-separated catalog sizes for recommend, swap and memory (default 10000,100000)")
+    parser.add_argument("--full-swap", action="store_true", help="also swap to a fresh (prepared) version at the largest size")
     args = parser.parse_args(argv)
     model = args.model or ("tiny" if args.quick else "minilm")
     sizes = Sizes.quick() if args.quick else Sizes()
+    if args.catalogs:
+        chosen = tuple(sorted(int(x) for x in args.catalogs.split(",") if x.strip()))
+        sizes = replace(sizes, catalogs=chosen, swap_sizes=chosen, memory_size=chosen[-1])
+    if args.full_swap:
+        sizes = replace(sizes, prepared_swap_max_items=max(sizes.swap_sizes))
     return Context(out=args.out, quick=args.quick, model=model, int8=not args.fp32, sizes=sizes, keep_work=args.keep_work)

@@ -17,6 +17,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,8 +30,18 @@ from chronorec.server.core.engine import ChronorecEngine
 from chronorec.server.core.repository import ModelRepository
 from chronorec.server.core.serving import EncoderSettings
 from chronorec.server.core.store import EventStore
+from chronorec.server.metrics import ServerMetrics, start_metrics_server
+from chronorec.server.security import (
+    AuthInterceptor,
+    SecurityConfigError,
+    TokenTable,
+    check_bind_policy,
+    is_loopback,
+    server_credentials,
+)
 from chronorec.server.service.catalog import CatalogServicer
 from chronorec.server.service.encoder import EncoderServicer
+from chronorec.server.service.errors import MalformedRequestInterceptor
 from chronorec.server.service.models import ModelServicer
 from chronorec.server.service.recommender import RecommenderServicer
 from chronorec.v1 import (
@@ -79,13 +90,16 @@ def configure_logging(level: str, as_json: bool) -> None:
 
 @dataclass
 class RunningServer:
-    """A started server: the gRPC server, its bound port, the engine and the health servicer."""
+    """A started server: the gRPC server, its bound port, the engine, health and metrics."""
 
     server: grpc.Server
     port: int
     engine: ChronorecEngine
     health: health.HealthServicer
     loader: threading.Thread
+    metrics: ServerMetrics | None = None
+    metrics_port: int | None = None
+    _metrics_http: object | None = None
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self.engine.ready.wait(timeout)
@@ -94,11 +108,14 @@ class RunningServer:
         for name in SERVICE_NAMES + [""]:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         self.engine.close()
         self.engine.store.close()
 
 
-def build_engine(config: ServerConfig) -> ChronorecEngine:
+def build_engine(config: ServerConfig, on_batch: Callable[[int], None] | None = None) -> ChronorecEngine:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = EventStore(config.database)
     if config.demo and ensure_demo(store):
@@ -110,6 +127,7 @@ def build_engine(config: ServerConfig) -> ChronorecEngine:
         max_queue=config.encoder_max_queue,
         intra_op_threads=config.intra_op_threads,
         prefer_int8=config.prefer_int8,
+        on_batch=on_batch,
     )
     return ChronorecEngine(
         store,
@@ -120,17 +138,30 @@ def build_engine(config: ServerConfig) -> ChronorecEngine:
     )
 
 
-def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> RunningServer:
-    """Start the gRPC server (health NOT_SERVING) and load the engine in the background."""
-    check_onnxruntime_install()
-    engine = engine or build_engine(config)
+def _grpc_server(
+    config: ServerConfig,
+    engine: ChronorecEngine,
+    metrics: ServerMetrics,
+    tokens: TokenTable | None,
+    credentials: grpc.ServerCredentials | None,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """The gRPC server with its interceptors, servicers, health and reflection, bound but not started."""
+    # Metrics outermost, so calls refused by authentication are counted with their status.
+    interceptors: list[grpc.ServerInterceptor] = [metrics.interceptor()]
+    if tokens is not None:
+        interceptors.append(AuthInterceptor(tokens))
+    # Innermost: authentication answers first, even to undecodable bytes.
+    interceptors.append(MalformedRequestInterceptor())
     limits = config.limits
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", limits.max_message_bytes),
             ("grpc.max_send_message_length", limits.max_message_bytes),
         ],
+        # Calls past this bound are answered RESOURCE_EXHAUSTED by gRPC's poller thread at once,
+        # never queued behind running work.
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
     encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine, limits), server)
@@ -143,11 +174,56 @@ def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> Run
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"could not bind {address}")
+        hint = " (or the TLS key does not match the certificate)" if credentials else ""
+        raise RuntimeError(f"could not bind {address}: the address is in use or not local{hint}")
+    return server, port, health_servicer
+
+
+def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> RunningServer:
+    """Start the gRPC server (health NOT_SERVING) and load the engine in the background.
+
+    Security settings are checked before anything is bound or loaded: a bad tokens file, a
+    missing certificate or an unauthenticated public address raise SecurityConfigError.
+    """
+    check_onnxruntime_install()
+    tokens = TokenTable(config.tokens_file, config.inline_tokens) if (config.tokens_file or config.inline_tokens) else None
+    if tokens is not None and not len(tokens):
+        raise SecurityConfigError("the tokens file and CHRONOREC_TOKENS hold no token; every call would be refused")
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    mutual_tls = config.tls_client_ca is not None
+    check_bind_policy(config.host, authenticated=tokens is not None or mutual_tls, allow_insecure_public=config.allow_insecure_public)
+    if tokens is not None and credentials is None and not is_loopback(config.host):
+        log.warning("bearer tokens travel in plaintext to %s: add --tls-cert/--tls-key or terminate TLS in front", config.host)
+
+    metrics = ServerMetrics()
+    owns_engine = engine is None
+    engine = engine or build_engine(config, on_batch=metrics.observe_batch)
+    try:
+        metrics.attach_engine(engine)
+        server, port, health_servicer = _grpc_server(config, engine, metrics, tokens, credentials)
+        metrics_http = metrics_port = None
+        if config.metrics_port is not None:
+            metrics_http, metrics_port = start_metrics_server(metrics, config.metrics_host or config.host, config.metrics_port)
+    except BaseException:
+        if owns_engine:  # nothing was started: release the database it opened
+            engine.close()
+            engine.store.close()
+        raise
     server.start()
-    log.info("listening on %s:%d (health NOT_SERVING until the model and index are loaded)", config.host, port)
+    log.info(
+        "listening on %s:%d, %s, %s (health NOT_SERVING until the model and index are loaded)",
+        config.host,
+        port,
+        ("mutual TLS" if mutual_tls else "TLS") if credentials else "plaintext",
+        f"bearer tokens {tokens.counts()}" if tokens is not None else "no bearer tokens",
+    )
+    if metrics_port is not None:
+        log.info("Prometheus metrics on http://%s:%d/metrics", config.metrics_host or config.host, metrics_port)
 
     def load() -> None:
         try:
@@ -163,7 +239,7 @@ def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> Run
 
     loader = threading.Thread(target=load, name="engine-loader", daemon=True)
     loader.start()
-    return RunningServer(server, port, engine, health_servicer, loader)
+    return RunningServer(server, port, engine, health_servicer, loader, metrics, metrics_port, metrics_http)
 
 
 def main(argv: list[str] | None = None) -> int:

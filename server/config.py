@@ -20,7 +20,15 @@ class Limits:
     max_history_events: int = 1000
     max_exclude_items: int = 10_000
     max_upsert_batch: int = 5000
+    max_categories: int = 1000
+    max_item_attributes: int = 64
     max_concurrent_rpcs: int = 64
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"limit {f.name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,10 @@ class ServerConfig:
     log_level: str = "INFO"
     log_json: bool = True
     metrics_port: int | None = None
+    metrics_host: str | None = None
     tokens_file: Path | None = None
+    # The CHRONOREC_TOKENS environment variable (same format as the tokens file); never logged.
+    inline_tokens: str | None = field(default=None, repr=False)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -62,7 +73,8 @@ class ServerConfig:
 
     def redacted(self) -> dict:
         """The configuration as loggable data (paths only; no token values ever)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "limits"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("limits", "inline_tokens")}
+        out["inline_tokens"] = "<redacted>" if self.inline_tokens else None
         out["limits"] = {f.name: getattr(self.limits, f.name) for f in fields(self.limits)}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
@@ -99,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grace", dest="grace_s", type=float, default=float(_env("grace", d.grace_s)), help="seconds in-flight calls get on SIGTERM")
     add("--log-level", default=_env("log_level", d.log_level))
     add("--log-text", dest="log_json", action="store_false", default=_bool(_env("log_json", "1")), help="plain-text logs instead of JSON lines")
-    add("--metrics-port", type=int, default=_env("metrics_port", None), help="serve Prometheus metrics on this port")
-    add("--tokens-file", type=Path, default=_env("tokens_file", None), help="bearer tokens file (see README: security)")
-    add("--tls-cert", type=Path, default=_env("tls_cert", None))
-    add("--tls-key", type=Path, default=_env("tls_key", None))
+    add("--metrics-port", type=int, default=_env("metrics_port", None), help="serve Prometheus metrics on this port (0 picks a free one)")
+    add("--metrics-host", default=_env("metrics_host", None), help="bind address of the metrics endpoint (default: --host)")
+    add("--tokens-file", type=Path, default=_env("tokens_file", None), help="bearer tokens file, lines `ROLE TOKEN [LABEL]` (README: Security and limits); CHRONOREC_TOKENS adds entries separated by ';'")
+    add("--tls-cert", type=Path, default=_env("tls_cert", None), help="server certificate chain (PEM); enables TLS")
+    add("--tls-key", type=Path, default=_env("tls_key", None), help="server private key (PEM)")
     add("--tls-client-ca", type=Path, default=_env("tls_client_ca", None), help="CA for client certificates (mutual TLS)")
     add("--allow-insecure-public", action="store_true", default=_bool(_env("allow_insecure_public", "0")), help="bind a non-loopback address without authentication")
     lim = Limits()
@@ -120,4 +133,6 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     for name in ("db_path", "models_root", "tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
         if args.get(name) is not None:
             args[name] = Path(args[name])
+    # Tokens come from the environment only: a flag would show them in `ps` and shell history.
+    args["inline_tokens"] = os.environ.get("CHRONOREC_TOKENS") or None
     return ServerConfig(limits=limits, **args)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from chronorec.server.config import Limits
 from chronorec.server.core.engine import ChronorecEngine
 from chronorec.server.core.errors import InvalidArgument
-from chronorec.server.service.convert import item_from_proto, item_to_proto
-from chronorec.server.service.errors import rpc
+from chronorec.server.service.convert import check_id, item_from_proto, item_to_proto
+from chronorec.server.service.errors import ensure_active, rpc
 from chronorec.v1 import catalog_pb2, catalog_pb2_grpc
 
 
@@ -21,11 +21,21 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             raise InvalidArgument("items is empty")
         if len(request.items) > self.limits.max_upsert_batch:
             raise InvalidArgument(f"{len(request.items)} items exceed max_upsert_batch={self.limits.max_upsert_batch}")
+        limits = self.limits
         for i, item in enumerate(request.items):
+            if not item.title.strip():
+                raise InvalidArgument(f"item {i}: title is empty")
+            if len(item.attributes) > limits.max_item_attributes:
+                raise InvalidArgument(
+                    f"item {i}: {len(item.attributes)} attributes exceed max_item_attributes={limits.max_item_attributes}"
+                )
             size = len(item.title) + len(item.text) + len(item.category)
-            if size > self.limits.max_text_chars:
-                raise InvalidArgument(f"item {i} (id {item.item_id!r}) text exceeds max_text_chars={self.limits.max_text_chars}")
+            size += sum(len(key) + len(value) for key, value in item.attributes.items())
+            if size > limits.max_text_chars:
+                raise InvalidArgument(f"item {i}: its text and attributes exceed max_text_chars={limits.max_text_chars}")
         items = [item_from_proto(m, i) for i, m in enumerate(request.items)]
+        # Encoding a large batch is the expensive part: skip it for a caller that already left.
+        ensure_active(context)
         upserted, size = self.engine.upsert_items(items)
         return catalog_pb2.UpsertItemsResponse(upserted=upserted, index_size=size)
 
@@ -35,9 +45,11 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             raise InvalidArgument("item_ids is empty")
         if len(request.item_ids) > self.limits.max_upsert_batch:
             raise InvalidArgument(f"{len(request.item_ids)} ids exceed max_upsert_batch={self.limits.max_upsert_batch}")
-        deleted, size = self.engine.delete_items(list(request.item_ids))
+        ids = [check_id(item_id, f"item_ids[{i}]") for i, item_id in enumerate(request.item_ids)]
+        deleted, size = self.engine.delete_items(ids)
         return catalog_pb2.DeleteItemsResponse(deleted=deleted, index_size=size)
 
     @rpc
     def GetItem(self, request, context):
-        return catalog_pb2.GetItemResponse(item=item_to_proto(self.engine.get_item(request.item_id)))
+        item_id = check_id(request.item_id, "item_id")
+        return catalog_pb2.GetItemResponse(item=item_to_proto(self.engine.get_item(item_id)))

@@ -3,17 +3,41 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.errors import InvalidArgument
-from chronorec.server.core.timetext import HistoryEntry
+from chronorec.server.core.timetext import KNOWN_ACTIONS, HistoryEntry
 from chronorec.v1 import common_pb2
 
 # Unix seconds the core accepts: 1970 .. 2100.
 MAX_TIME = 4102444800.0
+MAX_ID_CHARS = 256
+# Control characters in an id are never intended, and SQLite's length() stops at NUL, which
+# would turn a NUL-prefixed id into a constraint failure instead of a clear error.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_id(value: str, what: str, *, required: bool = True) -> str:
+    """`value` as an id (user, item, event): at most MAX_ID_CHARS characters, no control characters."""
+    if not value:
+        if required:
+            raise InvalidArgument(f"{what} is empty")
+        return value
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidArgument(f"{what} is longer than {MAX_ID_CHARS} characters")
+    if _CONTROL.search(value):
+        raise InvalidArgument(f"{what} contains control characters")
+    return value
+
+
+def check_action(action: str, where: str) -> str:
+    if action not in KNOWN_ACTIONS:
+        raise InvalidArgument(f"{where}: action {action[:64]!r} is not one of {', '.join(KNOWN_ACTIONS)}")
+    return action
 
 
 def to_seconds(ts: Timestamp, what: str) -> float:
@@ -38,9 +62,9 @@ def to_timestamp(seconds: float | None) -> Timestamp | None:
 
 
 def item_from_proto(message: common_pb2.Item, index: int) -> Item:
-    where = f"item {index} (id {message.item_id!r})"
+    where = f"item {index} (id {message.item_id[:64]!r})"
     return Item(
-        item_id=message.item_id,
+        item_id=check_id(message.item_id, f"item {index}: item_id"),
         title=message.title,
         text=message.text,
         category=message.category,
@@ -74,13 +98,13 @@ def _value(message, where: str) -> float | None:
 
 
 def event_from_proto(message: common_pb2.Event, index: int, received_at: float | None = None) -> Event:
-    where = f"event {index} (id {message.event_id!r})"
+    where = f"event {index} (id {message.event_id[:64]!r})"
     timestamp = optional_seconds(message, "timestamp", f"{where}: timestamp")
     return Event(
-        event_id=message.event_id,
-        user_id=message.user_id,
-        item_id=message.item_id,
-        action=message.action,
+        event_id=check_id(message.event_id, f"event {index}: event_id"),
+        user_id=check_id(message.user_id, f"{where}: user_id"),
+        item_id=check_id(message.item_id, f"{where}: item_id"),
+        action=check_action(message.action, where),
         timestamp=timestamp if timestamp is not None else (received_at or time.time()),
         value=_value(message, where),
     )
@@ -91,8 +115,8 @@ def history_from_proto(message: common_pb2.HistoryEvent, index: int) -> HistoryE
     if not message.HasField("timestamp"):
         raise InvalidArgument(f"{where}: timestamp is required")
     return HistoryEntry(
-        item_id=message.item_id,
-        action=message.action or "view",
+        item_id=check_id(message.item_id, f"{where}: item_id"),
+        action=check_action(message.action or "view", where),
         timestamp=to_seconds(message.timestamp, f"{where}: timestamp"),
         value=_value(message, where),
     )

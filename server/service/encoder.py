@@ -5,7 +5,7 @@ from __future__ import annotations
 from chronorec.server.config import Limits
 from chronorec.server.core.engine import ChronorecEngine
 from chronorec.server.core.errors import InvalidArgument
-from chronorec.server.service.errors import deadline_left, rpc
+from chronorec.server.service.errors import deadline_left, ensure_active, rpc
 from chronorec.v1 import encoder_pb2, encoder_pb2_grpc
 
 
@@ -26,7 +26,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServiceServicer):
         for i, text in enumerate(texts):
             if len(text) > self.limits.max_text_chars:
                 raise InvalidArgument(f"text {i} has {len(text)} characters, over max_text_chars={self.limits.max_text_chars}")
+        ensure_active(context)
+        # The deadline bounds the wait for the micro-batcher: texts not yet started are dropped.
         vectors, version = self.engine.encode(texts, timeout=deadline_left(context))
+        ensure_active(context)
         return encoder_pb2.EncodeResponse(
             embeddings=[encoder_pb2.Embedding(values=row.tolist()) for row in vectors],
             model_version=version,

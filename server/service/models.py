@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 from chronorec.server.core.engine import ChronorecEngine
 from chronorec.server.core.errors import InvalidArgument
 from chronorec.server.service.convert import to_timestamp
 from chronorec.server.service.errors import rpc
 from chronorec.v1 import models_pb2, models_pb2_grpc
+
+# A version is one directory name in the repository: no separators, no "..", no hidden names.
+_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ModelServicer(models_pb2_grpc.ModelServiceServicer):
@@ -32,6 +37,8 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     def ActivateVersion(self, request, context):
         if not request.version:
             raise InvalidArgument("version is empty")
+        if not _VERSION_NAME.fullmatch(request.version) or ".." in request.version:
+            raise InvalidArgument("version must be a version name (letters, digits, '.', '_', '-'; at most 128)")
         serving = self.engine.manager.activate(request.version, wait=request.wait)
         return models_pb2.ActivateVersionResponse(serving_version=serving)
 

@@ -7,8 +7,14 @@ import time
 from chronorec.server.config import Limits
 from chronorec.server.core.engine import ChronorecEngine, RecommendRequest
 from chronorec.server.core.errors import InvalidArgument
-from chronorec.server.service.convert import event_from_proto, history_from_proto, optional_seconds, to_timestamp
-from chronorec.server.service.errors import rpc
+from chronorec.server.service.convert import (
+    check_id,
+    event_from_proto,
+    history_from_proto,
+    optional_seconds,
+    to_timestamp,
+)
+from chronorec.server.service.errors import ensure_active, rpc
 from chronorec.v1 import recommender_pb2, recommender_pb2_grpc
 
 OVERRIDE_FIELDS = [f.name for f in recommender_pb2.TimeModelOverrides.DESCRIPTOR.fields]
@@ -25,14 +31,17 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             raise InvalidArgument(f"k must be between 1 and max_k={limits.max_k}, got {request.k}")
         if not request.user_id and not request.history:
             raise InvalidArgument("give a user_id or an inline history")
-        if len(request.user_id) > 256:
-            raise InvalidArgument("user_id is longer than 256 characters")
+        check_id(request.user_id, "user_id", required=False)
         if len(request.history) > limits.max_history_events:
             raise InvalidArgument(
                 f"{len(request.history)} history events exceed max_history_events={limits.max_history_events}"
             )
         if len(request.exclude_item_ids) > limits.max_exclude_items:
-            raise InvalidArgument(f"exclude list exceeds max_exclude_items={limits.max_exclude_items}")
+            raise InvalidArgument(
+                f"{len(request.exclude_item_ids)} excluded ids exceed max_exclude_items={limits.max_exclude_items}"
+            )
+        if len(request.categories) > limits.max_categories:
+            raise InvalidArgument(f"{len(request.categories)} categories exceed max_categories={limits.max_categories}")
         overrides = {
             name: getattr(request.overrides, name)
             for name in OVERRIDE_FIELDS
@@ -51,7 +60,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
 
     @rpc
     def Recommend(self, request, context):
-        answer = self.engine.recommend(self._request(request))
+        query = self._request(request)
+        ensure_active(context)
+        answer = self.engine.recommend(query)
+        ensure_active(context)
         catalog = self.engine.catalog.items
         items = []
         for rec in answer.result.items:
@@ -101,7 +113,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
     @rpc
     def FeedbackStream(self, request_iterator, context):
         stored = duplicates = 0
+        # Each message is its own transaction: an interrupted stream leaves whole batches only,
+        # and the response (the acknowledgement) comes after the last one is durable.
         for request in request_iterator:
+            ensure_active(context)
             new, dup = self._store(request)
             stored += new
             duplicates += dup

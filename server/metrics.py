@@ -1,0 +1,194 @@
+"""Prometheus metrics: per-RPC counts and latencies, encoder batches, and engine state read at scrape time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterator
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from chronorec.server.core.errors import ChronorecError
+from chronorec.server.security import replace_behavior
+
+log = logging.getLogger("chronorec.metrics")
+
+# Seconds; from a cached Encode (~1 ms) to a hot swap triggered by ActivateVersion(wait=True).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_RPC_LABELS = ("grpc_service", "grpc_method")
+
+
+def split_method(method: str) -> tuple[str, str]:
+    """("package.Service", "Method") of "/package.Service/Method"."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+class ServerMetrics:
+    """The server's metrics in their own registry (several servers may share one process in tests).
+
+    RPC metrics use the grpc-ecosystem names (grpc_server_started_total, grpc_server_handled_total,
+    grpc_server_handling_seconds) so existing gRPC dashboards work.
+    """
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.received = Counter(
+            "chronorec_rpc_received",
+            "Calls that reached the server, including those shed by max_concurrent_rpcs before any "
+            "handler ran (received - started - in flight = shed)",
+            _RPC_LABELS,
+            registry=self.registry,
+        )
+        self.started = Counter("grpc_server_started", "Calls whose handler started", _RPC_LABELS, registry=self.registry)
+        self.handled = Counter(
+            "grpc_server_handled",
+            "Calls completed, by status code",
+            _RPC_LABELS + ("grpc_code",),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the handler's start to its status, by status code",
+            _RPC_LABELS + ("grpc_code",),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("chronorec_rpcs_in_flight", "Calls being handled now", registry=self.registry)
+        self.encoder_batch = Histogram(
+            "chronorec_encoder_batch_size",
+            "Texts per ONNX Runtime batch formed by the micro-batcher",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_batch(self, size: int) -> None:
+        """The encoder micro-batcher's on_batch callback."""
+        self.encoder_batch.observe(size)
+
+    def attach_engine(self, engine) -> None:
+        """Report the engine's state (model, index, queue, swaps, events) at each scrape."""
+        self.registry.register(EngineCollector(engine))
+
+    def interceptor(self) -> grpc.ServerInterceptor:
+        return MetricsInterceptor(self)
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every call by method and final status code (outermost interceptor, so
+    calls refused by authentication are counted too)."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown methods are not counted: their names would be unbounded labels
+        labels = split_method(handler_call_details.method)
+        self.metrics.received.labels(*labels).inc()
+        behavior = (
+            handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        )
+        metrics = self.metrics
+
+        def finish(context, started: float, failed: bool) -> None:
+            code = context.code()
+            if code is None:
+                if not failed:
+                    code = grpc.StatusCode.OK
+                elif not context.is_active():
+                    code = grpc.StatusCode.CANCELLED  # the caller left (cancel or deadline) mid-call
+                else:
+                    code = grpc.StatusCode.UNKNOWN
+            metrics.handled.labels(*labels, code.name).inc()
+            metrics.latency.labels(*labels, code.name).observe(time.perf_counter() - started)
+            metrics.in_flight.dec()
+
+        def begin() -> float:
+            metrics.started.labels(*labels).inc()
+            metrics.in_flight.inc()
+            return time.perf_counter()
+
+        if handler.response_streaming:
+
+            def observed_stream(request, context):
+                started = begin()
+                failed = True
+                try:
+                    yield from behavior(request, context)
+                    failed = False
+                finally:
+                    finish(context, started, failed)
+
+            return replace_behavior(handler, observed_stream)
+
+        def observed(request, context):
+            started = begin()
+            failed = True
+            try:
+                response = behavior(request, context)
+                failed = False
+                return response
+            finally:
+                finish(context, started, failed)
+
+        return replace_behavior(handler, observed)
+
+
+class EngineCollector(Collector):
+    """Engine state read when Prometheus scrapes, so the core needs no metrics code."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self) -> Iterator:
+        engine = self.engine
+        manager = engine.manager
+        ready = GaugeMetricFamily("chronorec_ready", "1 once the model and the index are loaded")
+        ready.add_metric([], 1.0 if engine.ready.is_set() else 0.0)
+        yield ready
+        events = GaugeMetricFamily("chronorec_feedback_events_stored", "Feedback events in the event log")
+        events.add_metric([], float(engine.state.event_count))
+        yield events
+        items = GaugeMetricFamily("chronorec_catalog_items", "Live items in the catalog")
+        items.add_metric([], float(len(engine.catalog.items)))
+        yield items
+        swaps = CounterMetricFamily("chronorec_model_swaps", "Model versions loaded (the first load included)")
+        swaps.add_metric([], float(manager.swap_count))
+        yield swaps
+        last_swap = GaugeMetricFamily("chronorec_model_last_swap_seconds", "Duration of the last successful swap")
+        last_swap.add_metric([], float(manager.last_swap_seconds or 0.0))
+        yield last_swap
+        swapping = GaugeMetricFamily("chronorec_model_swap_in_progress", "1 while a new version is being loaded")
+        swapping.add_metric([], 1.0 if manager.swap_in_progress else 0.0)
+        yield swapping
+        refused = GaugeMetricFamily(
+            "chronorec_model_last_swap_failed", "1 when the last attempted version was refused (see GetStatus.last_error)"
+        )
+        refused.add_metric([], 1.0 if manager.last_error else 0.0)
+        yield refused
+        try:
+            model = manager.acquire()
+        except ChronorecError:
+            return  # still loading: no serving model to describe
+        with model:  # pinned only while reading, so a scrape never delays the release of a swapped-out model
+            version, index_size, queue_depth = model.version, len(model.index), model.batcher.queue_depth
+        info = GaugeMetricFamily("chronorec_model_info", "The serving model version (value is always 1)", labels=["version"])
+        info.add_metric([version], 1.0)
+        yield info
+        index = GaugeMetricFamily("chronorec_index_size", "Items in the serving HNSW index")
+        index.add_metric([], float(index_size))
+        yield index
+        queue = GaugeMetricFamily("chronorec_encoder_queue_depth", "Texts waiting for the encoder")
+        queue.add_metric([], float(queue_depth))
+        yield queue
+
+def start_metrics_server(metrics: ServerMetrics, host: str, port: int):
+    """Serve /metrics over HTTP; returns (http server, bound port)."""
+    httpd, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return httpd, httpd.server_address[1]

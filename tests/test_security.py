@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import uuid
 
@@ -317,6 +318,8 @@ def test_loopback_server_without_tokens_says_so(start_server, tiny_repo, caplog)
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make test certificates")
     folder = tmp_path_factory.mktemp("pki")
     ca = make_ca(folder, "ca")
     rogue = make_ca(folder, "rogue-ca")

@@ -20,57 +20,76 @@ def unit_rows(n: int, seed: int = 0) -> np.ndarray:
 def test_round_trip_across_instances_and_misses(tmp_path):
     keys = [text_key(f"text {i}") for i in range(5)]
     vectors = unit_rows(5)
-    VectorCache(tmp_path, "v1", "model.onnx", DIM).put(keys[:3], vectors[:3])
-    reopened = VectorCache(tmp_path, "v1", "model.onnx", DIM)
+    VectorCache(tmp_path, "k1", DIM).put(keys[:3], vectors[:3])
+    reopened = VectorCache(tmp_path, "k1", DIM)
     got, found = reopened.get(keys)
     assert found.tolist() == [True, True, True, False, False]
     np.testing.assert_array_equal(got[:3], vectors[:3])
     assert not got[3:].any()
-    # Another graph or version of the same texts is another cache.
-    assert not VectorCache(tmp_path, "v1", "model.int8.onnx", DIM).get(keys)[1].any()
-    assert not VectorCache(tmp_path, "v2", "model.onnx", DIM).get(keys)[1].any()
+    # Another encoder's vectors of the same texts are another cache.
+    assert not VectorCache(tmp_path, "k2", DIM).get(keys)[1].any()
+    assert not VectorCache(tmp_path, "k3", DIM).get(keys)[1].any()
 
 
 def test_unreadable_or_mismatched_segments_are_dropped(tmp_path):
     keys = [text_key("a"), text_key("b")]
-    VectorCache(tmp_path, "v1", "model.onnx", DIM).put(keys, unit_rows(2))
-    folder = tmp_path / "v1" / "model.onnx"
+    VectorCache(tmp_path, "k1", DIM).put(keys, unit_rows(2))
+    folder = tmp_path / "k1"
     (folder / "seg-broken.npy").write_bytes(b"not a numpy file")
-    cache = VectorCache(tmp_path, "v1", "model.onnx", DIM)
+    cache = VectorCache(tmp_path, "k1", DIM)
     assert cache.get(keys)[1].all()
     assert not (folder / "seg-broken.npy").exists()
     # A dimension change (a corrupt manifest, say) reads nothing rather than wrong vectors.
-    assert not VectorCache(tmp_path, "v1", "model.onnx", DIM * 2).get(keys)[1].any()
+    assert not VectorCache(tmp_path, "k1", DIM * 2).get(keys)[1].any()
 
 
 def test_compaction_keeps_only_what_was_used(tmp_path, monkeypatch):
     monkeypatch.setattr(vc, "MAX_SEGMENTS", 2)
-    cache = VectorCache(tmp_path, "v1", "model.onnx", DIM)
+    cache = VectorCache(tmp_path, "k1", DIM)
     all_keys = [text_key(f"t{i}") for i in range(6)]
     vectors = unit_rows(6)
     for i in range(0, 6, 2):
         cache.put(all_keys[i : i + 2], vectors[i : i + 2])
-    segments = list((tmp_path / "v1" / "model.onnx").glob("seg-*.npy"))
+    segments = list((tmp_path / "k1").glob("seg-*.npy"))
     assert len(segments) == 1
-    reopened = VectorCache(tmp_path, "v1", "model.onnx", DIM)
+    reopened = VectorCache(tmp_path, "k1", DIM)
     got, found = reopened.get(all_keys)
     assert found.all()
     np.testing.assert_array_equal(got, vectors)
     # Entries nobody asked for since opening are dropped at the next compaction.
-    fresh = VectorCache(tmp_path, "v1", "model.onnx", DIM)
+    fresh = VectorCache(tmp_path, "k1", DIM)
     fresh.get(all_keys[:1])
     for i in range(3):
         fresh.put([text_key(f"new{i}")], unit_rows(1, seed=i))
-    after = VectorCache(tmp_path, "v1", "model.onnx", DIM)
+    after = VectorCache(tmp_path, "k1", DIM)
     assert after.get(all_keys)[1].tolist() == [True, False, False, False, False, False]
     assert len(after) == 4
 
 
-def test_prune_removes_versions_no_longer_published(tmp_path):
-    for version in ("v1", "v2"):
-        VectorCache(tmp_path, version, "model.onnx", DIM).put([text_key("x")], unit_rows(1))
-    assert prune(tmp_path, ["v2"]) == 1
-    assert not (tmp_path / "v1").exists() and (tmp_path / "v2").exists()
+def test_prune_removes_encoders_no_version_uses(tmp_path):
+    for key in ("k1", "k2"):
+        VectorCache(tmp_path, key, DIM).put([text_key("x")], unit_rows(1))
+    assert prune(tmp_path, ["k2"]) == 1
+    assert not (tmp_path / "k1").exists() and (tmp_path / "k2").exists()
+
+
+def test_encoder_key_follows_file_content_not_version_name(tmp_path):
+    import os
+    import shutil
+
+    from chronorec.server.core.vector_cache import encoder_key
+
+    a, b = tmp_path / "models" / "v1", tmp_path / "models" / "v2"
+    a.mkdir(parents=True)
+    (a / "model.onnx").write_bytes(b"weights" * 1000)
+    (a / "tokenizer.json").write_text("{}")
+    shutil.copytree(a, b)
+    root = tmp_path / "cache"
+    assert encoder_key(root, a, "model.onnx", (384, 128)) == encoder_key(root, b, "model.onnx", (384, 128))
+    assert encoder_key(root, a, "model.onnx", (384, 128)) != encoder_key(root, a, "model.onnx", (384, 64))
+    (b / "model.onnx").write_bytes(b"retrained" * 1000)
+    os.utime(b / "model.onnx", ns=(1, 1))
+    assert encoder_key(root, a, "model.onnx", (384, 128)) != encoder_key(root, b, "model.onnx", (384, 128))
 
 
 def test_index_catalog_encodes_only_what_the_cache_lacks(tmp_path):
@@ -82,12 +101,12 @@ def test_index_catalog_encodes_only_what_the_cache_lacks(tmp_path):
         # Deterministic per text, so cached and fresh vectors must agree exactly.
         return np.stack([unit_rows(1, seed=int(t.split()[1]))[0] for t in texts])
 
-    cache = VectorCache(tmp_path, "v1", "model.onnx", DIM)
+    cache = VectorCache(tmp_path, "k1", DIM)
     first = index_catalog(encode, items, DIM, cache=cache, workers=2)
     assert sum(calls) == 40
     calls.clear()
     items.append(Item(item_id="i40", title="title 40", category="c"))
-    second = index_catalog(encode, items, DIM, cache=VectorCache(tmp_path, "v1", "model.onnx", DIM))
+    second = index_catalog(encode, items, DIM, cache=VectorCache(tmp_path, "k1", DIM))
     assert calls == [1]
     expected = np.stack([unit_rows(1, 3)[0], unit_rows(1, 40)[0]])
     np.testing.assert_allclose(second.vector_of(["i3", "i40"]), expected, atol=1e-6)
@@ -106,14 +125,14 @@ def test_saved_graph_is_reused_only_for_the_same_catalog(tmp_path, monkeypatch):
         calls.append(len(texts))
         return np.stack([unit_rows(1, seed=int(t.split()[1]))[0] for t in texts])
 
-    built = index_catalog(encode, items, DIM, cache=VectorCache(tmp_path, "v1", "model.onnx", DIM))
-    graphs = list((tmp_path / "v1" / "model.onnx").glob("hnsw-*.bin"))
+    built = index_catalog(encode, items, DIM, cache=VectorCache(tmp_path, "k1", DIM))
+    graphs = list((tmp_path / "k1").glob("hnsw-*.bin"))
     assert len(graphs) == 1
     loads = []
     original_load = serving.ItemIndex.load
     monkeypatch.setattr(serving.ItemIndex, "load", classmethod(lambda cls, *a, **k: loads.append(1) or original_load(*a, **k)))
     calls.clear()
-    reloaded = index_catalog(encode, list(reversed(items)), DIM, cache=VectorCache(tmp_path, "v1", "model.onnx", DIM))
+    reloaded = index_catalog(encode, list(reversed(items)), DIM, cache=VectorCache(tmp_path, "k1", DIM))
     assert calls == [] and loads == [1]
     assert len(reloaded) == 60 and sorted(reloaded.ids()) == sorted(built.ids())
     for n in (0, 17, 59):
@@ -126,11 +145,11 @@ def test_saved_graph_is_reused_only_for_the_same_catalog(tmp_path, monkeypatch):
 
     # A changed catalog does not use the old graph; a corrupt graph is dropped and rebuilt.
     loads.clear()
-    index_catalog(encode, items[:-1], DIM, cache=VectorCache(tmp_path, "v1", "model.onnx", DIM))
+    index_catalog(encode, items[:-1], DIM, cache=VectorCache(tmp_path, "k1", DIM))
     assert loads == []
-    graph = next((tmp_path / "v1" / "model.onnx").glob("hnsw-*.bin"))
+    graph = next((tmp_path / "k1").glob("hnsw-*.bin"))
     graph.write_bytes(graph.read_bytes()[:100])
-    rebuilt = index_catalog(encode, items[:-1], DIM, cache=VectorCache(tmp_path, "v1", "model.onnx", DIM))
+    rebuilt = index_catalog(encode, items[:-1], DIM, cache=VectorCache(tmp_path, "k1", DIM))
     assert len(rebuilt) == 59 and rebuilt.search(unit_rows(1, seed=5)[0], 1)[0][0] == "i5"
 
 
@@ -151,7 +170,7 @@ def test_index_with_deletions_is_not_saved(tmp_path):
 def test_prepare_version_fills_the_cache_the_server_reads(tiny_repo):
     from chronorec.server.core.encoder import OnnxEncoder
     from chronorec.server.core.repository import ModelRepository
-    from chronorec.server.core.serving import VECTOR_CACHE_DIR, EncoderSettings, prepare_version
+    from chronorec.server.core.serving import VECTOR_CACHE_DIR, EncoderSettings, open_vector_cache, prepare_version
 
     repo = ModelRepository(tiny_repo)
     version = repo.current()
@@ -159,7 +178,8 @@ def test_prepare_version_fills_the_cache_the_server_reads(tiny_repo):
     figures = prepare_version(repo, version, items, EncoderSettings(), workers=2)
     assert figures["items"] == 30 and figures["cached_before"] == 0
     encoder = OnnxEncoder(repo.version_dir(version))
-    cache = VectorCache(tiny_repo / VECTOR_CACHE_DIR, version, encoder.model_file, encoder.dimension)
+    cache = open_vector_cache(repo, version, encoder, EncoderSettings())
+    assert cache is not None and cache.folder.parent == tiny_repo / VECTOR_CACHE_DIR
     vectors, found = cache.get([text_key(text_of(i)) for i in items])
     assert found.all()
     np.testing.assert_allclose(vectors, encoder.encode([text_of(i) for i in items]), atol=1e-5)

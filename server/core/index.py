@@ -304,7 +304,15 @@ class ItemIndex:
         k = min(k, len(labels))
         if k <= 0:
             return []
-        scores = self._vectors[labels] @ query
+        # One pass over the contiguous rows (a gather would copy the whole matrix), then the
+        # id tie-break only among items scoring at least the k-th: sorting 100k id strings
+        # per query cost ~150 ms at 100k items.
+        used = len(self._id_of_label)
+        scores = (self._vectors[:used] @ query)[labels]
+        if k < len(labels):
+            kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+            pool = np.flatnonzero(scores >= kth)
+            labels, scores = labels[pool], scores[pool]
         ids = np.array([self._id_of_label[l] for l in labels])
         order = np.lexsort((ids, -scores))[:k]
         return [(str(ids[i]), float(scores[i])) for i in order]

@@ -17,10 +17,10 @@ from chronorec.server.core.catalog import Item
 from chronorec.server.core.encoder import CUDA_PROVIDER, MicroBatcher, OnnxEncoder
 from chronorec.server.core.errors import FailedPrecondition, NotFound, Unavailable
 from chronorec.server.core.index import ItemIndex
-from chronorec.server.core.manifest import Manifest
+from chronorec.server.core.manifest import Manifest, load_manifest
 from chronorec.server.core.repository import ModelRepository
 from chronorec.server.core.timetext import item_text
-from chronorec.server.core.vector_cache import VectorCache, graph_fingerprint, prune, text_key
+from chronorec.server.core.vector_cache import VectorCache, encoder_key, graph_fingerprint, prune, text_key
 
 log = logging.getLogger("chronorec.serving")
 
@@ -29,6 +29,8 @@ INDEX_ENCODE_BATCH = 256
 VECTOR_CACHE_DIR = "vector-cache"
 # Smaller catalogs build their graph in well under a second; saving it would cost more.
 SAVE_GRAPH_MIN_ITEMS = 5000
+# A large catalog takes minutes to encode on a CPU; say how far it got this often.
+PROGRESS_LOG_S = 30.0
 
 
 def text_of(item: Item) -> str:
@@ -47,14 +49,16 @@ class CatalogState:
 
     def record(self, upserted: list[Item] = (), deleted: list[str] = ()) -> None:
         """Apply a committed change to the in-memory catalog (caller holds `lock`)."""
+        # The counter moves after the change: a reader that sees the new number (the ranking
+        # keys its catalog snapshot by it, without this lock) also sees the change.
         for item in upserted:
-            self.sequence += 1
             self.items[item.item_id] = item
-            self._last_change[item.item_id] = self.sequence
-        for item_id in deleted:
+            self._last_change[item.item_id] = self.sequence + 1
             self.sequence += 1
+        for item_id in deleted:
             self.items.pop(item_id, None)
-            self._last_change[item_id] = self.sequence
+            self._last_change[item_id] = self.sequence + 1
+            self.sequence += 1
 
     def changed_since(self, sequence: int) -> list[str]:
         return [item_id for item_id, seq in self._last_change.items() if seq > sequence]
@@ -190,10 +194,21 @@ def index_catalog(
     missing = missing[np.argsort([len(texts[i]) for i in missing], kind="stable")]
     chunks = [missing[start : start + INDEX_ENCODE_BATCH] for start in range(0, len(missing), INDEX_ENCODE_BATCH)]
 
+    started = time.perf_counter()
+    progress = {"done": 0, "logged": started}
+    progress_lock = threading.Lock()
+
     def encode_chunk(rows: np.ndarray) -> None:
         vectors[rows] = encode([texts[i] for i in rows])
+        with progress_lock:
+            progress["done"] += len(rows)
+            now = time.perf_counter()
+            if now - progress["logged"] >= PROGRESS_LOG_S:
+                progress["logged"] = now
+                rate = progress["done"] / (now - started)
+                log.info("encoded %d of %d items (%.0f/s, about %.0f s left)", progress["done"], len(missing),
+                         rate, (len(missing) - progress["done"]) / rate)
 
-    started = time.perf_counter()
     if workers > 1 and len(chunks) > 1:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="index-encode") as pool:
             list(pool.map(encode_chunk, chunks))  # list() re-raises the first failure
@@ -248,16 +263,33 @@ def _load_saved_graph(
 def open_vector_cache(
     repository: ModelRepository, version: str, encoder: OnnxEncoder, settings: EncoderSettings
 ) -> VectorCache | None:
-    """The on-disk item vectors of this version's graph (None when disabled or unusable)."""
+    """The on-disk item vectors of this version's encoder (None when disabled or unusable)."""
     if not settings.vector_cache:
         return None
     root = settings.vector_cache_dir or repository.root / VECTOR_CACHE_DIR
     try:
-        prune(root, repository.list_versions())
-        return VectorCache(root, version, encoder.model_file, encoder.dimension)
+        key = _encoder_key(root, repository.version_dir(version), encoder.model_file, encoder.manifest)
+        keep = {key}
+        for other in repository.list_versions():
+            try:
+                manifest = load_manifest(repository.version_dir(other))
+                graph = manifest.onnx_file
+                if settings.prefer_int8 and manifest.int8_file and (repository.version_dir(other) / manifest.int8_file).is_file():
+                    graph = manifest.int8_file
+                keep.add(_encoder_key(root, repository.version_dir(other), graph, manifest))
+            except Exception:  # a half-deleted version keeps nothing alive
+                continue
+        prune(root, keep)
+        return VectorCache(root, key, encoder.dimension)
     except Exception as exc:  # a cache problem must never stop a model from loading
         log.warning("vector cache at %s unusable, encoding every item: %s", root, exc)
         return None
+
+
+def _encoder_key(root: Path, version_dir: Path, graph_file: str, manifest: Manifest) -> str:
+    # Everything besides the files that decides the vectors.
+    settings = (manifest.dimension, manifest.max_length, manifest.pooling, manifest.normalize)
+    return encoder_key(root, version_dir, graph_file, settings)
 
 
 def index_with(

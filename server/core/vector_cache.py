@@ -1,4 +1,4 @@
-"""On-disk cache of item vectors keyed by (model version, encoder graph, item-text hash), so restarts skip re-encoding."""
+"""On-disk cache of item vectors keyed by (encoder content, item-text hash), so restarts and swaps skip re-encoding."""
 
 from __future__ import annotations
 
@@ -22,11 +22,51 @@ SEGMENT_SUFFIX = ".npy"
 # since the cache was opened (the live catalog), so churn cannot grow the folder without bound.
 MAX_SEGMENTS = 8
 GRAPH_PREFIX = "hnsw-"
+KEYS_FILE = "encoder-keys.json"
 
 
 def text_key(text: str) -> bytes:
     """The cache key of one text: a 128-bit BLAKE2b digest (collisions are negligible)."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=KEY_BYTES).digest()
+
+
+def encoder_key(root: str | os.PathLike, version_dir: str | os.PathLike, model_file: str, settings: object) -> str:
+    """A digest of what decides a version's vectors: its graph file, its tokenizer and `settings`
+    (max length, pooling...). Versions with byte-identical encoders (say, one republished with
+    only its time model retuned) share one cache; any retrained weights get their own.
+
+    Published files never change, so digests are remembered per (file, size, mtime) in
+    `<root>/encoder-keys.json` and a large graph is hashed once, not on every start.
+    """
+    root, version_dir = Path(root), Path(version_dir)
+    files = [version_dir / model_file, version_dir / "tokenizer.json"]
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()]
+    memo_key = f"{version_dir.name}/{model_file}"
+    memo_path = root / KEYS_FILE
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    entry = memo.get(memo_key) if isinstance(memo, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and entry.get("settings") == repr(settings):
+        return str(entry["key"])
+    digest = hashlib.blake2b(repr(settings).encode("utf-8"), digest_size=16)
+    for path in files:
+        if path.exists():
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+    key = digest.hexdigest()
+    memo = memo if isinstance(memo, dict) else {}
+    memo[memo_key] = {"stamp": stamp, "settings": repr(settings), "key": key}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{secrets.token_hex(4)}-{KEYS_FILE}"
+        tmp.write_text(json.dumps(memo, indent=1), encoding="utf-8")
+        os.replace(tmp, memo_path)
+    except OSError as exc:
+        log.warning("could not remember encoder digests in %s: %s", memo_path, exc)
+    return key
 
 
 def graph_fingerprint(ids: Sequence[str], keys: Sequence[bytes], *params: object) -> str:
@@ -47,19 +87,20 @@ def _split_keys(keys: np.ndarray) -> list[bytes]:
 
 
 class VectorCache:
-    """The vectors one model version's graph gave for item texts, in append-only segment files.
+    """The vectors one encoder gave for item texts, in append-only segment files.
 
-    Layout: `<root>/<version>/<graph file>/seg-<random>.npy`, each a structured array of
-    (key, vector) written to a temporary name and renamed into place, so a reader (another
-    server process too) never sees a half-written segment. A version's files never change
-    once published, so entries never go stale; a segment that fails to load is deleted
-    and its texts are simply encoded again. Every failure here is logged and ignored: the
-    cache may only save time, never fail a start or a swap.
+    Layout: `<root>/<encoder key>/seg-<random>.npy`, each a structured array of
+    (text key, vector) written to a temporary name and renamed into place, so a reader
+    (another server process too) never sees a half-written segment. The encoder key names
+    the exact encoder files, so entries never go stale; a segment that fails to load is
+    deleted and its texts are simply encoded again. Every failure here is logged and
+    ignored: the cache may only save time, never fail a start or a swap.
     """
 
-    def __init__(self, root: str | os.PathLike, version: str, graph_file: str, dimension: int):
+    def __init__(self, root: str | os.PathLike, key: str, dimension: int):
         self.root = Path(root)
-        self.folder = self.root / version / graph_file
+        self.key = key
+        self.folder = self.root / key
         self.dimension = int(dimension)
         self._dtype = _record_dtype(self.dimension)
         self._vectors = np.zeros((0, self.dimension), dtype=np.float32)
@@ -208,10 +249,10 @@ class VectorCache:
             path.unlink(missing_ok=True)
 
 
-def prune(root: str | os.PathLike, keep_versions: Iterable[str]) -> int:
-    """Delete the cache folders of versions not in `keep_versions`; returns how many went."""
+def prune(root: str | os.PathLike, keep_keys: Iterable[str]) -> int:
+    """Delete the cache folders of encoders not in `keep_keys` (no published version uses them)."""
     root = Path(root)
-    keep = set(keep_versions)
+    keep = set(keep_keys)
     removed = 0
     try:
         children = list(root.iterdir())
@@ -224,4 +265,4 @@ def prune(root: str | os.PathLike, keep_versions: Iterable[str]) -> int:
     return removed
 
 
-__all__ = ["VectorCache", "graph_fingerprint", "prune", "text_key"]
+__all__ = ["VectorCache", "encoder_key", "graph_fingerprint", "prune", "text_key"]

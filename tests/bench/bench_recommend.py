@@ -91,13 +91,12 @@ def search_figures(ctx: Context, setup: CatalogSetup) -> dict:
     from chronorec.server.core.manifest import load_manifest
     from chronorec.server.core.ranking import RankingEngine, RecommendQuery, _UserContext
     from chronorec.server.core.repository import ModelRepository
-    from chronorec.server.core.serving import VECTOR_CACHE_DIR, index_catalog
-    from chronorec.server.core.vector_cache import VectorCache
+    from chronorec.server.core.serving import EncoderSettings, index_catalog, open_vector_cache
 
     repo = ModelRepository(setup.models)
     version = repo.current()
     encoder = OnnxEncoder(repo.version_dir(version), prefer_int8=ctx.int8)
-    cache = VectorCache(setup.models / VECTOR_CACHE_DIR, version, encoder.model_file, encoder.dimension)
+    cache = open_vector_cache(repo, version, encoder, EncoderSettings(prefer_int8=ctx.int8))
     started = time.perf_counter()
     index = index_catalog(encoder.encode, setup.items, encoder.dimension, cache=cache)
     build_s = time.perf_counter() - started

@@ -88,10 +88,16 @@ class Traffic:
             return list(self.records)
 
 
+KINDS = {
+    "new": "retrained encoder: the server encodes the catalog",
+    "prepared": "retrained encoder, vectors cached by the publisher first",
+    "same-encoder": "byte-identical encoder (time model retuned): cached vectors and graph",
+    "rollback": "back to the previous version: cached vectors and graph",
+}
+
+
 def swap_once(ctx: Context, setup: CatalogSetup, kind: str) -> dict:
-    """One swap under traffic. `kind`: "new" (a fresh version; the server encodes the catalog),
-    "prepared" (a fresh version whose vectors the publisher cached first) or "rollback"
-    (back to the previous version, whose vectors and graph are cached)."""
+    """One swap under traffic; `kind` is one of KINDS."""
     from chronorec.server.core.repository import ModelRepository
     from chronorec.server.core.serving import EncoderSettings, prepare_version
     from chronorec.v1 import models_pb2
@@ -104,7 +110,7 @@ def swap_once(ctx: Context, setup: CatalogSetup, kind: str) -> dict:
     if kind == "rollback":
         new = repo.previous()
     else:
-        new = publish_copy(setup.models)  # staged and complete, not yet active
+        new = publish_copy(setup.models, distinct=kind != "same-encoder")  # staged and complete, not yet active
         if kind == "prepared":
             log(f"swap {setup.n_items}: preparing {new} (encoding the catalog into its vector cache)")
             figures = prepare_version(repo, new, setup.items, EncoderSettings(prefer_int8=ctx.int8))
@@ -165,13 +171,13 @@ def swap_once(ctx: Context, setup: CatalogSetup, kind: str) -> dict:
 
 
 def kinds_for(ctx: Context, n_items: int) -> list[str]:
-    # A fresh version the serving server encodes is measured at 10k (and the quick size);
-    # at 100k that is 100k texts on the one core a swap leaves itself, so the default run
-    # swaps back to the cached version there (--full-swap adds a prepared fresh version).
+    # A retrained encoder the serving server encodes is measured at 10k (and the quick
+    # size); at 100k that is 100k texts on the one core a swap leaves itself (the memory
+    # benchmark's cold start shows that encode), so only --full-swap adds a prepared one there.
     kinds = ["new"] if n_items <= 10_000 or ctx.quick else []
     if n_items <= ctx.sizes.prepared_swap_max_items:
         kinds.append("prepared")
-    return kinds + ["rollback"]
+    return kinds + ["same-encoder", "rollback"]
 
 
 def run(ctx: Context) -> dict:
@@ -186,6 +192,8 @@ def run(ctx: Context) -> dict:
         [[r["items"], r["kind"], r["prepare_s"], r["seconds_to_all_responses_new"], r["calls_during_swap"], r["failed_calls"],
           r["p99_ms_before"], r["p99_ms_during"], r["rss_mb_before"], r["peak_rss_mb_during"], r["rss_mb_after"]] for r in results],
     )
+    for kind, meaning in KINDS.items():
+        print(f"  {kind}: {meaning}")
     targets = {}
     smallest = min(ctx.sizes.swap_sizes)
     for r in results:

@@ -43,10 +43,11 @@ ANCHOR = 1_790_000_000.0
 class Sizes:
     """How big each benchmark runs; `quick()` is the CI smoke size."""
 
-    encode_texts: int = 256
+    encode_texts: int = 128
     encode_repeats: int = 3
     microbatch_texts: int = 1024
-    microbatch_concurrency: int = 64
+    # Below the server's max_concurrent_rpcs (64), which sheds calls past it by design.
+    microbatch_concurrency: int = 32
     catalogs: tuple[int, ...] = (10_000, 100_000)
     recommend_users: int = 1200
     recommend_calls: int = 300
@@ -468,13 +469,17 @@ class CatalogSetup:
             self.server = None
 
 
-def publish_copy(models: Path, activate: bool = False) -> str:
-    """Publish a new version (the current one's files under a new name), optionally activating it.
+def publish_copy(models: Path, *, distinct: bool = True) -> str:
+    """Publish a new version made from the current one's files (not activated); returns its name.
 
-    Publishing through the repository's staging is what the trainer does; copying skips the
-    export, which no figure here is about. The new name gives it its own vector-cache entry,
-    so a swap to it re-encodes the whole catalog as a swap to a retrained model would.
+    `distinct` marks the ONNX graphs (a metadata entry, same weights) so their bytes differ:
+    the server then treats the version as retrained and encodes the catalog again, exactly
+    the work a new model costs. Without it the encoder files stay byte-identical, as when a
+    version is republished with only its time model retuned. Publishing goes through the
+    repository's staging, as the trainer's does; the export itself is no figure here.
     """
+    from datetime import datetime, timezone
+
     from chronorec.server.core.manifest import load_manifest, write_manifest
     from chronorec.server.core.repository import ModelRepository
 
@@ -483,14 +488,18 @@ def publish_copy(models: Path, activate: bool = False) -> str:
     manifest = load_manifest(source)
     with repo.stage_version() as (version, staging):
         for path in source.iterdir():
-            if path.is_file() and path.name != "manifest.json":
-                shutil.copyfile(path, staging / path.name)
-        from datetime import datetime, timezone
+            if not path.is_file() or path.name == "manifest.json":
+                continue
+            if distinct and path.suffix == ".onnx":
+                import onnx
 
+                model = onnx.load(str(path))
+                onnx.helper.set_model_props(model, {"chronorec.bench.copy_of": manifest.version or source.name, "version": version})
+                onnx.save(model, str(staging / path.name))
+            else:
+                shutil.copyfile(path, staging / path.name)
         created = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         write_manifest(staging, replace(manifest, version=version, parent_version=manifest.version, created_at=created))
-    if activate:
-        repo.activate(version)
     return version
 
 

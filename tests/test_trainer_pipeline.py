@@ -1,0 +1,218 @@
+"""`chronorec-train run` end to end: learn, evaluate against the serving version, publish, gate, exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from chronorec.server.core.catalog import Event
+from chronorec.server.core.demo import generate_drift_dataset
+from chronorec.server.core.manifest import TimeModelParams, load_manifest
+from chronorec.server.core.repository import ModelRepository
+from chronorec.server.core.store import EventStore
+from chronorec.trainer.export import publish_base_model
+from chronorec.trainer.pipeline import (
+    EXIT_ACTIVATED, EXIT_FAILED, EXIT_GATED, EXIT_NOTHING_NEW, RunSettings, checkpoint_dir, parse_interval, run,
+    run_once,
+)
+from tinybert import make_tiny_bert
+
+ANCHOR = 1_790_000_000.0
+TESTS = Path(__file__).resolve().parent
+# Few steps of a tiny BERT: enough to learn the topics of the generated users.
+TRAIN = dict(steps=36, batch_size=32, lr=2e-3, eval_every=12, patience=10, progress=False, ablation=True, threads=1)
+QUICK = dict(steps=2, batch_size=16, lr=2e-3, tune=False, progress=False, max_eval_instances=60, threads=1)
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared CPU run far faster on one thread: OpenMP workers spin-wait for each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def drift():
+    return generate_drift_dataset(seed=7, anchor=ANCHOR)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("pipeline-tiny-bert"))
+
+
+def _fresh_world(root: Path, drift, tiny_folder: Path) -> tuple[Path, Path, str]:
+    """An event store with the generated log and a repository serving the untrained tiny BERT."""
+    db, models = root / "events.db", root / "models"
+    with EventStore(db) as store:
+        store.bulk_import(drift.items, drift.events)
+    # A 64-token limit (in the manifest, so the trainer uses it too) keeps CPU tests quick.
+    base = publish_base_model(tiny_folder, models, activate=True, max_length=64)
+    return db, models, base
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, drift, tiny_folder):
+    db, models, base = _fresh_world(tmp_path_factory.mktemp("pipeline"), drift, tiny_folder)
+    outcome = run_once(db, models, RunSettings(**TRAIN))
+    return db, models, base, outcome
+
+
+def test_training_on_drifting_users_beats_the_base_model(first_run):
+    _, models, base, outcome = first_run
+    assert outcome.exit_code == EXIT_ACTIVATED, outcome.message
+    assert outcome.serving_version == base
+    # Candidate and serving version on the same latest window, full ranking, same ranking code.
+    assert outcome.candidate_metrics["NDCG@10"] > outcome.serving_metrics["NDCG@10"] + 0.05
+    ablation = outcome.details["ablation"]
+    # The fine-tuned encoder alone beats the untrained one alone: the gain is not only the tuning.
+    assert ablation["candidate_encoder_only"]["NDCG@10"] > ablation["initial_weights_encoder_only"]["NDCG@10"] + 0.02
+    # And with the same tuned time model, the fine-tuned weights beat the starting ones.
+    assert outcome.candidate_metrics["NDCG@10"] > ablation["initial_weights_tuned_time_model"]["NDCG@10"]
+
+
+def test_the_published_version_records_how_it_was_made(first_run):
+    db, models, base, outcome = first_run
+    repo = ModelRepository(models)
+    assert repo.current() == outcome.version and repo.list_versions() == [base, outcome.version]
+    manifest = load_manifest(repo.version_dir(outcome.version))
+    assert manifest.parent_version == base
+    assert manifest.base_model == load_manifest(repo.version_dir(base)).base_model
+    assert manifest.parity_max_abs_diff <= 1e-4
+    assert manifest.metrics["NDCG@10"] == pytest.approx(outcome.candidate_metrics["NDCG@10"])
+    assert manifest.metrics["serving_NDCG@10"] == pytest.approx(outcome.serving_metrics["NDCG@10"])
+    assert manifest.metrics["train_examples_per_second"] > 0
+    assert manifest.time_model == TimeModelParams.from_dict(outcome.details["time_model"])
+    window = manifest.training_window
+    assert window["start"] < window["end"] == window["valid_start"] < window["test_start"] <= window["data_end"]
+    with EventStore(db, read_only=True) as store:
+        assert window["max_seq"] == store.max_seq()
+    assert manifest.extra["trainer"]["gate"]["passed"] is True
+    # The trainable weights are kept beside the version, so the next run continues from them.
+    assert (checkpoint_dir(models, outcome.version) / "config.json").is_file()
+    assert not (models / "checkpoints" / ".in-progress").exists()
+
+
+def test_no_new_events_means_nothing_to_learn(first_run):
+    db, models, _, outcome = first_run
+    started = time.perf_counter()
+    again = run_once(db, models, RunSettings(**QUICK))
+    assert again.exit_code == EXIT_NOTHING_NEW, again.message
+    assert time.perf_counter() - started < 10
+    assert ModelRepository(models).current() == outcome.version
+
+
+def test_a_worse_candidate_is_published_but_gated_and_force_activates_it(tmp_path, drift, tiny_folder):
+    db, models, base = _fresh_world(tmp_path, drift, tiny_folder)
+    repo = ModelRepository(models)
+    # A negative threshold demands a gain no candidate reaches: the gate must hold.
+    gated = run_once(db, models, RunSettings(**QUICK, threshold=-1.0))
+    assert gated.exit_code == EXIT_GATED, gated.message
+    assert repo.current() == base
+    assert gated.version in repo.list_versions()
+    assert load_manifest(repo.version_dir(gated.version)).extra["trainer"]["gate"]["passed"] is False
+
+    # New feedback arrives; the next run trains again (from the serving weights) and --force activates.
+    with EventStore(db) as store:
+        user = drift.events[-1].user_id
+        store.add_events([Event("late-1", user, drift.items[0].item_id, "like", ANCHOR - 60.0)])
+    forced = run_once(db, models, RunSettings(**QUICK, threshold=-1.0, force=True, int8=True))
+    assert forced.exit_code == EXIT_ACTIVATED, forced.message
+    assert repo.current() == forced.version != gated.version
+    manifest = load_manifest(repo.version_dir(forced.version))
+    assert manifest.parent_version == base
+    assert manifest.extra["trainer"]["gate"]["forced"] is True
+    assert manifest.int8_file and (repo.version_dir(forced.version) / manifest.int8_file).is_file()
+    assert 0.5 < manifest.int8_cosine["min"] <= manifest.int8_cosine["mean"] <= 1.0 + 1e-6
+
+
+def test_failures_exit_1_and_leave_the_serving_version(tmp_path, first_run):
+    _, models, _, outcome = first_run
+    assert run_once(tmp_path / "missing.db", models, RunSettings(**QUICK)).exit_code == EXIT_FAILED
+    assert ModelRepository(models).current() == outcome.version
+    with pytest.raises(TypeError):
+        run(tmp_path / "missing.db", models, no_such_setting=1)
+
+
+def test_cli_run_exit_codes(first_run, tmp_path):
+    db, models, _, _ = first_run
+    command = [sys.executable, "-m", "chronorec.trainer.cli", "run", "--db", str(db), "--models", str(models),
+               "--steps", "1", "--no-progress", "--threads", "1"]
+    nothing_new = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert nothing_new.returncode == EXIT_NOTHING_NEW, nothing_new.stderr
+    assert "nothing-new" in nothing_new.stdout
+    missing = subprocess.run(command[:5] + [str(tmp_path / "nope.db")] + command[6:], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == EXIT_FAILED
+
+
+def test_interval_parsing():
+    assert parse_interval("30m") == 1800 and parse_interval("2h") == 7200 and parse_interval("45") == 45
+    assert parse_interval("1d") == 86400
+    with pytest.raises(ValueError):
+        parse_interval("soon")
+
+
+def test_a_trainer_killed_mid_export_leaves_no_version_the_server_would_load(tmp_path, drift, tiny_folder):
+    db, models, base = _fresh_world(tmp_path, drift, tiny_folder)
+    marker = tmp_path / "exporting"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(TESTS)!r})
+        from pathlib import Path
+        from chronorec.trainer import export
+        from chronorec.trainer.pipeline import RunSettings, run_once
+
+        real_export = export.export_onnx
+
+        def export_then_hang(module, out_path, *args, **kwargs):
+            path = real_export(module, out_path, *args, **kwargs)
+            Path({str(marker)!r}).write_text(str(path))
+            time.sleep(600)  # killed here: the graph is written, the manifest not yet
+
+        export.export_onnx = export_then_hang
+        run_once({str(db)!r}, {str(models)!r}, RunSettings(steps=1, batch_size=8, tune=False, progress=False,
+                                                           max_eval_instances=20, threads=1))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert process.poll() is None, "the trainer ended before exporting"
+            assert time.monotonic() < deadline, "the trainer never reached the export"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    repo = ModelRepository(models)
+    onnx_written = Path(marker.read_text())
+    assert onnx_written.is_file() and onnx_written.parent.name.startswith(".staging-")
+    assert repo.list_versions() == [base] and repo.current() == base
+    staging = onnx_written.parent.name
+    assert not repo.is_complete(staging)
+
+    from chronorec.server.core.errors import Unavailable
+    from chronorec.server.core.serving import EncoderSettings, load_model
+
+    with pytest.raises(Unavailable):
+        load_model(repo, staging, EncoderSettings())
+    # The next run is not confused by the leftover and publishes normally.
+    outcome = run_once(db, models, RunSettings(**QUICK))
+    assert outcome.exit_code in (EXIT_ACTIVATED, EXIT_GATED), outcome.message
+    assert outcome.version in repo.list_versions()

@@ -1,0 +1,461 @@
+"""Contrastive fine-tuning of the shared sentence encoder: history text → the next item's text."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from chronorec.server.core.manifest import TOKENIZER_MAX_LENGTH
+from chronorec.trainer.data import TrainingExample
+from chronorec.trainer.export import SentenceEncoderModule
+from chronorec.trainer.protocols import expected_metrics, rank_counts
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best.pt"
+
+
+@dataclass
+class FinetuneConfig:
+    """Hyper-parameters of one fine-tuning run (all have working defaults for MiniLM on CPU)."""
+
+    steps: int | None = None  # optimizer steps; None: `epochs` passes over the training examples
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    temperature: float = 0.05
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    hard_negatives: int = 0  # per example, mined from the current item vectors
+    hard_negative_skip: int = 0  # nearest items passed over (likely unlabelled positives)
+    hard_negative_refresh: int | None = None  # steps between re-encoding the catalog; None: once per epoch
+    eval_every: int | None = None  # steps between validations; None: about 5 per run
+    patience: int = 3  # validations without improvement before stopping
+    min_delta: float = 1e-4
+    early_stop_metric: str = "NDCG@10"
+    max_valid_queries: int = 1000
+    max_length: int = TOKENIZER_MAX_LENGTH
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    mixed_precision: bool = True  # on CUDA only: bf16 where supported, else fp16 with loss scaling
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 200
+    progress: bool | None = None  # tqdm bar; None: only on a terminal
+
+    def resolved_steps(self, n_examples: int) -> int:
+        if self.steps is not None:
+            return max(0, int(self.steps))
+        return max(1, math.ceil(self.epochs * n_examples / max(1, self.batch_size)))
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    examples: int
+    train_seconds: float
+    examples_per_second: float
+    best_step: int
+    best_metric: float | None
+    initial_metric: float | None
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    resumed_from_step: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def contrastive_loss(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    item_keys: torch.Tensor,
+    temperature: float,
+    hard_items: torch.Tensor | None = None,
+    hard_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE with in-batch negatives (rows are unit vectors; row i's positive is items[i]).
+
+    Another row with the same positive item is not a negative of row i (same item key) and is
+    masked out in both directions; a hard negative that happens to be row i's positive is masked
+    too. Unlike regressing cos(query, positive) to 1, the negatives push unrelated pairs apart, so
+    the vectors cannot all collapse onto one point.
+    """
+    batch = queries.shape[0]
+    targets = torch.arange(batch, device=queries.device)
+    logits = queries @ items.T / temperature
+    duplicate = (item_keys[:, None] == item_keys[None, :]) & ~torch.eye(batch, dtype=torch.bool, device=queries.device)
+    logits = logits.masked_fill(duplicate, float("-inf"))
+    item_to_query = F.cross_entropy(logits.T, targets)
+    if hard_items is not None and hard_items.shape[0]:
+        hard_logits = queries @ hard_items.T / temperature
+        hard_logits = hard_logits.masked_fill(item_keys[:, None] == hard_keys[None, :], float("-inf"))
+        logits = torch.cat([logits, hard_logits], dim=1)
+    query_to_item = F.cross_entropy(logits, targets)
+    return (query_to_item + item_to_query) / 2
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+def encoder_retrieval_metrics(
+    module: SentenceEncoderModule,
+    tokenizer,
+    examples: Sequence[TrainingExample],
+    item_texts: Mapping[str, str],
+    *,
+    max_length: int = TOKENIZER_MAX_LENGTH,
+    batch_size: int = 64,
+    item_vectors: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Mean HR@10 / NDCG@10 / MRR of each example's item among all catalog items by the encoder alone
+    (cosine of history text and item text; the history's items excluded, ties at their expectation)."""
+    item_ids = list(item_texts)
+    column = {item_id: i for i, item_id in enumerate(item_ids)}
+    examples = [e for e in examples if e.item_id in column]
+    if not examples:
+        return {}
+    if item_vectors is None:
+        item_vectors = module.encode_texts(tokenizer, [item_texts[i] for i in item_ids], batch_size, max_length).numpy()
+    queries = module.encode_texts(tokenizer, [e.query for e in examples], batch_size, max_length).numpy()
+    scores = queries @ item_vectors.T
+    excluded = np.zeros(scores.shape, dtype=bool)
+    for row, example in enumerate(examples):
+        excluded[row, [column[i] for i in example.history_items if i in column]] = True
+    targets = np.array([column[e.item_id] for e in examples])
+    excluded[np.arange(len(examples)), targets] = False
+    better, tied = rank_counts(scores, targets, excluded)
+    return {name: float(values.mean()) for name, values in expected_metrics(better, tied).items()}
+
+
+# ------------------------------------------------------------------------- training
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled or device.type != "cuda":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _optimizer(module: torch.nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    # Biases and LayerNorm weights are not decayed: decaying them only hurts (BERT's recipe).
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 or "LayerNorm" in name or "bias" in name else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _linear_warmup(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    warmup = max(1, int(round(total_steps * warmup_fraction)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def _fingerprint(config: FinetuneConfig, examples: Sequence[TrainingExample], run_tag: str) -> str:
+    """What a checkpoint must match to be resumed: the settings that shape the run and its data."""
+    shaping = {k: v for k, v in asdict(config).items()
+               if k not in ("checkpoint_dir", "checkpoint_every", "progress", "device", "eval_every", "patience")}
+    digest = hashlib.sha256(json.dumps([shaping, run_tag], sort_keys=True, default=str).encode())
+    for example in examples:
+        digest.update(f"{example.position}\t{example.item_id}\t{example.query}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _save_atomically(payload: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+class _Batches:
+    """Seeded batches: epoch e is a permutation drawn from (seed, e), so a resumed run sees the same batches."""
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int):
+        self.n = n_examples
+        self.batch_size = min(batch_size, n_examples)
+        self.per_epoch = max(1, n_examples // self.batch_size)
+        self.seed = seed
+        self._epoch = -1
+        self._order: torch.Tensor | None = None
+
+    def at(self, step: int) -> list[int]:
+        epoch, offset = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = torch.randperm(self.n, generator=generator)
+            self._epoch = epoch
+        return self._order[offset * self.batch_size : (offset + 1) * self.batch_size].tolist()
+
+
+class _HardNegativeMiner:
+    """Nearest catalog items to a query by the current encoder that the user never interacted with."""
+
+    def __init__(self, item_texts: Mapping[str, str], examples: Sequence[TrainingExample], config: FinetuneConfig):
+        self.item_ids = list(item_texts)
+        self.item_texts = [item_texts[i] for i in self.item_ids]
+        self.column = {item_id: i for i, item_id in enumerate(self.item_ids)}
+        self.config = config
+        # Anything the user touched, before or after, may be a positive: never a negative for them.
+        touched: dict[str, set[int]] = {}
+        for example in examples:
+            seen = touched.setdefault(example.user_id, set())
+            seen.add(self.column.get(example.item_id, -1))
+            seen.update(self.column[i] for i in example.history_items if i in self.column)
+        self.touched = {user: np.fromiter(cols - {-1}, dtype=np.int64) for user, cols in touched.items()}
+        self.vectors: torch.Tensor | None = None
+        self.refreshed_at = -1
+
+    def refresh(self, module: SentenceEncoderModule, tokenizer, step: int) -> None:
+        self.vectors = module.encode_texts(tokenizer, self.item_texts, 64, self.config.max_length)
+        self.refreshed_at = step
+
+    def mine(self, module: SentenceEncoderModule, tokenizer, batch: Sequence[TrainingExample]) -> tuple[list[str], list[int]]:
+        queries = module.encode_texts(tokenizer, [e.query for e in batch], len(batch), self.config.max_length)
+        scores = (queries @ self.vectors.T).numpy()
+        batch_items = [self.column[e.item_id] for e in batch if e.item_id in self.column]
+        texts, keys = [], []
+        for row, example in enumerate(batch):
+            scores[row, self.touched.get(example.user_id, [])] = -np.inf
+            scores[row, batch_items] = -np.inf  # already in-batch negatives
+            wanted = self.config.hard_negatives + self.config.hard_negative_skip
+            top = np.argsort(-scores[row])[:wanted][self.config.hard_negative_skip :]
+            for col in top:
+                if np.isfinite(scores[row, col]):
+                    texts.append(self.item_texts[col])
+                    keys.append(int(col))
+        return texts, keys
+
+
+def finetune(
+    module: SentenceEncoderModule,
+    tokenizer,
+    train: Sequence[TrainingExample],
+    valid: Sequence[TrainingExample],
+    item_texts: Mapping[str, str],
+    config: FinetuneConfig | None = None,
+    *,
+    run_tag: str = "",
+) -> FinetuneResult:
+    """Fine-tune `module` in place on (history text, item text) pairs; returns what happened.
+
+    The weights left in `module` are those of the best validation (HR/NDCG@10 of the encoder alone
+    over all catalog items); with no validation examples, those of the last step. With a
+    `checkpoint_dir`, model, optimizer, scheduler and step are saved every `checkpoint_every` steps
+    and a rerun with the same data, settings and `run_tag` resumes from them.
+    """
+    config = config or FinetuneConfig()
+    if not train:
+        raise ValueError("no training examples")
+    _seed_everything(config.seed)
+    device = _device(config.device)
+    module.to(device)
+    total_steps = config.resolved_steps(len(train))
+    batches = _Batches(len(train), config.batch_size, config.seed)
+    eval_every = config.eval_every or max(1, total_steps // 5)
+    refresh_every = config.hard_negative_refresh or batches.per_epoch
+    item_key = {item_id: i for i, item_id in enumerate(item_texts)}
+
+    def keys_of(rows: list[int]) -> torch.Tensor:
+        # Same item, same key: the loss masks such pairs. An item outside the catalog gets a key of its own.
+        return torch.tensor([item_key.get(train[r].item_id, -1 - r) for r in rows], device=device)
+
+    rng = np.random.default_rng(config.seed)
+    valid_sample = list(valid)
+    if len(valid_sample) > config.max_valid_queries:
+        picked = np.sort(rng.choice(len(valid_sample), config.max_valid_queries, replace=False))
+        valid_sample = [valid_sample[i] for i in picked]
+
+    def validate() -> dict[str, float]:
+        if not valid_sample:
+            return {}
+        return encoder_retrieval_metrics(module, tokenizer, valid_sample, item_texts, max_length=config.max_length)
+
+    optimizer = _optimizer(module, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup(total_steps, config.warmup_fraction))
+    autocast, scaler = _autocast(device, config.mixed_precision)
+    miner = _HardNegativeMiner(item_texts, train, config) if config.hard_negatives > 0 else None
+
+    fingerprint = _fingerprint(config, train, run_tag)
+    checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    step, resumed_from = 0, 0
+    evaluations: list[dict[str, float]] = []
+    best_metric: float | None = None
+    best_step, bad_evals, stopped_early = 0, 0, False
+    best_state: dict[str, torch.Tensor] | None = None
+    if checkpoint_dir is not None and (checkpoint_dir / STATE_FILE).is_file():
+        saved = torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=False)
+        if saved.get("fingerprint") == fingerprint:
+            module.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            step = resumed_from = int(saved["step"])
+            evaluations = list(saved["evaluations"])
+            best_metric, best_step, bad_evals = saved["best_metric"], saved["best_step"], saved["bad_evals"]
+            stopped_early = bool(saved.get("stopped_early"))
+            torch.set_rng_state(saved["torch_rng"])
+            if (checkpoint_dir / BEST_FILE).is_file():
+                best_state = torch.load(checkpoint_dir / BEST_FILE, map_location="cpu", weights_only=True)
+            log.info("resuming fine-tuning from step %d of %d (%s)", step, total_steps, checkpoint_dir)
+        else:
+            log.warning("checkpoint in %s is from another run; starting over", checkpoint_dir)
+
+    def save_checkpoint() -> None:
+        if checkpoint_dir is None:
+            return
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _save_atomically({
+            "fingerprint": fingerprint, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "evaluations": evaluations,
+            "best_metric": best_metric, "best_step": best_step, "bad_evals": bad_evals,
+            "stopped_early": stopped_early, "torch_rng": torch.get_rng_state(),
+        }, checkpoint_dir / STATE_FILE)
+
+    def record_evaluation() -> bool:
+        """Validate now; True when it is the best so far (the weights are then kept)."""
+        nonlocal best_metric, best_step, bad_evals, best_state
+        metrics = validate()
+        if not metrics:
+            return False
+        evaluations.append({"step": step, **metrics})
+        value = metrics[config.early_stop_metric]
+        log.info("step %d: validation %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if best_metric is None or value > best_metric + config.min_delta:
+            best_metric, best_step, bad_evals = value, step, 0
+            best_state = _cpu_state(module)
+            if checkpoint_dir is not None:
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                _save_atomically(best_state, checkpoint_dir / BEST_FILE)
+            return True
+        bad_evals += 1
+        return False
+
+    if step == 0 and not evaluations:
+        record_evaluation()
+    initial_metric = evaluations[0][config.early_stop_metric] if evaluations else None
+
+    from tqdm.auto import tqdm
+
+    # disable=None lets tqdm hide the bar when stderr is not a terminal (cron, systemd).
+    bar = tqdm(total=total_steps, initial=step, desc="fine-tune", unit="step", dynamic_ncols=True,
+               disable=None if config.progress is None else not config.progress)
+    module.train()
+    train_seconds, examples_seen, loss_average = 0.0, 0, None
+    try:
+        while step < total_steps and not stopped_early:
+            started = time.perf_counter()
+            rows = batches.at(step)
+            batch = [train[r] for r in rows]
+            hard_texts: list[str] = []
+            hard_keys: list[int] = []
+            if miner is not None:
+                if miner.vectors is None or step - miner.refreshed_at >= refresh_every:
+                    miner.refresh(module, tokenizer, step)
+                hard_texts, hard_keys = miner.mine(module, tokenizer, batch)
+            with autocast:
+                query_vectors = module(**module.tokenize(tokenizer, [e.query for e in batch], config.max_length))
+                item_vectors = module(**module.tokenize(tokenizer, [e.positive for e in batch] + hard_texts,
+                                                        config.max_length))
+                loss = contrastive_loss(
+                    query_vectors.float(), item_vectors[: len(batch)].float(), keys_of(rows), config.temperature,
+                    item_vectors[len(batch):].float() if hard_texts else None,
+                    torch.tensor(hard_keys, device=device) if hard_texts else None,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                optimizer.step()
+            scheduler.step()
+            step += 1
+            train_seconds += time.perf_counter() - started
+            examples_seen += len(batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"fine-tuning loss is {value} at step {step}")
+            loss_average = value if loss_average is None else 0.9 * loss_average + 0.1 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_average:.4f}", ex_s=f"{examples_seen / max(train_seconds, 1e-9):.1f}")
+            if step % eval_every == 0 or step == total_steps:
+                improved = record_evaluation()
+                module.train()
+                if not improved and valid_sample and bad_evals >= config.patience:
+                    stopped_early = True
+                    log.info("early stop at step %d: no %s gain in %d validations", step, config.early_stop_metric,
+                             bad_evals)
+            if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == total_steps or stopped_early):
+                save_checkpoint()
+    finally:
+        bar.close()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    rate = examples_seen / train_seconds if train_seconds > 0 else 0.0
+    log.info("fine-tuned %d steps (%d examples, %.1f ex/s); best %s %s at step %d", step, examples_seen, rate,
+             config.early_stop_metric, best_metric, best_step)
+    return FinetuneResult(
+        steps=step, examples=examples_seen, train_seconds=train_seconds, examples_per_second=rate,
+        best_step=best_step if best_state is not None else step, best_metric=best_metric,
+        initial_metric=initial_metric, evaluations=evaluations, stopped_early=stopped_early,
+        resumed_from_step=resumed_from, device=str(device),
+    )
+
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "contrastive_loss",
+    "encoder_retrieval_metrics",
+    "finetune",
+]

@@ -1,0 +1,367 @@
+"""The server's ranking replayed over the event log: evaluation of a model version and tuning of its time model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from chronorec.server.core.catalog import Item
+from chronorec.server.core.cooccurrence import CooccurrenceModel
+from chronorec.server.core.index import ItemIndex
+from chronorec.server.core.interactions import InteractionState
+from chronorec.server.core.manifest import PARAM_BOUNDS, TimeModelParams
+from chronorec.server.core.ranking import RankingEngine, RecommendQuery, ScoredCandidates, catalog_item_text
+from chronorec.server.core.timetext import HistoryEntry
+from chronorec.trainer.protocols import Dataset, Instances, expected_metrics, rank_counts
+
+log = logging.getLogger(__name__)
+
+Encode = Callable[[list[str]], np.ndarray]
+TUNING_METRIC = "NDCG@10"
+
+
+def torch_encoder(module, tokenizer, *, max_length: int, batch_size: int = 64) -> Encode:
+    """`texts -> unit vectors` with a PyTorch SentenceEncoderModule, batched by length (little padding)."""
+
+    def encode(texts: list[str]) -> np.ndarray:
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        vectors = module.encode_texts(tokenizer, [texts[i] for i in order], batch_size, max_length).numpy()
+        out = np.empty_like(vectors)
+        out[order] = vectors
+        return out
+
+    return encode
+
+
+class EngineReplay:
+    """The server's RankingEngine (exhaustive mode) over a dataset replayed in its global order.
+
+    Each instance is scored with exactly the events before it visible — its own history and
+    every other user's events, as the live server would have ingested them — and with
+    co-occurrence fitted on the training events. Short-term vectors are encoded in batches
+    ahead of the replay; the engine reads them back by the exact text it writes itself.
+    """
+
+    def __init__(self, dataset: Dataset, items: Mapping[str, Item], train: np.ndarray, encode: Encode,
+                 *, item_vectors: np.ndarray | None = None, cooccurrence: CooccurrenceModel | None = None):
+        self.dataset = dataset
+        self.items = dict(items)
+        self.encode = encode
+        self.item_ids = [i for i in dataset.item_ids if i in self.items]
+        self.item_text_of = catalog_item_text(self.items)
+        if item_vectors is None:
+            item_vectors = encode([self.item_text_of(i) for i in self.item_ids])
+        self.index = ItemIndex(item_vectors.shape[1], initial_capacity=max(16, len(self.item_ids)))
+        self.index.build(self.item_ids, item_vectors)
+        self.cooccurrence = cooccurrence if cooccurrence is not None else fit_cooccurrence(dataset, train, self.item_ids)
+        self._vectors: dict[str, np.ndarray] = {}
+        self._column = {item_id: i for i, item_id in enumerate(dataset.item_ids)}
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = InteractionState()
+        self.replayed = 0
+        self.engine = RankingEngine(self.items, self.index, self.state, self.cooccurrence, self._encode_known,
+                                    self.item_text_of)
+
+    def _encode_known(self, texts: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        if missing:
+            log.debug("encoding %d short-term texts during the replay", len(missing))
+            self._vectors.update(zip(missing, self.encode(missing)))
+        return np.stack([self._vectors[t] for t in texts])
+
+    def history(self, position: int) -> list[HistoryEntry]:
+        """The user's events before `position` in the global order, oldest first (what the state holds then)."""
+        d = self.dataset
+        user = d.user[position]
+        earlier = d.user_events(user)[: d.rank_in_user[position]]
+        return [HistoryEntry(d.item_ids[d.item[p]], e.action, e.timestamp, e.value)
+                for p, e in ((int(p), d.event_at(int(p))) for p in earlier)]
+
+    def prime(self, instances: Instances, params: TimeModelParams) -> None:
+        """Encode the short-term texts of `instances` in one batch (instead of one by one in the replay)."""
+        texts = []
+        for position in instances.pos:
+            history = self.history(int(position))
+            if history:
+                texts.append(self.engine.short_term_text(history, float(self.dataset.ts[position]), params))
+        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        if missing:
+            self._vectors.update(zip(missing, self.encode(missing)))
+
+    def advance(self, position: int) -> None:
+        """Make the state hold exactly the events before global `position`."""
+        if position < self.replayed:
+            self.reset()
+        d = self.dataset
+        self.state.add(d.event_at(p) for p in range(self.replayed, position))
+        self.replayed = position
+
+    def walk(self, instances: Instances) -> Iterator[tuple[int, str, float]]:
+        """(row, user id, time) per instance, with the state advanced to it."""
+        order = np.argsort(instances.pos, kind="stable")
+        for row in order:
+            position = int(instances.pos[row])
+            self.advance(position)
+            yield int(row), self.dataset.user_ids[self.dataset.user[position]], float(self.dataset.ts[position])
+
+    def score(self, user_id: str, at: float, params: TimeModelParams) -> ScoredCandidates:
+        query = RecommendQuery(user_id=user_id, k=10, at=at, params=params, exhaustive=True)
+        return self.engine.score_candidates(query)
+
+    def columns_of(self, item_ids: np.ndarray) -> np.ndarray:
+        column = self._column
+        return np.fromiter((column[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
+
+
+def fit_cooccurrence(dataset: Dataset, train: np.ndarray, item_ids: Sequence[str]) -> CooccurrenceModel:
+    """The server's co-occurrence model fitted on the events at global positions `train` only."""
+    by_user: dict[str, list[str]] = {}
+    for position in np.asarray(train, dtype=np.int64):
+        by_user.setdefault(dataset.user_ids[dataset.user[position]], []).append(dataset.item_ids[dataset.item[position]])
+    return CooccurrenceModel.fit(by_user, list(item_ids))
+
+
+class EngineRanker:
+    """A `protocols.Ranker` that is the server's ranking with one encoder and one time model.
+
+    Items the server would never return at that time (not yet published, expired, already
+    seen) score -inf, so they rank last, as they are absent from a live response.
+    """
+
+    def __init__(self, encode: Encode, items: Mapping[str, Item], params: TimeModelParams,
+                 *, item_vectors: np.ndarray | None = None):
+        self.encode = encode
+        self.items = items
+        self.params = params
+        self.item_vectors = item_vectors
+        self.replay: EngineReplay | None = None
+
+    def fit(self, train: np.ndarray, dataset: Dataset) -> None:
+        self.replay = EngineReplay(dataset, self.items, train, self.encode, item_vectors=self.item_vectors)
+
+    def score_batch(self, instances: Instances) -> np.ndarray:
+        replay = self.replay
+        replay.prime(instances, self.params)
+        scores = np.full((len(instances), replay.dataset.n_items), -np.inf)
+        for row, user_id, at in replay.walk(instances):
+            scored = replay.score(user_id, at, self.params)
+            scores[row, replay.columns_of(scored.item_ids)] = scored.score
+        return scores
+
+
+# ------------------------------------------------------------------------------ tuning
+
+
+@dataclass(frozen=True)
+class TuningGrid:
+    """Values tried for each time-model parameter (days) and score weight."""
+
+    alpha: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    long_term_half_life_days: tuple[float, ...] = (3.0, 10.0, 30.0, 120.0)
+    cooccurrence_half_life_days: tuple[float, ...] = (3.0, 10.0, 30.0, 365.0)
+    freshness_half_life_days: tuple[float, ...] = (3.0, 14.0, 60.0)
+    trend_window_days: tuple[float, ...] = (1.0, 7.0, 30.0)
+    w_semantic: tuple[float, ...] = (0.0, 1.0)  # the score is scale-free: 1 or off is enough
+    w_cooccurrence: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    w_freshness: tuple[float, ...] = (0.0, 0.05, 0.1, 0.3)
+    w_trend: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+
+    def weights(self) -> np.ndarray:
+        """(G, 4) weight rows (semantic, co-occurrence, freshness, trend), all-zero rows dropped."""
+        grid = np.array(np.meshgrid(self.w_semantic, self.w_cooccurrence, self.w_freshness, self.w_trend,
+                                    indexing="ij")).reshape(4, -1).T
+        return grid[grid.sum(axis=1) > 0]
+
+
+@dataclass
+class TuningResult:
+    params: TimeModelParams
+    metric: str
+    value: float  # mean of `metric` with `params` over the tuning instances
+    default_value: float  # the same with the starting parameters
+    instances: int
+    seconds: float
+    trace: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"metric": self.metric, "tuned": self.value, "untuned": self.default_value,
+                "instances": self.instances, "seconds": round(self.seconds, 2)}
+
+
+@dataclass
+class _Components:
+    """One instance's score components for every tried value, over the candidates that can matter."""
+
+    semantic: np.ndarray  # (n_semantic_configs, n)
+    cooccurrence: np.ndarray  # (n_cooccurrence_values, n)
+    freshness: np.ndarray
+    trend: np.ndarray
+    target: int  # column of the target, -1 when the server would not return it
+    always_above: int  # pruned candidates that beat the target under every weighting
+
+
+def _with_values(base: TimeModelParams, **values: float) -> TimeModelParams:
+    return base.with_overrides(values)
+
+
+def _prune(blocks: list[np.ndarray], target: int) -> tuple[list[np.ndarray], int, int]:
+    """Drop candidates that cannot change the target's rank under any non-negative weights.
+
+    A candidate below the target in every component of every tried value stays below for all
+    weights; one strictly above in every component stays above for all weights with a non-zero
+    sum. Only the rest need to be scored per weighting.
+    """
+    stacked = np.concatenate(blocks, axis=0)
+    difference = stacked - stacked[:, target : target + 1]
+    below = (difference < 0).all(axis=0)
+    above = (difference > 0).all(axis=0)
+    keep = ~(below | above)
+    keep[target] = True
+    new_target = int(np.count_nonzero(keep[:target]))
+    return [b[:, keep] for b in blocks], new_target, int(above.sum())
+
+
+def tune_time_model(
+    replay: EngineReplay,
+    instances: Instances,
+    base: TimeModelParams,
+    grid: TuningGrid | None = None,
+    *,
+    metric: str = TUNING_METRIC,
+    max_instances: int | None = 1000,
+    rounds: int = 2,
+    seed: int = 0,
+) -> TuningResult:
+    """Choose α, the half-lives, the trend window and the score weights that maximise `metric` on `instances`.
+
+    The replay runs once: per instance, the engine scores every catalog item for a handful of
+    parameter settings that together cover every value of the grid (the components of one
+    parameter do not depend on the others), and the components are kept. Weights are then
+    searched exhaustively with numpy for each value of one parameter at a time (coordinate
+    ascent over `rounds` rounds), never calling the engine again.
+    """
+    grid = grid or TuningGrid()
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    if max_instances is not None and len(instances) > max_instances:
+        instances = instances[np.sort(rng.choice(len(instances), max_instances, replace=False))]
+
+    def values(name: str) -> list[float]:
+        low, high = PARAM_BOUNDS[name]
+        tried = [float(v) for v in getattr(grid, name) if low <= v <= high]
+        return list(dict.fromkeys(tried + [float(getattr(base, name))]))
+
+    alphas, long_terms = values("alpha"), values("long_term_half_life_days")
+    # With α = 1 the long-term half-life has no effect: one setting covers it.
+    semantic_configs = list(dict.fromkeys((a, h if a < 1.0 else long_terms[0]) for a in alphas for h in long_terms))
+    cooccurrence_values = values("cooccurrence_half_life_days")
+    freshness_values = values("freshness_half_life_days")
+    trend_values = values("trend_window_days")
+    passes = max(len(semantic_configs), len(cooccurrence_values), len(freshness_values), len(trend_values))
+    # Components are computed whatever the weights, except semantic, which needs a non-zero weight.
+    collecting = base.with_overrides({"w_semantic": 1.0})
+    settings = [
+        _with_values(collecting, alpha=semantic_configs[p % len(semantic_configs)][0],
+                     long_term_half_life_days=semantic_configs[p % len(semantic_configs)][1],
+                     cooccurrence_half_life_days=cooccurrence_values[p % len(cooccurrence_values)],
+                     freshness_half_life_days=freshness_values[p % len(freshness_values)],
+                     trend_window_days=trend_values[p % len(trend_values)])
+        for p in range(passes)
+    ]
+
+    replay.prime(instances, collecting)
+    collected: list[_Components] = []
+    for row, user_id, at in replay.walk(instances):
+        scored = [replay.score(user_id, at, setting) for setting in settings]
+        target_id = replay.dataset.item_ids[instances.target[row]]
+        hits = np.flatnonzero(scored[0].item_ids == target_id)
+        if not len(hits):
+            collected.append(_Components(*(np.zeros((0, 0), np.float32),) * 4, target=-1, always_above=0))
+            continue
+        # Pass p used value p of every list it is longer than, so value v of a list is in pass v.
+        blocks = [
+            np.stack([scored[s].semantic for s in range(len(semantic_configs))]),
+            np.stack([scored[c].cooccurrence for c in range(len(cooccurrence_values))]),
+            np.stack([scored[f].freshness for f in range(len(freshness_values))]),
+            np.stack([scored[t].trend for t in range(len(trend_values))]),
+        ]
+        blocks = [b.astype(np.float32) for b in blocks]
+        blocks, target, always_above = _prune(blocks, int(hits[0]))
+        collected.append(_Components(*blocks, target=target, always_above=always_above))
+    collect_seconds = time.perf_counter() - started
+
+    weights = grid.weights()
+
+    def evaluate(choice: tuple[int, int, int, int], weight_rows: np.ndarray) -> np.ndarray:
+        """Mean `metric` per weight row for one choice of (semantic, co-occurrence, freshness, trend) values."""
+        s, c, f, t = choice
+        total = np.zeros(len(weight_rows))
+        for parts in collected:
+            if parts.target < 0:
+                continue  # the server would never return the target: a miss under every setting
+            components = np.stack([parts.semantic[s], parts.cooccurrence[c], parts.freshness[f], parts.trend[t]])
+            scores = weight_rows.astype(np.float32) @ components
+            better, tied = rank_counts(scores, np.full(len(weight_rows), parts.target))
+            total += expected_metrics(better + parts.always_above, tied)[metric]
+        return total / max(1, len(collected))
+
+    def index_of(options: list[float], value: float) -> int:
+        return options.index(float(value))
+
+    start_choice = (
+        semantic_configs.index((base.alpha, base.long_term_half_life_days if base.alpha < 1.0 else long_terms[0])),
+        index_of(cooccurrence_values, base.cooccurrence_half_life_days),
+        index_of(freshness_values, base.freshness_half_life_days),
+        index_of(trend_values, base.trend_window_days),
+    )
+    base_weights = np.array([[base.w_semantic, base.w_cooccurrence, base.w_freshness, base.w_trend]])
+    default_value = float(evaluate(start_choice, base_weights)[0])
+
+    choice = list(start_choice)
+    best_value, best_weights = -1.0, base_weights[0]
+    trace: list[dict] = []
+    option_counts = (len(semantic_configs), len(cooccurrence_values), len(freshness_values), len(trend_values))
+    for round_number in range(max(1, rounds)):
+        improved = False
+        for slot, count in enumerate(option_counts):
+            for option in range(count):
+                trial = list(choice)
+                trial[slot] = option
+                means = evaluate(tuple(trial), weights)
+                g = int(np.argmax(means))
+                if means[g] > best_value + 1e-12:
+                    best_value, best_weights, choice, improved = float(means[g]), weights[g], trial, True
+            trace.append({"round": round_number, "slot": slot, "best": best_value})
+        if not improved:
+            break
+
+    alpha, long_term = semantic_configs[choice[0]]
+    tuned = base.with_overrides({
+        "alpha": alpha, "long_term_half_life_days": long_term,
+        "cooccurrence_half_life_days": cooccurrence_values[choice[1]],
+        "freshness_half_life_days": freshness_values[choice[2]],
+        "trend_window_days": trend_values[choice[3]],
+        "w_semantic": float(best_weights[0]), "w_cooccurrence": float(best_weights[1]),
+        "w_freshness": float(best_weights[2]), "w_trend": float(best_weights[3]),
+    })
+    seconds = time.perf_counter() - started
+    log.info("tuned the time model on %d instances in %.1f s (replay %.1f s): %s %.4f (untuned %.4f)",
+             len(instances), seconds, collect_seconds, metric, best_value, default_value)
+    return TuningResult(tuned, metric, best_value, default_value, len(instances), seconds, trace)
+
+
+__all__ = [
+    "EngineRanker",
+    "EngineReplay",
+    "TuningGrid",
+    "TuningResult",
+    "fit_cooccurrence",
+    "torch_encoder",
+    "tune_time_model",
+]

@@ -104,6 +104,10 @@ def _export_base(args: argparse.Namespace) -> int:
     return 0
 
 
+# `run` (the training pipeline) lives in its own module; registered lazily like any plugin.
+SUBCOMMANDS["run"] = "chronorec.trainer.pipeline:register"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chronorec-train", description="chronorec trainer: export, train, evaluate, publish")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")

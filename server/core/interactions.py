@@ -221,7 +221,8 @@ class InteractionState:
             return []
         if len(eligible) > n:
             # Only items at least as popular in the window as the n-th can make the cut.
-            cut = np.partition(window[eligible], len(eligible) - n)[len(eligible) - n]
+            # np.sort, not np.partition: partition degrades badly on the many tied zero counts.
+            cut = np.sort(window[eligible])[len(eligible) - n]
             eligible = eligible[window[eligible] >= cut]
         order = np.lexsort((rank[eligible], -total[eligible], -window[eligible]))[:n]
         return [(ids[i], int(window[i])) for i in eligible[order]]

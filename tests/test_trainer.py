@@ -139,10 +139,12 @@ def test_trainer_reads_read_only_while_the_server_writes(tmp_path, drift):
     errors: list[BaseException] = []
     snapshots = []
     done = threading.Event()
+    reading = threading.Event()
 
     def server_writes() -> None:
         try:
             with EventStore(db) as server:  # its own connections, as the server process has
+                reading.wait(timeout=30)
                 for start in range(0, len(later), 7):
                     server.add_events(later[start : start + 7])
                     # Idempotent retries of a batch the client did not see acknowledged.
@@ -157,6 +159,7 @@ def test_trainer_reads_read_only_while_the_server_writes(tmp_path, drift):
     try:
         while not done.is_set() or len(snapshots) < 3:
             snapshots.append(read_event_log(db))
+            reading.set()
     finally:
         writer.join(timeout=60)
     assert not errors, errors
@@ -309,6 +312,24 @@ def test_tuning_chooses_parameters_that_score_what_it_reports(trained, data):
     assert float(check.metrics["NDCG@10"].mean()) == pytest.approx(result.value, abs=1e-9)
     default = fit_and_score(EngineRanker(encode, data.event_log.items, TimeModelParams()), task)
     assert float(default.metrics["NDCG@10"].mean()) == pytest.approx(result.default_value, abs=1e-9)
+
+
+def test_tuning_leaves_a_component_alone_when_it_never_varies(trained, drift):
+    """Without publication times freshness is 0 everywhere: its weight cannot matter and is kept."""
+    from dataclasses import replace
+
+    module, _, tokenizer, _ = trained
+    timeless = [replace(item, published_at=None, expires_at=None) for item in drift.items]
+    data = load_training_data(event_log_from(timeless, drift.events))
+    encode = torch_encoder(module, tokenizer, max_length=SHORT)
+    replay = EngineReplay(data.dataset, data.event_log.items, data.inner.train, encode)
+    instances = data.inner.instances[::3]
+    base = TimeModelParams(w_freshness=0.7, freshness_half_life_days=5.0)
+    result = tune_time_model(replay, instances, base)
+    assert result.params.w_freshness == 0.7 and result.params.freshness_half_life_days == 5.0
+    task = EvalTask("tuning", data.dataset, data.inner.train, instances)
+    check = fit_and_score(EngineRanker(encode, data.event_log.items, result.params), task)
+    assert float(check.metrics["NDCG@10"].mean()) == pytest.approx(result.value, abs=1e-9)
 
 
 def test_engine_ranker_never_ranks_what_the_server_would_not_return(data, drift):

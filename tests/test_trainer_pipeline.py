@@ -212,7 +212,10 @@ def test_a_trainer_killed_mid_export_leaves_no_version_the_server_would_load(tmp
 
     with pytest.raises(Unavailable):
         load_model(repo, staging, EncoderSettings())
-    # The next run is not confused by the leftover and publishes normally.
+    # The next run is not confused by the leftover, publishes normally, and clears it once it is old.
+    long_ago = time.time() - 7 * 3600
+    os.utime(onnx_written.parent, (long_ago, long_ago))
     outcome = run_once(db, models, RunSettings(**QUICK))
     assert outcome.exit_code in (EXIT_ACTIVATED, EXIT_GATED), outcome.message
     assert outcome.version in repo.list_versions()
+    assert not onnx_written.parent.exists()

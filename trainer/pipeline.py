@@ -188,6 +188,18 @@ def _prune_checkpoints(repo: ModelRepository, models: Path, keep: int) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+def _clean_leftovers(repo: ModelRepository, models: Path, older_than_s: float = 6 * 3600) -> None:
+    """Remove staging folders of killed runs; only old ones, as an export-base may be writing one now."""
+    now = time.time()
+    for folder in (repo.encoder_dir, models / CHECKPOINTS_DIR):
+        if not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            if child.is_dir() and child.name.startswith(".staging-") and now - child.stat().st_mtime > older_than_s:
+                log.info("removing %s left by an interrupted run", child)
+                shutil.rmtree(child, ignore_errors=True)
+
+
 def _new_events(event_log, window: dict | None) -> int:
     """Events the serving version's trainer did not see (all of them for a version never trained here)."""
     if not window or "max_seq" not in window:
@@ -241,6 +253,7 @@ def _run_locked(db: Path, models: Path, settings: RunSettings, say: Callable[[st
     from chronorec.trainer.data import load_training_data, read_event_log
 
     repo = ModelRepository(models)
+    _clean_leftovers(repo, models)
     current = repo.current()
     serving = _Serving(current, load_manifest(repo.version_dir(current)) if current else None)
     if not db.exists():
@@ -297,7 +310,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
 
     from chronorec.trainer.export import load_base_model, publish_module
     from chronorec.trainer.finetune import FinetuneConfig, finetune
-    from chronorec.trainer.tune import EngineReplay, torch_encoder, tune_time_model
+    from chronorec.trainer.tune import CachedEncoder, EngineReplay, torch_encoder, tune_time_model
 
     torch.manual_seed(settings.seed)
     if settings.threads:
@@ -322,7 +335,8 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         f"encoder alone on validation: {config.early_stop_metric} {_fmt(trained.initial_metric)} -> "
         f"{_fmt(trained.best_metric)} (best at step {trained.best_step})")
 
-    encode = torch_encoder(module, tokenizer, max_length=serving.max_length)
+    # Tuning, evaluation and ablation replay the same texts: each is encoded once per model.
+    encode = CachedEncoder(torch_encoder(module, tokenizer, max_length=serving.max_length))
     params, tuning = serving.params, None
     if settings.tune and len(data.inner.instances):
         replay = EngineReplay(data.dataset, data.event_log.items, data.inner.train, encode)
@@ -332,7 +346,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         say(f"time model tuned on {tuning.instances} validation instances: {tuning.metric} "
             f"{tuning.default_value:.4f} -> {tuning.value:.4f}")
 
-    initial_encode = (torch_encoder(initial_module, tokenizer, max_length=serving.max_length)
+    initial_encode = (CachedEncoder(torch_encoder(initial_module, tokenizer, max_length=serving.max_length))
                       if initial_module is not None else None)
     evaluation = _evaluate(data, repo, serving, encode, params, settings, say, initial_encode)
 

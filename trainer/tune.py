@@ -37,6 +37,20 @@ def torch_encoder(module, tokenizer, *, max_length: int, batch_size: int = 64) -
     return encode
 
 
+class CachedEncoder:
+    """An encoder that remembers vectors by text, so the replays of one model never encode a text twice."""
+
+    def __init__(self, encode: Encode):
+        self._encode = encode
+        self._vectors: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        if missing:
+            self._vectors.update(zip(missing, self._encode(missing)))
+        return np.stack([self._vectors[t] for t in texts]) if texts else self._encode([])
+
+
 class EngineReplay:
     """The server's RankingEngine (exhaustive mode) over a dataset replayed in its global order.
 
@@ -198,33 +212,36 @@ class TuningResult:
 class _Components:
     """One instance's score components for every tried value, over the candidates that can matter."""
 
-    semantic: np.ndarray  # (n_semantic_configs, n)
-    cooccurrence: np.ndarray  # (n_cooccurrence_values, n)
-    freshness: np.ndarray
-    trend: np.ndarray
-    target: int  # column of the target, -1 when the server would not return it
-    always_above: int  # pruned candidates that beat the target under every weighting
+    blocks: list[np.ndarray]  # semantic, co-occurrence, freshness, trend: (values, kept candidates) each
+    flat: list[np.ndarray]  # per block and value: constant over the candidates (adds the same to every score)
+    target: int  # column of the target among the kept candidates; -1 when the server would not return it
+    always_above: int  # pruned candidates above the target under every weighting that is not degenerate
+    candidates: int  # all candidates, pruned ones included
 
 
 def _with_values(base: TimeModelParams, **values: float) -> TimeModelParams:
     return base.with_overrides(values)
 
 
-def _prune(blocks: list[np.ndarray], target: int) -> tuple[list[np.ndarray], int, int]:
-    """Drop candidates that cannot change the target's rank under any non-negative weights.
+def _collect(blocks: list[np.ndarray], target: int) -> _Components:
+    """Keep only the candidates whose rank against the target depends on the weights.
 
-    A candidate below the target in every component of every tried value stays below for all
-    weights; one strictly above in every component stays above for all weights with a non-zero
-    sum. Only the rest need to be scored per weighting.
+    Rows constant over the candidates add the same to every score and are left out of the test.
+    A candidate below the target in every other row of every tried value stays below under any
+    non-negative weights that touch such a row; one above in all of them stays above. With weight
+    only on constant rows every score is equal: `evaluate` counts that case as all tied.
     """
-    stacked = np.concatenate(blocks, axis=0)
-    difference = stacked - stacked[:, target : target + 1]
+    flat = [np.ptp(b, axis=1) == 0 for b in blocks]
+    varying = np.concatenate([b[~f] for b, f in zip(blocks, flat)], axis=0)
+    n = blocks[0].shape[1]
+    if not len(varying):
+        return _Components(blocks, flat, target, 0, n)
+    difference = varying - varying[:, target : target + 1]
     below = (difference < 0).all(axis=0)
     above = (difference > 0).all(axis=0)
     keep = ~(below | above)
     keep[target] = True
-    new_target = int(np.count_nonzero(keep[:target]))
-    return [b[:, keep] for b in blocks], new_target, int(above.sum())
+    return _Components([b[:, keep] for b in blocks], flat, int(np.count_nonzero(keep[:target])), int(above.sum()), n)
 
 
 def tune_time_model(
@@ -276,39 +293,49 @@ def tune_time_model(
     ]
 
     replay.prime(instances, collecting)
-    collected: list[_Components] = []
+    collected: list[_Components | None] = []
     for row, user_id, at in replay.walk(instances):
         scored = [replay.score(user_id, at, setting) for setting in settings]
         target_id = replay.dataset.item_ids[instances.target[row]]
         hits = np.flatnonzero(scored[0].item_ids == target_id)
         if not len(hits):
-            collected.append(_Components(*(np.zeros((0, 0), np.float32),) * 4, target=-1, always_above=0))
+            collected.append(None)  # the server would never return the target: a miss under every setting
             continue
         # Pass p used value p of every list it is longer than, so value v of a list is in pass v.
         blocks = [
-            np.stack([scored[s].semantic for s in range(len(semantic_configs))]),
-            np.stack([scored[c].cooccurrence for c in range(len(cooccurrence_values))]),
-            np.stack([scored[f].freshness for f in range(len(freshness_values))]),
-            np.stack([scored[t].trend for t in range(len(trend_values))]),
+            np.stack([scored[v].semantic for v in range(len(semantic_configs))]),
+            np.stack([scored[v].cooccurrence for v in range(len(cooccurrence_values))]),
+            np.stack([scored[v].freshness for v in range(len(freshness_values))]),
+            np.stack([scored[v].trend for v in range(len(trend_values))]),
         ]
-        blocks = [b.astype(np.float32) for b in blocks]
-        blocks, target, always_above = _prune(blocks, int(hits[0]))
-        collected.append(_Components(*blocks, target=target, always_above=always_above))
+        collected.append(_collect([b.astype(np.float32) for b in blocks], int(hits[0])))
     collect_seconds = time.perf_counter() - started
 
+    # A component flat in every instance (freshness on a catalog without publication times) cannot
+    # change any ranking: its weight and half-life keep their starting values and are not searched.
+    present = [c for c in collected if c is not None]
+    inert = [all(c.flat[k].all() for c in present) for k in range(4)]
     weights = grid.weights()
+    weights[:, inert] = 0.0
+    weights = np.unique(weights[weights.sum(axis=1) > 0], axis=0)
+    if not len(weights):
+        weights = np.eye(4)[[0]]
 
     def evaluate(choice: tuple[int, int, int, int], weight_rows: np.ndarray) -> np.ndarray:
         """Mean `metric` per weight row for one choice of (semantic, co-occurrence, freshness, trend) values."""
-        s, c, f, t = choice
         total = np.zeros(len(weight_rows))
-        for parts in collected:
-            if parts.target < 0:
-                continue  # the server would never return the target: a miss under every setting
-            components = np.stack([parts.semantic[s], parts.cooccurrence[c], parts.freshness[f], parts.trend[t]])
-            scores = weight_rows.astype(np.float32) @ components
+        weight_rows = weight_rows.astype(np.float32)
+        for parts in present:
+            flat = np.array([parts.flat[k][v] for k, v in enumerate(choice)])
+            # Weight only on rows constant over the candidates: every score equal, every candidate tied.
+            degenerate = weight_rows[:, ~flat].sum(axis=1) <= 0
+            components = np.stack([parts.blocks[k][v] for k, v in enumerate(choice)])
+            # einsum, not BLAS: a (G, 4) × (4, n) product is too small to pay for BLAS threads.
+            scores = np.einsum("gk,kn->gn", weight_rows, components)
             better, tied = rank_counts(scores, np.full(len(weight_rows), parts.target))
-            total += expected_metrics(better + parts.always_above, tied)[metric]
+            better = np.where(degenerate, 0, better + parts.always_above)
+            tied = np.where(degenerate, parts.candidates - 1, tied)
+            total += expected_metrics(better, tied)[metric]
         return total / max(1, len(collected))
 
     def index_of(options: list[float], value: float) -> int:
@@ -330,9 +357,11 @@ def tune_time_model(
     for round_number in range(max(1, rounds)):
         improved = False
         for slot, count in enumerate(option_counts):
-            for option in range(count):
+            if inert[slot] and round_number:
+                continue
+            for option in range(count if not inert[slot] else 1):
                 trial = list(choice)
-                trial[slot] = option
+                trial[slot] = option if not inert[slot] else start_choice[slot]
                 means = evaluate(tuple(trial), weights)
                 g = int(np.argmax(means))
                 if means[g] > best_value + 1e-12:
@@ -340,6 +369,8 @@ def tune_time_model(
             trace.append({"round": round_number, "slot": slot, "best": best_value})
         if not improved:
             break
+    # Inert components keep the starting weight: harmless here, and meaningful once they vary.
+    best_weights = np.where(inert, base_weights[0], best_weights)
 
     alpha, long_term = semantic_configs[choice[0]]
     tuned = base.with_overrides({
@@ -357,6 +388,7 @@ def tune_time_model(
 
 
 __all__ = [
+    "CachedEncoder",
     "EngineRanker",
     "EngineReplay",
     "TuningGrid",

@@ -148,6 +148,33 @@ def plot_sweep(parameter: str, values: Sequence[float], series: Mapping[str, Seq
     return _save(fig, path)
 
 
+def plot_sweeps(protocol: Mapping, out_dir: str | Path, prefix: str) -> dict[str, Path]:
+    """One plot per swept parameter found in the methods' params (`params["sweeps"][parameter]` =
+    {"values": [...], "series": {label: [summary per value]}, "log_x": bool, "metric": str}), each
+    series labelled "<method>: <label>"; returns {parameter: path}."""
+    by_parameter: dict[str, dict] = {}
+    for method, result in protocol["methods"].items():
+        sweeps = (result.get("params") or {}).get("sweeps") or {}
+        for parameter, sweep in sweeps.items():
+            entry = by_parameter.setdefault(parameter, {"values": sweep["values"], "series": {},
+                                                        "log_x": bool(sweep.get("log_x")),
+                                                        "metric": sweep.get("metric", "NDCG@10"),
+                                                        "note": sweep.get("window")})
+            if list(sweep["values"]) != list(entry["values"]):
+                raise ValueError(f"sweeps of {parameter} use different values")
+            for label, points in sweep["series"].items():
+                entry["series"][f"{method}: {label}"] = points
+    written = {}
+    for parameter, entry in by_parameter.items():
+        title = f"{entry['metric']} against {parameter} — {prefix}"
+        if entry["note"]:
+            title += f"\n({entry['note']})"
+        written[parameter] = plot_sweep(parameter, entry["values"], entry["series"],
+                                        Path(out_dir) / f"{prefix}_sweep_{parameter}.png", metric=entry["metric"],
+                                        log_x=entry["log_x"], title=title)
+    return written
+
+
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +203,9 @@ def write_report(document: dict, out_dir: str | Path) -> dict[str, Path]:
         gaps = plot_by_gap(protocol, out / f"{name}_ndcg10_by_gap.png", title=f"NDCG@10 by time since previous event — {name}")
         protocol["plots"] = [bars.name, gaps.name]
         written[f"{name}_ndcg10"], written[f"{name}_ndcg10_by_gap"] = bars, gaps
+        for parameter, path in plot_sweeps(protocol, out, name).items():
+            protocol["plots"].append(path.name)
+            written[f"{name}_sweep_{parameter}"] = path
     json_path = out / "report.json"
     json_path.write_text(json.dumps(document, indent=2, allow_nan=False, default=_json_default) + "\n",
                          encoding="utf-8")

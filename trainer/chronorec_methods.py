@@ -75,12 +75,12 @@ class EvalSettings:
     history_max_events: int = 20
     cache_dir: str | None = None  # exported and fine-tuned models; None: $CHRONOREC_EVAL_CACHE or ~/.cache
     reuse_cache: bool = True  # reuse a fine-tuned model whose fingerprint (data, split, settings) matches
-    finetune_steps: int = 80
+    finetune_steps: int = 60
     finetune_batch_size: int = 32
     finetune_lr: float = 2e-4
     finetune_temperature: float = 0.05
     finetune_examples: int | None = None  # newest training examples used; None: steps × batch size
-    finetune_valid_queries: int = 300  # validation examples for the trainer's best-weights choice
+    finetune_valid_queries: int = 200  # validation examples for the trainer's best-weights choice
     finetune_train_layers: int | None = 2  # top transformer layers trained (the rest frozen); None: all
     hard_negatives: int = 0
     tune_max_instances: int | None = 1000  # tuning instances (a seeded sample of the tuning task)
@@ -127,14 +127,14 @@ UNTUNED_MEAN = TimeModelParams(alpha=0.0, long_term_half_life_days=3650.0, w_sem
 UNTUNED_DECAY = replace(UNTUNED_MEAN, long_term_half_life_days=10.0)
 
 # What the time-aware forms may choose from on the tuning task. Co-occurrence half-lives go down
-# to about half a minute: within a rating session the last few items predict the next one best.
+# to about ten seconds: within a rating session the last few items predict the next one best.
 TIME_GRID = TuningGrid(
     alpha=(0.0, 0.5, 1.0),
     long_term_half_life_days=(1.0, 10.0, 100.0),
-    cooccurrence_half_life_days=(0.0003, 0.001, 0.003, 0.01, 0.1, 1.0, 10.0),
+    cooccurrence_half_life_days=(0.0001, 0.0003, 0.001, 0.003, 0.01, 0.1, 1.0, 10.0),
     freshness_half_life_days=(3.0, 14.0, 60.0),
     trend_window_days=(1.0, 3.0, 7.0, 30.0),
-    w_semantic=(0.0, 0.1, 0.2, 0.5, 1.0, 2.0),
+    w_semantic=(0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0),
     w_cooccurrence=(0.0, 1.0),
     w_freshness=(0.0, 0.05, 0.2),
     w_trend=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5),
@@ -156,7 +156,7 @@ BLIND_GRID = TuningGrid(
 SWEEPS: dict[str, tuple[float, ...]] = {
     "alpha": (0.0, 0.25, 0.5, 0.75, 1.0),
     "long_term_half_life_days": (0.1, 1.0, 10.0, 100.0, 3650.0),
-    "cooccurrence_half_life_days": (0.0003, 0.001, 0.01, 0.1, 10.0, 3650.0),
+    "cooccurrence_half_life_days": (0.0001, 0.001, 0.01, 0.1, 10.0, 3650.0),
 }
 SEMANTIC_ONLY = {"w_semantic": 1.0, "w_cooccurrence": 0.0, "w_freshness": 0.0, "w_trend": 0.0}
 
@@ -557,17 +557,22 @@ class ChronorecRanker:
         replay = self.engine_ranker.replay
         n_items = self.ctx.dataset.n_items
         excluded = exclusion_mask(instances)
-        values: dict[tuple[str, str], list[np.ndarray]] = {}
+        better = np.zeros((len(settings), len(instances)), dtype=np.int64)
+        tied = np.zeros_like(better)
         with blas_threads(SETTINGS.blas_threads):
             replay.prime(instances, self.time_model)
-            scores = np.full((len(settings), len(instances), n_items), -np.inf, dtype=np.float32)
             for row, user_id, at in replay.walk(instances):
+                # One instance at a time, every setting: memory stays settings × items.
+                scores = np.full((len(settings), n_items), -np.inf)
                 for s, (_, _, _, params) in enumerate(settings):
                     scored = replay.score(user_id, at, params)
-                    scores[s, row, replay.columns_of(scored.item_ids)] = scored.score
+                    scores[s, replay.columns_of(scored.item_ids)] = scored.score
+                better[:, row], tied[:, row] = rank_counts(
+                    scores, np.full(len(settings), instances.target[row]),
+                    np.broadcast_to(excluded[row], scores.shape))
+        values: dict[tuple[str, str], list[np.ndarray]] = {}
         for s, (parameter, label, _, _) in enumerate(settings):
-            better, tied = rank_counts(scores[s], instances.target, excluded)
-            values.setdefault((parameter, label), []).append(expected_metrics(better, tied)[SWEEP_METRIC])
+            values.setdefault((parameter, label), []).append(expected_metrics(better[s], tied[s])[SWEEP_METRIC])
         for parameter, grid in self.sweeps.items():
             series = {}
             for (p, label), per_value in values.items():
@@ -589,6 +594,17 @@ class ChronorecRanker:
 # ------------------------------------------------------------------------------ methods
 
 
+def _encoder_report(bundle: EncoderBundle) -> dict:
+    """Scalars for the report's parameter line; the rest (paths, timings) nested, JSON only."""
+    out = {"encoder": "fine-tuned" if bundle.name == "finetuned" else "untuned",
+           "max_length": bundle.info.get("max_length"), "encoder_info": dict(bundle.info)}
+    if bundle.name == "finetuned":
+        out["finetune_steps"] = bundle.info.get("steps")
+        out["encoder_only_valid_NDCG@10"] = [bundle.info.get("encoder_valid_NDCG@10_before"),
+                                              bundle.info.get("encoder_valid_NDCG@10_after")]
+    return out
+
+
 def _tuning_report(tuning) -> dict:
     return {"tuning": {**tuning.summary(), "trace": tuning.trace}, "tuned_on": "validation window (tuning task)"}
 
@@ -598,7 +614,7 @@ def _semantic_only(params: TimeModelParams, name: str):
         ctx = context_for(split)
         bundle = ctx.untuned()
         return ChronorecRanker(ctx, bundle, replace(params, history_max_events=SETTINGS.history_max_events),
-                               {"encoder": "untuned", **bundle.info})
+                               _encoder_report(bundle))
 
     factory.__name__ = name
     return factory
@@ -609,7 +625,7 @@ def untuned_time(split: Split) -> ChronorecRanker:
     bundle = ctx.untuned()
     base = TimeModelParams(history_max_events=SETTINGS.history_max_events)
     tuning = ctx.tune(bundle, base, TIME_GRID, "untuned-time")
-    return ChronorecRanker(ctx, bundle, tuning.params, {"encoder": "untuned", **bundle.info, **_tuning_report(tuning)})
+    return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)})
 
 
 def finetuned_time(split: Split) -> ChronorecRanker:
@@ -617,7 +633,7 @@ def finetuned_time(split: Split) -> ChronorecRanker:
     bundle = ctx.finetuned()
     base = TimeModelParams(history_max_events=SETTINGS.history_max_events)
     tuning = ctx.tune(bundle, base, TIME_GRID, "finetuned-time")
-    return ChronorecRanker(ctx, bundle, tuning.params, {"encoder": "fine-tuned", **bundle.info, **_tuning_report(tuning)},
+    return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)},
                            sweeps=SWEEPS if SETTINGS.sweeps else None)
 
 
@@ -626,8 +642,8 @@ def finetuned_blind(split: Split) -> ChronorecRanker:
     bundle = ctx.finetuned()
     base = replace(BLIND, history_max_events=SETTINGS.history_max_events)
     tuning = ctx.tune(bundle, base, BLIND_GRID, "finetuned-blind")
-    return ChronorecRanker(ctx, bundle, tuning.params, {"encoder": "fine-tuned", "time": "removed (see BLIND)",
-                                                        **bundle.info, **_tuning_report(tuning)})
+    return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), "time": "removed (see BLIND)",
+                                                        **_tuning_report(tuning)})
 
 
 METHODS = {

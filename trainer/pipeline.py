@@ -243,7 +243,7 @@ def run_once(db: str | os.PathLike, models: str | os.PathLike, settings: RunSett
         log.exception("training run failed")
         outcome = RunOutcome(EXIT_FAILED, "failed", f"{type(exc).__name__}: {exc}")
     outcome.seconds = round(time.perf_counter() - started, 2)
-    say(f"{outcome.status}: {outcome.message}")
+    log.info("run %s (exit %d) in %.1f s: %s", outcome.status, outcome.exit_code, outcome.seconds, outcome.message)
     return outcome
 
 
@@ -537,6 +537,9 @@ def _epilog() -> str:
 
 def _handle(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Before torch loads OpenMP: spinning workers stall each other when the server shares the cores
+    # (MiniLM measured here at 2.5 examples/s with 2 spinning threads, 6.7 with passive waits).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     def report(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

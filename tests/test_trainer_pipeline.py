@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,6 +105,27 @@ def test_the_published_version_records_how_it_was_made(first_run):
     # The trainable weights are kept beside the version, so the next run continues from them.
     assert (checkpoint_dir(models, outcome.version) / "config.json").is_file()
     assert not (models / "checkpoints" / ".in-progress").exists()
+
+
+def test_the_catalog_is_encoded_into_the_new_versions_vector_cache_before_activation(first_run):
+    from chronorec.server.core.encoder import OnnxEncoder
+    from chronorec.server.core.serving import EncoderSettings, open_vector_cache, text_of
+    from chronorec.server.core.vector_cache import text_key
+
+    db, models, _, outcome = first_run
+    assert outcome.details["prepare"]["items"] > 0, outcome.details.get("prepare")
+    repo = ModelRepository(models)
+    with EventStore(db, read_only=True) as store:
+        items = list(store.iter_items())
+    encoder = OnnxEncoder(repo.version_dir(outcome.version))
+    try:
+        # The server's swap finds every catalog vector in the cache instead of encoding the catalog.
+        cache = open_vector_cache(repo, outcome.version, encoder, EncoderSettings())
+        vectors, found = cache.get([text_key(text_of(i)) for i in items])
+        assert found.all() and len(items) == outcome.details["prepare"]["items"]
+        np.testing.assert_allclose(vectors[:5], encoder.encode([text_of(i) for i in items[:5]]), atol=1e-5)
+    finally:
+        encoder.close()
 
 
 def test_no_new_events_means_nothing_to_learn(first_run):

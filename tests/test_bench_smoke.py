@@ -78,3 +78,16 @@ def test_swap_and_memory_figures(results):
     for start in ("empty", "cold", "warm"):
         assert _finite_positive(memory[start]["seconds_to_serving"]) and _finite_positive(memory[start]["rss_mb"])
     assert memory["cold"]["vector_cache"] == "cold" and memory["warm"]["vector_cache"] == "warm"
+
+
+def test_trainer_benchmark_quick(tmp_path):
+    from bench import bench_trainer
+
+    assert bench_trainer.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "trainer-quick.json").read_text())
+    assert result["status"] in ("activated", "gated") and result["events"] > 0
+    assert _finite_positive(result["examples_per_second"]) and result["train_examples"] == 20 * 32
+    rows = result["rows"]
+    assert set(rows) >= {"before: serving base encoder, default time model", "after: fine-tuned encoder, tuned time model"}
+    assert all(0.0 <= m["NDCG@10"] <= 1.0 for m in rows.values())
+    assert result["prepare"]["items"] == result["items"] or result["status"] == "gated"

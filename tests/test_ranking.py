@@ -6,6 +6,7 @@ import hashlib
 import math
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -284,6 +285,29 @@ def test_overrides_change_the_ranking():
     assert [r.item_id for r in trend_only.items] != [r.item_id for r in default.items]
     with pytest.raises(InvalidArgument):
         TimeModelParams().with_overrides({"alpha": 2.0})
+
+
+@pytest.mark.parametrize("exhaustive", [False, True])
+def test_personal_terms_fade_with_the_time_since_the_users_newest_event(exhaustive):
+    """Alice's newest event is 2 days before NOW. Sixty days later, with a 7-day personal half-life,
+    what is popular now outranks her old session; right after her session it does not."""
+    trend_events = [Event(f"t{n}", f"fan{n}", "football-00", "view", NOW + 55 * DAY + n * 60.0, None) for n in range(30)]
+    engine = make_engine(events=background_events() + shifting_user_events() + trend_events)
+    params = TimeModelParams(w_trend=0.3, personal_half_life_days=7.0)
+    soon = engine.recommend(query(at=NOW, k=5, params=params, exhaustive=exhaustive))
+    assert topics(soon)["jazz"] == 5  # 2 days after: the personal terms keep 2^(-2/7) of their weight
+    late = engine.recommend(query(at=NOW + 60 * DAY, k=5, params=params, exhaustive=exhaustive))
+    assert late.items[0].item_id == "football-00"
+    off = engine.recommend(query(at=NOW + 60 * DAY, k=5, params=replace(params, personal_half_life_days=0.0),
+                                 exhaustive=exhaustive))
+    assert "football-00" not in [r.item_id for r in off.items]  # without the fade the old session wins
+    scale = 2.0 ** (-62.0 / 7.0)
+    for r in late.items:
+        expected = scale * (params.w_semantic * r.semantic + params.w_cooccurrence * r.cooccurrence) + (
+            params.w_freshness * r.freshness + params.w_trend * r.trend)
+        assert r.score == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    with pytest.raises(InvalidArgument):
+        TimeModelParams().with_overrides({"personal_half_life_days": -1.0})
 
 
 def test_scores_and_reasons_are_consistent():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from chronorec.trainer.data import event_log_from, is_positive, load_training_da
 from chronorec.trainer.export import load_base_model
 from chronorec.trainer.finetune import FinetuneConfig, contrastive_loss, encoder_retrieval_metrics, finetune
 from chronorec.trainer.protocols import EvalTask, fit_and_score
-from chronorec.trainer.tune import EngineRanker, EngineReplay, torch_encoder, tune_time_model
+from chronorec.trainer.tune import EngineRanker, EngineReplay, TuningGrid, torch_encoder, tune_time_model
 from tinybert import make_tiny_bert
 
 ANCHOR = 1_790_000_000.0
@@ -312,6 +313,23 @@ def test_tuning_chooses_parameters_that_score_what_it_reports(trained, data):
     assert float(check.metrics["NDCG@10"].mean()) == pytest.approx(result.value, abs=1e-9)
     default = fit_and_score(EngineRanker(encode, data.event_log.items, TimeModelParams()), task)
     assert float(default.metrics["NDCG@10"].mean()) == pytest.approx(result.default_value, abs=1e-9)
+
+
+def test_tuning_with_a_personal_half_life_scores_what_the_server_scores(trained, data):
+    """The tuning's numpy search scales the personal weights per instance exactly as the engine does."""
+    module, _, tokenizer, _ = trained
+    encode = torch_encoder(module, tokenizer, max_length=SHORT)
+    replay = EngineReplay(data.dataset, data.event_log.items, data.inner.train, encode)
+    instances = data.inner.instances[::3]
+    base = TimeModelParams(personal_half_life_days=2.0)
+    result = tune_time_model(replay, instances, base, TuningGrid(personal_half_life_days=(2.0,)))
+    assert result.params.personal_half_life_days == 2.0
+    task = EvalTask("tuning", data.dataset, data.inner.train, instances)
+    check = fit_and_score(EngineRanker(encode, data.event_log.items, result.params), task)
+    assert float(check.metrics["NDCG@10"].mean()) == pytest.approx(result.value, abs=1e-9)
+    # The data's users are away for days between events: the half-life moves the metric.
+    off = fit_and_score(EngineRanker(encode, data.event_log.items, replace(result.params, personal_half_life_days=0.0)), task)
+    assert float(off.metrics["NDCG@10"].mean()) != pytest.approx(result.value, abs=1e-9)
 
 
 def test_tuning_leaves_a_component_alone_when_it_never_varies(trained, drift):

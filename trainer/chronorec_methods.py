@@ -138,6 +138,7 @@ TIME_GRID = TuningGrid(
     w_cooccurrence=(0.0, 1.0),
     w_freshness=(0.0, 0.05, 0.2),
     w_trend=(0.0, 0.02, 0.05, 0.1, 0.2, 0.5),
+    personal_half_life_days=(0.0, 0.1, 1.0, 3.0, 7.0, 30.0),
 )
 
 # Time removed: the history is an unordered bag. No history text (it is written newest first
@@ -149,7 +150,7 @@ BLIND_GRID = TuningGrid(
     alpha=(0.0,), long_term_half_life_days=(3650.0,), cooccurrence_half_life_days=(3650.0,),
     freshness_half_life_days=(3650.0,), trend_window_days=(365.0,),
     w_semantic=TIME_GRID.w_semantic, w_cooccurrence=TIME_GRID.w_cooccurrence, w_freshness=(0.0,),
-    w_trend=TIME_GRID.w_trend,
+    w_trend=TIME_GRID.w_trend, personal_half_life_days=(0.0,),
 )
 
 # Sensitivity of the fine-tuned time-aware model, on the test window (reported, never used).
@@ -157,6 +158,8 @@ SWEEPS: dict[str, tuple[float, ...]] = {
     "alpha": (0.0, 0.25, 0.5, 0.75, 1.0),
     "long_term_half_life_days": (0.1, 1.0, 10.0, 100.0, 3650.0),
     "cooccurrence_half_life_days": (0.0001, 0.001, 0.01, 0.1, 10.0, 3650.0),
+    # 3650 days: practically off over a data set of months.
+    "personal_half_life_days": (0.1, 1.0, 7.0, 30.0, 3650.0),
 }
 SEMANTIC_ONLY = {"w_semantic": 1.0, "w_cooccurrence": 0.0, "w_freshness": 0.0, "w_trend": 0.0}
 

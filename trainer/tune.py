@@ -14,7 +14,9 @@ from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.manifest import PARAM_BOUNDS, TimeModelParams
-from chronorec.server.core.ranking import RankingEngine, RecommendQuery, ScoredCandidates, catalog_item_text
+from chronorec.server.core.ranking import (
+    RankingEngine, RecommendQuery, ScoredCandidates, catalog_item_text, personal_scale,
+)
 from chronorec.server.core.timetext import HistoryEntry
 from chronorec.trainer.protocols import Dataset, Instances, expected_metrics, rank_counts
 
@@ -116,6 +118,15 @@ class EngineReplay:
         self.state.add(d.event_at(p) for p in range(self.replayed, position))
         self.replayed = position
 
+    def gap_seconds(self, position: int) -> float:
+        """Time from the user's newest earlier event to the event at `position` (inf without one)."""
+        d = self.dataset
+        rank = int(d.rank_in_user[position])
+        if rank == 0:
+            return float("inf")
+        previous = int(d.user_events(d.user[position])[rank - 1])
+        return float(d.ts[position] - d.ts[previous])
+
     def walk(self, instances: Instances) -> Iterator[tuple[int, str, float]]:
         """(row, user id, time) per instance, with the state advanced to it."""
         order = np.argsort(instances.pos, kind="stable")
@@ -185,6 +196,8 @@ class TuningGrid:
     w_cooccurrence: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     w_freshness: tuple[float, ...] = (0.0, 0.05, 0.1, 0.3)
     w_trend: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+    # 0: the personal terms keep their weight however long the user was away.
+    personal_half_life_days: tuple[float, ...] = (0.0, 1.0, 7.0, 30.0)
 
     def weights(self) -> np.ndarray:
         """(G, 4) weight rows (semantic, co-occurrence, freshness, trend), all-zero rows dropped."""
@@ -217,6 +230,7 @@ class _Components:
     target: int  # column of the target among the kept candidates; -1 when the server would not return it
     always_above: int  # pruned candidates above the target under every weighting that is not degenerate
     candidates: int  # all candidates, pruned ones included
+    gap_seconds: float = float("inf")  # since the user's newest earlier event (personal_half_life_days)
 
 
 def _with_values(base: TimeModelParams, **values: float) -> TimeModelParams:
@@ -280,6 +294,7 @@ def tune_time_model(
     cooccurrence_values = values("cooccurrence_half_life_days")
     freshness_values = values("freshness_half_life_days")
     trend_values = values("trend_window_days")
+    personal_values = values("personal_half_life_days")
     passes = max(len(semantic_configs), len(cooccurrence_values), len(freshness_values), len(trend_values))
     # Components are computed whatever the weights, except semantic, which needs a non-zero weight.
     collecting = base.with_overrides({"w_semantic": 1.0})
@@ -308,7 +323,9 @@ def tune_time_model(
             np.stack([scored[v].freshness for v in range(len(freshness_values))]),
             np.stack([scored[v].trend for v in range(len(trend_values))]),
         ]
-        collected.append(_collect([b.astype(np.float32) for b in blocks], int(hits[0])))
+        parts = _collect([b.astype(np.float32) for b in blocks], int(hits[0]))
+        parts.gap_seconds = replay.gap_seconds(int(instances.pos[row]))
+        collected.append(parts)
     collect_seconds = time.perf_counter() - started
 
     # A component flat in every instance (freshness on a catalog without publication times) cannot
@@ -321,17 +338,22 @@ def tune_time_model(
     if not len(weights):
         weights = np.eye(4)[[0]]
 
-    def evaluate(choice: tuple[int, int, int, int], weight_rows: np.ndarray) -> np.ndarray:
-        """Mean `metric` per weight row for one choice of (semantic, co-occurrence, freshness, trend) values."""
+    def evaluate(choice: tuple[int, ...], weight_rows: np.ndarray) -> np.ndarray:
+        """Mean `metric` per weight row for one choice of (semantic, co-occurrence, freshness, trend,
+        personal half-life) values."""
         total = np.zeros(len(weight_rows))
-        weight_rows = weight_rows.astype(np.float32)
+        all_rows = weight_rows.astype(np.float32)
+        half_life = personal_values[choice[4]]
         for parts in present:
-            flat = np.array([parts.flat[k][v] for k, v in enumerate(choice)])
+            # The engine scales the personal weights by the time since the user's newest event.
+            scale = personal_scale(parts.gap_seconds, half_life)
+            rows = all_rows if scale == 1.0 else all_rows * np.array([scale, scale, 1.0, 1.0], dtype=np.float32)
+            flat = np.array([parts.flat[k][v] for k, v in enumerate(choice[:4])])
             # Weight only on rows constant over the candidates: every score equal, every candidate tied.
-            degenerate = weight_rows[:, ~flat].sum(axis=1) <= 0
-            components = np.stack([parts.blocks[k][v] for k, v in enumerate(choice)])
+            degenerate = rows[:, ~flat].sum(axis=1) <= 0
+            components = np.stack([parts.blocks[k][v] for k, v in enumerate(choice[:4])])
             # einsum, not BLAS: a (G, 4) × (4, n) product is too small to pay for BLAS threads.
-            scores = np.einsum("gk,kn->gn", weight_rows, components)
+            scores = np.einsum("gk,kn->gn", rows, components)
             better, tied = rank_counts(scores, np.full(len(weight_rows), parts.target))
             better = np.where(degenerate, 0, better + parts.always_above)
             tied = np.where(degenerate, parts.candidates - 1, tied)
@@ -346,6 +368,7 @@ def tune_time_model(
         index_of(cooccurrence_values, base.cooccurrence_half_life_days),
         index_of(freshness_values, base.freshness_half_life_days),
         index_of(trend_values, base.trend_window_days),
+        index_of(personal_values, base.personal_half_life_days),
     )
     base_weights = np.array([[base.w_semantic, base.w_cooccurrence, base.w_freshness, base.w_trend]])
     default_value = float(evaluate(start_choice, base_weights)[0])
@@ -353,15 +376,17 @@ def tune_time_model(
     choice = list(start_choice)
     best_value, best_weights = -1.0, base_weights[0]
     trace: list[dict] = []
-    option_counts = (len(semantic_configs), len(cooccurrence_values), len(freshness_values), len(trend_values))
+    option_counts = (len(semantic_configs), len(cooccurrence_values), len(freshness_values), len(trend_values),
+                     len(personal_values))
+    fixed = list(inert) + [False]  # the personal half-life acts through the weights, never inert by itself
     for round_number in range(max(1, rounds)):
         improved = False
         for slot, count in enumerate(option_counts):
-            if inert[slot] and round_number:
+            if fixed[slot] and round_number:
                 continue
-            for option in range(count if not inert[slot] else 1):
+            for option in range(count if not fixed[slot] else 1):
                 trial = list(choice)
-                trial[slot] = option if not inert[slot] else start_choice[slot]
+                trial[slot] = option if not fixed[slot] else start_choice[slot]
                 means = evaluate(tuple(trial), weights)
                 g = int(np.argmax(means))
                 if means[g] > best_value + 1e-12:
@@ -378,6 +403,7 @@ def tune_time_model(
         "cooccurrence_half_life_days": cooccurrence_values[choice[1]],
         "freshness_half_life_days": freshness_values[choice[2]],
         "trend_window_days": trend_values[choice[3]],
+        "personal_half_life_days": personal_values[choice[4]],
         "w_semantic": float(best_weights[0]), "w_cooccurrence": float(best_weights[1]),
         "w_freshness": float(best_weights[2]), "w_trend": float(best_weights[3]),
     })

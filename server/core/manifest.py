@@ -33,6 +33,10 @@ class TimeModelParams:
     w_freshness: float = 0.1
     w_trend: float = 0.3
     history_max_events: int = 20
+    # Half-life in days of the personal terms (semantic, co-occurrence) over the time since the
+    # user's newest event: a user back after weeks away is ranked more by what is popular now
+    # than by the session they left. 0 turns it off (the personal terms keep their full weight).
+    personal_half_life_days: float = 0.0
 
     def with_overrides(self, overrides: dict[str, Any]) -> "TimeModelParams":
         """A copy with per-request overrides applied; out-of-bounds values raise InvalidArgument."""
@@ -77,6 +81,7 @@ PARAM_BOUNDS: dict[str, tuple[float, float]] = {
     "w_freshness": (0.0, 100.0),
     "w_trend": (0.0, 100.0),
     "history_max_events": (1, 200),
+    "personal_half_life_days": (0.0, 3650.0),
 }
 
 

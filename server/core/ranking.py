@@ -273,6 +273,13 @@ def _half_life_decay(age_seconds: np.ndarray, half_life_days: float) -> np.ndarr
     return np.exp2(-np.maximum(age_seconds, 0.0) / (half_life_days * _DAY))
 
 
+def personal_scale(gap_seconds: float, half_life_days: float) -> float:
+    """Weight of the personal terms `gap_seconds` after the user's newest event (1 when the half-life is 0)."""
+    if half_life_days <= 0:
+        return 1.0
+    return float(2.0 ** (-max(0.0, gap_seconds) / (half_life_days * _DAY)))
+
+
 def _unit(vector: np.ndarray) -> np.ndarray | None:
     norm = float(np.linalg.norm(vector))
     return vector / norm if norm > 1e-12 and math.isfinite(norm) else None
@@ -462,7 +469,9 @@ class RankingEngine:
         if peak_count > 0 and n:
             trend = (np.log1p(_gather(all_counts, positions)) / math.log1p(peak_count)).astype(np.float32)
 
-        w_semantic, w_cooccurrence = params.w_semantic, params.w_cooccurrence
+        # The personal terms fade with the time since the user's newest event (personal_half_life_days).
+        w_semantic = params.w_semantic * context.personal_scale
+        w_cooccurrence = params.w_cooccurrence * context.personal_scale
         w_freshness, w_trend = params.w_freshness, params.w_trend
         if context.history_length == 0:
             w_semantic = w_cooccurrence = 0.0
@@ -638,6 +647,8 @@ class _UserContext:
         self.cooccurrence_weights: dict[str, float] = {}
         self.cooccurrence_peak = 0.0
         self.w_cooccurrence = 0.0
+        # Weight left to the personal terms after the time since the user's newest event.
+        self.personal_scale = 1.0
 
     @classmethod
     def build(cls, engine: RankingEngine, history: list[HistoryEntry], query: RecommendQuery) -> "_UserContext":
@@ -647,8 +658,9 @@ class _UserContext:
         if not history:
             return context
         params, at = query.params, query.at
-        context.w_cooccurrence = params.w_cooccurrence
         ages = at - np.fromiter((e.timestamp for e in history), dtype=np.float64, count=len(history))
+        context.personal_scale = personal_scale(float(ages.min()), params.personal_half_life_days)
+        context.w_cooccurrence = params.w_cooccurrence * context.personal_scale
         # Both decayed sums are used only up to scale (co-occurrence is normalised by its peak,
         # the long-term mean to unit length), so ages are taken relative to the newest event:
         # same result, and no underflow to all-zero weights when `at` is years after the history.
@@ -690,7 +702,7 @@ class _UserContext:
         context.user_vector = (blend / blend_norm).astype(np.float32)
         if long_term is not None and (short_term is None or alpha < 1):
             share = (1.0 - alpha) if short_term is not None else 1.0
-            context.long_term_scale = params.w_semantic * share / (long_norm * blend_norm)
+            context.long_term_scale = params.w_semantic * context.personal_scale * share / (long_norm * blend_norm)
             for item_id, weight, is_present in zip(item_ids, long_term_weight, present):
                 if is_present:
                     context.long_term_weights[item_id] = context.long_term_weights.get(item_id, 0.0) + float(weight)

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TimeModelOverrides(_message.Message):
-    __slots__ = ("alpha", "long_term_half_life_days", "cooccurrence_half_life_days", "freshness_half_life_days", "trend_window_days", "w_semantic", "w_cooccurrence", "w_freshness", "w_trend", "history_max_events")
+    __slots__ = ("alpha", "long_term_half_life_days", "cooccurrence_half_life_days", "freshness_half_life_days", "trend_window_days", "w_semantic", "w_cooccurrence", "w_freshness", "w_trend", "history_max_events", "personal_half_life_days")
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     LONG_TERM_HALF_LIFE_DAYS_FIELD_NUMBER: _ClassVar[int]
     COOCCURRENCE_HALF_LIFE_DAYS_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class TimeModelOverrides(_message.Message):
     W_FRESHNESS_FIELD_NUMBER: _ClassVar[int]
     W_TREND_FIELD_NUMBER: _ClassVar[int]
     HISTORY_MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_HALF_LIFE_DAYS_FIELD_NUMBER: _ClassVar[int]
     alpha: float
     long_term_half_life_days: float
     cooccurrence_half_life_days: float
@@ -32,7 +33,8 @@ class TimeModelOverrides(_message.Message):
     w_freshness: float
     w_trend: float
     history_max_events: int
-    def __init__(self, alpha: _Optional[float] = ..., long_term_half_life_days: _Optional[float] = ..., cooccurrence_half_life_days: _Optional[float] = ..., freshness_half_life_days: _Optional[float] = ..., trend_window_days: _Optional[float] = ..., w_semantic: _Optional[float] = ..., w_cooccurrence: _Optional[float] = ..., w_freshness: _Optional[float] = ..., w_trend: _Optional[float] = ..., history_max_events: _Optional[int] = ...) -> None: ...
+    personal_half_life_days: float
+    def __init__(self, alpha: _Optional[float] = ..., long_term_half_life_days: _Optional[float] = ..., cooccurrence_half_life_days: _Optional[float] = ..., freshness_half_life_days: _Optional[float] = ..., trend_window_days: _Optional[float] = ..., w_semantic: _Optional[float] = ..., w_cooccurrence: _Optional[float] = ..., w_freshness: _Optional[float] = ..., w_trend: _Optional[float] = ..., history_max_events: _Optional[int] = ..., personal_half_life_days: _Optional[float] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "k", "at", "history", "exclude_item_ids", "categories", "allow_repeats", "overrides")

@@ -272,6 +272,20 @@ class _HardNegativeMiner:
         return texts, keys
 
 
+def freeze_below(module, top_layers: int | None) -> str:
+    """Train only the top `top_layers` transformer layers (embeddings and lower layers frozen):
+    about half the backward pass, which on a CPU budget buys twice the steps."""
+    layers = getattr(getattr(getattr(module, "bert", None), "encoder", None), "layer", None)
+    if top_layers is None or layers is None or top_layers >= len(layers):
+        return "all"
+    for parameter in module.parameters():
+        parameter.requires_grad = False
+    for layer in list(layers)[len(layers) - max(0, int(top_layers)):]:
+        for parameter in layer.parameters():
+            parameter.requires_grad = True
+    return f"top {top_layers} of {len(layers)}"
+
+
 def finetune(
     module: SentenceEncoderModule,
     tokenizer,

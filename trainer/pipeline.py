@@ -98,6 +98,7 @@ class RunSettings:
     temperature: float = 0.05
     warmup_fraction: float = 0.1
     hard_negatives: int = 0
+    train_layers: int | None = None  # train only the top N transformer layers (faster on CPU); None: all
     seed: int = 0
     patience: int = 3
     eval_every: int | None = None
@@ -311,7 +312,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     import torch
 
     from chronorec.trainer.export import load_base_model, publish_module
-    from chronorec.trainer.finetune import FinetuneConfig, finetune
+    from chronorec.trainer.finetune import FinetuneConfig, finetune, freeze_below
     from chronorec.trainer.tune import CachedEncoder, EngineReplay, torch_encoder, tune_time_model
 
     torch.manual_seed(settings.seed)
@@ -322,6 +323,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     say(f"fine-tuning from {init_folder}")
     module, tokenizer = load_base_model(init_folder)
     initial_module = copy.deepcopy(module).eval() if settings.ablation else None
+    trained_layers = freeze_below(module, settings.train_layers)
     item_texts = {item_id: data.event_log.item_text_of(item_id) for item_id in data.event_log.items}
     config = FinetuneConfig(
         steps=settings.steps, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
@@ -333,7 +335,8 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     trained = finetune(module, tokenizer, data.train, data.valid, item_texts, config,
                        run_tag=f"{init_folder.resolve()}|{data.event_log.max_seq}")
     module.cpu().eval()
-    say(f"fine-tuned {trained.steps} steps at {trained.examples_per_second:.1f} examples/s on {trained.device}; "
+    say(f"fine-tuned {trained.steps} steps ({trained_layers} layers) at {trained.examples_per_second:.1f} examples/s "
+        f"on {trained.device}; "
         f"encoder alone on validation: {config.early_stop_metric} {_fmt(trained.initial_metric)} -> "
         f"{_fmt(trained.best_metric)} (best at step {trained.best_step})")
 
@@ -538,6 +541,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--lr", type=float, default=5e-5)
     group.add_argument("--temperature", type=float, default=0.05)
     group.add_argument("--hard-negatives", type=int, default=0, help="hard negatives per example from the current index")
+    group.add_argument("--train-layers", type=int, default=None,
+                       help="train only the top N transformer layers, the rest frozen (about 2x the steps per "
+                            "second on CPU; default: all)")
     group.add_argument("--patience", type=int, default=3, help="validations without gain before an early stop")
     group.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: 5 per run)")
     group.add_argument("--seed", type=int, default=0)
@@ -581,6 +587,7 @@ def _handle(args: argparse.Namespace) -> int:
         base_model=args.base_model, from_base=args.from_base, test_quantile=args.test_quantile,
         valid_quantile=args.valid_quantile, train_days=args.train_days, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, temperature=args.temperature, hard_negatives=args.hard_negatives,
+        train_layers=args.train_layers,
         seed=args.seed, patience=args.patience, eval_every=args.eval_every, device=args.device, threads=args.threads,
         tune=not args.no_tune, max_tune_instances=args.max_tune_instances, int8=args.int8,
         threshold=args.threshold, force=args.force, min_new_events=args.min_new_events, ablation=args.ablation,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -69,11 +70,11 @@ def run(args: argparse.Namespace) -> dict:
         base = publish_base_model(_base_folder(args.model, work), models, activate=True, max_length=args.max_length)
         settings = RunSettings(
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.steps, patience=args.steps,
-            threads=args.threads, ablation=True, max_tune_instances=args.max_tune_instances, progress=None,
+            threads=args.threads, train_layers=args.train_layers, ablation=True, max_tune_instances=args.max_tune_instances, progress=None,
             prepare=True,
         )
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        # common.py pins OMP to one thread for the serving benchmarks; training gets every core here.
+        torch.set_num_threads(args.threads)
         started = time.perf_counter()
         outcome = run_once(db, models, settings, report=log)
         seconds = time.perf_counter() - started
@@ -95,6 +96,8 @@ def run(args: argparse.Namespace) -> dict:
             "items": len(items),
             "model": args.model,
             "max_length": args.max_length,
+            "train_layers": args.train_layers,
+            "lr": args.lr,
             "steps": finetune.get("steps"),
             "batch_size": args.batch_size,
             "train_examples": finetune.get("examples"),
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     print_table(
         f"Trainer on {result['data']} ({result['events']} events; {args.model}, max_length {args.max_length}, "
-        f"{result['steps']} steps x {args.batch_size}; {result['test_instances']} test instances, temporal protocol)",
+        f"{result['steps']} steps x {args.batch_size}, top {args.train_layers} layers, lr {args.lr:g}; {result['test_instances']} test instances, temporal protocol)",
         ["variant", "HR@10", "NDCG@10", "NDCG@20", "MRR"],
         [[name, m.get("HR@10"), m.get("NDCG@10"), m.get("NDCG@20"), m.get("MRR")] for name, m in rows],
     )
@@ -133,9 +136,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny BERT, few steps: a smoke run")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100; 20 with --quick)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=None, help="default 1e-4 (MiniLM), 2e-3 (tiny)")
+    parser.add_argument("--lr", type=float, default=None, help="default 2e-4 (MiniLM), 2e-3 (tiny)")
+    parser.add_argument("--train-layers", type=int, default=2, help="top transformer layers trained (default 2)")
     parser.add_argument("--max-length", type=int, default=64, help="encoder token limit (default 64)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--max-tune-instances", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.model = args.model or ("tiny" if args.quick else "minilm")
     args.steps = args.steps or (20 if args.quick else 100)
-    args.lr = args.lr or (2e-3 if args.model == "tiny" else 1e-4)
+    args.lr = args.lr or (2e-3 if args.model == "tiny" else 2e-4)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "trainer" if args.data == "generated" else f"trainer-{Path(args.data).name}"

@@ -128,6 +128,8 @@ def build_engine(config: ServerConfig, on_batch: Callable[[int], None] | None = 
         intra_op_threads=config.intra_op_threads,
         prefer_int8=config.prefer_int8,
         on_batch=on_batch,
+        vector_cache=config.vector_cache,
+        vector_cache_dir=config.vector_cache_dir,
     )
     return ChronorecEngine(
         store,

@@ -47,6 +47,8 @@ class ServerConfig:
     encoder_max_queue: int = 4096
     intra_op_threads: int | None = None
     prefer_int8: bool = False
+    vector_cache: bool = True
+    vector_cache_dir: Path | None = None  # default: <models>/vector-cache
     watch_interval_s: float = 2.0
     cooccurrence_refresh_s: float = 300.0
     grace_s: float = 10.0
@@ -106,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--encoder-max-queue", type=int, default=int(_env("encoder_max_queue", d.encoder_max_queue)), help="texts queued before RESOURCE_EXHAUSTED")
     add("--intra-op-threads", type=int, default=_env("intra_op_threads", None), help="ONNX Runtime threads (default: all cores)")
     add("--int8", dest="prefer_int8", action="store_true", default=_bool(_env("int8", "0")), help="serve the int8 model when the version has one")
+    add("--no-vector-cache", dest="vector_cache", action="store_false", default=_bool(_env("vector_cache", "1")),
+        help="encode the catalog at every start and swap instead of keeping item vectors on disk")
+    add("--vector-cache-dir", type=Path, default=_env("vector_cache_dir", None),
+        help="where item vectors and saved graphs are kept (default MODELS/vector-cache)")
     add("--watch-interval", dest="watch_interval_s", type=float, default=float(_env("watch_interval", d.watch_interval_s)), help="seconds between checks of the model pointer")
     add("--cooccurrence-refresh", dest="cooccurrence_refresh_s", type=float, default=float(_env("cooccurrence_refresh", d.cooccurrence_refresh_s)))
     add("--grace", dest="grace_s", type=float, default=float(_env("grace", d.grace_s)), help="seconds in-flight calls get on SIGTERM")
@@ -130,7 +136,7 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     for name in ("intra_op_threads", "metrics_port"):
         if args.get(name) is not None:
             args[name] = int(args[name])
-    for name in ("db_path", "models_root", "tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
+    for name in ("db_path", "models_root", "vector_cache_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
         if args.get(name) is not None:
             args[name] = Path(args[name])
     # Tokens come from the environment only: a flag would show them in `ps` and shell history.

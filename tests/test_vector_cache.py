@@ -183,3 +183,19 @@ def test_prepare_version_fills_the_cache_the_server_reads(tiny_repo):
     vectors, found = cache.get([text_key(text_of(i)) for i in items])
     assert found.all()
     np.testing.assert_allclose(vectors, encoder.encode([text_of(i) for i in items]), atol=1e-5)
+
+
+def test_server_flags_choose_or_disable_the_vector_cache(tiny_repo, start_server, tmp_path):
+    from chronorec.server.config import config_from_args
+    from chronorec.server.core.serving import VECTOR_CACHE_DIR
+
+    config = config_from_args(["--no-vector-cache", "--vector-cache-dir", str(tmp_path / "vc")])
+    assert config.vector_cache is False and config.vector_cache_dir == tmp_path / "vc"
+    assert config_from_args([]).vector_cache is True
+
+    elsewhere = tmp_path / "elsewhere"
+    start_server(tiny_repo, demo=True, vector_cache_dir=elsewhere).stop()
+    assert any(elsewhere.rglob("*")), "item vectors are kept in the chosen folder"
+    assert not (tiny_repo / VECTOR_CACHE_DIR).exists()
+    start_server(tiny_repo, demo=True, vector_cache=False, db=tmp_path / "other.db").stop()
+    assert not (tiny_repo / VECTOR_CACHE_DIR).exists(), "--no-vector-cache writes no vectors"

@@ -549,3 +549,21 @@ def test_catalog_version_callable_keys_the_cached_columns():
     version[0] += 1
     scored = engine.score_candidates(query(user_id=None, exhaustive=True))
     assert "added" in set(scored.item_ids) and "space-00" not in set(scored.item_ids)
+
+
+def test_the_callers_deadline_bounds_the_short_term_encode():
+    seen: list[float | None] = []
+    topic = TopicEncoder()
+
+    def encoder(texts, timeout=None):
+        seen.append(timeout)
+        return topic(texts)
+
+    engine = make_engine(encoder=encoder)
+    seen.clear()
+    engine.recommend(query(params=TimeModelParams(alpha=1.0), encode_timeout=0.25))
+    assert seen == [0.25]  # the history text waited at most the caller's time left
+    engine.clear_cache()
+    seen.clear()
+    engine.recommend(query(params=TimeModelParams(alpha=1.0)))
+    assert seen == [None]

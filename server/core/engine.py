@@ -179,7 +179,8 @@ class ChronorecEngine:
         with self.manager.acquire() as model:
             return model.encode(texts, timeout=timeout), model.version
 
-    def recommend(self, request: RecommendRequest) -> Recommendations:
+    def recommend(self, request: RecommendRequest, timeout: float | None = None) -> Recommendations:
+        """Top-k as of `at`; `timeout` bounds the wait for the encoder (DEADLINE_EXCEEDED past it)."""
         at = time.time() if request.at is None else float(request.at)
         for i, entry in enumerate(request.inline_history):
             if entry.item_id not in self.catalog.items:
@@ -197,6 +198,7 @@ class ChronorecEngine:
                 categories=frozenset(request.categories),
                 allow_repeats=request.allow_repeats,
                 params=params,
+                encode_timeout=timeout,
             )
             result = model.engine.recommend(query)
             return Recommendations(result, model.version, at)

@@ -47,6 +47,8 @@ class RecommendQuery:
     exhaustive: bool = False
     # A precomputed short-term vector (e.g. batch-encoded by the evaluation) skips the encoder.
     short_term_vector: np.ndarray | None = None
+    # Seconds the short-term text may wait for the encoder (the caller's deadline); None: no limit.
+    encode_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -622,7 +624,8 @@ class RankingEngine:
             if cached is not None:
                 self._short_term_cache.move_to_end(text)
                 return cached, True
-        vector = _unit(np.asarray(self.encode([text]), dtype=np.float32).reshape(-1))
+        encoded = self.encode([text]) if query.encode_timeout is None else self.encode([text], timeout=query.encode_timeout)
+        vector = _unit(np.asarray(encoded, dtype=np.float32).reshape(-1))
         if vector is not None and self._cache_size:
             with self._cache_lock:
                 self._short_term_cache[text] = vector

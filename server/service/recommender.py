@@ -14,7 +14,7 @@ from chronorec.server.service.convert import (
     optional_seconds,
     to_timestamp,
 )
-from chronorec.server.service.errors import ensure_active, rpc
+from chronorec.server.service.errors import deadline_left, ensure_active, rpc
 from chronorec.v1 import recommender_pb2, recommender_pb2_grpc
 
 OVERRIDE_FIELDS = [f.name for f in recommender_pb2.TimeModelOverrides.DESCRIPTOR.fields]
@@ -62,7 +62,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
     def Recommend(self, request, context):
         query = self._request(request)
         ensure_active(context)
-        answer = self.engine.recommend(query)
+        # The deadline bounds the wait for the encoder when the user's history text is not cached.
+        answer = self.engine.recommend(query, timeout=deadline_left(context))
         ensure_active(context)
         catalog = self.engine.catalog.items
         items = []

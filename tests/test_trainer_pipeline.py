@@ -83,6 +83,10 @@ def test_training_on_drifting_users_beats_the_base_model(first_run):
     assert ablation["candidate_encoder_only"]["NDCG@10"] > ablation["initial_weights_encoder_only"]["NDCG@10"] + 0.02
     # And with the same tuned time model, the fine-tuned weights beat the starting ones.
     assert outcome.candidate_metrics["NDCG@10"] > ablation["initial_weights_tuned_time_model"]["NDCG@10"]
+    # A step budget smaller than the window trains on the newest examples, the closest to what comes next.
+    used = outcome.details["train_examples"]
+    assert used["used"] == min(TRAIN["steps"] * TRAIN["batch_size"], used["window"])
+    assert used["newest_only"] == (used["used"] < used["window"])
 
 
 def test_the_published_version_records_how_it_was_made(first_run):

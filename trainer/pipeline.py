@@ -58,6 +58,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -99,6 +100,9 @@ class RunSettings:
     warmup_fraction: float = 0.1
     hard_negatives: int = 0
     train_layers: int | None = None  # train only the top N transformer layers (faster on CPU); None: all
+    # With a step budget smaller than the window, train on the newest steps × batch examples
+    # (interests drift: they are the closest to what comes next) instead of a sample of the window.
+    newest_examples: bool = True
     seed: int = 0
     patience: int = 3
     eval_every: int | None = None
@@ -209,6 +213,10 @@ def _new_events(event_log, window: dict | None) -> int:
         return len(event_log.events)
     later = sum(1 for e in event_log.events if e.timestamp > float(window.get("data_end", float("inf"))))
     return max(int(event_log.max_seq) - int(window["max_seq"]), later)
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _fmt(value: float | None) -> str:
@@ -332,7 +340,12 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         eval_every=settings.eval_every, max_length=serving.max_length, device=settings.device,
         checkpoint_dir=str(models / CHECKPOINTS_DIR / IN_PROGRESS_DIR), progress=settings.progress,
     )
-    trained = finetune(module, tokenizer, data.train, data.valid, item_texts, config,
+    train = list(data.train)
+    if settings.newest_examples and settings.steps and settings.steps * settings.batch_size < len(train):
+        train = sorted(train, key=lambda e: e.position)[-settings.steps * settings.batch_size:]
+        say(f"training on the newest {len(train)} of {len(data.train)} examples "
+            f"(from {_utc(train[0].timestamp)})")
+    trained = finetune(module, tokenizer, train, data.valid, item_texts, config,
                        run_tag=f"{init_folder.resolve()}|{data.event_log.max_seq}")
     module.cpu().eval()
     say(f"fine-tuned {trained.steps} steps ({trained_layers} layers) at {trained.examples_per_second:.1f} examples/s "
@@ -364,7 +377,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     if tuning is not None:
         metrics[f"tuning_valid_{tuning.metric}"] = tuning.value
         metrics[f"tuning_valid_{tuning.metric}_untuned"] = tuning.default_value
-    details = {"finetune": trained.to_dict(), "tuning": tuning.summary() if tuning else None,
+    details = {"finetune": trained.to_dict(), "train_examples": {"used": len(train), "window": len(data.train), "from": float(train[0].timestamp), "newest_only": len(train) < len(data.train)}, "tuning": tuning.summary() if tuning else None,
                "gate": evaluation["gate"], "ablation": evaluation["ablation"], "time_model": params.to_dict(),
                "data": data.summary()}
     version = publish_module(
@@ -541,6 +554,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--lr", type=float, default=5e-5)
     group.add_argument("--temperature", type=float, default=0.05)
     group.add_argument("--hard-negatives", type=int, default=0, help="hard negatives per example from the current index")
+    group.add_argument("--whole-window", action="store_true",
+                       help="with --steps, sample the whole training window instead of the newest steps x batch examples")
     group.add_argument("--train-layers", type=int, default=None,
                        help="train only the top N transformer layers, the rest frozen (about 2x the steps per "
                             "second on CPU; default: all)")
@@ -587,7 +602,7 @@ def _handle(args: argparse.Namespace) -> int:
         base_model=args.base_model, from_base=args.from_base, test_quantile=args.test_quantile,
         valid_quantile=args.valid_quantile, train_days=args.train_days, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, temperature=args.temperature, hard_negatives=args.hard_negatives,
-        train_layers=args.train_layers,
+        train_layers=args.train_layers, newest_examples=not args.whole_window,
         seed=args.seed, patience=args.patience, eval_every=args.eval_every, device=args.device, threads=args.threads,
         tune=not args.no_tune, max_tune_instances=args.max_tune_instances, int8=args.int8,
         threshold=args.threshold, force=args.force, min_new_events=args.min_new_events, ablation=args.ablation,

@@ -110,11 +110,14 @@ def plot_by_gap(protocol: Mapping, path: str | Path, metric: str = "NDCG@10", ti
     """`metric` per method against the bucketed time since the user's previous event."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels: list[str] = []
-    for name, result in protocol["methods"].items():
+    # Ten colours repeat past ten methods: the line style tells the second round apart.
+    colours = plt.get_cmap("tab10").colors
+    for n, (name, result) in enumerate(protocol["methods"].items()):
         buckets = result["by_gap"]
         labels = [f"{b['bucket']}\n(n={b['n']})" for b in buckets]
         xs = [i for i, b in enumerate(buckets) if b["mean"] is not None]
-        ax.plot(xs, [buckets[i]["mean"] for i in xs], marker="o", label=name)
+        ax.plot(xs, [buckets[i]["mean"] for i in xs], marker="os^D"[n // 10 % 4], label=name,
+                color=colours[n % 10], linestyle=("-", "--", ":", "-.")[n // 10 % 4])
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("time since the user's previous event")
     ax.set_ylabel(metric)

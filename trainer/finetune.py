@@ -48,8 +48,11 @@ class FinetuneConfig:
     eval_every: int | None = None  # steps between validations; None: about 5 per run
     patience: int = 3  # validations without improvement before stopping
     min_delta: float = 1e-4
-    early_stop_metric: str = "NDCG@10"
-    max_valid_queries: int = 1000
+    # MRR credits every rank, so it moves before a top-10 cut does: on ML-100K, 100 steps raised the
+    # encoder's MRR, HR@20 and NDCG@10 on 2,000 validation queries, while NDCG@10 on a 1,000-query
+    # sample stayed flat (a few hits more or less) and early stopping kept the untrained weights.
+    early_stop_metric: str = "MRR"
+    max_valid_queries: int = 2000
     max_length: int = TOKENIZER_MAX_LENGTH
     device: str = "auto"  # "auto": CUDA when present, else CPU
     mixed_precision: bool = True  # on CUDA only: bf16 where supported, else fp16 with loss scaling

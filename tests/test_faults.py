@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,35 +12,15 @@ import time
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chronorec.client.client import ChronorecClient
 from chronorec.server.core.repository import ModelRepository
 from chronorec.server.service.errors import RETRY_PUSHBACK_KEY
 from chronorec.v1 import common_pb2, encoder_pb2, models_pb2, recommender_pb2
-from conftest import ANCHOR
+from conftest import ANCHOR, free_port, wait_serving
 from hardening import Stubs, seed_store, small_history, ts
 
 SEEDED = len(small_history())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_serving(channel, timeout=90.0) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become SERVING")
 
 
 def _batch(tag: str, size: int) -> list[common_pb2.Event]:
@@ -62,7 +41,7 @@ def _stored_ids(db) -> set[str]:
 def test_sigkill_mid_feedback_stream_loses_no_acknowledged_event_and_no_batch_is_partial(start_server, tiny_repo, tmp_path):
     db = tmp_path / "kill.db"
     seed_store(db)
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "chronorec.server.app", "--port", str(port), "--db", str(db), "--models", str(tiny_repo),
         "--no-demo", "--data-dir", str(tmp_path), "--cooccurrence-refresh", "0",
@@ -73,7 +52,7 @@ def test_sigkill_mid_feedback_stream_loses_no_acknowledged_event_and_no_batch_is
     stream_sent: list[list[str]] = []
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        _wait_serving(channel)
+        wait_serving(channel)
         stubs = Stubs(channel)
         for s in range(3):
             batches = [_batch(f"s{s}-b{b}", 10) for b in range(4)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from chronorec.server.core.catalog import Item
 from chronorec.server.core.demo import generate_drift_dataset
 from chronorec.server.core.store import EventStore
 from chronorec.v1 import catalog_pb2, common_pb2, encoder_pb2, models_pb2, recommender_pb2
-from conftest import ANCHOR
+from conftest import ANCHOR, free_port, wait_serving
 
 DAY = 86400.0
 
@@ -232,36 +231,17 @@ def test_feedback_is_idempotent_and_all_or_nothing(start_server, tiny_repo, tmp_
     assert server.engine.store.count_events() == 17
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_serving(channel, timeout=90.0) -> None:
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server did not become SERVING")
-
-
 def test_acknowledged_feedback_survives_sigkill(tiny_repo, tmp_path):
     from chronorec.v1 import recommender_pb2_grpc
 
     db = tmp_path / "kill.db"
     seed_store(db, small_catalog())
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "chronorec.server.app", "--port", str(port), "--db", str(db), "--models", str(tiny_repo), "--no-demo", "--data-dir", str(tmp_path)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            _wait_serving(channel)
+            wait_serving(channel)
             stub = recommender_pb2_grpc.RecommenderServiceStub(channel)
             acked = 0
             for j in range(20):

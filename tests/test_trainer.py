@@ -31,15 +31,7 @@ ANCHOR = 1_790_000_000.0
 TINY_LR = 2e-3  # a random tiny BERT needs a far larger step than a pretrained one
 SHORT = 64  # tokens: half the serving limit keeps CPU tests quick and still holds a few history events
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared CPU run far faster on one thread: OpenMP workers spin-wait for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,15 +33,7 @@ TESTS = Path(__file__).resolve().parent
 TRAIN = dict(steps=36, batch_size=32, lr=2e-3, eval_every=12, patience=10, progress=False, ablation=True, threads=1)
 QUICK = dict(steps=2, batch_size=16, lr=2e-3, tune=False, progress=False, max_eval_instances=60, threads=1)
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared CPU run far faster on one thread: OpenMP workers spin-wait for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

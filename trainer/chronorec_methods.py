@@ -365,6 +365,7 @@ class SplitContext:
     def _finetune(self) -> tuple[Path, dict]:
         import torch
 
+        from chronorec.trainer.data import newest_examples
         from chronorec.trainer.export import load_base_model, publish_module
         from chronorec.trainer.finetune import FinetuneConfig, encoder_retrieval_metrics, finetune, freeze_below
 
@@ -372,8 +373,7 @@ class SplitContext:
         train, valid = self.training_examples()
         if not train:
             raise ValueError("no training examples to fine-tune on")
-        newest = s.finetune_examples or s.finetune_steps * s.finetune_batch_size
-        train = sorted(train, key=lambda e: e.position)[-newest:]
+        train = newest_examples(train, s.finetune_examples or s.finetune_steps * s.finetune_batch_size)
         d = self.dataset
         base = _base_folder().resolve()
         config = FinetuneConfig(

@@ -205,6 +205,12 @@ def build_examples(event_log: EventLog, windows: TimeWindows, *, max_events: int
     return train, valid
 
 
+def newest_examples(examples: Sequence[TrainingExample], n: int) -> list[TrainingExample]:
+    """The `n` examples latest in the global event order (all of them when there are fewer): interests
+    drift, so with a budget of n examples the newest are the closest to what comes next."""
+    return sorted(examples, key=lambda e: e.position)[-n:] if n > 0 else []
+
+
 def load_training_data(
     source: str | os.PathLike | EventStore | EventLog,
     *,
@@ -234,6 +240,7 @@ __all__ = [
     "event_log_from",
     "is_positive",
     "load_training_data",
+    "newest_examples",
     "order_events",
     "read_event_log",
     "split_windows",

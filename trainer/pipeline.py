@@ -307,6 +307,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     import torch
 
     from chronorec.trainer.export import load_base_model, publish_module
+    from chronorec.trainer.data import newest_examples
     from chronorec.trainer.finetune import FinetuneConfig, finetune, freeze_below
     from chronorec.trainer.tune import CachedEncoder, EngineReplay, torch_encoder, tune_time_model
 
@@ -329,7 +330,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     )
     train = list(data.train)
     if settings.newest_examples and settings.steps and settings.steps * settings.batch_size < len(train):
-        train = sorted(train, key=lambda e: e.position)[-settings.steps * settings.batch_size:]
+        train = newest_examples(train, settings.steps * settings.batch_size)
         say(f"training on the newest {len(train)} of {len(data.train)} examples "
             f"(from {_utc(train[0].timestamp)})")
     trained = finetune(module, tokenizer, train, data.valid, item_texts, config,

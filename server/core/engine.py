@@ -82,6 +82,7 @@ class ChronorecEngine:
     def start(self) -> None:
         """Load the catalog, the event log and the serving model; blocks until ready."""
         started = time.perf_counter()
+        self._write_serving_settings()
         with self.catalog.lock:
             self.catalog.record(upserted=list(self.store.iter_items()))
         self.state.add([event for _, event in self.store.iter_events()])
@@ -103,6 +104,13 @@ class ChronorecEngine:
             self.state.event_count,
             version,
         )
+
+    def _write_serving_settings(self) -> None:
+        """Tell publishers how this server indexes versions (the trainer's prepare step reads it)."""
+        try:
+            self.repository.write_serving_settings(self.manager.settings.serving_settings())
+        except OSError as exc:  # a read-only repository still serves; publishers use their defaults
+            log.warning("could not record the serving settings in the model repository: %s", exc)
 
     def _load_first_good(self, version: str) -> None:
         """Serve the active version, or else the most recent earlier one that loads and checks."""

@@ -18,6 +18,12 @@ log = logging.getLogger(__name__)
 # near the query, or ef too small); the message is its only signal.
 _SHORT_RESULT_MESSAGE = "contiguous 2D array"
 
+# HNSW graph parameters the server builds with (written to the model repository's serving
+# settings, so a publisher preparing a version builds the same graph).
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 100
+
 
 def normalise_rows(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32); zero or non-finite rows raise InvalidArgument."""
@@ -48,9 +54,9 @@ class ItemIndex:
         dim: int,
         *,
         initial_capacity: int = 1024,
-        M: int = 16,
-        ef_construction: int = 200,
-        ef_search: int = 100,
+        M: int = HNSW_M,
+        ef_construction: int = HNSW_EF_CONSTRUCTION,
+        ef_search: int = HNSW_EF_SEARCH,
     ):
         if dim <= 0:
             raise InvalidArgument("index dimension must be positive")

@@ -3,19 +3,67 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import secrets
 import shutil
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
 from chronorec.server.core.errors import NotFound
 from chronorec.server.core.manifest import MANIFEST_FILE, TOKENIZER_FILE, load_manifest
 
+log = logging.getLogger("chronorec.repository")
+
 POINTER_FILE = "CURRENT"
 HISTORY_FILE = "HISTORY"
 STAGING_PREFIX = ".staging-"
+SERVING_SETTINGS_FILE = "serving.json"
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """How the server indexes a version: what a publisher must match to prepare one for it.
+
+    The server writes these into the repository at start; the trainer's prepare step reads
+    them, so the vector-cache folder, the int8 choice and the HNSW graph are never mirrored
+    by hand in the trainer's flags.
+    """
+
+    vector_cache: bool
+    vector_cache_dir: str | None  # None: the default folder under the repository root
+    prefer_int8: bool
+    hnsw_m: int
+    hnsw_ef_construction: int
+    hnsw_ef_search: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ServingSettings":
+        """Parse and type-check; ValueError on anything else (unknown keys are ignored)."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("serving settings are not a JSON object")
+        values = {}
+        for spec in fields(cls):
+            if spec.name not in data:
+                raise ValueError(f"serving settings lack {spec.name!r}")
+            value = data[spec.name]
+            if spec.name in ("vector_cache", "prefer_int8"):
+                ok = isinstance(value, bool)
+            elif spec.name == "vector_cache_dir":
+                ok = value is None or (isinstance(value, str) and bool(value))
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            if not ok:
+                raise ValueError(f"serving setting {spec.name!r} has the invalid value {value!r}")
+            values[spec.name] = value
+        return cls(**values)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -46,6 +94,22 @@ class ModelRepository:
     def ensure(self) -> "ModelRepository":
         self.encoder_dir.mkdir(parents=True, exist_ok=True)
         return self
+
+    def write_serving_settings(self, settings: ServingSettings) -> None:
+        """Record how this server indexes versions (`serving.json`, replaced atomically)."""
+        self.ensure()
+        _write_atomically(self.root / SERVING_SETTINGS_FILE, settings.to_json() + "\n")
+
+    def read_serving_settings(self) -> ServingSettings | None:
+        """The settings a server recorded, or None when none did or the file is unreadable."""
+        path = self.root / SERVING_SETTINGS_FILE
+        try:
+            return ServingSettings.from_json(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            log.warning("ignoring the serving settings in %s: %s", path, exc)
+            return None
 
     def version_dir(self, version: str) -> Path:
         return self.encoder_dir / version
@@ -163,4 +227,11 @@ class ModelRepository:
         return removed
 
 
-__all__ = ["ModelRepository", "POINTER_FILE", "HISTORY_FILE", "MANIFEST_FILE"]
+__all__ = [
+    "HISTORY_FILE",
+    "MANIFEST_FILE",
+    "POINTER_FILE",
+    "SERVING_SETTINGS_FILE",
+    "ModelRepository",
+    "ServingSettings",
+]

@@ -16,9 +16,9 @@ import numpy as np
 from chronorec.server.core.catalog import Item
 from chronorec.server.core.encoder import CUDA_PROVIDER, MicroBatcher, OnnxEncoder
 from chronorec.server.core.errors import FailedPrecondition, NotFound, Unavailable
-from chronorec.server.core.index import ItemIndex
+from chronorec.server.core.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, ItemIndex
 from chronorec.server.core.manifest import Manifest, load_manifest
-from chronorec.server.core.repository import ModelRepository
+from chronorec.server.core.repository import ModelRepository, ServingSettings
 from chronorec.server.core.timetext import item_text
 from chronorec.server.core.vector_cache import VectorCache, encoder_key, graph_fingerprint, prune, text_key
 
@@ -80,6 +80,17 @@ class EncoderSettings:
     # Keep item vectors on disk so a restart (or a rollback) indexes without re-encoding.
     vector_cache: bool = True
     vector_cache_dir: Path | None = None  # default: <model repository>/vector-cache
+
+    def serving_settings(self) -> ServingSettings:
+        """What a publisher preparing a version for this server must match."""
+        return ServingSettings(
+            vector_cache=self.vector_cache,
+            vector_cache_dir=str(Path(self.vector_cache_dir).resolve()) if self.vector_cache_dir else None,
+            prefer_int8=self.prefer_int8,
+            hnsw_m=HNSW_M,
+            hnsw_ef_construction=HNSW_EF_CONSTRUCTION,
+            hnsw_ef_search=HNSW_EF_SEARCH,
+        )
 
 
 @dataclass

@@ -15,8 +15,9 @@ from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.manifest import PARAM_BOUNDS, TimeModelParams
 from chronorec.server.core.ranking import (
-    RankingEngine, RecommendQuery, ScoredCandidates, catalog_item_text, personal_scale,
+    RankingEngine, RecommendQuery, ScoredCandidates, catalog_item_text,
 )
+from chronorec.server.core.scoring import WEIGHT_NAMES, combine, personal_scale, scaled_weights, weights_of
 from chronorec.server.core.timetext import HistoryEntry
 from chronorec.trainer.protocols import Dataset, Instances, expected_metrics, rank_counts
 
@@ -351,14 +352,12 @@ def tune_time_model(
         half_life = personal_values[choice[4]]
         for parts in present:
             # The engine scales the personal weights by the time since the user's newest event.
-            scale = personal_scale(parts.gap_seconds, half_life)
-            rows = all_rows if scale == 1.0 else all_rows * np.array([scale, scale, 1.0, 1.0], dtype=np.float32)
+            rows = scaled_weights(all_rows, personal_scale(parts.gap_seconds, half_life))
             flat = np.array([parts.flat[k][v] for k, v in enumerate(choice[:4])])
             # Weight only on rows constant over the candidates: every score equal, every candidate tied.
             degenerate = rows[:, ~flat].sum(axis=1) <= 0
-            components = np.stack([parts.blocks[k][v] for k, v in enumerate(choice[:4])])
-            # einsum, not BLAS: a (G, 4) × (4, n) product is too small to pay for BLAS threads.
-            scores = np.einsum("gk,kn->gn", rows, components)
+            # The server's formula, once per weight row, in float32 (the kept components' dtype).
+            scores = combine(rows, *(parts.blocks[k][v] for k, v in enumerate(choice[:4])))
             better, tied = rank_counts(scores, np.full(len(weight_rows), parts.target))
             better = np.where(degenerate, 0, better + parts.always_above)
             tied = np.where(degenerate, parts.candidates - 1, tied)
@@ -375,7 +374,7 @@ def tune_time_model(
         index_of(trend_values, base.trend_window_days),
         index_of(personal_values, base.personal_half_life_days),
     )
-    base_weights = np.array([[base.w_semantic, base.w_cooccurrence, base.w_freshness, base.w_trend]])
+    base_weights = weights_of(base)[None, :]
     default_value = float(evaluate(start_choice, base_weights)[0])
 
     choice = list(start_choice)
@@ -409,8 +408,7 @@ def tune_time_model(
         "freshness_half_life_days": freshness_values[choice[2]],
         "trend_window_days": trend_values[choice[3]],
         "personal_half_life_days": personal_values[choice[4]],
-        "w_semantic": float(best_weights[0]), "w_cooccurrence": float(best_weights[1]),
-        "w_freshness": float(best_weights[2]), "w_trend": float(best_weights[3]),
+        **{name: float(weight) for name, weight in zip(WEIGHT_NAMES, best_weights)},
     })
     seconds = time.perf_counter() - started
     log.info("tuned the time model on %d instances in %.1f s (replay %.1f s): %s %.4f (untuned %.4f)",

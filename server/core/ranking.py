@@ -18,6 +18,7 @@ from chronorec.server.core.errors import InvalidArgument
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.manifest import TimeModelParams
+from chronorec.server.core.scoring import combine, personal_scale, score_weights
 from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text, item_text
 
 _DAY = 86400.0
@@ -275,13 +276,6 @@ def _half_life_decay(age_seconds: np.ndarray, half_life_days: float) -> np.ndarr
     return np.exp2(-np.maximum(age_seconds, 0.0) / (half_life_days * _DAY))
 
 
-def personal_scale(gap_seconds: float, half_life_days: float) -> float:
-    """Weight of the personal terms `gap_seconds` after the user's newest event (1 when the half-life is 0)."""
-    if half_life_days <= 0:
-        return 1.0
-    return float(2.0 ** (-max(0.0, gap_seconds) / (half_life_days * _DAY)))
-
-
 def _unit(vector: np.ndarray) -> np.ndarray | None:
     norm = float(np.linalg.norm(vector))
     return vector / norm if norm > 1e-12 and math.isfinite(norm) else None
@@ -472,19 +466,9 @@ class RankingEngine:
             trend = (np.log1p(_gather(all_counts, positions)) / math.log1p(peak_count)).astype(np.float32)
 
         # The personal terms fade with the time since the user's newest event (personal_half_life_days).
-        w_semantic = params.w_semantic * context.personal_scale
-        w_cooccurrence = params.w_cooccurrence * context.personal_scale
-        w_freshness, w_trend = params.w_freshness, params.w_trend
-        if context.history_length == 0:
-            w_semantic = w_cooccurrence = 0.0
-            if w_freshness == 0 and w_trend == 0:
-                w_trend = 1.0  # a cold start must still rank something sensible
-        score = (
-            w_semantic * semantic.astype(np.float64)
-            + w_cooccurrence * cooccurrence
-            + w_freshness * freshness
-            + w_trend * trend
-        )
+        weights = score_weights(params, history_length=context.history_length, scale=context.personal_scale)
+        # Semantic as float64 makes the score float64, the precision the evaluation's figures were computed in.
+        score = combine(weights, semantic.astype(np.float64), cooccurrence, freshness, trend)
         return ScoredCandidates(ids, score, semantic, cooccurrence, freshness, trend)
 
     @staticmethod

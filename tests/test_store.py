@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -11,6 +15,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
 
 from chronorec.server.core import errors
@@ -100,6 +105,7 @@ def test_upsert_get_iter_count(store: EventStore):
 @pytest.mark.parametrize("bad, fragment", [
     (Item("", "t"), "item_id"),
     (Item("x" * 257, "t"), "longer than 256"),
+    (Item("a\x9fb", "t"), "item_id contains control characters"),
     (Item("x", "  "), "title"),
     (Item("x", "t", published_at=math.nan), "published_at"),
     (Item("x", "t", expires_at=math.inf), "expires_at"),
@@ -152,6 +158,8 @@ def test_retried_batch_is_idempotent(store: EventStore):
     (ev(""), "event_id"),
     (ev("b", user=""), "user_id"),
     (ev("b", item="x" * 300), "item_id is longer"),
+    (ev("b", user="a\x85b"), "user_id contains control characters"),  # C1 (NEL), as C0 below
+    (ev("b", item="a\x1bb"), "item_id contains control characters"),
     (ev("b", action="teleport"), "action 'teleport'"),
     (ev("b", t=math.nan), "timestamp"),
     (ev("b", t=-1.0), "timestamp"),
@@ -346,3 +354,121 @@ def test_acked_events_survive_sigkill(tmp_path: Path):
         stored = {e.event_id for _, e in s.iter_events()}
         assert set(acked) <= stored
         assert len(stored) % 3 == 0  # no batch was half stored
+
+
+# -- storage failures -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def immutable(*paths: Path):
+    """Make files immutable (chattr +i) for the block: even root cannot write them, and writes
+    through already open descriptors fail too, as on a database gone read-only under a server."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("chattr +i needs root and e2fsprogs")
+    present = [str(p) for p in paths if p.exists()]
+    done = subprocess.run(["chattr", "+i", *present], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"this filesystem has no immutable flag: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *present], check=True)
+
+
+def fill_up(store: EventStore) -> None:
+    """Cap the database at its current size: the next write that needs a page fails with SQLITE_FULL,
+    exactly as on a full disk (works for any user, on any filesystem)."""
+    conn = store._writer.conn
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_read_only_database_is_unavailable_and_logged(tmp_path: Path, caplog):
+    path = tmp_path / "e.db"
+    with EventStore(path) as s:
+        s.upsert_items(items())
+        s.add_events([ev("kept")])
+        with immutable(path, Path(f"{path}-wal")), caplog.at_level(logging.ERROR, "chronorec.store"):
+            with pytest.raises(errors.Unavailable, match="retry later") as info:
+                s.add_events([ev(f"lost-{k}", t=2000.0 + k) for k in range(50)])
+            assert str(path) not in info.value.message  # callers never see server paths
+            with pytest.raises(errors.Unavailable):
+                s.upsert_items([Item("new", "New")])
+            assert s.count_events() == 1 and s.count_items() == 3  # reads go on
+            logged = [r.getMessage() for r in caplog.records]
+            assert len(logged) == 1, logged  # a second failure of the same kind within seconds is held back
+            assert str(path) in logged[0] and "SQLITE_IOERR" in logged[0] and "lsattr" in logged[0]
+        # Once writable again, nothing of the failed writes is there and writing works.
+        assert [e.event_id for _, e in s.iter_events()] == ["kept"]
+        assert s.add_events([ev("after")])[0]
+    with EventStore(path) as reopened:
+        assert reopened.count_events() == 2 and reopened.get_item("new") is None
+
+
+def test_full_database_is_unavailable(tmp_path: Path, caplog):
+    with EventStore(tmp_path / "e.db") as s:
+        s.upsert_items(items())
+        fill_up(s)
+        with caplog.at_level(logging.ERROR, "chronorec.store"):
+            with pytest.raises(errors.Unavailable, match="full"):
+                s.add_events([ev(f"e{k}", t=1000.0 + k) for k in range(500)])
+            with pytest.raises(errors.Unavailable, match="full"):
+                s.upsert_items([Item("big", "Big", text="x" * 20_000)])
+        assert "SQLITE_FULL" in caplog.text and "free disk space" in caplog.text
+        assert s.count_events() == 0 and s.get_item("big") is None
+        assert s.get_item("i1") == items()[1]
+
+
+def test_constraint_errors_stay_bugs(tmp_path: Path):
+    """Only storage failures become Unavailable: a broken invariant must still surface as a bug."""
+    with EventStore(tmp_path / "e.db") as s, pytest.raises(sqlite3.IntegrityError):
+        with s._write() as conn:
+            conn.execute("INSERT INTO events (event_id, user_id, item_id, action, timestamp, received_at) "
+                         "VALUES ('x', 'u', 'no-such-item', 'view', 1, 1)")
+
+
+def _unavailable_with_pushback(call) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    error = info.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+    assert int(dict(error.trailing_metadata())["grpc-retry-pushback-ms"]) > 0
+    return error.details()
+
+
+@pytest.mark.parametrize("failure", ["read-only", "full"])
+def test_storage_failure_is_unavailable_over_grpc(start_server, tiny_repo, tmp_path: Path, failure: str):
+    """Feedback and UpsertItems on a database that cannot be written: UNAVAILABLE with the
+    standard pushback trailer (not INTERNAL), nothing half-written, and the server recovers."""
+    from chronorec.v1 import catalog_pb2, common_pb2, recommender_pb2
+    from hardening import seed_store, ts
+
+    db = tmp_path / "data" / "chronorec.db"
+    db.parent.mkdir()
+    seed_store(db)
+    server = start_server(tiny_repo, db=db)
+    store = server.engine.store
+    before = (store.count_items(), store.count_events(), store.max_seq())
+    events = [common_pb2.Event(event_id=f"f-{k}", user_id="u1", item_id=f"i{k % 40}", action="view",
+                               timestamp=ts(1_789_000_000 + k)) for k in range(300)]
+    item = common_pb2.Item(item_id="fresh", title="Fresh", text="jazz " * 3000)
+    feedback = lambda: server.recommender.Feedback(recommender_pb2.FeedbackRequest(events=events), timeout=30)
+    upsert = lambda: server.catalog.UpsertItems(catalog_pb2.UpsertItemsRequest(items=[item]), timeout=30)
+
+    if failure == "read-only":
+        context = immutable(db, Path(f"{db}-wal"))
+    else:
+        fill_up(store)
+        context = contextlib.nullcontext()
+    with context:
+        assert "retry" in _unavailable_with_pushback(feedback)
+        assert "retry" in _unavailable_with_pushback(upsert)
+        # Reads still answer, and the failed writes reached neither the store nor the serving state.
+        assert server.recommender.Recommend(recommender_pb2.RecommendRequest(user_id="u1", k=3), timeout=30).items
+        assert (store.count_items(), store.count_events(), store.max_seq()) == before
+        assert "fresh" not in server.engine.catalog.items
+    if failure == "full":
+        store._writer.conn.execute("PRAGMA max_page_count = 1073741823")
+    assert feedback().stored == len(events)
+    assert upsert().upserted == 1
+    assert store.count_events() == before[1] + len(events)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sqlite3
 import threading
@@ -14,13 +15,13 @@ from typing import NamedTuple
 
 import sqlite_utils
 
+from chronorec.client import rules
 from chronorec.server.core import errors
 from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.timetext import KNOWN_ACTIONS
 
-MAX_ID_LENGTH = 256
-# Events must lie in [1970, 2100): catches milliseconds passed as seconds and other unit slips.
-MAX_TIMESTAMP = 4102444800.0
+log = logging.getLogger("chronorec.store")
+
 BUSY_MESSAGE = "event store is busy (database locked); retry in a moment"
 
 # SQLite's default limit on bound variables is 32766 since 3.32 and 999 before; stay under both.
@@ -82,11 +83,8 @@ def _is_number(x: object) -> bool:
 
 
 def _id_problem(name: str, value: object) -> str | None:
-    if not isinstance(value, str) or not value:
-        return f"{name} must be a non-empty string"
-    if len(value) > MAX_ID_LENGTH:
-        return f"{name} is longer than {MAX_ID_LENGTH} characters"
-    return None
+    problem = rules.id_problem(value)
+    return f"{name} {problem}" if problem else None
 
 
 def item_problem(item: Item) -> str | None:
@@ -119,9 +117,9 @@ def event_problem(event: Event) -> str | None:
             return problem
     if event.action not in KNOWN_ACTIONS:
         return f"action {event.action!r} is not one of {', '.join(KNOWN_ACTIONS)}"
-    t = event.timestamp
-    if not _is_number(t) or not math.isfinite(t) or not 0 <= t < MAX_TIMESTAMP:
-        return f"timestamp must be unix seconds between 1970 and 2100, got {t!r}"
+    problem = rules.time_problem(event.timestamp)
+    if problem:
+        return f"timestamp {problem}"
     v = event.value
     if v is not None and (not _is_number(v) or not math.isfinite(v)):
         return f"value must be a finite number or unset, got {v!r}"
@@ -189,9 +187,67 @@ def _event_from_row(row: Sequence) -> Event:
     return Event(event_id=row[0], user_id=row[1], item_id=row[2], action=row[3], timestamp=row[4], value=row[5])
 
 
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
+class _StorageFailure(NamedTuple):
+    message: str  # for the caller: what happened, never a server path
+    hint: str  # for the operator, in the log
+
+
+# SQLite failures of the storage rather than of the request, by primary result code: the caller
+# gets errors.Unavailable (UNAVAILABLE with a retry hint) and the operator a logged cause. Any
+# other SQLite error (a constraint, a misuse) is a bug and stays one.
+_STORAGE_FAILURES = {
+    "SQLITE_BUSY": _StorageFailure(BUSY_MESSAGE, "another process holds the write lock"),
+    "SQLITE_LOCKED": _StorageFailure(BUSY_MESSAGE, "another connection holds a conflicting lock"),
+    "SQLITE_READONLY": _StorageFailure(
+        "event store is read-only right now; writes fail until an operator fixes it, retry later",
+        "the database file, its -wal/-shm files or their folder cannot be written: "
+        "check ownership, permissions, the immutable flag (lsattr) and whether the mount is read-only",
+    ),
+    "SQLITE_IOERR": _StorageFailure(
+        "event store hit a disk I/O error; retry later",
+        "a read or write of the database files failed: check the immutable flag (lsattr), "
+        "the disk and the kernel log",
+    ),
+    "SQLITE_FULL": _StorageFailure(
+        "event store is full (no space left for the database); retry later",
+        "free disk space on the database's filesystem",
+    ),
+    "SQLITE_CANTOPEN": _StorageFailure(
+        "event store cannot open its database files; retry later",
+        "the database file or its folder is missing or not accessible",
+    ),
+    "SQLITE_CORRUPT": _StorageFailure(
+        "event store database is damaged; retry later",
+        "the database file is corrupt: restore it from a backup (sqlite3 .recover may salvage it)",
+    ),
+    "SQLITE_NOTADB": _StorageFailure(
+        "event store database is damaged; retry later",
+        "the database path holds a file that is not an SQLite database",
+    ),
+}
+# Pythons before 3.11 give no result code; their messages name the failure.
+_FAILURE_BY_TEXT = (
+    ("locked", "SQLITE_LOCKED"),
+    ("busy", "SQLITE_BUSY"),
+    ("readonly", "SQLITE_READONLY"),
+    ("disk i/o error", "SQLITE_IOERR"),
+    ("database or disk is full", "SQLITE_FULL"),
+    ("unable to open", "SQLITE_CANTOPEN"),
+    ("malformed", "SQLITE_CORRUPT"),
+    ("not a database", "SQLITE_NOTADB"),
+)
+_PRIMARY_NAMES = {getattr(sqlite3, name, None): name for name in _STORAGE_FAILURES}
+# A read-only database under traffic fails every write: log each kind of failure at most this often.
+_LOG_EVERY_S = 10.0
+
+
+def _failure_kind(exc: sqlite3.Error) -> str | None:
+    """The primary result code name of a storage failure, None for any other SQLite error."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return _PRIMARY_NAMES.get(code & 0xFF)
     message = str(exc).lower()
-    return "locked" in message or "busy" in message
+    return next((kind for fragment, kind in _FAILURE_BY_TEXT if fragment in message), None)
 
 
 class EventStore:
@@ -221,6 +277,9 @@ class EventStore:
         self._readers_lock = threading.Lock()
         self._closed = False
         self._writer: sqlite_utils.Database | None = None
+        # Per failure kind: when it was last logged and how many reports were held back since.
+        self._failure_log: dict[str, tuple[float, int]] = {}
+        self._failure_log_lock = threading.Lock()
         try:
             self._open()
         except BaseException:
@@ -269,14 +328,32 @@ class EventStore:
 
     @contextlib.contextmanager
     def _sqlite_errors(self) -> Iterator[None]:
+        """Storage failures become errors.Unavailable with their cause logged; other errors pass."""
         try:
             yield
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
-                raise errors.Unavailable(BUSY_MESSAGE) from exc
+        except sqlite3.DatabaseError as exc:
             if self.read_only and "unable to open" in str(exc).lower():
                 raise errors.Unavailable(f"event store {str(self.path)!r} cannot be opened: {exc}") from exc
-            raise
+            kind = _failure_kind(exc)
+            if kind is None:
+                raise
+            failure = _STORAGE_FAILURES[kind]
+            if failure.message != BUSY_MESSAGE:
+                self._log_failure(kind, exc, failure.hint)
+            raise errors.Unavailable(failure.message) from exc
+
+    def _log_failure(self, kind: str, exc: sqlite3.Error, hint: str) -> None:
+        now = time.monotonic()
+        with self._failure_log_lock:
+            last, suppressed = self._failure_log.get(kind, (-math.inf, 0))
+            if now - last < _LOG_EVERY_S:
+                self._failure_log[kind] = (last, suppressed + 1)
+                return
+            self._failure_log[kind] = (now, 0)
+        log.error(
+            "event store %s: %s (%s); %s%s", self.path, exc, getattr(exc, "sqlite_errorname", kind), hint,
+            f" [{suppressed} more since the last report]" if suppressed else "",
+        )
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -295,7 +372,11 @@ class EventStore:
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
-                        conn.execute("ROLLBACK")
+                        try:
+                            conn.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            # SQLite rolls back by itself after I/O errors; the first error is the one to report.
+                            log.warning("event store %s: rollback failed", self.path, exc_info=True)
                     raise
 
     def _migrate(self) -> None:

@@ -3,34 +3,24 @@
 from __future__ import annotations
 
 import math
-import re
 import time
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from chronorec.client import rules
 from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.errors import InvalidArgument
 from chronorec.server.core.timetext import KNOWN_ACTIONS, HistoryEntry
 from chronorec.v1 import common_pb2
 
-# Unix seconds the core accepts: 1970 .. 2100.
-MAX_TIME = 4102444800.0
-MAX_ID_CHARS = 256
-# Control characters in an id are never intended, and SQLite's length() stops at NUL, which
-# would turn a NUL-prefixed id into a constraint failure instead of a clear error.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
 
 def check_id(value: str, what: str, *, required: bool = True) -> str:
-    """`value` as an id (user, item, event): at most MAX_ID_CHARS characters, no control characters."""
-    if not value:
-        if required:
-            raise InvalidArgument(f"{what} is empty")
+    """`value` as an id (user, item, event) under the shared rules; InvalidArgument naming `what`."""
+    if not value and not required:
         return value
-    if len(value) > MAX_ID_CHARS:
-        raise InvalidArgument(f"{what} is longer than {MAX_ID_CHARS} characters")
-    if _CONTROL.search(value):
-        raise InvalidArgument(f"{what} contains control characters")
+    problem = rules.id_problem(value)
+    if problem:
+        raise InvalidArgument(f"{what} {problem}")
     return value
 
 
@@ -41,10 +31,10 @@ def check_action(action: str, where: str) -> str:
 
 
 def to_seconds(ts: Timestamp, what: str) -> float:
-    seconds = ts.seconds + ts.nanos / 1e9
-    if not (0.0 <= seconds < MAX_TIME):
-        raise InvalidArgument(f"{what} must be between 1970 and 2100")
-    return seconds
+    problem = rules.timestamp_problem(ts.seconds, ts.nanos)
+    if problem:
+        raise InvalidArgument(f"{what} {problem}")
+    return ts.seconds + ts.nanos / rules.NANOS_PER_SECOND
 
 
 def optional_seconds(message, name: str, what: str) -> float | None:

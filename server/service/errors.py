@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sqlite3
 from typing import Callable
 
 import grpc
@@ -87,11 +86,6 @@ def rpc(method):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, error.message)
         except ChronorecError as error:
             _abort(context, status_for(error), error.message)
-        except sqlite3.OperationalError as error:
-            if "locked" in str(error) or "busy" in str(error):
-                _abort(context, grpc.StatusCode.UNAVAILABLE, "the event store is busy; retry in a moment")
-            log.exception("database error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error")
         except Exception:
             if not context.is_active():
                 # A cancelled stream raises from its request iterator: the caller left, no bug here.

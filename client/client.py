@@ -17,10 +17,12 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 
+from chronorec.client import rules
 from chronorec.client.convert import (
     TimeLike,
     optional_timestamp,
     timestamp_to_datetime,
+    timestamp_to_unix,
     to_timestamp,
 )
 from chronorec.v1 import (
@@ -37,7 +39,6 @@ from chronorec.v1 import (
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-MAX_ITEM_ID_LENGTH = 256
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -254,11 +255,9 @@ def _text(kind: str, name: str, value: Any, *, required: bool = True) -> str:
     return value
 
 
-def _item_id(kind: str, value: Any) -> str:
-    item_id = _text(kind, "item_id", value)
-    if len(item_id) > MAX_ITEM_ID_LENGTH:
-        raise ValueError(f"{kind}: item_id longer than {MAX_ITEM_ID_LENGTH} characters")
-    return item_id
+def _id(kind: str, name: str, value: Any) -> str:
+    """An id under the server's own rules (chronorec.client.rules), so a bad one fails before the call."""
+    return rules.check_id(_text(kind, name, value), f"{kind}: {name}")
 
 
 def _number(kind: str, name: str, value: Any) -> float:
@@ -272,9 +271,11 @@ def _number(kind: str, name: str, value: Any) -> float:
 
 def _timestamp(kind: str, name: str, value: Any):
     try:
-        return to_timestamp(value)
+        timestamp = to_timestamp(value)
     except ValueError as error:
         raise ValueError(f"{kind}: {name}: {error}") from None
+    rules.check_time(timestamp_to_unix(timestamp), f"{kind}: {name}")
+    return timestamp
 
 
 def _strings(name: str, values: Iterable[str] | str | None) -> list[str]:
@@ -294,9 +295,9 @@ def event_to_proto(event: FeedbackEvent | Mapping[str, Any] | Any) -> common_pb2
     fields = _fields("event", event, _EVENT_FIELDS, ("user_id", "item_id", "action"))
     message = common_pb2.Event(
         # Generated once here, so every retry of this request carries the same id (stored once).
-        event_id=_text("event", "event_id", fields["event_id"]) if fields["event_id"] is not None else str(uuid.uuid4()),
-        user_id=_text("event", "user_id", fields["user_id"]),
-        item_id=_item_id("event", fields["item_id"]),
+        event_id=_id("event", "event_id", fields["event_id"]) if fields["event_id"] is not None else str(uuid.uuid4()),
+        user_id=_id("event", "user_id", fields["user_id"]),
+        item_id=_id("event", "item_id", fields["item_id"]),
         action=_text("event", "action", fields["action"]),
     )
     if fields["timestamp"] is not None:
@@ -310,7 +311,7 @@ def history_to_proto(entry: HistoryItem | Mapping[str, Any] | Any) -> common_pb2
     """The HistoryEvent message of a HistoryItem, a dict or any object with those fields."""
     fields = _fields("history", entry, _HISTORY_FIELDS, ("item_id", "action", "timestamp"))
     message = common_pb2.HistoryEvent(
-        item_id=_item_id("history", fields["item_id"]),
+        item_id=_id("history", "item_id", fields["item_id"]),
         action=_text("history", "action", fields["action"]),
         timestamp=_timestamp("history", "timestamp", fields["timestamp"]),
     )
@@ -328,7 +329,7 @@ def item_to_proto(item: CatalogItem | Mapping[str, Any] | Any) -> common_pb2.Ite
     ):
         raise ValueError(f"item {fields['item_id']!r}: attributes must map strings to strings")
     message = common_pb2.Item(
-        item_id=_item_id("item", fields["item_id"]),
+        item_id=_id("item", "item_id", fields["item_id"]),
         title=_text("item", "title", fields["title"]),
         text=_text("item", "text", fields["text"], required=False),
         category=_text("item", "category", fields["category"], required=False),
@@ -657,7 +658,7 @@ class ChronorecClient:
 
     def get_item(self, item_id: str, *, timeout: float | None = None) -> CatalogItem:
         """One stored item; NOT_FOUND when it does not exist."""
-        request = catalog_pb2.GetItemRequest(item_id=_item_id("get_item", item_id))
+        request = catalog_pb2.GetItemRequest(item_id=_id("get_item", "item_id", item_id))
         return catalog_item(self._call(self._catalog.GetItem, request, timeout).item)
 
     # -- models --------------------------------------------------------------------------------

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Union
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from chronorec.client.rules import NANOS_PER_SECOND
+
 TimeLike = Union[datetime, float, int, str]
 
-_NANOS_PER_SECOND = 1_000_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_SECOND = timedelta(seconds=1)
 
 
 def to_unix(value: TimeLike) -> float:
@@ -64,21 +67,20 @@ def format_iso(value: TimeLike) -> str:
 def to_timestamp(value: TimeLike) -> Timestamp:
     """A protobuf Timestamp of any accepted time value, exact to the microsecond."""
     if isinstance(value, datetime):
-        # Split whole seconds and microseconds so large dates keep microsecond precision.
-        delta = _as_utc(value) - datetime(1970, 1, 1, tzinfo=timezone.utc)
-        seconds = delta.days * 86400 + delta.seconds
-        return Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)
+        # Whole seconds and the remainder in integer arithmetic, so large dates keep microsecond precision.
+        seconds, rest = divmod(_as_utc(value) - _EPOCH, _ONE_SECOND)
+        return Timestamp(seconds=seconds, nanos=rest.microseconds * 1000)
     unix = to_unix(value)
     seconds = math.floor(unix)
-    nanos = int(round((unix - seconds) * _NANOS_PER_SECOND))
-    if nanos >= _NANOS_PER_SECOND:
-        seconds, nanos = seconds + 1, nanos - _NANOS_PER_SECOND
+    nanos = int(round((unix - seconds) * NANOS_PER_SECOND))
+    if nanos >= NANOS_PER_SECOND:
+        seconds, nanos = seconds + 1, nanos - NANOS_PER_SECOND
     return Timestamp(seconds=int(seconds), nanos=nanos)
 
 
 def timestamp_to_unix(timestamp: Timestamp) -> float:
     """Unix seconds of a protobuf Timestamp."""
-    return timestamp.seconds + timestamp.nanos / _NANOS_PER_SECOND
+    return timestamp.seconds + timestamp.nanos / NANOS_PER_SECOND
 
 
 def timestamp_to_datetime(timestamp: Timestamp) -> datetime:

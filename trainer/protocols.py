@@ -10,10 +10,10 @@ from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from chronorec.client.rules import SECONDS_PER_DAY
 from chronorec.server.core.catalog import Event, Item
 
 SECONDS_PER_HOUR = 3600.0
-SECONDS_PER_DAY = 86400.0
 CUTOFFS = (10, 20)
 METRIC_NAMES = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
 BOOTSTRAP_SEED = 20240607

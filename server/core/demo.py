@@ -6,9 +6,8 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from chronorec.client.rules import SECONDS_PER_DAY as DAY
 from chronorec.server.core.catalog import Event, Item
-
-DAY = 86400.0
 
 # Per topic: subjects, title templates and text templates. Every phrase is built from the
 # topic's own vocabulary so that a sentence encoder separates the topics clearly.

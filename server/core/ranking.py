@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from chronorec.client.rules import SECONDS_PER_DAY as _DAY
 from chronorec.server.core.catalog import Item
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.errors import InvalidArgument
@@ -21,7 +22,6 @@ from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.scoring import combine, personal_scale, score_weights
 from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text, item_text
 
-_DAY = 86400.0
 REASONS_PER_ITEM = 3
 # How often the candidate path may rebuild a stale catalog snapshot (~0.2 s at 100k items)
 # or re-align it after writes; in between it looks candidates up one by one (see

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from chronorec.client.rules import SECONDS_PER_DAY as _DAY
 from chronorec.server.core.manifest import TimeModelParams
-
-_DAY = 86400.0
 
 # The components a score adds up, in the order of every weight vector here.
 COMPONENTS = ("semantic", "cooccurrence", "freshness", "trend")

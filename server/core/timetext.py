@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from chronorec.client.rules import SECONDS_PER_DAY as _DAY
+
 KNOWN_ACTIONS = (
     "view",
     "click",
@@ -46,7 +48,6 @@ HISTORY_SEPARATOR = " ; "
 
 _MINUTE = 60.0
 _HOUR = 3600.0
-_DAY = 86400.0
 
 
 @dataclass(frozen=True)

@@ -273,15 +273,69 @@ def test_batcher_overload_is_refused():
     while batcher.queue_depth < 4 and time.monotonic() < deadline:
         time.sleep(0.001)
     assert batcher.queue_depth == 4
-    with pytest.raises(errors.Overloaded, match=r"encoder queue is full \(4 texts queued\); retry later"):
+    # The message names the flag that sets the bound, so an operator knows what to raise.
+    with pytest.raises(errors.Overloaded, match=r"\(4 texts waiting, at most 4 set by --encoder-max-queue\); retry later"):
         batcher.encode(["g"])
-    with pytest.raises(errors.InvalidArgument, match="too many texts"):
-        batcher.encode([f"t{i}" for i in range(5)])
+    with pytest.raises(errors.Overloaded):
+        batcher.encode([f"t{i}" for i in range(5)])  # larger than the queue, and the queue is busy
     gated.release.set()
     first.join(5)
     waiting.join(5)
     batcher.close()
     assert gated.seen == ["a", "b", "c", "d", "e", "f"]
+
+
+def test_batcher_feeds_a_request_larger_than_its_queue():
+    """F7: a request over max_queue_texts (UpsertItems of 4,097 items under the default 4,096) is
+    encoded, fed in as the worker makes room, and the queue never holds more than its bound."""
+    depths: list[int] = []
+    batcher = None
+
+    def encode(texts):
+        depths.append(batcher.queue_depth)
+        time.sleep(0.001)
+        return _fake_vectors(texts)
+
+    batcher = MicroBatcher(encode, max_batch_size=4, max_wait_ms=0, max_queue_texts=8)
+    try:
+        texts = [f"item {i}" for i in range(4097)]
+        np.testing.assert_array_equal(batcher.encode(texts, timeout=30), _fake_vectors(texts))
+        # Beside other large and small callers (retrying when refused, as clients do on
+        # RESOURCE_EXHAUSTED): each gets exactly its own rows.
+        def retrying(i):
+            while True:
+                try:
+                    return batcher.encode([f"{i}: {t}" for t in texts[: 1 + 37 * i]], timeout=30)
+                except errors.Overloaded:
+                    time.sleep(0.001)
+
+        results = _run_concurrently(4, retrying)
+        for i, result in enumerate(results):
+            np.testing.assert_array_equal(result, _fake_vectors([f"{i}: {t}" for t in texts[: 1 + 37 * i]]))
+        # A queue smaller than one batch still feeds a large request, chunk by chunk.
+        tiny_queue = MicroBatcher(_fake_vectors, max_batch_size=64, max_wait_ms=0, max_queue_texts=3)
+        try:
+            np.testing.assert_array_equal(tiny_queue.encode(texts[:50], timeout=30), _fake_vectors(texts[:50]))
+        finally:
+            tiny_queue.close()
+    finally:
+        batcher.close()
+    assert max(depths) <= 8 and batcher.queue_depth == 0
+
+
+def test_batcher_deadline_while_feeding_a_large_request():
+    gated = _GatedEncoder()
+    batcher = MicroBatcher(gated, max_batch_size=2, max_wait_ms=0, max_queue_texts=4)
+    try:
+        with pytest.raises(EncodeDeadlineExceeded):
+            batcher.encode([f"t{i}" for i in range(10)], timeout=0.2)
+        assert batcher.queue_depth == 0  # what was queued and not started is dropped
+        gated.release.set()
+        np.testing.assert_array_equal(batcher.encode(["after"], timeout=5), _fake_vectors(["after"]))
+    finally:
+        gated.release.set()
+        batcher.close()
+    assert gated.seen[:2] == ["t0", "t1"] and "t9" not in gated.seen
 
 
 def test_batcher_deadline_drops_work_not_started():
@@ -379,3 +433,22 @@ def test_batcher_over_onnx_encoder_matches_direct_calls(tiny_encoder):
         batcher.close()
     direct = tiny_encoder.encode(TEXTS)
     np.testing.assert_allclose(np.concatenate(results), direct, atol=1e-5)
+
+
+def test_upsert_of_4097_items_under_the_documented_limit(start_server, tiny_repo):
+    """F7: UpsertItems takes up to max_upsert_batch (5000) items; 4,097 of them went over the
+    encoder queue's 4,096 and were refused with "too many texts in one request"."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from chronorec.v1 import catalog_pb2, common_pb2, recommender_pb2
+
+    server = start_server(tiny_repo)
+    assert server.config.limits.max_upsert_batch > 4097 > server.config.encoder_max_queue
+    items = [common_pb2.Item(item_id=f"bulk-{i}", title=f"story {i}", category=("jazz", "cooking")[i % 2])
+             for i in range(4097)]
+    reply = server.catalog.UpsertItems(catalog_pb2.UpsertItemsRequest(items=items), timeout=120)
+    assert reply.upserted == 4097 and reply.index_size >= 4097
+    assert server.catalog.GetItem(catalog_pb2.GetItemRequest(item_id="bulk-4096"), timeout=10).item.title == "story 4096"
+    liked = common_pb2.HistoryEvent(item_id="bulk-7", action="like", timestamp=Timestamp(seconds=int(time.time()) - 60))
+    found = server.recommender.Recommend(recommender_pb2.RecommendRequest(k=5, history=[liked]), timeout=30)
+    assert len(found.items) == 5

@@ -222,7 +222,9 @@ class MicroBatcher:
 
     The worker takes up to `max_batch_size` texts, waiting at most `max_wait_ms` for a batch to
     fill. Requests larger than a batch are split; each caller gets back exactly its own rows in
-    order. At most `max_queue_texts` texts wait; beyond that callers get errors.Overloaded.
+    order. At most `max_queue_texts` texts wait: a request whose first `max_queue_texts` texts do
+    not fit gets errors.Overloaded, and the rest of a request larger than the whole queue (an
+    UpsertItems of 5000 items under the default 4096) is fed in as the worker makes room.
     `on_batch(texts_in_batch)` is called after each batch (for a batch-size histogram).
     """
 
@@ -267,21 +269,34 @@ class MicroBatcher:
         texts = self._validate(texts) if self._validate is not None else list(texts)
         if not texts:
             return self._encode_fn([])
-        if len(texts) > self.max_queue_texts:
-            # Retrying cannot help a request that alone exceeds the queue.
-            raise errors.InvalidArgument(f"too many texts in one request ({len(texts)} > {self.max_queue_texts})")
-        chunks_texts = [texts[i : i + self.max_batch_size] for i in range(0, len(texts), self.max_batch_size)]
-        request = _Request(len(texts), len(chunks_texts))
-        chunks = [_Chunk(request, i * self.max_batch_size, part) for i, part in enumerate(chunks_texts)]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # A chunk must fit in the queue on its own, or a request larger than the queue could never be fed.
+        size = min(self.max_batch_size, self.max_queue_texts)
+        request = _Request(len(texts), -(-len(texts) // size))
+        chunks = [_Chunk(request, start, texts[start : start + size]) for start in range(0, len(texts), size)]
         with self._cond:
             if self._closed:
                 raise errors.Unavailable("encoder is shutting down")
-            if self._queued_texts + len(texts) > self.max_queue_texts:
-                raise errors.Overloaded(f"encoder queue is full ({self._queued_texts} texts queued); retry later")
-            self._queue.extend(chunks)
-            self._queued_texts += len(texts)
-            self._cond.notify_all()
-        if not request.done.wait(timeout):
+            if self._queued_texts + min(len(texts), self.max_queue_texts) > self.max_queue_texts:
+                raise errors.Overloaded(
+                    f"encoder queue is full ({self._queued_texts} texts waiting, at most {self.max_queue_texts} "
+                    "set by --encoder-max-queue); retry later"
+                )
+            fed = self._feed(chunks, 0)
+            while fed < len(chunks) and not request.done.is_set():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if self._closed or (remaining is not None and remaining <= 0):
+                    break
+                self._cond.wait(remaining)
+                fed = self._feed(chunks, fed)
+        if fed < len(chunks) and not request.done.is_set():
+            # Shut down, or out of time, before all of it was queued: it can no longer complete.
+            self._abandon(request, chunks[:fed])
+            if self._closed:
+                raise errors.Unavailable("encoder is shutting down")
+            raise EncodeDeadlineExceeded(f"encoding {len(texts)} texts did not finish within {timeout:.3g} s")
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not request.done.wait(remaining):
             self._abandon(request, chunks)
             if not request.done.is_set():
                 raise EncodeDeadlineExceeded(f"encoding {len(texts)} texts did not finish within {timeout:.3g} s")
@@ -289,6 +304,17 @@ class MicroBatcher:
             raise request.error
         assert request.result is not None
         return request.result
+
+    def _feed(self, chunks: list[_Chunk], fed: int) -> int:
+        """Queue `chunks[fed:]` while they fit (the caller holds the lock); returns how many are queued now."""
+        start = fed
+        while fed < len(chunks) and self._queued_texts + len(chunks[fed].texts) <= self.max_queue_texts:
+            self._queue.append(chunks[fed])
+            self._queued_texts += len(chunks[fed].texts)
+            fed += 1
+        if fed > start:
+            self._cond.notify_all()
+        return fed
 
     def _abandon(self, request: _Request, chunks: list[_Chunk]) -> None:
         """Drop the caller's chunks that have not started; started ones finish and are discarded."""
@@ -327,6 +353,8 @@ class MicroBatcher:
                 self._queued_texts -= len(chunk.texts)
                 batch.append(chunk)
                 size += len(chunk.texts)
+            if batch:
+                self._cond.notify_all()  # room in the queue: wake callers feeding a large request
             return batch
 
     def _run(self) -> None:
@@ -393,6 +421,7 @@ class MicroBatcher:
                 for chunk in [c for c in self._queue if c.request is request]:
                     self._queue.remove(chunk)
                     self._queued_texts -= len(chunk.texts)
+                self._cond.notify_all()  # a caller still feeding this request stops
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._cond:

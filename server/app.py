@@ -25,10 +25,9 @@ from grpc_reflection.v1alpha import reflection
 
 from chronorec.server.config import ServerConfig, config_from_args
 from chronorec.server.core.demo import ensure_demo
-from chronorec.server.core.encoder import check_onnxruntime_install
+from chronorec.server.core.encoder import EncoderSettings, check_onnxruntime_install
 from chronorec.server.core.engine import ChronorecEngine
 from chronorec.server.core.repository import ModelRepository
-from chronorec.server.core.serving import EncoderSettings
 from chronorec.server.core.store import EventStore
 from chronorec.server.metrics import ServerMetrics, start_metrics_server
 from chronorec.server.security import (
@@ -237,7 +236,7 @@ def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> Run
             return  # stopped before a model version appeared
         for name in SERVICE_NAMES + [""]:
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("SERVING model %s", engine.manager.current_version())
+        log.info("SERVING model %s", engine.serving_version())
 
     loader = threading.Thread(target=load, name="engine-loader", daemon=True)
     loader.start()

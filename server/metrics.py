@@ -11,7 +11,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from chronorec.server.core.errors import ChronorecError
 from chronorec.server.security import replace_behavior
 
 log = logging.getLogger("chronorec.metrics")
@@ -148,7 +147,7 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator:
         engine = self.engine
-        manager = engine.manager
+        status = engine.status()
         ready = GaugeMetricFamily("chronorec_ready", "1 once the model and the index are loaded")
         ready.add_metric([], 1.0 if engine.ready.is_set() else 0.0)
         yield ready
@@ -156,28 +155,25 @@ class EngineCollector(Collector):
         events.add_metric([], float(engine.state.event_count))
         yield events
         items = GaugeMetricFamily("chronorec_catalog_items", "Live items in the catalog")
-        items.add_metric([], float(len(engine.catalog.items)))
+        items.add_metric([], float(len(engine.catalog)))
         yield items
         swaps = CounterMetricFamily("chronorec_model_swaps", "Model versions loaded (the first load included)")
-        swaps.add_metric([], float(manager.swap_count))
+        swaps.add_metric([], float(status.swap_count))
         yield swaps
         last_swap = GaugeMetricFamily("chronorec_model_last_swap_seconds", "Duration of the last successful swap")
-        last_swap.add_metric([], float(manager.last_swap_seconds or 0.0))
+        last_swap.add_metric([], float(status.last_swap_seconds or 0.0))
         yield last_swap
         swapping = GaugeMetricFamily("chronorec_model_swap_in_progress", "1 while a new version is being loaded")
-        swapping.add_metric([], 1.0 if manager.swap_in_progress else 0.0)
+        swapping.add_metric([], 1.0 if status.swap_in_progress else 0.0)
         yield swapping
         refused = GaugeMetricFamily(
             "chronorec_model_last_swap_failed", "1 when the last attempted version was refused (see GetStatus.last_error)"
         )
-        refused.add_metric([], 1.0 if manager.last_error else 0.0)
+        refused.add_metric([], 1.0 if status.last_error else 0.0)
         yield refused
-        try:
-            model = manager.acquire()
-        except ChronorecError:
+        if not status.serving_version:
             return  # still loading: no serving model to describe
-        with model:  # pinned only while reading, so a scrape never delays the release of a swapped-out model
-            version, index_size, queue_depth = model.version, len(model.index), model.batcher.queue_depth
+        version, index_size, queue_depth = status.serving_version, status.index_size, status.encoder_queue_depth
         info = GaugeMetricFamily("chronorec_model_info", "The serving model version (value is always 1)", labels=["version"])
         info.add_metric([version], 1.0)
         yield info

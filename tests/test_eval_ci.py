@@ -3,7 +3,7 @@
 The full ML-100K run is `chronorec-eval --plugin chronorec.trainer.chronorec_methods` (README,
 "Quality"); this runs the same code on a small synthetic log with a tiny random BERT and a few
 fine-tuning steps: the time-aware form must beat the time-blind one, and chronorec's scores must
-be exactly what the serving RankingEngine returns.
+be exactly what the serving TimeAwareRanker returns.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from conftest import ANCHOR
 from chronorec.server.core.demo import generate_drift_dataset
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
-from chronorec.server.core.ranking import RankingEngine, RecommendQuery
+from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker
 from chronorec.trainer import chronorec_methods as cm
 from chronorec.trainer import evaluate, report
 from chronorec.trainer.protocols import Dataset, bootstrap_ci, temporal_split
@@ -113,16 +113,16 @@ def test_evaluation_ranks_through_the_serving_engine(drift, ci_settings, monkeyp
     assert isinstance(ranker.engine_ranker, EngineRanker)
     task = split.test_task()
     ranker.fit(task.train, task.dataset)
-    assert isinstance(ranker.engine_ranker.replay.engine, RankingEngine)
+    assert isinstance(ranker.engine_ranker.replay.engine, TimeAwareRanker)
 
     calls = []
-    original = RankingEngine.score_candidates
+    original = TimeAwareRanker.score_candidates
 
     def counting(self, query):
         calls.append(query)
         return original(self, query)
 
-    monkeypatch.setattr(RankingEngine, "score_candidates", counting)
+    monkeypatch.setattr(TimeAwareRanker, "score_candidates", counting)
     instances = task.instances[:25]
     scores = ranker.score_batch(instances)
     assert len(calls) == len(instances) and all(q.exhaustive for q in calls)
@@ -138,7 +138,7 @@ def test_evaluation_ranks_through_the_serving_engine(drift, ci_settings, monkeyp
         state.add(d.event_at(p) for p in range(position))
         index = ItemIndex(ranker.bundle.item_vectors.shape[1])
         index.build(replay.item_ids, ranker.bundle.item_vectors)
-        engine = RankingEngine(replay.items, index, state, replay.cooccurrence, ranker.bundle.encode)
+        engine = TimeAwareRanker(replay.items, index, state, replay.cooccurrence, ranker.bundle.encode)
         user_id = d.user_ids[d.user[position]]
         served = engine.recommend(RecommendQuery(user_id=user_id, k=10, at=float(d.ts[position]),
                                                  params=ranker.time_model))

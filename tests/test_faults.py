@@ -202,7 +202,7 @@ def _vector(stubs: Stubs, text: str) -> np.ndarray:
 
 def test_model_repository_vanishing_leaves_the_serving_model_running(start_server, tiny_repo, tmp_path):
     server = start_server(tiny_repo, db=tmp_path / "repo.db", watch_interval_s=0.05)
-    serving = server.engine.manager.current_version()
+    serving = server.engine.serving_version()
     moved = tmp_path / "moved-away"
     with Traffic(server) as traffic:
         time.sleep(0.2)
@@ -217,13 +217,13 @@ def test_model_repository_vanishing_leaves_the_serving_model_running(start_serve
         moved.rename(tiny_repo)
         time.sleep(0.3)
     assert traffic.calls > 10 and traffic.failures == []
-    assert server.engine.manager.current_version() == serving
+    assert server.engine.serving_version() == serving
 
 
 def test_corrupt_versions_leave_the_serving_model_running(start_server, tiny_repo, tmp_path):
     server = start_server(tiny_repo, db=tmp_path / "corrupt.db", watch_interval_s=0.05)
     repository = ModelRepository(tiny_repo)
-    serving = server.engine.manager.current_version()
+    serving = server.engine.serving_version()
     before = _vector(server, "a quiet evening of jazz")
     with Traffic(server) as traffic:
         # 1. The serving version's files are overwritten on disk: the loaded session keeps serving.
@@ -236,7 +236,7 @@ def test_corrupt_versions_leave_the_serving_model_running(start_server, tiny_rep
         corrupt = "v-corrupt-onnx"
         shutil.copytree(repository.version_dir(serving), repository.version_dir(corrupt))
         repository.activate(corrupt)
-        _wait_for(lambda: corrupt in server.engine.manager.last_error)
+        _wait_for(lambda: corrupt in server.engine.status().last_error)
         status = server.models.GetStatus(models_pb2.GetStatusRequest(), timeout=10)
         assert status.serving_version == serving and corrupt in status.last_error
 
@@ -257,7 +257,7 @@ def test_corrupt_versions_leave_the_serving_model_running(start_server, tiny_rep
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         time.sleep(0.3)
     assert traffic.calls > 10 and traffic.failures == []
-    assert server.engine.manager.current_version() == serving
+    assert server.engine.serving_version() == serving
     assert np.allclose(_vector(server, "a quiet evening of jazz"), before)
 
 

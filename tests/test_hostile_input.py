@@ -329,10 +329,10 @@ def test_get_item(fuzz_server, item_id):
 @given(version=st.one_of(strings, st.sampled_from(["../encoder", "..", ".staging-x", "CURRENT", "HISTORY", "v1/../v1"])), wait=st.booleans())
 def test_activate_version(fuzz_server, version, wait):
     running, stubs, db = fuzz_server
-    serving = running.engine.manager.current_version()
+    serving = running.engine.serving_version()
     code, _, _ = assert_read_only(db, stubs.models.ActivateVersion, models_pb2.ActivateVersionRequest(version=version, wait=wait))
     assert code != grpc.StatusCode.OK or version == serving
-    assert running.engine.manager.current_version() == serving
+    assert running.engine.serving_version() == serving
     assert running.engine.repository.current() == serving
 
 
@@ -340,12 +340,12 @@ def test_activate_version(fuzz_server, version, wait):
 @given(wait=st.booleans())
 def test_models_reads_and_rollback(fuzz_server, wait):
     running, stubs, db = fuzz_server
-    serving = running.engine.manager.current_version()
+    serving = running.engine.serving_version()
     assert assert_read_only(db, stubs.models.GetStatus, models_pb2.GetStatusRequest())[0] == grpc.StatusCode.OK
     assert assert_read_only(db, stubs.models.ListVersions, models_pb2.ListVersionsRequest())[0] == grpc.StatusCode.OK
     code, _, _ = assert_read_only(db, stubs.models.Rollback, models_pb2.RollbackRequest(wait=wait))
     assert code == grpc.StatusCode.NOT_FOUND  # one version: nothing to roll back to
-    assert running.engine.manager.current_version() == serving
+    assert running.engine.serving_version() == serving
 
 
 METHODS = {

@@ -53,7 +53,7 @@ def wait_for(predicate, timeout=60.0, every=0.05):
 
 def test_hot_swap_under_load_fails_no_call(start_server, tiny_repo, tmp_path, second_tiny_bert):
     server = start_server(tiny_repo, db=seeded_db(tmp_path))
-    old_version = server.engine.manager.current_version()
+    old_version = server.engine.serving_version()
     failures: list[str] = []
     answers: list[tuple[float, str]] = []
     stop = threading.Event()
@@ -83,7 +83,7 @@ def test_hot_swap_under_load_fails_no_call(start_server, tiny_repo, tmp_path, se
     try:
         time.sleep(0.5)
         new_version = publish(second_tiny_bert, tiny_repo, activate=True)
-        assert wait_for(lambda: server.engine.manager.current_version() == new_version), server.engine.manager.last_error
+        assert wait_for(lambda: server.engine.serving_version() == new_version), server.engine.status().last_error
         swapped_at = time.time()
         time.sleep(1.0)
     finally:
@@ -129,7 +129,7 @@ def _wrong_dimension(folder: Path) -> None:
 def test_a_corrupt_version_is_refused_and_the_old_keeps_serving(start_server, tiny_repo, tmp_path, damage):
     server = start_server(tiny_repo, db=seeded_db(tmp_path))
     repo = ModelRepository(tiny_repo)
-    old_version = server.engine.manager.current_version()
+    old_version = server.engine.serving_version()
     bad = _corrupt_copy(repo, "v-corrupt", damage)
     # Activating through the API refuses it and leaves the pointer where it was.
     with pytest.raises(grpc.RpcError) as info:
@@ -138,7 +138,7 @@ def test_a_corrupt_version_is_refused_and_the_old_keeps_serving(start_server, ti
     assert repo.current() == old_version
     # A pointer moved behind the server's back (by a trainer) is tried by the watcher and refused.
     repo.activate(bad)
-    assert wait_for(lambda: "v-corrupt" in server.engine.manager.last_error), "the watcher never tried the bad version"
+    assert wait_for(lambda: "v-corrupt" in server.engine.status().last_error), "the watcher never tried the bad version"
     status = server.models.GetStatus(models_pb2.GetStatusRequest())
     assert status.serving_version == old_version
     assert "v-corrupt" in status.last_error
@@ -151,13 +151,13 @@ def test_a_restart_with_an_unusable_active_version_serves_the_previous_one(start
     good = repo.current()
     repo.activate(_corrupt_copy(repo, "v-corrupt", _truncate_onnx))
     server = start_server(tiny_repo, db=seeded_db(tmp_path))
-    assert server.engine.manager.current_version() == good
+    assert server.engine.serving_version() == good
     assert server.encoder.Encode(encoder_pb2.EncodeRequest(texts=["hello"])).model_version == good
 
 
 def test_activate_and_rollback_through_the_models_service(start_server, tiny_repo, tmp_path, second_tiny_bert):
     server = start_server(tiny_repo, db=seeded_db(tmp_path), watch_interval_s=0)
-    first = server.engine.manager.current_version()
+    first = server.engine.serving_version()
     second = publish(second_tiny_bert, tiny_repo, activate=False)
     listed = server.models.ListVersions(models_pb2.ListVersionsRequest()).versions
     assert [v.version for v in listed] == [first, second]

@@ -71,7 +71,7 @@ def test_metrics_endpoint(start_server, tiny_repo, tmp_path):
     assert value(samples, "chronorec_encoder_queue_depth") == 0
     assert value(samples, "chronorec_index_size") == len(small_catalog())
     assert value(samples, "chronorec_catalog_items") == len(small_catalog())
-    assert value(samples, "chronorec_model_info", version=server.engine.manager.current_version()) == 1
+    assert value(samples, "chronorec_model_info", version=server.engine.serving_version()) == 1
     assert value(samples, "chronorec_model_swaps_total") == 1
     assert value(samples, "chronorec_model_last_swap_seconds") > 0
     assert value(samples, "chronorec_model_swap_in_progress") == 0

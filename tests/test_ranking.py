@@ -12,17 +12,14 @@ import numpy as np
 import pytest
 
 from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.catalog_state import CatalogState
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.errors import InvalidArgument
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
+from chronorec.server.core.itemtext import item_text_lookup
 from chronorec.server.core.manifest import TimeModelParams
-from chronorec.server.core.ranking import (
-    CatalogView,
-    RankingEngine,
-    RecommendQuery,
-    catalog_item_text,
-)
+from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker
 from chronorec.server.core.timetext import HISTORY_SEPARATOR, HistoryEntry
 
 DAY = 86400.0
@@ -110,16 +107,16 @@ def shifting_user_events(user: str = "alice") -> list[Event]:
 def make_engine(items=None, events=None, cooccurrence=True, encoder=None):
     items = make_items() if items is None else items
     events = background_events() + shifting_user_events() if events is None else events
-    catalog = CatalogView(items)
+    catalog = CatalogState(items)
     encoder = encoder or TopicEncoder()
-    item_text_of = catalog_item_text(catalog)
+    item_text_of = item_text_lookup(catalog)
     index = ItemIndex(DIM, initial_capacity=16)
     index.upsert([i.item_id for i in items], encoder([item_text_of(i.item_id) for i in items]))
     state = InteractionState()
     state.add(events)
     model = CooccurrenceModel.fit(events, [i.item_id for i in items]) if cooccurrence else None
     # exhaustive_below=0: the tiny test catalog must exercise the candidate path too.
-    return RankingEngine(catalog, index, state, model, encoder, item_text_of, exhaustive_below=0)
+    return TimeAwareRanker(catalog, index, state, model, encoder, item_text_of, exhaustive_below=0)
 
 
 def query(user_id="alice", k=5, at=NOW, **kwargs) -> RecommendQuery:
@@ -325,10 +322,12 @@ def test_scores_and_reasons_are_consistent():
         assert r.score == pytest.approx(expected, rel=1e-5)
         assert 0 <= r.cooccurrence <= 1 and 0 <= r.trend <= 1 and 0 <= r.freshness <= 1
         assert 1 <= len(r.top_history) <= 3
-        assert {h for h, _ in r.top_history} <= history_items
-        assert [c for _, c in r.top_history] == sorted((c for _, c in r.top_history), reverse=True)
+        assert {h.item_id for h in r.top_history} <= history_items
+        contributions = [h.contribution for h in r.top_history]
+        assert contributions == sorted(contributions, reverse=True)
+        assert all(h.title == engine.catalog[h.item_id].title for h in r.top_history)
         # A jazz recommendation is explained by the jazz history.
-        assert topic_of(r.top_history[0][0]) == topic_of(r.item_id)
+        assert topic_of(r.top_history[0].item_id) == topic_of(r.item_id)
     assert [r.score for r in result.items] == sorted((r.score for r in result.items), reverse=True)
 
 

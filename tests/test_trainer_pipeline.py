@@ -103,8 +103,9 @@ def test_the_published_version_records_how_it_was_made(first_run):
 
 
 def test_the_catalog_is_encoded_into_the_new_versions_vector_cache_before_activation(first_run):
-    from chronorec.server.core.encoder import OnnxEncoder
-    from chronorec.server.core.serving import EncoderSettings, open_vector_cache, text_of
+    from chronorec.server.core.encoder import EncoderSettings, OnnxEncoder
+    from chronorec.server.core.indexing import open_vector_cache
+    from chronorec.server.core.itemtext import item_text
     from chronorec.server.core.vector_cache import text_key
 
     db, models, _, outcome = first_run
@@ -116,9 +117,9 @@ def test_the_catalog_is_encoded_into_the_new_versions_vector_cache_before_activa
     try:
         # The server's swap finds every catalog vector in the cache instead of encoding the catalog.
         cache = open_vector_cache(repo, outcome.version, encoder, EncoderSettings())
-        vectors, found = cache.get([text_key(text_of(i)) for i in items])
+        vectors, found = cache.get([text_key(item_text(i)) for i in items])
         assert found.all() and len(items) == outcome.details["prepare"]["items"]
-        np.testing.assert_allclose(vectors[:5], encoder.encode([text_of(i) for i in items[:5]]), atol=1e-5)
+        np.testing.assert_allclose(vectors[:5], encoder.encode([item_text(i) for i in items[:5]]), atol=1e-5)
     finally:
         encoder.close()
 
@@ -225,10 +226,10 @@ def test_a_trainer_killed_mid_export_leaves_no_version_the_server_would_load(tmp
     assert not repo.is_complete(staging)
 
     from chronorec.server.core.errors import Unavailable
-    from chronorec.server.core.serving import EncoderSettings, load_model
+    from chronorec.server.core.encoder import EncoderSettings, load_encoder
 
     with pytest.raises(Unavailable):
-        load_model(repo, staging, EncoderSettings())
+        load_encoder(repo, staging, EncoderSettings())
     # The next run is not confused by the leftover, publishes normally, and clears it once it is old.
     long_ago = time.time() - 7 * 3600
     os.utime(onnx_written.parent, (long_ago, long_ago))

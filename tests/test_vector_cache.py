@@ -6,7 +6,8 @@ import numpy as np
 
 from chronorec.server.core import vector_cache as vc
 from chronorec.server.core.catalog import Item
-from chronorec.server.core.serving import index_catalog, text_of
+from chronorec.server.core.indexing import index_catalog
+from chronorec.server.core.itemtext import item_text
 from chronorec.server.core.vector_cache import VectorCache, prune, text_key
 
 DIM = 8
@@ -111,13 +112,13 @@ def test_index_catalog_encodes_only_what_the_cache_lacks(tmp_path):
     expected = np.stack([unit_rows(1, 3)[0], unit_rows(1, 40)[0]])
     np.testing.assert_allclose(second.vector_of(["i3", "i40"]), expected, atol=1e-6)
     assert first.search(unit_rows(1, 7)[0], 1)[0][0] == "i7"
-    assert text_of(items[0]) == "title 0 | c"
+    assert item_text(items[0]) == "title 0 | c"
 
 
 def test_saved_graph_is_reused_only_for_the_same_catalog(tmp_path, monkeypatch):
-    from chronorec.server.core import serving
+    from chronorec.server.core import indexing
 
-    monkeypatch.setattr(serving, "SAVE_GRAPH_MIN_ITEMS", 10)
+    monkeypatch.setattr(indexing, "SAVE_GRAPH_MIN_ITEMS", 10)
     items = [Item(item_id=f"i{n}", title=f"title {n}", category="c") for n in range(60)]
     calls: list[int] = []
 
@@ -129,8 +130,8 @@ def test_saved_graph_is_reused_only_for_the_same_catalog(tmp_path, monkeypatch):
     graphs = list((tmp_path / "k1").glob("hnsw-*.bin"))
     assert len(graphs) == 1
     loads = []
-    original_load = serving.ItemIndex.load
-    monkeypatch.setattr(serving.ItemIndex, "load", classmethod(lambda cls, *a, **k: loads.append(1) or original_load(*a, **k)))
+    original_load = indexing.ItemIndex.load
+    monkeypatch.setattr(indexing.ItemIndex, "load", classmethod(lambda cls, *a, **k: loads.append(1) or original_load(*a, **k)))
     calls.clear()
     reloaded = index_catalog(encode, list(reversed(items)), DIM, cache=VectorCache(tmp_path, "k1", DIM))
     assert calls == [] and loads == [1]
@@ -170,7 +171,8 @@ def test_index_with_deletions_is_not_saved(tmp_path):
 def test_prepare_version_fills_the_cache_the_server_reads(tiny_repo):
     from chronorec.server.core.encoder import OnnxEncoder
     from chronorec.server.core.repository import ModelRepository
-    from chronorec.server.core.serving import VECTOR_CACHE_DIR, EncoderSettings, open_vector_cache, prepare_version
+    from chronorec.server.core.encoder import EncoderSettings
+    from chronorec.server.core.indexing import VECTOR_CACHE_DIR, open_vector_cache, prepare_version
 
     repo = ModelRepository(tiny_repo)
     version = repo.current()
@@ -180,14 +182,14 @@ def test_prepare_version_fills_the_cache_the_server_reads(tiny_repo):
     encoder = OnnxEncoder(repo.version_dir(version))
     cache = open_vector_cache(repo, version, encoder, EncoderSettings())
     assert cache is not None and cache.folder.parent == tiny_repo / VECTOR_CACHE_DIR
-    vectors, found = cache.get([text_key(text_of(i)) for i in items])
+    vectors, found = cache.get([text_key(item_text(i)) for i in items])
     assert found.all()
-    np.testing.assert_allclose(vectors, encoder.encode([text_of(i) for i in items]), atol=1e-5)
+    np.testing.assert_allclose(vectors, encoder.encode([item_text(i) for i in items]), atol=1e-5)
 
 
 def test_server_flags_choose_or_disable_the_vector_cache(tiny_repo, start_server, tmp_path):
     from chronorec.server.config import config_from_args
-    from chronorec.server.core.serving import VECTOR_CACHE_DIR
+    from chronorec.server.core.indexing import VECTOR_CACHE_DIR
 
     config = config_from_args(["--no-vector-cache", "--vector-cache-dir", str(tmp_path / "vc")])
     assert config.vector_cache is False and config.vector_cache_dir == tmp_path / "vc"

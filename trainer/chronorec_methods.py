@@ -1,7 +1,7 @@
-"""chronorec's own variants as `chronorec-eval` methods, ranked by the server's RankingEngine.
+"""chronorec's own variants as `chronorec-eval` methods, ranked by the server's TimeAwareRanker.
 
 Load with `chronorec-eval --plugin chronorec.trainer.chronorec_methods ...`. Every variant ranks
-every catalogue item through `RankingEngine.score_candidates` in exhaustive mode — the code that
+every catalogue item through `TimeAwareRanker.score_candidates` in exhaustive mode — the code that
 serves Recommend — replayed over the event log by `trainer.tune.EngineRanker`: each test instance
 is scored as of its own time with exactly the events before it visible. The encoder runs as it is
 served: exported to ONNX and published into a model repository (a cache folder outside the repo),
@@ -51,7 +51,7 @@ import numpy as np
 
 from chronorec.server.core.catalog import Item
 from chronorec.server.core.manifest import TimeModelParams
-from chronorec.server.core.ranking import catalog_item_text
+from chronorec.server.core.itemtext import item_text_lookup
 from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text
 from chronorec.trainer.base_model import packaged_minilm
 from chronorec.trainer.evaluate import register_method
@@ -280,7 +280,7 @@ def loo_examples(dataset: Dataset, positions: np.ndarray, items: Mapping[str, It
     still in the catalogue, events with some earlier history."""
     from chronorec.trainer.data import TrainingExample
 
-    item_text_of = catalog_item_text(items)
+    item_text_of = item_text_lookup(items)
     out = []
     for position in np.sort(np.asarray(positions, dtype=np.int64)):
         event = dataset.event_at(int(position))
@@ -309,7 +309,7 @@ class SplitContext:
         self.split = split
         self.dataset: Dataset = split.dataset
         self.items: dict[str, Item] = {item.item_id: item for item in self.dataset.items}
-        self.item_text_of = catalog_item_text(self.items)
+        self.item_text_of = item_text_lookup(self.items)
         self.item_ids = [i for i in self.dataset.item_ids if i in self.items]
         self.tuning = split.tuning_task()
         self.bundles: dict[str, EncoderBundle] = {}
@@ -483,7 +483,7 @@ def context_for(split: Split) -> SplitContext:
 
 
 class ChronorecRanker:
-    """A protocols.Ranker that is `tune.EngineRanker` (the server's RankingEngine, exhaustive) with
+    """A protocols.Ranker that is `tune.EngineRanker` (the server's TimeAwareRanker, exhaustive) with
     one served encoder and one time model, plus what the report shows about it (`params`)."""
 
     def __init__(self, ctx: SplitContext, bundle: EncoderBundle, params: TimeModelParams, report: dict,

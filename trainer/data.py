@@ -11,7 +11,7 @@ import numpy as np
 
 from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.errors import InvalidArgument
-from chronorec.server.core.ranking import catalog_item_text
+from chronorec.server.core.itemtext import item_text_lookup
 from chronorec.server.core.store import EventStore
 from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text
 from chronorec.trainer.protocols import SECONDS_PER_DAY, Dataset, TemporalSplit, temporal_split
@@ -31,7 +31,7 @@ class EventLog:
     @property
     def item_text_of(self) -> Callable[[str], str]:
         """The server's item text (an item deleted since falls back to its id, as in the server's history text)."""
-        return catalog_item_text(self.items)
+        return item_text_lookup(self.items)
 
     @property
     def last_time(self) -> float | None:

@@ -13,9 +13,10 @@ from chronorec.server.core.catalog import Item
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
+from chronorec.server.core.itemtext import item_text_lookup
 from chronorec.server.core.manifest import PARAM_BOUNDS, TimeModelParams
 from chronorec.server.core.ranking import (
-    RankingEngine, RecommendQuery, ScoredCandidates, catalog_item_text,
+    RecommendQuery, ScoredCandidates, TimeAwareRanker,
 )
 from chronorec.server.core.scoring import WEIGHT_NAMES, combine, personal_scale, scaled_weights, weights_of
 from chronorec.server.core.timetext import HistoryEntry
@@ -55,7 +56,7 @@ class CachedEncoder:
 
 
 class EngineReplay:
-    """The server's RankingEngine (exhaustive mode) over a dataset replayed in its global order.
+    """The server's TimeAwareRanker (exhaustive mode) over a dataset replayed in its global order.
 
     Each instance is scored with exactly the events before it visible — its own history and
     every other user's events, as the live server would have ingested them — and with
@@ -69,7 +70,7 @@ class EngineReplay:
         self.items = dict(items)
         self.encode = encode
         self.item_ids = [i for i in dataset.item_ids if i in self.items]
-        self.item_text_of = catalog_item_text(self.items)
+        self.item_text_of = item_text_lookup(self.items)
         if item_vectors is None:
             item_vectors = encode([self.item_text_of(i) for i in self.item_ids])
         self.index = ItemIndex(item_vectors.shape[1], initial_capacity=max(16, len(self.item_ids)))
@@ -82,7 +83,7 @@ class EngineReplay:
     def reset(self) -> None:
         self.state = InteractionState()
         self.replayed = 0
-        self.engine = RankingEngine(self.items, self.index, self.state, self.cooccurrence, self._encode_known,
+        self.engine = TimeAwareRanker(self.items, self.index, self.state, self.cooccurrence, self._encode_known,
                                     self.item_text_of)
 
     def _encode_known(self, texts: list[str]) -> np.ndarray:

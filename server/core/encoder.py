@@ -15,7 +15,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from chronorec.server.core import errors
+from chronorec.server.core.index import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 from chronorec.server.core.manifest import TOKENIZER_FILE, load_manifest, load_tokenizer
+from chronorec.server.core.repository import ModelRepository, ServingSettings
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class OnnxEncoder:
             self.manifest = load_manifest(self.version_dir)
             self._tokenizer = load_tokenizer(self.version_dir / TOKENIZER_FILE, self.manifest.max_length)
         except Exception as exc:
-            raise errors.Unavailable(f"model version at {self.version_dir} cannot be loaded: {exc}") from exc
+            raise errors.Unavailable(f"model version {self.version_dir.name} cannot be loaded: {exc}") from exc
         self.version = self.manifest.version or self.version_dir.name
         self.dimension = int(self.manifest.dimension)
         self.max_length = int(self.manifest.max_length)
@@ -113,6 +115,10 @@ class OnnxEncoder:
             elif (self.version_dir / self.manifest.int8_file).is_file():
                 model_file = self.manifest.int8_file
         self.model_file = model_file
+        graph_path = self.version_dir / model_file
+        if not graph_path.resolve().is_relative_to(self.version_dir.resolve()):
+            # A link out of the folder: the server reads no file outside the version it loads.
+            raise errors.Unavailable(f"model version {self.version}: {model_file} points outside the version folder")
 
         options = ort.SessionOptions()
         if intra_op_threads:
@@ -121,9 +127,7 @@ class OnnxEncoder:
         # other processes need: on 2 busy cores spinning made encoding ~2x slower (tests/bench).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self._session = ort.InferenceSession(
-                str(self.version_dir / model_file), sess_options=options, providers=requested
-            )
+            self._session = ort.InferenceSession(str(graph_path), sess_options=options, providers=requested)
         except Exception as exc:
             raise errors.Unavailable(f"model version {self.version} cannot be loaded: {exc}") from exc
         # What really runs: onnxruntime-gpu silently falls back to CPU when CUDA libraries are missing.
@@ -169,14 +173,17 @@ class OnnxEncoder:
         return {name: value for name, value in inputs.items() if name in self._input_names}
 
     def smoke_check(self) -> dict[str, float]:
-        """Encode fixed texts and verify shape, finiteness and unit norms; errors.Unavailable otherwise."""
+        """Run the graph at the shapes serving will use; errors.Unavailable when any fails.
+
+        Fixed texts check shape, finiteness and unit norms. Then one text of exactly the
+        manifest's max_length tokens (a graph whose position embeddings stop short of it fails
+        here, not on the first long Recommend), and a batch of max_batch_size texts.
+        """
         started = time.perf_counter()
-        try:
-            vectors = self.encode(_SMOKE_TEXTS)
-        except errors.Unavailable:
-            raise
-        except Exception as exc:
-            raise errors.Unavailable(f"model {self.version} failed its smoke check: {exc}") from exc
+        vectors = self._checked_run(_SMOKE_TEXTS, "fixed texts")
+        longest = " ".join(["smoke"] * self.max_length)  # one token a word at least: truncated to max_length
+        self._checked_run([longest], f"its max_length {self.max_length} (batch of 1)")
+        self._checked_run([_SMOKE_TEXTS[0]] * self.max_batch_size, f"a batch of {self.max_batch_size}")
         if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
             raise errors.Unavailable(
                 f"model {self.version} returns shape {vectors.shape}, manifest says dimension {self.dimension}"
@@ -188,9 +195,98 @@ class OnnxEncoder:
             raise errors.Unavailable(f"model {self.version} returns vectors with norms {norms.tolist()}, not 1")
         return {"seconds": time.perf_counter() - started, "dimension": float(self.dimension)}
 
+    def _checked_run(self, texts: list[str], shape: str) -> np.ndarray:
+        try:
+            return self.encode(texts)
+        except errors.Unavailable:
+            raise
+        except Exception as exc:  # onnxruntime raises its own types (a Gather out of range, ...)
+            raise errors.Unavailable(f"model {self.version} fails its load check at {shape}: {exc}") from exc
+
     def close(self) -> None:
         """Drop the ONNX Runtime session so its memory is released once callers are done."""
         self._session = None  # type: ignore[assignment]
+
+
+@dataclass
+class EncoderSettings:
+    """How the server runs a version: its session, its micro-batcher, the vector cache and the graph."""
+
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    max_queue: int = 4096
+    intra_op_threads: int | None = None
+    prefer_int8: bool = False
+    providers: list[str] | None = None
+    on_batch: Callable[[int], None] | None = None
+    # Keep item vectors on disk so a restart (or a rollback) indexes without re-encoding.
+    vector_cache: bool = True
+    vector_cache_dir: Path | None = None  # default: <model repository>/vector-cache
+    hnsw_m: int = HNSW_M
+    hnsw_ef_construction: int = HNSW_EF_CONSTRUCTION
+    hnsw_ef_search: int = HNSW_EF_SEARCH
+
+    def serving_settings(self) -> ServingSettings:
+        """What a publisher preparing a version for this server must match."""
+        return ServingSettings(
+            vector_cache=self.vector_cache,
+            vector_cache_dir=str(Path(self.vector_cache_dir).resolve()) if self.vector_cache_dir else None,
+            prefer_int8=self.prefer_int8,
+            hnsw_m=self.hnsw_m,
+            hnsw_ef_construction=self.hnsw_ef_construction,
+            hnsw_ef_search=self.hnsw_ef_search,
+        )
+
+    @classmethod
+    def from_serving_settings(cls, settings: ServingSettings | None, **overrides) -> "EncoderSettings":
+        """The settings a server recorded (`ModelRepository.read_serving_settings`), or the defaults."""
+        if settings is None:
+            return cls(**overrides)
+        values = dict(
+            vector_cache=settings.vector_cache,
+            vector_cache_dir=Path(settings.vector_cache_dir) if settings.vector_cache_dir else None,
+            prefer_int8=settings.prefer_int8,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
+            hnsw_ef_search=settings.hnsw_ef_search,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def load_encoder(
+    repository: ModelRepository, version: str, settings: EncoderSettings, *, intra_op_threads: int | None = None
+) -> OnnxEncoder:
+    """A version's encoder, loaded and checked at the shapes serving uses.
+
+    errors.FailedPrecondition when the version's manifest breaks the schema (it can never
+    serve), errors.Unavailable when it is missing or its graph fails to load or to run.
+    Messages name the version, never a server path.
+    """
+    info = repository.describe(version)
+    if info is None:
+        raise errors.Unavailable(f"model version {version!r} is missing or incomplete")
+    if not info.usable:
+        raise errors.FailedPrecondition(f"model version {version!r} is unusable: {info.problem}")
+    roots = [repository.root]
+    try:
+        encoder = OnnxEncoder(
+            repository.version_dir(version),
+            providers=settings.providers,
+            intra_op_threads=intra_op_threads or settings.intra_op_threads,
+            prefer_int8=settings.prefer_int8,
+            max_batch_size=settings.max_batch,
+        )
+    except errors.ChronorecError as exc:
+        raise type(exc)(errors.redact_paths(exc.message, roots)) from exc
+    except Exception as exc:  # a corrupt file surfaces as many different exception types
+        raise errors.Unavailable(errors.redact_paths(f"model version {version!r} failed to load: {exc}", roots)) from exc
+    try:
+        encoder.smoke_check()
+    except errors.ChronorecError as exc:
+        encoder.close()
+        raise type(exc)(errors.redact_paths(exc.message, roots)) from exc
+    return encoder
 
 
 class EncodeDeadlineExceeded(errors.Unavailable):
@@ -436,9 +532,11 @@ class MicroBatcher:
 
 __all__ = [
     "EncodeDeadlineExceeded",
+    "EncoderSettings",
     "MicroBatcher",
     "OnnxEncoder",
     "check_onnxruntime_install",
     "default_providers",
+    "load_encoder",
     "validate_texts",
 ]

@@ -1,4 +1,4 @@
-"""The transport-free service core: catalog, feedback, encoding and time-aware recommendation."""
+"""The transport-free data plane the servicers call: catalog, feedback, encoding, recommendation and models."""
 
 from __future__ import annotations
 
@@ -6,43 +6,23 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.catalog_state import CatalogState
 from chronorec.server.core.cooccurrence import CooccurrenceModel
+from chronorec.server.core.encoder import EncoderSettings
 from chronorec.server.core.errors import InvalidArgument, NotFound, Unavailable
 from chronorec.server.core.interactions import InteractionState
-from chronorec.server.core.manifest import Manifest, load_manifest
-from chronorec.server.core.ranking import RankingEngine, RecommendQuery, RecommendResult
+from chronorec.server.core.itemtext import item_text
+from chronorec.server.core.model_lifecycle import ModelManager, PointerWatcher, RankerInputs
+from chronorec.server.core.ranking import CooccurrenceSource, RecommendQuery, RecommendResult
 from chronorec.server.core.repository import ModelRepository
-from chronorec.server.core.serving import (
-    CatalogState,
-    EncoderSettings,
-    ModelManager,
-    PointerWatcher,
-    ServingModel,
-    text_of,
-)
 from chronorec.server.core.store import EventStore
-from chronorec.server.core.timetext import HistoryEntry
 
 log = logging.getLogger("chronorec.engine")
-
-
-@dataclass
-class RecommendRequest:
-    """A Recommend call in domain terms (times in unix seconds)."""
-
-    user_id: str | None
-    k: int
-    at: float | None = None
-    inline_history: list[HistoryEntry] = field(default_factory=list)
-    exclude: frozenset[str] = frozenset()
-    categories: frozenset[str] = frozenset()
-    allow_repeats: bool = False
-    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +30,37 @@ class Recommendations:
     result: RecommendResult
     model_version: str
     at: float
+
+
+@dataclass(frozen=True)
+class ServingStatus:
+    """The serving model and the swap machinery, as GetStatus and the metrics report them."""
+
+    serving_version: str  # "" while none is loaded
+    manifest_json: str
+    providers: list[str]
+    swap_in_progress: bool
+    swap_target: str
+    last_error: str  # why the last version tried was refused; never a server path
+    index_size: int
+    loaded_at: float | None
+    metrics: dict[str, float]
+    swap_count: int
+    last_swap_seconds: float | None
+    encoder_queue_depth: int
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version of the repository as ListVersions reports it."""
+
+    version: str
+    parent_version: str
+    created_at: str
+    metrics: dict[str, float]
+    serving: bool
+    active: bool
+    unusable_reason: str  # "" for a version that can serve
 
 
 class ChronorecEngine:
@@ -68,8 +79,10 @@ class ChronorecEngine:
         self.repository = repository
         self.catalog = CatalogState()
         self.state = InteractionState()
-        self.cooccurrence: CooccurrenceModel | None = None
-        self.manager = ModelManager(repository, self.catalog, settings or EncoderSettings(), self._make_ranking)
+        self.cooccurrence = CooccurrenceSource()
+        self.manager = ModelManager(
+            repository, settings or EncoderSettings(), RankerInputs(self.catalog, self.state, self.cooccurrence)
+        )
         self.cooccurrence_refresh_s = cooccurrence_refresh_s
         self.watch_interval_s = watch_interval_s
         self._watcher: PointerWatcher | None = None
@@ -83,14 +96,13 @@ class ChronorecEngine:
         """Load the catalog, the event log and the serving model; blocks until ready."""
         started = time.perf_counter()
         self._write_serving_settings()
-        with self.catalog.lock:
-            self.catalog.record(upserted=list(self.store.iter_items()))
+        self.catalog.upsert(self.store.iter_items())
         self.state.add([event for _, event in self.store.iter_events()])
         self.refit_cooccurrence()
         version = self._wait_for_version()
         if version is None:
             return
-        self._load_first_good(version)
+        serving = self._load_first_good(version)
         if self.watch_interval_s:
             self._watcher = PointerWatcher(self.manager, self.watch_interval_s).start()
         if self.cooccurrence_refresh_s:
@@ -100,9 +112,9 @@ class ChronorecEngine:
         log.info(
             "engine ready in %.2f s: %d items, %d events, model %s",
             time.perf_counter() - started,
-            len(self.catalog.items),
+            len(self.catalog),
             self.state.event_count,
-            version,
+            serving,
         )
 
     def _write_serving_settings(self) -> None:
@@ -112,18 +124,24 @@ class ChronorecEngine:
         except OSError as exc:  # a read-only repository still serves; publishers use their defaults
             log.warning("could not record the serving settings in the model repository: %s", exc)
 
-    def _load_first_good(self, version: str) -> None:
-        """Serve the active version, or else the most recent earlier one that loads and checks."""
+    def _load_first_good(self, version: str) -> str:
+        """Serve the active version, or else the most recent earlier one that loads and checks;
+        returns the version serving."""
         candidates = [version] + [v for v in reversed(self.repository.history()) if v != version]
+        first_error = ""
         for candidate in dict.fromkeys(candidates):
             try:
                 self.manager.load_version(candidate)
-                if candidate != version:
-                    log.error("active version %s is unusable; serving %s instead", version, candidate)
-                return
-            except Unavailable as exc:
+            except Exception as exc:  # any version that cannot serve is passed over, whatever the cause
                 log.error("model version %s cannot serve: %s", candidate, exc)
-        raise Unavailable(f"no usable model version in {self.repository.root} ({self.manager.last_error})")
+                first_error = first_error or self.manager.last_error
+                continue
+            if candidate != version:
+                log.error("active version %s is unusable; serving %s instead", version, candidate)
+                # GetStatus keeps saying why the active version is not the one serving.
+                self.manager.last_error = first_error
+            return candidate
+        raise Unavailable(f"no usable model version in the repository ({self.manager.last_error})")
 
     def _wait_for_version(self) -> str | None:
         """The active version; with none yet, wait (health stays NOT_SERVING) until one appears."""
@@ -150,26 +168,11 @@ class ChronorecEngine:
         self.manager.close()
 
     # ---- co-occurrence ------------------------------------------------------------
-    def _make_ranking(self, index, encode, manifest: Manifest) -> RankingEngine:
-        return RankingEngine(
-            catalog=self.catalog.items,
-            index=index,
-            state=self.state,
-            cooccurrence=self.cooccurrence,
-            encode=encode,
-            item_text_of=self.catalog.text_of_id,
-            catalog_version=lambda: self.catalog.sequence,
-        )
-
     def refit_cooccurrence(self) -> None:
-        """Refit item co-occurrence from the whole event log and hand it to the serving ranking."""
+        """Refit item co-occurrence from the whole event log; every ranker reads it from the next request."""
         count = self.state.event_count
-        model = CooccurrenceModel.fit(self.state.user_sequences(), list(self.catalog.items))
-        self.cooccurrence = model
+        self.cooccurrence.model = CooccurrenceModel.fit(self.state.user_sequences(), list(self.catalog))
         self._events_at_fit = count
-        current = self.manager._current
-        if current is not None:
-            current.engine.set_cooccurrence(model)
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.cooccurrence_refresh_s):
@@ -187,28 +190,18 @@ class ChronorecEngine:
         with self.manager.acquire() as model:
             return model.encode(texts, timeout=timeout), model.version
 
-    def recommend(self, request: RecommendRequest, timeout: float | None = None) -> Recommendations:
-        """Top-k as of `at`; `timeout` bounds the wait for the encoder (DEADLINE_EXCEEDED past it)."""
-        at = time.time() if request.at is None else float(request.at)
-        for i, entry in enumerate(request.inline_history):
-            if entry.item_id not in self.catalog.items:
+    def recommend(self, query: RecommendQuery, timeout: float | None = None) -> Recommendations:
+        """Top-k as of `query.at` (default now) with the serving version's time model and the
+        query's overrides; `timeout` bounds the wait for the encoder (DEADLINE_EXCEEDED past it)."""
+        at = time.time() if query.at is None else float(query.at)
+        for i, entry in enumerate(query.inline_history):
+            if entry.item_id not in self.catalog:
                 raise NotFound(f"history event {i}: item {entry.item_id!r} is not in the catalog")
             if entry.timestamp > at:
                 raise InvalidArgument(f"history event {i} is after the request's time `at`")
         with self.manager.acquire() as model:
-            params = model.manifest.time_model.with_overrides(request.overrides)
-            query = RecommendQuery(
-                user_id=request.user_id or None,
-                k=request.k,
-                at=at,
-                inline_history=list(request.inline_history),
-                exclude=frozenset(request.exclude),
-                categories=frozenset(request.categories),
-                allow_repeats=request.allow_repeats,
-                params=params,
-                encode_timeout=timeout,
-            )
-            result = model.engine.recommend(query)
+            resolved = replace(query, at=at, user_id=query.user_id or None, encode_timeout=timeout)
+            result = model.ranker.recommend(resolved.resolved(model.manifest.time_model))
             return Recommendations(result, model.version, at)
 
     def feedback(self, events: list[Event]) -> tuple[int, int]:
@@ -218,60 +211,88 @@ class ChronorecEngine:
         return len(stored), duplicates
 
     def upsert_items(self, items: list[Item]) -> tuple[int, int]:
-        with self.manager.acquire() as model, self.catalog.lock:
-            vectors = model.encode([text_of(i) for i in items]) if items else None
+        # The catalog lock first: a swap installs its model under it, so the model pinned here
+        # is the one serving until the change is in its index.
+        with self.catalog.lock, self.manager.acquire() as model:
+            vectors = model.encode([item_text(i) for i in items]) if items else None
             count = self.store.upsert_items(items)
-            self.catalog.record(upserted=items)
+            self.catalog.upsert(items)
             if items:
                 model.index.upsert([i.item_id for i in items], vectors)
             return count, len(model.index)
 
     def delete_items(self, item_ids: list[str]) -> tuple[int, int]:
-        with self.manager.acquire() as model, self.catalog.lock:
+        with self.catalog.lock, self.manager.acquire() as model:
             count = self.store.delete_items(item_ids)
-            self.catalog.record(deleted=item_ids)
+            self.catalog.delete(item_ids)
             model.index.delete([i for i in item_ids if i in model.index])
             return count, len(model.index)
 
     def get_item(self, item_id: str) -> Item:
-        item = self.catalog.items.get(item_id)
+        item = self.catalog.get(item_id)
         if item is None:
             raise NotFound(f"item {item_id!r} is not in the catalog")
         return item
 
-    def status(self) -> dict:
-        model = self.manager._current
-        manifest = model.manifest if model else None
-        return {
-            "serving_version": model.version if model else "",
-            "manifest_json": manifest.to_json() if manifest else "",
-            "providers": model.providers if model else [],
-            "swap_in_progress": self.manager.swap_in_progress,
-            "swap_target": self.manager.swap_target or "",
-            "last_error": self.manager.last_error,
-            "index_size": len(model.index) if model else 0,
-            "loaded_at": model.loaded_at if model else None,
-            "metrics": _numeric(manifest.metrics) if manifest else {},
-            "swap_count": self.manager.swap_count,
-        }
+    # ---- models ---------------------------------------------------------------------
+    def serving_version(self) -> str | None:
+        """The version answering requests now (None while none is loaded)."""
+        return self.manager.current_version()
 
-    def list_versions(self) -> list[dict]:
+    def status(self) -> ServingStatus:
+        manager = self.manager
+        model = manager.try_acquire()
+        common = dict(
+            swap_in_progress=manager.swap_in_progress,
+            swap_target=manager.swap_target or "",
+            last_error=manager.last_error,
+            swap_count=manager.swap_count,
+            last_swap_seconds=manager.last_swap_seconds,
+        )
+        if model is None:
+            return ServingStatus(serving_version="", manifest_json="", providers=[], index_size=0, loaded_at=None,
+                                 metrics={}, encoder_queue_depth=0, **common)
+        with model:  # pinned only while reading, so a status call never delays releasing a swapped-out model
+            return ServingStatus(
+                serving_version=model.version,
+                manifest_json=model.manifest.to_json(),
+                providers=model.providers,
+                index_size=len(model.index),
+                loaded_at=model.loaded_at,
+                metrics=_numeric(model.manifest.metrics),
+                encoder_queue_depth=model.batcher.queue_depth,
+                **common,
+            )
+
+    def list_versions(self) -> list[VersionStatus]:
+        """Every version of the repository, those that cannot serve with the reason."""
         serving = self.manager.current_version()
         active = self.repository.current()
         out = []
-        for version in self.repository.list_versions():
-            manifest = load_manifest(self.repository.version_dir(version))
+        for info in self.repository.describe_versions():
+            manifest = info.manifest
             out.append(
-                {
-                    "version": version,
-                    "parent_version": manifest.parent_version or "",
-                    "created_at": manifest.created_at,
-                    "metrics": _numeric(manifest.metrics),
-                    "serving": version == serving,
-                    "active": version == active,
-                }
+                VersionStatus(
+                    version=info.version,
+                    parent_version=(manifest.parent_version or "") if manifest else "",
+                    created_at=manifest.created_at if manifest else "",
+                    metrics=_numeric(manifest.metrics) if manifest else {},
+                    serving=info.version == serving,
+                    active=info.version == active,
+                    unusable_reason=self.manager.public_message(info.problem),
+                )
             )
         return out
+
+    def activate(self, version: str, wait: bool = True) -> str:
+        """Make `version` the active one (with `wait`, after it loaded and passed its checks);
+        returns the version serving afterwards."""
+        return self.manager.activate(version, wait=wait)
+
+    def rollback(self, wait: bool = True) -> tuple[str, str]:
+        """Re-activate the previous version; returns (the version now active, the one serving)."""
+        active = self.manager.rollback(wait=wait)
+        return active, self.manager.current_version() or ""
 
 
 def _numeric(metrics: dict) -> dict[str, float]:

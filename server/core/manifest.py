@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from chronorec.server.core.errors import InvalidArgument
 
@@ -62,8 +62,29 @@ class TimeModelParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "TimeModelParams":
-        known = {f.name for f in fields(cls)}
-        return cls().with_overrides({k: v for k, v in (data or {}).items() if k in known})
+        """Parameters from a manifest's `time_model`: ManifestError names the first bad value.
+
+        Unknown names are ignored (a newer trainer may know more); a missing or null one keeps
+        its default.
+        """
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ManifestError(f"time_model must be an object, got {_json_type(data)}")
+        clean: dict[str, Any] = {}
+        for spec in fields(cls):
+            value = data.get(spec.name)
+            if value is None:
+                continue
+            low, high = PARAM_BOUNDS[spec.name]
+            if not _is_number(value) or not math.isfinite(value) or not (low <= value <= high):
+                raise ManifestError(f"time_model.{spec.name} must be a number within [{low}, {high}], got {value!r}")
+            if spec.name == "history_max_events":
+                if value != int(value):
+                    raise ManifestError(f"time_model.history_max_events must be a whole number, got {value!r}")
+                value = int(value)
+            clean[spec.name] = float(value) if spec.type in ("float", float) else value
+        return cls(**clean)
 
 
 # Bounds a request override (and a trainer's fit) must respect.
@@ -114,21 +135,154 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
-        data = json.loads(text)
+        """Parse and validate; ManifestUnreadable when it is not a JSON object, else ManifestError."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:  # also a text that is not UTF-8 JSON
+            raise ManifestUnreadable(f"manifest is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise ValueError("manifest is not a JSON object")
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        data["time_model"] = TimeModelParams.from_dict(data.get("time_model"))
-        manifest = cls(**data)
-        if int(manifest.dimension) <= 0:
-            raise ValueError("manifest dimension must be positive")
-        return manifest
+            raise ManifestUnreadable(f"manifest is not a JSON object but {_json_type(data)}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        """Validate every field against MANIFEST_FIELDS; unknown fields are ignored (a newer trainer's)."""
+        values: dict[str, Any] = {}
+        for name, check in MANIFEST_FIELDS.items():
+            if name not in data:
+                if name in _REQUIRED_FIELDS:
+                    raise ManifestError(f"manifest lacks {name!r}")
+                continue
+            values[name] = check(name, data[name])
+        values["time_model"] = TimeModelParams.from_dict(data.get("time_model"))
+        return cls(**values)
+
+
+class ManifestError(ValueError):
+    """A manifest that parses but breaks the schema: its version cannot be served."""
+
+
+class ManifestUnreadable(ManifestError):
+    """A manifest that is not a JSON object at all (missing, truncated, half-written)."""
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ManifestError(f"{name} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _optional_string(name: str, value: Any) -> str | None:
+    return None if value is None else _string(name, value)
+
+
+def _count(limit: int) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise ManifestError(f"{name} must be a whole number within [1, {limit}], got {value!r}")
+        return value
+
+    return check
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ManifestError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _object(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ManifestError(f"{name} must be an object, got {_json_type(value)}")
+    return value
+
+
+def _optional_object(name: str, value: Any) -> dict[str, Any] | None:
+    return None if value is None else _object(name, value)
+
+
+def _optional_numbers(name: str, value: Any) -> dict[str, float] | None:
+    if value is None:
+        return None
+    for key, number in _object(name, value).items():
+        if not _is_number(number):
+            raise ManifestError(f"{name}.{key} must be a number, got {_json_type(number)}")
+    return value
+
+
+def _optional_number(name: str, value: Any) -> float | None:
+    if value is not None and not _is_number(value):
+        raise ManifestError(f"{name} must be a number, got {_json_type(value)}")
+    return value
+
+
+def _graph_file(name: str, value: Any) -> str:
+    """A file name inside the version folder: the server reads nothing else of the repository."""
+    text = _string(name, value)
+    if not text or text in (".", "..") or "/" in text or "\\" in text or "\x00" in text:
+        # The value is not echoed: it may be a path of the server's own file system.
+        raise ManifestError(f"{name} must be a file name inside the version folder (no folder, no '..')")
+    return text
+
+
+def _optional_graph_file(name: str, value: Any) -> str | None:
+    return None if value is None else _graph_file(name, value)
+
+
+def _schema(name: str, value: Any) -> int:
+    if value != MANIFEST_SCHEMA or isinstance(value, bool):
+        raise ManifestError(f"schema {value!r} is not supported (this server reads schema {MANIFEST_SCHEMA})")
+    return value
+
+
+# Longest input the schema admits; whether the graph really reaches it is the load check's job.
+MAX_MANIFEST_LENGTH = 65536
+MAX_MANIFEST_DIMENSION = 65536
+
+# The one schema of manifest.json: each field's check (time_model has its own, TimeModelParams.from_dict).
+MANIFEST_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "version": _string,
+    "base_model": _string,
+    "dimension": _count(MAX_MANIFEST_DIMENSION),
+    "max_length": _count(MAX_MANIFEST_LENGTH),
+    "pooling": _string,
+    "normalize": _boolean,
+    "metrics": _object,
+    "training_window": _optional_object,
+    "parent_version": _optional_string,
+    "created_at": _string,
+    "onnx_file": _graph_file,
+    "int8_file": _optional_graph_file,
+    "int8_cosine": _optional_numbers,
+    "parity_max_abs_diff": _optional_number,
+    "extra": _object,
+    "schema": _schema,
+}
+_REQUIRED_FIELDS = ("version", "base_model", "dimension")
 
 
 def load_manifest(version_dir: str | os.PathLike) -> Manifest:
-    """Read and validate `manifest.json` of a version directory."""
-    return Manifest.from_json((Path(version_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    """Read and validate `manifest.json` of a version directory.
+
+    OSError when it cannot be read, ManifestUnreadable when it is no JSON object, ManifestError
+    when a field breaks the schema.
+    """
+    raw = (Path(version_dir) / MANIFEST_FILE).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestUnreadable(f"manifest is not UTF-8: {exc}") from None
+    return Manifest.from_json(text)
 
 
 def write_manifest(version_dir: str | os.PathLike, manifest: Manifest) -> None:

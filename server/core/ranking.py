@@ -7,26 +7,24 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import numpy as np
 
 from chronorec.client.rules import SECONDS_PER_DAY as _DAY
 from chronorec.server.core.catalog import Item
+from chronorec.server.core.catalog_columns import CatalogColumns, CatalogSnapshot
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.errors import InvalidArgument
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
+from chronorec.server.core.itemtext import item_text_lookup
 from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.scoring import combine, personal_scale, score_weights
-from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text, item_text
+from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text
 
 REASONS_PER_ITEM = 3
-# How often the candidate path may rebuild a stale catalog snapshot (~0.2 s at 100k items)
-# or re-align it after writes; in between it looks candidates up one by one (see
-# _CatalogSnapshot.may_refresh).
-ALIGNMENT_REFRESH_S = 10.0
 
 
 # ------------------------------------------------------------------ requests
@@ -34,16 +32,22 @@ ALIGNMENT_REFRESH_S = 10.0
 
 @dataclass(frozen=True, eq=False)
 class RecommendQuery:
-    """One Recommend call, transport-free. `at` is unix seconds; only events ≤ `at` count."""
+    """One Recommend call, transport-free, from the servicer to the ranker.
+
+    `at` is unix seconds (None: now); only events ≤ `at` count. `params` is the time model
+    (None: the serving version's), with `overrides` applied on top (see `resolved`).
+    """
 
     user_id: str | None
     k: int
-    at: float
+    at: float | None = None
     inline_history: Sequence[HistoryEntry] = ()
     exclude: frozenset[str] = frozenset()
     categories: frozenset[str] = frozenset()
     allow_repeats: bool = False
-    params: TimeModelParams = field(default_factory=TimeModelParams)
+    params: TimeModelParams | None = None
+    # Per-request time-model values by name; out-of-bounds ones raise InvalidArgument.
+    overrides: Mapping[str, float] = field(default_factory=dict)
     # Score every catalog item instead of index/co-occurrence/trend candidates (evaluation).
     exhaustive: bool = False
     # A precomputed short-term vector (e.g. batch-encoded by the evaluation) skips the encoder.
@@ -51,18 +55,38 @@ class RecommendQuery:
     # Seconds the short-term text may wait for the encoder (the caller's deadline); None: no limit.
     encode_timeout: float | None = None
 
+    def resolved(self, params: TimeModelParams | None = None, now: float | None = None) -> "RecommendQuery":
+        """A copy with `at` set (default `now`, else the clock) and `params` set: the query's own,
+        else `params`, else the defaults, with `overrides` applied (and then emptied)."""
+        if self.at is not None and self.params is not None and not self.overrides:
+            return self
+        at = self.at if self.at is not None else (time.time() if now is None else float(now))
+        base = self.params or params or TimeModelParams()
+        return replace(self, at=at, params=base.with_overrides(dict(self.overrides)), overrides={})
+
+
+@dataclass(frozen=True)
+class HistoryReason:
+    """A history item that contributed to a recommendation, and how much."""
+
+    item_id: str
+    title: str
+    contribution: float
+
 
 @dataclass(frozen=True)
 class Recommendation:
-    """One ranked item. Components are the values the score weights multiply."""
+    """One ranked item with what a caller shows of it. Components are the values the score weights multiply."""
 
     item_id: str
+    title: str
+    category: str
     score: float
     semantic: float
     cooccurrence: float
     freshness: float
     trend: float
-    top_history: list[tuple[str, float]]
+    top_history: list[HistoryReason]
 
 
 @dataclass(frozen=True)
@@ -85,168 +109,6 @@ class ScoredCandidates:
 
 
 # ------------------------------------------------------------------- catalog
-
-
-class CatalogView(Mapping):
-    """A thread-safe item mapping with a version number that changes on every write.
-
-    The ranking caches its column arrays of the whole catalog by that version.
-    """
-
-    def __init__(self, items: Iterable[Item] = ()):
-        self._lock = threading.Lock()
-        self._items: dict[str, Item] = {item.item_id: item for item in items}
-        self.version = 0
-
-    def upsert(self, items: Iterable[Item]) -> None:
-        with self._lock:
-            for item in items:
-                self._items[item.item_id] = item
-            self.version += 1
-
-    def delete(self, item_ids: Iterable[str]) -> int:
-        with self._lock:
-            removed = sum(self._items.pop(item_id, None) is not None for item_id in item_ids)
-            self.version += 1
-            return removed
-
-    def snapshot(self) -> list[Item]:
-        with self._lock:
-            return list(self._items.values())
-
-    def __getitem__(self, item_id: str) -> Item:
-        return self._items[item_id]
-
-    def get(self, item_id: str, default=None):
-        return self._items.get(item_id, default)
-
-    def __contains__(self, item_id: object) -> bool:
-        return item_id in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.snapshot_ids())
-
-    def snapshot_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-def catalog_item_text(catalog: Mapping[str, Item]) -> Callable[[str], str]:
-    """`item_text_of` over a catalog; an item deleted since it was seen falls back to its id."""
-
-    def item_text_of(item_id: str) -> str:
-        item = catalog.get(item_id)
-        return item_id if item is None else item_text(item.title, item.category, item.text)
-
-    return item_text_of
-
-
-@dataclass(frozen=True)
-class _Columns:
-    """Candidate attributes as arrays (missing times are NaN).
-
-    Columns cut from the catalog snapshot remember it (`source`) and their `rows` in it,
-    so per-item lookups (index labels, popularity and co-occurrence positions) come from
-    the snapshot's cached alignments instead of one dict lookup per item per query.
-    """
-
-    item_ids: np.ndarray
-    published_at: np.ndarray
-    expires_at: np.ndarray
-    category: np.ndarray
-    source: "_CatalogSnapshot | None" = None
-    rows: np.ndarray | None = None
-
-    @classmethod
-    def of(cls, items: Sequence[Item]) -> "_Columns":
-        nan = float("nan")
-        return cls(
-            item_ids=np.array([i.item_id for i in items], dtype=object),
-            published_at=np.array([nan if i.published_at is None else i.published_at for i in items], dtype=np.float64),
-            expires_at=np.array([nan if i.expires_at is None else i.expires_at for i in items], dtype=np.float64),
-            category=np.array([i.category for i in items], dtype=object),
-        )
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    def take(self, mask: np.ndarray) -> "_Columns":
-        return _Columns(
-            self.item_ids[mask],
-            self.published_at[mask],
-            self.expires_at[mask],
-            self.category[mask],
-            self.source,
-            None if self.rows is None else self.rows[mask],
-        )
-
-
-class _CatalogSnapshot:
-    """The whole catalog as `_Columns` sorted by item id, with cached alignments to the
-    index, the interaction state and the co-occurrence model."""
-
-    def __init__(self, items: Sequence[Item]):
-        items = sorted(items, key=lambda i: i.item_id)
-        self.row_of = {item.item_id: row for row, item in enumerate(items)}
-        base = _Columns.of(items)
-        self.columns = _Columns(
-            base.item_ids, base.published_at, base.expires_at, base.category, self, np.arange(len(items))
-        )
-        # Each cache is one tuple, replaced whole, so concurrent readers never see it torn.
-        self._index_labels: tuple[int, np.ndarray] | None = None
-        self._state_positions: tuple[int, np.ndarray] | None = None
-        self._cooccurrence_positions: tuple[CooccurrenceModel, np.ndarray] | None = None
-        self._refreshed_at: dict[str, float] = {}
-        self.built_at = time.monotonic()
-
-    def __len__(self) -> int:
-        return len(self.row_of)
-
-    def may_refresh(self, name: str, partial: bool) -> bool:
-        """Whether a stale alignment may be recomputed over the whole catalog now.
-
-        Full-catalog scoring always may. A few hundred candidates may only once per
-        ALIGNMENT_REFRESH_S: writes (a first event on an item, a catalog edit) would
-        otherwise make every request pay O(catalog) lookups to use O(candidates) of them;
-        in between, the caller looks its candidates up one by one.
-        """
-        if not partial:
-            return True
-        now = time.monotonic()
-        if now - self._refreshed_at.get(name, -math.inf) < ALIGNMENT_REFRESH_S:
-            return False
-        self._refreshed_at[name] = now
-        return True
-
-    def index_labels(self, index: ItemIndex, refresh: bool = True) -> tuple[np.ndarray, int] | None:
-        cached = self._index_labels
-        if cached is None or cached[0] != index.generation:
-            if not refresh:
-                return None
-            labels, generation = index.labels_of(self.columns.item_ids)
-            cached = self._index_labels = (generation, labels)
-        return cached[1], cached[0]
-
-    def state_positions(self, state: InteractionState, refresh: bool = True) -> np.ndarray | None:
-        # State positions never change meaning; only items getting their first event do.
-        cached = self._state_positions
-        if cached is None or cached[0] != state.num_items:
-            if not refresh:
-                return None
-            count = state.num_items
-            cached = self._state_positions = (count, state.indices_of(self.columns.item_ids))
-        return cached[1]
-
-    def cooccurrence_positions(self, model: CooccurrenceModel, refresh: bool = True) -> np.ndarray | None:
-        cached = self._cooccurrence_positions
-        if cached is None or cached[0] is not model:
-            if not refresh:
-                return None
-            cached = self._cooccurrence_positions = (model, model.indices_of(self.columns.item_ids))
-        return cached[1]
 
 
 def _gather(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -281,10 +143,21 @@ def _unit(vector: np.ndarray) -> np.ndarray | None:
     return vector / norm if norm > 1e-12 and math.isfinite(norm) else None
 
 
-class RankingEngine:
+class CooccurrenceSource:
+    """The co-occurrence model rankers read at each request.
+
+    The server's rankers share one source, so a background refit reaches whichever ranker
+    serves (and one being built for a swap) by one reference swap.
+    """
+
+    def __init__(self, model: CooccurrenceModel | None = None):
+        self.model = model
+
+
+class TimeAwareRanker:
     """Recommend as of a time `t`, the same code for live traffic and for replaying the past.
 
-    One engine serves one encoder version; on a hot swap the server builds a new engine
+    One ranker serves one encoder version; on a hot swap the server builds a new one
     (new index, empty short-term cache) and swaps it in.
     """
 
@@ -293,7 +166,7 @@ class RankingEngine:
         catalog: Mapping[str, Item],
         index: ItemIndex,
         state: InteractionState,
-        cooccurrence: CooccurrenceModel | None,
+        cooccurrence: CooccurrenceModel | CooccurrenceSource | None,
         encode: Callable[[list[str]], np.ndarray],
         item_text_of: Callable[[str], str] | None = None,
         short_term_cache_size: int = 10000,
@@ -307,9 +180,10 @@ class RankingEngine:
         self.catalog = catalog
         self.index = index
         self.state = state
-        self.cooccurrence = cooccurrence
+        shared = isinstance(cooccurrence, CooccurrenceSource)
+        self._cooccurrence = cooccurrence if shared else CooccurrenceSource(cooccurrence)
         self.encode = encode
-        self.item_text_of = item_text_of or catalog_item_text(catalog)
+        self.item_text_of = item_text_of or item_text_lookup(catalog)
         self.oversample = max(1, int(oversample))
         self.recent_items_for_neighbours = recent_items_for_neighbours
         self.neighbours_per_item = neighbours_per_item
@@ -322,13 +196,17 @@ class RankingEngine:
         self._cache_size = max(0, int(short_term_cache_size))
         self._short_term_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._catalog_columns: tuple[object, _CatalogSnapshot] | None = None
+        self._catalog_columns: tuple[object, CatalogSnapshot] | None = None
 
     # ---------------------------------------------------------------- public
 
+    @property
+    def cooccurrence(self) -> CooccurrenceModel | None:
+        return self._cooccurrence.model
+
     def set_cooccurrence(self, model: CooccurrenceModel | None) -> None:
         """Swap in a refitted co-occurrence model (a plain reference swap, safe mid-traffic)."""
-        self.cooccurrence = model
+        self._cooccurrence.model = model
 
     def clear_cache(self) -> None:
         with self._cache_lock:
@@ -360,6 +238,7 @@ class RankingEngine:
         return history_text(recent, at, self.item_text_of, params.history_max_events)
 
     def recommend(self, query: RecommendQuery) -> RecommendResult:
+        query = query.resolved()
         history, scored, context = self._score(query)
         top = [int(i) for i in self._top_k(scored, query.k)]
         if not self._still_valid(scored.item_ids[top], query):
@@ -371,6 +250,8 @@ class RankingEngine:
         recommendations = [
             Recommendation(
                 item_id=str(scored.item_ids[i]),
+                title=self._title(scored.item_ids[i]),
+                category=self._category(scored.item_ids[i]),
                 score=float(scored.score[i]),
                 semantic=float(scored.semantic[i]),
                 cooccurrence=float(scored.cooccurrence[i]),
@@ -381,6 +262,14 @@ class RankingEngine:
             for n, i in enumerate(top)
         ]
         return RecommendResult(recommendations, len(history), context.used_cache)
+
+    def _title(self, item_id: str) -> str:
+        item = self.catalog.get(item_id)  # deleted since it was scored: nothing to show
+        return item.title if item is not None else ""
+
+    def _category(self, item_id: str) -> str:
+        item = self.catalog.get(item_id)
+        return item.category if item is not None else ""
 
     def _still_valid(self, item_ids: np.ndarray, query: RecommendQuery) -> bool:
         """The hard filters, re-checked on the live catalog for the few items being returned."""
@@ -394,7 +283,7 @@ class RankingEngine:
 
     def score_candidates(self, query: RecommendQuery) -> ScoredCandidates:
         """Scores of every candidate that passes the filters (the evaluation ranks these)."""
-        return self._score(query)[1]
+        return self._score(query.resolved())[1]
 
     # --------------------------------------------------------------- scoring
 
@@ -419,7 +308,7 @@ class RankingEngine:
                 columns = self._filter(self._all_columns(), query, banned)
         return history, self._components(columns, query, context), context
 
-    def _components(self, columns: _Columns, query: RecommendQuery, context: "_UserContext") -> ScoredCandidates:
+    def _components(self, columns: CatalogColumns, query: RecommendQuery, context: "_UserContext") -> ScoredCandidates:
         params, at = query.params, query.at
         ids = columns.item_ids
         n = len(ids)
@@ -489,7 +378,7 @@ class RankingEngine:
 
     # ------------------------------------------------------------ candidates
 
-    def _all_columns(self) -> _Columns:
+    def _all_columns(self) -> CatalogColumns:
         return self._catalog_snapshot().columns
 
     def _catalog_key(self) -> tuple[tuple, bool]:
@@ -503,17 +392,17 @@ class RankingEngine:
             return (id(catalog), version), True
         return (id(catalog), len(catalog)), False
 
-    def _catalog_snapshot(self) -> _CatalogSnapshot:
+    def _catalog_snapshot(self) -> CatalogSnapshot:
         key, _ = self._catalog_key()
         cached = self._catalog_columns
         if cached is None or cached[0] != key:
             catalog = self.catalog
             items = catalog.snapshot() if hasattr(catalog, "snapshot") else list(catalog.values())
-            cached = (key, _CatalogSnapshot(items))
+            cached = (key, CatalogSnapshot(items))
             self._catalog_columns = cached
         return cached[1]
 
-    def _candidate_snapshot(self) -> _CatalogSnapshot | None:
+    def _candidate_snapshot(self) -> CatalogSnapshot | None:
         """The catalog snapshot when it is current (rebuilt at most every ALIGNMENT_REFRESH_S),
         else None. A length-keyed catalog (no version) can look current while it is not, so
         candidates from it are always looked up in the live catalog."""
@@ -523,11 +412,11 @@ class RankingEngine:
         cached = self._catalog_columns
         if cached is not None and cached[0] == key:
             return cached[1]
-        if cached is not None and time.monotonic() - cached[1].built_at < ALIGNMENT_REFRESH_S:
+        if cached is not None and cached[1].recently_built():
             return None
         return self._catalog_snapshot()
 
-    def _candidate_columns(self, query: RecommendQuery, context: "_UserContext", banned: set[str]) -> _Columns:
+    def _candidate_columns(self, query: RecommendQuery, context: "_UserContext", banned: set[str]) -> CatalogColumns:
         params = query.params
         fetch = query.k * self.oversample + len(banned)
         if query.categories:
@@ -550,10 +439,10 @@ class RankingEngine:
             rows = np.fromiter((row_of.get(i, -1) for i in candidate_ids), dtype=np.int64, count=len(candidate_ids))
             return snapshot.columns.take(rows[rows >= 0])
         items = [item for item in map(self.catalog.get, candidate_ids) if item is not None]
-        return _Columns.of(items)
+        return CatalogColumns.of(items)
 
     @staticmethod
-    def _filter(columns: _Columns, query: RecommendQuery, banned: set[str]) -> _Columns:
+    def _filter(columns: CatalogColumns, query: RecommendQuery, banned: set[str]) -> CatalogColumns:
         at = query.at
         published, expires = columns.published_at, columns.expires_at
         # NaN comparisons are False, so "no published_at" / "no expires_at" pass.
@@ -572,7 +461,7 @@ class RankingEngine:
 
     # --------------------------------------------------------------- reasons
 
-    def _reasons(self, item_ids: np.ndarray, context: "_UserContext") -> list[list[tuple[str, float]]]:
+    def _reasons(self, item_ids: np.ndarray, context: "_UserContext") -> list[list[HistoryReason]]:
         """Per item, the top history items by semantic (long-term part) + co-occurrence contribution."""
         history_ids = context.unique_items
         if not len(item_ids) or not history_ids:
@@ -592,7 +481,7 @@ class RankingEngine:
             values = contribution[:, column]
             positive = [(history_ids[i], float(values[i])) for i in np.flatnonzero(values > 0)]
             positive.sort(key=lambda pair: (-pair[1], pair[0]))
-            reasons.append(positive[:REASONS_PER_ITEM])
+            reasons.append([HistoryReason(h, self._title(h), share) for h, share in positive[:REASONS_PER_ITEM]])
         return reasons
 
     # ----------------------------------------------------------- short term
@@ -638,7 +527,7 @@ class _UserContext:
         self.personal_scale = 1.0
 
     @classmethod
-    def build(cls, engine: RankingEngine, history: list[HistoryEntry], query: RecommendQuery) -> "_UserContext":
+    def build(cls, engine: TimeAwareRanker, history: list[HistoryEntry], query: RecommendQuery) -> "_UserContext":
         context = cls()
         context.cooccurrence_model = engine.cooccurrence
         context.history_length = len(history)

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Iterator
 
 from chronorec.server.core.errors import NotFound
-from chronorec.server.core.manifest import MANIFEST_FILE, TOKENIZER_FILE, load_manifest
+from chronorec.server.core.manifest import (
+    MANIFEST_FILE,
+    TOKENIZER_FILE,
+    Manifest,
+    ManifestError,
+    ManifestUnreadable,
+    load_manifest,
+)
 
 log = logging.getLogger("chronorec.repository")
 
@@ -84,6 +91,19 @@ def _write_atomically(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+@dataclass(frozen=True)
+class VersionInfo:
+    """A version folder as the repository sees it: its manifest, or why it cannot serve."""
+
+    version: str
+    manifest: Manifest | None
+    problem: str = ""  # empty when the version is usable
+
+    @property
+    def usable(self) -> bool:
+        return not self.problem
+
+
 class ModelRepository:
     """`<root>/encoder/<version>/` directories plus the `CURRENT` pointer and activation `HISTORY`."""
 
@@ -114,28 +134,47 @@ class ModelRepository:
     def version_dir(self, version: str) -> Path:
         return self.encoder_dir / version
 
-    def is_complete(self, version: str) -> bool:
-        """A version is complete when its manifest parses and its model and tokenizer exist."""
+    def describe(self, version: str) -> "VersionInfo | None":
+        """What `version` is, or None when it is no version at all.
+
+        None: no such folder, a hidden (staging) name, a manifest that is missing or not a JSON
+        object (a half-written copy), or model and tokenizer files absent. A manifest that
+        parses but breaks the schema gives a VersionInfo whose `problem` says why: that version
+        is listed but can never serve.
+        """
+        if not version or version.startswith(".") or "/" in version or version in (".", ".."):
+            return None
         path = self.version_dir(version)
         try:
             manifest = load_manifest(path)
-        except (OSError, ValueError, TypeError, KeyError):
-            return False
+        except (OSError, ManifestUnreadable):
+            return None
+        except ManifestError as exc:
+            return VersionInfo(version, None, f"invalid manifest: {exc}")
         model = path / manifest.onnx_file
-        return model.is_file() and model.stat().st_size > 0 and (path / TOKENIZER_FILE).is_file()
+        try:
+            complete = model.is_file() and model.stat().st_size > 0 and (path / TOKENIZER_FILE).is_file()
+        except OSError:
+            complete = False
+        return VersionInfo(version, manifest, "") if complete else None
+
+    def is_complete(self, version: str) -> bool:
+        """A version is complete when its manifest is valid and its model and tokenizer exist."""
+        info = self.describe(version)
+        return info is not None and info.usable
+
+    def describe_versions(self) -> list["VersionInfo"]:
+        """Every version, usable or not, oldest first (by manifest creation time, then name)."""
+        try:
+            children = [c.name for c in self.encoder_dir.iterdir() if c.is_dir() and not c.name.startswith(".")]
+        except OSError:  # no repository (yet, or it vanished)
+            return []
+        found = [info for info in map(self.describe, children) if info is not None]
+        return sorted(found, key=lambda info: (info.manifest.created_at if info.manifest else "", info.version))
 
     def list_versions(self) -> list[str]:
-        """Complete versions, oldest first (by manifest creation time, then name)."""
-        if not self.encoder_dir.is_dir():
-            return []
-        found = []
-        for child in self.encoder_dir.iterdir():
-            if not child.is_dir() or child.name.startswith("."):
-                continue
-            if not self.is_complete(child.name):
-                continue
-            found.append((load_manifest(child).created_at, child.name))
-        return [name for _, name in sorted(found)]
+        """Usable versions, oldest first (by manifest creation time, then name)."""
+        return [info.version for info in self.describe_versions() if info.usable]
 
     def current(self) -> str | None:
         """The serving version named by the pointer, or None when nothing was activated."""
@@ -234,4 +273,5 @@ __all__ = [
     "SERVING_SETTINGS_FILE",
     "ModelRepository",
     "ServingSettings",
+    "VersionInfo",
 ]

@@ -85,16 +85,6 @@ def relative_time_phrase(seconds: float) -> str:
     return _plural(days // 365, "year")
 
 
-def item_text(title: str, category: str = "", text: str = "") -> str:
-    """The text that represents an item to the encoder: `Title | Category | extra text`."""
-    parts = [title.strip()]
-    if category.strip():
-        parts.append(category.strip())
-    if text.strip():
-        parts.append(text.strip())
-    return " | ".join(parts)
-
-
 def _format_value(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from chronorec.server.core.engine import ChronorecEngine
@@ -21,16 +22,25 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     @rpc
     def GetStatus(self, request, context):
         status = self.engine.status()
-        loaded_at = status.pop("loaded_at")
-        response = models_pb2.GetStatusResponse(**status)
-        if loaded_at is not None:
-            response.loaded_at.CopyFrom(to_timestamp(loaded_at))
+        response = models_pb2.GetStatusResponse(
+            serving_version=status.serving_version,
+            manifest_json=status.manifest_json,
+            providers=status.providers,
+            swap_in_progress=status.swap_in_progress,
+            swap_target=status.swap_target,
+            last_error=status.last_error,
+            index_size=status.index_size,
+            metrics=status.metrics,
+            swap_count=status.swap_count,
+        )
+        if status.loaded_at is not None:
+            response.loaded_at.CopyFrom(to_timestamp(status.loaded_at))
         return response
 
     @rpc
     def ListVersions(self, request, context):
         return models_pb2.ListVersionsResponse(
-            versions=[models_pb2.ModelVersion(**v) for v in self.engine.list_versions()]
+            versions=[models_pb2.ModelVersion(**dataclasses.asdict(v)) for v in self.engine.list_versions()]
         )
 
     @rpc
@@ -39,10 +49,10 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
             raise InvalidArgument("version is empty")
         if not _VERSION_NAME.fullmatch(request.version) or ".." in request.version:
             raise InvalidArgument("version must be a version name (letters, digits, '.', '_', '-'; at most 128)")
-        serving = self.engine.manager.activate(request.version, wait=request.wait)
+        serving = self.engine.activate(request.version, wait=request.wait)
         return models_pb2.ActivateVersionResponse(serving_version=serving)
 
     @rpc
     def Rollback(self, request, context):
-        active = self.engine.manager.rollback(wait=request.wait)
-        return models_pb2.RollbackResponse(active_version=active, serving_version=self.engine.manager.current_version() or "")
+        active, serving = self.engine.rollback(wait=request.wait)
+        return models_pb2.RollbackResponse(active_version=active, serving_version=serving)

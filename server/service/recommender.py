@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from chronorec.server.config import Limits
-from chronorec.server.core.engine import ChronorecEngine, RecommendRequest
+from chronorec.server.core.engine import ChronorecEngine
 from chronorec.server.core.errors import InvalidArgument
+from chronorec.server.core.ranking import RecommendQuery
 from chronorec.server.service.convert import (
     check_id,
     event_from_proto,
@@ -25,7 +26,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         self.engine = engine
         self.limits = limits
 
-    def _request(self, request) -> RecommendRequest:
+    def _request(self, request) -> RecommendQuery:
         limits = self.limits
         if not (1 <= request.k <= limits.max_k):
             raise InvalidArgument(f"k must be between 1 and max_k={limits.max_k}, got {request.k}")
@@ -47,7 +48,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             for name in OVERRIDE_FIELDS
             if request.HasField("overrides") and request.overrides.HasField(name)
         }
-        return RecommendRequest(
+        return RecommendQuery(
             user_id=request.user_id or None,
             k=request.k,
             at=optional_seconds(request, "at", "at"),
@@ -65,27 +66,23 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         # The deadline bounds the wait for the encoder when the user's history text is not cached.
         answer = self.engine.recommend(query, timeout=deadline_left(context))
         ensure_active(context)
-        catalog = self.engine.catalog.items
         items = []
         for rec in answer.result.items:
-            item = catalog.get(rec.item_id)
             reasons = recommender_pb2.Reasons(
                 semantic=rec.semantic,
                 cooccurrence=rec.cooccurrence,
                 freshness=rec.freshness,
                 trend=rec.trend,
                 history=[
-                    recommender_pb2.HistoryContribution(
-                        item_id=hid, title=catalog[hid].title if hid in catalog else "", contribution=share
-                    )
-                    for hid, share in rec.top_history
+                    recommender_pb2.HistoryContribution(item_id=h.item_id, title=h.title, contribution=h.contribution)
+                    for h in rec.top_history
                 ],
             )
             items.append(
                 recommender_pb2.ScoredItem(
                     item_id=rec.item_id,
-                    title=item.title if item else "",
-                    category=item.category if item else "",
+                    title=rec.title,
+                    category=rec.category,
                     score=rec.score,
                     reasons=reasons,
                 )

@@ -17,10 +17,10 @@ ENGINES = ("pytorch", "ort-fp32", "ort-int8")
 def demo_texts() -> list[str]:
     """The demo catalog's item texts, exactly as the server encodes them."""
     from chronorec.server.core.demo import generate_demo
-    from chronorec.server.core.serving import text_of
+    from chronorec.server.core.itemtext import item_text
 
     items, _ = generate_demo(anchor=0.0)
-    return [text_of(item) for item in items]
+    return [item_text(item) for item in items]
 
 
 def run(ctx: Context) -> dict:

@@ -86,12 +86,12 @@ def search_figures(ctx: Context, setup: CatalogSetup) -> dict:
     """In-process, on the server's own item vectors (its vector cache): HNSW against exact
     numpy search, for the index alone and for the whole ranking."""
     from chronorec.server.core.cooccurrence import CooccurrenceModel
-    from chronorec.server.core.encoder import OnnxEncoder
+    from chronorec.server.core.encoder import EncoderSettings, OnnxEncoder
+    from chronorec.server.core.indexing import index_catalog, open_vector_cache
     from chronorec.server.core.interactions import InteractionState
     from chronorec.server.core.manifest import load_manifest
-    from chronorec.server.core.ranking import RankingEngine, RecommendQuery, _UserContext
+    from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker, _UserContext
     from chronorec.server.core.repository import ModelRepository
-    from chronorec.server.core.serving import EncoderSettings, index_catalog, open_vector_cache
 
     repo = ModelRepository(setup.models)
     version = repo.current()
@@ -105,7 +105,7 @@ def search_figures(ctx: Context, setup: CatalogSetup) -> dict:
     state = InteractionState()
     state.add(setup.events)
     cooccurrence = CooccurrenceModel.fit(state.user_sequences(), list(catalog))
-    engine = RankingEngine(catalog, index, state, cooccurrence, encoder.encode, catalog_version=lambda: 0)
+    engine = TimeAwareRanker(catalog, index, state, cooccurrence, encoder.encode, catalog_version=lambda: 0)
     params = load_manifest(repo.version_dir(version)).time_model
     users = setup.users[: ctx.sizes.recall_queries]
     queries = [RecommendQuery(user_id=u, k=K, at=ANCHOR, params=params) for u in users]

@@ -98,8 +98,9 @@ KINDS = {
 
 def swap_once(ctx: Context, setup: CatalogSetup, kind: str) -> dict:
     """One swap under traffic; `kind` is one of KINDS."""
+    from chronorec.server.core.encoder import EncoderSettings
+    from chronorec.server.core.indexing import prepare_version
     from chronorec.server.core.repository import ModelRepository
-    from chronorec.server.core.serving import EncoderSettings, prepare_version
     from chronorec.v1 import models_pb2
 
     server = setup.running()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hronorec/v1/models.proto\x12\x0c\x63hronorec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xdf\x02\n\x11GetStatusResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x18\n\x10swap_in_progress\x18\x04 \x01(\x08\x12\x13\n\x0bswap_target\x18\x05 \x01(\t\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x12\n\nindex_size\x18\x07 \x01(\x05\x12-\n\tloaded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x07metrics\x18\t \x03(\x0b\x32,.chronorec.v1.GetStatusResponse.MetricsEntry\x12\x12\n\nswap_count\x18\n \x01(\x05\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13ListVersionsRequest\"\xd6\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0eparent_version\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.chronorec.v1.ModelVersion.MetricsEntry\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x14ListVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.chronorec.v1.ModelVersion\"7\n\x16\x41\x63tivateVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"2\n\x17\x41\x63tivateVersionResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\"\x1f\n\x0fRollbackRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"C\n\x10RollbackResponse\x12\x16\n\x0e\x61\x63tive_version\x18\x01 \x01(\t\x12\x17\n\x0fserving_version\x18\x02 \x01(\t2\xde\x02\n\x0cModelService\x12L\n\tGetStatus\x12\x1e.chronorec.v1.GetStatusRequest\x1a\x1f.chronorec.v1.GetStatusResponse\x12U\n\x0cListVersions\x12!.chronorec.v1.ListVersionsRequest\x1a\".chronorec.v1.ListVersionsResponse\x12^\n\x0f\x41\x63tivateVersion\x12$.chronorec.v1.ActivateVersionRequest\x1a%.chronorec.v1.ActivateVersionResponse\x12I\n\x08Rollback\x12\x1d.chronorec.v1.RollbackRequest\x1a\x1e.chronorec.v1.RollbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hronorec/v1/models.proto\x12\x0c\x63hronorec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\xdf\x02\n\x11GetStatusResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x18\n\x10swap_in_progress\x18\x04 \x01(\x08\x12\x13\n\x0bswap_target\x18\x05 \x01(\t\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x12\n\nindex_size\x18\x07 \x01(\x05\x12-\n\tloaded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x07metrics\x18\t \x03(\x0b\x32,.chronorec.v1.GetStatusResponse.MetricsEntry\x12\x12\n\nswap_count\x18\n \x01(\x05\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13ListVersionsRequest\"\xef\x01\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0eparent_version\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.chronorec.v1.ModelVersion.MetricsEntry\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x12\x17\n\x0funusable_reason\x18\x07 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x14ListVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.chronorec.v1.ModelVersion\"7\n\x16\x41\x63tivateVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"2\n\x17\x41\x63tivateVersionResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\"\x1f\n\x0fRollbackRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"C\n\x10RollbackResponse\x12\x16\n\x0e\x61\x63tive_version\x18\x01 \x01(\t\x12\x17\n\x0fserving_version\x18\x02 \x01(\t2\xde\x02\n\x0cModelService\x12L\n\tGetStatus\x12\x1e.chronorec.v1.GetStatusRequest\x1a\x1f.chronorec.v1.GetStatusResponse\x12U\n\x0cListVersions\x12!.chronorec.v1.ListVersionsRequest\x1a\".chronorec.v1.ListVersionsResponse\x12^\n\x0f\x41\x63tivateVersion\x12$.chronorec.v1.ActivateVersionRequest\x1a%.chronorec.v1.ActivateVersionResponse\x12I\n\x08Rollback\x12\x1d.chronorec.v1.RollbackRequest\x1a\x1e.chronorec.v1.RollbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,19 +45,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTVERSIONSREQUEST']._serialized_start=450
   _globals['_LISTVERSIONSREQUEST']._serialized_end=471
   _globals['_MODELVERSION']._serialized_start=474
-  _globals['_MODELVERSION']._serialized_end=688
+  _globals['_MODELVERSION']._serialized_end=713
   _globals['_MODELVERSION_METRICSENTRY']._serialized_start=402
   _globals['_MODELVERSION_METRICSENTRY']._serialized_end=448
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=690
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=758
-  _globals['_ACTIVATEVERSIONREQUEST']._serialized_start=760
-  _globals['_ACTIVATEVERSIONREQUEST']._serialized_end=815
-  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_start=817
-  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_end=867
-  _globals['_ROLLBACKREQUEST']._serialized_start=869
-  _globals['_ROLLBACKREQUEST']._serialized_end=900
-  _globals['_ROLLBACKRESPONSE']._serialized_start=902
-  _globals['_ROLLBACKRESPONSE']._serialized_end=969
-  _globals['_MODELSERVICE']._serialized_start=972
-  _globals['_MODELSERVICE']._serialized_end=1322
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=715
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=783
+  _globals['_ACTIVATEVERSIONREQUEST']._serialized_start=785
+  _globals['_ACTIVATEVERSIONREQUEST']._serialized_end=840
+  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_start=842
+  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_end=892
+  _globals['_ROLLBACKREQUEST']._serialized_start=894
+  _globals['_ROLLBACKREQUEST']._serialized_end=925
+  _globals['_ROLLBACKRESPONSE']._serialized_start=927
+  _globals['_ROLLBACKRESPONSE']._serialized_end=994
+  _globals['_MODELSERVICE']._serialized_start=997
+  _globals['_MODELSERVICE']._serialized_end=1347
 # @@protoc_insertion_point(module_scope)

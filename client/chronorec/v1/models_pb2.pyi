@@ -49,7 +49,7 @@ class ListVersionsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("version", "parent_version", "created_at", "metrics", "serving", "active")
+    __slots__ = ("version", "parent_version", "created_at", "metrics", "serving", "active", "unusable_reason")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,13 +63,15 @@ class ModelVersion(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    UNUSABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     version: str
     parent_version: str
     created_at: str
     metrics: _containers.ScalarMap[str, float]
     serving: bool
     active: bool
-    def __init__(self, version: _Optional[str] = ..., parent_version: _Optional[str] = ..., created_at: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., serving: _Optional[bool] = ..., active: _Optional[bool] = ...) -> None: ...
+    unusable_reason: str
+    def __init__(self, version: _Optional[str] = ..., parent_version: _Optional[str] = ..., created_at: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., serving: _Optional[bool] = ..., active: _Optional[bool] = ..., unusable_reason: _Optional[str] = ...) -> None: ...
 
 class ListVersionsResponse(_message.Message):
     __slots__ = ("versions",)

@@ -69,7 +69,7 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListVersions(self, request, context):
-        """All complete versions in the repository.
+        """Every version in the repository, with the reason for each one that cannot serve.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,129 @@
+"""The catalog as column arrays, with cached alignments to the index, the interaction state and co-occurrence."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from chronorec.server.core.catalog import Item
+from chronorec.server.core.cooccurrence import CooccurrenceModel
+from chronorec.server.core.index import ItemIndex
+from chronorec.server.core.interactions import InteractionState
+
+# How often the candidate path may rebuild a stale catalog snapshot (~0.2 s at 100k items)
+# or re-align it after writes; in between it looks candidates up one by one (see
+# CatalogSnapshot.may_refresh).
+ALIGNMENT_REFRESH_S = 10.0
+
+
+@dataclass(frozen=True)
+class CatalogColumns:
+    """Candidate attributes as arrays (missing times are NaN).
+
+    Columns cut from the catalog snapshot remember it (`source`) and their `rows` in it,
+    so per-item lookups (index labels, popularity and co-occurrence positions) come from
+    the snapshot's cached alignments instead of one dict lookup per item per query.
+    """
+
+    item_ids: np.ndarray
+    published_at: np.ndarray
+    expires_at: np.ndarray
+    category: np.ndarray
+    source: "CatalogSnapshot | None" = None
+    rows: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, items: Sequence[Item]) -> "CatalogColumns":
+        nan = float("nan")
+        return cls(
+            item_ids=np.array([i.item_id for i in items], dtype=object),
+            published_at=np.array([nan if i.published_at is None else i.published_at for i in items], dtype=np.float64),
+            expires_at=np.array([nan if i.expires_at is None else i.expires_at for i in items], dtype=np.float64),
+            category=np.array([i.category for i in items], dtype=object),
+        )
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def take(self, mask: np.ndarray) -> "CatalogColumns":
+        return CatalogColumns(
+            self.item_ids[mask],
+            self.published_at[mask],
+            self.expires_at[mask],
+            self.category[mask],
+            self.source,
+            None if self.rows is None else self.rows[mask],
+        )
+
+
+class CatalogSnapshot:
+    """The whole catalog as `CatalogColumns` sorted by item id, with cached alignments to the
+    index, the interaction state and the co-occurrence model."""
+
+    def __init__(self, items: Sequence[Item]):
+        items = sorted(items, key=lambda i: i.item_id)
+        self.row_of = {item.item_id: row for row, item in enumerate(items)}
+        base = CatalogColumns.of(items)
+        self.columns = CatalogColumns(
+            base.item_ids, base.published_at, base.expires_at, base.category, self, np.arange(len(items))
+        )
+        # Each cache is one tuple, replaced whole, so concurrent readers never see it torn.
+        self._index_labels: tuple[int, np.ndarray] | None = None
+        self._state_positions: tuple[int, np.ndarray] | None = None
+        self._cooccurrence_positions: tuple[CooccurrenceModel, np.ndarray] | None = None
+        self._refreshed_at: dict[str, float] = {}
+        self.built_at = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def recently_built(self) -> bool:
+        """Built less than ALIGNMENT_REFRESH_S ago (a stale one is then not rebuilt yet)."""
+        return time.monotonic() - self.built_at < ALIGNMENT_REFRESH_S
+
+    def may_refresh(self, name: str, partial: bool) -> bool:
+        """Whether a stale alignment may be recomputed over the whole catalog now.
+
+        Full-catalog scoring always may. A few hundred candidates may only once per
+        ALIGNMENT_REFRESH_S: writes (a first event on an item, a catalog edit) would
+        otherwise make every request pay O(catalog) lookups to use O(candidates) of them;
+        in between, the caller looks its candidates up one by one.
+        """
+        if not partial:
+            return True
+        now = time.monotonic()
+        if now - self._refreshed_at.get(name, -math.inf) < ALIGNMENT_REFRESH_S:
+            return False
+        self._refreshed_at[name] = now
+        return True
+
+    def index_labels(self, index: ItemIndex, refresh: bool = True) -> tuple[np.ndarray, int] | None:
+        cached = self._index_labels
+        if cached is None or cached[0] != index.generation:
+            if not refresh:
+                return None
+            labels, generation = index.labels_of(self.columns.item_ids)
+            cached = self._index_labels = (generation, labels)
+        return cached[1], cached[0]
+
+    def state_positions(self, state: InteractionState, refresh: bool = True) -> np.ndarray | None:
+        # State positions never change meaning; only items getting their first event do.
+        cached = self._state_positions
+        if cached is None or cached[0] != state.num_items:
+            if not refresh:
+                return None
+            count = state.num_items
+            cached = self._state_positions = (count, state.indices_of(self.columns.item_ids))
+        return cached[1]
+
+    def cooccurrence_positions(self, model: CooccurrenceModel, refresh: bool = True) -> np.ndarray | None:
+        cached = self._cooccurrence_positions
+        if cached is None or cached[0] is not model:
+            if not refresh:
+                return None
+            cached = self._cooccurrence_positions = (model, model.indices_of(self.columns.item_ids))
+        return cached[1]

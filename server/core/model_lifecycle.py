@@ -1,0 +1,299 @@
+"""Model lifecycle: load and check a version, build its ranker, hot-swap versions and follow the pointer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from chronorec.server.core.catalog_state import CatalogState
+from chronorec.server.core.encoder import EncoderSettings, MicroBatcher, OnnxEncoder, load_encoder
+from chronorec.server.core.errors import FailedPrecondition, NotFound, Unavailable, redact_paths
+from chronorec.server.core.index import ItemIndex
+from chronorec.server.core.indexing import index_with, open_vector_cache
+from chronorec.server.core.interactions import InteractionState
+from chronorec.server.core.itemtext import item_text
+from chronorec.server.core.manifest import Manifest
+from chronorec.server.core.ranking import CooccurrenceSource, TimeAwareRanker
+from chronorec.server.core.repository import ModelRepository
+
+log = logging.getLogger("chronorec.models")
+
+
+@dataclass(frozen=True)
+class RankerInputs:
+    """The live state every version's ranker reads; shared, so a swap carries nothing over by hand."""
+
+    catalog: CatalogState
+    interactions: InteractionState
+    cooccurrence: CooccurrenceSource
+
+
+@dataclass
+class ServingModel:
+    """One loaded version: its encoder, its batcher, the catalog indexed with it and its ranker."""
+
+    version: str
+    manifest: Manifest
+    encoder: OnnxEncoder
+    batcher: MicroBatcher
+    index: ItemIndex
+    ranker: TimeAwareRanker
+    loaded_at: float = field(default_factory=time.time)
+    _inflight: int = 0
+    _retired: bool = False
+    _closed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.encoder.providers)
+
+    def encode(self, texts: list[str], timeout: float | None = None) -> np.ndarray:
+        return self.batcher.encode(texts, timeout=timeout)
+
+    def acquire(self) -> "ServingModel":
+        with self._lock:
+            if self._closed:
+                raise Unavailable("model version was released; retry")
+            self._inflight += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            close_now = self._retired and self._inflight == 0 and not self._closed
+            if close_now:
+                self._closed = True
+        if close_now:
+            self._close()
+
+    def retire(self) -> None:
+        """Stop taking new work; close once the in-flight requests are done."""
+        with self._lock:
+            self._retired = True
+            close_now = self._inflight == 0 and not self._closed
+            if close_now:
+                self._closed = True
+        if close_now:
+            self._close()
+
+    def _close(self) -> None:
+        self.batcher.close()
+        log.info("released model version %s", self.version)
+
+    def __enter__(self) -> "ServingModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class ModelManager:
+    """Owns the serving model and swaps in new versions without failing a request."""
+
+    def __init__(self, repository: ModelRepository, settings: EncoderSettings, inputs: RankerInputs):
+        self.repository = repository
+        self.settings = settings
+        self.inputs = inputs
+        self._current: ServingModel | None = None
+        self._swap_lock = threading.Lock()
+        self.swap_target: str | None = None
+        self.last_error: str = ""
+        self.swap_count = 0
+        self.last_swap_seconds: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    @property
+    def swap_in_progress(self) -> bool:
+        return self.swap_target is not None
+
+    def acquire(self) -> ServingModel:
+        """The serving model, pinned until `release()` (use as a context manager)."""
+        for _ in range(3):
+            model = self._current
+            if model is None:
+                raise Unavailable("the model is still loading; retry shortly")
+            try:
+                return model.acquire()
+            except Unavailable:
+                continue  # swapped and released between the read and the pin; take the new one
+        raise Unavailable("the model is being swapped; retry")
+
+    def try_acquire(self) -> ServingModel | None:
+        """The serving model pinned as `acquire()` does, or None while none is loaded."""
+        try:
+            return self.acquire()
+        except Unavailable:
+            return None
+
+    def current_version(self) -> str | None:
+        model = self._current
+        return model.version if model else None
+
+    def public_message(self, text: str) -> str:
+        """`text` with the repository's and the vector cache's paths replaced by placeholders."""
+        roots = [self.repository.root] + ([self.settings.vector_cache_dir] if self.settings.vector_cache_dir else [])
+        return redact_paths(text, roots)
+
+    def build(self, version: str) -> tuple[ServingModel, int]:
+        """Load, check and index the catalog with `version`, catching up on edits made meanwhile."""
+        encoder = load_encoder(self.repository, version, self.settings)
+        batcher = MicroBatcher(
+            encoder.encode,
+            max_batch_size=self.settings.max_batch,
+            max_wait_ms=self.settings.max_wait_ms,
+            max_queue_texts=self.settings.max_queue,
+            on_batch=self.settings.on_batch,
+        )
+        try:
+            catalog = self.inputs.catalog
+            with catalog.lock:
+                snapshot_version = catalog.version
+                items = catalog.snapshot()
+            # While another version serves, one core is left to it.
+            cores = os.cpu_count() or 1
+            workers = max(1, cores if self._current is None else cores - 1)
+            cache = open_vector_cache(self.repository, version, encoder, self.settings)
+            index = index_with(self.repository, version, encoder, self.settings, items, cache, workers)
+            ranker = TimeAwareRanker(
+                catalog=catalog,
+                index=index,
+                state=self.inputs.interactions,
+                cooccurrence=self.inputs.cooccurrence,
+                encode=batcher.encode,
+            )
+            return ServingModel(version, encoder.manifest, encoder, batcher, index, ranker), snapshot_version
+        except BaseException:
+            batcher.close()
+            raise
+
+    def _install(self, model: ServingModel, snapshot_version: int) -> None:
+        # Edits made while the new index was built are applied under the catalog lock, so no
+        # upsert or delete is lost between the snapshot and the switch.
+        catalog = self.inputs.catalog
+        with catalog.lock:
+            changed = catalog.changed_since(snapshot_version)
+            live = [item for item in map(catalog.get, changed) if item is not None]
+            gone = [i for i in changed if i not in catalog]
+            if live:
+                model.index.upsert([i.item_id for i in live], model.encoder.encode([item_text(i) for i in live]))
+            if gone:
+                model.index.delete([i for i in gone if i in model.index])
+            old, self._current = self._current, model
+        if old is not None:
+            old.retire()
+
+    def load_version(self, version: str, before_install: Callable[[], None] | None = None) -> ServingModel:
+        """Swap to `version` now (blocking); the old keeps serving if anything fails.
+
+        `before_install` runs once the new version has loaded and passed its checks, just before
+        it starts serving (activation moves the repository pointer there, so a version that fails
+        to load never becomes the pointer's).
+        """
+        if not self._swap_lock.acquire(blocking=False):
+            raise FailedPrecondition(f"a swap to {self.swap_target} is already in progress")
+        started = time.perf_counter()
+        try:
+            self.swap_target = version
+            model, snapshot_version = self.build(version)
+            if before_install is not None:
+                try:
+                    before_install()
+                except BaseException:
+                    model.retire()
+                    raise
+            self._install(model, snapshot_version)
+            self.last_swap_seconds = time.perf_counter() - started
+            self.swap_count += 1
+            self.last_error = ""
+            log.info("serving model version %s (swap took %.2f s, providers %s)", version, self.last_swap_seconds, model.providers)
+            return model
+        except Exception as exc:
+            self.last_error = self.public_message(f"version {version} refused: {exc}")
+            log.error("model version %s refused, keeping %s: %s", version, self.current_version(), exc)
+            raise
+        finally:
+            self.swap_target = None
+            self._swap_lock.release()
+
+    def check_pointer(self) -> bool:
+        """Swap if the repository pointer names another version; True when a swap happened."""
+        wanted = self.repository.current()
+        if wanted is None or wanted == self.current_version() or self.swap_in_progress:
+            return False
+        if self.last_error.startswith(f"version {wanted} refused"):
+            return False  # do not retry a refused version on every tick
+        try:
+            self.load_version(wanted)
+            return True
+        except Exception:
+            return False
+
+    def _check_activatable(self, version: str) -> None:
+        info = self.repository.describe(version)
+        if info is None:
+            raise NotFound(f"model version {version!r} does not exist or is incomplete")
+        if not info.usable:
+            # The version is there, but broken: the caller's request is fine, the repository is not.
+            raise FailedPrecondition(self.public_message(f"model version {version!r} is unusable: {info.problem}"))
+
+    def activate(self, version: str, wait: bool = True) -> str:
+        """Make `version` the active one; returns the version serving afterwards."""
+        self._check_activatable(version)
+        if not wait:
+            self.last_error = ""
+            self.repository.activate(version)  # the pointer watcher swaps
+            return self.current_version() or ""
+        self.load_version(version, before_install=lambda: self.repository.activate(version))
+        return self.current_version() or ""
+
+    def rollback(self, wait: bool = True) -> str:
+        """Re-activate the previous version; returns the version the pointer names afterwards."""
+        previous = self.repository.previous()
+        if not wait:
+            self.last_error = ""
+            return self.repository.rollback()
+        self.load_version(previous, before_install=self.repository.rollback)
+        return previous
+
+    def close(self) -> None:
+        model, self._current = self._current, None
+        if model is not None:
+            model.retire()
+
+
+class PointerWatcher:
+    """Background thread that polls the repository pointer and hot-swaps on a change."""
+
+    def __init__(self, manager: ModelManager, interval_s: float):
+        self.manager = manager
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+
+    def start(self) -> "PointerWatcher":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.manager.check_pointer()
+            except Exception:  # the watcher must survive a vanished repository
+                log.exception("model pointer check failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+__all__ = ["ModelManager", "PointerWatcher", "RankerInputs", "ServingModel"]

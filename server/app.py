@@ -1,22 +1,22 @@
-"""The chronorec gRPC server: wiring, health, reflection, lifecycle and the `chronorec-server` command."""
+"""The chronorec gRPC server (grpc.aio): wiring, health, reflection, lifecycle and the `chronorec-server` command."""
 
 from __future__ import annotations
 
 import os
 
 # One BLAS thread: the ranking's small matrix-vector products are ~100x slower when OpenBLAS
-# spreads them over busy cores, and gRPC already runs requests in parallel.
+# spreads them over busy cores, and the compute pool already runs requests in parallel.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import asyncio
 import json
 import logging
 import signal
 import sys
 import threading
 import time
-from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
@@ -40,7 +40,8 @@ from chronorec.server.security import (
 )
 from chronorec.server.service.catalog import CatalogServicer
 from chronorec.server.service.encoder import EncoderServicer
-from chronorec.server.service.errors import MalformedRequestInterceptor
+from chronorec.server.service.executors import Executors
+from chronorec.server.service.interceptors import AdmissionInterceptor, MalformedRequestInterceptor
 from chronorec.server.service.models import ModelServicer
 from chronorec.server.service.recommender import RecommenderServicer
 from chronorec.v1 import (
@@ -87,31 +88,83 @@ def configure_logging(level: str, as_json: bool) -> None:
     root.setLevel(level.upper())
 
 
+class EventLoopThread:
+    """An asyncio event loop running in its own thread, so serve() keeps a synchronous API."""
+
+    def __init__(self, name: str = "grpc-aio"):
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self._log_exception)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    @staticmethod
+    def _log_exception(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        log.error("event loop: %s", context.get("message"), exc_info=context.get("exception"))
+
+    def run(self, coroutine, timeout: float | None = None):
+        """Run `coroutine` on the loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
 @dataclass
 class RunningServer:
-    """A started server: the gRPC server, its bound port, the engine, health and metrics."""
+    """A started server: the gRPC server on its event loop, its bound port, the engine, health and metrics."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     engine: ChronorecEngine
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     loader: threading.Thread
+    events: EventLoopThread
+    executors: Executors
+    admission: AdmissionInterceptor
     metrics: ServerMetrics | None = None
     metrics_port: int | None = None
     _metrics_http: object | None = None
+    _stopped: bool = field(default=False, repr=False)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self.engine.ready.wait(timeout)
 
+    def set_serving(self, serving: bool) -> None:
+        """Report every service SERVING or NOT_SERVING (from any thread)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.events.run(_set_health(self.health, status))
+
     def stop(self, grace: float | None = 5.0) -> None:
-        for name in SERVICE_NAMES + [""]:
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(grace).wait()
+        """Report NOT_SERVING, give open calls `grace` seconds, then release threads, engine and store."""
+        if self._stopped:
+            return
+        self._stopped = True
+
+        async def shutdown() -> None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace)
+
+        self.events.run(shutdown())
+        self.events.close()
+        self.executors.shutdown()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         self.engine.close()
         self.engine.store.close()
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status) -> None:
+    for name in SERVICE_NAMES + [health.OVERALL_HEALTH]:
+        await servicer.set(name, status)
 
 
 def build_engine(config: ServerConfig, on_batch: Callable[[int], None] | None = None) -> ChronorecEngine:
@@ -139,40 +192,65 @@ def build_engine(config: ServerConfig, on_batch: Callable[[int], None] | None = 
     )
 
 
-def _grpc_server(
+def _ms(seconds: float) -> int:
+    return max(1, int(round(seconds * 1000)))
+
+
+def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC core settings: message sizes, keepalive and connection lifetimes."""
+    limits = config.limits
+    options = [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        # The server pings each connection after keepalive_time without traffic and closes it
+        # when no answer comes within keepalive_timeout: a peer that vanished (power loss, NAT
+        # drop) frees its calls and counts instead of holding them forever. Pings continue while
+        # calls are open but silent (an idle Health/Watch, an idle stream) ...
+        ("grpc.keepalive_time_ms", _ms(config.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(config.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # ... and clients' own keepalive pings are accepted down to one every 10 s (gRPC's
+        # default answers anything more frequent than 5 min with GOAWAY "too_many_pings").
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+    if config.max_connection_idle_s:
+        options.append(("grpc.max_connection_idle_ms", _ms(config.max_connection_idle_s)))
+    if config.max_connection_age_s:
+        options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age_s)))
+        options.append(("grpc.max_connection_age_grace_ms", _ms(config.max_connection_age_grace_s)))
+    return options
+
+
+async def _start_grpc(
     config: ServerConfig,
     engine: ChronorecEngine,
+    executors: Executors,
+    admission: AdmissionInterceptor,
     metrics: ServerMetrics,
     tokens: TokenTable | None,
     credentials: grpc.ServerCredentials | None,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """The gRPC server with its interceptors, servicers, health and reflection, bound but not started."""
-    # Metrics outermost, so calls refused by authentication are counted with their status.
-    interceptors: list[grpc.ServerInterceptor] = [metrics.interceptor()]
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """The asyncio gRPC server with its interceptors, servicers, health and reflection, started."""
+    # Outermost first. Metrics sees every call, refused ones included, with its status.
+    # Authentication answers at the headers, so a caller without a token holds nothing.
+    # Admission bounds what the remaining calls may hold; the malformed-request check sits
+    # next to the servicers, which it shields from bytes that are not their message.
+    interceptors: list[grpc.aio.ServerInterceptor] = [metrics.interceptor()]
     if tokens is not None:
         interceptors.append(AuthInterceptor(tokens))
-    # Innermost: authentication answers first, even to undecodable bytes.
-    interceptors.append(MalformedRequestInterceptor())
+    interceptors += [admission, MalformedRequestInterceptor()]
+    # No maximum_concurrent_rpcs: gRPC's own bound answers "Concurrent RPC limit exceeded!"
+    # without pushback and counts idle calls; admission bounds calls by what they hold instead.
+    server = grpc.aio.server(interceptors=interceptors, options=channel_options(config))
     limits = config.limits
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", limits.max_message_bytes),
-            ("grpc.max_send_message_length", limits.max_message_bytes),
-        ],
-        # Calls past this bound are answered RESOURCE_EXHAUSTED by gRPC's poller thread at once,
-        # never queued behind running work.
-        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-    )
-    encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine, limits), server)
-    recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(RecommenderServicer(engine, limits), server)
-    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(engine, limits), server)
-    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(engine), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    encoder_pb2_grpc.add_EncoderServiceServicer_to_server(EncoderServicer(engine, limits, executors), server)
+    recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(RecommenderServicer(engine, limits, executors), server)
+    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(engine, limits, executors), server)
+    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(engine, executors), server)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in SERVICE_NAMES + [""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.port}"
     try:
@@ -182,12 +260,15 @@ def _grpc_server(
     if port == 0:
         hint = " (or the TLS key does not match the certificate)" if credentials else ""
         raise RuntimeError(f"could not bind {address}: the address is in use or not local{hint}")
+    await server.start()
     return server, port, health_servicer
 
 
 def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> RunningServer:
     """Start the gRPC server (health NOT_SERVING) and load the engine in the background.
 
+    The server runs on an asyncio event loop in a thread of its own: an open call, idle or
+    waiting, costs no thread, and the engine's blocking work runs on bounded pools.
     Security settings are checked before anything is bound or loaded: a bad tokens file, a
     missing certificate or an unauthenticated public address raise SecurityConfigError.
     """
@@ -201,21 +282,33 @@ def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> Run
     if tokens is not None and credentials is None and not is_loopback(config.host):
         log.warning("bearer tokens travel in plaintext to %s: add --tls-cert/--tls-key or terminate TLS in front", config.host)
 
+    limits = config.limits
     metrics = ServerMetrics()
     owns_engine = engine is None
     engine = engine or build_engine(config, on_batch=metrics.observe_batch)
+    executors = Executors.create(config.workers, config.store_workers, limits.max_queued_work, limits.flag("max_queued_work"))
+    admission = AdmissionInterceptor(limits, config.stream_idle_timeout_s)
+    events = EventLoopThread()
     try:
         metrics.attach_engine(engine)
-        server, port, health_servicer = _grpc_server(config, engine, metrics, tokens, credentials)
+        metrics.attach_admission(admission)
+        server, port, health_servicer = events.run(
+            _start_grpc(config, engine, executors, admission, metrics, tokens, credentials)
+        )
         metrics_http = metrics_port = None
-        if config.metrics_port is not None:
-            metrics_http, metrics_port = start_metrics_server(metrics, config.metrics_host or config.host, config.metrics_port)
+        try:
+            if config.metrics_port is not None:
+                metrics_http, metrics_port = start_metrics_server(metrics, config.metrics_host or config.host, config.metrics_port)
+        except BaseException:
+            events.run(server.stop(None))
+            raise
     except BaseException:
+        events.close()
+        executors.shutdown()
         if owns_engine:  # nothing was started: release the database it opened
             engine.close()
             engine.store.close()
         raise
-    server.start()
     log.info(
         "listening on %s:%d, %s, %s (health NOT_SERVING until the model and index are loaded)",
         config.host,
@@ -226,21 +319,28 @@ def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> Run
     if metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics", config.metrics_host or config.host, metrics_port)
 
+    running: RunningServer | None = None
+
     def load() -> None:
         try:
             engine.start()
         except Exception:
             log.exception("the engine failed to start; health stays NOT_SERVING")
             return
-        if not engine.ready.is_set():
+        if not engine.ready.is_set() or running is None or running._stopped:
             return  # stopped before a model version appeared
-        for name in SERVICE_NAMES + [""]:
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        try:
+            running.set_serving(True)
+        except RuntimeError:
+            return  # the server stopped meanwhile; its loop is gone
         log.info("SERVING model %s", engine.serving_version())
 
     loader = threading.Thread(target=load, name="engine-loader", daemon=True)
+    running = RunningServer(
+        server, port, engine, health_servicer, loader, events, executors, admission, metrics, metrics_port, metrics_http
+    )
     loader.start()
-    return RunningServer(server, port, engine, health_servicer, loader, metrics, metrics_port, metrics_http)
+    return running
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,13 +22,33 @@ class Limits:
     max_upsert_batch: int = 5000
     max_categories: int = 1000
     max_item_attributes: int = 64
+    # Calls being worked on at once: a unary call from its request to its answer, a stream while
+    # one of its messages is handled. Health and reflection are not counted.
     max_concurrent_rpcs: int = 64
+    # Calls open at once (from their headers to their status, idle or not). Per connection,
+    # everything counts, health included; the totals count each kind of call on its own, so
+    # neither kind can take the others' room.
+    max_streams_per_connection: int = 100
+    max_streams: int = 1000
+    max_health_watches: int = 1000
+    max_reflection_streams: int = 100
+    # Work queued or running on each executor (compute, storage) before RESOURCE_EXHAUSTED.
+    max_queued_work: int = 256
 
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"limit {f.name} must be a positive integer, got {value!r}")
+
+    def flag(self, name: str) -> str:
+        """`--max-streams=1000`: how a message names the limit `name` and its value."""
+        return f"{flag_name(name)}={getattr(self, name)}"
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field (`max_streams` -> `--max-streams`)."""
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -42,6 +62,7 @@ class ServerConfig:
     models_root: Path | None = None
     demo: bool = True
     workers: int = 16
+    store_workers: int = 4
     encoder_max_batch: int = 64
     encoder_max_wait_ms: float = 2.0
     encoder_max_queue: int = 4096
@@ -52,6 +73,13 @@ class ServerConfig:
     watch_interval_s: float = 2.0
     cooccurrence_refresh_s: float = 300.0
     grace_s: float = 10.0
+    # Transport and stream timeouts in seconds; 0 turns a connection-age or idle setting off.
+    stream_idle_timeout_s: float = 60.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    max_connection_idle_s: float = 300.0
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 30.0
     log_level: str = "INFO"
     log_json: bool = True
     metrics_port: int | None = None
@@ -64,6 +92,18 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     allow_insecure_public: bool = False
     limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self):
+        for name in ("workers", "store_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag_name(name)} must be a positive integer, got {value!r}")
+        for name in ("stream_idle_timeout_s", "keepalive_time_s", "keepalive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag_name(name[:-2])} must be more than 0 seconds, got {getattr(self, name)!r}")
+        for name in ("max_connection_idle_s", "max_connection_age_s", "max_connection_age_grace_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{flag_name(name[:-2])} must be 0 (off) or more seconds, got {getattr(self, name)!r}")
 
     @property
     def database(self) -> Path:
@@ -102,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--db", dest="db_path", type=Path, default=_env("db", None), help="SQLite file (default DATA_DIR/chronorec.db)")
     add("--models", dest="models_root", type=Path, default=_env("models", None), help="model repository (default DATA_DIR/models)")
     add("--no-demo", dest="demo", action="store_false", default=_bool(_env("demo", "1")), help="do not load the demo catalog into an empty database")
-    add("--workers", type=int, default=int(_env("workers", d.workers)), help="gRPC worker threads")
+    add("--workers", type=int, default=int(_env("workers", d.workers)),
+        help="threads for ranking and encoding work (an idle or waiting call holds none)")
+    add("--store-workers", type=int, default=int(_env("store_workers", d.store_workers)),
+        help="threads for the event store and the model repository")
     add("--encoder-max-batch", type=int, default=int(_env("encoder_max_batch", d.encoder_max_batch)))
     add("--encoder-max-wait-ms", type=float, default=float(_env("encoder_max_wait_ms", d.encoder_max_wait_ms)))
     add("--encoder-max-queue", type=int, default=int(_env("encoder_max_queue", d.encoder_max_queue)), help="texts queued before RESOURCE_EXHAUSTED")
@@ -115,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--watch-interval", dest="watch_interval_s", type=float, default=float(_env("watch_interval", d.watch_interval_s)), help="seconds between checks of the model pointer")
     add("--cooccurrence-refresh", dest="cooccurrence_refresh_s", type=float, default=float(_env("cooccurrence_refresh", d.cooccurrence_refresh_s)))
     add("--grace", dest="grace_s", type=float, default=float(_env("grace", d.grace_s)), help="seconds in-flight calls get on SIGTERM")
+    add("--stream-idle-timeout", dest="stream_idle_timeout_s", type=float, default=float(_env("stream_idle_timeout", d.stream_idle_timeout_s)),
+        help="seconds a call may wait for its client's next request message (a unary call's body, a stream's next message); "
+        "then UNAVAILABLE. An established Health/Watch waits on the server, so it is not affected")
+    add("--keepalive-time", dest="keepalive_time_s", type=float, default=float(_env("keepalive_time", d.keepalive_time_s)),
+        help="seconds between the server's HTTP/2 pings on a connection (finds dead peers)")
+    add("--keepalive-timeout", dest="keepalive_timeout_s", type=float, default=float(_env("keepalive_timeout", d.keepalive_timeout_s)),
+        help="seconds to wait for a ping's answer before closing the connection")
+    add("--max-connection-idle", dest="max_connection_idle_s", type=float, default=float(_env("max_connection_idle", d.max_connection_idle_s)),
+        help="close a connection with no open call after this many seconds (0: never)")
+    add("--max-connection-age", dest="max_connection_age_s", type=float, default=float(_env("max_connection_age", d.max_connection_age_s)),
+        help="ask clients to reconnect after this many seconds, e.g. to rebalance (0: never)")
+    add("--max-connection-age-grace", dest="max_connection_age_grace_s", type=float,
+        default=float(_env("max_connection_age_grace", d.max_connection_age_grace_s)),
+        help="seconds open calls get after --max-connection-age before the connection is closed")
     add("--log-level", default=_env("log_level", d.log_level))
     add("--log-text", dest="log_json", action="store_false", default=_bool(_env("log_json", "1")), help="plain-text logs instead of JSON lines")
     add("--metrics-port", type=int, default=_env("metrics_port", None), help="serve Prometheus metrics on this port (0 picks a free one)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Iterator
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from chronorec.server.security import replace_behavior
+from chronorec.server.service.interceptors import AdmissionInterceptor, CallKind, behavior_of, replace_behavior, run_behavior
 
 log = logging.getLogger("chronorec.metrics")
 
@@ -38,8 +39,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.received = Counter(
             "chronorec_rpc_received",
-            "Calls that reached the server, including those shed by max_concurrent_rpcs before any "
-            "handler ran (received - started - in flight = shed)",
+            "Calls whose headers reached the server (a call refused by authentication or by a "
+            "bound is counted here and in grpc_server_handled_total with its status)",
             _RPC_LABELS,
             registry=self.registry,
         )
@@ -71,75 +72,89 @@ class ServerMetrics:
 
     def attach_engine(self, engine) -> None:
         """Report the engine's state (model, index, queue, swaps, events) at each scrape."""
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(ServingStateCollector(engine))
 
-    def interceptor(self) -> grpc.ServerInterceptor:
+    def attach_admission(self, admission: AdmissionInterceptor) -> None:
+        """Report open calls and calls being worked on at each scrape."""
+        self.registry.register(AdmissionCollector(admission))
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
         return MetricsInterceptor(self)
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every call by method and final status code (outermost interceptor, so
-    calls refused by authentication are counted too)."""
+    calls refused by authentication or by a bound are counted too)."""
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None  # unknown methods are not counted: their names would be unbounded labels
         labels = split_method(handler_call_details.method)
         self.metrics.received.labels(*labels).inc()
-        behavior = (
-            handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-        )
+        inner = behavior_of(handler)
         metrics = self.metrics
 
-        def finish(context, started: float, failed: bool) -> None:
-            code = context.code()
-            if code is None:
-                if not failed:
-                    code = grpc.StatusCode.OK
-                elif not context.is_active():
-                    code = grpc.StatusCode.CANCELLED  # the caller left (cancel or deadline) mid-call
-                else:
-                    code = grpc.StatusCode.UNKNOWN
-            metrics.handled.labels(*labels, code.name).inc()
-            metrics.latency.labels(*labels, code.name).observe(time.perf_counter() - started)
-            metrics.in_flight.dec()
-
-        def begin() -> float:
+        async def observed(request, context):
             metrics.started.labels(*labels).inc()
             metrics.in_flight.inc()
-            return time.perf_counter()
-
-        if handler.response_streaming:
-
-            def observed_stream(request, context):
-                started = begin()
-                failed = True
-                try:
-                    yield from behavior(request, context)
-                    failed = False
-                finally:
-                    finish(context, started, failed)
-
-            return replace_behavior(handler, observed_stream)
-
-        def observed(request, context):
-            started = begin()
-            failed = True
+            started = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
             try:
-                response = behavior(request, context)
-                failed = False
-                return response
+                result = await run_behavior(inner, request, context)
+                code = _status_code(context.code()) or grpc.StatusCode.OK
+                return result
+            except grpc.aio.AbortError:
+                code = _status_code(context.code()) or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                # The caller left (cancel or deadline) mid-call.
+                remaining = context.time_remaining()
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+                raise
             finally:
-                finish(context, started, failed)
+                metrics.handled.labels(*labels, code.name).inc()
+                metrics.latency.labels(*labels, code.name).observe(time.perf_counter() - started)
+                metrics.in_flight.dec()
 
         return replace_behavior(handler, observed)
 
 
-class EngineCollector(Collector):
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _status_code(code) -> grpc.StatusCode | None:
+    """The aio context reports a status set by abort() as a StatusCode or its integer value."""
+    if code is None or isinstance(code, grpc.StatusCode):
+        return code
+    return _CODES_BY_VALUE.get(int(code))
+
+
+class AdmissionCollector(Collector):
+    """Open calls by kind and calls being worked on, read from the admission interceptor at scrape time."""
+
+    def __init__(self, admission: AdmissionInterceptor):
+        self.admission = admission
+
+    def collect(self) -> Iterator:
+        open_calls = GaugeMetricFamily("chronorec_calls_open", "Calls open now (headers received, no status yet), by kind", labels=["kind"])
+        # A copy: the event loop's thread updates the counter while a scrape reads it.
+        by_kind = dict(self.admission.open_by_kind)
+        for kind in CallKind:
+            open_calls.add_metric([kind.name.lower()], float(by_kind.get(kind, 0)))
+        yield open_calls
+        working = GaugeMetricFamily("chronorec_calls_working", "Calls of the chronorec services being worked on (bounded by --max-concurrent-rpcs)")
+        working.add_metric([], float(self.admission.working))
+        yield working
+        connections = GaugeMetricFamily("chronorec_connections_with_open_calls", "Client connections with at least one open call")
+        connections.add_metric([], float(len(self.admission.open_by_connection)))
+        yield connections
+
+
+class ServingStateCollector(Collector):
     """Engine state read when Prometheus scrapes, so the core needs no metrics code."""
 
     def __init__(self, engine):

@@ -13,9 +13,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import grpc
+
+from chronorec.server.service.interceptors import reject
 
 log = logging.getLogger("chronorec.security")
 
@@ -140,6 +140,10 @@ class TokenTable:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise SecurityConfigError(f"tokens file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise SecurityConfigError(
+                f"tokens file {str(path)!r} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x})"
+            ) from None
         if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("tokens file %s is readable by group or others; chmod 600 it", path)
         return parse_tokens(text, path.name), info.st_mtime_ns
@@ -210,44 +214,20 @@ def bearer_token(metadata) -> str | None:
     return token.strip() or None
 
 
-def replace_behavior(
-    handler: grpc.RpcMethodHandler, behavior: Callable, request_deserializer: Callable | None = None
-) -> grpc.RpcMethodHandler:
-    """A handler of the same kind (unary/stream in and out) as `handler` that runs `behavior`."""
-    if handler.request_streaming and handler.response_streaming:
-        make = grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        make = grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        make = grpc.unary_stream_rpc_method_handler
-    else:
-        make = grpc.unary_unary_rpc_method_handler
-    return make(
-        behavior,
-        request_deserializer=request_deserializer or handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    def abort(_request, context):
-        context.abort(code, message)
-
-    return replace_behavior(handler, abort)
-
-
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks the bearer token of every call against the method's required role.
 
     No token or an unknown one: UNAUTHENTICATED. A valid token whose role is too low:
-    PERMISSION_DENIED. Health checks are open. Token values are never logged.
+    PERMISSION_DENIED. Health checks are open. Token values are never logged. The answer
+    comes as soon as the headers arrive: a refused call never waits for its request body, so
+    a caller without a token cannot hold a call open.
     """
 
     def __init__(self, tokens: TokenTable):
         self.tokens = tokens
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: gRPC answers UNIMPLEMENTED
         method = handler_call_details.method
@@ -258,14 +238,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
         principal = self.tokens.lookup(token) if token else None
         if principal is None:
             log.debug("unauthenticated call to %s (%s)", method, "no bearer token" if token is None else "unknown token")
-            return _deny(
+            return reject(
                 handler,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or invalid bearer token (send the header `authorization: Bearer <token>`)",
             )
         if principal.role < needed:
             log.warning("%s (role %s) may not call %s", principal.label, principal.role.name.lower(), method)
-            return _deny(
+            return reject(
                 handler,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{method} needs a {needed.name.lower()} token; this one is {principal.role.name.lower()}",

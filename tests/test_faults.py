@@ -271,18 +271,18 @@ class _Aborted(Exception):
 
 
 class _EndedCall:
-    """A servicer context whose caller has gone (deadline passed)."""
+    """An asyncio servicer context whose caller has gone (deadline passed)."""
 
-    def is_active(self):
+    def cancelled(self):
+        return False
+
+    def done(self):
         return False
 
     def time_remaining(self):
         return 0.0
 
-    def set_trailing_metadata(self, metadata):
-        pass
-
-    def abort(self, code, details):
+    async def abort(self, code, details="", trailing_metadata=()):
         raise _Aborted(code)
 
 
@@ -291,26 +291,41 @@ class _UntouchableEngine:
         raise AssertionError(f"the engine was asked for {name} by a call nobody waits for")
 
 
+async def _requests(*messages):
+    for message in messages:
+        yield message
+
+
 def test_calls_whose_caller_left_never_reach_the_engine():
+    import asyncio
+
     from chronorec.server.config import Limits
     from chronorec.server.service.catalog import CatalogServicer
     from chronorec.server.service.encoder import EncoderServicer
+    from chronorec.server.service.executors import Executors
     from chronorec.server.service.recommender import RecommenderServicer
     from chronorec.v1 import catalog_pb2
 
     engine, limits, context = _UntouchableEngine(), Limits(), _EndedCall()
+    executors = Executors.create(1, 1, 4, "--max-queued-work=4")
     calls = [
-        lambda: EncoderServicer(engine, limits).Encode(encoder_pb2.EncodeRequest(texts=["late"]), context),
-        lambda: RecommenderServicer(engine, limits).Recommend(recommender_pb2.RecommendRequest(user_id="u1", k=3), context),
-        lambda: RecommenderServicer(engine, limits).FeedbackStream(iter([recommender_pb2.FeedbackRequest(events=_batch("late", 2))]), context),
-        lambda: CatalogServicer(engine, limits).UpsertItems(
+        lambda: EncoderServicer(engine, limits, executors).Encode(encoder_pb2.EncodeRequest(texts=["late"]), context),
+        lambda: RecommenderServicer(engine, limits, executors).Recommend(recommender_pb2.RecommendRequest(user_id="u1", k=3), context),
+        lambda: RecommenderServicer(engine, limits, executors).Feedback(recommender_pb2.FeedbackRequest(events=_batch("late", 2)), context),
+        lambda: RecommenderServicer(engine, limits, executors).FeedbackStream(
+            _requests(recommender_pb2.FeedbackRequest(events=_batch("late", 2))), context
+        ),
+        lambda: CatalogServicer(engine, limits, executors).UpsertItems(
             catalog_pb2.UpsertItemsRequest(items=[common_pb2.Item(item_id="late", title="late item")]), context
         ),
     ]
-    for call in calls:
-        with pytest.raises(_Aborted) as info:
-            call()
-        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    try:
+        for call in calls:
+            with pytest.raises(_Aborted) as info:
+                asyncio.run(call())
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        executors.shutdown()
 
 
 def test_expired_encode_calls_drop_their_queued_work(start_server, tiny_repo, tmp_path):

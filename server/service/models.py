@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 from chronorec.server.core.engine import ChronorecEngine
 from chronorec.server.core.errors import InvalidArgument
 from chronorec.server.service.convert import to_timestamp
 from chronorec.server.service.errors import rpc
+from chronorec.server.service.executors import Executors
 from chronorec.v1 import models_pb2, models_pb2_grpc
 
 # A version is one directory name in the repository: no separators, no "..", no hidden names.
@@ -16,12 +16,16 @@ _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class ModelServicer(models_pb2_grpc.ModelServiceServicer):
-    def __init__(self, engine: ChronorecEngine):
+    """Reads and swaps run on the store threads: they read the model repository from disk, and
+    a swap waited for (wait=True) holds its thread until the new version serves."""
+
+    def __init__(self, engine: ChronorecEngine, executors: Executors):
         self.engine = engine
+        self.work = executors
 
     @rpc
-    def GetStatus(self, request, context):
-        status = self.engine.status()
+    async def GetStatus(self, request, context):
+        status = await self.work.store.run(self.engine.status)
         response = models_pb2.GetStatusResponse(
             serving_version=status.serving_version,
             manifest_json=status.manifest_json,
@@ -38,21 +42,33 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         return response
 
     @rpc
-    def ListVersions(self, request, context):
+    async def ListVersions(self, request, context):
+        versions = await self.work.store.run(self.engine.list_versions)
         return models_pb2.ListVersionsResponse(
-            versions=[models_pb2.ModelVersion(**dataclasses.asdict(v)) for v in self.engine.list_versions()]
+            versions=[
+                models_pb2.ModelVersion(
+                    version=v.version,
+                    parent_version=v.parent_version,
+                    created_at=v.created_at,
+                    metrics=v.metrics,
+                    serving=v.serving,
+                    active=v.active,
+                    unusable_reason=v.unusable_reason,
+                )
+                for v in versions
+            ]
         )
 
     @rpc
-    def ActivateVersion(self, request, context):
+    async def ActivateVersion(self, request, context):
         if not request.version:
             raise InvalidArgument("version is empty")
         if not _VERSION_NAME.fullmatch(request.version) or ".." in request.version:
             raise InvalidArgument("version must be a version name (letters, digits, '.', '_', '-'; at most 128)")
-        serving = self.engine.activate(request.version, wait=request.wait)
+        serving = await self.work.store.run(self.engine.activate, request.version, request.wait)
         return models_pb2.ActivateVersionResponse(serving_version=serving)
 
     @rpc
-    def Rollback(self, request, context):
-        active, serving = self.engine.rollback(wait=request.wait)
+    async def Rollback(self, request, context):
+        active, serving = await self.work.store.run(self.engine.rollback, request.wait)
         return models_pb2.RollbackResponse(active_version=active, serving_version=serving)

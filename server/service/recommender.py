@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from chronorec.server.config import Limits
-from chronorec.server.core.engine import ChronorecEngine
+from chronorec.server.core.engine import ChronorecEngine, Recommendations
 from chronorec.server.core.errors import InvalidArgument
 from chronorec.server.core.ranking import RecommendQuery
 from chronorec.server.service.convert import (
@@ -16,17 +16,19 @@ from chronorec.server.service.convert import (
     to_timestamp,
 )
 from chronorec.server.service.errors import deadline_left, ensure_active, rpc
+from chronorec.server.service.executors import Executors
 from chronorec.v1 import recommender_pb2, recommender_pb2_grpc
 
 OVERRIDE_FIELDS = [f.name for f in recommender_pb2.TimeModelOverrides.DESCRIPTOR.fields]
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
-    def __init__(self, engine: ChronorecEngine, limits: Limits):
+    def __init__(self, engine: ChronorecEngine, limits: Limits, executors: Executors):
         self.engine = engine
         self.limits = limits
+        self.work = executors
 
-    def _request(self, request) -> RecommendQuery:
+    def _query(self, request) -> RecommendQuery:
         limits = self.limits
         if not (1 <= request.k <= limits.max_k):
             raise InvalidArgument(f"k must be between 1 and max_k={limits.max_k}, got {request.k}")
@@ -60,39 +62,14 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         )
 
     @rpc
-    def Recommend(self, request, context):
-        query = self._request(request)
+    async def Recommend(self, request, context):
         ensure_active(context)
         # The deadline bounds the wait for the encoder when the user's history text is not cached.
-        answer = self.engine.recommend(query, timeout=deadline_left(context))
-        ensure_active(context)
-        items = []
-        for rec in answer.result.items:
-            reasons = recommender_pb2.Reasons(
-                semantic=rec.semantic,
-                cooccurrence=rec.cooccurrence,
-                freshness=rec.freshness,
-                trend=rec.trend,
-                history=[
-                    recommender_pb2.HistoryContribution(item_id=h.item_id, title=h.title, contribution=h.contribution)
-                    for h in rec.top_history
-                ],
-            )
-            items.append(
-                recommender_pb2.ScoredItem(
-                    item_id=rec.item_id,
-                    title=rec.title,
-                    category=rec.category,
-                    score=rec.score,
-                    reasons=reasons,
-                )
-            )
-        return recommender_pb2.RecommendResponse(
-            items=items,
-            model_version=answer.model_version,
-            at=to_timestamp(answer.at),
-            history_length=answer.result.history_length,
-        )
+        return await self.work.compute.run(self._recommend, request, deadline_left(context))
+
+    def _recommend(self, request, timeout: float | None) -> recommender_pb2.RecommendResponse:
+        answer = self.engine.recommend(self._query(request), timeout=timeout)
+        return _response(answer)
 
     def _store(self, request) -> tuple[int, int]:
         if len(request.events) > self.limits.max_feedback_batch:
@@ -104,18 +81,47 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         return self.engine.feedback(events)
 
     @rpc
-    def Feedback(self, request, context):
-        stored, duplicates = self._store(request)
+    async def Feedback(self, request, context):
+        ensure_active(context)
+        stored, duplicates = await self.work.store.run(self._store, request)
         return recommender_pb2.FeedbackResponse(stored=stored, duplicates=duplicates)
 
     @rpc
-    def FeedbackStream(self, request_iterator, context):
+    async def FeedbackStream(self, request_iterator, context):
         stored = duplicates = 0
         # Each message is its own transaction: an interrupted stream leaves whole batches only,
         # and the response (the acknowledgement) comes after the last one is durable.
-        for request in request_iterator:
+        async for request in request_iterator:
             ensure_active(context)
-            new, dup = self._store(request)
+            new, dup = await self.work.store.run(self._store, request)
             stored += new
             duplicates += dup
         return recommender_pb2.FeedbackResponse(stored=stored, duplicates=duplicates)
+
+
+def _response(answer: Recommendations) -> recommender_pb2.RecommendResponse:
+    items = [
+        recommender_pb2.ScoredItem(
+            item_id=rec.item_id,
+            title=rec.title,
+            category=rec.category,
+            score=rec.score,
+            reasons=recommender_pb2.Reasons(
+                semantic=rec.semantic,
+                cooccurrence=rec.cooccurrence,
+                freshness=rec.freshness,
+                trend=rec.trend,
+                history=[
+                    recommender_pb2.HistoryContribution(item_id=h.item_id, title=h.title, contribution=h.contribution)
+                    for h in rec.top_history
+                ],
+            ),
+        )
+        for rec in answer.result.items
+    ]
+    return recommender_pb2.RecommendResponse(
+        items=items,
+        model_version=answer.model_version,
+        at=to_timestamp(answer.at),
+        history_length=answer.result.history_length,
+    )

@@ -170,6 +170,7 @@ class ModelManager:
                 state=self.inputs.interactions,
                 cooccurrence=self.inputs.cooccurrence,
                 encode=batcher.encode,
+                encoder_max_length=encoder.max_length,
             )
             return ServingModel(version, encoder.manifest, encoder, batcher, index, ranker), snapshot_version
         except BaseException:

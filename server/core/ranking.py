@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
@@ -22,6 +20,7 @@ from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.itemtext import item_text_lookup
 from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.scoring import combine, personal_scale, score_weights
+from chronorec.server.core.short_term_cache import DEFAULT_MAX_BYTES, ShortTermCache, encoder_char_budget, text_key
 from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text
 
 REASONS_PER_ITEM = 3
@@ -169,8 +168,9 @@ class TimeAwareRanker:
         cooccurrence: CooccurrenceModel | CooccurrenceSource | None,
         encode: Callable[[list[str]], np.ndarray],
         item_text_of: Callable[[str], str] | None = None,
-        short_term_cache_size: int = 10000,
+        short_term_cache_bytes: int = DEFAULT_MAX_BYTES,
         *,
+        encoder_max_length: int | None = None,
         oversample: int = 4,
         recent_items_for_neighbours: int = 20,
         neighbours_per_item: int = 50,
@@ -193,9 +193,10 @@ class TimeAwareRanker:
         # What tells the cached catalog columns are stale: this callable, else the
         # mapping's own `version`, else its length (see invalidate_catalog).
         self.catalog_version = catalog_version
-        self._cache_size = max(0, int(short_term_cache_size))
-        self._short_term_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cache_lock = threading.Lock()
+        self._short_term_cache = ShortTermCache(short_term_cache_bytes)
+        # The encoder reads only max_length tokens: longer history texts are cut to what it
+        # can read (unbounded otherwise, for callers that encode texts their own way).
+        self.history_text_chars = encoder_char_budget(encoder_max_length) if encoder_max_length else None
         self._catalog_columns: tuple[object, CatalogSnapshot] | None = None
 
     # ---------------------------------------------------------------- public
@@ -209,8 +210,7 @@ class TimeAwareRanker:
         self._cooccurrence.model = model
 
     def clear_cache(self) -> None:
-        with self._cache_lock:
-            self._short_term_cache.clear()
+        self._short_term_cache.clear()
 
     def invalidate_catalog(self) -> None:
         """Forget the cached catalog columns (needed only for a plain dict changed in place)."""
@@ -235,7 +235,10 @@ class TimeAwareRanker:
         # `history` is time-ordered, so its tail is exactly what history_text would keep;
         # passing only the tail avoids sorting a long history on every request.
         recent = history[-params.history_max_events :] if params.history_max_events > 0 else []
-        return history_text(recent, at, self.item_text_of, params.history_max_events)
+        text = history_text(recent, at, self.item_text_of, params.history_max_events)
+        # Newest events come first, so the cut drops the oldest. 200 events of 20k-character
+        # items made a 4 MB text whose tokenizing alone took seconds; the cut keeps it at ~13k.
+        return text if self.history_text_chars is None else text[: self.history_text_chars]
 
     def recommend(self, query: RecommendQuery) -> RecommendResult:
         query = query.resolved()
@@ -489,21 +492,17 @@ class TimeAwareRanker:
     def _short_term_vector(self, history: Sequence[HistoryEntry], query: RecommendQuery) -> tuple[np.ndarray | None, bool]:
         if query.short_term_vector is not None:
             return _unit(np.asarray(query.short_term_vector, dtype=np.float32).reshape(-1)), False
-        # Keyed by the exact text: it changes exactly when a new event or a coarser
+        # Keyed by (a digest of) the exact text: it changes exactly when a new event or a coarser
         # relative-time phrase would change what the encoder sees, so hits are never stale.
         text = self.short_term_text(history, query.at, query.params)
-        with self._cache_lock:
-            cached = self._short_term_cache.get(text)
-            if cached is not None:
-                self._short_term_cache.move_to_end(text)
-                return cached, True
+        key = text_key(text)
+        cached = self._short_term_cache.get(key)
+        if cached is not None:
+            return cached, True
         encoded = self.encode([text]) if query.encode_timeout is None else self.encode([text], timeout=query.encode_timeout)
         vector = _unit(np.asarray(encoded, dtype=np.float32).reshape(-1))
-        if vector is not None and self._cache_size:
-            with self._cache_lock:
-                self._short_term_cache[text] = vector
-                while len(self._short_term_cache) > self._cache_size:
-                    self._short_term_cache.popitem(last=False)
+        if vector is not None:
+            self._short_term_cache.put(key, vector)
         return vector, False
 
 

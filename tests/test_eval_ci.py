@@ -19,6 +19,7 @@ from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker
 from chronorec.trainer import chronorec_methods as cm
 from chronorec.trainer import evaluate, report
+from chronorec.trainer.data import TargetPositions, build_examples, event_log_from
 from chronorec.trainer.protocols import Dataset, bootstrap_ci, temporal_split
 from chronorec.trainer.tune import EngineRanker
 
@@ -31,29 +32,56 @@ def drift() -> Dataset:
     return Dataset(data.items, data.events)
 
 
+VARIANTS = ("chronorec-untuned-mean", "chronorec-untuned-decay", "chronorec-untuned-time",
+            "chronorec-finetuned-time", "chronorec-finetuned-blind")
+
+
 @pytest.fixture(scope="module")
-def ci_settings(tmp_path_factory, tiny_bert_dir):
-    before = cm.SETTINGS
-    cm.configure(base_model=str(tiny_bert_dir), cache_dir=str(tmp_path_factory.mktemp("eval-cache")),
-                 max_length=64, finetune_steps=4, finetune_batch_size=16, finetune_valid_queries=64,
-                 tune_max_instances=150, sweeps=True, sweep_max_instances=40, progress=False)
-    yield cm.SETTINGS
-    cm.SETTINGS = before
-    cm._CONTEXTS.clear()
+def ci_settings(tmp_path_factory, tiny_bert_dir) -> cm.EvalSettings:
+    return cm.EvalSettings(base_model=str(tiny_bert_dir), cache_dir=str(tmp_path_factory.mktemp("eval-cache")),
+                           max_length=64, finetune_steps=4, finetune_batch_size=16, finetune_valid_queries=64,
+                           tune_max_instances=150, sweeps=True, sweep_max_instances=40, progress=False)
 
 
-def test_plugin_registers_every_variant():
-    for name in ("chronorec-untuned-mean", "chronorec-untuned-decay", "chronorec-untuned-time",
-                 "chronorec-finetuned-time", "chronorec-finetuned-blind"):
-        assert evaluate.METHODS[name] is cm.METHODS[name]
-    # Loading the plugin again (--plugin plus an import elsewhere) is harmless.
-    evaluate.load_plugins(["chronorec.trainer.chronorec_methods"])
+@pytest.fixture(scope="module")
+def chronorec(ci_settings) -> cm.ChronorecMethods:
+    """The variants of one evaluation: its settings, and the contexts they share per split."""
+    return cm.ChronorecMethods(ci_settings)
 
 
-def test_time_aware_beats_time_blind_on_drifting_interests(drift, ci_settings, tmp_path):
+def test_plugin_gives_each_evaluation_its_own_variants(monkeypatch, tmp_path):
+    monkeypatch.setenv(cm.CACHE_ENV, str(tmp_path / "cache"))
+    first = evaluate.load_plugins(["chronorec.trainer.chronorec_methods"], {"max_length": 48})
+    assert tuple(first) == VARIANTS
+    owners = {factory.__self__ for factory in first.values()}
+    assert len(owners) == 1
+    owner = owners.pop()
+    assert owner.settings.max_length == 48 and owner.settings.cache_dir == str(tmp_path / "cache")
+    # Nothing global: another evaluation (another load) has its own settings and its own contexts.
+    second = evaluate.load_plugins(["chronorec.trainer.chronorec_methods"], {})
+    assert second["chronorec-untuned-time"].__self__ is not owner
+    assert second["chronorec-untuned-time"].__self__.settings.max_length == cm.EvalSettings().max_length
+    assert not set(first) & set(evaluate.METHODS)
+    with pytest.raises(TypeError, match="no_such_setting"):
+        evaluate.load_plugins(["chronorec.trainer.chronorec_methods"], {"no_such_setting": 1})
+
+
+def test_eval_cli_passes_its_settings_to_the_plugin(monkeypatch, capsys, tmp_path):
+    plugin = ["--data", str(tmp_path), "--out", str(tmp_path / "out"), "--plugin", "chronorec.trainer.chronorec_methods"]
+    assert evaluate.main([*plugin, "--list-methods", "--settings", '{"max_length": 48}']) == 0
+    assert capsys.readouterr().out.split() == [*evaluate.METHODS, *VARIANTS]
+    # The environment variable is the fallback of --settings; a setting the plugin lacks is an error.
+    monkeypatch.setenv(evaluate.SETTINGS_ENV, '{"max_lenght": 48}')
+    assert evaluate.main([*plugin, "--list-methods"]) == 1
+    assert "max_lenght" in capsys.readouterr().err
+    assert evaluate.main([*plugin, "--list-methods", "--settings", "[48]"]) == 1
+
+
+def test_time_aware_beats_time_blind_on_drifting_interests(drift, ci_settings, chronorec, tmp_path):
     per_instance: dict[str, np.ndarray] = {}
     methods = ["ItemKNN", "chronorec-finetuned-time", "chronorec-finetuned-blind"]
-    document = evaluate.evaluate(drift, ["temporal"], methods, progress=False, per_instance=per_instance)
+    document = evaluate.evaluate(drift, ["temporal"], methods, progress=False, per_instance=per_instance,
+                                 factories={**evaluate.METHODS, **chronorec.factories()})
     result = document["protocols"]["temporal"]["methods"]
     aware, blind = result["chronorec-finetuned-time"], result["chronorec-finetuned-blind"]
     assert aware["metrics"]["NDCG@10"]["mean"] > blind["metrics"]["NDCG@10"]["mean"]
@@ -81,9 +109,9 @@ def test_time_aware_beats_time_blind_on_drifting_interests(drift, ci_settings, t
     assert "chronorec-finetuned-time" in written["markdown"].read_text()
 
 
-def test_fine_tuning_never_reads_the_test_window(drift, ci_settings):
+def test_fine_tuning_never_reads_the_test_window(drift, chronorec):
     split = temporal_split(drift)
-    ctx = cm.context_for(split)
+    ctx = chronorec.context(split)
     train, valid = ctx.training_examples()
     inner_cutoff_position = ctx.tuning.train.size
     assert train and valid
@@ -91,25 +119,27 @@ def test_fine_tuning_never_reads_the_test_window(drift, ci_settings):
     assert all(inner_cutoff_position <= e.position < split.n_train for e in valid)
     # loo: examples are the training targets, validation the second-to-last events.
     loo = evaluate.build_split(drift, "loo")
-    loo_train, loo_valid = cm.context_for(loo).training_examples()
+    loo_train, loo_valid = chronorec.context(loo).training_examples()
     assert {e.position for e in loo_train} <= set(loo.train.tolist())
     assert {e.position for e in loo_valid} <= set(loo.validation.pos.tolist())
     assert not {e.position for e in loo_train + loo_valid} & set(loo.test.pos.tolist())
 
 
-def test_loo_examples_match_the_trainers_examples(drift, ci_settings):
-    # The temporal examples come from trainer.data.build_examples; loo's helper must write the same pairs.
+def test_loo_examples_match_the_trainers_examples(drift, ci_settings, chronorec):
+    # Targets named by position (loo) get exactly the pairs the same events get as a time window.
     split = temporal_split(drift)
-    train, _ = cm.context_for(split).training_examples()
-    mine = cm.loo_examples(drift, np.array([e.position for e in train]), cm.context_for(split).items,
-                           ci_settings.history_max_events)
-    assert [(e.position, e.query, e.positive, e.history_items) for e in mine] == \
+    train, _ = chronorec.context(split).training_examples()
+    by_position, none = build_examples(event_log_from(drift.items, drift.events),
+                                       TargetPositions.of([e.position for e in train], []),
+                                       max_events=ci_settings.history_max_events)
+    assert not none
+    assert [(e.position, e.query, e.positive, e.history_items) for e in by_position] == \
            [(e.position, e.query, e.positive, e.history_items) for e in train]
 
 
-def test_evaluation_ranks_through_the_serving_engine(drift, ci_settings, monkeypatch):
+def test_evaluation_ranks_through_the_serving_engine(drift, chronorec, monkeypatch):
     split = temporal_split(drift)
-    ranker = evaluate.METHODS["chronorec-untuned-time"](split)
+    ranker = chronorec.untuned_time(split)
     assert isinstance(ranker.engine_ranker, EngineRanker)
     task = split.test_task()
     ranker.fit(task.train, task.dataset)

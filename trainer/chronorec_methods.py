@@ -28,8 +28,10 @@ the loo validation targets — never on the test window):
                               ML-100K's seven months), no freshness; the weights are fitted on the
                               tuning task exactly as for the time-aware form.
 
-Settings (fine-tuning steps, token length, cache folder, ...) are `SETTINGS`; change them with
-`configure(...)` or the `CHRONOREC_EVAL_SETTINGS` environment variable (a JSON object).
+Settings (fine-tuning steps, token length, cache folder, ...) are an `EvalSettings`, built once per
+evaluation from `chronorec-eval --settings JSON` (default: the `CHRONOREC_EVAL_SETTINGS` environment
+variable) and passed to `evaluation_methods`, which returns the variants of that evaluation: one
+`ChronorecMethods`, which also owns what its variants share per split (`SplitContext`).
 """
 
 from __future__ import annotations
@@ -52,17 +54,15 @@ import numpy as np
 from chronorec.server.core.catalog import Item
 from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.itemtext import item_text_lookup
-from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text
 from chronorec.trainer.base_model import packaged_minilm
-from chronorec.trainer.evaluate import register_method
 from chronorec.trainer.protocols import (
-    Dataset, Instances, LooSplit, Split, TemporalSplit, exclusion_mask, expected_metrics, rank_counts, summarize,
+    Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, exclusion_mask, expected_metrics, rank_counts,
+    summarize,
 )
 from chronorec.trainer.tune import EngineRanker, EngineReplay, TuningGrid, fit_cooccurrence, tune_time_model
 
 log = logging.getLogger(__name__)
 
-SETTINGS_ENV = "CHRONOREC_EVAL_SETTINGS"
 CACHE_ENV = "CHRONOREC_EVAL_CACHE"
 SWEEP_METRIC = "NDCG@10"
 
@@ -74,7 +74,7 @@ class EvalSettings:
     base_model: str | None = None  # Hugging Face folder; None: the packaged all-MiniLM-L6-v2
     max_length: int = 32  # tokens the encoder reads: the newest one or two events of the history text
     history_max_events: int = 20
-    cache_dir: str | None = None  # exported and fine-tuned models; None: $CHRONOREC_EVAL_CACHE or ~/.cache
+    cache_dir: str | None = None  # exported and fine-tuned models; None: ~/.cache (evaluation_methods: $CHRONOREC_EVAL_CACHE)
     reuse_cache: bool = True  # reuse a fine-tuned model whose fingerprint (data, split, settings) matches
     finetune_steps: int = 100
     finetune_batch_size: int = 32
@@ -98,26 +98,20 @@ class EvalSettings:
             raise TypeError(f"unknown evaluation setting(s): {', '.join(sorted(unknown))}")
         return replace(self, **overrides)
 
+    def cache_root(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chronorec" / "eval-models"
 
-def _settings_from_env() -> EvalSettings:
-    raw = os.environ.get(SETTINGS_ENV, "").strip()
-    if not raw:
-        return EvalSettings()
-    overrides = json.loads(raw)
-    if not isinstance(overrides, dict):
-        raise ValueError(f"{SETTINGS_ENV} must be a JSON object")
-    return EvalSettings().with_overrides(**overrides)
+    def base_folder(self) -> Path:
+        return Path(self.base_model) if self.base_model else packaged_minilm()
 
-
-SETTINGS = _settings_from_env()
-
-
-def configure(**overrides: Any) -> EvalSettings:
-    """Change SETTINGS (tests, notebooks); returns the new settings. Cached contexts are dropped."""
-    global SETTINGS
-    SETTINGS = SETTINGS.with_overrides(**overrides)
-    _CONTEXTS.clear()
-    return SETTINGS
+    def say(self, message: str) -> None:
+        """A status line: always logged, on stderr too when `progress` (default: stderr is a terminal)."""
+        log.info("%s", message)
+        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        if show:
+            print(f"[chronorec] {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------ time models
@@ -154,13 +148,6 @@ SEMANTIC_ONLY = {"w_semantic": 1.0, "w_cooccurrence": 0.0, "w_freshness": 0.0, "
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _say(message: str) -> None:
-    log.info("%s", message)
-    show = SETTINGS.progress if SETTINGS.progress is not None else sys.stderr.isatty()
-    if show:
-        print(f"[chronorec] {message}", file=sys.stderr, flush=True)
 
 
 def _openblas_thread_setters():
@@ -200,18 +187,6 @@ def blas_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         put(before)
-
-
-def _base_folder() -> Path:
-    return Path(SETTINGS.base_model) if SETTINGS.base_model else packaged_minilm()
-
-
-def cache_root() -> Path:
-    if SETTINGS.cache_dir:
-        return Path(SETTINGS.cache_dir)
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chronorec" / "eval-models"
 
 
 def _digest(*parts: Any) -> str:
@@ -258,55 +233,28 @@ def _onnx_encoder(version_dir: Path):
     return OnnxEncoder(version_dir)
 
 
-def untuned_version_dir() -> Path:
+def untuned_version_dir(settings: EvalSettings) -> Path:
     """The base model exported to ONNX once (published into a repository in the cache)."""
-    base = _base_folder().resolve()
-    root = cache_root() / f"base-{_digest(str(base), SETTINGS.max_length)}"
+    base = settings.base_folder().resolve()
+    root = settings.cache_root() / f"base-{_digest(str(base), settings.max_length)}"
     repo, version = _load_version(root)
     if version is None:
         from chronorec.trainer.export import publish_base_model
 
-        _say(f"exporting {base.name} to ONNX (max_length {SETTINGS.max_length}) into {root}")
-        version = publish_base_model(base, root, activate=True, max_length=SETTINGS.max_length, base_model=str(base))
+        settings.say(f"exporting {base.name} to ONNX (max_length {settings.max_length}) into {root}")
+        version = publish_base_model(base, root, activate=True, max_length=settings.max_length, base_model=str(base))
     return repo.version_dir(version)
 
 
 # ------------------------------------------------------------------------ split context
 
 
-def loo_examples(dataset: Dataset, positions: np.ndarray, items: Mapping[str, Item], max_events: int):
-    """(history text → item) pairs for the events at global `positions`, as `data.build_examples`
-    writes them: the user's events before each one as of its time, positive feedback only, items
-    still in the catalogue, events with some earlier history."""
-    from chronorec.trainer.data import TrainingExample
-
-    item_text_of = item_text_lookup(items)
-    out = []
-    for position in np.sort(np.asarray(positions, dtype=np.int64)):
-        event = dataset.event_at(int(position))
-        if event.item_id not in items or action_strength(event.action, event.value) <= 0.0:
-            continue
-        user = dataset.user[position]
-        earlier = dataset.user_events(user)[: dataset.rank_in_user[position]]
-        if not len(earlier):
-            continue
-        history = [HistoryEntry(e.item_id, e.action, e.timestamp, e.value)
-                   for e in (dataset.event_at(int(p)) for p in earlier[-max_events:])]
-        out.append(TrainingExample(
-            user_id=event.user_id, item_id=event.item_id, timestamp=event.timestamp,
-            query=history_text(history, event.timestamp, item_text_of, max_events),
-            positive=item_text_of(event.item_id),
-            history_items=tuple(dict.fromkeys(dataset.item_ids[dataset.item[p]] for p in earlier)),
-            position=int(position),
-        ))
-    return out
-
-
 class SplitContext:
     """What the variants of one split share: catalogue, encoders, co-occurrence, tuning replays."""
 
-    def __init__(self, split: Split):
+    def __init__(self, split: Split, settings: EvalSettings):
         self.split = split
+        self.settings = settings
         self.dataset: Dataset = split.dataset
         self.items: dict[str, Item] = {item.item_id: item for item in self.dataset.items}
         self.item_text_of = item_text_lookup(self.items)
@@ -328,9 +276,10 @@ class SplitContext:
 
     def untuned(self) -> EncoderBundle:
         if "untuned" not in self.bundles:
-            version_dir = untuned_version_dir()
+            version_dir = untuned_version_dir(self.settings)
             self.bundles["untuned"] = self._bundle("untuned", version_dir, {
-                "encoder": str(_base_folder()), "onnx": str(version_dir), "max_length": SETTINGS.max_length})
+                "encoder": str(self.settings.base_folder()), "onnx": str(version_dir),
+                "max_length": self.settings.max_length})
         return self.bundles["untuned"]
 
     def finetuned(self) -> EncoderBundle:
@@ -341,41 +290,36 @@ class SplitContext:
 
     def training_examples(self):
         """(train, validation) examples: targets in the training part; validation = the tuning targets."""
-        max_events = SETTINGS.history_max_events
-        split = self.split
-        if isinstance(split, TemporalSplit):
-            from chronorec.trainer.data import TimeWindows, build_examples, event_log_from
+        from chronorec.trainer.data import TargetPositions, TimeWindows, build_examples, event_log_from
 
+        split, d = self.split, self.dataset
+        if isinstance(split, TemporalSplit):
             # Training targets: before the inner cutoff; validation: the inner split's window; the
             # test window (from split.n_train on) is never read.
-            d = self.dataset
             valid_begin = int(self.tuning.train.size)
             windows = TimeWindows(
                 train_begin=0, valid_begin=valid_begin, test_begin=split.n_train, n_events=d.n_events,
                 train_start=float(d.ts[0]), valid_start=float(d.ts[valid_begin]), test_start=split.cutoff,
                 end=float(d.ts[-1]),
             )
-            # event_log_from orders events as the Dataset does (time, then file order): positions agree.
-            return build_examples(event_log_from(d.items, d.events), windows, max_events=max_events)
-        if isinstance(split, LooSplit):
-            return (loo_examples(self.dataset, split.train, self.items, max_events),
-                    loo_examples(self.dataset, split.validation.pos, self.items, max_events))
-        raise TypeError(f"unknown split {type(split).__name__}")
+        elif isinstance(split, LooSplit):
+            windows = TargetPositions.of(split.train, split.validation.pos)
+        else:
+            raise TypeError(f"unknown split {type(split).__name__}")
+        # event_log_from orders events as the Dataset does (time, then file order): positions agree.
+        return build_examples(event_log_from(d.items, d.events), windows, max_events=self.settings.history_max_events)
 
     def _finetune(self) -> tuple[Path, dict]:
-        import torch
-
         from chronorec.trainer.data import newest_examples
-        from chronorec.trainer.export import load_base_model, publish_module
-        from chronorec.trainer.finetune import FinetuneConfig, encoder_retrieval_metrics, finetune, freeze_below
+        from chronorec.trainer.finetune import FinetuneConfig, encoder_retrieval_metrics, train_encoder
 
-        s = SETTINGS
+        s = self.settings
         train, valid = self.training_examples()
         if not train:
             raise ValueError("no training examples to fine-tune on")
         train = newest_examples(train, s.finetune_examples or s.finetune_steps * s.finetune_batch_size)
         d = self.dataset
-        base = _base_folder().resolve()
+        base = s.base_folder().resolve()
         config = FinetuneConfig(
             steps=s.finetune_steps, batch_size=s.finetune_batch_size, lr=s.finetune_lr,
             temperature=s.finetune_temperature, hard_negatives=s.hard_negatives, seed=s.seed,
@@ -388,21 +332,18 @@ class SplitContext:
             [self.item_text_of(i) for i in self.item_ids], self.tuning.train, self.tuning.instances.pos,
             [(e.position, e.query) for e in train], {k: v for k, v in asdict(config).items() if k != "progress"},
         )
-        root = cache_root() / f"finetuned-{self.split.protocol}-{fingerprint}"
+        root = s.cache_root() / f"finetuned-{self.split.protocol}-{fingerprint}"
         repo, version = _load_version(root)
         if version is not None and s.reuse_cache:
-            _say(f"{self.split.protocol}: reusing the fine-tuned encoder {root} (same data, split and settings)")
+            s.say(f"{self.split.protocol}: reusing the fine-tuned encoder {root} (same data, split and settings)")
             from chronorec.server.core.manifest import load_manifest
 
             info = dict(load_manifest(repo.version_dir(version)).extra.get("evaluation", {}))
             info["reused_from_cache"] = True
             return repo.version_dir(version), info
-        _say(f"{self.split.protocol}: fine-tuning {base} on {len(train)} training examples "
-             f"({config.steps} steps of {config.batch_size}, max_length {config.max_length}); "
-             f"{len(valid)} validation examples")
-        torch.manual_seed(s.seed)
-        module, tokenizer = load_base_model(base)
-        trained_layers = freeze_below(module, s.finetune_train_layers)
+        s.say(f"{self.split.protocol}: fine-tuning {base} on {len(train)} training examples "
+              f"({config.steps} steps of {config.batch_size}, max_length {config.max_length}); "
+              f"{len(valid)} validation examples")
         item_texts = {i: self.item_text_of(i) for i in self.item_ids}
         # A fixed budget of steps, and the last weights: whether (and how much) the encoder counts
         # is decided by the time model's fit on the validation window. The encoder-only retrieval
@@ -411,32 +352,31 @@ class SplitContext:
         sample = [valid[i] for i in np.sort(rng.choice(len(valid), min(len(valid), s.finetune_valid_queries),
                                                         replace=False))] if valid else []
 
-        def retrieval() -> dict:
+        def retrieval(module, tokenizer) -> dict:
             if not sample:
                 return {}
             return encoder_retrieval_metrics(module, tokenizer, sample, item_texts, max_length=s.max_length)
 
         started = time.perf_counter()
-        before = retrieval()
-        result = finetune(module, tokenizer, train, [], item_texts, config, run_tag=fingerprint)
-        module.cpu().eval()
-        after = retrieval()
+        trained = train_encoder(base, train, [], item_texts, config, train_layers=s.finetune_train_layers,
+                                run_tag=fingerprint, measure=retrieval)
+        result, before, after = trained.result, trained.measured_before, trained.measured_after
         info = {
             "encoder": str(base), "max_length": s.max_length, "train_examples": len(train),
             "train_window": [float(train[0].timestamp), float(train[-1].timestamp)],
             "valid_queries": len(sample), "finetune_s": round(time.perf_counter() - started, 2),
-            "trained_layers": trained_layers, "steps": result.steps, "lr": s.finetune_lr,
+            "trained_layers": trained.trained_layers, "steps": result.steps, "lr": s.finetune_lr,
             "examples_per_second": round(result.examples_per_second, 2),
             "encoder_valid_before": before, "encoder_valid_after": after,
             "encoder_valid_NDCG@10_before": before.get("NDCG@10"), "encoder_valid_NDCG@10_after": after.get("NDCG@10"),
             "reused_from_cache": False,
         }
-        version = publish_module(module, tokenizer, repo, base_model=str(base), max_length=s.max_length,
-                                 activate=True, tokenizer_source=base, extra={"evaluation": info},
-                                 training_window={"protocol": self.split.protocol, "fingerprint": fingerprint})
-        _say(f"{self.split.protocol}: fine-tuned in {info['finetune_s']:.0f} s; encoder-only retrieval on "
-             f"{len(sample)} validation queries: " + ", ".join(
-                 f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in ("HR@10", "NDCG@10", "NDCG@20") if k in before))
+        version = trained.publish(repo, base_model=str(base), max_length=s.max_length, activate=True,
+                                  extra={"evaluation": info},
+                                  training_window={"protocol": self.split.protocol, "fingerprint": fingerprint})
+        s.say(f"{self.split.protocol}: fine-tuned in {info['finetune_s']:.0f} s; encoder-only retrieval on "
+              f"{len(sample)} validation queries: " + ", ".join(
+                  f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in ("HR@10", "NDCG@10", "NDCG@20") if k in before))
         return repo.version_dir(version), info
 
     # -- replays and tuning
@@ -458,25 +398,13 @@ class SplitContext:
     def tune(self, bundle: EncoderBundle, base: TimeModelParams, grid: TuningGrid, key: str):
         if key not in self.tunings:
             replay = self.tuning_replay(bundle)
-            _say(f"{self.split.protocol}: fitting the {key} time model on {self.tuning.name} "
-                 f"({min(len(self.tuning.instances), SETTINGS.tune_max_instances or 10**12)} instances)")
-            with blas_threads(SETTINGS.blas_threads):
+            s = self.settings
+            s.say(f"{self.split.protocol}: fitting the {key} time model on {self.tuning.name} "
+                  f"({min(len(self.tuning.instances), s.tune_max_instances or 10**12)} instances)")
+            with blas_threads(s.blas_threads):
                 self.tunings[key] = tune_time_model(replay, self.tuning.instances, base, grid,
-                                                    max_instances=SETTINGS.tune_max_instances, seed=SETTINGS.seed)
+                                                    max_instances=s.tune_max_instances, seed=s.seed)
         return self.tunings[key]
-
-
-_CONTEXTS: dict[int, SplitContext] = {}
-
-
-def context_for(split: Split) -> SplitContext:
-    """The shared context of `split` (one per split object; contexts of other datasets are dropped)."""
-    ctx = _CONTEXTS.get(id(split))
-    if ctx is None or ctx.split is not split:
-        for key in [k for k, c in _CONTEXTS.items() if c.dataset is not split.dataset]:
-            del _CONTEXTS[key]
-        ctx = _CONTEXTS[id(split)] = SplitContext(split)
-    return ctx
 
 
 # ------------------------------------------------------------------------------- ranker
@@ -489,6 +417,7 @@ class ChronorecRanker:
     def __init__(self, ctx: SplitContext, bundle: EncoderBundle, params: TimeModelParams, report: dict,
                  sweeps: Mapping[str, Sequence[float]] | None = None):
         self.ctx = ctx
+        self.settings = ctx.settings
         self.bundle = bundle
         self.time_model = params
         self.engine_ranker = EngineRanker(bundle.encode, ctx.items, params, item_vectors=bundle.item_vectors)
@@ -514,7 +443,7 @@ class ChronorecRanker:
         return self.time_model.alpha > 0 and self.time_model.w_semantic > 0
 
     def score_batch(self, instances: Instances) -> np.ndarray:
-        with blas_threads(SETTINGS.blas_threads):
+        with blas_threads(self.settings.blas_threads):
             if self.reads_history_text:
                 return self.engine_ranker.score_batch(instances)
             # EngineRanker.score_batch without its batch pre-encoding of history texts, which
@@ -529,10 +458,11 @@ class ChronorecRanker:
     # -- sensitivity on the test window (analysis only)
 
     def _run_sweeps(self) -> None:
+        s = self.settings
         instances = self.ctx.split.test_task().instances
-        rng = np.random.default_rng(SETTINGS.seed)
-        if SETTINGS.sweep_max_instances is not None and len(instances) > SETTINGS.sweep_max_instances:
-            instances = instances[np.sort(rng.choice(len(instances), SETTINGS.sweep_max_instances, replace=False))]
+        rng = np.random.default_rng(s.seed)
+        if s.sweep_max_instances is not None and len(instances) > s.sweep_max_instances:
+            instances = instances[np.sort(rng.choice(len(instances), s.sweep_max_instances, replace=False))]
         settings: list[tuple[str, str, float, TimeModelParams]] = []
         semantic_only = self.time_model.with_overrides(SEMANTIC_ONLY)
         for parameter, values in self.sweeps.items():
@@ -543,14 +473,14 @@ class ChronorecRanker:
                 elif parameter == "cooccurrence_half_life_days":
                     settings.append((parameter, "co-occurrence only", value, self.time_model.with_overrides(
                         {"w_semantic": 0.0, "w_cooccurrence": 1.0, "w_freshness": 0.0, "w_trend": 0.0, parameter: value})))
-        _say(f"{self.ctx.split.protocol}: sweeps, {len(settings)} settings on {len(instances)} test instances")
+        s.say(f"{self.ctx.split.protocol}: sweeps, {len(settings)} settings on {len(instances)} test instances")
         started = time.perf_counter()
         replay = self.engine_ranker.replay
         n_items = self.ctx.dataset.n_items
         excluded = exclusion_mask(instances)
         better = np.zeros((len(settings), len(instances)), dtype=np.int64)
         tied = np.zeros_like(better)
-        with blas_threads(SETTINGS.blas_threads):
+        with blas_threads(s.blas_threads):
             replay.prime(instances, self.time_model)
             for row, user_id, at in replay.walk(instances):
                 # One instance at a time, every setting: memory stays settings × items.
@@ -600,68 +530,88 @@ def _tuning_report(tuning) -> dict:
     return {"tuning": {**tuning.summary(), "trace": tuning.trace}, "tuned_on": "validation window (tuning task)"}
 
 
-def _semantic_only(params: TimeModelParams, name: str):
-    def factory(split: Split) -> ChronorecRanker:
-        ctx = context_for(split)
+class ChronorecMethods:
+    """chronorec's variants for one evaluation: its settings, and per split the context they share
+    (encoders, co-occurrence, tunings), so each is built once whichever variants run."""
+
+    def __init__(self, settings: EvalSettings | None = None):
+        self.settings = settings or EvalSettings()
+        self._contexts: dict[str, SplitContext] = {}
+
+    def context(self, split: Split) -> SplitContext:
+        """The context of `split`; another split object of the same protocol (another dataset or
+        cutoff) replaces the one held, so one evaluation holds at most one per protocol."""
+        ctx = self._contexts.get(split.protocol)
+        if ctx is None or ctx.split is not split:
+            ctx = self._contexts[split.protocol] = SplitContext(split, self.settings)
+        return ctx
+
+    def factories(self) -> dict[str, MethodFactory]:
+        """The variants by their `chronorec-eval` names."""
+        return {
+            "chronorec-untuned-mean": self.untuned_mean,
+            "chronorec-untuned-decay": self.untuned_decay,
+            "chronorec-untuned-time": self.untuned_time,
+            "chronorec-finetuned-time": self.finetuned_time,
+            "chronorec-finetuned-blind": self.finetuned_blind,
+        }
+
+    def _semantic_only(self, split: Split, params: TimeModelParams) -> ChronorecRanker:
+        ctx = self.context(split)
         bundle = ctx.untuned()
-        return ChronorecRanker(ctx, bundle, replace(params, history_max_events=SETTINGS.history_max_events),
+        return ChronorecRanker(ctx, bundle, replace(params, history_max_events=self.settings.history_max_events),
                                _encoder_report(bundle))
 
-    factory.__name__ = name
-    return factory
+    def untuned_mean(self, split: Split) -> ChronorecRanker:
+        return self._semantic_only(split, UNTUNED_MEAN)
+
+    def untuned_decay(self, split: Split) -> ChronorecRanker:
+        return self._semantic_only(split, UNTUNED_DECAY)
+
+    def untuned_time(self, split: Split) -> ChronorecRanker:
+        ctx = self.context(split)
+        bundle = ctx.untuned()
+        base = TimeModelParams(history_max_events=self.settings.history_max_events)
+        tuning = ctx.tune(bundle, base, TIME_GRID, "untuned-time")
+        return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)})
+
+    def finetuned_time(self, split: Split) -> ChronorecRanker:
+        ctx = self.context(split)
+        bundle = ctx.finetuned()
+        base = TimeModelParams(history_max_events=self.settings.history_max_events)
+        tuning = ctx.tune(bundle, base, TIME_GRID, "finetuned-time")
+        return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)},
+                               sweeps=SWEEPS if self.settings.sweeps else None)
+
+    def finetuned_blind(self, split: Split) -> ChronorecRanker:
+        ctx = self.context(split)
+        bundle = ctx.finetuned()
+        base = replace(BLIND, history_max_events=self.settings.history_max_events)
+        tuning = ctx.tune(bundle, base, BLIND_GRID, "finetuned-blind")
+        return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), "time": "removed (see BLIND)",
+                                                            **_tuning_report(tuning)})
 
 
-def untuned_time(split: Split) -> ChronorecRanker:
-    ctx = context_for(split)
-    bundle = ctx.untuned()
-    base = TimeModelParams(history_max_events=SETTINGS.history_max_events)
-    tuning = ctx.tune(bundle, base, TIME_GRID, "untuned-time")
-    return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)})
-
-
-def finetuned_time(split: Split) -> ChronorecRanker:
-    ctx = context_for(split)
-    bundle = ctx.finetuned()
-    base = TimeModelParams(history_max_events=SETTINGS.history_max_events)
-    tuning = ctx.tune(bundle, base, TIME_GRID, "finetuned-time")
-    return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)},
-                           sweeps=SWEEPS if SETTINGS.sweeps else None)
-
-
-def finetuned_blind(split: Split) -> ChronorecRanker:
-    ctx = context_for(split)
-    bundle = ctx.finetuned()
-    base = replace(BLIND, history_max_events=SETTINGS.history_max_events)
-    tuning = ctx.tune(bundle, base, BLIND_GRID, "finetuned-blind")
-    return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), "time": "removed (see BLIND)",
-                                                        **_tuning_report(tuning)})
-
-
-METHODS = {
-    "chronorec-untuned-mean": _semantic_only(UNTUNED_MEAN, "untuned_mean"),
-    "chronorec-untuned-decay": _semantic_only(UNTUNED_DECAY, "untuned_decay"),
-    "chronorec-untuned-time": untuned_time,
-    "chronorec-finetuned-time": finetuned_time,
-    "chronorec-finetuned-blind": finetuned_blind,
-}
-
-for _name, _factory in METHODS.items():
-    # replace=True: importing the plugin twice (--plugin and a test) must not fail.
-    register_method(_name, _factory, replace=True)
+def evaluation_methods(settings: Mapping[str, Any]) -> dict[str, MethodFactory]:
+    """The plugin's entry for `chronorec-eval --plugin`: the variants of one evaluation, built with
+    its settings (`--settings` / CHRONOREC_EVAL_SETTINGS); the cache folder defaults to
+    $CHRONOREC_EVAL_CACHE."""
+    overrides = dict(settings)
+    if not overrides.get("cache_dir") and os.environ.get(CACHE_ENV):
+        overrides["cache_dir"] = os.environ[CACHE_ENV]
+    return ChronorecMethods(EvalSettings().with_overrides(**overrides)).factories()
 
 
 __all__ = [
     "BLIND",
     "BLIND_GRID",
+    "CACHE_ENV",
+    "ChronorecMethods",
     "ChronorecRanker",
     "EvalSettings",
-    "METHODS",
-    "SETTINGS",
     "SWEEPS",
     "SplitContext",
     "TIME_GRID",
     "blas_threads",
-    "configure",
-    "context_for",
-    "loo_examples",
+    "evaluation_methods",
 ]

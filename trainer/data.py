@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -98,11 +98,48 @@ class TimeWindows:
             return "valid"
         return "test"
 
+    @property
+    def read_until(self) -> int:
+        """Examples never read an event from the test window on."""
+        return self.test_begin
+
     def to_dict(self) -> dict[str, float | int]:
         """For the manifest: `start`/`end` are the training targets' window; the rest says what was held out."""
         return {"start": self.train_start, "end": self.valid_start, "valid_start": self.valid_start,
                 "test_start": self.test_start, "data_end": self.end, "events": self.n_events,
                 "train_events": self.valid_begin - self.train_begin}
+
+
+@dataclass(frozen=True)
+class TargetPositions:
+    """Training and validation targets named by global position rather than by time (leave-one-out:
+    each user's second-to-last event validates, the events before it train)."""
+
+    train: frozenset[int]
+    valid: frozenset[int]
+
+    @classmethod
+    def of(cls, train: Iterable[int], valid: Iterable[int]) -> "TargetPositions":
+        return cls(frozenset(int(p) for p in train), frozenset(int(p) for p in valid))
+
+    def window_of(self, position: int) -> str | None:
+        if position in self.train:
+            return "train"
+        return "valid" if position in self.valid else None
+
+    @property
+    def read_until(self) -> int:
+        """Nothing after the last target is read (each user's test event comes after it)."""
+        return max(self.train | self.valid, default=-1) + 1
+
+
+class ExampleWindows(Protocol):
+    """Which window ("train", "valid" or None) the event at a global position is a target of."""
+
+    def window_of(self, position: int) -> str | None: ...
+
+    @property
+    def read_until(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -170,9 +207,10 @@ def is_positive(event: Event) -> bool:
     return action_strength(event.action, event.value) > 0.0
 
 
-def build_examples(event_log: EventLog, windows: TimeWindows, *, max_events: int = 20,
+def build_examples(event_log: EventLog, windows: ExampleWindows, *, max_events: int = 20,
                    ) -> tuple[list[TrainingExample], list[TrainingExample]]:
-    """Point-in-time (query, positive) pairs for the positive events of the training and validation windows.
+    """Point-in-time (query, positive) pairs for the positive events of the training and validation windows
+    (by time, `TimeWindows`; or by position, `TargetPositions`), in the global event order.
 
     For an event of user u at time t the query is `history_text` of u's events before it in the
     global order, as of t — the call the ranking makes — so the model is trained on the text it
@@ -185,10 +223,10 @@ def build_examples(event_log: EventLog, windows: TimeWindows, *, max_events: int
     train: list[TrainingExample] = []
     valid: list[TrainingExample] = []
     histories: dict[str, list[HistoryEntry]] = {}
-    for position, event in enumerate(event_log.events[: windows.test_begin]):
+    for position, event in enumerate(event_log.events[: windows.read_until]):
         history = histories.setdefault(event.user_id, [])
         window = windows.window_of(position)
-        if window is not None and history and is_positive(event) and event.item_id in event_log.items:
+        if window in ("train", "valid") and history and is_positive(event) and event.item_id in event_log.items:
             # Only the newest `max_events` are written; passing just those gives the same text.
             (train if window == "train" else valid).append(
                 TrainingExample(
@@ -233,6 +271,8 @@ def load_training_data(
 
 __all__ = [
     "EventLog",
+    "ExampleWindows",
+    "TargetPositions",
     "TimeWindows",
     "TrainingData",
     "TrainingExample",

@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from chronorec.server.core import importers
 from chronorec.trainer import baselines, report
+from chronorec.trainer.flags import Verbosity, add_settings_flags, setting, settings_from_args
 from chronorec.trainer.protocols import (
     BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRIC_NAMES, Dataset, MethodFactory, Split, fit_and_score, gap_buckets, loo_split, metric_by_bucket, summarize, temporal_split,
 )
@@ -24,6 +27,9 @@ log = logging.getLogger(__name__)
 
 METHODS: dict[str, MethodFactory] = {}
 PROTOCOL_NAMES = ("temporal", "loo")
+# Every flag's environment fallback is CHRONOREC_EVAL_<FLAG>; --settings' is the one most used.
+ENV_PREFIX = "CHRONOREC_EVAL"
+SETTINGS_ENV = f"{ENV_PREFIX}_SETTINGS"
 
 
 def register_method(name: str, factory: MethodFactory | None = None, *, replace: bool = False):
@@ -42,10 +48,30 @@ for _name, _factory in baselines.BASELINES.items():
     register_method(_name, _factory)
 
 
-def load_plugins(modules: Sequence[str]) -> None:
-    """Import modules that call register_method (e.g. chronorec's own encoder variants)."""
-    for module in modules:
-        importlib.import_module(module)
+def load_plugins(modules: Sequence[str], settings: Mapping[str, Any] | None = None) -> dict[str, MethodFactory]:
+    """Import plugin modules; the methods they give this evaluation, by name.
+
+    A module with an `evaluation_methods(settings)` function (chronorec's own variants) is asked
+    for its methods, built with `settings`: they and whatever they cache belong to this
+    evaluation. A module without one registers its methods at import (`register_method`).
+    """
+    found: dict[str, MethodFactory] = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        provide = getattr(module, "evaluation_methods", None)
+        if callable(provide):
+            found.update(provide(dict(settings or {})))
+    return found
+
+
+def parse_settings(text: str | None) -> dict[str, Any]:
+    """The plugins' settings from a JSON object (empty or None: none)."""
+    if not text or not text.strip():
+        return {}
+    settings = json.loads(text)
+    if not isinstance(settings, dict):
+        raise ValueError(f"plugin settings must be a JSON object, not {text!r}")
+    return settings
 
 
 def ratings_file(path: str | Path) -> Path | None:
@@ -114,14 +140,17 @@ def run_method(name: str, factory: MethodFactory, split: Split, *, progress: boo
 
 def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str], *, data_path: str | Path | None = None,
              quantile: float = 0.8, progress: bool = True, batch_size: int = 1024,
-             per_instance: dict[str, np.ndarray] | None = None) -> dict:
-    """Run `methods` (names in METHODS) under each protocol; the report document (see report.py).
+             per_instance: dict[str, np.ndarray] | None = None,
+             factories: Mapping[str, MethodFactory] | None = None) -> dict:
+    """Run `methods` (names in `factories`, default METHODS) under each protocol; the report document
+    (see report.py).
 
     `per_instance`, when given, receives "<protocol>/<method>/<metric>" arrays (and
     "<protocol>/pos", the target's global positions) for paired comparisons between methods."""
-    unknown = [m for m in methods if m not in METHODS]
+    factories = METHODS if factories is None else factories
+    unknown = [m for m in methods if m not in factories]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(factories)}")
     document = {
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dataset": dataset_info(dataset, data_path),
@@ -137,7 +166,7 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
         if per_instance is not None:
             per_instance[f"{protocol}/pos"] = split.test_task().instances.pos
         for name in methods:
-            entry, metrics = run_method(name, METHODS[name], split, progress=progress, batch_size=batch_size)
+            entry, metrics = run_method(name, factories[name], split, progress=progress, batch_size=batch_size)
             entries[name] = entry
             if per_instance is not None:
                 per_instance.update({f"{protocol}/{name}/{k}": v for k, v in metrics.items()})
@@ -148,46 +177,50 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
     return document
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="MovieLens folder (ml-100k, ml-latest*) or JSONL file/folder")
-    parser.add_argument("--protocol", choices=["temporal", "loo", "both"], default="both")
-    parser.add_argument("--out", required=True,
-                        help="report folder (report.md, report.json, PNG plots, per_instance.npz)")
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated method names (default: all registered; see --list-methods)")
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first so that it can register methods (repeatable)")
-    parser.add_argument("--quantile", type=float, default=0.8, help="temporal cutoff quantile (default 0.8)")
-    parser.add_argument("--batch-size", type=int, default=1024, help="instances scored per call")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+@dataclass
+class EvalCommand:
+    """One `chronorec-eval` (or `chronorec-train eval`) run: data, protocols, methods, report folder."""
+
+    data: str = setting(help="MovieLens folder (ml-100k, ml-latest*) or JSONL file/folder")
+    out: str = setting(help="report folder (report.md, report.json, PNG plots, per_instance.npz)")
+    protocol: str = setting("both", choices=("temporal", "loo", "both"), help="evaluation protocol")
+    methods: str | None = setting(None, help="comma-separated method names (none: all; see --list-methods)")
+    plugin: list[str] = setting(default_factory=list, help=(
+        "import MODULE first so that it can give methods (repeatable; comma-separated in the environment)"))
+    settings: str | None = setting(None, help="the plugins' settings as a JSON object, e.g. '{\"max_length\": 64}'")
+    quantile: float = setting(0.8, help="temporal cutoff quantile")
+    batch_size: int = setting(1024, help="instances scored per call")
+    progress: bool = setting(True, help="progress bars")
+    list_methods: bool = setting(False, help="print the available methods and exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chronorec-eval", description=__doc__.split(":", 1)[1].strip())
-    _add_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each method's result")
+    add_settings_flags(parser, EvalCommand, env_prefix=ENV_PREFIX)
+    add_settings_flags(parser, Verbosity, env_prefix=ENV_PREFIX)
     return parser
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Handler shared by `chronorec-eval` and a `chronorec-train eval` subcommand."""
-    load_plugins(args.plugin)
-    if args.list_methods:
-        print("\n".join(METHODS))
+    command = settings_from_args(EvalCommand, args)
+    factories = {**METHODS, **load_plugins(command.plugin, parse_settings(command.settings))}
+    if command.list_methods:
+        print("\n".join(factories))
         return 0
-    methods = list(METHODS) if not args.methods else [m.strip() for m in args.methods.split(",") if m.strip()]
-    protocols = list(PROTOCOL_NAMES) if args.protocol == "both" else [args.protocol]
+    methods = list(factories) if not command.methods else [m.strip() for m in command.methods.split(",") if m.strip()]
+    protocols = list(PROTOCOL_NAMES) if command.protocol == "both" else [command.protocol]
     t0 = time.perf_counter()
-    dataset = Dataset(*importers.detect_and_load(args.data))
+    dataset = Dataset(*importers.detect_and_load(command.data))
     load_s = time.perf_counter() - t0
     per_instance: dict[str, np.ndarray] = {}
-    document = evaluate(dataset, protocols, methods, data_path=args.data, quantile=args.quantile,
-                        progress=not args.no_progress, batch_size=args.batch_size, per_instance=per_instance)
+    document = evaluate(dataset, protocols, methods, data_path=command.data, quantile=command.quantile,
+                        progress=command.progress, batch_size=command.batch_size, per_instance=per_instance,
+                        factories=factories)
     document["load_s"] = load_s
     document["total_s"] = time.perf_counter() - t0
-    written = report.write_report(document, args.out)
-    np.savez_compressed(Path(args.out) / "per_instance.npz", **per_instance)
+    written = report.write_report(document, command.out)
+    np.savez_compressed(Path(command.out) / "per_instance.npz", **per_instance)
     for name, protocol in document["protocols"].items():
         print(f"\n## {name}\n")
         print(report.markdown_table(protocol) if protocol["methods"] else "(no methods)")
@@ -199,7 +232,7 @@ def register_eval_subcommand(subparsers) -> argparse.ArgumentParser:
     """Registrar for chronorec.trainer.cli.SUBCOMMANDS["eval"]."""
     parser = subparsers.add_parser("eval", help="evaluate recommenders (temporal / leave-one-out)",
                                    description=__doc__.split(":", 1)[1].strip())
-    _add_arguments(parser)
+    add_settings_flags(parser, EvalCommand, env_prefix=ENV_PREFIX)
     parser.set_defaults(handler=run_from_args)
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from chronorec.server.core.manifest import TOKENIZER_MAX_LENGTH
 from chronorec.trainer.data import TrainingExample
-from chronorec.trainer.export import SentenceEncoderModule
+from chronorec.trainer.export import SentenceEncoderModule, load_base_model, publish_module
 from chronorec.trainer.protocols import expected_metrics, rank_counts
 
 log = logging.getLogger(__name__)
@@ -469,10 +470,68 @@ def finetune(
     )
 
 
+# ------------------------------------------------------------- fine-tune and publish
+
+Measure = Callable[[SentenceEncoderModule, Any], dict]
+
+
+@dataclass
+class TrainedEncoder:
+    """A fine-tuned encoder ready to publish, with where it started and what training did."""
+
+    module: SentenceEncoderModule
+    tokenizer: Any
+    init_folder: Path  # the Hugging Face folder it started from (also the tokenizer's source)
+    result: FinetuneResult
+    trained_layers: str
+    initial: SentenceEncoderModule | None = None  # the untouched starting weights, when kept
+    measured_before: dict = field(default_factory=dict)
+    measured_after: dict = field(default_factory=dict)
+
+    def publish(self, repository, *, base_model: str, max_length: int, activate: bool, **manifest: Any) -> str:
+        """Export to ONNX, check parity and publish as a new version (`export.publish_module`)."""
+        return publish_module(self.module, self.tokenizer, repository, base_model=base_model, max_length=max_length,
+                              activate=activate, tokenizer_source=self.init_folder, **manifest)
+
+
+def train_encoder(
+    init_folder: str | os.PathLike,
+    train: Sequence[TrainingExample],
+    valid: Sequence[TrainingExample],
+    item_texts: Mapping[str, str],
+    config: FinetuneConfig,
+    *,
+    train_layers: int | None = None,
+    run_tag: str = "",
+    keep_initial: bool = False,
+    measure: Measure | None = None,
+) -> TrainedEncoder:
+    """Load `init_folder`, freeze all but the top `train_layers` layers and fine-tune: the one path
+    `chronorec-train run` and the evaluation's fine-tuned variants both take.
+
+    `measure(module, tokenizer)`, when given, runs on the starting weights (frozen as they will
+    train) and on the trained ones; `keep_initial` keeps a copy of the starting weights (ablation).
+    """
+    init_folder = Path(init_folder)
+    # Before loading: a weight the folder lacks is initialised at random, so seeded a rerun loads the same module.
+    torch.manual_seed(config.seed)
+    module, tokenizer = load_base_model(init_folder)
+    initial = copy.deepcopy(module).eval() if keep_initial else None
+    trained_layers = freeze_below(module, train_layers)
+    before = measure(module, tokenizer) if measure is not None else {}
+    result = finetune(module, tokenizer, train, valid, item_texts, config, run_tag=run_tag)
+    module.cpu().eval()
+    after = measure(module, tokenizer) if measure is not None else {}
+    return TrainedEncoder(module, tokenizer, init_folder, result, trained_layers, initial, before, after)
+
+
 __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
+    "TrainedEncoder",
     "contrastive_loss",
     "encoder_retrieval_metrics",
     "finetune",
+    "freeze_below",
+    "train_encoder",
 ]

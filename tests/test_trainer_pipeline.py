@@ -237,3 +237,46 @@ def test_a_trainer_killed_mid_export_leaves_no_version_the_server_would_load(tmp
     assert outcome.exit_code in (EXIT_ACTIVATED, EXIT_GATED), outcome.message
     assert outcome.version in repo.list_versions()
     assert not onnx_written.parent.exists()
+
+
+def test_the_prepare_step_indexes_as_the_server_recorded_in_the_repository(tmp_path, drift, tiny_folder):
+    """The server's vector-cache folder and int8 choice come from <models>/serving.json, not from trainer flags."""
+    from chronorec.server.core.encoder import EncoderSettings, load_encoder
+    from chronorec.server.core.indexing import VECTOR_CACHE_DIR, open_vector_cache
+    from chronorec.server.core.itemtext import item_text
+    from chronorec.server.core.repository import ServingSettings
+    from chronorec.server.core.vector_cache import text_key
+    from chronorec.trainer.pipeline import _prepare
+
+    db, models, _ = _fresh_world(tmp_path, drift, tiny_folder)
+    version = publish_base_model(tiny_folder, models, activate=False, max_length=64, int8=True)
+    repo = ModelRepository(models)
+    elsewhere = tmp_path / "server-vector-cache"
+    served = ServingSettings(vector_cache=True, vector_cache_dir=str(elsewhere), prefer_int8=True, hnsw_m=16,
+                             hnsw_ef_construction=100, hnsw_ef_search=64)
+    repo.write_serving_settings(served)
+    with EventStore(db, read_only=True) as store:
+        items = list(store.iter_items())
+    said: list[str] = []
+    figures = _prepare(repo, version, items, RunSettings(threads=1), said.append)
+    assert figures["items"] == len(items) and figures["serving_settings"]["prefer_int8"] is True
+    assert "the server's recorded settings" in said[-1]
+    assert elsewhere.is_dir() and not (models / VECTOR_CACHE_DIR).exists()
+
+    def cached(settings: EncoderSettings) -> int:
+        encoder = load_encoder(repo, version, settings)
+        try:
+            _, found = open_vector_cache(repo, version, encoder, settings).get([text_key(item_text(i)) for i in items])
+            return int(found.sum())
+        finally:
+            encoder.close()
+
+    # The server's int8 graph finds every vector; the fp32 graph, which that server does not run, none.
+    assert cached(EncoderSettings.from_serving_settings(served)) == len(items)
+    assert cached(EncoderSettings.from_serving_settings(served, prefer_int8=False)) == 0
+
+    # A server without a vector cache: nothing to prepare, nothing written.
+    repo.write_serving_settings(ServingSettings(vector_cache=False, vector_cache_dir=None, prefer_int8=False,
+                                                hnsw_m=16, hnsw_ef_construction=100, hnsw_ef_search=64))
+    skipped = _prepare(repo, version, items, RunSettings(threads=1), said.append)
+    assert "skipped" in skipped and not (models / VECTOR_CACHE_DIR).exists()

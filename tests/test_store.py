@@ -466,7 +466,9 @@ def test_storage_failure_is_unavailable_over_grpc(start_server, tiny_repo, tmp_p
         # Reads still answer, and the failed writes reached neither the store nor the serving state.
         assert server.recommender.Recommend(recommender_pb2.RecommendRequest(user_id="u1", k=3), timeout=30).items
         assert (store.count_items(), store.count_events(), store.max_seq()) == before
-        assert "fresh" not in server.engine.catalog.items
+        with pytest.raises(grpc.RpcError) as missing:
+            server.catalog.GetItem(catalog_pb2.GetItemRequest(item_id="fresh"), timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     if failure == "full":
         store._writer.conn.execute("PRAGMA max_page_count = 1073741823")
     assert feedback().stored == len(events)

@@ -266,6 +266,29 @@ def test_tokens_file_is_reloaded_when_it_changes(tmp_path, caplog):
     assert "not reloaded" in caplog.text
 
 
+def test_tokens_file_that_is_not_utf8_is_named(tmp_path, tiny_repo_template, caplog):
+    from chronorec.server.app import serve
+
+    path = tmp_path / "tokens.txt"
+    path.write_bytes(b"read abcdefghijklmnop\nwrite \xff\xfeqrstuvwxyz0123456\n")
+    path.chmod(0o600)
+    with pytest.raises(SecurityConfigError) as info:
+        TokenTable(path)
+    assert str(path) in str(info.value) and "not UTF-8" in str(info.value)
+    assert "abcdefghijklmnop" not in str(info.value)
+    config = ServerConfig(port=0, data_dir=tmp_path / "data", models_root=tiny_repo_template, demo=False, tokens_file=path)
+    with pytest.raises(SecurityConfigError, match="not UTF-8"):
+        serve(config)
+    # A file that stops being UTF-8 while serving: the previous tokens stay, the log names the file.
+    path.write_text("read abcdefghijklmnop\n")
+    table = TokenTable(path, reload_interval_s=0.0)
+    path.write_bytes(b"read abcdefghijklmnop\nadmin \xffqrstuvwxyz0123456\n")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with caplog.at_level(logging.ERROR):
+        assert table.lookup("abcdefghijklmnop").role == Role.READ
+    assert "not reloaded" in caplog.text and "not UTF-8" in caplog.text and str(path) in caplog.text
+
+
 def test_bearer_token_parsing():
     assert bearer_token((("authorization", "Bearer abc"),)) == "abc"
     assert bearer_token((("authorization", "BEARER  abc "),)) == "abc"

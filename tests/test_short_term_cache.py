@@ -125,6 +125,26 @@ def test_cut_text_encodes_exactly_as_the_whole_text(tokenizers, max_length):
             assert cut.ids == whole.ids and cut.attention_mask == whole.attention_mask, path
 
 
+def test_history_text_stops_writing_at_its_budget():
+    """The cut text is the whole text's prefix, written without the events past it."""
+    rng = random.Random(3)
+    items = {f"i{n}": _words(rng, rng.choice([5, 60, 900])) for n in range(30)}
+    written: list[str] = []
+
+    def text_of(item_id: str) -> str:
+        written.append(item_id)
+        return items[item_id]
+
+    history = [HistoryEntry(f"i{n}", "view", ANCHOR - 3600.0 * n) for n in range(30)]
+    whole = history_text(history, ANCHOR, items.__getitem__, 30)
+    for max_chars in [0, 1, 2, 50, 61, 62, 63, 64, 900, 5000, len(whole) - 1, len(whole), len(whole) + 10]:
+        written.clear()
+        assert history_text(history, ANCHOR, text_of, 30, max_chars) == whole[:max_chars]
+        if max_chars <= 5000:  # well short of the whole text (~15k): the oldest events are never written
+            assert len(written) < 30
+    assert history_text(history, ANCHOR, items.__getitem__, 30, None) == whole
+
+
 # -- the finding, at small scale ----------------------------------------------------------
 
 

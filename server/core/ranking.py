@@ -117,7 +117,7 @@ def _gather(values: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.where(positions >= 0, values[np.maximum(positions, 0)], 0)
 
 
-# ------------------------------------------------------------------- engine
+# ------------------------------------------------------------------- ranker
 
 
 def _kth_largest(values: np.ndarray, k: int) -> float:
@@ -235,10 +235,9 @@ class TimeAwareRanker:
         # `history` is time-ordered, so its tail is exactly what history_text would keep;
         # passing only the tail avoids sorting a long history on every request.
         recent = history[-params.history_max_events :] if params.history_max_events > 0 else []
-        text = history_text(recent, at, self.item_text_of, params.history_max_events)
         # Newest events come first, so the cut drops the oldest. 200 events of 20k-character
         # items made a 4 MB text whose tokenizing alone took seconds; the cut keeps it at ~13k.
-        return text if self.history_text_chars is None else text[: self.history_text_chars]
+        return history_text(recent, at, self.item_text_of, params.history_max_events, self.history_text_chars)
 
     def recommend(self, query: RecommendQuery) -> RecommendResult:
         query = query.resolved()
@@ -526,9 +525,9 @@ class _UserContext:
         self.personal_scale = 1.0
 
     @classmethod
-    def build(cls, engine: TimeAwareRanker, history: list[HistoryEntry], query: RecommendQuery) -> "_UserContext":
+    def build(cls, ranker: TimeAwareRanker, history: list[HistoryEntry], query: RecommendQuery) -> "_UserContext":
         context = cls()
-        context.cooccurrence_model = engine.cooccurrence
+        context.cooccurrence_model = ranker.cooccurrence
         context.history_length = len(history)
         if not history:
             return context
@@ -543,7 +542,7 @@ class _UserContext:
         strengths = np.fromiter((action_strength(e.action, e.value) for e in history), dtype=np.float64, count=len(history))
         item_ids = [e.item_id for e in history]
         context.unique_items = list(dict.fromkeys(reversed(item_ids)))  # newest first
-        context.recent_items = context.unique_items[: engine.recent_items_for_neighbours]
+        context.recent_items = context.unique_items[: ranker.recent_items_for_neighbours]
 
         # Co-occurrence counts positive feedback only (a skip is not a vote for its neighbours).
         cooccurrence_decay = _half_life_decay(ages, params.cooccurrence_half_life_days) * (strengths > 0)
@@ -555,7 +554,7 @@ class _UserContext:
             return context  # the user vector would be multiplied by zero: skip the encoder
 
         long_term_weight = _half_life_decay(ages, params.long_term_half_life_days) * strengths
-        vectors, present = engine.index.vectors_matrix_for(item_ids)
+        vectors, present = ranker.index.vectors_matrix_for(item_ids)
         long_raw = (long_term_weight * present)[None, :] @ vectors
         long_norm = float(np.linalg.norm(long_raw))
         long_term = long_raw[0] / long_norm if long_norm > 1e-12 else None
@@ -563,7 +562,7 @@ class _UserContext:
         alpha = params.alpha
         short_term = None
         if alpha > 0 or long_term is None:
-            short_term, context.used_cache = engine._short_term_vector(history, query)
+            short_term, context.used_cache = ranker._short_term_vector(history, query)
         # Both parts are unit vectors before blending so α means the same for every user.
         if short_term is not None and long_term is not None:
             blend = alpha * short_term + (1.0 - alpha) * long_term

@@ -115,14 +115,22 @@ def history_text(
     at: float,
     item_text_of: Callable[[str], str],
     max_events: int = 20,
+    max_chars: int | None = None,
 ) -> str:
     """The user's most recent events as of `at`, newest first, as one text for the encoder.
 
     Only entries with timestamp ≤ `at` are written; ties in time keep their given order
-    (the later-given one counts as newer).
+    (the later-given one counts as newer). With `max_chars`, the text's first max_chars
+    characters, built without writing the events past them.
     """
     visible = [(e.timestamp, i, e) for i, e in enumerate(entries) if e.timestamp <= at]
     visible.sort(key=lambda t: (t[0], t[1]), reverse=True)
-    return HISTORY_SEPARATOR.join(
-        event_text(e, at, item_text_of) for _, _, e in visible[: max(0, max_events)]
-    )
+    parts: list[str] = []
+    length = 0
+    for _, _, e in visible[: max(0, max_events)]:
+        if max_chars is not None and length >= max_chars:
+            break
+        parts.append(event_text(e, at, item_text_of))
+        length += len(parts[-1]) + len(HISTORY_SEPARATOR)
+    text = HISTORY_SEPARATOR.join(parts)
+    return text if max_chars is None else text[:max_chars]

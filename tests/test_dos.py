@@ -197,17 +197,26 @@ def _latencies(channel: grpc.Channel, seconds: float, token: str | None = None) 
     return out
 
 
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+HELD = 200 + 200 + 64 + 20
+
+
 def _hold_the_f1_load(running, held_calls: HeldCalls, read_token: str | None, write_token: str | None) -> None:
-    """200 idle Watch calls (no token), 200 calls without a body and 64 idle FeedbackStreams,
-    spread over connections that each stay within --max-streams-per-connection."""
+    """200 idle Watch calls (no token), 200 calls without a body, 64 idle FeedbackStreams and
+    20 idle reflection streams, over connections that each stay within --max-streams-per-connection."""
     for _ in range(4):
         held_calls.watch(held_calls.connection(), 50)
     for _ in range(4):
         held_calls.without_body(held_calls.connection(), 50, token=read_token)
     for _ in range(2):
         held_calls.idle_feedback_streams(held_calls.connection(), 32, token=write_token)
+    held_calls.without_body(held_calls.connection(), 20, method=REFLECTION, token=read_token)
     admission = running.admission
-    _wait_until(lambda: admission.open_by_kind[CallKind.HEALTH_WATCH] == 200 and admission.open_by_kind[CallKind.SERVICE] == 264)
+    _wait_until(
+        lambda: admission.open_by_kind[CallKind.HEALTH_WATCH] == 200
+        and admission.open_by_kind[CallKind.SERVICE] == 264
+        and admission.open_by_kind[CallKind.REFLECTION] == 20
+    )
 
 
 def _assert_responsive(latencies: dict[str, list[float]]) -> None:
@@ -225,7 +234,7 @@ def test_f1_held_calls_do_not_starve_health_or_recommend(start_server, tiny_repo
     _hold_the_f1_load(server.running, held_calls, None, None)
     latencies = _latencies(server.channel, 5.0)
     # Every held call is still open: the server answered the others beside them.
-    assert held_calls.open_calls() == 464
+    assert held_calls.open_calls() == HELD
     _assert_responsive(latencies)
 
 
@@ -247,7 +256,8 @@ def test_f1_on_the_tls_and_token_server(start_server, tiny_repo, tmp_path, held,
     )
     credentials = grpc.ssl_channel_credentials(root_certificates=pki["ca"][0].read_bytes())
     held_calls = held(server.target, credentials)
-    # Watch needs no token; a call without a body holds a read token, a FeedbackStream a write token.
+    # Watch needs no token; a call without a body or a reflection stream holds a read token, a
+    # FeedbackStream a write token.
     _hold_the_f1_load(server.running, held_calls, READ_TOKEN, WRITE_TOKEN)
     # Without a token, a call is refused at its headers: it cannot be held open at all.
     anonymous = held_calls.without_body(held_calls.connection(), 20)
@@ -256,7 +266,7 @@ def test_f1_on_the_tls_and_token_server(start_server, tiny_repo, tmp_path, held,
         assert code == grpc.StatusCode.UNAUTHENTICATED
     with grpc.secure_channel(server.target, credentials) as channel:
         latencies = _latencies(channel, 5.0, READ_TOKEN)
-    assert held_calls.open_calls() == 464
+    assert held_calls.open_calls() == HELD
     _assert_responsive(latencies)
 
 
@@ -309,7 +319,7 @@ def test_open_calls_are_bounded_in_total_per_kind(start_server, tiny_repo, tmp_p
     for _ in range(3):
         held_calls.without_body(held_calls.connection(), 1)
     held_calls.watch(held_calls.connection(), 2)
-    held_calls.without_body(held_calls.connection(), 1, method="/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    held_calls.without_body(held_calls.connection(), 1, method=REFLECTION)
     admission = server.running.admission
     _wait_until(lambda: admission.open_by_kind[CallKind.REFLECTION] == 1)
 

@@ -65,6 +65,11 @@ def test_metrics_endpoint(start_server, tiny_repo, tmp_path):
     assert value(samples, "grpc_server_started_total", **rpc("EncoderService", "Encode")) == 5
     assert value(samples, "chronorec_rpc_received_total", **rpc("EncoderService", "Encode")) == 5
     assert value(samples, "chronorec_rpcs_in_flight") == 0
+    # Admission: nothing open or at work between calls.
+    assert value(samples, "chronorec_calls_open", kind="service") == 0
+    assert value(samples, "chronorec_calls_open", kind="health_watch") == 0
+    assert value(samples, "chronorec_calls_working") == 0
+    assert ("chronorec_calls_open", frozenset({("kind", "reflection")})) in samples
 
     assert value(samples, "chronorec_encoder_batch_size_count") >= 3
     assert value(samples, "chronorec_encoder_batch_size_sum") >= 6

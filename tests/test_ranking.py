@@ -104,7 +104,7 @@ def shifting_user_events(user: str = "alice") -> list[Event]:
     return events
 
 
-def make_engine(items=None, events=None, cooccurrence=True, encoder=None):
+def make_ranker(items=None, events=None, cooccurrence=True, encoder=None):
     items = make_items() if items is None else items
     events = background_events() + shifting_user_events() if events is None else events
     catalog = CatalogState(items)
@@ -133,28 +133,28 @@ def topics(result) -> Counter:
 
 @pytest.mark.parametrize("exhaustive", [False, True])
 def test_interest_shift_follows_the_request_time(exhaustive):
-    engine = make_engine()
-    now = engine.recommend(query(at=NOW, exhaustive=exhaustive))
+    ranker = make_ranker()
+    now = ranker.recommend(query(at=NOW, exhaustive=exhaustive))
     assert topics(now).most_common(1)[0] == ("jazz", 5)
-    before_the_move = engine.recommend(query(at=NOW - 50 * DAY, exhaustive=exhaustive))
+    before_the_move = ranker.recommend(query(at=NOW - 50 * DAY, exhaustive=exhaustive))
     assert topics(before_the_move).most_common(1)[0][0] == "space"
     assert topics(before_the_move)["space"] >= 4
     assert before_the_move.history_length == 8 and now.history_length == 13
 
 
 def test_candidate_path_agrees_with_exhaustive_scoring():
-    engine = make_engine()
+    ranker = make_ranker()
     for at in (NOW, NOW - 50 * DAY):
-        fast = engine.recommend(query(at=at, k=8))
-        full = engine.recommend(query(at=at, k=8, exhaustive=True))
+        fast = ranker.recommend(query(at=at, k=8))
+        full = ranker.recommend(query(at=at, k=8, exhaustive=True))
         assert [r.item_id for r in fast.items] == [r.item_id for r in full.items]
 
 
 def test_events_after_at_are_ignored():
     at = NOW - 50 * DAY
     past_only = [e for e in background_events() + shifting_user_events() if e.timestamp <= at]
-    with_future = make_engine()
-    without_future = make_engine(events=past_only)
+    with_future = make_ranker()
+    without_future = make_ranker(events=past_only)
     # The same co-occurrence model for both, so only the event log differs.
     without_future.set_cooccurrence(with_future.cooccurrence)
     for exhaustive in (False, True):
@@ -170,114 +170,114 @@ def test_unpublished_and_expired_items_are_never_returned(exhaustive):
         Item("space-expired", "Space story expired", category="space", published_at=NOW - 300 * DAY, expires_at=NOW - DAY),
         Item("space-timeless", "Space story timeless", category="space"),
     ]
-    engine = make_engine(items=items)
+    ranker = make_ranker(items=items)
     everything = query(user_id="alice", k=len(items), params=TimeModelParams(w_semantic=5.0))
-    returned = {r.item_id for r in engine.recommend(query(k=len(items), exhaustive=exhaustive)).items}
+    returned = {r.item_id for r in ranker.recommend(query(k=len(items), exhaustive=exhaustive)).items}
     assert "space-future" not in returned and "space-expired" not in returned
     assert "space-timeless" in returned
     # Cold start goes through the same filter.
-    cold = {r.item_id for r in engine.recommend(query(user_id=None, k=len(items))).items}
+    cold = {r.item_id for r in ranker.recommend(query(user_id=None, k=len(items))).items}
     assert "space-future" not in cold and "space-expired" not in cold
     # Either side of its window the same item is fine.
-    later = {r.item_id for r in engine.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW + 2 * DAY})).items}
+    later = {r.item_id for r in ranker.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW + 2 * DAY})).items}
     assert "space-future" in later
-    earlier = {r.item_id for r in engine.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW - 2 * DAY})).items}
+    earlier = {r.item_id for r in ranker.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW - 2 * DAY})).items}
     assert "space-expired" in earlier
     # An item published exactly at `at` is live; one expiring exactly at `at` is not.
-    edge = engine.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW + DAY})).items
+    edge = ranker.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW + DAY})).items
     assert "space-future" in {r.item_id for r in edge}
-    edge = engine.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW - DAY})).items
+    edge = ranker.recommend(RecommendQuery(**{**everything.__dict__, "at": NOW - DAY})).items
     assert "space-expired" not in {r.item_id for r in edge}
 
 
 def test_new_events_change_the_next_recommendation():
-    engine = make_engine()
-    first = engine.recommend(query())
+    ranker = make_ranker()
+    first = ranker.recommend(query())
     top = first.items[0].item_id
-    engine.state.add([Event("fresh-1", "alice", top, "purchase", NOW - 60, None)])
-    second = engine.recommend(query())
+    ranker.state.add([Event("fresh-1", "alice", top, "purchase", NOW - 60, None)])
+    second = ranker.recommend(query())
     assert top not in {r.item_id for r in second.items}  # now seen
     assert second.history_length == first.history_length + 1
     # A burst of football in the last hour brings football in at the top.
     assert topics(second)["football"] == 0
-    engine.state.add(
+    ranker.state.add(
         [Event(f"fb-{n}", "alice", f"football-{n:02d}", "like", NOW - 3600 + n, None) for n in range(4)]
     )
-    third = engine.recommend(query())
+    third = ranker.recommend(query())
     assert topic_of(third.items[0].item_id) == "football"
 
 
 def test_seen_items_are_excluded_unless_repeats_are_allowed():
-    engine = make_engine()
+    ranker = make_ranker()
     seen = {e.item_id for e in shifting_user_events()}
-    plain = engine.recommend(query(k=10))
+    plain = ranker.recommend(query(k=10))
     assert not seen & {r.item_id for r in plain.items}
-    repeats = engine.recommend(query(k=10, allow_repeats=True))
+    repeats = ranker.recommend(query(k=10, allow_repeats=True))
     assert seen & {r.item_id for r in repeats.items}
 
 
 def test_exclude_and_category_filters():
-    engine = make_engine()
-    base = engine.recommend(query(k=5))
+    ranker = make_ranker()
+    base = ranker.recommend(query(k=5))
     excluded = frozenset(r.item_id for r in base.items[:3])
-    filtered = engine.recommend(query(k=5, exclude=excluded))
+    filtered = ranker.recommend(query(k=5, exclude=excluded))
     assert not excluded & {r.item_id for r in filtered.items}
-    cooking = engine.recommend(query(k=5, categories=frozenset({"cooking"})))
+    cooking = ranker.recommend(query(k=5, categories=frozenset({"cooking"})))
     assert len(cooking.items) == 5 and topics(cooking) == Counter({"cooking": 5})
     # A filter that leaves fewer than k items returns what is left.
-    few = engine.recommend(query(k=50, categories=frozenset({"football"})))
+    few = ranker.recommend(query(k=50, categories=frozenset({"football"})))
     assert len(few.items) == ITEMS_PER_TOPIC and topics(few) == Counter({"football": ITEMS_PER_TOPIC})
-    assert engine.recommend(query(k=5, categories=frozenset({"no-such-category"}))).items == []
+    assert ranker.recommend(query(k=5, categories=frozenset({"no-such-category"}))).items == []
 
 
 def test_cold_start_returns_trending_then_fresh():
-    engine = make_engine()
+    ranker = make_ranker()
     at = NOW - 130 * DAY
     trend_only = TimeModelParams().with_overrides({"w_freshness": 0.0, "w_trend": 1.0})
-    cold = engine.recommend(query(user_id="nobody", k=5, at=at, params=trend_only))
+    cold = ranker.recommend(query(user_id="nobody", k=5, at=at, params=trend_only))
     assert cold.history_length == 0
     window = trend_only.trend_window_days * DAY
     live = {i.item_id for i in make_items() if i.available_at(at)}
-    counts = {item: c for item, c in engine.state.trending(at, window, 100) if item in live}
+    counts = {item: c for item, c in ranker.state.trending(at, window, 100) if item in live}
     assert [counts.get(r.item_id, 0) for r in cold.items] == sorted(counts.values(), reverse=True)[:5]
     assert all(r.semantic == 0 and r.cooccurrence == 0 and r.top_history == [] for r in cold.items)
 
     fresh_only = TimeModelParams().with_overrides({"w_freshness": 1.0, "w_trend": 0.0})
-    fresh = engine.recommend(query(user_id=None, k=4, at=NOW, params=fresh_only))
+    fresh = ranker.recommend(query(user_id=None, k=4, at=NOW, params=fresh_only))
     assert {r.item_id for r in fresh.items} == {f"{t}-{ITEMS_PER_TOPIC - 1:02d}" for t in TOPICS}
     assert fresh.items[0].freshness == pytest.approx(2 ** (-90 / fresh_only.freshness_half_life_days), rel=1e-4)
 
 
 def test_anonymous_inline_history_is_used():
-    engine = make_engine()
+    ranker = make_ranker()
     inline = tuple(HistoryEntry(f"cooking-{n:02d}", "view", NOW - n * DAY) for n in range(4))
-    result = engine.recommend(query(user_id=None, inline_history=inline))
+    result = ranker.recommend(query(user_id=None, inline_history=inline))
     assert result.history_length == 4
     assert topics(result)["cooking"] == 5
     assert not {r.item_id for r in result.items} & {e.item_id for e in inline}
     # Inline entries after `at` are ignored like stored ones.
     future = inline + (HistoryEntry("football-00", "view", NOW + DAY),)
-    assert engine.recommend(query(user_id=None, inline_history=future)).history_length == 4
+    assert ranker.recommend(query(user_id=None, inline_history=future)).history_length == 4
 
 
 def test_inline_history_merges_with_stored_history_without_duplicates():
-    engine = make_engine()
-    stored = engine.state.history("alice", NOW)
+    ranker = make_ranker()
+    stored = ranker.state.history("alice", NOW)
     resent = (HistoryEntry(stored[-1].item_id, stored[-1].action, stored[-1].timestamp, stored[-1].value),)
     extra = (HistoryEntry("cooking-00", "view", NOW - 60),)
-    merged = engine.history_for(query(inline_history=resent + extra))
+    merged = ranker.history_for(query(inline_history=resent + extra))
     assert len(merged) == len(stored) + 1 and merged[-1].item_id == "cooking-00"
 
 
 def test_overrides_change_the_ranking():
-    engine = make_engine()
-    default = engine.recommend(query(k=5))
-    long_term_only = engine.recommend(query(k=5, params=TimeModelParams().with_overrides({"alpha": 0.0, "long_term_half_life_days": 3650.0, "w_cooccurrence": 0.0, "w_trend": 0.0})))
+    ranker = make_ranker()
+    default = ranker.recommend(query(k=5))
+    long_term_only = ranker.recommend(query(k=5, params=TimeModelParams().with_overrides({"alpha": 0.0, "long_term_half_life_days": 3650.0, "w_cooccurrence": 0.0, "w_trend": 0.0})))
     # With a ten-year half-life the 8 old space events outweigh the 5 recent jazz ones:
     # all 4 unseen space items come first.
     assert topics(default)["jazz"] == 5
     assert [topic_of(r.item_id) for r in long_term_only.items[:4]] == ["space"] * 4
-    trend_only = engine.recommend(query(k=5, params=TimeModelParams().with_overrides({"w_semantic": 0.0, "w_cooccurrence": 0.0, "w_freshness": 0.0, "w_trend": 1.0})))
+    trend_only = ranker.recommend(query(k=5, params=TimeModelParams().with_overrides({"w_semantic": 0.0, "w_cooccurrence": 0.0, "w_freshness": 0.0, "w_trend": 1.0})))
     assert all(r.score == pytest.approx(r.trend) for r in trend_only.items)
     assert [r.item_id for r in trend_only.items] != [r.item_id for r in default.items]
     with pytest.raises(InvalidArgument):
@@ -289,13 +289,13 @@ def test_personal_terms_fade_with_the_time_since_the_users_newest_event(exhausti
     """Alice's newest event is 2 days before NOW. Sixty days later, with a 7-day personal half-life,
     what is popular now outranks her old session; right after her session it does not."""
     trend_events = [Event(f"t{n}", f"fan{n}", "football-00", "view", NOW + 55 * DAY + n * 60.0, None) for n in range(30)]
-    engine = make_engine(events=background_events() + shifting_user_events() + trend_events)
+    ranker = make_ranker(events=background_events() + shifting_user_events() + trend_events)
     params = TimeModelParams(w_trend=0.3, personal_half_life_days=7.0)
-    soon = engine.recommend(query(at=NOW, k=5, params=params, exhaustive=exhaustive))
+    soon = ranker.recommend(query(at=NOW, k=5, params=params, exhaustive=exhaustive))
     assert topics(soon)["jazz"] == 5  # 2 days after: the personal terms keep 2^(-2/7) of their weight
-    late = engine.recommend(query(at=NOW + 60 * DAY, k=5, params=params, exhaustive=exhaustive))
+    late = ranker.recommend(query(at=NOW + 60 * DAY, k=5, params=params, exhaustive=exhaustive))
     assert late.items[0].item_id == "football-00"
-    off = engine.recommend(query(at=NOW + 60 * DAY, k=5, params=replace(params, personal_half_life_days=0.0),
+    off = ranker.recommend(query(at=NOW + 60 * DAY, k=5, params=replace(params, personal_half_life_days=0.0),
                                  exhaustive=exhaustive))
     assert "football-00" not in [r.item_id for r in off.items]  # without the fade the old session wins
     scale = 2.0 ** (-62.0 / 7.0)
@@ -308,9 +308,9 @@ def test_personal_terms_fade_with_the_time_since_the_users_newest_event(exhausti
 
 
 def test_scores_and_reasons_are_consistent():
-    engine = make_engine()
+    ranker = make_ranker()
     params = TimeModelParams()
-    result = engine.recommend(query(k=5, params=params))
+    result = ranker.recommend(query(k=5, params=params))
     history_items = {e.item_id for e in shifting_user_events()}
     for r in result.items:
         expected = (
@@ -325,7 +325,7 @@ def test_scores_and_reasons_are_consistent():
         assert {h.item_id for h in r.top_history} <= history_items
         contributions = [h.contribution for h in r.top_history]
         assert contributions == sorted(contributions, reverse=True)
-        assert all(h.title == engine.catalog[h.item_id].title for h in r.top_history)
+        assert all(h.title == ranker.catalog[h.item_id].title for h in r.top_history)
         # A jazz recommendation is explained by the jazz history.
         assert topic_of(r.top_history[0].item_id) == topic_of(r.item_id)
     assert [r.score for r in result.items] == sorted((r.score for r in result.items), reverse=True)
@@ -333,58 +333,58 @@ def test_scores_and_reasons_are_consistent():
 
 def test_ties_are_broken_by_item_id():
     items = [Item(f"same-{i}", "Same", category="x") for i in (3, 1, 2, 0)]
-    engine = make_engine(items=items, events=[], cooccurrence=False)
-    result = engine.recommend(query(user_id=None, k=3))
+    ranker = make_ranker(items=items, events=[], cooccurrence=False)
+    result = ranker.recommend(query(user_id=None, k=3))
     assert [r.item_id for r in result.items] == ["same-0", "same-1", "same-2"]
 
 
 def test_short_term_vector_is_cached_by_history_text():
     encoder = TopicEncoder()
-    engine = make_engine(encoder=encoder)
+    ranker = make_ranker(encoder=encoder)
     calls = encoder.calls
-    first = engine.recommend(query())
-    second = engine.recommend(query(at=NOW + 60))  # same relative phrases
+    first = ranker.recommend(query())
+    second = ranker.recommend(query(at=NOW + 60))  # same relative phrases
     assert not first.used_cache and second.used_cache and encoder.calls == calls + 1
-    engine.state.add([Event("new", "alice", "jazz-09", "view", NOW + 120, None)])
-    third = engine.recommend(query(at=NOW + 180))
+    ranker.state.add([Event("new", "alice", "jazz-09", "view", NOW + 120, None)])
+    third = ranker.recommend(query(at=NOW + 180))
     assert not third.used_cache and encoder.calls == calls + 2
     # A precomputed short-term vector skips the encoder.
-    given = engine.recommend(query(short_term_vector=encoder(["jazz"])[0]))
+    given = ranker.recommend(query(short_term_vector=encoder(["jazz"])[0]))
     assert not given.used_cache and encoder.calls == calls + 3
     # alpha = 0 never needs the short-term vector.
-    engine.recommend(query(at=NOW + 10 * DAY, params=TimeModelParams(alpha=0.0)))
+    ranker.recommend(query(at=NOW + 10 * DAY, params=TimeModelParams(alpha=0.0)))
     assert encoder.calls == calls + 3
 
 
 def test_recommend_without_cooccurrence_model_and_with_unindexed_items():
-    engine = make_engine(cooccurrence=False)
-    engine.index.delete(["jazz-11"])
-    result = engine.recommend(query(k=len(make_items()), exhaustive=True))
+    ranker = make_ranker(cooccurrence=False)
+    ranker.index.delete(["jazz-11"])
+    result = ranker.recommend(query(k=len(make_items()), exhaustive=True))
     by_id = {r.item_id: r for r in result.items}
     assert by_id["jazz-11"].semantic == 0.0  # still rankable by freshness/trend
     assert all(r.cooccurrence == 0.0 for r in result.items)
 
 
 def test_invalid_queries_are_rejected():
-    engine = make_engine()
+    ranker = make_ranker()
     with pytest.raises(InvalidArgument):
-        engine.recommend(query(k=0))
+        ranker.recommend(query(k=0))
     with pytest.raises(InvalidArgument):
-        engine.recommend(query(at=math.nan))
+        ranker.recommend(query(at=math.nan))
 
 
 def test_catalog_changes_are_seen_by_exhaustive_scoring():
-    engine = make_engine()
-    before = {r.item_id for r in engine.recommend(query(user_id=None, k=100)).items}
-    engine.catalog.upsert([Item("brand-new", "Jazz story new", category="jazz", published_at=NOW - 60)])
-    engine.catalog.delete(["space-00"])
-    after = {r.item_id for r in engine.recommend(query(user_id=None, k=100)).items}
+    ranker = make_ranker()
+    before = {r.item_id for r in ranker.recommend(query(user_id=None, k=100)).items}
+    ranker.catalog.upsert([Item("brand-new", "Jazz story new", category="jazz", published_at=NOW - 60)])
+    ranker.catalog.delete(["space-00"])
+    after = {r.item_id for r in ranker.recommend(query(user_id=None, k=100)).items}
     assert after == (before - {"space-00"}) | {"brand-new"}
 
 
 def test_score_candidates_covers_every_rankable_item():
-    engine = make_engine()
-    scored = engine.score_candidates(query(exhaustive=True))
+    ranker = make_ranker()
+    scored = ranker.score_candidates(query(exhaustive=True))
     seen = {e.item_id for e in shifting_user_events()}
     assert set(scored.item_ids) == {i.item_id for i in make_items()} - seen
     assert len(scored.score) == len(scored.item_ids)
@@ -525,28 +525,28 @@ def test_cooccurrence_on_a_large_sparse_catalog_stays_small():
 
 def test_plain_dict_catalog_changed_in_place_never_leaks_an_expired_item():
     items = make_items()
-    engine = make_engine(items=items)
+    ranker = make_ranker(items=items)
     plain = {i.item_id: i for i in items}
-    engine.catalog = plain
+    ranker.catalog = plain
     cold = query(user_id=None, k=3, exhaustive=True)
-    top = engine.recommend(cold).items[0].item_id
+    top = ranker.recommend(cold).items[0].item_id
     # Same length, so the cached columns look current; the returned items are re-checked.
     old = plain[top]
     plain[top] = Item(old.item_id, old.title, category=old.category, published_at=old.published_at, expires_at=NOW - 1)
-    assert top not in {r.item_id for r in engine.recommend(cold).items}
+    assert top not in {r.item_id for r in ranker.recommend(cold).items}
 
 
 def test_catalog_version_callable_keys_the_cached_columns():
     items = make_items()
-    engine = make_engine(items=items)
+    ranker = make_ranker(items=items)
     plain = {i.item_id: i for i in items}
     version = [0]
-    engine.catalog, engine.catalog_version = plain, lambda: version[0]
-    engine.recommend(query(user_id=None, exhaustive=True))
+    ranker.catalog, ranker.catalog_version = plain, lambda: version[0]
+    ranker.recommend(query(user_id=None, exhaustive=True))
     plain.pop("space-00")
     plain["added"] = Item("added", "Added story", category="space", published_at=NOW)
     version[0] += 1
-    scored = engine.score_candidates(query(user_id=None, exhaustive=True))
+    scored = ranker.score_candidates(query(user_id=None, exhaustive=True))
     assert "added" in set(scored.item_ids) and "space-00" not in set(scored.item_ids)
 
 
@@ -558,11 +558,11 @@ def test_the_callers_deadline_bounds_the_short_term_encode():
         seen.append(timeout)
         return topic(texts)
 
-    engine = make_engine(encoder=encoder)
+    ranker = make_ranker(encoder=encoder)
     seen.clear()
-    engine.recommend(query(params=TimeModelParams(alpha=1.0), encode_timeout=0.25))
+    ranker.recommend(query(params=TimeModelParams(alpha=1.0), encode_timeout=0.25))
     assert seen == [0.25]  # the history text waited at most the caller's time left
-    engine.clear_cache()
+    ranker.clear_cache()
     seen.clear()
-    engine.recommend(query(params=TimeModelParams(alpha=1.0)))
+    ranker.recommend(query(params=TimeModelParams(alpha=1.0)))
     assert seen == [None]

@@ -200,6 +200,7 @@ class ChronorecEngine:
             if entry.timestamp > at:
                 raise InvalidArgument(f"history event {i} is after the request's time `at`")
         with self.manager.acquire() as model:
+            timeout = query.encode_timeout if timeout is None else timeout
             resolved = replace(query, at=at, user_id=query.user_id or None, encode_timeout=timeout)
             result = model.ranker.recommend(resolved.resolved(model.manifest.time_model))
             return Recommendations(result, model.version, at)

@@ -105,14 +105,14 @@ def search_figures(ctx: Context, setup: CatalogSetup) -> dict:
     state = InteractionState()
     state.add(setup.events)
     cooccurrence = CooccurrenceModel.fit(state.user_sequences(), list(catalog))
-    engine = TimeAwareRanker(catalog, index, state, cooccurrence, encoder.encode, catalog_version=lambda: 0)
+    ranker = TimeAwareRanker(catalog, index, state, cooccurrence, encoder.encode, catalog_version=lambda: 0)
     params = load_manifest(repo.version_dir(version)).time_model
     users = setup.users[: ctx.sizes.recall_queries]
     queries = [RecommendQuery(user_id=u, k=K, at=ANCHOR, params=params) for u in users]
     # The blended user vectors the ranking searches with (encoding their history text once).
     vectors = []
     for query in queries:
-        context = _UserContext.build(engine, engine.history_for(query), query)
+        context = _UserContext.build(ranker, ranker.history_for(query), query)
         vectors.append(context.user_vector)
 
     def timed(fn) -> tuple[list, float]:
@@ -138,10 +138,10 @@ def search_figures(ctx: Context, setup: CatalogSetup) -> dict:
     served_s, exhaustive_s, overlaps = [], [], []
     for query in queries:
         started = time.perf_counter()
-        served = engine.recommend(query)
+        served = ranker.recommend(query)
         served_s.append(time.perf_counter() - started)
         started = time.perf_counter()
-        full = engine.recommend(dataclasses.replace(query, exhaustive=True))
+        full = ranker.recommend(dataclasses.replace(query, exhaustive=True))
         exhaustive_s.append(time.perf_counter() - started)
         overlaps.append(len({r.item_id for r in served.items} & {r.item_id for r in full.items}) / max(1, len(full.items)))
     return {
@@ -152,7 +152,7 @@ def search_figures(ctx: Context, setup: CatalogSetup) -> dict:
         "exact_numpy": {"ms_per_query": exact_s * 1000},
         "ef_sweep": sweep,
         "ranking": {
-            "hnsw_candidates_used": len(catalog) > engine.exhaustive_below,
+            "hnsw_candidates_used": len(catalog) > ranker.exhaustive_below,
             "recall_at_10_vs_exhaustive": float(np.mean(overlaps)),
             "served_p50_ms": percentile_ms(served_s, 50),
             "served_p99_ms": percentile_ms(served_s, 99),

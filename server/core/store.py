@@ -339,6 +339,8 @@ class EventStore:
                 raise
             failure = _STORAGE_FAILURES[kind]
             if failure.message != BUSY_MESSAGE:
+                # Busy is contention between writers, expected under load and gone on retry:
+                # nothing for an operator to fix, so it is not logged.
                 self._log_failure(kind, exc, failure.hint)
             raise errors.Unavailable(failure.message) from exc
 

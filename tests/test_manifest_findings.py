@@ -212,6 +212,7 @@ def test_f10_a_graph_file_linked_out_of_the_version_folder_is_refused(start_serv
     (repo.version_dir(bad) / "model.onnx").unlink()
     (repo.version_dir(bad) / "model.onnx").symlink_to(outside)
     error = rpc_error(server.models.ActivateVersion, models_pb2.ActivateVersionRequest(version=bad, wait=True))
-    assert error.code() == grpc.StatusCode.UNAVAILABLE and "outside the version folder" in error.details()
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "outside the version folder" in error.details()
     assert_no_server_path(error.details(), tiny_repo, tmp_path)
+    assert "model.onnx links outside" in versions(server)[bad].unusable_reason
     still_serves(server, good)

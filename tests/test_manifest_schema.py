@@ -116,6 +116,10 @@ def test_the_repository_lists_broken_manifests_with_the_reason(tiny_repo):
     assert not broken.usable and broken.manifest is None and "metrics must be an object" in broken.problem
     assert repo.list_versions() == [good]
     assert not repo.is_complete("v-metrics-array") and not repo.is_complete("v-half-written")
+    copy("v-linked-tokenizer")
+    (repo.version_dir("v-linked-tokenizer") / "tokenizer.json").unlink()
+    (repo.version_dir("v-linked-tokenizer") / "tokenizer.json").symlink_to(repo.version_dir(good) / "tokenizer.json")
+    assert "tokenizer.json links outside" in repo.describe("v-linked-tokenizer").problem
     assert repo.describe("no-such") is None and repo.describe("../encoder") is None and repo.describe(".staging-x") is None
 
 

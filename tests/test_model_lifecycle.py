@@ -85,9 +85,15 @@ def test_an_int8_file_linked_out_of_the_folder_is_refused(tiny_repo, tmp_path):
     outside = tmp_path / "elsewhere.onnx"
     shutil.copy(repo.version_dir(linked) / "model.onnx", outside)
     (repo.version_dir(linked) / "model.int8.onnx").symlink_to(outside)
+    # The repository marks the version unusable, whatever graph the server would pick...
+    assert "outside the version folder" in repo.describe(linked).problem
+    for prefer_int8 in (True, False):
+        with pytest.raises(FailedPrecondition, match="model.int8.onnx links outside the version folder"):
+            load_encoder(repo, linked, EncoderSettings(prefer_int8=prefer_int8))
+    # ...and the encoder itself never opens a graph outside its folder (a link made after that check).
     with pytest.raises(Unavailable, match="outside the version folder"):
-        load_encoder(repo, linked, EncoderSettings(prefer_int8=True))
-    assert load_encoder(repo, linked, EncoderSettings(prefer_int8=False)).model_file == "model.onnx"
+        OnnxEncoder(repo.version_dir(linked), prefer_int8=True)
+    assert OnnxEncoder(repo.version_dir(linked), prefer_int8=False).model_file == "model.onnx"
 
 
 def test_serving_settings_round_trip_through_encoder_settings(tmp_path):

@@ -81,6 +81,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _inside(folder: Path, name: str) -> bool:
+    """Whether `folder/name`, links resolved, is still inside `folder`."""
+    try:
+        return (folder / name).resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -145,6 +153,8 @@ class ModelRepository:
         if not version or version.startswith(".") or "/" in version or version in (".", ".."):
             return None
         path = self.version_dir(version)
+        if (path / MANIFEST_FILE).exists() and not _inside(path, MANIFEST_FILE):
+            return VersionInfo(version, None, f"{MANIFEST_FILE} links outside the version folder")
         try:
             manifest = load_manifest(path)
         except (OSError, ManifestUnreadable):
@@ -156,7 +166,13 @@ class ModelRepository:
             complete = model.is_file() and model.stat().st_size > 0 and (path / TOKENIZER_FILE).is_file()
         except OSError:
             complete = False
-        return VersionInfo(version, manifest, "") if complete else None
+        if not complete:
+            return None
+        # The server reads nothing outside the version folder, links included.
+        for name in (manifest.onnx_file, manifest.int8_file, TOKENIZER_FILE):
+            if name is not None and (path / name).exists() and not _inside(path, name):
+                return VersionInfo(version, None, f"{name} links outside the version folder")
+        return VersionInfo(version, manifest, "")
 
     def is_complete(self, version: str) -> bool:
         """A version is complete when its manifest is valid and its model and tokenizer exist."""

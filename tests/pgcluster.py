@@ -54,12 +54,12 @@ class PostgresCluster:
     system user (Debian's package creates it) on a folder that user owns.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parent: Path | None = None) -> None:
         self.bin_dir = find_bin_dir()
         self.run_as = self._unprivileged_user()
-        # mkdtemp in /tmp rather than pytest's tmp_path: that one is private to root (0700),
-        # and the server must reach its folder; the socket path must also stay under ~100 bytes.
-        self.root = Path(tempfile.mkdtemp(prefix="chronorec-pg-"))
+        # mkdtemp in /tmp by default rather than pytest's tmp_path: that one is private to root
+        # (0700), and the server must reach its folder; the socket path must also stay under ~100 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="chronorec-pg-", dir=parent))
         self.data = self.root / "data"
         self.log_path = self.root / "server.log"
         self.port = 0

@@ -559,6 +559,22 @@ def test_nul_characters_are_refused_with_a_reason(pg_store: PostgresEventStore):
     assert pg_store.get_item("ok") is None
 
 
+def test_constraint_errors_stay_bugs_and_roll_back(pg_store: PostgresEventStore):
+    """Only failures of the server or the connection become Unavailable: a broken invariant still
+    surfaces as a bug, its transaction is rolled back, and the connection serves the next call."""
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        with pg_store._write() as (conn, sequencer):
+            conn.execute("INSERT INTO events (seq, event_id, user_id, item_id, action, timestamp, received_at) "
+                         "VALUES (%s, 'x', 'u', 'no-such-item', 'view', 1, 1)", (sequencer.take(1)[0],))
+            conn.execute("INSERT INTO item_changes (seq, item_id, kind, changed_at) VALUES (%s, 'i0', 'delete', 1)",
+                         (sequencer.take(1)[0],))
+    with pytest.raises(errors.NotFound):
+        pg_store.add_events([ev("ok"), ev("bad", item="ghost")])
+    assert pg_store.max_change_seq() == 3 and pg_store.count_events() == 0
+    assert pg_store.add_events([ev("ok")])[0] and pg_store.max_change_seq() == 4
+    assert pg_store.get_item("i0") is not None
+
+
 # -- PostgreSQL: failures and recovery --------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import select
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -14,6 +15,7 @@ from typing import NamedTuple
 import psycopg
 import psycopg.errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
 from chronorec.client import rules
@@ -234,6 +236,21 @@ _INSERT_EVENTS = """
 """
 
 
+_ITEM_STATES = "SELECT item_id, deleted_at FROM items WHERE item_id = ANY(%s::text[])"
+_STORED_EVENT_IDS = "SELECT event_id FROM events WHERE event_id = ANY(%s::text[])"
+
+
+def _query_by_ids(conn: psycopg.Connection, sql: str, ids: Sequence[str]) -> list[psycopg.Cursor]:
+    """Run `sql` (one ANY(%s) parameter) over `ids` in chunks; in pipeline mode the queries are
+    only queued, and their rows arrive when _fetch first reads them."""
+    return [conn.execute(sql, (list(chunk),)) for chunk in _chunks(list(ids), _ANY_CHUNK)]
+
+
+def _fetch(cursors: list[psycopg.Cursor]) -> Iterator[tuple]:
+    for cursor in cursors:
+        yield from cursor.fetchall()
+
+
 def _item_columns(items: Sequence[Item]) -> dict[str, list]:
     return {
         "ids": [it.item_id for it in items],
@@ -246,17 +263,39 @@ def _item_columns(items: Sequence[Item]) -> dict[str, list]:
     }
 
 
-class _Sequencer:
-    """Hands out change sequence numbers inside one write transaction that holds the counter row."""
+def _check_idle_connection(conn: psycopg.Connection) -> None:
+    """The pool's checkout check, without a round trip in the usual case: an idle connection has
+    nothing to read unless the server closed it or said something (a termination notice, a
+    parameter change), and only then is it tested with an empty query, which raises if it is dead.
+    A server that vanished without closing the socket is caught by the call itself and TCP keepalives."""
+    if conn.closed:
+        raise psycopg.OperationalError("the connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        ConnectionPool.check_connection(conn)
 
-    def __init__(self, last_seq: int):
-        self.start = last_seq
-        self.last_seq = last_seq
+
+class _Sequencer:
+    """Hands out change sequence numbers inside one write transaction that holds the counter row.
+
+    It reads the locked counter only when the first number is taken, so in pipeline mode the
+    look-ups queued after the lock travel in the same round trip as the lock itself."""
+
+    def __init__(self, counter: psycopg.Cursor):
+        self._counter = counter
+        self.start: int | None = None
+        self.last_seq: int | None = None
 
     def take(self, n: int) -> list[int]:
+        if self.last_seq is None:
+            self.start = self.last_seq = self._counter.fetchone()[0]
         first = self.last_seq + 1
         self.last_seq += n
         return list(range(first, first + n))
+
+    @property
+    def changed(self) -> bool:
+        return self.last_seq != self.start
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -314,7 +353,7 @@ class PostgresEventStore:
             configure=self._configure,
             # Checked on every checkout: a connection the server dropped while idle (a restart)
             # is replaced instead of failing the call that drew it.
-            check=ConnectionPool.check_connection,
+            check=_check_idle_connection,
             name="chronorec-store",
             open=False,
         )
@@ -417,16 +456,34 @@ class PostgresEventStore:
     @contextlib.contextmanager
     def _write(self) -> Iterator[tuple[psycopg.Connection, _Sequencer]]:
         """One write transaction holding the change counter row (see the class docstring); the
-        numbers taken from the sequencer are recorded and announced just before the commit."""
+        numbers taken from the sequencer are recorded and announced just before the commit.
+
+        It runs in pipeline mode, where statements whose results are not read yet travel
+        together: a write takes two round trips (BEGIN, the lock and the look-ups; then the
+        inserts, the counter, NOTIFY and COMMIT) instead of nine. Look-ups queued behind the lock
+        still see every commit made before it was granted: under READ COMMITTED each statement
+        takes its snapshot when it starts, and the server starts it after the lock statement ends."""
         if self.read_only:
             raise errors.FailedPrecondition("event store is open read-only")
-        with self._connection() as conn, conn.transaction():
-            last_seq = conn.execute("SELECT last_seq FROM change_counter FOR UPDATE").fetchone()[0]
-            sequencer = _Sequencer(last_seq)
-            yield conn, sequencer
-            if sequencer.last_seq != sequencer.start:
-                conn.execute("UPDATE change_counter SET last_seq = %s", (sequencer.last_seq,))
-                conn.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, str(sequencer.last_seq)))
+        with self._connection() as conn:
+            try:
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    sequencer = _Sequencer(conn.execute("SELECT last_seq FROM change_counter FOR UPDATE"))
+                    yield conn, sequencer
+                    if sequencer.changed:
+                        conn.execute("UPDATE change_counter SET last_seq = %s", (sequencer.last_seq,))
+                        conn.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, str(sequencer.last_seq)))
+                    conn.execute("COMMIT")
+                # Leaving the pipeline waits for the results: COMMIT's among them.
+            except BaseException:
+                # After a failed statement the server skips the rest of the pipeline (COMMIT
+                # included) and holds the transaction aborted. A broken connection has no
+                # transaction to end: the pool drops it.
+                if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+                raise
 
     def schema_version(self) -> int:
         with self._connection() as conn:
@@ -491,13 +548,7 @@ class PostgresEventStore:
     @staticmethod
     def _deleted_at_of(conn: psycopg.Connection, item_ids: Sequence[str]) -> dict[str, float | None]:
         """deleted_at of each known item among `item_ids` (None for live ones)."""
-        found: dict[str, float | None] = {}
-        for chunk in _chunks(list(item_ids), _ANY_CHUNK):
-            for item_id, deleted_at in conn.execute(
-                "SELECT item_id, deleted_at FROM items WHERE item_id = ANY(%s::text[])", (list(chunk),)
-            ):
-                found[item_id] = deleted_at
-        return found
+        return dict(_fetch(_query_by_ids(conn, _ITEM_STATES, item_ids)))
 
     def get_item(self, item_id: str) -> Item | None:
         """The live item with this id, or None (unknown or deleted)."""
@@ -550,25 +601,27 @@ class PostgresEventStore:
         if not events:
             return [], 0
         with self._write() as (conn, sequencer):
-            known = self._deleted_at_of(conn, list({e.item_id: None for e in events}))
+            # Both look-ups are queued before either is read: one round trip in pipeline mode.
+            item_states = _query_by_ids(conn, _ITEM_STATES, list({e.item_id: None for e in events}))
+            stored_ids = _query_by_ids(conn, _STORED_EVENT_IDS, list({e.event_id: None for e in events}))
+            known = dict(_fetch(item_states))
             for i, event in enumerate(events):
                 if event.item_id not in known:
                     raise errors.NotFound(f"event {i} (id {event.event_id!r}): unknown item {event.item_id!r}")
                 if known[event.item_id] is not None:
                     raise errors.NotFound(f"event {i} (id {event.event_id!r}): item {event.item_id!r} is deleted")
-            stored = self._insert_new_events(conn, sequencer, events, time.time())
+            stored = self._insert_new_events(conn, sequencer, events, time.time(), stored_ids)
         return stored, len(events) - len(stored)
 
     @staticmethod
     def _insert_new_events(conn: psycopg.Connection, sequencer: _Sequencer, events: Sequence[Event],
-                           received_at: float) -> list[Event]:
+                           received_at: float, stored_ids_query: list[psycopg.Cursor] | None = None) -> list[Event]:
         """Insert the events whose id is not stored yet (first copy of each id), numbered in batch
-        order. Safe without ON CONFLICT: the caller holds the counter row, which every writer takes."""
-        stored_ids: set[str] = set()
-        ids = list({e.event_id: None for e in events})
-        for chunk in _chunks(ids, _ANY_CHUNK):
-            stored_ids.update(row[0] for row in conn.execute(
-                "SELECT event_id FROM events WHERE event_id = ANY(%s::text[])", (list(chunk),)))
+        order. Safe without ON CONFLICT: the caller holds the counter row, which every writer takes.
+        `stored_ids_query` is the look-up of the batch's ids when the caller already queued it."""
+        if stored_ids_query is None:
+            stored_ids_query = _query_by_ids(conn, _STORED_EVENT_IDS, list({e.event_id: None for e in events}))
+        stored_ids = {row[0] for row in _fetch(stored_ids_query)}
         fresh: list[Event] = []
         for event in events:
             if event.event_id not in stored_ids:

@@ -175,24 +175,21 @@ class OnnxEncoder:
     def smoke_check(self) -> dict[str, float]:
         """Run the graph at the shapes serving will use; errors.Unavailable when any fails.
 
-        Fixed texts check shape, finiteness and unit norms. Then one text of exactly the
-        manifest's max_length tokens (a graph whose position embeddings stop short of it fails
-        here, not on the first long Recommend), and a batch of max_batch_size texts.
+        Fixed texts, then one text of exactly the manifest's max_length tokens (a graph whose
+        position embeddings stop short of it fails here, not on the first long Recommend), then
+        a batch of max_batch_size texts. Each run must give the manifest's dimension, finite
+        values and unit norms (a provider that does not raise on an out-of-range index must
+        still not pass garbage).
         """
         started = time.perf_counter()
-        vectors = self._checked_run(_SMOKE_TEXTS, "fixed texts")
         longest = " ".join(["smoke"] * self.max_length)  # one token a word at least: truncated to max_length
-        self._checked_run([longest], f"its max_length {self.max_length} (batch of 1)")
-        self._checked_run([_SMOKE_TEXTS[0]] * self.max_batch_size, f"a batch of {self.max_batch_size}")
-        if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
-            raise errors.Unavailable(
-                f"model {self.version} returns shape {vectors.shape}, manifest says dimension {self.dimension}"
-            )
-        if not np.all(np.isfinite(vectors)):
-            raise errors.Unavailable(f"model {self.version} returns NaN or infinite values")
-        norms = np.linalg.norm(vectors, axis=1)
-        if np.any(np.abs(norms - 1.0) > _NORM_TOLERANCE):
-            raise errors.Unavailable(f"model {self.version} returns vectors with norms {norms.tolist()}, not 1")
+        runs = [
+            (_SMOKE_TEXTS, "fixed texts"),
+            ([longest], f"its max_length {self.max_length} (batch of 1)"),
+            ([_SMOKE_TEXTS[0]] * self.max_batch_size, f"a batch of {self.max_batch_size}"),
+        ]
+        for texts, shape in runs:
+            self._check_values(self._checked_run(texts, shape), shape)
         return {"seconds": time.perf_counter() - started, "dimension": float(self.dimension)}
 
     def _checked_run(self, texts: list[str], shape: str) -> np.ndarray:
@@ -202,6 +199,18 @@ class OnnxEncoder:
             raise
         except Exception as exc:  # onnxruntime raises its own types (a Gather out of range, ...)
             raise errors.Unavailable(f"model {self.version} fails its load check at {shape}: {exc}") from exc
+
+    def _check_values(self, vectors: np.ndarray, shape: str) -> None:
+        if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
+            raise errors.Unavailable(
+                f"model {self.version} returns shape {vectors.shape} at {shape}, manifest says dimension {self.dimension}"
+            )
+        if not np.all(np.isfinite(vectors)):
+            raise errors.Unavailable(f"model {self.version} returns NaN or infinite values at {shape}")
+        norms = np.linalg.norm(vectors, axis=1)
+        if np.any(np.abs(norms - 1.0) > _NORM_TOLERANCE):
+            shown = sorted(set(np.round(norms, 4).tolist()))[:4]
+            raise errors.Unavailable(f"model {self.version} returns vectors with norms {shown}, not 1, at {shape}")
 
     def close(self) -> None:
         """Drop the ONNX Runtime session so its memory is released once callers are done."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -94,6 +95,13 @@ def test_open_store_picks_the_backend(tmp_path: Path, postgres_url: str):
         assert type(s) is PostgresEventStore and s.read_only
     with pytest.raises(errors.InvalidArgument, match="'mysql'"):
         open_store("mysql://localhost/db")
+
+
+def test_postgres_url_without_the_extra_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "chronorec.server.core.pg_store", raising=False)
+    with pytest.raises(errors.FailedPrecondition, match="psycopg is missing.*`postgres` extra"):
+        open_store("postgresql://chronorec@127.0.0.1/db")
 
 
 # -- idempotency and atomicity ------------------------------------------------------------------
@@ -653,6 +661,12 @@ def test_unreachable_server_is_unavailable_at_open(postgres_cluster: PostgresClu
         PostgresEventStore(url, connect_timeout_s=2)
     assert time.monotonic() - started < 10
     assert "s3cret" not in info.value.message and "postgresql://127.0.0.1:" in info.value.message
+
+
+def test_bad_url_is_refused_without_echoing_it():
+    with pytest.raises(errors.InvalidArgument, match="cannot be parsed") as info:
+        open_store("postgresql://user:s3cret@host/db?no_such_option=1")
+    assert "s3cret" not in info.value.message
 
 
 def test_server_restart_under_load_loses_no_acknowledged_event(postgres_cluster: PostgresCluster,

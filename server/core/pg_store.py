@@ -270,8 +270,10 @@ def _check_idle_connection(conn: psycopg.Connection) -> None:
     A server that vanished without closing the socket is caught by the call itself and TCP keepalives."""
     if conn.closed:
         raise psycopg.OperationalError("the connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
+    # poll rather than select: a busy server process may hold descriptors past select's 1024.
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    if poller.poll(0):
         ConnectionPool.check_connection(conn)
 
 
@@ -335,7 +337,12 @@ class PostgresEventStore:
         self._closed = False
         self._failure_log: dict[str, tuple[float, int]] = {}
         self._failure_log_lock = threading.Lock()
-        params = conninfo_to_dict(url)
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.ProgrammingError:
+            # libpq's message may quote the URL, password included.
+            raise errors.InvalidArgument("the event store URL cannot be parsed; expected "
+                                         "postgresql://user[:password]@host[:port]/dbname[?option=value]") from None
         # libpq's connect_timeout is whole seconds, at least 2.
         params.setdefault("connect_timeout", str(max(2, math.ceil(connect_timeout_s))))
         params.setdefault("application_name", "chronorec")
@@ -368,10 +375,13 @@ class PostgresEventStore:
                      (f"{self._busy_timeout_ms}ms", "on" if self.read_only else "off"))
 
     def _connect_direct(self) -> psycopg.Connection:
+        conn = None
         try:
             conn = psycopg.connect(**self._params, autocommit=True)
             self._configure(conn)
         except psycopg.OperationalError as exc:
+            if conn is not None:
+                conn.close()
             raise errors.Unavailable(f"event store {self.url} cannot be reached: {str(exc).strip()}") from exc
         return conn
 

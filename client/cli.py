@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
-
-import numpy as np
 
 from chronorec.client.client import (
     DEFAULT_TARGET,
@@ -81,13 +80,14 @@ def format_pairs(pairs: Iterable[tuple[str, Any]]) -> str:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    # numbers.Real also admits numpy's scalars without importing numpy (a client-only install has none).
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, (float, np.floating)):
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
         return f"{value:.4f}"
     return str(value).replace("\n", " ")
 
@@ -107,7 +107,7 @@ def cmd_encode(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -
     print(f"dimension {result.dimension}  model {result.model_version}", file=out)
     headers = ["#", "text"] + [f"v[{i}]" for i in range(shown)] + ["norm"]
     rows = [
-        [number, _shorten(text, 40)] + [float(x) for x in vector[:shown]] + [float(np.linalg.norm(vector))]
+        [number, _shorten(text, 40)] + [float(x) for x in vector[:shown]] + [math.hypot(*vector)]
         for number, (text, vector) in enumerate(zip(args.texts, result.vectors), start=1)
     ]
     print(format_table(headers, rows), file=out)
@@ -173,8 +173,12 @@ def cmd_feedback(client: ChronorecClient, args: argparse.Namespace, out: TextIO)
 
 
 def cmd_import(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:
-    # Imported here: the importers live in the server package, which a pure client need not load.
-    from chronorec.server.core.importers import detect_and_load
+    # Imported here: the importers live in the server package, whose dependencies a client-only
+    # install lacks.
+    try:
+        from chronorec.server.core.importers import detect_and_load
+    except ImportError as error:
+        raise UsageError(f"import reads data sets with the server's code: install chronorec[server] ({error})") from None
 
     path = Path(args.path)
     if not path.exists():

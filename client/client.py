@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import threading
-import time
+import numbers
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +13,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
-import numpy as np
 
 from chronorec.client import rules
 from chronorec.client.convert import (
@@ -39,6 +36,27 @@ from chronorec.v1 import (
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# gRPC caps a retry policy at 5 attempts, so at most 4 retries.
+MAX_ATTEMPTS = 5
+# The shortest backoff asked of gRPC. With grpcio 1.85 an initial backoff of 1 ms sometimes never
+# sent the retry (17 of 40 calls waited out their deadline); 2 ms and more never did (150 of 150
+# at 10 ms).
+MIN_BACKOFF = 0.01
+
+# Calls that are safe to repeat, so gRPC retries them on UNAVAILABLE: the reads, and the writes
+# idempotent by id (events by event id, items by item id). DeleteItems (a repeat finds nothing
+# and fails NOT_FOUND), ActivateVersion (a repeat adds to the activation history) and Rollback
+# (a repeat rolls back twice) are never retried.
+RETRYABLE_METHODS: tuple[tuple[str, str], ...] = (
+    ("EncoderService", "Encode"),
+    ("RecommenderService", "Recommend"),
+    ("RecommenderService", "Feedback"),
+    ("RecommenderService", "FeedbackStream"),
+    ("CatalogService", "GetItem"),
+    ("CatalogService", "UpsertItems"),
+    ("ModelService", "GetStatus"),
+    ("ModelService", "ListVersions"),
+)
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -68,15 +86,21 @@ class ChronorecClientError(Exception):
 
 @dataclass(frozen=True)
 class EncodeResult:
-    """Sentence vectors, one row per input text, and the model version that produced them."""
+    """Sentence vectors, one per input text, and the model version that produced them.
 
-    vectors: np.ndarray  # float32, shape (n, dimension), rows L2-normalised
+    The vectors are plain lists of floats (float32 values, L2-normalised), so a client needs no
+    numpy; `array()` gives them as one float32 matrix where numpy is installed.
+    """
+
+    vectors: list[list[float]]
     model_version: str
+    dimension: int
 
-    @property
-    def dimension(self) -> int:
-        """Length of each vector."""
-        return int(self.vectors.shape[1])
+    def array(self):
+        """The vectors as a numpy float32 array of shape (n, dimension)."""
+        import numpy as np
+
+        return np.asarray(self.vectors, dtype=np.float32).reshape(len(self.vectors), self.dimension)
 
 
 @dataclass(frozen=True)
@@ -261,7 +285,8 @@ def _id(kind: str, name: str, value: Any) -> str:
 
 
 def _number(kind: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    # numbers.Real also admits numpy's scalars without importing numpy.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{kind}: {name} must be a number, got {value!r}")
     number = float(value)
     if not math.isfinite(number):
@@ -375,7 +400,7 @@ def build_recommend_request(
     """The RecommendRequest of recommend()'s arguments."""
     if user_id is not None and not isinstance(user_id, str):
         raise ValueError(f"recommend: user_id must be a string, got {user_id!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"recommend: k must be a positive integer, got {k!r}")
     request = recommender_pb2.RecommendRequest(
         user_id=user_id or "",
@@ -448,41 +473,57 @@ def _manifest(text: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-class _Replayable:
-    """Caches what a one-shot iterable yields so that a retried stream resends the same requests."""
+def _duration(seconds: float) -> str:
+    """A service-config duration ("0.05s")."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def service_config(max_retries: int, backoff_base: float, backoff_max: float) -> dict[str, Any]:
+    """The channel's service config: a retry policy on UNAVAILABLE for RETRYABLE_METHODS.
+
+    gRPC runs the retries itself: exponential backoff with jitter (about `backoff_base` ·
+    2^retry, capped at `backoff_max`), a server's `grpc-retry-pushback-ms` honoured in place of
+    the backoff (a negative one: no retry), and every attempt inside the call's one deadline.
+    """
+    if max_retries <= 0:
+        return {}
+    names = [{"service": f"chronorec.v1.{service}", "method": method} for service, method in RETRYABLE_METHODS]
+    policy = {
+        "maxAttempts": min(MAX_ATTEMPTS, max_retries + 1),
+        "initialBackoff": _duration(backoff_base),
+        "maxBackoff": _duration(backoff_max),
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    return {"methodConfig": [{"name": names, "retryPolicy": policy}]}
+
+
+class _Converted:
+    """The requests of a stream, converted as gRPC reads them; a ValueError is kept for the caller
+    (gRPC reports a failing request iterator as a cancelled call)."""
 
     def __init__(self, source: Iterable[Any], convert: Callable[[Any], Any]):
-        self._source = iter(source)
+        self._source = source
         self._convert = convert
-        self._sent: list[Any] = []
-        self._lock = threading.Lock()
         self.error: ValueError | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        index = 0
-        while True:
-            # grpc reads requests on its own thread; a failed attempt's reader may still be here.
-            with self._lock:
-                if index == len(self._sent):
-                    try:
-                        self._sent.append(self._convert(next(self._source)))
-                    except StopIteration:
-                        return
-                    except ValueError as error:
-                        # Raised after the call fails, as a ValueError the caller can act on.
-                        self.error = error
-                        raise
-                request = self._sent[index]
-            yield request
-            index += 1
+        for value in self._source:
+            try:
+                yield self._convert(value)
+            except ValueError as error:
+                self.error = error
+                raise
 
 
 class ChronorecClient:
     """A client of the Encoder, Recommender, Catalog and Model services of one chronorec server.
 
     Every call has a deadline (`timeout` seconds, overridable per call) that also bounds its
-    retries. A call failing with UNAVAILABLE is retried up to `max_retries` times with
-    exponential backoff and jitter; any other status fails at once as ChronorecClientError.
+    retries. The calls that are safe to repeat (RETRYABLE_METHODS) are retried on UNAVAILABLE up
+    to `max_retries` times (at most 4) by gRPC's retry policy (`service_config`), which backs off
+    exponentially with jitter and waits as long as a server's `grpc-retry-pushback-ms` asks. Any
+    other status, or any status of another call, fails at once as ChronorecClientError.
     """
 
     def __init__(
@@ -504,8 +545,8 @@ class ChronorecClient:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
-        if backoff_base < 0 or backoff_max < 0:
-            raise ValueError("backoff_base and backoff_max must be >= 0")
+        if not backoff_base > 0 or not backoff_max > 0:
+            raise ValueError(f"backoff_base and backoff_max must be positive, got {backoff_base!r}, {backoff_max!r}")
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("mutual TLS needs both tls_cert and tls_key")
         secure = any(path is not None for path in (tls_ca, tls_cert, tls_key))
@@ -516,21 +557,25 @@ class ChronorecClient:
 
         self.target = target
         self.timeout = float(timeout)
-        self.max_retries = int(max_retries)
-        self.backoff_base = float(backoff_base)
-        self.backoff_max = float(backoff_max)
+        self.max_retries = min(int(max_retries), MAX_ATTEMPTS - 1)
+        self.backoff_base = max(float(backoff_base), MIN_BACKOFF)
+        self.backoff_max = max(float(backoff_max), self.backoff_base)
         self.secure = secure
         # Kept private and out of repr so the bearer token never lands in a log line.
         self._metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {token.strip()}"),) if token and token.strip() else ()
         )
-        self._random = random.Random()
 
+        config = service_config(self.max_retries, self.backoff_base, self.backoff_max)
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.primary_user_agent", "chronorec-client"),
+            # Explicit, as the retry policy depends on it; off with max_retries=0 (no retry at all).
+            ("grpc.enable_retries", 1 if config else 0),
         ]
+        if config:
+            options.append(("grpc.service_config", json.dumps(config)))
         if secure:
             if server_name_override:
                 options.append(("grpc.ssl_target_name_override", server_name_override))
@@ -582,14 +627,14 @@ class ChronorecClient:
             raise ValueError("encode: no texts")
         response = self._call(self._encoder.Encode, request, timeout)
         dimension = response.dimension or (len(response.embeddings[0].values) if response.embeddings else 0)
-        vectors = np.zeros((len(response.embeddings), dimension), dtype=np.float32)
+        vectors = []
         for row, embedding in enumerate(response.embeddings):
             if len(embedding.values) != dimension:
                 raise ChronorecClientError(
                     grpc.StatusCode.INTERNAL, f"embedding {row} has {len(embedding.values)} values, expected {dimension}"
                 )
-            vectors[row] = embedding.values
-        return EncodeResult(vectors=vectors, model_version=response.model_version)
+            vectors.append(list(embedding.values))
+        return EncodeResult(vectors=vectors, model_version=response.model_version, dimension=dimension)
 
     # -- recommender ---------------------------------------------------------------------------
 
@@ -626,12 +671,14 @@ class ChronorecClient:
         """Streams batches of events, each stored atomically as it arrives; `timeout` bounds the whole stream.
 
         Batches are converted as they are sent, so an invalid event raises ValueError after the
-        batches before it were stored. After a retry, events stored by the failed attempt count
-        as duplicates.
+        batches before it were stored. gRPC retries the stream on UNAVAILABLE, resending what it
+        sent, while that fits its per-call retry buffer (256 KiB); events stored by the failed
+        attempt then count as duplicates. A longer stream that fails can be sent again whole:
+        events are stored once by id.
         """
-        requests = _Replayable(batches, feedback_request)
+        requests = _Converted(batches, feedback_request)
         try:
-            response = self._call(self._recommender.FeedbackStream, requests, timeout, stream=True)
+            response = self._call(self._recommender.FeedbackStream, iter(requests), timeout)
         except ChronorecClientError:
             if requests.error is not None:
                 raise requests.error from None
@@ -702,38 +749,20 @@ class ChronorecClient:
 
     def rollback(self, wait: bool = True, *, timeout: float | None = None) -> RollbackResult:
         """Re-activates the previously serving version. Never retried: a repeat would roll back twice."""
-        response = self._call(self._models.Rollback, models_pb2.RollbackRequest(wait=wait), timeout, retry=False)
+        response = self._call(self._models.Rollback, models_pb2.RollbackRequest(wait=wait), timeout)
         return RollbackResult(active_version=response.active_version, serving_version=response.serving_version)
 
     # -- transport -----------------------------------------------------------------------------
 
-    def _call(self, method, request, timeout: float | None, *, retry: bool = True, stream: bool = False):
-        """Runs one call under one deadline, retrying UNAVAILABLE with backoff while time is left."""
+    def _call(self, method, request, timeout: float | None):
+        """One call under one deadline; gRPC's retry policy retries it inside that deadline."""
         budget = self.timeout if timeout is None else float(timeout)
-        if budget <= 0:
+        if not budget > 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
-        deadline = time.monotonic() + budget
-        attempt = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ChronorecClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while retrying")
-            try:
-                payload = iter(request) if stream else request
-                return method(payload, timeout=remaining, metadata=self._metadata)
-            except grpc.RpcError as error:
-                code = error.code() if hasattr(error, "code") else None
-                retryable = retry and code == grpc.StatusCode.UNAVAILABLE and attempt < self.max_retries
-                delay = self._backoff(attempt) if retryable else 0.0
-                if not retryable or time.monotonic() + delay >= deadline:
-                    raise ChronorecClientError.from_rpc_error(error) from error
-                time.sleep(delay)
-                attempt += 1
-
-    def _backoff(self, attempt: int) -> float:
-        # Half fixed, half random: the delay still grows, and clients failing together spread out.
-        ceiling = min(self.backoff_max, self.backoff_base * (2**attempt))
-        return ceiling / 2 + self._random.uniform(0, ceiling / 2)
+        try:
+            return method(request, timeout=budget, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise ChronorecClientError.from_rpc_error(error) from error
 
 
 def _read(path: str | Path | None) -> bytes | None:

@@ -18,6 +18,7 @@ import pytest
 
 from chronorec.client import cli, convert
 from chronorec.client.client import (
+    RETRYABLE_METHODS,
     CatalogItem,
     ChronorecClient,
     ChronorecClientError,
@@ -28,6 +29,7 @@ from chronorec.client.client import (
     history_to_proto,
     item_to_proto,
     overrides_to_proto,
+    service_config,
 )
 from chronorec.server.core.catalog import Event, Item
 from chronorec.v1 import (
@@ -50,20 +52,26 @@ UTC = timezone.utc
 
 
 class FakeEncoder(encoder_pb2_grpc.EncoderServiceServicer):
-    """Fails with the queued status codes first, then answers with a fixed 3-d vector per text."""
+    """Fails with the queued status codes first (with a pushback trailer when `pushback_ms` is
+    set), then answers with a fixed 3-d vector per text."""
 
     def __init__(self):
         self.failures: list[grpc.StatusCode] = []
+        self.pushback_ms: str | None = None
         self.delay = 0.0
         self.calls = 0
+        self.arrivals: list[float] = []
         self.metadata: list[dict[str, str]] = []
 
     def Encode(self, request, context):
         self.calls += 1
+        self.arrivals.append(time.monotonic())
         self.metadata.append(dict(context.invocation_metadata()))
         if self.delay:
             time.sleep(self.delay)
         if self.failures:
+            if self.pushback_ms is not None:
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", self.pushback_ms),))
             context.abort(self.failures.pop(0), "scripted failure")
         values = [0.6, 0.8, 0.0]
         return encoder_pb2.EncodeResponse(
@@ -78,6 +86,7 @@ class FakeRecommender(recommender_pb2_grpc.RecommenderServiceServicer):
         self.requests: list = []
         self.feedback_batches: list[list[common_pb2.Event]] = []
         self.fail_stream_once = False
+        self.feedback_failures = 0
         self.seen_ids: set[str] = set()
 
     def Recommend(self, request, context):
@@ -116,7 +125,12 @@ class FakeRecommender(recommender_pb2_grpc.RecommenderServiceServicer):
 
     def Feedback(self, request, context):
         self.feedback_batches.append(list(request.events))
-        return self._store(request.events)
+        result = self._store(request.events)
+        if self.feedback_failures:
+            # Stored, then the answer is lost: the retry must not store the events again.
+            self.feedback_failures -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        return result
 
     def FeedbackStream(self, request_iterator, context):
         total = recommender_pb2.FeedbackResponse()
@@ -135,6 +149,11 @@ class FakeCatalog(catalog_pb2_grpc.CatalogServiceServicer):
     def __init__(self):
         self.items: dict[str, common_pb2.Item] = {}
         self.upsert_calls = 0
+        self.delete_calls = 0
+
+    def DeleteItems(self, request, context):
+        self.delete_calls += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "store busy")
 
     def UpsertItems(self, request, context):
         self.upsert_calls += 1
@@ -151,6 +170,11 @@ class FakeCatalog(catalog_pb2_grpc.CatalogServiceServicer):
 class FakeModels(models_pb2_grpc.ModelServiceServicer):
     def __init__(self):
         self.rollback_calls = 0
+        self.activate_calls = 0
+
+    def ActivateVersion(self, request, context):
+        self.activate_calls += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "swap in flight")
 
     def GetStatus(self, request, context):
         return models_pb2.GetStatusResponse(
@@ -385,10 +409,13 @@ def test_client_constructor_checks():
 def test_retries_unavailable_then_succeeds(server, client):
     server.encoder.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
     result = client.encode(["a", "b"])
+    # gRPC's retry policy made the three attempts: the client itself called once.
     assert server.encoder.calls == 3
-    assert result.vectors.dtype == np.float32 and result.vectors.shape == (2, 3)
     assert result.dimension == 3 and result.model_version == "v-test"
-    np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, rtol=1e-6)
+    assert result.vectors == [[pytest.approx(0.6), pytest.approx(0.8), 0.0]] * 2
+    array = result.array()
+    assert array.dtype == np.float32 and array.shape == (2, 3)
+    np.testing.assert_allclose(np.linalg.norm(array, axis=1), 1.0, rtol=1e-6)
 
 
 def test_other_codes_are_not_retried(server, client):
@@ -428,10 +455,80 @@ def test_unreachable_server_is_unavailable_within_the_deadline():
     assert time.monotonic() - started < 3.0
 
 
-def test_rollback_is_not_retried(server, client):
+def test_calls_that_are_not_safe_to_repeat_are_not_retried(server, client):
     with pytest.raises(ChronorecClientError):
         client.rollback()
-    assert server.models.rollback_calls == 1
+    with pytest.raises(ChronorecClientError):
+        client.activate("v2")
+    with pytest.raises(ChronorecClientError) as caught:
+        client.delete_items(["i1"])
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert (server.models.rollback_calls, server.models.activate_calls, server.catalog.delete_calls) == (1, 1, 1)
+
+
+def test_the_retry_policy_names_each_safe_call_of_the_protos():
+    by_service = {
+        service.name: service
+        for module in (encoder_pb2, recommender_pb2, catalog_pb2, models_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+    }
+    config = service_config(4, 0.05, 2.0)
+    [method_config] = config["methodConfig"]
+    named = {(name["service"], name["method"]) for name in method_config["name"]}
+    assert named == {(by_service[s].full_name, m) for s, m in RETRYABLE_METHODS}
+    for service, method in RETRYABLE_METHODS:
+        assert method in by_service[service].methods_by_name
+    assert not named & {("chronorec.v1.CatalogService", "DeleteItems"), ("chronorec.v1.ModelService", "ActivateVersion"),
+                        ("chronorec.v1.ModelService", "Rollback")}
+    policy = method_config["retryPolicy"]
+    assert policy == {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                      "retryableStatusCodes": ["UNAVAILABLE"]}
+    # gRPC allows 5 attempts at most; no retries means no policy at all.
+    assert service_config(9, 0.05, 2.0)["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 5
+    assert service_config(0, 0.05, 2.0) == {}
+
+
+def test_no_retries_at_all_with_max_retries_zero(server):
+    server.encoder.failures = [grpc.StatusCode.UNAVAILABLE]
+    with ChronorecClient(server.address, max_retries=0) as chronorec:
+        with pytest.raises(ChronorecClientError) as caught:
+            chronorec.encode("a")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and server.encoder.calls == 1
+
+
+def test_the_servers_pushback_sets_the_wait_before_the_retry(server, client):
+    server.encoder.failures = [grpc.StatusCode.UNAVAILABLE]
+    server.encoder.pushback_ms = "400"
+    assert client.encode("a").model_version == "v-test"
+    first, second = server.encoder.arrivals
+    # The client's own backoff is at most 10 ms: the 400 ms are the server's.
+    assert second - first >= 0.38
+    # A negative pushback means "do not retry".
+    server.encoder.failures = [grpc.StatusCode.UNAVAILABLE]
+    server.encoder.pushback_ms = "-1"
+    with pytest.raises(ChronorecClientError):
+        client.encode("a")
+    assert server.encoder.calls == 3
+
+
+def test_retries_stay_inside_the_calls_deadline(server, client):
+    server.encoder.failures = [grpc.StatusCode.UNAVAILABLE] * 10
+    server.encoder.pushback_ms = "300"
+    started = time.monotonic()
+    with pytest.raises(ChronorecClientError) as caught:
+        client.encode("a", timeout=0.5)
+    assert caught.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+    assert time.monotonic() - started < 0.9
+    assert server.encoder.calls == 2  # at 0 and 0.3 s; the next would start after the deadline
+
+
+def test_a_retried_feedback_resends_the_same_event_ids(server, client):
+    server.recommender.feedback_failures = 1
+    result = client.feedback([{"user_id": "u", "item_id": "i", "action": "like"}])
+    first, second = server.recommender.feedback_batches
+    assert [e.event_id for e in first] == [e.event_id for e in second]
+    # The lost answer's events were stored by the first attempt; the retry finds them stored.
+    assert (result.stored, result.duplicates) == (0, 1) and len(server.recommender.seen_ids) == 1
 
 
 def test_token_metadata_arrives_and_stays_out_of_repr(server):

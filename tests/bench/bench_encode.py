@@ -8,7 +8,8 @@ import time
 
 import numpy as np
 
-from .common import Context, log, parse_args, print_table, target
+from . import common
+from .common import Context, log, print_table, target
 
 BATCHES = (1, 8, 32)
 ENGINES = ("pytorch", "ort-fp32", "ort-int8")
@@ -134,11 +135,7 @@ def run(ctx: Context) -> dict:
 
 
 def main(argv=None) -> None:
-    ctx = parse_args(__doc__, argv)
-    try:
-        run(ctx)
-    finally:
-        ctx.close()
+    common.main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

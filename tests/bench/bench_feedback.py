@@ -6,7 +6,8 @@ import os
 import random
 import time
 
-from .common import ANCHOR, DAY, Context, ServerProcess, log, make_catalog, parse_args, print_table, target
+from . import common
+from .common import ANCHOR, DAY, Context, ServerProcess, log, make_catalog, print_table, target
 
 BATCHES = (1, 100, 1000)
 STREAM_MESSAGE = 100
@@ -135,11 +136,7 @@ def run(ctx: Context) -> dict:
 
 
 def main(argv=None) -> None:
-    ctx = parse_args(__doc__, argv)
-    try:
-        run(ctx)
-    finally:
-        ctx.close()
+    common.main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

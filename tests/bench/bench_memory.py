@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import Context, ServerProcess, log, parse_args, print_table
+from . import common
+from .common import Context, ServerProcess, log, print_table
 
 
 def empty_server(ctx: Context) -> dict:
@@ -54,11 +55,7 @@ def run(ctx: Context) -> dict:
 
 
 def main(argv=None) -> None:
-    ctx = parse_args(__doc__, argv)
-    try:
-        run(ctx)
-    finally:
-        ctx.close()
+    common.main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

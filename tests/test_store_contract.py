@@ -647,8 +647,11 @@ def test_lost_connections_are_unavailable_then_replaced(postgres_url: str, caplo
         # Every pooled connection dies while idle: the next calls still succeed.
         s.count_items()
         with psycopg.connect(postgres_url, autocommit=True) as admin:
-            for pid in store_backends(postgres_url):
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            killed = store_backends(postgres_url)
+            assert killed
+            for pid in killed:
+                # With a timeout, pg_terminate_backend returns once the backend has exited.
+                assert admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()[0]
         assert s.add_events([ev("after")])[0] and s.count_events() == 1
 
 

@@ -222,7 +222,10 @@ _LOG_UPSERTS = """
                 %(categories)s::text[], %(published)s::float8[], %(expires)s::float8[], %(attributes)s::text[])
          AS u (seq, item_id, title, text, category, published_at, expires_at, attributes)
 """
-_DELETE_ITEMS = "UPDATE items SET deleted_at = %(now)s, updated_at = %(now)s WHERE item_id = ANY(%(ids)s::text[])"
+_DELETE_ITEMS = """
+    UPDATE items SET deleted_at = %(now)s, updated_at = %(now)s
+    FROM unnest(%(ids)s::text[]) AS k (id) WHERE items.item_id = k.id
+"""
 _LOG_DELETES = """
     INSERT INTO item_changes (seq, item_id, kind, changed_at)
     SELECT u.seq, u.item_id, 'delete', %(now)s FROM unnest(%(seqs)s::bigint[], %(ids)s::text[]) AS u (seq, item_id)
@@ -236,8 +239,16 @@ _INSERT_EVENTS = """
 """
 
 
-_ITEM_STATES = "SELECT item_id, deleted_at FROM items WHERE item_id = ANY(%s::text[])"
-_STORED_EVENT_IDS = "SELECT event_id FROM events WHERE event_id = ANY(%s::text[])"
+# Look-ups by a list of ids join an unnest rather than test "= ANY(%s)": psycopg prepares a
+# statement after five runs, and PostgreSQL may then keep a generic plan made while the table was
+# small, a sequential scan testing every row against the whole list (measured: 1000-event batches
+# slowing from 60 ms to 500 ms as the log grew). The join stays one index probe per id.
+_ITEM_STATES = ("SELECT i.item_id, i.deleted_at FROM unnest(%s::text[]) AS k (id) "
+                "JOIN items i ON i.item_id = k.id")
+_STORED_EVENT_IDS = ("SELECT e.event_id FROM unnest(%s::text[]) AS k (id) "
+                     "JOIN events e ON e.event_id = k.id")
+_LIVE_ITEMS = ("SELECT i.item_id, i.title, i.text, i.category, i.published_at, i.expires_at, i.attributes "
+               "FROM unnest(%s::text[]) AS k (id) JOIN items i ON i.item_id = k.id WHERE i.deleted_at IS NULL")
 
 
 def _query_by_ids(conn: psycopg.Connection, sql: str, ids: Sequence[str]) -> list[psycopg.Cursor]:
@@ -569,8 +580,7 @@ class PostgresEventStore:
         """Live items by id; unknown and deleted ids are left out."""
         found: dict[str, Item] = {}
         for chunk in _chunks(list(dict.fromkeys(item_ids)), _ANY_CHUNK):
-            for row in self._read(f"SELECT {_ITEM_COLUMNS} FROM items "
-                                  "WHERE item_id = ANY(%s::text[]) AND deleted_at IS NULL", (list(chunk),)):
+            for row in self._read(_LIVE_ITEMS, (list(chunk),)):
                 found[row[0]] = _item_from_row(row)
         return found
 

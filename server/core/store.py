@@ -170,9 +170,11 @@ _UPSERT_ITEM = """
         published_at = excluded.published_at, expires_at = excluded.expires_at,
         attributes = excluded.attributes, updated_at = excluded.updated_at, deleted_at = NULL
 """
+# The NOT EXISTS skips a stored event_id before a seq is drawn: INSERT OR IGNORE alone burns an
+# AUTOINCREMENT number on every duplicate, and followers of the log rely on seqs without gaps.
 _INSERT_EVENT = """
     INSERT OR IGNORE INTO events (event_id, user_id, item_id, action, timestamp, value, received_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?)
+    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE NOT EXISTS (SELECT 1 FROM events WHERE event_id = ?1)
 """
 
 

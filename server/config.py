@@ -104,6 +104,12 @@ class ServerConfig:
         for name in ("max_connection_idle_s", "max_connection_age_s", "max_connection_age_grace_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{flag_name(name[:-2])} must be 0 (off) or more seconds, got {getattr(self, name)!r}")
+        if self.limits.max_texts_per_encode > self.encoder_max_queue:
+            # An Encode's texts enter the encoder queue at once (its call then waits holding no thread).
+            raise ValueError(
+                f"{self.limits.flag('max_texts_per_encode')} exceeds --encoder-max-queue={self.encoder_max_queue}: "
+                "one Encode request must fit in the encoder queue"
+            )
 
     @property
     def database(self) -> Path:

@@ -150,10 +150,7 @@ def start_server(tmp_path):
             cooccurrence_refresh_s=overrides.pop("cooccurrence_refresh_s", 0),
             log_json=False,
         )
-        limits = overrides.pop("limits", None)
-        config = replace(config, **overrides)
-        if limits is not None:
-            config = replace(config, limits=limits)
+        config = replace(config, **overrides)  # limits too, in one step: the config checks them against the rest
         handle = ServerHandle(serve(config), config)
         handles.append(handle)
         if wait:

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from chronorec.server.config import Limits
 from chronorec.server.service.errors import RETRY_PUSHBACK_KEY
 from chronorec.server.service.interceptors import CallKind
-from chronorec.v1 import common_pb2, encoder_pb2, recommender_pb2, recommender_pb2_grpc
+from chronorec.v1 import catalog_pb2, common_pb2, encoder_pb2, recommender_pb2, recommender_pb2_grpc
 from conftest import ANCHOR
 from hardening import make_ca, make_cert, seed_store, ts
 
@@ -397,6 +397,8 @@ def test_concurrency_bound_counts_work_not_open_calls(start_server, tiny_repo, t
     calls = held_calls.run(busy())
     held_calls.calls += calls
     _wait_until(lambda: admission.working == 2)
+    # Waiting for the encoder's micro-batcher holds no thread of the pools.
+    assert server.running.executors.compute.pending == 0
     with pytest.raises(grpc.RpcError) as info:
         _recommend(server.channel)
     _refused(info.value, "--max-concurrent-rpcs=2")
@@ -422,41 +424,37 @@ def encoder_pb2_grpc_stub(channel):
     return encoder_pb2_grpc.EncoderServiceStub(channel)
 
 
-def test_work_pool_bound_names_its_flag(start_server, tiny_repo, tmp_path, held):
+def test_work_pool_bound_names_its_flag(start_server, tiny_repo, tmp_path):
     db = tmp_path / "pool.db"
     seed_store(db)
-    server = start_server(tiny_repo, db=db, workers=1, limits=Limits(max_queued_work=1, max_texts_per_encode=BUSY_TEXTS))
-    held_calls = held(server.target)
-    channel = held_calls.connection()
-
-    async def busy():
-        return encoder_pb2_grpc_stub(channel).Encode(encoder_pb2.EncodeRequest(texts=_busy_texts()), timeout=120)
-
-    call = held_calls.run(busy())
-    held_calls.calls.append(call)
+    server = start_server(tiny_repo, db=db, workers=1, limits=Limits(max_queued_work=1))
+    # An upsert encodes its items on a compute thread: with one thread and room for one item of
+    # work, the pool is full while it runs.
+    items = [common_pb2.Item(item_id=f"busy-{i}", title=f"busy item {i}", text=text) for i, text in enumerate(_busy_texts())]
+    upsert = server.catalog.UpsertItems.future(catalog_pb2.UpsertItemsRequest(items=items), timeout=120)
     _wait_until(lambda: server.running.executors.compute.pending == 1)
     with pytest.raises(grpc.RpcError) as info:
         _recommend(server.channel)
     _refused(info.value, "--max-queued-work=1")
-    assert held_calls.outcome(call, 120)[0] == grpc.StatusCode.OK
+    assert upsert.result().upserted == BUSY_TEXTS
 
 
-def test_encoder_queue_bound_names_its_flag(start_server, tiny_repo, tmp_path, held):
+def test_encoder_queue_bound_names_its_flag(start_server, tiny_repo, tmp_path):
     server = start_server(
-        tiny_repo, db=tmp_path / "queue.db", encoder_max_batch=8, encoder_max_queue=8,
-        limits=Limits(max_texts_per_encode=BUSY_TEXTS),
+        tiny_repo, db=tmp_path / "queue.db", encoder_max_batch=8, encoder_max_queue=8, limits=Limits(max_texts_per_encode=8)
     )
-    held_calls = held(server.target)
-    channel = held_calls.connection()
-
-    async def busy():
-        return encoder_pb2_grpc_stub(channel).Encode(encoder_pb2.EncodeRequest(texts=_busy_texts()), timeout=120)
-
-    # One large call keeps the encoder busy and its queue full as the worker makes room.
-    call = held_calls.run(busy())
-    held_calls.calls.append(call)
+    # An upsert larger than the queue is fed in as the worker makes room: the queue stays full.
+    items = [common_pb2.Item(item_id=f"busy-{i}", title=f"busy item {i}", text=text) for i, text in enumerate(_busy_texts())]
+    upsert = server.catalog.UpsertItems.future(catalog_pb2.UpsertItemsRequest(items=items), timeout=120)
     _wait_until(lambda: server.engine.status().encoder_queue_depth > 0)
     with pytest.raises(grpc.RpcError) as info:
         server.encoder.Encode(encoder_pb2.EncodeRequest(texts=["a", "b", "c"]), timeout=30)
     _refused(info.value, "--encoder-max-queue")
-    assert held_calls.outcome(call, 120)[0] == grpc.StatusCode.OK
+    assert upsert.result().upserted == BUSY_TEXTS
+
+
+def test_an_encode_request_must_fit_in_the_encoder_queue():
+    from chronorec.server.config import ServerConfig
+
+    with pytest.raises(ValueError, match="--max-texts-per-encode=256 exceeds --encoder-max-queue=100"):
+        ServerConfig(encoder_max_queue=100)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import importlib.metadata
 import logging
 import os
@@ -305,14 +306,25 @@ class EncodeDeadlineExceeded(errors.Unavailable):
 class _Request:
     """One caller's texts; its chunks fill `result` rows at their offsets."""
 
-    __slots__ = ("size", "result", "error", "pending", "done")
+    __slots__ = ("size", "result", "error", "pending", "done", "future")
 
-    def __init__(self, size: int, chunks: int):
+    def __init__(self, size: int, chunks: int, future: concurrent.futures.Future | None = None):
         self.size = size
         self.result: np.ndarray | None = None
         self.error: BaseException | None = None
         self.pending = chunks
         self.done = threading.Event()
+        self.future = future  # set for submit(): resolved when the request ends
+
+    def finish(self) -> None:
+        self.done.set()
+        future = self.future
+        # set_running_or_notify_cancel() is False for a future its caller cancelled meanwhile.
+        if future is not None and not future.done() and future.set_running_or_notify_cancel():
+            if self.error is not None:
+                future.set_exception(self.error)
+            else:
+                future.set_result(self.result)
 
 
 @dataclass
@@ -409,6 +421,40 @@ class MicroBatcher:
             raise request.error
         assert request.result is not None
         return request.result
+
+    def submit(self, texts: Sequence[str]) -> concurrent.futures.Future:
+        """Queue `texts` without waiting: a Future of their vectors in input order.
+
+        For callers that must not hold a thread while the worker gets to them (the asyncio
+        server). All the texts are queued at once, so a request must fit in the queue:
+        errors.Overloaded when it lacks room now, InvalidArgument when it could never fit
+        (encode() feeds such a request in as the worker makes room, holding its thread).
+        Cancelling the Future drops the texts the worker has not started.
+        """
+        texts = self._validate(texts) if self._validate is not None else list(texts)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if not texts:
+            future.set_result(self._encode_fn([]))
+            return future
+        if len(texts) > self.max_queue_texts:
+            raise errors.InvalidArgument(
+                f"{len(texts)} texts do not fit in the encoder queue (at most {self.max_queue_texts}, "
+                "set by --encoder-max-queue)"
+            )
+        size = self.max_batch_size
+        request = _Request(len(texts), -(-len(texts) // size), future)
+        chunks = [_Chunk(request, start, texts[start : start + size]) for start in range(0, len(texts), size)]
+        with self._cond:
+            if self._closed:
+                raise errors.Unavailable("encoder is shutting down")
+            if self._queued_texts + len(texts) > self.max_queue_texts:
+                raise errors.Overloaded(
+                    f"encoder queue is full ({self._queued_texts} texts waiting, at most {self.max_queue_texts} "
+                    "set by --encoder-max-queue); retry later"
+                )
+            self._feed(chunks, 0)
+        future.add_done_callback(lambda done: self._abandon(request, chunks) if done.cancelled() else None)
+        return future
 
     def _feed(self, chunks: list[_Chunk], fed: int) -> int:
         """Queue `chunks[fed:]` while they fit (the caller holds the lock); returns how many are queued now."""
@@ -514,12 +560,12 @@ class MicroBatcher:
         request.result[chunk.offset : chunk.offset + len(chunk.texts)] = vectors
         request.pending -= 1
         if request.pending == 0:
-            request.done.set()
+            request.finish()
 
     def _deliver_error(self, request: _Request, exc: BaseException) -> None:
         if request.error is None:
             request.error = exc
-        request.done.set()
+        request.finish()
         if request.pending > 1:
             # Its other chunks would be wasted work now.
             with self._cond:
@@ -536,7 +582,7 @@ class MicroBatcher:
                 self._queued_texts -= len(chunk.texts)
                 if chunk.request.error is None:
                     chunk.request.error = exc
-                chunk.request.done.set()
+                chunk.request.finish()
 
 
 __all__ = [

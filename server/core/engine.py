@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import threading
@@ -189,6 +190,23 @@ class ChronorecEngine:
                 raise InvalidArgument(f"text {i} is empty")
         with self.manager.acquire() as model:
             return model.encode(texts, timeout=timeout), model.version
+
+    def submit_encode(self, texts: list[str]) -> tuple[concurrent.futures.Future, str]:
+        """Queue texts for the serving version's encoder without waiting for it: a Future of
+        their vectors, and the version. The version stays pinned until the Future is done;
+        cancelling it drops the texts not yet started. The request must fit in the encoder
+        queue (MicroBatcher.submit)."""
+        for i, text in enumerate(texts):
+            if not text or not text.strip():
+                raise InvalidArgument(f"text {i} is empty")
+        model = self.manager.acquire()
+        try:
+            future = model.batcher.submit(texts)
+        except BaseException:
+            model.release()
+            raise
+        future.add_done_callback(lambda _done: model.release())
+        return future, model.version
 
     def recommend(self, query: RecommendQuery, timeout: float | None = None) -> Recommendations:
         """Top-k as of `query.at` (default now) with the serving version's time model and the

@@ -17,6 +17,7 @@ from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.pg_store import (
     BUSY_MESSAGE,
     CHANGES_CHANNEL,
+    NO_CONNECTION_MESSAGE,
     SCHEMA_VERSION,
     UNREACHABLE_MESSAGE,
     PostgresEventStore,
@@ -655,6 +656,15 @@ def test_lost_connections_are_unavailable_then_replaced(postgres_url: str, caplo
         assert s.add_events([ev("after")])[0] and s.count_events() == 1
 
 
+def test_no_free_connection_is_unavailable(postgres_url: str):
+    with PostgresEventStore(postgres_url, pool_size=1, connect_timeout_s=0.3) as s:
+        with s._connection():  # the pool's only connection stays busy
+            with pytest.raises(errors.Unavailable) as info:
+                s.count_items()
+        assert info.value.message == NO_CONNECTION_MESSAGE
+        assert s.count_items() == 0
+
+
 def test_unreachable_server_is_unavailable_at_open(postgres_cluster: PostgresCluster):
     from pgcluster import free_port
 
@@ -723,7 +733,7 @@ def test_server_restart_under_load_loses_no_acknowledged_event(postgres_cluster:
         for s in stores:
             s.close()
     assert unavailable, "no write saw the outage"
-    assert set(unavailable) == {UNREACHABLE_MESSAGE}
+    assert set(unavailable) <= {UNREACHABLE_MESSAGE, NO_CONNECTION_MESSAGE}
     with PostgresEventStore(postgres_url) as s:
         stored = [e.event_id for _, e in s.iter_events()]
         assert set(acked) <= set(stored)

@@ -16,7 +16,7 @@ import psycopg
 import psycopg.errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from chronorec.client import rules
 from chronorec.server.core import errors
@@ -27,10 +27,12 @@ log = logging.getLogger("chronorec.store")
 
 BUSY_MESSAGE = "event store is busy (waited too long for the write lock); retry in a moment"
 UNREACHABLE_MESSAGE = "event store (PostgreSQL) is unreachable or restarting; retry in a moment"
+NO_CONNECTION_MESSAGE = ("event store (PostgreSQL) gave no connection in time: the server is unreachable "
+                         "or every connection is busy; retry in a moment")
 # NOTIFY channel a write transaction signals at commit, with the newest change seq as payload:
 # followers LISTEN on it to wake up, then read changes_since(their cursor).
 CHANGES_CHANNEL = "chronorec_changes"
-# Key of the session-independent advisory lock that lets exactly one process migrate at a time.
+# Key of the transaction-level advisory lock under which one process at a time migrates.
 MIGRATION_LOCK_KEY = 0x6368726F6E6F  # "chrono"
 
 _PAGE = 2000
@@ -445,6 +447,15 @@ class PostgresEventStore:
             self._log_failure("resources", exc, "free disk space or raise max_connections on the server")
             raise errors.Unavailable("event store (PostgreSQL) is out of disk space or connections; "
                                      "retry later") from exc
+        except pgerrors.QueryCanceled as exc:
+            self._log_failure("cancelled", exc, "a statement_timeout or an operator cancelled the query")
+            raise errors.Unavailable("event store query was cancelled; retry in a moment") from exc
+        except PoolTimeout as exc:
+            if self._closed:
+                raise errors.Unavailable("event store is closed") from exc
+            self._log_failure("no-connection", exc, "the pool could not connect (see psycopg.pool's warnings) "
+                                                    "or all its connections stayed busy")
+            raise errors.Unavailable(NO_CONNECTION_MESSAGE) from exc
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             if self._closed:
                 raise errors.Unavailable("event store is closed") from exc

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sqlite3
 
 import grpc
 
@@ -86,6 +85,9 @@ def _ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 def rpc(method):
     """Map domain errors to status codes; anything unexpected is INTERNAL with the detail logged.
 
+    The core raises domain errors only (the store turns SQLite's storage failures into
+    Unavailable itself), so no library's exception types are known here.
+
     A caller who leaves cancels the call's task: asyncio.CancelledError is a BaseException and
     passes through untouched, as it must.
     """
@@ -101,11 +103,6 @@ def rpc(method):
             await context.abort(_ended_code(context), "the call ended before its work was done")
         except ChronorecError as error:
             await abort_for(context, error)
-        except sqlite3.OperationalError as error:
-            if "locked" in str(error) or "busy" in str(error):
-                await abort(context, grpc.StatusCode.UNAVAILABLE, "the event store is busy; retry in a moment")
-            log.exception("database error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         except Exception:
             log.exception("unexpected error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")

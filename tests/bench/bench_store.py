@@ -105,6 +105,11 @@ def _options(parser: argparse.ArgumentParser) -> None:
                                                "throwaway server (needs its binaries in /usr/lib/postgresql)")
 
 
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--postgres-url", help="an existing, empty PostgreSQL database to use instead of a "
+                                               "throwaway server (which needs the binaries in /usr/lib/postgresql)")
+
+
 def main(argv=None) -> None:
     common.main(__doc__, run, argv, options=_options)
 

@@ -202,6 +202,9 @@ def channel_options(config: ServerConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
+        # HTTP/2's own bound on streams per connection, above the admission bound (which leaves
+        # health calls out): streams past it wait in the client and cost the server nothing.
+        ("grpc.max_concurrent_streams", 2 * limits.max_streams_per_connection),
         # The server pings each connection after keepalive_time without traffic and closes it
         # when no answer comes within keepalive_timeout: a peer that vanished (power loss, NAT
         # drop) frees its calls and counts instead of holding them forever. Pings continue while

@@ -26,8 +26,8 @@ class Limits:
     # one of its messages is handled. Health and reflection are not counted.
     max_concurrent_rpcs: int = 64
     # Calls open at once (from their headers to their status, idle or not). Per connection,
-    # everything counts, health included; the totals count each kind of call on its own, so
-    # neither kind can take the others' room.
+    # all but health calls count (HTTP/2's stream limit, twice this, bounds those); the totals
+    # count each kind of call on its own, so no kind can take another's room.
     max_streams_per_connection: int = 100
     max_streams: int = 1000
     max_health_watches: int = 1000

@@ -305,9 +305,24 @@ def test_streams_per_connection_are_bounded(start_server, tiny_repo, tmp_path, h
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "--max-streams-per-connection=4" in error.details()
     assert int(dict(error.trailing_metadata())[RETRY_PUSHBACK_KEY]) > 0
-    # Other connections are not affected.
+    # The crowded connection still passes its health checks; other connections are not affected.
+    async def health_check():
+        return await health_pb2_grpc.HealthStub(crowded).Check(health_pb2.HealthCheckRequest(), timeout=10)
+
+    assert held_calls.run(health_check()).status == health_pb2.HealthCheckResponse.SERVING
     assert _recommend(server.channel).items
     assert held_calls.open_calls() == 4
+    # Health calls are bounded per connection by HTTP/2 instead, at twice the bound (8 streams
+    # here): the ones past it wait in the client, and the server never sees them.
+    async def watches():
+        stub = health_pb2_grpc.HealthStub(crowded)
+        return [stub.Watch(health_pb2.HealthCheckRequest()) for _ in range(6)]
+
+    held_calls.calls += held_calls.run(watches())
+    admission = server.running.admission
+    _wait_until(lambda: admission.open_by_kind[CallKind.HEALTH_WATCH] == 4)
+    time.sleep(0.5)
+    assert admission.open_by_kind[CallKind.HEALTH_WATCH] == 4
 
 
 def test_open_calls_are_bounded_in_total_per_kind(start_server, tiny_repo, tmp_path, held):

@@ -85,6 +85,11 @@ class CallKind(enum.Enum):
     HEALTH_WATCH = "Health/Watch streams"
     REFLECTION = "reflection streams"
 
+    @property
+    def per_connection(self) -> bool:
+        """Whether the kind counts toward --max-streams-per-connection (all but health)."""
+        return self not in (CallKind.HEALTH_CHECK, CallKind.HEALTH_WATCH)
+
     @classmethod
     def of(cls, method: str) -> "CallKind":
         if method == HEALTH_WATCH:
@@ -116,7 +121,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """Admits each call when its headers arrive, and bounds what calls can hold.
 
     - Open calls (headers received, status not sent, idle or not) are bounded per connection
-      (every kind counts) and in total per kind; a call over a bound is refused at once.
+      and in total per kind; a call over a bound is refused at once. Health calls are left out
+      of the per-connection count, so a client's busy connection never fails its own health
+      checks (gRPC's client-side health checking watches each connection it uses); the
+      transport's HTTP/2 stream limit bounds them per connection instead (app.channel_options).
     - Waiting for a request message, a unary call's body or a stream's next message, lasts at
       most the stream idle timeout; then the call ends UNAVAILABLE. An established
       Health/Watch waits only on the server, so the timeout never ends it.
@@ -169,7 +177,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     def _open(self, peer: str, kind: CallKind) -> None:
         limits = self.limits
         on_connection = self.open_by_connection[peer]
-        if on_connection >= limits.max_streams_per_connection:
+        if kind.per_connection and on_connection >= limits.max_streams_per_connection:
             raise Overloaded(
                 f"this connection has {on_connection} calls open, the most one connection may have; "
                 f"retry later ({limits.flag('max_streams_per_connection')})"
@@ -180,14 +188,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 f"the server has {self.open_by_kind[kind]} {kind.value} open, the most it takes; "
                 f"retry later ({limits.flag(limit)})"
             )
-        self.open_by_connection[peer] += 1
+        if kind.per_connection:
+            self.open_by_connection[peer] += 1
         self.open_by_kind[kind] += 1
 
     def _close(self, peer: str, kind: CallKind) -> None:
         self.open_by_kind[kind] -= 1
-        self.open_by_connection[peer] -= 1
-        if not self.open_by_connection[peer]:
-            del self.open_by_connection[peer]
+        if kind.per_connection:
+            self.open_by_connection[peer] -= 1
+            if not self.open_by_connection[peer]:
+                del self.open_by_connection[peer]
 
     # ---- work in progress -------------------------------------------------------------
     def take_work(self) -> None:

@@ -21,7 +21,7 @@ from chronorec.trainer import chronorec_methods as cm
 from chronorec.trainer import evaluate, report
 from chronorec.trainer.data import TargetPositions, build_examples, event_log_from
 from chronorec.trainer.protocols import Dataset, bootstrap_ci, temporal_split
-from chronorec.trainer.tune import EngineRanker
+from chronorec.trainer.tune import ReplayRanker
 
 pytestmark = pytest.mark.slow
 
@@ -137,13 +137,13 @@ def test_loo_examples_match_the_trainers_examples(drift, ci_settings, chronorec)
            [(e.position, e.query, e.positive, e.history_items) for e in train]
 
 
-def test_evaluation_ranks_through_the_serving_engine(drift, chronorec, monkeypatch):
+def test_evaluation_ranks_through_the_serving_ranker(drift, chronorec, monkeypatch):
     split = temporal_split(drift)
     ranker = chronorec.untuned_time(split)
-    assert isinstance(ranker.engine_ranker, EngineRanker)
+    assert isinstance(ranker.replay_ranker, ReplayRanker)
     task = split.test_task()
     ranker.fit(task.train, task.dataset)
-    assert isinstance(ranker.engine_ranker.replay.engine, TimeAwareRanker)
+    assert isinstance(ranker.replay_ranker.replay.ranker, TimeAwareRanker)
 
     calls = []
     original = TimeAwareRanker.score_candidates
@@ -158,9 +158,9 @@ def test_evaluation_ranks_through_the_serving_engine(drift, chronorec, monkeypat
     assert len(calls) == len(instances) and all(q.exhaustive for q in calls)
     assert all(q.params == ranker.time_model for q in calls)
 
-    # An engine built the way the server builds one, fed the events before each instance, and
+    # A ranker built the way the server builds one, fed the events before each instance, and
     # asked Recommend: its top 10 are the evaluation's top 10.
-    replay = ranker.engine_ranker.replay
+    replay = ranker.replay_ranker.replay
     d = drift
     for row in range(0, len(instances), 6):
         position = int(instances.pos[row])
@@ -168,9 +168,9 @@ def test_evaluation_ranks_through_the_serving_engine(drift, chronorec, monkeypat
         state.add(d.event_at(p) for p in range(position))
         index = ItemIndex(ranker.bundle.item_vectors.shape[1])
         index.build(replay.item_ids, ranker.bundle.item_vectors)
-        engine = TimeAwareRanker(replay.items, index, state, replay.cooccurrence, ranker.bundle.encode)
+        served_ranker = TimeAwareRanker(replay.items, index, state, replay.cooccurrence, ranker.bundle.encode)
         user_id = d.user_ids[d.user[position]]
-        served = engine.recommend(RecommendQuery(user_id=user_id, k=10, at=float(d.ts[position]),
+        served = served_ranker.recommend(RecommendQuery(user_id=user_id, k=10, at=float(d.ts[position]),
                                                  params=ranker.time_model))
         row_scores = scores[row].copy()
         row_scores[d.item[instances.history(row)]] = -np.inf  # the server never returns seen items

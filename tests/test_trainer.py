@@ -25,7 +25,7 @@ from chronorec.trainer.data import event_log_from, is_positive, load_training_da
 from chronorec.trainer.export import load_base_model
 from chronorec.trainer.finetune import FinetuneConfig, contrastive_loss, encoder_retrieval_metrics, finetune
 from chronorec.trainer.protocols import EvalTask, fit_and_score
-from chronorec.trainer.tune import EngineRanker, EngineReplay, TuningGrid, torch_encoder, tune_time_model
+from chronorec.trainer.tune import ReplayRanker, RankerReplay, TuningGrid, torch_encoder, tune_time_model
 from tinybert import make_tiny_bert
 
 ANCHOR = 1_790_000_000.0
@@ -105,13 +105,13 @@ def test_examples_are_point_in_time_with_exactly_the_servers_history_text(data, 
         assert example.positive == text_of(example.item_id)
 
     # And it is the very text the server's ranking writes when it replays the log to that moment.
-    replay = EngineReplay(data.dataset, data.event_log.items, data.inner.train,
+    replay = RankerReplay(data.dataset, data.event_log.items, data.inner.train,
                           lambda texts: np.ones((len(texts), 4), dtype=np.float32))
     params = TimeModelParams()
     for example in data.train[::211]:
         replay.advance(example.position)
         query = RecommendQuery(user_id=example.user_id, k=10, at=example.timestamp, params=params)
-        assert replay.engine.short_term_text(replay.engine.history_for(query), example.timestamp, params) == example.query
+        assert replay.ranker.short_term_text(replay.ranker.history_for(query), example.timestamp, params) == example.query
 
 
 def test_negative_feedback_and_cold_events_are_not_examples(data):
@@ -296,33 +296,33 @@ def test_hard_negatives_come_from_the_index_and_never_from_the_users_items(tiny_
 def test_tuning_chooses_parameters_that_score_what_it_reports(trained, data):
     module, _, tokenizer, _ = trained
     encode = torch_encoder(module, tokenizer, max_length=SHORT)
-    replay = EngineReplay(data.dataset, data.event_log.items, data.inner.train, encode)
+    replay = RankerReplay(data.dataset, data.event_log.items, data.inner.train, encode)
     instances = data.inner.instances[::2]
     result = tune_time_model(replay, instances, TimeModelParams())
     assert result.value >= result.default_value and result.instances == len(instances)
     assert result.params != TimeModelParams()
     # The numpy grid reproduces exactly what the server's ranking scores with the chosen parameters.
     task = EvalTask("tuning", data.dataset, data.inner.train, instances)
-    check = fit_and_score(EngineRanker(encode, data.event_log.items, result.params), task)
+    check = fit_and_score(ReplayRanker(encode, data.event_log.items, result.params), task)
     assert float(check.metrics["NDCG@10"].mean()) == pytest.approx(result.value, abs=1e-9)
-    default = fit_and_score(EngineRanker(encode, data.event_log.items, TimeModelParams()), task)
+    default = fit_and_score(ReplayRanker(encode, data.event_log.items, TimeModelParams()), task)
     assert float(default.metrics["NDCG@10"].mean()) == pytest.approx(result.default_value, abs=1e-9)
 
 
 def test_tuning_with_a_personal_half_life_scores_what_the_server_scores(trained, data):
-    """The tuning's numpy search scales the personal weights per instance exactly as the engine does."""
+    """The tuning's numpy search scales the personal weights per instance exactly as the ranker does."""
     module, _, tokenizer, _ = trained
     encode = torch_encoder(module, tokenizer, max_length=SHORT)
-    replay = EngineReplay(data.dataset, data.event_log.items, data.inner.train, encode)
+    replay = RankerReplay(data.dataset, data.event_log.items, data.inner.train, encode)
     instances = data.inner.instances[::3]
     base = TimeModelParams(personal_half_life_days=2.0)
     result = tune_time_model(replay, instances, base, TuningGrid(personal_half_life_days=(2.0,)))
     assert result.params.personal_half_life_days == 2.0
     task = EvalTask("tuning", data.dataset, data.inner.train, instances)
-    check = fit_and_score(EngineRanker(encode, data.event_log.items, result.params), task)
+    check = fit_and_score(ReplayRanker(encode, data.event_log.items, result.params), task)
     assert float(check.metrics["NDCG@10"].mean()) == pytest.approx(result.value, abs=1e-9)
     # The data's users are away for days between events: the half-life moves the metric.
-    off = fit_and_score(EngineRanker(encode, data.event_log.items, replace(result.params, personal_half_life_days=0.0)), task)
+    off = fit_and_score(ReplayRanker(encode, data.event_log.items, replace(result.params, personal_half_life_days=0.0)), task)
     assert float(off.metrics["NDCG@10"].mean()) != pytest.approx(result.value, abs=1e-9)
 
 
@@ -334,19 +334,19 @@ def test_tuning_leaves_a_component_alone_when_it_never_varies(trained, drift):
     timeless = [replace(item, published_at=None, expires_at=None) for item in drift.items]
     data = load_training_data(event_log_from(timeless, drift.events))
     encode = torch_encoder(module, tokenizer, max_length=SHORT)
-    replay = EngineReplay(data.dataset, data.event_log.items, data.inner.train, encode)
+    replay = RankerReplay(data.dataset, data.event_log.items, data.inner.train, encode)
     instances = data.inner.instances[::3]
     base = TimeModelParams(w_freshness=0.7, freshness_half_life_days=5.0)
     result = tune_time_model(replay, instances, base)
     assert result.params.w_freshness == 0.7 and result.params.freshness_half_life_days == 5.0
     task = EvalTask("tuning", data.dataset, data.inner.train, instances)
-    check = fit_and_score(EngineRanker(encode, data.event_log.items, result.params), task)
+    check = fit_and_score(ReplayRanker(encode, data.event_log.items, result.params), task)
     assert float(check.metrics["NDCG@10"].mean()) == pytest.approx(result.value, abs=1e-9)
 
 
-def test_engine_ranker_never_ranks_what_the_server_would_not_return(data, drift):
+def test_replay_ranker_never_ranks_what_the_server_would_not_return(data, drift):
     vectors = lambda texts: np.random.default_rng(len(texts)).normal(size=(len(texts), 8)).astype(np.float32)  # noqa: E731
-    ranker = EngineRanker(vectors, data.event_log.items, TimeModelParams())
+    ranker = ReplayRanker(vectors, data.event_log.items, TimeModelParams())
     task = data.split.test_task()
     ranker.fit(task.train, task.dataset)
     batch = task.instances[:40]

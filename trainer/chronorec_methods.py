@@ -2,7 +2,7 @@
 
 Load with `chronorec-eval --plugin chronorec.trainer.chronorec_methods ...`. Every variant ranks
 every catalogue item through `TimeAwareRanker.score_candidates` in exhaustive mode — the code that
-serves Recommend — replayed over the event log by `trainer.tune.EngineRanker`: each test instance
+serves Recommend — replayed over the event log by `trainer.tune.ReplayRanker`: each test instance
 is scored as of its own time with exactly the events before it visible. The encoder runs as it is
 served: exported to ONNX and published into a model repository (a cache folder outside the repo),
 then loaded by `OnnxEncoder`.
@@ -59,7 +59,7 @@ from chronorec.trainer.protocols import (
     Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, exclusion_mask, expected_metrics, rank_counts,
     summarize,
 )
-from chronorec.trainer.tune import EngineRanker, EngineReplay, TuningGrid, fit_cooccurrence, tune_time_model
+from chronorec.trainer.tune import ReplayRanker, RankerReplay, TuningGrid, fit_cooccurrence, tune_time_model
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class SplitContext:
         self.tuning = split.tuning_task()
         self.bundles: dict[str, EncoderBundle] = {}
         self._cooccurrence: dict[str, Any] = {}
-        self._replays: dict[str, EngineReplay] = {}
+        self._replays: dict[str, RankerReplay] = {}
         self.tunings: dict[str, Any] = {}
 
     # -- encoders
@@ -388,9 +388,9 @@ class SplitContext:
             self._cooccurrence[which] = fit_cooccurrence(self.dataset, task.train, self.item_ids)
         return self._cooccurrence[which]
 
-    def tuning_replay(self, bundle: EncoderBundle) -> EngineReplay:
+    def tuning_replay(self, bundle: EncoderBundle) -> RankerReplay:
         if bundle.name not in self._replays:
-            self._replays[bundle.name] = EngineReplay(
+            self._replays[bundle.name] = RankerReplay(
                 self.dataset, self.items, self.tuning.train, bundle.encode, item_vectors=bundle.item_vectors,
                 cooccurrence=self.cooccurrence("tuning"))
         return self._replays[bundle.name]
@@ -411,7 +411,7 @@ class SplitContext:
 
 
 class ChronorecRanker:
-    """A protocols.Ranker that is `tune.EngineRanker` (the server's TimeAwareRanker, exhaustive) with
+    """A protocols.Ranker that is `tune.ReplayRanker` (the server's TimeAwareRanker, exhaustive) with
     one served encoder and one time model, plus what the report shows about it (`params`)."""
 
     def __init__(self, ctx: SplitContext, bundle: EncoderBundle, params: TimeModelParams, report: dict,
@@ -420,7 +420,7 @@ class ChronorecRanker:
         self.settings = ctx.settings
         self.bundle = bundle
         self.time_model = params
-        self.engine_ranker = EngineRanker(bundle.encode, ctx.items, params, item_vectors=bundle.item_vectors)
+        self.replay_ranker = ReplayRanker(bundle.encode, ctx.items, params, item_vectors=bundle.item_vectors)
         self.report = dict(report)
         self.sweeps = dict(sweeps or {})
         self.sweep_results: dict[str, dict] = {}
@@ -433,22 +433,22 @@ class ChronorecRanker:
         return out
 
     def fit(self, train: np.ndarray, dataset: Dataset) -> None:
-        self.engine_ranker.fit(train, dataset)
+        self.replay_ranker.fit(train, dataset)
         if self.sweeps:
             self._run_sweeps()
 
     @property
     def reads_history_text(self) -> bool:
-        """Whether the engine encodes the history text (α > 0 and a semantic weight)."""
+        """Whether the ranker encodes the history text (α > 0 and a semantic weight)."""
         return self.time_model.alpha > 0 and self.time_model.w_semantic > 0
 
     def score_batch(self, instances: Instances) -> np.ndarray:
         with blas_threads(self.settings.blas_threads):
             if self.reads_history_text:
-                return self.engine_ranker.score_batch(instances)
-            # EngineRanker.score_batch without its batch pre-encoding of history texts, which
-            # this time model never reads: the same engine calls, minus thousands of encodings.
-            replay = self.engine_ranker.replay
+                return self.replay_ranker.score_batch(instances)
+            # ReplayRanker.score_batch without its batch pre-encoding of history texts, which
+            # this time model never reads: the same ranker calls, minus thousands of encodings.
+            replay = self.replay_ranker.replay
             scores = np.full((len(instances), replay.dataset.n_items), -np.inf)
             for row, user_id, at in replay.walk(instances):
                 scored = replay.score(user_id, at, self.time_model)
@@ -475,7 +475,7 @@ class ChronorecRanker:
                         {"w_semantic": 0.0, "w_cooccurrence": 1.0, "w_freshness": 0.0, "w_trend": 0.0, parameter: value})))
         s.say(f"{self.ctx.split.protocol}: sweeps, {len(settings)} settings on {len(instances)} test instances")
         started = time.perf_counter()
-        replay = self.engine_ranker.replay
+        replay = self.replay_ranker.replay
         n_items = self.ctx.dataset.n_items
         excluded = exclusion_mask(instances)
         better = np.zeros((len(settings), len(instances)), dtype=np.int64)

@@ -338,7 +338,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
 
     from chronorec.trainer.data import newest_examples
     from chronorec.trainer.finetune import FinetuneConfig, train_encoder
-    from chronorec.trainer.tune import CachedEncoder, EngineReplay, torch_encoder, tune_time_model
+    from chronorec.trainer.tune import CachedEncoder, RankerReplay, torch_encoder, tune_time_model
 
     if settings.threads:
         # Beside a busy server, fewer threads than cores avoid OpenMP spin-waits on descheduled threads.
@@ -370,7 +370,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     encode = CachedEncoder(torch_encoder(module, tokenizer, max_length=serving.max_length))
     params, tuning = serving.params, None
     if settings.tune and len(data.inner.instances):
-        replay = EngineReplay(data.dataset, data.event_log.items, data.inner.train, encode)
+        replay = RankerReplay(data.dataset, data.event_log.items, data.inner.train, encode)
         tuning = tune_time_model(replay, data.inner.instances, params, max_instances=settings.max_tune_instances,
                                  seed=settings.seed)
         params = tuning.params
@@ -412,13 +412,13 @@ def _evaluate(data, repo: ModelRepository, serving: _Serving, encode, params: Ti
               settings: RunSettings, say: Callable[[str], None], initial_encode=None) -> dict[str, Any]:
     """Candidate and serving version on the same latest window: the temporal protocol, full ranking."""
     from chronorec.trainer.protocols import EvalTask, bootstrap_ci, fit_and_score
-    from chronorec.trainer.tune import EngineRanker
+    from chronorec.trainer.tune import ReplayRanker
 
     items = data.event_log.items
     test = data.split.test_task()
     if settings.max_eval_instances is not None and len(test.instances) > settings.max_eval_instances:
         test = EvalTask(test.name, test.dataset, test.train, test.instances[: settings.max_eval_instances])
-    candidate_run = fit_and_score(EngineRanker(encode, items, params), test)
+    candidate_run = fit_and_score(ReplayRanker(encode, items, params), test)
     candidate = _mean_metrics(candidate_run.metrics)
     serving_metrics: dict[str, float] = {}
     gate: dict[str, Any] = {"metric": GATE_METRIC, "threshold": settings.threshold, "instances": len(test.instances)}
@@ -444,7 +444,7 @@ def _evaluate(data, repo: ModelRepository, serving: _Serving, encode, params: Ti
             "initial_weights_encoder_only": (initial_encode, ENCODER_ONLY),
             "candidate_encoder_only": (encode, ENCODER_ONLY),
         }
-        ablation = {name: _mean_metrics(fit_and_score(EngineRanker(enc, items, p), test).metrics)
+        ablation = {name: _mean_metrics(fit_and_score(ReplayRanker(enc, items, p), test).metrics)
                     for name, (enc, p) in rows.items()}
         for name, values in ablation.items():
             say(f"ablation {name}: {GATE_METRIC} {values[GATE_METRIC]:.4f}")
@@ -507,7 +507,7 @@ def _evaluate_serving(repo: ModelRepository, serving: _Serving, items, task, thr
     """The serving version as served: its ONNX graph and its manifest's time model; None if it cannot load."""
     from chronorec.server.core.encoder import OnnxEncoder
     from chronorec.trainer.protocols import fit_and_score
-    from chronorec.trainer.tune import EngineRanker
+    from chronorec.trainer.tune import ReplayRanker
 
     try:
         encoder = OnnxEncoder(repo.version_dir(serving.version), intra_op_threads=threads)
@@ -515,7 +515,7 @@ def _evaluate_serving(repo: ModelRepository, serving: _Serving, items, task, thr
         log.exception("serving version %s cannot be loaded for evaluation", serving.version)
         return None
     try:
-        return fit_and_score(EngineRanker(encoder.encode, items, serving.params), task)
+        return fit_and_score(ReplayRanker(encoder.encode, items, serving.params), task)
     finally:
         encoder.close()
 

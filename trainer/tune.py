@@ -55,13 +55,13 @@ class CachedEncoder:
         return np.stack([self._vectors[t] for t in texts]) if texts else self._encode([])
 
 
-class EngineReplay:
+class RankerReplay:
     """The server's TimeAwareRanker (exhaustive mode) over a dataset replayed in its global order.
 
     Each instance is scored with exactly the events before it visible — its own history and
     every other user's events, as the live server would have ingested them — and with
     co-occurrence fitted on the training events. Short-term vectors are encoded in batches
-    ahead of the replay; the engine reads them back by the exact text it writes itself.
+    ahead of the replay; the ranker reads them back by the exact text it writes itself.
     """
 
     def __init__(self, dataset: Dataset, items: Mapping[str, Item], train: np.ndarray, encode: Encode,
@@ -83,7 +83,7 @@ class EngineReplay:
     def reset(self) -> None:
         self.state = InteractionState()
         self.replayed = 0
-        self.engine = TimeAwareRanker(self.items, self.index, self.state, self.cooccurrence, self._encode_known,
+        self.ranker = TimeAwareRanker(self.items, self.index, self.state, self.cooccurrence, self._encode_known,
                                     self.item_text_of)
 
     def _encode_known(self, texts: list[str]) -> np.ndarray:
@@ -107,7 +107,7 @@ class EngineReplay:
         for position in instances.pos:
             history = self.history(int(position))
             if history:
-                texts.append(self.engine.short_term_text(history, float(self.dataset.ts[position]), params))
+                texts.append(self.ranker.short_term_text(history, float(self.dataset.ts[position]), params))
         missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
         if missing:
             self._vectors.update(zip(missing, self.encode(missing)))
@@ -139,7 +139,7 @@ class EngineReplay:
 
     def score(self, user_id: str, at: float, params: TimeModelParams) -> ScoredCandidates:
         query = RecommendQuery(user_id=user_id, k=10, at=at, params=params, exhaustive=True)
-        return self.engine.score_candidates(query)
+        return self.ranker.score_candidates(query)
 
     def columns_of(self, item_ids: np.ndarray) -> np.ndarray:
         column = self._column
@@ -154,7 +154,7 @@ def fit_cooccurrence(dataset: Dataset, train: np.ndarray, item_ids: Sequence[str
     return CooccurrenceModel.fit(by_user, list(item_ids))
 
 
-class EngineRanker:
+class ReplayRanker:
     """A `protocols.Ranker` that is the server's ranking with one encoder and one time model.
 
     Items the server would never return at that time (not yet published, expired, already
@@ -167,10 +167,10 @@ class EngineRanker:
         self.items = items
         self.params = params
         self.item_vectors = item_vectors
-        self.replay: EngineReplay | None = None
+        self.replay: RankerReplay | None = None
 
     def fit(self, train: np.ndarray, dataset: Dataset) -> None:
-        self.replay = EngineReplay(dataset, self.items, train, self.encode, item_vectors=self.item_vectors)
+        self.replay = RankerReplay(dataset, self.items, train, self.encode, item_vectors=self.item_vectors)
 
     def score_batch(self, instances: Instances) -> np.ndarray:
         replay = self.replay
@@ -266,7 +266,7 @@ def _collect(blocks: list[np.ndarray], target: int) -> _Components:
 
 
 def tune_time_model(
-    replay: EngineReplay,
+    replay: RankerReplay,
     instances: Instances,
     base: TimeModelParams,
     grid: TuningGrid | None = None,
@@ -278,11 +278,11 @@ def tune_time_model(
 ) -> TuningResult:
     """Choose α, the half-lives, the trend window and the score weights that maximise `metric` on `instances`.
 
-    The replay runs once: per instance, the engine scores every catalog item for a handful of
+    The replay runs once: per instance, the ranker scores every catalog item for a handful of
     parameter settings that together cover every value of the grid (the components of one
     parameter do not depend on the others), and the components are kept. Weights are then
     searched exhaustively with numpy for each value of one parameter at a time (coordinate
-    ascent over `rounds` rounds), never calling the engine again.
+    ascent over `rounds` rounds), never calling the ranker again.
     """
     grid = grid or TuningGrid()
     started = time.perf_counter()
@@ -352,7 +352,7 @@ def tune_time_model(
         all_rows = weight_rows.astype(np.float32)
         half_life = personal_values[choice[4]]
         for parts in present:
-            # The engine scales the personal weights by the time since the user's newest event.
+            # The ranker scales the personal weights by the time since the user's newest event.
             rows = scaled_weights(all_rows, personal_scale(parts.gap_seconds, half_life))
             flat = np.array([parts.flat[k][v] for k, v in enumerate(choice[:4])])
             # Weight only on rows constant over the candidates: every score equal, every candidate tied.
@@ -419,8 +419,8 @@ def tune_time_model(
 
 __all__ = [
     "CachedEncoder",
-    "EngineRanker",
-    "EngineReplay",
+    "ReplayRanker",
+    "RankerReplay",
     "TuningGrid",
     "TuningResult",
     "fit_cooccurrence",

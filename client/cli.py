@@ -254,7 +254,8 @@ def cmd_versions(client: ChronorecClient, args: argparse.Namespace, out: TextIO)
             v.version,
             v.created_at,
             v.parent_version,
-            "  ".join(f"{name}={value:.4f}" for name, value in sorted(v.metrics.items())),
+            f"unusable: {v.unusable_reason}" if v.unusable_reason
+            else "  ".join(f"{name}={value:.4f}" for name, value in sorted(v.metrics.items())),
         ]
         for v in versions
     ]

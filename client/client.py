@@ -216,7 +216,7 @@ class ModelStatus:
 
 @dataclass(frozen=True)
 class ModelVersionInfo:
-    """One complete model version in the repository."""
+    """One model version in the repository."""
 
     version: str
     parent_version: str
@@ -224,6 +224,7 @@ class ModelVersionInfo:
     metrics: dict[str, float]
     serving: bool
     active: bool
+    unusable_reason: str = ""  # why it cannot serve (an invalid manifest, say); empty when it can
 
 
 @dataclass(frozen=True)
@@ -727,7 +728,7 @@ class ChronorecClient:
         )
 
     def list_versions(self, *, timeout: float | None = None) -> list[ModelVersionInfo]:
-        """Complete versions in the repository, oldest first."""
+        """Every version in the repository, oldest first; those that cannot serve say why."""
         response = self._call(self._models.ListVersions, models_pb2.ListVersionsRequest(), timeout)
         return [
             ModelVersionInfo(
@@ -737,6 +738,7 @@ class ChronorecClient:
                 metrics=dict(v.metrics),
                 serving=v.serving,
                 active=v.active,
+                unusable_reason=v.unusable_reason,
             )
             for v in response.versions
         ]

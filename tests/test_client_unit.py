@@ -192,6 +192,7 @@ class FakeModels(models_pb2_grpc.ModelServiceServicer):
             versions=[
                 models_pb2.ModelVersion(version="v1", created_at="2026-01-01T00:00:00Z", metrics={"ndcg@10": 0.1}),
                 models_pb2.ModelVersion(version="v2", parent_version="v1", serving=True, active=True),
+                models_pb2.ModelVersion(version="v3", unusable_reason="invalid manifest: metrics must be an object"),
             ]
         )
 
@@ -594,7 +595,8 @@ def test_status_and_versions(client):
     assert status.manifest["dimension"] == 384 and status.providers == ["CPUExecutionProvider"]
     assert status.loaded_at == datetime.fromtimestamp(1_700_000_000, UTC) and status.metrics == {"ndcg@10": pytest.approx(0.12)}
     versions = client.list_versions()
-    assert [v.version for v in versions] == ["v1", "v2"] and versions[1].serving and versions[1].parent_version == "v1"
+    assert [v.version for v in versions] == ["v1", "v2", "v3"] and versions[1].serving and versions[1].parent_version == "v1"
+    assert versions[1].unusable_reason == "" and "metrics" in versions[2].unusable_reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,6 +709,7 @@ def test_cli_status_and_versions(server):
     assert code == 0 and "v2" in out and "CPUExecutionProvider" in out and "1682" in out and "ndcg@10" in out
     code, out, _ = run_cli("--target", server.address, "versions")
     assert code == 0 and "serving,active" in out and "ndcg@10=0.1000" in out
+    assert "unusable: invalid manifest: metrics must be an object" in out
 
 
 def test_cli_unreachable_server_exits_1():

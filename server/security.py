@@ -40,6 +40,10 @@ REQUIRED_ROLE: dict[str, Role] = {
     f"/{_V1}.RecommenderService/Recommend": Role.READ,
     f"/{_V1}.RecommenderService/Feedback": Role.WRITE,
     f"/{_V1}.RecommenderService/FeedbackStream": Role.WRITE,
+    f"/{_V1}.RecommenderService/SimilarItems": Role.READ,
+    f"/{_V1}.RecommenderService/RecommendBatch": Role.READ,
+    # Erasure destroys data for good: an operator's call, not an ingest token's.
+    f"/{_V1}.RecommenderService/DeleteUser": Role.ADMIN,
     f"/{_V1}.CatalogService/GetItem": Role.READ,
     f"/{_V1}.CatalogService/UpsertItems": Role.WRITE,
     f"/{_V1}.CatalogService/DeleteItems": Role.WRITE,
@@ -47,6 +51,8 @@ REQUIRED_ROLE: dict[str, Role] = {
     f"/{_V1}.ModelService/ListVersions": Role.READ,
     f"/{_V1}.ModelService/ActivateVersion": Role.ADMIN,
     f"/{_V1}.ModelService/Rollback": Role.ADMIN,
+    f"/{_V1}.ModelService/PromoteCanary": Role.ADMIN,
+    f"/{_V1}.ModelService/AbortCanary": Role.ADMIN,
     # The schema is public (it ships in the client package), but listing what a server runs is
     # still a caller's business: grpcurl passes a token with -H 'authorization: Bearer ...'.
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Role.READ,

@@ -55,6 +55,16 @@ class ModelServiceStub:
                 request_serializer=chronorec_dot_v1_dot_models__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=chronorec_dot_v1_dot_models__pb2.RollbackResponse.FromString,
                 _registered_method=True)
+        self.PromoteCanary = channel.unary_unary(
+                '/chronorec.v1.ModelService/PromoteCanary',
+                request_serializer=chronorec_dot_v1_dot_models__pb2.PromoteCanaryRequest.SerializeToString,
+                response_deserializer=chronorec_dot_v1_dot_models__pb2.PromoteCanaryResponse.FromString,
+                _registered_method=True)
+        self.AbortCanary = channel.unary_unary(
+                '/chronorec.v1.ModelService/AbortCanary',
+                request_serializer=chronorec_dot_v1_dot_models__pb2.AbortCanaryRequest.SerializeToString,
+                response_deserializer=chronorec_dot_v1_dot_models__pb2.AbortCanaryResponse.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -76,7 +86,8 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ActivateVersion(self, request, context):
-        """Makes a version the serving one (the server hot-swaps to it).
+        """Makes a version the serving one (the server hot-swaps to it), or, with a canary percentage,
+        serves it to that share of users beside the current one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +95,20 @@ class ModelServiceServicer:
 
     def Rollback(self, request, context):
         """Re-activates the version that served before the current one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteCanary(self, request, context):
+        """Makes the canary the current version for everyone (no reload: it is already serving).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortCanary(self, request, context):
+        """Ends the canary: every user is served by the current version again, with no failed call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +136,16 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=chronorec_dot_v1_dot_models__pb2.RollbackRequest.FromString,
                     response_serializer=chronorec_dot_v1_dot_models__pb2.RollbackResponse.SerializeToString,
+            ),
+            'PromoteCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteCanary,
+                    request_deserializer=chronorec_dot_v1_dot_models__pb2.PromoteCanaryRequest.FromString,
+                    response_serializer=chronorec_dot_v1_dot_models__pb2.PromoteCanaryResponse.SerializeToString,
+            ),
+            'AbortCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortCanary,
+                    request_deserializer=chronorec_dot_v1_dot_models__pb2.AbortCanaryRequest.FromString,
+                    response_serializer=chronorec_dot_v1_dot_models__pb2.AbortCanaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +257,60 @@ class ModelService:
             '/chronorec.v1.ModelService/Rollback',
             chronorec_dot_v1_dot_models__pb2.RollbackRequest.SerializeToString,
             chronorec_dot_v1_dot_models__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronorec.v1.ModelService/PromoteCanary',
+            chronorec_dot_v1_dot_models__pb2.PromoteCanaryRequest.SerializeToString,
+            chronorec_dot_v1_dot_models__pb2.PromoteCanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronorec.v1.ModelService/AbortCanary',
+            chronorec_dot_v1_dot_models__pb2.AbortCanaryRequest.SerializeToString,
+            chronorec_dot_v1_dot_models__pb2.AbortCanaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,16 +95,18 @@ class ScoredItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., category: _Optional[str] = ..., score: _Optional[float] = ..., reasons: _Optional[_Union[Reasons, _Mapping]] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "model_version", "at", "history_length")
+    __slots__ = ("items", "model_version", "at", "history_length", "recommendation_id")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDATION_ID_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     model_version: str
     at: _timestamp_pb2.Timestamp
     history_length: int
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., history_length: _Optional[int] = ...) -> None: ...
+    recommendation_id: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., history_length: _Optional[int] = ..., recommendation_id: _Optional[str] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("events",)
@@ -119,3 +121,87 @@ class FeedbackResponse(_message.Message):
     stored: int
     duplicates: int
     def __init__(self, stored: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+
+class SimilarItemsRequest(_message.Message):
+    __slots__ = ("item_id", "text", "k", "at", "exclude_item_ids", "categories", "semantic_weight")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    text: str
+    k: int
+    at: _timestamp_pb2.Timestamp
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    semantic_weight: float
+    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., k: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., categories: _Optional[_Iterable[str]] = ..., semantic_weight: _Optional[float] = ...) -> None: ...
+
+class SimilarItem(_message.Message):
+    __slots__ = ("item_id", "title", "category", "score", "semantic", "cooccurrence")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_FIELD_NUMBER: _ClassVar[int]
+    COOCCURRENCE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    title: str
+    category: str
+    score: float
+    semantic: float
+    cooccurrence: float
+    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., category: _Optional[str] = ..., score: _Optional[float] = ..., semantic: _Optional[float] = ..., cooccurrence: _Optional[float] = ...) -> None: ...
+
+class SimilarItemsResponse(_message.Message):
+    __slots__ = ("items", "model_version", "at", "semantic_weight")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[SimilarItem]
+    model_version: str
+    at: _timestamp_pb2.Timestamp
+    semantic_weight: float
+    def __init__(self, items: _Optional[_Iterable[_Union[SimilarItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., semantic_weight: _Optional[float] = ...) -> None: ...
+
+class RecommendBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RecommendRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RecommendRequest, _Mapping]]] = ...) -> None: ...
+
+class RecommendBatchEntry(_message.Message):
+    __slots__ = ("code", "message", "response")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    response: RecommendResponse
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[RecommendResponse, _Mapping]] = ...) -> None: ...
+
+class RecommendBatchResponse(_message.Message):
+    __slots__ = ("results", "encoded_texts")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RecommendBatchEntry]
+    encoded_texts: int
+    def __init__(self, results: _Optional[_Iterable[_Union[RecommendBatchEntry, _Mapping]]] = ..., encoded_texts: _Optional[int] = ...) -> None: ...
+
+class DeleteUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class DeleteUserResponse(_message.Message):
+    __slots__ = ("events_deleted", "impressions_deleted")
+    EVENTS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    IMPRESSIONS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    events_deleted: int
+    impressions_deleted: int
+    def __init__(self, events_deleted: _Optional[int] = ..., impressions_deleted: _Optional[int] = ...) -> None: ...

@@ -50,6 +50,21 @@ class RecommenderServiceStub:
                 request_serializer=chronorec_dot_v1_dot_recommender__pb2.FeedbackRequest.SerializeToString,
                 response_deserializer=chronorec_dot_v1_dot_recommender__pb2.FeedbackResponse.FromString,
                 _registered_method=True)
+        self.SimilarItems = channel.unary_unary(
+                '/chronorec.v1.RecommenderService/SimilarItems',
+                request_serializer=chronorec_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+                response_deserializer=chronorec_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
+                _registered_method=True)
+        self.RecommendBatch = channel.unary_unary(
+                '/chronorec.v1.RecommenderService/RecommendBatch',
+                request_serializer=chronorec_dot_v1_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
+                response_deserializer=chronorec_dot_v1_dot_recommender__pb2.RecommendBatchResponse.FromString,
+                _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/chronorec.v1.RecommenderService/DeleteUser',
+                request_serializer=chronorec_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
+                response_deserializer=chronorec_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServiceServicer:
@@ -77,6 +92,28 @@ class RecommenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SimilarItems(self, request, context):
+        """The items most like one item (or a text) as of a time: "more like this".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecommendBatch(self, request, context):
+        """Recommend for many users in one call; a bad entry fails alone, with its own status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteUser(self, request, context):
+        """Erases a user: their events and impressions, from the store and from every in-memory
+        structure (admin role). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +131,21 @@ def add_RecommenderServiceServicer_to_server(servicer, server):
                     servicer.FeedbackStream,
                     request_deserializer=chronorec_dot_v1_dot_recommender__pb2.FeedbackRequest.FromString,
                     response_serializer=chronorec_dot_v1_dot_recommender__pb2.FeedbackResponse.SerializeToString,
+            ),
+            'SimilarItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.SimilarItems,
+                    request_deserializer=chronorec_dot_v1_dot_recommender__pb2.SimilarItemsRequest.FromString,
+                    response_serializer=chronorec_dot_v1_dot_recommender__pb2.SimilarItemsResponse.SerializeToString,
+            ),
+            'RecommendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecommendBatch,
+                    request_deserializer=chronorec_dot_v1_dot_recommender__pb2.RecommendBatchRequest.FromString,
+                    response_serializer=chronorec_dot_v1_dot_recommender__pb2.RecommendBatchResponse.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=chronorec_dot_v1_dot_recommender__pb2.DeleteUserRequest.FromString,
+                    response_serializer=chronorec_dot_v1_dot_recommender__pb2.DeleteUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +230,87 @@ class RecommenderService:
             '/chronorec.v1.RecommenderService/FeedbackStream',
             chronorec_dot_v1_dot_recommender__pb2.FeedbackRequest.SerializeToString,
             chronorec_dot_v1_dot_recommender__pb2.FeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SimilarItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronorec.v1.RecommenderService/SimilarItems',
+            chronorec_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+            chronorec_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronorec.v1.RecommenderService/RecommendBatch',
+            chronorec_dot_v1_dot_recommender__pb2.RecommendBatchRequest.SerializeToString,
+            chronorec_dot_v1_dot_recommender__pb2.RecommendBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronorec.v1.RecommenderService/DeleteUser',
+            chronorec_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
+            chronorec_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

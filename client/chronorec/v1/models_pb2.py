@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hronorec/v1/models.proto\x12\x0c\x63hronorec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc3\x01\n\rOnlineMetrics\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\x01\x12\x13\n\x0bimpressions\x18\x03 \x01(\x03\x12\x0e\n\x06\x63licks\x18\x04 \x01(\x03\x12\x0b\n\x03\x63tr\x18\x05 \x01(\x01\x12\x13\n\x0b\x63onversions\x18\x06 \x01(\x03\x12\x17\n\x0f\x63onversion_rate\x18\x07 \x01(\x01\x12\x0b\n\x03mrr\x18\x08 \x01(\x01\x12\x1c\n\x14\x63licks_with_position\x18\t \x01(\x03\"=\n\x0c\x43\x61naryPolicy\x12\x17\n\x0fmin_impressions\x18\x01 \x01(\x03\x12\x14\n\x0cmax_ctr_drop\x18\x02 \x01(\x01\"\x86\x02\n\x0c\x43\x61naryStatus\x12\x19\n\x11\x63\x61ndidate_version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x01\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06policy\x18\x04 \x01(\x0b\x32\x1a.chronorec.v1.CanaryPolicy\x12.\n\tcandidate\x18\x05 \x01(\x0b\x32\x1b.chronorec.v1.OnlineMetrics\x12,\n\x07\x63urrent\x18\x06 \x01(\x0b\x32\x1b.chronorec.v1.OnlineMetrics\x12\x10\n\x08\x64\x65\x63ision\x18\x07 \x01(\t\"D\n\rLoadedVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\x12\n\x10GetStatusRequest\"\xd1\x04\n\x11GetStatusResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x18\n\x10swap_in_progress\x18\x04 \x01(\x08\x12\x13\n\x0bswap_target\x18\x05 \x01(\t\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x12\n\nindex_size\x18\x07 \x01(\x05\x12-\n\tloaded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x07metrics\x18\t \x03(\x0b\x32,.chronorec.v1.GetStatusResponse.MetricsEntry\x12\x12\n\nswap_count\x18\n \x01(\x05\x12*\n\x06\x63\x61nary\x18\x0b \x01(\x0b\x32\x1a.chronorec.v1.CanaryStatus\x12\x33\n\x0eonline_metrics\x18\x0c \x03(\x0b\x32\x1b.chronorec.v1.OnlineMetrics\x12\x34\n\x0floaded_versions\x18\r \x03(\x0b\x32\x1b.chronorec.v1.LoadedVersion\x12\x1d\n\x15resident_memory_bytes\x18\x0e \x01(\x03\x12\x1d\n\x15unattributed_feedback\x18\x0f \x01(\x03\x12\x1b\n\x13last_canary_outcome\x18\x10 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13ListVersionsRequest\"\xac\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0eparent_version\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.chronorec.v1.ModelVersion.MetricsEntry\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x12\x17\n\x0funusable_reason\x18\x07 \x01(\t\x12+\n\x06online\x18\x08 \x01(\x0b\x32\x1b.chronorec.v1.OnlineMetrics\x12\x0e\n\x06\x63\x61nary\x18\t \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x14ListVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.chronorec.v1.ModelVersion\"\x9a\x01\n\x16\x41\x63tivateVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x1b\n\x0e\x63\x61nary_percent\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x31\n\rcanary_policy\x18\x04 \x01(\x0b\x32\x1a.chronorec.v1.CanaryPolicyB\x11\n\x0f_canary_percent\"b\n\x17\x41\x63tivateVersionResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x03 \x01(\x01\"\x1f\n\x0fRollbackRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"C\n\x10RollbackResponse\x12\x16\n\x0e\x61\x63tive_version\x18\x01 \x01(\t\x12\x17\n\x0fserving_version\x18\x02 \x01(\t\"\x16\n\x14PromoteCanaryRequest\"0\n\x15PromoteCanaryResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\"\x14\n\x12\x41\x62ortCanaryRequest\"G\n\x13\x41\x62ortCanaryResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x62orted_version\x18\x02 \x01(\t2\x8c\x04\n\x0cModelService\x12L\n\tGetStatus\x12\x1e.chronorec.v1.GetStatusRequest\x1a\x1f.chronorec.v1.GetStatusResponse\x12U\n\x0cListVersions\x12!.chronorec.v1.ListVersionsRequest\x1a\".chronorec.v1.ListVersionsResponse\x12^\n\x0f\x41\x63tivateVersion\x12$.chronorec.v1.ActivateVersionRequest\x1a%.chronorec.v1.ActivateVersionResponse\x12I\n\x08Rollback\x12\x1d.chronorec.v1.RollbackRequest\x1a\x1e.chronorec.v1.RollbackResponse\x12X\n\rPromoteCanary\x12\".chronorec.v1.PromoteCanaryRequest\x1a#.chronorec.v1.PromoteCanaryResponse\x12R\n\x0b\x41\x62ortCanary\x12 .chronorec.v1.AbortCanaryRequest\x1a!.chronorec.v1.AbortCanaryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63hronorec/v1/models.proto\x12\x0c\x63hronorec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc3\x01\n\rOnlineMetrics\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\x01\x12\x13\n\x0bimpressions\x18\x03 \x01(\x03\x12\x0e\n\x06\x63licks\x18\x04 \x01(\x03\x12\x0b\n\x03\x63tr\x18\x05 \x01(\x01\x12\x13\n\x0b\x63onversions\x18\x06 \x01(\x03\x12\x17\n\x0f\x63onversion_rate\x18\x07 \x01(\x01\x12\x0b\n\x03mrr\x18\x08 \x01(\x01\x12\x1c\n\x14\x63licks_with_position\x18\t \x01(\x03\"=\n\x0c\x43\x61naryPolicy\x12\x17\n\x0fmin_impressions\x18\x01 \x01(\x03\x12\x14\n\x0cmax_ctr_drop\x18\x02 \x01(\x01\"\x86\x02\n\x0c\x43\x61naryStatus\x12\x19\n\x11\x63\x61ndidate_version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x01\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06policy\x18\x04 \x01(\x0b\x32\x1a.chronorec.v1.CanaryPolicy\x12.\n\tcandidate\x18\x05 \x01(\x0b\x32\x1b.chronorec.v1.OnlineMetrics\x12,\n\x07\x63urrent\x18\x06 \x01(\x0b\x32\x1b.chronorec.v1.OnlineMetrics\x12\x10\n\x08\x64\x65\x63ision\x18\x07 \x01(\t\"D\n\rLoadedVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\"\x12\n\x10GetStatusRequest\"\x95\x05\n\x11GetStatusResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x18\n\x10swap_in_progress\x18\x04 \x01(\x08\x12\x13\n\x0bswap_target\x18\x05 \x01(\t\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x12\n\nindex_size\x18\x07 \x01(\x05\x12-\n\tloaded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12=\n\x07metrics\x18\t \x03(\x0b\x32,.chronorec.v1.GetStatusResponse.MetricsEntry\x12\x12\n\nswap_count\x18\n \x01(\x05\x12*\n\x06\x63\x61nary\x18\x0b \x01(\x0b\x32\x1a.chronorec.v1.CanaryStatus\x12\x33\n\x0eonline_metrics\x18\x0c \x03(\x0b\x32\x1b.chronorec.v1.OnlineMetrics\x12\x34\n\x0floaded_versions\x18\r \x03(\x0b\x32\x1b.chronorec.v1.LoadedVersion\x12\x1d\n\x15resident_memory_bytes\x18\x0e \x01(\x03\x12\x1d\n\x15unattributed_feedback\x18\x0f \x01(\x03\x12\x1b\n\x13last_canary_outcome\x18\x10 \x01(\t\x12-\n\x08replicas\x18\x11 \x03(\x0b\x32\x1b.chronorec.v1.ReplicaStatus\x12\x13\n\x0b\x61pplied_seq\x18\x12 \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x80\x01\n\rReplicaStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fserving_version\x18\x02 \x01(\t\x12\x13\n\x0b\x61pplied_seq\x18\x03 \x01(\x03\x12\x1d\n\x15heartbeat_age_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cthis_replica\x18\x05 \x01(\x08\"\x15\n\x13ListVersionsRequest\"\xac\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0eparent_version\x18\x02 \x01(\t\x12\x12\n\ncreated_at\x18\x03 \x01(\t\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.chronorec.v1.ModelVersion.MetricsEntry\x12\x0f\n\x07serving\x18\x05 \x01(\x08\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x12\x17\n\x0funusable_reason\x18\x07 \x01(\t\x12+\n\x06online\x18\x08 \x01(\x0b\x32\x1b.chronorec.v1.OnlineMetrics\x12\x0e\n\x06\x63\x61nary\x18\t \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"D\n\x14ListVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.chronorec.v1.ModelVersion\"\x9a\x01\n\x16\x41\x63tivateVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04wait\x18\x02 \x01(\x08\x12\x1b\n\x0e\x63\x61nary_percent\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x31\n\rcanary_policy\x18\x04 \x01(\x0b\x32\x1a.chronorec.v1.CanaryPolicyB\x11\n\x0f_canary_percent\"b\n\x17\x41\x63tivateVersionResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x03 \x01(\x01\"\x1f\n\x0fRollbackRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"C\n\x10RollbackResponse\x12\x16\n\x0e\x61\x63tive_version\x18\x01 \x01(\t\x12\x17\n\x0fserving_version\x18\x02 \x01(\t\"\x16\n\x14PromoteCanaryRequest\"0\n\x15PromoteCanaryResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\"\x14\n\x12\x41\x62ortCanaryRequest\"G\n\x13\x41\x62ortCanaryResponse\x12\x17\n\x0fserving_version\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x62orted_version\x18\x02 \x01(\t2\x8c\x04\n\x0cModelService\x12L\n\tGetStatus\x12\x1e.chronorec.v1.GetStatusRequest\x1a\x1f.chronorec.v1.GetStatusResponse\x12U\n\x0cListVersions\x12!.chronorec.v1.ListVersionsRequest\x1a\".chronorec.v1.ListVersionsResponse\x12^\n\x0f\x41\x63tivateVersion\x12$.chronorec.v1.ActivateVersionRequest\x1a%.chronorec.v1.ActivateVersionResponse\x12I\n\x08Rollback\x12\x1d.chronorec.v1.RollbackRequest\x1a\x1e.chronorec.v1.RollbackResponse\x12X\n\rPromoteCanary\x12\".chronorec.v1.PromoteCanaryRequest\x1a#.chronorec.v1.PromoteCanaryResponse\x12R\n\x0b\x41\x62ortCanary\x12 .chronorec.v1.AbortCanaryRequest\x1a!.chronorec.v1.AbortCanaryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,33 +47,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=672
   _globals['_GETSTATUSREQUEST']._serialized_end=690
   _globals['_GETSTATUSRESPONSE']._serialized_start=693
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1286
-  _globals['_GETSTATUSRESPONSE_METRICSENTRY']._serialized_start=1240
-  _globals['_GETSTATUSRESPONSE_METRICSENTRY']._serialized_end=1286
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=1288
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=1309
-  _globals['_MODELVERSION']._serialized_start=1312
-  _globals['_MODELVERSION']._serialized_end=1612
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=1240
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1286
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1614
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1682
-  _globals['_ACTIVATEVERSIONREQUEST']._serialized_start=1685
-  _globals['_ACTIVATEVERSIONREQUEST']._serialized_end=1839
-  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_start=1841
-  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_end=1939
-  _globals['_ROLLBACKREQUEST']._serialized_start=1941
-  _globals['_ROLLBACKREQUEST']._serialized_end=1972
-  _globals['_ROLLBACKRESPONSE']._serialized_start=1974
-  _globals['_ROLLBACKRESPONSE']._serialized_end=2041
-  _globals['_PROMOTECANARYREQUEST']._serialized_start=2043
-  _globals['_PROMOTECANARYREQUEST']._serialized_end=2065
-  _globals['_PROMOTECANARYRESPONSE']._serialized_start=2067
-  _globals['_PROMOTECANARYRESPONSE']._serialized_end=2115
-  _globals['_ABORTCANARYREQUEST']._serialized_start=2117
-  _globals['_ABORTCANARYREQUEST']._serialized_end=2137
-  _globals['_ABORTCANARYRESPONSE']._serialized_start=2139
-  _globals['_ABORTCANARYRESPONSE']._serialized_end=2210
-  _globals['_MODELSERVICE']._serialized_start=2213
-  _globals['_MODELSERVICE']._serialized_end=2737
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1354
+  _globals['_GETSTATUSRESPONSE_METRICSENTRY']._serialized_start=1308
+  _globals['_GETSTATUSRESPONSE_METRICSENTRY']._serialized_end=1354
+  _globals['_REPLICASTATUS']._serialized_start=1357
+  _globals['_REPLICASTATUS']._serialized_end=1485
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1487
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1508
+  _globals['_MODELVERSION']._serialized_start=1511
+  _globals['_MODELVERSION']._serialized_end=1811
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=1308
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1354
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1813
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1881
+  _globals['_ACTIVATEVERSIONREQUEST']._serialized_start=1884
+  _globals['_ACTIVATEVERSIONREQUEST']._serialized_end=2038
+  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_start=2040
+  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_end=2138
+  _globals['_ROLLBACKREQUEST']._serialized_start=2140
+  _globals['_ROLLBACKREQUEST']._serialized_end=2171
+  _globals['_ROLLBACKRESPONSE']._serialized_start=2173
+  _globals['_ROLLBACKRESPONSE']._serialized_end=2240
+  _globals['_PROMOTECANARYREQUEST']._serialized_start=2242
+  _globals['_PROMOTECANARYREQUEST']._serialized_end=2264
+  _globals['_PROMOTECANARYRESPONSE']._serialized_start=2266
+  _globals['_PROMOTECANARYRESPONSE']._serialized_end=2314
+  _globals['_ABORTCANARYREQUEST']._serialized_start=2316
+  _globals['_ABORTCANARYREQUEST']._serialized_end=2336
+  _globals['_ABORTCANARYRESPONSE']._serialized_start=2338
+  _globals['_ABORTCANARYRESPONSE']._serialized_end=2409
+  _globals['_MODELSERVICE']._serialized_start=2412
+  _globals['_MODELSERVICE']._serialized_end=2936
 # @@protoc_insertion_point(module_scope)

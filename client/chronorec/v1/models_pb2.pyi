@@ -72,7 +72,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("serving_version", "manifest_json", "providers", "swap_in_progress", "swap_target", "last_error", "index_size", "loaded_at", "metrics", "swap_count", "canary", "online_metrics", "loaded_versions", "resident_memory_bytes", "unattributed_feedback", "last_canary_outcome")
+    __slots__ = ("serving_version", "manifest_json", "providers", "swap_in_progress", "swap_target", "last_error", "index_size", "loaded_at", "metrics", "swap_count", "canary", "online_metrics", "loaded_versions", "resident_memory_bytes", "unattributed_feedback", "last_canary_outcome", "replicas", "applied_seq")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class GetStatusResponse(_message.Message):
     RESIDENT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     UNATTRIBUTED_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     LAST_CANARY_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
     serving_version: str
     manifest_json: str
     providers: _containers.RepeatedScalarFieldContainer[str]
@@ -112,7 +114,23 @@ class GetStatusResponse(_message.Message):
     resident_memory_bytes: int
     unattributed_feedback: int
     last_canary_outcome: str
-    def __init__(self, serving_version: _Optional[str] = ..., manifest_json: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., swap_in_progress: _Optional[bool] = ..., swap_target: _Optional[str] = ..., last_error: _Optional[str] = ..., index_size: _Optional[int] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., swap_count: _Optional[int] = ..., canary: _Optional[_Union[CanaryStatus, _Mapping]] = ..., online_metrics: _Optional[_Iterable[_Union[OnlineMetrics, _Mapping]]] = ..., loaded_versions: _Optional[_Iterable[_Union[LoadedVersion, _Mapping]]] = ..., resident_memory_bytes: _Optional[int] = ..., unattributed_feedback: _Optional[int] = ..., last_canary_outcome: _Optional[str] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    applied_seq: int
+    def __init__(self, serving_version: _Optional[str] = ..., manifest_json: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., swap_in_progress: _Optional[bool] = ..., swap_target: _Optional[str] = ..., last_error: _Optional[str] = ..., index_size: _Optional[int] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., swap_count: _Optional[int] = ..., canary: _Optional[_Union[CanaryStatus, _Mapping]] = ..., online_metrics: _Optional[_Iterable[_Union[OnlineMetrics, _Mapping]]] = ..., loaded_versions: _Optional[_Iterable[_Union[LoadedVersion, _Mapping]]] = ..., resident_memory_bytes: _Optional[int] = ..., unattributed_feedback: _Optional[int] = ..., last_canary_outcome: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., applied_seq: _Optional[int] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("name", "serving_version", "applied_seq", "heartbeat_age_seconds", "this_replica")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    THIS_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    serving_version: str
+    applied_seq: int
+    heartbeat_age_seconds: float
+    this_replica: bool
+    def __init__(self, name: _Optional[str] = ..., serving_version: _Optional[str] = ..., applied_seq: _Optional[int] = ..., heartbeat_age_seconds: _Optional[float] = ..., this_replica: _Optional[bool] = ...) -> None: ...
 
 class ListVersionsRequest(_message.Message):
     __slots__ = ()

@@ -6,6 +6,7 @@ import asyncio
 import enum
 import inspect
 import logging
+import sys
 from collections import Counter
 from typing import AsyncIterator, Callable
 
@@ -218,6 +219,18 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+if sys.version_info >= (3, 11):
+
+    async def _within(awaitable, seconds: float):
+        # A timer on the running task: asyncio.wait_for wraps every message read in a task of
+        # its own, ~70 µs against ~17 µs here (Python 3.11), on every call the server takes.
+        async with asyncio.timeout(seconds):
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10
+    _within = asyncio.wait_for
+
+
 class _GatedRequests:
     """A call's request messages, each awaited for at most the idle timeout.
 
@@ -237,7 +250,7 @@ class _GatedRequests:
     async def __anext__(self):
         self.close()
         try:
-            message = await asyncio.wait_for(self._requests.__anext__(), self._admission.idle_timeout_s)
+            message = await _within(self._requests.__anext__(), self._admission.idle_timeout_s)
         except asyncio.TimeoutError:
             raise self._admission.idle_error() from None
         if self._counts_work:

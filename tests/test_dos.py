@@ -473,3 +473,29 @@ def test_an_encode_request_must_fit_in_the_encoder_queue():
 
     with pytest.raises(ValueError, match="--max-texts-per-encode=256 exceeds --encoder-max-queue=100"):
         ServerConfig(encoder_max_queue=100)
+
+
+def test_bounds_and_timeouts_are_flags_with_environment_fallbacks(monkeypatch):
+    from chronorec.server.app import channel_options
+    from chronorec.server.config import config_from_args
+
+    monkeypatch.setenv("CHRONOREC_STREAM_IDLE_TIMEOUT", "7.5")
+    monkeypatch.setenv("CHRONOREC_MAX_STREAMS", "70")
+    config = config_from_args([
+        "--max-streams-per-connection", "9", "--keepalive-time", "30", "--keepalive-timeout", "5",
+        "--max-connection-idle", "120", "--max-connection-age", "600", "--max-connection-age-grace", "15",
+        "--max-health-watches", "11", "--max-reflection-streams", "3", "--max-queued-work", "40", "--store-workers", "2",
+    ])
+    assert config.stream_idle_timeout_s == 7.5 and config.limits.max_streams == 70
+    assert config.limits.flag("max_streams_per_connection") == "--max-streams-per-connection=9"
+    assert (config.limits.max_health_watches, config.limits.max_reflection_streams, config.limits.max_queued_work) == (11, 3, 40)
+    assert config.store_workers == 2
+    options = dict(channel_options(config))
+    assert options["grpc.keepalive_time_ms"] == 30_000 and options["grpc.keepalive_timeout_ms"] == 5_000
+    assert options["grpc.max_connection_idle_ms"] == 120_000
+    assert options["grpc.max_connection_age_ms"] == 600_000 and options["grpc.max_connection_age_grace_ms"] == 15_000
+    assert options["grpc.max_concurrent_streams"] == 18
+    # 0 turns connection idle and age limits off; the idle timeout must be positive.
+    assert "grpc.max_connection_age_ms" not in dict(channel_options(config_from_args(["--max-connection-age", "0"])))
+    with pytest.raises(ValueError, match="--stream-idle-timeout"):
+        config_from_args(["--stream-idle-timeout", "0"])

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -28,7 +29,7 @@ from chronorec.server.core.demo import ensure_demo
 from chronorec.server.core.encoder import EncoderSettings, check_onnxruntime_install
 from chronorec.server.core.engine import ChronorecEngine
 from chronorec.server.core.repository import ModelRepository
-from chronorec.server.core.store import EventStore
+from chronorec.server.core.stores import open_store, run_once
 from chronorec.server.metrics import ServerMetrics, start_metrics_server
 from chronorec.server.security import (
     AuthInterceptor,
@@ -169,9 +170,17 @@ async def _set_health(servicer: health.aio.HealthServicer, status) -> None:
 
 def build_engine(config: ServerConfig, on_batch: Callable[[int], None] | None = None) -> ChronorecEngine:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = EventStore(config.database)
-    if config.demo and ensure_demo(store):
-        log.info("loaded the demo catalog into the empty database %s", config.database)
+    store = open_store(config.database)
+    try:
+        if config.demo:
+            # Replicas starting together over one PostgreSQL load it once: the first takes the
+            # lock and loads, the others then find items and skip it.
+            with run_once(store, "demo-catalog"):
+                if ensure_demo(store):
+                    log.info("loaded the demo catalog into the empty event store %s", store.location)
+    except BaseException:
+        store.close()
+        raise
     repository = ModelRepository(config.models).ensure()
     settings = EncoderSettings(
         max_batch=config.encoder_max_batch,
@@ -189,6 +198,7 @@ def build_engine(config: ServerConfig, on_batch: Callable[[int], None] | None = 
         settings,
         cooccurrence_refresh_s=config.cooccurrence_refresh_s,
         watch_interval_s=config.watch_interval_s,
+        replica_name=config.replica_name or "",
     )
 
 
@@ -338,6 +348,9 @@ def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> Run
             return  # the server stopped meanwhile; its loop is gone
         log.info("SERVING model %s", engine.serving_version())
 
+    if not engine.replica_name:
+        # Known only now that the port is bound (--port 0 picks one).
+        engine.replica_name = f"{socket.gethostname()}:{port}"
     loader = threading.Thread(target=load, name="engine-loader", daemon=True)
     running = RunningServer(
         server, port, engine, health_servicer, loader, events, executors, admission, metrics, metrics_port, metrics_http

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from chronorec.server.core.stores import describe_store_target, store_target
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -58,7 +60,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     data_dir: Path = Path("var")
-    db_path: Path | None = None
+    # An SQLite file path, or a postgresql:// URL (replicas sharing one database follow its log).
+    db_path: Path | str | None = None
     models_root: Path | None = None
     demo: bool = True
     workers: int = 16
@@ -91,6 +94,8 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     allow_insecure_public: bool = False
+    # How this replica names itself to the others over a shared store (default HOSTNAME:PORT).
+    replica_name: str | None = None
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
@@ -112,7 +117,8 @@ class ServerConfig:
             )
 
     @property
-    def database(self) -> Path:
+    def database(self) -> Path | str:
+        """The event store: an SQLite file path, or a postgresql:// URL kept as a string."""
         return self.db_path or self.data_dir / "chronorec.db"
 
     @property
@@ -124,6 +130,8 @@ class ServerConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("limits", "inline_tokens")}
         out["inline_tokens"] = "<redacted>" if self.inline_tokens else None
         out["limits"] = {f.name: getattr(self.limits, f.name) for f in fields(self.limits)}
+        if self.db_path is not None:
+            out["db_path"] = describe_store_target(self.db_path)  # a URL may carry a password
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
 
@@ -145,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default=_env("host", d.host), help="bind address (default 127.0.0.1)")
     add("--port", type=int, default=int(_env("port", d.port)), help="port; 0 picks a free one")
     add("--data-dir", type=Path, default=Path(_env("data_dir", d.data_dir)), help="folder for the database and models")
-    add("--db", dest="db_path", type=Path, default=_env("db", None), help="SQLite file (default DATA_DIR/chronorec.db)")
+    add("--db", dest="db_path", default=_env("db", None),
+        help="event store: an SQLite file (default DATA_DIR/chronorec.db) or a postgresql:// URL shared by replicas")
     add("--models", dest="models_root", type=Path, default=_env("models", None), help="model repository (default DATA_DIR/models)")
     add("--no-demo", dest="demo", action="store_false", default=_bool(_env("demo", "1")), help="do not load the demo catalog into an empty database")
     add("--workers", type=int, default=int(_env("workers", d.workers)),
@@ -187,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-key", type=Path, default=_env("tls_key", None), help="server private key (PEM)")
     add("--tls-client-ca", type=Path, default=_env("tls_client_ca", None), help="CA for client certificates (mutual TLS)")
     add("--allow-insecure-public", action="store_true", default=_bool(_env("allow_insecure_public", "0")), help="bind a non-loopback address without authentication")
+    add("--replica-name", default=_env("replica_name", None),
+        help="this replica's name in GetStatus over a shared PostgreSQL store (default HOSTNAME:PORT)")
     lim = Limits()
     for f in fields(Limits):
         add(f"--{f.name.replace('_', '-')}", type=int, default=int(_env(f.name, getattr(lim, f.name))), help=f"limit (default {getattr(lim, f.name)})")
@@ -199,9 +210,11 @@ def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     for name in ("intra_op_threads", "metrics_port"):
         if args.get(name) is not None:
             args[name] = int(args[name])
-    for name in ("db_path", "models_root", "vector_cache_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
+    for name in ("models_root", "vector_cache_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
         if args.get(name) is not None:
             args[name] = Path(args[name])
+    if args.get("db_path") is not None:
+        args["db_path"] = store_target(args["db_path"])
     # Tokens come from the environment only: a flag would show them in `ps` and shell history.
     args["inline_tokens"] = os.environ.get("CHRONOREC_TOKENS") or None
     return ServerConfig(limits=limits, **args)

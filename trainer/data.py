@@ -12,7 +12,7 @@ import numpy as np
 from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.errors import InvalidArgument
 from chronorec.server.core.itemtext import item_text_lookup
-from chronorec.server.core.store import EventStore
+from chronorec.server.core.stores import Store, open_store, store_target
 from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text
 from chronorec.trainer.protocols import SECONDS_PER_DAY, Dataset, TemporalSplit, temporal_split
 
@@ -43,15 +43,17 @@ def order_events(events: Sequence[Event]) -> list[Event]:
     return sorted(events, key=lambda e: e.timestamp)
 
 
-def read_event_log(db: str | os.PathLike | EventStore) -> EventLog:
-    """Read the catalog and every committed event, read-only, while a server may keep writing.
+def read_event_log(db: str | os.PathLike | Store) -> EventLog:
+    """Read the catalog and every committed event, read-only, while servers may keep writing.
 
-    The newest seq is read first and events are read up to it: writers commit in seq order
-    under SQLite's write lock, so every event up to that seq is committed and none is missed,
-    and events committed later wait for the next run. Items are read after the events so
-    every item an event names is there unless it was deleted.
+    `db` is an open store, an SQLite path or a postgresql:// URL. The newest seq is read first
+    and events are read up to it: writers commit in seq order (under SQLite's write lock, or
+    PostgreSQL's change counter row), so every event up to that seq is committed and none is
+    missed, and events committed later wait for the next run. Every process reading the same
+    `max_seq` (each rank of a distributed run) therefore reads the same events. Items are read
+    after the events so every item an event names is there unless it was deleted.
     """
-    store = db if isinstance(db, EventStore) else EventStore(db, read_only=True)
+    store = open_store(store_target(db), read_only=True) if isinstance(db, (str, os.PathLike)) else db
     try:
         max_seq = store.max_seq()
         events = []
@@ -63,7 +65,7 @@ def read_event_log(db: str | os.PathLike | EventStore) -> EventLog:
     finally:
         if store is not db:
             store.close()
-    return EventLog(items=items, events=order_events(events), max_seq=max_seq, source=str(store.path))
+    return EventLog(items=items, events=order_events(events), max_seq=max_seq, source=store.location)
 
 
 def event_log_from(items: Sequence[Item], events: Sequence[Event], source: str = "memory") -> EventLog:
@@ -250,7 +252,7 @@ def newest_examples(examples: Sequence[TrainingExample], n: int) -> list[Trainin
 
 
 def load_training_data(
-    source: str | os.PathLike | EventStore | EventLog,
+    source: str | os.PathLike | Store | EventLog,
     *,
     max_events: int = 20,
     test_quantile: float = 0.8,

@@ -67,6 +67,7 @@ from chronorec.server.core.manifest import TOKENIZER_MAX_LENGTH, Manifest, TimeM
 from chronorec.trainer.base_model import MINILM_NAME, resolve_base_folder
 from chronorec.trainer.flags import add_settings_flags, setting, settings_from_args
 from chronorec.server.core.repository import ModelRepository
+from chronorec.server.core.stores import store_target
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class RunSettings:
 class RunJob:
     """Where `chronorec-train run` reads and writes, how often, and how it reports."""
 
-    db: str = setting(help="the server's SQLite event store (read-only)")
+    db: str = setting(help="the server's event store, read-only: an SQLite file or a postgresql:// URL")
     models: str = setting(help="model repository root (versions in <models>/encoder/)")
     every: str | None = setting(None, help="repeat at this interval (30m, 2h, 1d) until interrupted")
     json: bool = setting(False, help="print each run's outcome as one JSON line")
@@ -266,7 +267,7 @@ def run_once(db: str | os.PathLike, models: str | os.PathLike, settings: RunSett
     say = report or (lambda message: log.info("%s", message))
     try:
         with _trainer_lock(Path(models)):
-            outcome = _run_locked(Path(db), Path(models), settings, say)
+            outcome = _run_locked(store_target(db), Path(models), settings, say)
     except Exception as exc:  # the exit code is the contract with schedulers; the trace goes to the log
         log.exception("training run failed")
         outcome = RunOutcome(EXIT_FAILED, "failed", f"{type(exc).__name__}: {exc}")
@@ -275,7 +276,7 @@ def run_once(db: str | os.PathLike, models: str | os.PathLike, settings: RunSett
     return outcome
 
 
-def _run_locked(db: Path, models: Path, settings: RunSettings, say: Callable[[str], None]) -> RunOutcome:
+def _run_locked(db: Path | str, models: Path, settings: RunSettings, say: Callable[[str], None]) -> RunOutcome:
     # Heavy imports here, so `chronorec-train --help` and the "nothing new" path stay quick.
     from chronorec.server.core.errors import InvalidArgument
     from chronorec.trainer.data import load_training_data, read_event_log
@@ -284,7 +285,7 @@ def _run_locked(db: Path, models: Path, settings: RunSettings, say: Callable[[st
     _clean_leftovers(repo, models)
     current = repo.current()
     serving = _Serving(current, load_manifest(repo.version_dir(current)) if current else None)
-    if not db.exists():
+    if isinstance(db, Path) and not db.exists():
         raise FileNotFoundError(f"event store {db} does not exist")
     event_log = read_event_log(db)
     new = _new_events(event_log, serving.manifest.training_window if serving.manifest else None)

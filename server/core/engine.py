@@ -7,7 +7,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -20,8 +20,9 @@ from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.itemtext import item_text
 from chronorec.server.core.model_lifecycle import ModelManager, PointerWatcher, RankerInputs
 from chronorec.server.core.ranking import CooccurrenceSource, RecommendQuery, RecommendResult
+from chronorec.server.core.replication import LogFollower, ReplicaHeartbeat, ReplicaInfo
 from chronorec.server.core.repository import ModelRepository
-from chronorec.server.core.store import EventStore
+from chronorec.server.core.stores import SharedLog, Store
 
 log = logging.getLogger("chronorec.engine")
 
@@ -49,6 +50,9 @@ class ServingStatus:
     swap_count: int
     last_swap_seconds: float | None
     encoder_queue_depth: int
+    # Every replica of the service heard from lately (this one alone over an SQLite store).
+    replicas: list[ReplicaInfo] = field(default_factory=list)
+    applied_seq: int = 0  # how far this replica has followed the shared change log (0 over SQLite)
 
 
 @dataclass(frozen=True)
@@ -65,18 +69,34 @@ class VersionStatus:
 
 
 class ChronorecEngine:
-    """Owns the store, the in-memory interaction state, the co-occurrence model and the serving model."""
+    """Owns the store, the in-memory interaction state, the co-occurrence model and the serving model.
+
+    Over a shared store (PostgreSQL) the engine is one replica of the service: a LogFollower
+    applies every change any replica, importer or other process commits, and a heartbeat
+    registers the replica as `replica_name`. Its own writes are applied at once and again when
+    they come back through the log, which is harmless: events are ignored by id, and a catalog
+    change is applied only when its seq is newer than the last one applied to that item.
+    """
 
     def __init__(
         self,
-        store: EventStore,
+        store: Store,
         repository: ModelRepository,
         settings: EncoderSettings | None = None,
         *,
         cooccurrence_refresh_s: float = 300.0,
         watch_interval_s: float | None = 2.0,
+        replica_name: str = "",
+        heartbeat_interval_s: float = 2.0,
     ):
         self.store = store
+        self.replica_name = replica_name
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.follower: LogFollower | None = None
+        self.heartbeat: ReplicaHeartbeat | None = None
+        # Seq of the last change applied to each item (under catalog.lock), over a shared log only.
+        self._item_seq: dict[str, int] = {}
+        self.started_at = time.time()
         self.repository = repository
         self.catalog = CatalogState()
         self.state = InteractionState()
@@ -97,8 +117,7 @@ class ChronorecEngine:
         """Load the catalog, the event log and the serving model; blocks until ready."""
         started = time.perf_counter()
         self._write_serving_settings()
-        self.catalog.upsert(self.store.iter_items())
-        self.state.add([event for _, event in self.store.iter_events()])
+        self._load_state()
         self.refit_cooccurrence()
         version = self._wait_for_version()
         if version is None:
@@ -117,6 +136,70 @@ class ChronorecEngine:
             self.state.event_count,
             serving,
         )
+
+    def _load_state(self) -> None:
+        """The catalog and the event log into memory; over a shared log, then follow it."""
+        if not isinstance(self.store, SharedLog):
+            self.catalog.upsert(self.store.iter_items())
+            self.state.add([event for _, event in self.store.iter_events()])
+            return
+        # The cursor first: every change up to it is committed, so the events up to it are the
+        # log's prefix, and the follower replays everything after it. Items are read after the
+        # cursor and may be newer; replaying their later changes in order ends in the same state.
+        cursor = self.store.max_change_seq()
+        self.catalog.upsert(self.store.iter_items())
+        events = []
+        for seq, event in self.store.iter_events():
+            if seq > cursor:
+                break
+            events.append(event)
+        self.state.add(events)
+        # Started before a model is loaded: until one is, changes reach the catalog only, and the
+        # first model indexes the catalog as it is then (catching up on later edits at install).
+        self.follower = LogFollower(self.store, self._apply_logged_changes, cursor).start()
+        if self.replica_name:
+            self.heartbeat = ReplicaHeartbeat(self.store, self.replica_name, self._replica_position,
+                                              interval_s=self.heartbeat_interval_s, started_at=self.started_at).start()
+
+    def _replica_position(self) -> tuple[str, int]:
+        return self.serving_version() or "", self.follower.cursor if self.follower else 0
+
+    def _apply_logged_changes(self, changes: list) -> None:
+        """Apply a page of the shared log (in seq order) to the catalog, the index and the
+        interaction state: catalog changes first, so events of this page find their items."""
+        latest: dict[str, object] = {}
+        events = []
+        for change in changes:
+            if change.kind == "event":
+                events.append(change.event)
+            else:
+                latest[change.item_id] = change  # within a page only an item's last change matters
+        if latest:
+            with self.catalog.lock:
+                fresh = [c for c in latest.values() if c.seq > self._item_seq.get(c.item_id, 0)]
+                upserts = [c.item for c in fresh if c.kind == "upsert"]
+                deletes = [c.item_id for c in fresh if c.kind == "delete"]
+                model = self.manager.try_acquire()
+                try:
+                    # Encoded before anything changes: a failure leaves the page to be read again.
+                    vectors = model.encode([item_text(i) for i in upserts]) if model is not None and upserts else None
+                    if upserts:
+                        self.catalog.upsert(upserts)
+                    if deletes:
+                        self.catalog.delete(deletes)
+                    if model is not None:
+                        if upserts:
+                            model.index.upsert([i.item_id for i in upserts], vectors)
+                        gone = [i for i in deletes if i in model.index]
+                        if gone:
+                            model.index.delete(gone)
+                finally:
+                    if model is not None:
+                        model.release()
+                for change in fresh:
+                    self._item_seq[change.item_id] = change.seq
+        if events:
+            self.state.add(events)
 
     def _write_serving_settings(self) -> None:
         """Tell publishers how this server indexes versions (the trainer's prepare step reads it)."""
@@ -166,6 +249,10 @@ class ChronorecEngine:
         self._stop.set()
         if self._watcher:
             self._watcher.stop()
+        if self.heartbeat:
+            self.heartbeat.stop()
+        if self.follower:
+            self.follower.stop()
         self.manager.close()
 
     # ---- co-occurrence ------------------------------------------------------------
@@ -234,6 +321,19 @@ class ChronorecEngine:
         # is the one serving until the change is in its index.
         with self.catalog.lock, self.manager.acquire() as model:
             vectors = model.encode([item_text(i) for i in items]) if items else None
+            if isinstance(self.store, SharedLog):
+                seqs = self.store.upsert_items_logged(items)
+                # The batch's last copy of each id, unless the follower already applied a newer change.
+                fresh = {}
+                for item, vector in zip(items, vectors if vectors is not None else []):
+                    if seqs[item.item_id] > self._item_seq.get(item.item_id, 0):
+                        fresh[item.item_id] = (item, vector)
+                if fresh:
+                    self.catalog.upsert([item for item, _ in fresh.values()])
+                    model.index.upsert(list(fresh), np.stack([vector for _, vector in fresh.values()]))
+                    for item_id in fresh:
+                        self._item_seq[item_id] = seqs[item_id]
+                return len(items), len(model.index)
             count = self.store.upsert_items(items)
             self.catalog.upsert(items)
             if items:
@@ -242,6 +342,15 @@ class ChronorecEngine:
 
     def delete_items(self, item_ids: list[str]) -> tuple[int, int]:
         with self.catalog.lock, self.manager.acquire() as model:
+            if isinstance(self.store, SharedLog):
+                seqs = self.store.delete_items_logged(item_ids)
+                # Ids deleted earlier took no new seq: the follower applies their own delete.
+                gone = [i for i, seq in seqs.items() if seq > self._item_seq.get(i, 0)]
+                self.catalog.delete(gone)
+                model.index.delete([i for i in gone if i in model.index])
+                for item_id in gone:
+                    self._item_seq[item_id] = seqs[item_id]
+                return len(seqs), len(model.index)
             count = self.store.delete_items(item_ids)
             self.catalog.delete(item_ids)
             model.index.delete([i for i in item_ids if i in model.index])
@@ -267,6 +376,8 @@ class ChronorecEngine:
             last_error=manager.last_error,
             swap_count=manager.swap_count,
             last_swap_seconds=manager.last_swap_seconds,
+            replicas=self.replicas(),
+            applied_seq=self.follower.cursor if self.follower else 0,
         )
         if model is None:
             return ServingStatus(serving_version="", manifest_json="", providers=[], index_size=0, loaded_at=None,
@@ -282,6 +393,15 @@ class ChronorecEngine:
                 encoder_queue_depth=model.batcher.queue_depth,
                 **common,
             )
+
+    def replicas(self) -> list[ReplicaInfo]:
+        """The replicas of the service: over a shared store, every one whose heartbeat is recent
+        (as of this replica's last heartbeat); otherwise this server alone."""
+        applied = self.follower.cursor if self.follower else 0
+        this = ReplicaInfo(self.replica_name, self.serving_version() or "", applied, 0.0, True)
+        others = [r for r in self.heartbeat.replicas() if not r.this_replica] if self.heartbeat else []
+        # This replica as it is now, not as its last heartbeat described it.
+        return sorted(others + [this], key=lambda r: r.name)
 
     def list_versions(self) -> list[VersionStatus]:
         """Every version of the repository, those that cannot serve with the reason."""

@@ -9,6 +9,7 @@ import math
 import select
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -34,6 +35,11 @@ NO_CONNECTION_MESSAGE = ("event store (PostgreSQL) gave no connection in time: t
 CHANGES_CHANNEL = "chronorec_changes"
 # Key of the transaction-level advisory lock under which one process at a time migrates.
 MIGRATION_LOCK_KEY = 0x6368726F6E6F  # "chrono"
+# Session-level advisory locks of run-once work (`exclusive(name)`) live in their own key space:
+# the two-key form pg_advisory_lock(int4, int4) never collides with the one-key migration lock.
+RUN_ONCE_LOCK_CLASS = 0x6372  # "cr"
+# A replica whose heartbeat is older than this is forgotten by the next heartbeat of any replica.
+FORGET_REPLICA_AFTER_S = 3600.0
 
 _PAGE = 2000
 _ANY_CHUNK = 10_000
@@ -108,9 +114,22 @@ CREATE VIEW changes AS
     FROM item_changes;
 """
 
+# Replicas sharing the database say who they are, what they serve and how far they have followed
+# the log. Times are the database server's clock, so replicas on machines whose clocks disagree
+# still agree on how old a heartbeat is.
+_V2_REPLICAS = """
+CREATE TABLE replicas (
+    name text COLLATE "C" PRIMARY KEY,
+    serving_version text NOT NULL DEFAULT '',
+    applied_seq bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
 # Applied in order, each in the transaction that records it in schema_migrations; migration i
 # brings the schema from version i to i + 1. Append new migrations, never edit or reorder shipped ones.
-MIGRATIONS: list[str] = [_V1_INITIAL]
+MIGRATIONS: list[str] = [_V1_INITIAL, _V2_REPLICAS]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -129,6 +148,16 @@ class Change(NamedTuple):
 
 _ITEM_COLUMNS = "item_id, title, text, category, published_at, expires_at, attributes"
 _EVENT_COLUMNS = "event_id, user_id, item_id, action, timestamp, value"
+
+
+class ReplicaRecord(NamedTuple):
+    """One server replica as its last heartbeat described it."""
+
+    name: str
+    serving_version: str
+    applied_seq: int
+    heartbeat_age_s: float
+    started_at: float  # Unix time
 
 
 def _item_from_row(row: Sequence) -> Item:
@@ -521,6 +550,11 @@ class PostgresEventStore:
         with self._connection() as conn:
             return self._schema_version(conn)
 
+    @property
+    def location(self) -> str:
+        """Where the store lives, for logs and reports: the URL without user or password."""
+        return self.url
+
     def close(self) -> None:
         """Close every connection; later calls raise errors.Unavailable."""
         if self._closed:
@@ -540,30 +574,44 @@ class PostgresEventStore:
         """Insert or replace items (all or none); an upsert revives a deleted item.
         Within one batch the last copy of an item_id wins. Returns len(items)."""
         items = list(items)
-        _validate_items(items)
-        if not items:
-            return 0
-        with self._write() as (conn, sequencer):
-            self._upsert(conn, sequencer, items, time.time())
+        self.upsert_items_logged(items)
         return len(items)
 
+    def upsert_items_logged(self, items: Sequence[Item]) -> dict[str, int]:
+        """upsert_items, answering the change seq each item_id got (one per id: the batch's last
+        copy). A replica that applies its own write at once compares these with what its log
+        follower applies, so neither applies an older change over a newer one."""
+        items = list(items)
+        _validate_items(items)
+        if not items:
+            return {}
+        with self._write() as (conn, sequencer):
+            return self._upsert(conn, sequencer, items, time.time())
+
     @staticmethod
-    def _upsert(conn: psycopg.Connection, sequencer: _Sequencer, items: Sequence[Item], now: float) -> None:
+    def _upsert(conn: psycopg.Connection, sequencer: _Sequencer, items: Sequence[Item], now: float) -> dict[str, int]:
         unique = _last_copy_per_id(items)
         columns = _item_columns(unique)
+        seqs = sequencer.take(len(unique))
         conn.execute(_UPSERT_ITEMS, {**columns, "now": now})
-        conn.execute(_LOG_UPSERTS, {**columns, "seqs": sequencer.take(len(unique)), "now": now})
+        conn.execute(_LOG_UPSERTS, {**columns, "seqs": seqs, "now": now})
+        return dict(zip(columns["ids"], seqs))
 
     def delete_items(self, item_ids: Sequence[str]) -> int:
         """Soft-delete items (all or none). Unknown ids raise errors.NotFound; ids already
         deleted are accepted, so a retried request succeeds. Returns how many were live."""
+        return len(self.delete_items_logged(item_ids))
+
+    def delete_items_logged(self, item_ids: Sequence[str]) -> dict[str, int]:
+        """delete_items, answering the change seq of each item it deleted (ids that were already
+        deleted get none: their delete is an older change of the log)."""
         item_ids = list(dict.fromkeys(item_ids))
         for i, item_id in enumerate(item_ids):
             problem = rules.id_problem(item_id)
             if problem:
                 raise errors.InvalidArgument(f"item {i} (id {item_id!r}): item_id {problem}")
         if not item_ids:
-            return 0
+            return {}
         with self._write() as (conn, sequencer):
             known = self._deleted_at_of(conn, item_ids)
             unknown = [item_id for item_id in item_ids if item_id not in known]
@@ -571,11 +619,13 @@ class PostgresEventStore:
                 raise errors.NotFound(f"unknown item ids: {', '.join(map(repr, unknown[:20]))}"
                                       + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""))
             live = [item_id for item_id in item_ids if known[item_id] is None]
+            seqs: list[int] = []
             if live:
                 now = time.time()
+                seqs = sequencer.take(len(live))
                 conn.execute(_DELETE_ITEMS, {"ids": live, "now": now})
-                conn.execute(_LOG_DELETES, {"seqs": sequencer.take(len(live)), "ids": live, "now": now})
-        return len(live)
+                conn.execute(_LOG_DELETES, {"seqs": seqs, "ids": live, "now": now})
+        return dict(zip(live, seqs))
 
     @staticmethod
     def _deleted_at_of(conn: psycopg.Connection, item_ids: Sequence[str]) -> dict[str, float | None]:
@@ -735,6 +785,69 @@ class PostgresEventStore:
             if len(page) < _PAGE:
                 return
             after = page[-1].seq
+
+    def open_listener(self) -> psycopg.Connection:
+        """A connection of its own (outside the pool) LISTENing on CHANGES_CHANNEL: read its
+        notifications with `notifies()`, close it when done. LISTEN takes effect before this
+        returns, so a catch-up read after it misses no change made before a later notification."""
+        if self._closed:
+            raise errors.Unavailable("event store is closed")
+        conn = self._connect_direct()
+        try:
+            with self._pg_errors():
+                conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # -- run-once work and replicas -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str, wait_s: float = 600.0) -> Iterator[None]:
+        """Hold the advisory lock `name` (one holder across every process on this database) for
+        the block: work that must happen once, such as loading the demo catalog, checks whether
+        it is done and does it inside. The lock lives on a connection of its own, so a holder
+        that dies releases it with its connection."""
+        key = zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
+        conn = self._connect_direct()
+        try:
+            with self._pg_errors():
+                conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(wait_s * 1000)}ms",))
+                conn.execute("SELECT pg_advisory_lock(%s, %s)", (RUN_ONCE_LOCK_CLASS, key))
+            yield
+        finally:
+            conn.close()
+
+    def heartbeat(self, name: str, serving_version: str, applied_seq: int, started_at: float) -> None:
+        """Record that replica `name` (started at Unix time `started_at`) is alive, serves
+        `serving_version` and has applied the log up to `applied_seq`; replicas silent for
+        FORGET_REPLICA_AFTER_S are dropped on the way."""
+        if self.read_only:
+            raise errors.FailedPrecondition("event store is open read-only")
+        with self._connection() as conn, conn.transaction():
+            conn.execute("INSERT INTO replicas (name, serving_version, applied_seq, started_at) "
+                         "VALUES (%s, %s, %s, to_timestamp(%s)) "
+                         "ON CONFLICT (name) DO UPDATE SET serving_version = excluded.serving_version, "
+                         "applied_seq = excluded.applied_seq, started_at = excluded.started_at, heartbeat_at = now()",
+                         (name, serving_version, int(applied_seq), float(started_at)))
+            conn.execute("DELETE FROM replicas WHERE heartbeat_at < now() - make_interval(secs => %s)",
+                         (FORGET_REPLICA_AFTER_S,))
+
+    def forget_replica(self, name: str) -> None:
+        """Remove replica `name` (it is stopping cleanly)."""
+        with self._connection() as conn:
+            conn.execute("DELETE FROM replicas WHERE name = %s", (name,))
+
+    def replicas(self, max_age_s: float | None = None) -> list[ReplicaRecord]:
+        """Replicas by name whose last heartbeat is at most `max_age_s` old (all when None)."""
+        sql = ("SELECT name, serving_version, applied_seq, extract(epoch FROM now() - heartbeat_at)::float8, "
+               "extract(epoch FROM started_at)::float8 FROM replicas")
+        params: tuple = ()
+        if max_age_s is not None:
+            sql += " WHERE heartbeat_at >= now() - make_interval(secs => %s)"
+            params = (float(max_age_s),)
+        return [ReplicaRecord(*row) for row in self._read(sql + " ORDER BY name", params)]
 
     # -- import -------------------------------------------------------------------------------
 

@@ -413,6 +413,11 @@ class EventStore:
     def schema_version(self) -> int:
         return self._read("PRAGMA user_version")[0][0]
 
+    @property
+    def location(self) -> str:
+        """Where the store lives, for logs and reports: the file's path."""
+        return str(self.path)
+
     def journal_mode(self) -> str:
         return self._read("PRAGMA journal_mode")[0][0]
 

@@ -36,6 +36,17 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
             index_size=status.index_size,
             metrics=status.metrics,
             swap_count=status.swap_count,
+            replicas=[
+                models_pb2.ReplicaStatus(
+                    name=r.name,
+                    serving_version=r.serving_version,
+                    applied_seq=r.applied_seq,
+                    heartbeat_age_seconds=r.heartbeat_age_s,
+                    this_replica=r.this_replica,
+                )
+                for r in status.replicas
+            ],
+            applied_seq=status.applied_seq,
         )
         if status.loaded_at is not None:
             response.loaded_at.CopyFrom(to_timestamp(status.loaded_at))

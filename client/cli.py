@@ -127,9 +127,13 @@ def cmd_recommend(client: ChronorecClient, args: argparse.Namespace, out: TextIO
     )
     print(
         f"user {args.user}  at {format_iso(result.at)}  model {result.model_version}  "
-        f"history {result.history_length} events",
+        f"history {result.history_length} events  recommendation {result.recommendation_id}",
         file=out,
     )
+    _print_recommendations(result, out)
+
+
+def _print_recommendations(result, out: TextIO) -> None:
     if not result.items:
         print("(no items)", file=out)
         return
@@ -153,9 +157,47 @@ def cmd_recommend(client: ChronorecClient, args: argparse.Namespace, out: TextIO
     print(format_table(headers, rows, align="rllrrrrrl"), file=out)
 
 
+def cmd_recommend_batch(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:
+    batch = client.recommend_batch(args.users, k=args.k, at=args.at, categories=args.category, timeout=args.timeout)
+    print(f"{len(batch.entries)} users, {batch.encoded_texts} history texts encoded together", file=out)
+    for user, entry in zip(args.users, batch.entries):
+        print(file=out)
+        if not entry.ok:
+            print(f"user {user}: {entry.code.name}: {entry.message}", file=out)
+            continue
+        result = entry.result
+        print(f"user {user}  model {result.model_version}  history {result.history_length} events  "
+              f"recommendation {result.recommendation_id}", file=out)
+        _print_recommendations(result, out)
+
+
+def cmd_similar(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:
+    if (args.item is None) == (args.text is None):
+        raise UsageError("similar: give an ITEM or --text, one of them")
+    result = client.similar_items(
+        args.item, text=args.text, k=args.k, at=args.at, exclude=args.exclude, categories=args.category,
+        semantic_weight=args.semantic_weight, timeout=args.timeout,
+    )
+    print(f"like {args.item or repr(_shorten(args.text, 40))}  at {format_iso(result.at)}  model {result.model_version}  "
+          f"semantic weight {result.semantic_weight:.3f}", file=out)
+    if not result.items:
+        print("(no items)", file=out)
+        return
+    rows = [[rank, i.item_id, _shorten(i.title, 40), i.category, i.score, i.semantic, i.cooccurrence]
+            for rank, i in enumerate(result.items, start=1)]
+    print(format_table(["rank", "item", "title", "category", "score", "semantic", "cooc"], rows, align="rlllrrr"), file=out)
+
+
+def cmd_delete_user(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:
+    result = client.delete_user(args.user, timeout=args.timeout)
+    print(f"erased user {args.user}: {result.events_deleted} events and {result.impressions_deleted} impressions "
+          "deleted (model versions trained before keep what they learned: retrain to drop it)", file=out)
+
+
 def cmd_feedback(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:
     if args.file is not None:
-        if any(value is not None for value in (args.user, args.item, args.action, args.value, args.at, args.event_id)):
+        if any(value is not None for value in (args.user, args.item, args.action, args.value, args.at, args.event_id,
+                                               args.recommendation_id, args.position)):
             raise UsageError("feedback: give either --file or --user/--item/--action, not both")
         total = FeedbackResult(0, 0)
         for batch in _batches(_read_events(args.file), FEEDBACK_BATCH):
@@ -166,7 +208,8 @@ def cmd_feedback(client: ChronorecClient, args: argparse.Namespace, out: TextIO)
     if missing:
         raise UsageError(f"feedback: missing {' '.join(missing)} (or pass --file)")
     event = FeedbackEvent(
-        user_id=args.user, item_id=args.item, action=args.action, timestamp=args.at, value=args.value, event_id=args.event_id
+        user_id=args.user, item_id=args.item, action=args.action, timestamp=args.at, value=args.value, event_id=args.event_id,
+        recommendation_id=args.recommendation_id, position=args.position,
     )
     result = client.feedback([event], timeout=args.timeout)
     print(f"stored {result.stored}  duplicates {result.duplicates}", file=out)
@@ -238,9 +281,42 @@ def cmd_status(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -
         ),
         file=out,
     )
+    print(format_pairs([("resident memory", _mib(status.resident_memory_bytes))]), file=out)
+    if status.loaded_versions:
+        print(file=out)
+        rows = [[v.version, v.role, _mib(v.memory_bytes)] for v in status.loaded_versions]
+        print(format_table(["loaded version", "role", "memory (estimated)"], rows, align="llr"), file=out)
+    canary = status.canary
+    if canary is not None:
+        print(file=out)
+        rule = (f"promote when its CTR >= current's - {canary.max_ctr_drop:g} after {canary.min_impressions} impressions each"
+                if canary.min_impressions else "by hand")
+        print(format_pairs([("canary", f"{canary.candidate_version} serves {canary.percent:g}% of users"),
+                            ("since", format_iso(canary.started_at) if canary.started_at else ""),
+                            ("rule", rule), ("decision", canary.decision)]), file=out)
+        rows = [_online_row(label, figures) for label, figures in (("canary", canary.candidate), ("current", canary.current))]
+        print(format_table(["since the canary began", "version", "impressions", "clicks", "CTR", "conversions", "MRR"],
+                           rows, align="llrrrrr"), file=out)
+    if status.last_canary_outcome:
+        print(format_pairs([("last canary", status.last_canary_outcome)]), file=out)
+    if status.online_metrics:
+        print(file=out)
+        window = next(iter(status.online_metrics.values())).window_seconds
+        rows = [_online_row("", figures)[1:] for _, figures in sorted(status.online_metrics.items())]
+        print(format_table([f"online, last {window:g} s", "impressions", "clicks", "CTR", "conversions", "MRR"],
+                           rows, align="lrrrrr"), file=out)
+        print(format_pairs([("unattributed feedback", status.unattributed_feedback)]), file=out)
     if status.metrics:
         print(file=out)
         print(format_table(["metric", "value"], sorted(status.metrics.items())), file=out)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _online_row(label: str, figures) -> list[Any]:
+    return [label, figures.version, figures.impressions, figures.clicks, figures.ctr, figures.conversions, figures.mrr]
 
 
 def cmd_versions(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -250,21 +326,57 @@ def cmd_versions(client: ChronorecClient, args: argparse.Namespace, out: TextIO)
         return
     rows = [
         [
-            ("serving" if v.serving else "") + ("," if v.serving and v.active else "") + ("active" if v.active else ""),
+            ",".join(state for state, on in (("serving", v.serving), ("active", v.active), ("canary", v.canary)) if on),
             v.version,
             v.created_at,
             v.parent_version,
+            _online_cell(v.online),
             f"unusable: {v.unusable_reason}" if v.unusable_reason
             else "  ".join(f"{name}={value:.4f}" for name, value in sorted(v.metrics.items())),
         ]
         for v in versions
     ]
-    print(format_table(["state", "version", "created", "parent", "metrics"], rows), file=out)
+    print(format_table(["state", "version", "created", "parent", "online (window)", "offline metrics"], rows), file=out)
+
+
+def _online_cell(figures) -> str:
+    """Online metrics beside the manifest's offline ones (NDCG@10 on its evaluation window)."""
+    if figures is None:
+        return "-"
+    return (f"impressions={figures.impressions} CTR={figures.ctr:.4f} conversions={figures.conversions} "
+            f"MRR={figures.mrr:.4f}")
 
 
 def cmd_activate(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:
-    result = client.activate(args.version, wait=not args.no_wait, timeout=args.timeout)
+    if args.canary is None and (args.min_impressions or args.max_ctr_drop):
+        raise UsageError("activate: --min-impressions and --max-ctr-drop need --canary")
+    result = client.activate(args.version, wait=not args.no_wait, canary_percent=args.canary,
+                             min_impressions=args.min_impressions, max_ctr_drop=args.max_ctr_drop, timeout=args.timeout)
+    if result.canary_version:
+        print(f"canary {result.canary_version} serves {result.canary_percent:g}% of users; "
+              f"{result.serving_version} serves the rest", file=out)
+        return
     print(f"activated {args.version}; serving {result.serving_version}", file=out)
+
+
+def cmd_canary(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:
+    if args.action == "promote":
+        result = client.promote_canary(timeout=args.timeout)
+        print(f"promoted: {result.serving_version} serves everyone", file=out)
+    elif args.action == "abort":
+        result = client.abort_canary(timeout=args.timeout)
+        print(f"aborted {result.aborted_version}: {result.serving_version} serves everyone", file=out)
+    else:
+        status = client.status(timeout=args.timeout)
+        if status.canary is None:
+            print("no canary is running" + (f" (last: {status.last_canary_outcome})" if status.last_canary_outcome else ""),
+                  file=out)
+            return
+        canary = status.canary
+        print(f"canary {canary.candidate_version} serves {canary.percent:g}% of users; decision: {canary.decision}", file=out)
+        rows = [_online_row(label, figures) for label, figures in (("canary", canary.candidate), ("current", canary.current))]
+        print(format_table(["since it began", "version", "impressions", "clicks", "CTR", "conversions", "MRR"],
+                           rows, align="llrrrrr"), file=out)
 
 
 def cmd_rollback(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -385,14 +497,36 @@ def build_parser() -> argparse.ArgumentParser:
         overrides.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, metavar="X")
     recommend.set_defaults(run=cmd_recommend, default_timeout=DEFAULT_TIMEOUT)
 
+    batch = commands.add_parser("recommend-batch", help="top-k items for many users in one call")
+    batch.add_argument("users", nargs="+", metavar="USER")
+    batch.add_argument("--k", type=int, default=10)
+    batch.add_argument("--at", metavar="ISO8601", help="as-of time (default: now)")
+    batch.add_argument("--category", action="append", default=[], metavar="C", help="only this category (repeatable)")
+    batch.set_defaults(run=cmd_recommend_batch, default_timeout=DEFAULT_TIMEOUT)
+
+    similar = commands.add_parser("similar", help="items most like an item (or a text), as of a time")
+    similar.add_argument("item", nargs="?", metavar="ITEM")
+    similar.add_argument("--text", help="the text of an item not in the catalog, instead of ITEM")
+    similar.add_argument("--k", type=int, default=10)
+    similar.add_argument("--at", metavar="ISO8601", help="as-of time for availability (default: now)")
+    similar.add_argument("--category", action="append", default=[], metavar="C", help="only this category (repeatable)")
+    similar.add_argument("--exclude", action="append", default=[], metavar="ID", help="never return this item (repeatable)")
+    similar.add_argument("--semantic-weight", type=_finite_float, metavar="W",
+                         help="share of semantic similarity in [0, 1], the rest co-occurrence (default: the model's)")
+    similar.set_defaults(run=cmd_similar, default_timeout=DEFAULT_TIMEOUT)
+
     feedback = commands.add_parser("feedback", help="store feedback events")
     feedback.add_argument("--file", metavar="EVENTS.jsonl", help=f"JSONL events ('-' = stdin), sent in batches of {FEEDBACK_BATCH}")
     feedback.add_argument("--user")
     feedback.add_argument("--item")
-    feedback.add_argument("--action", help="view, click, like, purchase, rating, skip, share, add_to_cart or dislike")
+    feedback.add_argument("--action", help="view, click, like, purchase, rating, skip, share, add_to_cart, dislike or impression")
     feedback.add_argument("--value", type=_finite_float, help="rating value")
     feedback.add_argument("--at", metavar="ISO8601", help="event time (default: when the server receives it)")
     feedback.add_argument("--event-id", help="idempotency key (default: a random UUID)")
+    feedback.add_argument("--recommendation-id", metavar="ID",
+                          help="the recommendation this event answers (required for --action impression)")
+    feedback.add_argument("--position", type=int, metavar="N",
+                          help="1-based rank the item was shown at (required for --action impression)")
     feedback.set_defaults(run=cmd_feedback, default_timeout=DEFAULT_TIMEOUT)
 
     import_ = commands.add_parser("import", help="import a data set's items and events")
@@ -408,7 +542,21 @@ def build_parser() -> argparse.ArgumentParser:
     activate = commands.add_parser("activate", help="make a version the serving one")
     activate.add_argument("version", metavar="VERSION")
     activate.add_argument("--no-wait", action="store_true", help="return before the hot swap completes")
+    activate.add_argument("--canary", type=_finite_float, metavar="PERCENT",
+                          help="serve VERSION to this percentage of users beside the current version instead")
+    activate.add_argument("--min-impressions", type=int, default=0, metavar="N",
+                          help="with --canary: decide automatically once each version logged N impressions")
+    activate.add_argument("--max-ctr-drop", type=_finite_float, default=0.0, metavar="X",
+                          help="with --min-impressions: promote when canary CTR >= current CTR - X, else abort")
     activate.set_defaults(run=cmd_activate, default_timeout=LONG_TIMEOUT)
+
+    canary = commands.add_parser("canary", help="the canary in progress: status, promote or abort")
+    canary.add_argument("action", choices=("status", "promote", "abort"), nargs="?", default="status")
+    canary.set_defaults(run=cmd_canary, default_timeout=DEFAULT_TIMEOUT)
+
+    delete_user = commands.add_parser("delete-user", help="erase a user's events everywhere (admin)")
+    delete_user.add_argument("user", metavar="USER")
+    delete_user.set_defaults(run=cmd_delete_user, default_timeout=DEFAULT_TIMEOUT)
 
     rollback = commands.add_parser("rollback", help="re-activate the previous version")
     rollback.add_argument("--no-wait", action="store_true", help="return before the hot swap completes")

@@ -52,6 +52,10 @@ RETRYABLE_METHODS: tuple[tuple[str, str], ...] = (
     ("RecommenderService", "Recommend"),
     ("RecommenderService", "Feedback"),
     ("RecommenderService", "FeedbackStream"),
+    ("RecommenderService", "SimilarItems"),
+    ("RecommenderService", "RecommendBatch"),
+    # A repeated erasure finds nothing left to delete and succeeds again.
+    ("RecommenderService", "DeleteUser"),
     ("CatalogService", "GetItem"),
     ("CatalogService", "UpsertItems"),
     ("ModelService", "GetStatus"),
@@ -138,17 +142,77 @@ class Recommendation:
 
 @dataclass(frozen=True)
 class RecommendResult:
-    """Recommendations (best first) as of `at`."""
+    """Recommendations (best first) as of `at`. Send `recommendation_id` with the impressions and
+    clicks they lead to (FeedbackEvent), so the online metrics credit `model_version`."""
 
     items: list[Recommendation]
     model_version: str
     at: datetime
     history_length: int
+    recommendation_id: str = ""
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One user's answer in a batch: `result` when `ok`, else the status `code` and `message` a
+    single recommend() with that request would have failed with."""
+
+    code: grpc.StatusCode
+    message: str = ""
+    result: RecommendResult | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.code == grpc.StatusCode.OK
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One entry per request, in order, and how many history texts the server encoded together."""
+
+    entries: list[BatchEntry]
+    encoded_texts: int
+
+
+@dataclass(frozen=True)
+class SimilarItem:
+    """A neighbour of the query item: `score` blends `semantic` (cosine) and `cooccurrence` ([0, 1])."""
+
+    item_id: str
+    title: str
+    category: str
+    score: float
+    semantic: float
+    cooccurrence: float
+
+
+@dataclass(frozen=True)
+class SimilarResult:
+    """Neighbours (most similar first) available at `at`, and the semantic weight that blended them."""
+
+    items: list[SimilarItem]
+    model_version: str
+    at: datetime
+    semantic_weight: float
+
+
+@dataclass(frozen=True)
+class DeleteUserResult:
+    """What an erasure removed (zeros for a user already erased or never seen)."""
+
+    events_deleted: int
+    impressions_deleted: int
 
 
 @dataclass(frozen=True)
 class FeedbackEvent:
-    """A feedback event to store; a missing event id is generated, a missing timestamp means now."""
+    """A feedback event to store; a missing event id is generated, a missing timestamp means now.
+
+    Action "impression" logs that the item was shown, at `position` (1 = first) of the
+    recommendation `recommendation_id`; both are required for it. A click, like or purchase
+    carrying `recommendation_id` (and, for a click, optionally its `position`) is credited to
+    the model version that recommended.
+    """
 
     user_id: str
     item_id: str
@@ -156,6 +220,8 @@ class FeedbackEvent:
     timestamp: TimeLike | None = None
     value: float | None = None
     event_id: str | None = None
+    recommendation_id: str | None = None
+    position: int | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +265,44 @@ class DeleteResult:
 
 
 @dataclass(frozen=True)
+class OnlineFigures:
+    """A version's online metrics over `window_seconds` (for a canary: since it began)."""
+
+    version: str
+    window_seconds: float
+    impressions: int
+    clicks: int
+    ctr: float
+    conversions: int
+    conversion_rate: float
+    mrr: float
+    clicks_with_position: int
+
+
+@dataclass(frozen=True)
+class CanaryInfo:
+    """A canary in progress: the candidate, its share of users, its rule and both versions' figures."""
+
+    candidate_version: str
+    percent: float
+    started_at: datetime | None
+    min_impressions: int
+    max_ctr_drop: float
+    candidate: OnlineFigures
+    current: OnlineFigures
+    decision: str
+
+
+@dataclass(frozen=True)
+class LoadedVersionInfo:
+    """A version in the server's memory, its role ("current" or "canary") and its estimated bytes."""
+
+    version: str
+    role: str
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """The server's model state."""
 
@@ -212,6 +316,12 @@ class ModelStatus:
     loaded_at: datetime | None
     metrics: dict[str, float]
     swap_count: int
+    canary: CanaryInfo | None = None
+    online_metrics: dict[str, OnlineFigures] = field(default_factory=dict)
+    loaded_versions: list[LoadedVersionInfo] = field(default_factory=list)
+    resident_memory_bytes: int = 0
+    unattributed_feedback: int = 0
+    last_canary_outcome: str = ""
 
 
 @dataclass(frozen=True)
@@ -225,13 +335,26 @@ class ModelVersionInfo:
     serving: bool
     active: bool
     unusable_reason: str = ""  # why it cannot serve (an invalid manifest, say); empty when it can
+    online: OnlineFigures | None = None  # over the server's sliding window, when it served attributed feedback
+    canary: bool = False  # serving a canary share now
 
 
 @dataclass(frozen=True)
 class ActivateResult:
-    """The version serving when the activation call returned."""
+    """The version serving when the activation call returned (the current one, for a canary),
+    and the canary started, if any."""
 
     serving_version: str
+    canary_version: str = ""
+    canary_percent: float = 0.0
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    """After a promote or an abort: the version serving everyone, and the dropped candidate (abort)."""
+
+    serving_version: str
+    aborted_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -246,7 +369,7 @@ class RollbackResult:
 # Request building: every check runs here, so invalid input fails with ValueError before a call
 # --------------------------------------------------------------------------------------------
 
-_EVENT_FIELDS = ("event_id", "user_id", "item_id", "action", "timestamp", "value")
+_EVENT_FIELDS = ("event_id", "user_id", "item_id", "action", "timestamp", "value", "recommendation_id", "position")
 _HISTORY_FIELDS = ("item_id", "action", "timestamp", "value")
 _ITEM_FIELDS = ("item_id", "title", "text", "category", "published_at", "expires_at", "attributes")
 OVERRIDE_FIELDS = tuple(f.name for f in recommender_pb2.TimeModelOverrides.DESCRIPTOR.fields)
@@ -330,6 +453,16 @@ def event_to_proto(event: FeedbackEvent | Mapping[str, Any] | Any) -> common_pb2
         message.timestamp.CopyFrom(_timestamp("event", "timestamp", fields["timestamp"]))
     if fields["value"] is not None:
         message.value = _number("event", "value", fields["value"])
+    if fields["recommendation_id"] is not None:
+        message.recommendation_id = _id("event", "recommendation_id", fields["recommendation_id"])
+    if fields["position"] is not None:
+        position = fields["position"]
+        problem = rules.position_problem(position)
+        if problem:
+            raise ValueError(f"event: position {problem}")
+        message.position = position
+    if message.action == rules.IMPRESSION_ACTION and (not message.recommendation_id or not message.HasField("position")):
+        raise ValueError("event: an impression needs its recommendation_id and position")
     return message
 
 
@@ -419,6 +552,38 @@ def build_recommend_request(
     return request
 
 
+def build_similar_request(
+    item_id: str | None = None,
+    *,
+    text: str | None = None,
+    k: int = 10,
+    at: TimeLike | None = None,
+    exclude: Iterable[str] = (),
+    categories: Iterable[str] = (),
+    semantic_weight: float | None = None,
+) -> recommender_pb2.SimilarItemsRequest:
+    """The SimilarItemsRequest of similar_items()'s arguments."""
+    if (item_id is None) == (text is None):
+        raise ValueError("similar_items: give an item_id or a text (one of them)")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"similar_items: k must be a positive integer, got {k!r}")
+    request = recommender_pb2.SimilarItemsRequest(
+        k=int(k), exclude_item_ids=_strings("exclude", exclude), categories=_strings("categories", categories)
+    )
+    if item_id is not None:
+        request.item_id = _id("similar_items", "item_id", item_id)
+    else:
+        request.text = _text("similar_items", "text", text)
+    if at is not None:
+        request.at.CopyFrom(_timestamp("similar_items", "at", at))
+    if semantic_weight is not None:
+        weight = _number("similar_items", "semantic_weight", semantic_weight)
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"similar_items: semantic_weight must be in [0, 1], got {semantic_weight!r}")
+        request.semantic_weight = weight
+    return request
+
+
 def feedback_request(events: Iterable[Any]) -> recommender_pb2.FeedbackRequest:
     """A FeedbackRequest of one non-empty batch of events."""
     messages = [event_to_proto(event) for event in events]
@@ -444,6 +609,46 @@ def _recommendation(item: recommender_pb2.ScoredItem) -> Recommendation:
         freshness=reasons.freshness,
         trend=reasons.trend,
         history=[HistoryReason(h.item_id, h.title, h.contribution) for h in reasons.history],
+    )
+
+
+def _recommend_result(response: recommender_pb2.RecommendResponse) -> RecommendResult:
+    return RecommendResult(
+        items=[_recommendation(item) for item in response.items],
+        model_version=response.model_version,
+        at=timestamp_to_datetime(response.at),
+        history_length=response.history_length,
+        recommendation_id=response.recommendation_id,
+    )
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _online(message: models_pb2.OnlineMetrics) -> OnlineFigures:
+    return OnlineFigures(
+        version=message.version,
+        window_seconds=message.window_seconds,
+        impressions=message.impressions,
+        clicks=message.clicks,
+        ctr=message.ctr,
+        conversions=message.conversions,
+        conversion_rate=message.conversion_rate,
+        mrr=message.mrr,
+        clicks_with_position=message.clicks_with_position,
+    )
+
+
+def _canary(message: models_pb2.CanaryStatus) -> CanaryInfo:
+    return CanaryInfo(
+        candidate_version=message.candidate_version,
+        percent=message.percent,
+        started_at=optional_timestamp(message, "started_at"),
+        min_impressions=message.policy.min_impressions,
+        max_ctr_drop=message.policy.max_ctr_drop,
+        candidate=_online(message.candidate),
+        current=_online(message.current),
+        decision=message.decision,
     )
 
 
@@ -654,13 +859,77 @@ class ChronorecClient:
     ) -> RecommendResult:
         """The top-k items for a user (or an anonymous inline history) as of `at` (default: now)."""
         request = build_recommend_request(user_id, k, at, history, exclude, categories, allow_repeats, overrides)
-        response = self._call(self._recommender.Recommend, request, timeout)
-        return RecommendResult(
-            items=[_recommendation(item) for item in response.items],
+        return _recommend_result(self._call(self._recommender.Recommend, request, timeout))
+
+    def recommend_batch(
+        self,
+        users: Iterable[str | Mapping[str, Any]],
+        k: int = 10,
+        at: TimeLike | None = None,
+        *,
+        timeout: float | None = None,
+        **defaults: Any,
+    ) -> BatchResult:
+        """Recommendations for many users in one call (at most the server's --max-batch-users).
+
+        Each entry is a user id, or a dict of recommend()'s arguments (user_id, k, at, history,
+        exclude, categories, allow_repeats, overrides) that override `k`, `at` and `defaults`.
+        Entries are answered in order; a bad one fails alone (its BatchEntry carries the status),
+        whether the server or this client finds it bad.
+        """
+        requests, local_errors = [], {}
+        for n, user in enumerate(users):
+            arguments = {"k": k, "at": at, **defaults, **({"user_id": user} if isinstance(user, str) else dict(user))}
+            try:
+                requests.append(build_recommend_request(**arguments))
+            except (TypeError, ValueError) as error:
+                # A request the server rejects as INVALID_ARGUMENT keeps the entries aligned.
+                requests.append(recommender_pb2.RecommendRequest())
+                local_errors[n] = str(error)
+        if not requests:
+            raise ValueError("recommend_batch: no users")
+        response = self._call(
+            self._recommender.RecommendBatch, recommender_pb2.RecommendBatchRequest(requests=requests), timeout
+        )
+        entries = []
+        for n, entry in enumerate(response.results):
+            if n in local_errors:
+                entries.append(BatchEntry(grpc.StatusCode.INVALID_ARGUMENT, local_errors[n]))
+            elif entry.code == 0:
+                entries.append(BatchEntry(grpc.StatusCode.OK, result=_recommend_result(entry.response)))
+            else:
+                entries.append(BatchEntry(_CODES.get(entry.code, grpc.StatusCode.UNKNOWN), entry.message))
+        return BatchResult(entries, response.encoded_texts)
+
+    def similar_items(
+        self,
+        item_id: str | None = None,
+        *,
+        text: str | None = None,
+        k: int = 10,
+        at: TimeLike | None = None,
+        exclude: Iterable[str] = (),
+        categories: Iterable[str] = (),
+        semantic_weight: float | None = None,
+        timeout: float | None = None,
+    ) -> SimilarResult:
+        """The k items most like `item_id` (or like `text`, for an item not in the catalog yet) that
+        are available at `at` (default now); NOT_FOUND for an unknown item."""
+        request = build_similar_request(item_id, text=text, k=k, at=at, exclude=exclude, categories=categories,
+                                        semantic_weight=semantic_weight)
+        response = self._call(self._recommender.SimilarItems, request, timeout)
+        return SimilarResult(
+            items=[SimilarItem(i.item_id, i.title, i.category, i.score, i.semantic, i.cooccurrence) for i in response.items],
             model_version=response.model_version,
             at=timestamp_to_datetime(response.at),
-            history_length=response.history_length,
+            semantic_weight=response.semantic_weight,
         )
+
+    def delete_user(self, user_id: str, *, timeout: float | None = None) -> DeleteUserResult:
+        """Erase a user's events and impressions everywhere (admin token); safe to repeat."""
+        request = recommender_pb2.DeleteUserRequest(user_id=_id("delete_user", "user_id", user_id))
+        response = self._call(self._recommender.DeleteUser, request, timeout)
+        return DeleteUserResult(response.events_deleted, response.impressions_deleted)
 
     def feedback(self, events: Iterable[Any], *, timeout: float | None = None) -> FeedbackResult:
         """Stores one batch of events atomically; retrying is safe because events are idempotent by id."""
@@ -725,6 +994,12 @@ class ChronorecClient:
             loaded_at=optional_timestamp(response, "loaded_at"),
             metrics=dict(response.metrics),
             swap_count=response.swap_count,
+            canary=_canary(response.canary) if response.HasField("canary") else None,
+            online_metrics={m.version: _online(m) for m in response.online_metrics},
+            loaded_versions=[LoadedVersionInfo(v.version, v.role, v.memory_bytes) for v in response.loaded_versions],
+            resident_memory_bytes=response.resident_memory_bytes,
+            unattributed_feedback=response.unattributed_feedback,
+            last_canary_outcome=response.last_canary_outcome,
         )
 
     def list_versions(self, *, timeout: float | None = None) -> list[ModelVersionInfo]:
@@ -739,15 +1014,49 @@ class ChronorecClient:
                 serving=v.serving,
                 active=v.active,
                 unusable_reason=v.unusable_reason,
+                online=_online(v.online) if v.HasField("online") else None,
+                canary=v.canary,
             )
             for v in response.versions
         ]
 
-    def activate(self, version: str, wait: bool = True, *, timeout: float | None = None) -> ActivateResult:
-        """Makes `version` the serving one; with `wait`, returns after the hot swap completes or fails."""
+    def activate(
+        self,
+        version: str,
+        wait: bool = True,
+        *,
+        canary_percent: float | None = None,
+        min_impressions: int = 0,
+        max_ctr_drop: float = 0.0,
+        timeout: float | None = None,
+    ) -> ActivateResult:
+        """Makes `version` the serving one; with `wait`, returns after the hot swap completes or fails.
+
+        With `canary_percent`, `version` serves that share of users (a stable hash of the user id)
+        beside the current one instead, once loaded. With `min_impressions`, the canary decides by
+        itself once both versions logged that many impressions: promoted when its CTR is at least
+        the current's minus `max_ctr_drop`, else aborted.
+        """
         request = models_pb2.ActivateVersionRequest(version=_text("activate", "version", version), wait=wait)
+        if canary_percent is not None:
+            request.canary_percent = _number("activate", "canary_percent", canary_percent)
+            if min_impressions:
+                request.canary_policy.min_impressions = int(min_impressions)
+                request.canary_policy.max_ctr_drop = _number("activate", "max_ctr_drop", max_ctr_drop)
+        elif min_impressions or max_ctr_drop:
+            raise ValueError("activate: min_impressions and max_ctr_drop need canary_percent")
         response = self._call(self._models.ActivateVersion, request, timeout)
-        return ActivateResult(serving_version=response.serving_version)
+        return ActivateResult(response.serving_version, response.canary_version, response.canary_percent)
+
+    def promote_canary(self, *, timeout: float | None = None) -> CanaryResult:
+        """Makes the canary serve everyone (it is loaded already: no swap)."""
+        response = self._call(self._models.PromoteCanary, models_pb2.PromoteCanaryRequest(), timeout)
+        return CanaryResult(serving_version=response.serving_version)
+
+    def abort_canary(self, *, timeout: float | None = None) -> CanaryResult:
+        """Ends the canary: every user is served by the current version again, no call failing."""
+        response = self._call(self._models.AbortCanary, models_pb2.AbortCanaryRequest(), timeout)
+        return CanaryResult(serving_version=response.serving_version, aborted_version=response.aborted_version)
 
     def rollback(self, wait: bool = True, *, timeout: float | None = None) -> RollbackResult:
         """Re-activates the previously serving version. Never retried: a repeat would roll back twice."""

@@ -16,6 +16,12 @@ SECONDS_PER_DAY = 86400.0
 # google.protobuf.Timestamp: nanos must lie in [0, NANOS_PER_SECOND).
 NANOS_PER_SECOND = 1_000_000_000
 
+# The Feedback action that logs what a user was shown (with a recommendation id and a position)
+# rather than what they did: it feeds the online metrics and no history.
+IMPRESSION_ACTION = "impression"
+# The 1-based rank a recommendation showed an item at: at least 1, at most the largest k asked for.
+MAX_POSITION = 1_000_000
+
 # C0 controls, DEL and C1 controls (U+0080..U+009F, e.g. NEL U+0085). Never intended in an id;
 # they break log lines and terminals, and SQLite's length() stops at NUL, which would turn a
 # NUL-prefixed id into a constraint failure instead of a clear error.
@@ -65,3 +71,12 @@ def check_time(seconds: float, what: str) -> float:
     if problem:
         raise ValueError(f"{what} {problem}")
     return float(seconds)
+
+
+def position_problem(position: object) -> str | None:
+    """What is wrong with `position` as the 1-based rank an item was shown at, or None."""
+    if isinstance(position, bool) or not isinstance(position, int):
+        return f"must be a whole number, got {position!r}"
+    if not 1 <= position <= MAX_POSITION:
+        return f"must be between 1 and {MAX_POSITION}, got {position}"
+    return None

@@ -198,6 +198,8 @@ def build_engine(config: ServerConfig, on_batch: Callable[[int], None] | None = 
         settings,
         cooccurrence_refresh_s=config.cooccurrence_refresh_s,
         watch_interval_s=config.watch_interval_s,
+        online_metrics_window_s=config.online_metrics_window_s,
+        served_log_capacity=config.recommendations_remembered,
         replica_name=config.replica_name or "",
     )
 

@@ -24,6 +24,8 @@ class Limits:
     max_upsert_batch: int = 5000
     max_categories: int = 1000
     max_item_attributes: int = 64
+    # Users one RecommendBatch may ask for.
+    max_batch_users: int = 256
     # Calls being worked on at once: a unary call from its request to its answer, a stream while
     # one of its messages is handled. Health and reflection are not counted.
     max_concurrent_rpcs: int = 64
@@ -75,6 +77,10 @@ class ServerConfig:
     vector_cache_dir: Path | None = None  # default: <models>/vector-cache
     watch_interval_s: float = 2.0
     cooccurrence_refresh_s: float = 300.0
+    # Online metrics per model version are counted over this sliding window.
+    online_metrics_window_s: float = 3600.0
+    # Recommendations whose items are kept, to give a click without a position its rank.
+    recommendations_remembered: int = 100_000
     grace_s: float = 10.0
     # Transport and stream timeouts in seconds; 0 turns a connection-age or idle setting off.
     stream_idle_timeout_s: float = 60.0
@@ -109,6 +115,10 @@ class ServerConfig:
         for name in ("max_connection_idle_s", "max_connection_age_s", "max_connection_age_grace_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{flag_name(name[:-2])} must be 0 (off) or more seconds, got {getattr(self, name)!r}")
+        if not self.online_metrics_window_s > 0:
+            raise ValueError(f"--online-metrics-window must be more than 0 seconds, got {self.online_metrics_window_s!r}")
+        if isinstance(self.recommendations_remembered, bool) or not self.recommendations_remembered >= 0:
+            raise ValueError(f"--recommendations-remembered must be 0 or more, got {self.recommendations_remembered!r}")
         if self.limits.max_texts_per_encode > self.encoder_max_queue:
             # An Encode's texts enter the encoder queue at once (its call then waits holding no thread).
             raise ValueError(
@@ -172,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where item vectors and saved graphs are kept (default MODELS/vector-cache)")
     add("--watch-interval", dest="watch_interval_s", type=float, default=float(_env("watch_interval", d.watch_interval_s)), help="seconds between checks of the model pointer")
     add("--cooccurrence-refresh", dest="cooccurrence_refresh_s", type=float, default=float(_env("cooccurrence_refresh", d.cooccurrence_refresh_s)))
+    add("--online-metrics-window", dest="online_metrics_window_s", type=float,
+        default=float(_env("online_metrics_window", d.online_metrics_window_s)),
+        help="seconds of the sliding window of the online metrics per model version (impressions, CTR, conversions, MRR)")
+    add("--recommendations-remembered", type=int, default=int(_env("recommendations_remembered", d.recommendations_remembered)),
+        help="recent recommendations whose items are kept (~0.2 kB each), so a click sent without a position gets the rank it was shown at")
     add("--grace", dest="grace_s", type=float, default=float(_env("grace", d.grace_s)), help="seconds in-flight calls get on SIGTERM")
     add("--stream-idle-timeout", dest="stream_idle_timeout_s", type=float, default=float(_env("stream_idle_timeout", d.stream_idle_timeout_s)),
         help="seconds a call may wait for its client's next request message (a unary call's body, a stream's next message); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import hashlib
 import hmac
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import grpc
 
-from chronorec.server.service.interceptors import reject
+from chronorec.server.service.interceptors import behavior_of, reject, replace_behavior, run_behavior
 
 log = logging.getLogger("chronorec.security")
 
@@ -209,6 +210,29 @@ class TokenTable:
         return found
 
 
+# Who the call being handled is: set by AuthInterceptor in the call's own task, so it holds for
+# that call alone. Work handed to a thread does not carry it: servicers read it first.
+_CALLER: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("chronorec_caller", default=None)
+
+
+def caller_label(context: grpc.aio.ServicerContext | None = None) -> str:
+    """The label of the calling token (what audit lines name); without authentication, the peer."""
+    principal = _CALLER.get()
+    if principal is not None:
+        return principal.label
+    return f"unauthenticated@{context.peer()}" if context is not None else "unauthenticated"
+
+
+def _as_principal(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
+    inner = behavior_of(handler)
+
+    async def authenticated(request, context):
+        _CALLER.set(principal)
+        return await run_behavior(inner, request, context)
+
+    return replace_behavior(handler, authenticated)
+
+
 def bearer_token(metadata) -> str | None:
     """The token of the one `authorization: Bearer ...` header, or None (absent, repeated or malformed)."""
     values = [value for key, value in (metadata or ()) if key == "authorization"]
@@ -256,7 +280,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{method} needs a {needed.name.lower()} token; this one is {principal.role.name.lower()}",
             )
-        return handler
+        return _as_principal(handler, principal)
 
 
 def _read_pem(path: Path | None, what: str, marker: bytes) -> bytes | None:

@@ -36,3 +36,17 @@ class Event:
     action: str
     timestamp: float
     value: float | None = None
+
+
+@dataclass(frozen=True)
+class Impression:
+    """An item shown to a user at a 1-based `position` of the recommendation `recommendation_id`
+    (a Feedback event of action "impression"). Kept apart from the events: what a user was shown
+    is not what they did, so it is in no history, co-occurrence or trend count."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    recommendation_id: str
+    position: int
+    timestamp: float

@@ -5,26 +5,33 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.canary import CanaryJudge, CanaryPlan, CanaryPolicy, CanaryState
+from chronorec.server.core.catalog import Event, Impression, Item
 from chronorec.server.core.catalog_state import CatalogState
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.encoder import EncoderSettings
-from chronorec.server.core.errors import InvalidArgument, NotFound, Unavailable
+from chronorec.server.core.errors import ChronorecError, InvalidArgument, NotFound, Unavailable
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.itemtext import item_text
 from chronorec.server.core.model_lifecycle import ModelManager, PointerWatcher, RankerInputs
+from chronorec.server.core.online_metrics import FeedbackAttribution, Figures, RecommendationRef
 from chronorec.server.core.ranking import CooccurrenceSource, RecommendQuery, RecommendResult
 from chronorec.server.core.replication import LogFollower, ReplicaHeartbeat, ReplicaInfo
 from chronorec.server.core.repository import ModelRepository
+from chronorec.server.core.similar import SimilarItem, SimilarQuery, default_semantic_weight, similar_items
 from chronorec.server.core.stores import SharedLog, Store
 
 log = logging.getLogger("chronorec.engine")
+# Erasures, one line each, naming the user and the caller: what an auditor asks for.
+audit = logging.getLogger("chronorec.audit")
 
 
 @dataclass
@@ -32,6 +39,27 @@ class Recommendations:
     result: RecommendResult
     model_version: str
     at: float
+    recommendation_id: str = ""
+
+
+@dataclass(frozen=True)
+class SimilarItems:
+    """SimilarItems' answer: the neighbours, the version that compared them, the as-of time and
+    the semantic weight used."""
+
+    items: list[SimilarItem]
+    model_version: str
+    at: float
+    semantic_weight: float
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """A version in memory, its role ("current" or "canary") and its estimated bytes."""
+
+    version: str
+    role: str
+    memory_bytes: int
 
 
 @dataclass(frozen=True)
@@ -50,6 +78,12 @@ class ServingStatus:
     swap_count: int
     last_swap_seconds: float | None
     encoder_queue_depth: int
+    canary: CanaryState | None = None
+    online: dict[str, Figures] = field(default_factory=dict)  # per version, over the sliding window
+    loaded_versions: list[LoadedVersion] = field(default_factory=list)
+    resident_memory_bytes: int = 0
+    unattributed_feedback: int = 0
+    last_canary_outcome: str = ""
     # Every replica of the service heard from lately (this one alone over an SQLite store).
     replicas: list[ReplicaInfo] = field(default_factory=list)
     applied_seq: int = 0  # how far this replica has followed the shared change log (0 over SQLite)
@@ -66,6 +100,8 @@ class VersionStatus:
     serving: bool
     active: bool
     unusable_reason: str  # "" for a version that can serve
+    online: Figures | None = None  # over the sliding window, when it served attributed feedback there
+    canary: bool = False
 
 
 class ChronorecEngine:
@@ -86,6 +122,8 @@ class ChronorecEngine:
         *,
         cooccurrence_refresh_s: float = 300.0,
         watch_interval_s: float | None = 2.0,
+        online_metrics_window_s: float = 3600.0,
+        served_log_capacity: int = 100_000,
         replica_name: str = "",
         heartbeat_interval_s: float = 2.0,
     ):
@@ -105,6 +143,12 @@ class ChronorecEngine:
             repository, settings or EncoderSettings(), RankerInputs(self.catalog, self.state, self.cooccurrence)
         )
         self.cooccurrence_refresh_s = cooccurrence_refresh_s
+        self.online = FeedbackAttribution.for_repository(repository.root, online_metrics_window_s, served_log_capacity)
+        self.canary_judge = CanaryJudge(self.manager, self.online.metrics)
+        self.manager.canary_judge = self.canary_judge
+        # A user's events reach the store and the memory in one step, and leave them in one step:
+        # an erasure never interleaves with a write of the same user's events.
+        self._user_writes = threading.Lock()
         self.watch_interval_s = watch_interval_s
         self._watcher: PointerWatcher | None = None
         self._refresher: threading.Thread | None = None
@@ -123,6 +167,7 @@ class ChronorecEngine:
         if version is None:
             return
         serving = self._load_first_good(version)
+        self.manager.sync_canary()  # resume a canary the repository records
         if self.watch_interval_s:
             self._watcher = PointerWatcher(self.manager, self.watch_interval_s).start()
         if self.cooccurrence_refresh_s:
@@ -298,23 +343,139 @@ class ChronorecEngine:
     def recommend(self, query: RecommendQuery, timeout: float | None = None) -> Recommendations:
         """Top-k as of `query.at` (default now) with the serving version's time model and the
         query's overrides; `timeout` bounds the wait for the encoder (DEADLINE_EXCEEDED past it)."""
+        at = self._checked_time(query)
+        with self.manager.acquire_for(query.user_id) as model:
+            timeout = query.encode_timeout if timeout is None else timeout
+            resolved = replace(query, at=at, user_id=query.user_id or None, encode_timeout=timeout)
+            result = model.ranker.recommend(resolved.resolved(model.manifest.time_model))
+            return self._named(result, model.version, at, resolved.user_id)
+
+    def _checked_time(self, query: RecommendQuery) -> float:
+        """The query's as-of time (default now), once its inline history names catalog items at or before it."""
         at = time.time() if query.at is None else float(query.at)
         for i, entry in enumerate(query.inline_history):
             if entry.item_id not in self.catalog:
                 raise NotFound(f"history event {i}: item {entry.item_id!r} is not in the catalog")
             if entry.timestamp > at:
                 raise InvalidArgument(f"history event {i} is after the request's time `at`")
-        with self.manager.acquire() as model:
-            timeout = query.encode_timeout if timeout is None else timeout
-            resolved = replace(query, at=at, user_id=query.user_id or None, encode_timeout=timeout)
-            result = model.ranker.recommend(resolved.resolved(model.manifest.time_model))
-            return Recommendations(result, model.version, at)
+        return at
 
-    def feedback(self, events: list[Event]) -> tuple[int, int]:
-        """Store a batch atomically; the next Recommend sees it. Returns (stored, duplicates)."""
-        stored, duplicates = self.store.add_events(events)
-        self.state.add(stored)
-        return len(stored), duplicates
+    def _named(self, result: RecommendResult, version: str, at: float, user_id: str | None) -> Recommendations:
+        recommendation_id = self.online.issue(version, user_id, [r.item_id for r in result.items])
+        return Recommendations(result, version, at, recommendation_id)
+
+    def recommend_batch(
+        self, queries: list[RecommendQuery | ChronorecError], timeout: float | None = None
+    ) -> tuple[list[Recommendations | ChronorecError], int]:
+        """Recommend for each query, in order; an entry that is already an error (the servicer's
+        validation), or fails here, is answered by its error alone. The history texts the cache
+        lacks are encoded together, one encoder call per serving version (current, canary).
+        Returns (one answer per entry, texts encoded)."""
+        answers: list[Recommendations | ChronorecError] = list(queries)
+        groups: dict[int, tuple[object, list[tuple[int, RecommendQuery]]]] = {}
+        pinned = []
+        try:
+            for i, query in enumerate(queries):
+                if isinstance(query, ChronorecError):
+                    continue
+                try:
+                    at = self._checked_time(query)
+                    model = self.manager.acquire_for(query.user_id)
+                except ChronorecError as error:
+                    answers[i] = error
+                    continue
+                pinned.append(model)
+                try:
+                    resolved = replace(query, at=at, user_id=query.user_id or None, encode_timeout=timeout)
+                    resolved = resolved.resolved(model.manifest.time_model)
+                except ChronorecError as error:
+                    answers[i] = error
+                    continue
+                groups.setdefault(id(model), (model, []))[1].append((i, resolved))
+            encoded = 0
+            for model, members in groups.values():
+                encoded += model.ranker.warm_short_term([query for _, query in members], timeout)
+                for i, query in members:
+                    try:
+                        answers[i] = self._named(model.ranker.recommend(query), model.version, query.at, query.user_id)
+                    except ChronorecError as error:
+                        answers[i] = error
+            return answers, encoded
+        finally:
+            for model in pinned:
+                model.release()
+
+    def similar_items(self, query: SimilarQuery, timeout: float | None = None) -> SimilarItems:
+        """The items most like `query`'s item (or text) and available at its time (default now)."""
+        at = time.time() if query.at is None else float(query.at)
+        query = replace(query, at=at)
+        with self.manager.acquire() as model:
+            if query.item_id is not None:
+                item = self.catalog.get(query.item_id)
+                if item is None:
+                    raise NotFound(f"item {query.item_id!r} is not in the catalog")
+                vectors, present = model.index.vectors_matrix_for([query.item_id])
+                vector = vectors[0] if present[0] else model.encode([item_text(item)], timeout=timeout)[0]
+            else:
+                if not query.text or not query.text.strip():
+                    raise InvalidArgument("give an item_id or a non-empty text")
+                vector = model.encode([query.text], timeout=timeout)[0]
+            norm = float(np.linalg.norm(vector))
+            if not norm > 1e-12:
+                raise InvalidArgument("the item's vector is zero; it has no semantic neighbours")
+            weight = query.semantic_weight
+            if weight is None:
+                weight = default_semantic_weight(model.manifest.time_model)
+            items = similar_items(query, (vector / norm).astype(np.float32), self.catalog, model.index,
+                                  self.cooccurrence.model, weight)
+            return SimilarItems(items, model.version, at, weight)
+
+    def feedback(
+        self,
+        events: list[Event],
+        impressions: Sequence[Impression] = (),
+        sources: dict[str, RecommendationRef] | None = None,
+    ) -> tuple[int, int]:
+        """Store a batch atomically; the next Recommend sees it. Returns (stored, duplicates).
+
+        `impressions` (what users were shown) are stored in their own transaction after the events
+        and enter no history; `sources` maps event ids to the recommendation they answer. Newly
+        stored impressions and clicks, likes and purchases are attributed in the online metrics
+        (a retried batch counts nothing twice: only new rows count)."""
+        with self._user_writes:
+            stored, duplicates = self.store.add_events(events) if events else ([], 0)
+            self.state.add(stored)
+        shown: list[Impression] = []
+        if impressions:
+            shown, repeated = self.store.add_impressions(impressions)
+            duplicates += repeated
+        self.online.attribute(stored, sources or {}, shown)
+        return len(stored) + len(shown), duplicates
+
+    def delete_user(self, user_id: str, by: str = "") -> tuple[int, int]:
+        """Erase `user_id` (idempotent): their events and impressions leave the store for good, and
+        every in-memory trace goes (history, co-occurrence, trend counts, cached history vectors,
+        recorded recommendations); the erasure is recorded, so their events dated before it are
+        never stored again and the trainer leaves them out. Returns (events, impressions) deleted;
+        `by` names the caller in the audit line."""
+        with self._user_writes:
+            events, impressions = self.store.delete_user(user_id)
+            self.state.remove_user(user_id)
+        self.forget_user(user_id)
+        audit.info("user erased: user_id=%r by=%s events=%d impressions=%d", user_id, by or "-", events, impressions)
+        return events, impressions
+
+    def forget_user(self, user_id: str) -> None:
+        """Drop every in-memory trace of `user_id` (what a replica does when the log says the user
+        was erased elsewhere). The co-occurrence model is refitted without them (~1 s per 100k
+        events), and the short-term caches are emptied: their keys do not say whose a vector is."""
+        removed = self.state.remove_user(user_id)
+        self.refit_cooccurrence()
+        for _, model in self.manager.loaded():
+            model.ranker.clear_cache()
+        self.online.forget_user(user_id)
+        if removed:
+            log.info("forgot %d in-memory events of an erased user", removed)
 
     def upsert_items(self, items: list[Item]) -> tuple[int, int]:
         # The catalog lock first: a swap installs its model under it, so the model pinned here
@@ -376,6 +537,7 @@ class ChronorecEngine:
             last_error=manager.last_error,
             swap_count=manager.swap_count,
             last_swap_seconds=manager.last_swap_seconds,
+            **self._online_status(),
             replicas=self.replicas(),
             applied_seq=self.follower.cursor if self.follower else 0,
         )
@@ -403,10 +565,24 @@ class ChronorecEngine:
         # This replica as it is now, not as its last heartbeat described it.
         return sorted(others + [this], key=lambda r: r.name)
 
+    def _online_status(self) -> dict:
+        """GetStatus' canary, online metrics and memory."""
+        loaded = [LoadedVersion(model.version, role, model.memory_bytes()) for role, model in self.manager.loaded()]
+        return dict(
+            canary=self.canary_judge.state(),
+            online=self.online.metrics.window(),
+            loaded_versions=loaded,
+            resident_memory_bytes=resident_memory_bytes(),
+            unattributed_feedback=self.online.metrics.unattributed,
+            last_canary_outcome=self.manager.last_canary_outcome,
+        )
+
     def list_versions(self) -> list[VersionStatus]:
         """Every version of the repository, those that cannot serve with the reason."""
         serving = self.manager.current_version()
         active = self.repository.current()
+        online = self.online.metrics.window()
+        canary = self.manager.canary_version()
         out = []
         for info in self.repository.describe_versions():
             manifest = info.manifest
@@ -419,6 +595,8 @@ class ChronorecEngine:
                     serving=info.version == serving,
                     active=info.version == active,
                     unusable_reason=self.manager.public_message(info.problem),
+                    online=online.get(info.version),
+                    canary=info.version == canary,
                 )
             )
         return out
@@ -428,10 +606,36 @@ class ChronorecEngine:
         returns the version serving afterwards."""
         return self.manager.activate(version, wait=wait)
 
+    def start_canary(self, version: str, percent: float, policy: CanaryPolicy | None = None) -> CanaryPlan:
+        """Serve `version` to `percent` % of users beside the current version (it loads first);
+        InvalidArgument for a percentage outside 0..100, FailedPrecondition while a canary runs."""
+        plan = CanaryPlan(version, percent, policy=policy or CanaryPolicy())
+        self.manager.start_canary(plan)
+        return plan
+
+    def promote_canary(self) -> str:
+        """The canary serves everyone from now on; returns it."""
+        return self.manager.promote_canary("by hand")
+
+    def abort_canary(self) -> str:
+        """Everyone is served by the current version again; returns the dropped candidate."""
+        return self.manager.abort_canary("by hand")
+
     def rollback(self, wait: bool = True) -> tuple[str, str]:
         """Re-activate the previous version; returns (the version now active, the one serving)."""
         active = self.manager.rollback(wait=wait)
         return active, self.manager.current_version() or ""
+
+
+def resident_memory_bytes() -> int:
+    """The process's resident memory now (Linux /proc), else its peak (getrusage)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _numeric(metrics: dict) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -15,11 +16,12 @@ from chronorec.server.core.timetext import HistoryEntry
 class _UserLog:
     """One user's events sorted by time; equal times keep arrival order."""
 
-    __slots__ = ("timestamps", "entries")
+    __slots__ = ("timestamps", "entries", "event_ids")
 
     def __init__(self) -> None:
         self.timestamps: list[float] = []
         self.entries: list[HistoryEntry] = []
+        self.event_ids: list[str] = []  # in arrival order; erasure forgets them with the user
 
     def insert(self, entry: HistoryEntry) -> None:
         if not self.timestamps or entry.timestamp >= self.timestamps[-1]:
@@ -72,6 +74,8 @@ class InteractionState:
                 if log is None:
                     log = self._users[event.user_id] = _UserLog()
                 log.insert(HistoryEntry(event.item_id, event.action, timestamp, event.value))
+                if event.event_id:
+                    log.event_ids.append(event.event_id)
                 item = self._item_index.get(event.item_id)
                 if item is None:
                     item = self._item_index[event.item_id] = len(self._item_ids)
@@ -103,6 +107,29 @@ class InteractionState:
             with self._lock.write():
                 if self._pending_times:
                     self._merge_pending()
+
+    def remove_user(self, user_id: str) -> int:
+        """Forget every event of `user_id` (erasure): the history, its share of every popularity
+        count, and its event ids (a later event may reuse one). Returns how many events went."""
+        with self._lock.write():
+            log = self._users.pop(user_id, None)
+            if log is None:
+                return 0
+            if self._pending_times:
+                self._merge_pending()
+            self._event_ids.difference_update(log.event_ids)
+            # The global arrays do not say whose an event is, but events of one time and one item
+            # are interchangeable in every count: dropping any that many of them is exact.
+            wanted = Counter((entry.timestamp, self._item_index[entry.item_id]) for entry in log.entries)
+            drop = np.zeros(len(self._times), dtype=bool)
+            for (timestamp, item), count in wanted.items():
+                lo = int(np.searchsorted(self._times, timestamp, side="left"))
+                hi = int(np.searchsorted(self._times, timestamp, side="right"))
+                matches = lo + np.flatnonzero((self._items[lo:hi] == item) & ~drop[lo:hi])
+                drop[matches[:count]] = True
+            self._times = self._times[~drop]
+            self._items = self._items[~drop]
+            return len(log.entries)
 
     # ------------------------------------------------------------ histories
 

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from chronorec.server.core.canary import CanaryJudge, CanaryPlan, read_plan, write_plan
 from chronorec.server.core.catalog_state import CatalogState
 from chronorec.server.core.encoder import EncoderSettings, MicroBatcher, OnnxEncoder, load_encoder
 from chronorec.server.core.errors import FailedPrecondition, NotFound, Unavailable, redact_paths
@@ -45,6 +46,8 @@ class ServingModel:
     index: ItemIndex
     ranker: TimeAwareRanker
     loaded_at: float = field(default_factory=time.time)
+    # The catalog version its index reflects (a canary's index catches up on each watcher tick).
+    catalog_version: int = 0
     _inflight: int = 0
     _retired: bool = False
     _closed: bool = False
@@ -87,6 +90,19 @@ class ServingModel:
         self.batcher.close()
         log.info("released model version %s", self.version)
 
+    def memory_bytes(self) -> int:
+        """What this version holds in memory, estimated from its parts: the index's vector matrix,
+        hnswlib's graph (its level 0 keeps a copy of each vector with 2·M links), the encoder graph
+        (ONNX Runtime holds about its file's size in weights) and the short-term vector cache."""
+        index = self.index
+        vectors = index.capacity * index.dim * 4
+        graph = index.capacity * (index.dim * 4 + 2 * index.M * 4 + 16)
+        try:
+            weights = (self.encoder.version_dir / self.encoder.model_file).stat().st_size
+        except OSError:
+            weights = 0
+        return vectors + graph + weights + int(getattr(self.ranker, "short_term_cache_bytes", 0))
+
     def __enter__(self) -> "ServingModel":
         return self
 
@@ -102,6 +118,14 @@ class ModelManager:
         self.settings = settings
         self.inputs = inputs
         self._current: ServingModel | None = None
+        # A candidate serving canary_plan.percent of users beside the current version.
+        self._canary: ServingModel | None = None
+        self.canary_plan: CanaryPlan | None = None
+        self.last_canary_outcome = ""
+        # Applies a canary's promote/abort rule on each watcher tick (set by the engine).
+        self.canary_judge: CanaryJudge | None = None
+        # Held only to flip the canary (never across a build), so an abort never waits for a swap.
+        self._canary_lock = threading.Lock()
         self._swap_lock = threading.Lock()
         self.swap_target: str | None = None
         self.last_error: str = ""
@@ -127,6 +151,29 @@ class ModelManager:
             except Unavailable:
                 continue  # swapped and released between the read and the pin; take the new one
         raise Unavailable("the model is being swapped; retry")
+
+    def acquire_for(self, user_id: str | None) -> ServingModel:
+        """The model serving `user_id`: the canary for the users its plan picks, else the
+        current one; pinned as `acquire()` pins."""
+        canary, plan = self._canary, self.canary_plan
+        if canary is not None and plan is not None and plan.serves(user_id):
+            try:
+                return canary.acquire()
+            except Unavailable:
+                pass  # aborted between the read and the pin: the current version serves
+        return self.acquire()
+
+    def loaded(self) -> list[tuple[str, ServingModel]]:
+        """(role, model) of the versions in memory: "current", then "canary"."""
+        out = []
+        for role, model in (("current", self._current), ("canary", self._canary)):
+            if model is not None:
+                out.append((role, model))
+        return out
+
+    def canary_version(self) -> str | None:
+        model = self._canary
+        return model.version if model is not None else None
 
     def try_acquire(self) -> ServingModel | None:
         """The serving model pinned as `acquire()` does, or None while none is loaded."""
@@ -172,23 +219,29 @@ class ModelManager:
                 encode=batcher.encode,
                 encoder_max_length=encoder.max_length,
             )
-            return ServingModel(version, encoder.manifest, encoder, batcher, index, ranker), snapshot_version
+            model = ServingModel(version, encoder.manifest, encoder, batcher, index, ranker)
+            model.catalog_version = snapshot_version
+            return model, snapshot_version
         except BaseException:
             batcher.close()
             raise
 
-    def _install(self, model: ServingModel, snapshot_version: int) -> None:
-        # Edits made while the new index was built are applied under the catalog lock, so no
-        # upsert or delete is lost between the snapshot and the switch.
+    def _catch_up(self, model: ServingModel, snapshot_version: int) -> None:
+        # Caller holds the catalog lock. Edits made while the new index was built are applied
+        # before the model serves, so no upsert or delete is lost between the snapshot and the switch.
         catalog = self.inputs.catalog
-        with catalog.lock:
-            changed = catalog.changed_since(snapshot_version)
-            live = [item for item in map(catalog.get, changed) if item is not None]
-            gone = [i for i in changed if i not in catalog]
-            if live:
-                model.index.upsert([i.item_id for i in live], model.encoder.encode([item_text(i) for i in live]))
-            if gone:
-                model.index.delete([i for i in gone if i in model.index])
+        changed = catalog.changed_since(snapshot_version)
+        live = [item for item in map(catalog.get, changed) if item is not None]
+        gone = [i for i in changed if i not in catalog]
+        if live:
+            model.index.upsert([i.item_id for i in live], model.encoder.encode([item_text(i) for i in live]))
+        if gone:
+            model.index.delete([i for i in gone if i in model.index])
+        model.catalog_version = catalog.version
+
+    def _install(self, model: ServingModel, snapshot_version: int) -> None:
+        with self.inputs.catalog.lock:
+            self._catch_up(model, snapshot_version)
             old, self._current = self._current, model
         if old is not None:
             old.retire()
@@ -231,6 +284,8 @@ class ModelManager:
         wanted = self.repository.current()
         if wanted is None or wanted == self.current_version() or self.swap_in_progress:
             return False
+        if wanted == self.canary_version():
+            return False  # promoted by another server on this repository: sync_canary adopts it
         if self.last_error.startswith(f"version {wanted} refused"):
             return False  # do not retry a refused version on every tick
         try:
@@ -247,8 +302,14 @@ class ModelManager:
             # The version is there, but broken: the caller's request is fine, the repository is not.
             raise FailedPrecondition(self.public_message(f"model version {version!r} is unusable: {info.problem}"))
 
+    def _refuse_during_canary(self, what: str) -> None:
+        plan = self.canary_plan
+        if plan is not None:
+            raise FailedPrecondition(f"a canary of {plan.candidate} is running: promote or abort it before {what}")
+
     def activate(self, version: str, wait: bool = True) -> str:
         """Make `version` the active one; returns the version serving afterwards."""
+        self._refuse_during_canary(f"activating {version}")
         self._check_activatable(version)
         if not wait:
             self.last_error = ""
@@ -259,6 +320,7 @@ class ModelManager:
 
     def rollback(self, wait: bool = True) -> str:
         """Re-activate the previous version; returns the version the pointer names afterwards."""
+        self._refuse_during_canary("rolling back")
         previous = self.repository.previous()
         if not wait:
             self.last_error = ""
@@ -266,10 +328,153 @@ class ModelManager:
         self.load_version(previous, before_install=self.repository.rollback)
         return previous
 
+    # ---- canary -----------------------------------------------------------------------
+
+    def start_canary(self, plan: CanaryPlan, record: bool = True) -> ServingModel:
+        """Load `plan.candidate` beside the current version and serve it to the plan's users.
+
+        The plan is recorded in the repository (with `record`) only once the candidate loaded and
+        passed its checks, so a candidate that cannot serve never becomes every replica's canary.
+        FailedPrecondition while a canary runs, a swap is in progress, or the candidate serves already.
+        """
+        if self.canary_plan is not None:
+            raise FailedPrecondition(f"a canary of {self.canary_plan.candidate} is running: promote or abort it first")
+        if plan.candidate == self.current_version():
+            raise FailedPrecondition(f"model version {plan.candidate} is serving already; a canary needs another version")
+        self._check_activatable(plan.candidate)
+        if not self._swap_lock.acquire(blocking=False):
+            raise FailedPrecondition(f"a swap to {self.swap_target} is in progress; start the canary after it")
+        try:
+            if self.canary_plan is not None:
+                raise FailedPrecondition(f"a canary of {self.canary_plan.candidate} is running: promote or abort it first")
+            self.swap_target = plan.candidate
+            try:
+                model, snapshot_version = self.build(plan.candidate)
+            except Exception as exc:
+                self.last_error = self.public_message(f"canary {plan.candidate} refused: {exc}")
+                log.error("canary version %s refused: %s", plan.candidate, exc)
+                raise
+            try:
+                if record:
+                    write_plan(self.repository, plan)
+                with self.inputs.catalog.lock, self._canary_lock:
+                    self._catch_up(model, snapshot_version)
+                    self._canary, self.canary_plan = model, plan
+                    if self.canary_judge is not None:
+                        self.canary_judge.started(plan, self.current_version())
+            except BaseException:
+                model.retire()
+                raise
+            self.last_error = ""
+            log.info("canary: %s serves %g%% of users beside %s", plan.candidate, plan.percent, self.current_version())
+            return model
+        finally:
+            self.swap_target = None
+            self._swap_lock.release()
+
+    def promote_canary(self, outcome: str = "by hand", move_pointer: bool = True) -> str:
+        """Make the canary the current version for everyone, without reloading it; returns it.
+        The repository pointer moves first, so a restart serves what this server serves."""
+        if not self._swap_lock.acquire(blocking=False):
+            raise FailedPrecondition(f"a swap to {self.swap_target} is in progress; promote after it")
+        try:
+            with self._canary_lock:
+                canary, plan = self._canary, self.canary_plan
+                if canary is None or plan is None:
+                    raise FailedPrecondition("no canary is running")
+                if move_pointer:
+                    self.repository.activate(plan.candidate)
+                self.repository.clear_canary()
+                with self.inputs.catalog.lock:
+                    self._catch_up(canary, canary.catalog_version)
+                    old, self._current = self._current, canary
+                    self._canary, self.canary_plan = None, None
+            self.swap_count += 1
+            self.last_canary_outcome = f"promoted {plan.candidate} over {old.version if old else '-'} ({outcome})"
+            log.info("canary %s", self.last_canary_outcome)
+            if old is not None:
+                old.retire()
+            return plan.candidate
+        finally:
+            self._swap_lock.release()
+
+    def abort_canary(self, outcome: str = "by hand", clear_record: bool = True) -> str:
+        """Serve everyone with the current version again; returns the dropped candidate. Calls
+        pinned to the canary finish on it, then it is released: no call fails."""
+        with self._canary_lock:
+            canary, plan = self._canary, self.canary_plan
+            if canary is None or plan is None:
+                raise FailedPrecondition("no canary is running")
+            if clear_record:
+                self.repository.clear_canary()
+            self._canary, self.canary_plan = None, None
+        self.last_canary_outcome = f"aborted {plan.candidate} ({outcome})"
+        log.info("canary %s", self.last_canary_outcome)
+        canary.retire()
+        return plan.candidate
+
+    def catch_up_canary(self) -> None:
+        """Bring the canary's index up to the catalog: catalog edits reach the current version's
+        index at once and the canary's here, on each watcher tick (the ranking re-checks every
+        returned item against the live catalog, so a lagging canary never returns a deleted or
+        unavailable item; it can only miss a new one's semantic match until the tick)."""
+        canary = self._canary
+        catalog = self.inputs.catalog
+        if canary is None or canary.catalog_version == catalog.version:
+            return
+        with catalog.lock:
+            if self._canary is canary:
+                self._catch_up(canary, canary.catalog_version)
+
+    def judge_canary(self) -> None:
+        if self.canary_judge is not None:
+            self.canary_judge.tick()
+
+    def sync_canary(self) -> None:
+        """Follow the canary the repository records: start the one another process recorded (the
+        trainer, another replica), drop one that was aborted, adopt one that was promoted."""
+        plan = read_plan(self.repository)
+        loaded = self.canary_plan
+        pointer = self.repository.current()
+        try:
+            if loaded is not None and plan != loaded:
+                if pointer == loaded.candidate:
+                    self.promote_canary("by another server on this repository", move_pointer=False)
+                elif plan is not None and (plan.candidate, plan.started_at) == (loaded.candidate, loaded.started_at):
+                    with self._canary_lock:  # only the share or the rule changed: no reload
+                        if self.canary_plan is loaded:
+                            self.canary_plan = plan
+                    return
+                else:
+                    self.abort_canary("by another server on this repository" if plan is None
+                                      else "replaced by another canary in the repository", clear_record=False)
+                loaded = None
+            if loaded is not None:
+                self.catch_up_canary()
+                return
+            if plan is None or self.swap_in_progress:
+                return
+            if pointer == plan.candidate:
+                self.repository.clear_canary()  # promoted, and the record outlived it
+                return
+            self.start_canary(plan, record=False)
+        except FailedPrecondition:
+            return  # a swap or a canary change is under way; the next tick looks again
+        except Exception:
+            if plan is None or self.canary_plan is not None:
+                log.exception("following the canary record failed")
+                return
+            # A candidate that cannot serve here is dropped for everyone: the current version serves.
+            self.repository.clear_canary()
+            self.last_canary_outcome = f"aborted {plan.candidate} (it could not be loaded: see last_error)"
+            log.exception("canary %s could not start; its record is cleared", plan.candidate)
+
     def close(self) -> None:
         model, self._current = self._current, None
-        if model is not None:
-            model.retire()
+        canary, self._canary = self._canary, None
+        for released in (model, canary):
+            if released is not None:
+                released.retire()
 
 
 class PointerWatcher:
@@ -288,6 +493,8 @@ class PointerWatcher:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
+                self.manager.sync_canary()
+                self.manager.judge_canary()
                 self.manager.check_pointer()
             except Exception:  # the watcher must survive a vanished repository
                 log.exception("model pointer check failed")

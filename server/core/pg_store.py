@@ -21,8 +21,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from chronorec.client import rules
 from chronorec.server.core import errors
-from chronorec.server.core.catalog import Event, Item
-from chronorec.server.core.store import ImportStats, event_problem, item_problem
+from chronorec.server.core.catalog import Event, Impression, Item
+from chronorec.server.core.store import ImportStats, event_problem, impression_problem, item_problem
 
 log = logging.getLogger("chronorec.store")
 
@@ -114,6 +114,43 @@ CREATE VIEW changes AS
     FROM item_changes;
 """
 
+# What users were shown, kept apart from what they did (events), and erased users. An erasure is
+# a change of the log (kind 'delete_user', the user's latest erasure), so replicas that follow the
+# log forget the user too; the erased user's events leave holes in the log's seqs.
+_V3_IMPRESSIONS_AND_ERASURE = """
+CREATE TABLE impressions (
+    event_id text COLLATE "C" PRIMARY KEY,
+    user_id text COLLATE "C" NOT NULL CHECK (length(user_id) > 0),
+    item_id text COLLATE "C" NOT NULL,
+    recommendation_id text NOT NULL,
+    position integer NOT NULL CHECK (position >= 1),
+    timestamp double precision NOT NULL,
+    received_at double precision NOT NULL
+);
+CREATE INDEX impressions_user ON impressions (user_id);
+
+CREATE TABLE deleted_users (
+    user_id text COLLATE "C" PRIMARY KEY,
+    deleted_at double precision NOT NULL,
+    seq bigint NOT NULL UNIQUE
+);
+
+CREATE OR REPLACE VIEW changes AS
+    SELECT seq, 'event'::text AS kind, item_id, event_id, user_id, action, timestamp, value,
+           NULL::text AS title, NULL::text AS text, NULL::text AS category,
+           NULL::double precision AS published_at, NULL::double precision AS expires_at,
+           NULL::jsonb AS attributes
+    FROM events
+    UNION ALL
+    SELECT seq, kind, item_id, NULL, NULL, NULL, NULL, NULL,
+           title, text, category, published_at, expires_at, attributes
+    FROM item_changes
+    UNION ALL
+    SELECT seq, 'delete_user', NULL, NULL, user_id, NULL, deleted_at, NULL,
+           NULL, NULL, NULL, NULL, NULL, NULL
+    FROM deleted_users;
+"""
+
 # Replicas sharing the database say who they are, what they serve and how far they have followed
 # the log. Times are the database server's clock, so replicas on machines whose clocks disagree
 # still agree on how old a heartbeat is.
@@ -129,7 +166,7 @@ CREATE TABLE replicas (
 
 # Applied in order, each in the transaction that records it in schema_migrations; migration i
 # brings the schema from version i to i + 1. Append new migrations, never edit or reorder shipped ones.
-MIGRATIONS: list[str] = [_V1_INITIAL, _V2_REPLICAS]
+MIGRATIONS: list[str] = [_V1_INITIAL, _V2_REPLICAS, _V3_IMPRESSIONS_AND_ERASURE]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -137,13 +174,15 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class Change(NamedTuple):
-    """One entry of the change log: an event stored, an item upserted (as written) or an item deleted."""
+    """One entry of the change log: an event stored, an item upserted (as written) or deleted, or a
+    user erased (kind "delete_user", `user_id` set, `item_id` empty)."""
 
     seq: int
-    kind: str  # "event", "upsert" or "delete"
+    kind: str  # "event", "upsert", "delete" or "delete_user"
     item_id: str
     event: Event | None = None
     item: Item | None = None
+    user_id: str | None = None
 
 
 _ITEM_COLUMNS = "item_id, title, text, category, published_at, expires_at, attributes"
@@ -175,6 +214,8 @@ def _change_from_row(row: Sequence) -> Change:
         return Change(seq, kind, item_id, event=Event(row[3], row[4], item_id, row[5], row[6], row[7]))
     if kind == "upsert":
         return Change(seq, kind, item_id, item=Item(item_id, row[8], row[9], row[10], row[11], row[12], row[13]))
+    if kind == "delete_user":
+        return Change(seq, kind, "", user_id=row[4])
     return Change(seq, kind, item_id)
 
 
@@ -278,6 +319,19 @@ _ITEM_STATES = ("SELECT i.item_id, i.deleted_at FROM unnest(%s::text[]) AS k (id
                 "JOIN items i ON i.item_id = k.id")
 _STORED_EVENT_IDS = ("SELECT e.event_id FROM unnest(%s::text[]) AS k (id) "
                      "JOIN events e ON e.event_id = k.id")
+_ERASED_USERS = ("SELECT d.user_id, d.deleted_at FROM unnest(%s::text[]) AS k (id) "
+                 "JOIN deleted_users d ON d.user_id = k.id")
+_INSERT_IMPRESSIONS = """
+    INSERT INTO impressions (event_id, user_id, item_id, recommendation_id, position, timestamp, received_at)
+    SELECT u.event_id, u.user_id, u.item_id, u.recommendation_id, u.position, u.timestamp, %(received_at)s
+    FROM unnest(%(ids)s::text[], %(users)s::text[], %(items)s::text[], %(recommendations)s::text[],
+                %(positions)s::int4[], %(times)s::float8[])
+         AS u (event_id, user_id, item_id, recommendation_id, position, timestamp)
+    LEFT JOIN deleted_users d ON d.user_id = u.user_id
+    WHERE d.deleted_at IS NULL OR u.timestamp > d.deleted_at
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+"""
 _LIVE_ITEMS = ("SELECT i.item_id, i.title, i.text, i.category, i.published_at, i.expires_at, i.attributes "
                "FROM unnest(%s::text[]) AS k (id) JOIN items i ON i.item_id = k.id WHERE i.deleted_at IS NULL")
 
@@ -682,29 +736,37 @@ class PostgresEventStore:
         if not events:
             return [], 0
         with self._write() as (conn, sequencer):
-            # Both look-ups are queued before either is read: one round trip in pipeline mode.
+            # The look-ups are queued before any is read: one round trip in pipeline mode.
             item_states = _query_by_ids(conn, _ITEM_STATES, list({e.item_id: None for e in events}))
             stored_ids = _query_by_ids(conn, _STORED_EVENT_IDS, list({e.event_id: None for e in events}))
+            erased = _query_by_ids(conn, _ERASED_USERS, list({e.user_id: None for e in events}))
             known = dict(_fetch(item_states))
             for i, event in enumerate(events):
                 if event.item_id not in known:
                     raise errors.NotFound(f"event {i} (id {event.event_id!r}): unknown item {event.item_id!r}")
                 if known[event.item_id] is not None:
                     raise errors.NotFound(f"event {i} (id {event.event_id!r}): item {event.item_id!r} is deleted")
-            stored = self._insert_new_events(conn, sequencer, events, time.time(), stored_ids)
+            stored = self._insert_new_events(conn, sequencer, events, time.time(), stored_ids, erased)
         return stored, len(events) - len(stored)
 
     @staticmethod
     def _insert_new_events(conn: psycopg.Connection, sequencer: _Sequencer, events: Sequence[Event],
-                           received_at: float, stored_ids_query: list[psycopg.Cursor] | None = None) -> list[Event]:
+                           received_at: float, stored_ids_query: list[psycopg.Cursor] | None = None,
+                           erased_query: list[psycopg.Cursor] | None = None) -> list[Event]:
         """Insert the events whose id is not stored yet (first copy of each id), numbered in batch
         order. Safe without ON CONFLICT: the caller holds the counter row, which every writer takes.
         `stored_ids_query` is the look-up of the batch's ids when the caller already queued it."""
         if stored_ids_query is None:
             stored_ids_query = _query_by_ids(conn, _STORED_EVENT_IDS, list({e.event_id: None for e in events}))
+        if erased_query is None:
+            erased_query = _query_by_ids(conn, _ERASED_USERS, list({e.user_id: None for e in events}))
         stored_ids = {row[0] for row in _fetch(stored_ids_query)}
+        # An erased user's events dated at or before the erasure are never stored again.
+        erased = dict(_fetch(erased_query))
         fresh: list[Event] = []
         for event in events:
+            if event.timestamp <= erased.get(event.user_id, -math.inf):
+                continue
             if event.event_id not in stored_ids:
                 stored_ids.add(event.event_id)
                 fresh.append(Event(event.event_id, event.user_id, event.item_id, event.action,
@@ -721,6 +783,65 @@ class PostgresEventStore:
                 "received_at": received_at,
             })
         return fresh
+
+    def add_impressions(self, impressions: Sequence[Impression]) -> tuple[list[Impression], int]:
+        """Store impressions in one transaction, at most once per event_id (the first copy wins);
+        one of an erased user dated at or before the erasure is not stored. It holds the change
+        counter row, as every write does, so an erasure never runs beside it; impressions take no
+        seq (they are not in the change log). Returns (newly stored, in batch order; duplicates)."""
+        impressions = list(impressions)
+        for i, impression in enumerate(impressions):
+            problem = impression_problem(impression)
+            if problem:
+                raise errors.InvalidArgument(f"impression {i} (id {getattr(impression, 'event_id', None)!r}): {problem}")
+        if not impressions:
+            return [], 0
+        unique: list[Impression] = []
+        seen: set[str] = set()
+        for impression in impressions:
+            if impression.event_id not in seen:
+                seen.add(impression.event_id)
+                unique.append(impression)
+        with self._write() as (conn, _sequencer):
+            inserted = conn.execute(_INSERT_IMPRESSIONS, {
+                "ids": [i.event_id for i in unique],
+                "users": [i.user_id for i in unique],
+                "items": [i.item_id for i in unique],
+                "recommendations": [i.recommendation_id for i in unique],
+                "positions": [int(i.position) for i in unique],
+                "times": [float(i.timestamp) for i in unique],
+                "received_at": time.time(),
+            })
+        new_ids = {row[0] for row in inserted.fetchall()}
+        stored = [Impression(i.event_id, i.user_id, i.item_id, i.recommendation_id, int(i.position), float(i.timestamp))
+                  for i in unique if i.event_id in new_ids]
+        return stored, len(impressions) - len(stored)
+
+    def count_impressions(self, user_id: str | None = None) -> int:
+        """Impressions stored (of one user, or of all)."""
+        if user_id is None:
+            return self._read("SELECT count(*) FROM impressions")[0][0]
+        return self._read("SELECT count(*) FROM impressions WHERE user_id = %s", (user_id,))[0][0]
+
+    def delete_user(self, user_id: str) -> tuple[int, int]:
+        """Erase a user: delete their events and impressions and record the erasure as a change of
+        the log (kind "delete_user"), in one transaction; idempotent (a second call deletes nothing
+        and records the erasure again). Returns (events, impressions) deleted. PostgreSQL keeps dead
+        row versions until VACUUM reclaims them; run VACUUM to have them gone from the files too."""
+        problem = rules.id_problem(user_id)
+        if problem:
+            raise errors.InvalidArgument(f"user_id {problem}")
+        with self._write() as (conn, sequencer):
+            events = conn.execute("DELETE FROM events WHERE user_id = %s", (user_id,))
+            impressions = conn.execute("DELETE FROM impressions WHERE user_id = %s", (user_id,))
+            conn.execute("INSERT INTO deleted_users (user_id, deleted_at, seq) VALUES (%s, %s, %s) "
+                         "ON CONFLICT (user_id) DO UPDATE SET deleted_at = excluded.deleted_at, seq = excluded.seq",
+                         (user_id, time.time(), sequencer.take(1)[0]))
+        return events.rowcount, impressions.rowcount
+
+    def deleted_users(self) -> dict[str, float]:
+        """Erased users and when each was erased (unix seconds)."""
+        return dict(self._read("SELECT user_id, deleted_at FROM deleted_users"))
 
     def events_for_user(self, user_id: str, until: float | None = None, limit: int | None = None) -> list[Event]:
         """The user's events with timestamp <= until (all when None), oldest first (ties in

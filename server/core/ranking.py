@@ -212,6 +212,39 @@ class TimeAwareRanker:
     def clear_cache(self) -> None:
         self._short_term_cache.clear()
 
+    @property
+    def short_term_cache_bytes(self) -> int:
+        """Bytes the short-term vector cache holds now (bounded by its size in bytes)."""
+        return self._short_term_cache.nbytes
+
+    def warm_short_term(self, queries: Sequence[RecommendQuery], timeout: float | None = None) -> int:
+        """Encode the history texts of `queries` that the short-term cache lacks, all in one encoder
+        call, into the cache: recommending each query then finds its vector there, so a batch of
+        users costs one micro-batch instead of one encoder pass per user. Returns how many texts ran."""
+        texts: dict[bytes, str] = {}
+        for query in queries:
+            query = query.resolved()
+            params = query.params
+            wanted = getattr(self, "learned_ranker", None) is not None or (params.w_semantic != 0 and params.alpha > 0)
+            if query.short_term_vector is not None or not wanted:
+                continue
+            history = self.history_for(query)
+            if not history:
+                continue
+            text = self.short_term_text(history, query.at, params)
+            key = text_key(text)
+            if key not in texts and self._short_term_cache.get(key) is None:
+                texts[key] = text
+        if not texts:
+            return 0
+        batch = list(texts.values())
+        encoded = self.encode(batch) if timeout is None else self.encode(batch, timeout=timeout)
+        for key, row in zip(texts, np.asarray(encoded, dtype=np.float32)):
+            vector = _unit(row.reshape(-1))
+            if vector is not None:
+                self._short_term_cache.put(key, vector)
+        return len(texts)
+
     def invalidate_catalog(self) -> None:
         """Forget the cached catalog columns (needed only for a plain dict changed in place)."""
         self._catalog_columns = None

@@ -27,6 +27,8 @@ log = logging.getLogger("chronorec.repository")
 
 POINTER_FILE = "CURRENT"
 HISTORY_FILE = "HISTORY"
+# The canary in progress (a JSON CanaryPlan), beside the pointer; absent when none runs.
+CANARY_FILE = "CANARY"
 STAGING_PREFIX = ".staging-"
 SERVING_SETTINGS_FILE = "serving.json"
 
@@ -271,6 +273,26 @@ class ModelRepository:
         _write_atomically(self.encoder_dir / POINTER_FILE, previous + "\n")
         return previous
 
+    def read_canary(self) -> str | None:
+        """The recorded canary plan's text, or None when no canary runs."""
+        try:
+            return (self.encoder_dir / CANARY_FILE).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_canary(self, text: str) -> None:
+        """Record a canary plan (replaced atomically)."""
+        self.ensure()
+        _write_atomically(self.encoder_dir / CANARY_FILE, text.rstrip("\n") + "\n")
+
+    def clear_canary(self) -> None:
+        """Forget the canary plan (no error when there is none)."""
+        try:
+            os.unlink(self.encoder_dir / CANARY_FILE)
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.encoder_dir)
+
     def clean_staging(self) -> int:
         """Remove staging directories left by killed writers; returns how many."""
         removed = 0
@@ -283,6 +305,7 @@ class ModelRepository:
 
 
 __all__ = [
+    "CANARY_FILE",
     "HISTORY_FILE",
     "MANIFEST_FILE",
     "POINTER_FILE",

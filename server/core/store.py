@@ -17,7 +17,7 @@ import sqlite_utils
 
 from chronorec.client import rules
 from chronorec.server.core import errors
-from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.catalog import Event, Impression, Item
 from chronorec.server.core.timetext import KNOWN_ACTIONS
 
 log = logging.getLogger("chronorec.store")
@@ -66,9 +66,30 @@ def _migrate_v1_initial(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX events_time ON events(timestamp)")
 
 
+def _migrate_v2_impressions_and_erasure(db: sqlite_utils.Database) -> None:
+    # What users were shown, apart from what they did (events): no history reads it.
+    db.execute(
+        """
+        CREATE TABLE impressions (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id TEXT NOT NULL UNIQUE,
+            user_id TEXT NOT NULL CHECK (length(user_id) > 0),
+            item_id TEXT NOT NULL,
+            recommendation_id TEXT NOT NULL,
+            position INTEGER NOT NULL CHECK (position >= 1),
+            timestamp REAL NOT NULL,
+            received_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX impressions_user ON impressions(user_id)")
+    # Erased users: their events are gone, and this says since when (the trainer reads it too).
+    db.execute("CREATE TABLE deleted_users (user_id TEXT PRIMARY KEY, deleted_at REAL NOT NULL)")
+
+
 # Applied in order at open; migration i brings the schema from user_version i to i + 1.
 # Append new migrations, never edit or reorder shipped ones.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_v1_initial]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_v1_initial, _migrate_v2_impressions_and_erasure]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -126,6 +147,26 @@ def event_problem(event: Event) -> str | None:
     return None
 
 
+def impression_problem(impression: Impression) -> str | None:
+    """What is wrong with `impression` in one phrase, or None when it is valid."""
+    for name in ("event_id", "user_id", "item_id", "recommendation_id"):
+        problem = _id_problem(name, getattr(impression, name))
+        if problem:
+            return problem
+    problem = rules.position_problem(impression.position)
+    if problem:
+        return f"position {problem}"
+    problem = rules.time_problem(impression.timestamp)
+    return f"timestamp {problem}" if problem else None
+
+
+def _validate_impressions(impressions: Sequence[Impression]) -> None:
+    for i, impression in enumerate(impressions):
+        problem = impression_problem(impression)
+        if problem:
+            raise errors.InvalidArgument(f"impression {i} (id {getattr(impression, 'event_id', None)!r}): {problem}")
+
+
 def _validate_items(items: Sequence[Item]) -> None:
     for i, item in enumerate(items):
         problem = item_problem(item)
@@ -175,6 +216,10 @@ _UPSERT_ITEM = """
 _INSERT_EVENT = """
     INSERT OR IGNORE INTO events (event_id, user_id, item_id, action, timestamp, value, received_at)
     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE NOT EXISTS (SELECT 1 FROM events WHERE event_id = ?1)
+"""
+_INSERT_IMPRESSION = """
+    INSERT OR IGNORE INTO impressions (event_id, user_id, item_id, recommendation_id, position, timestamp, received_at)
+    SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE NOT EXISTS (SELECT 1 FROM impressions WHERE event_id = ?1)
 """
 
 
@@ -297,6 +342,9 @@ class EventStore:
                 # journal_mode must be set outside a transaction and persists in the file.
                 self._writer.enable_wal()
                 self._writer.execute("PRAGMA synchronous = FULL")
+                # Deleted rows are overwritten with zeros, not left in free pages: an erased
+                # user's events are gone from the file, not only from its tables.
+                self._writer.execute("PRAGMA secure_delete = ON")
                 self._writer.execute("PRAGMA foreign_keys = ON")
                 self._migrate()
 
@@ -548,11 +596,87 @@ class EventStore:
                     raise errors.NotFound(f"event {i} (id {event.event_id!r}): unknown item {event.item_id!r}")
                 if known[event.item_id] is not None:
                     raise errors.NotFound(f"event {i} (id {event.event_id!r}): item {event.item_id!r} is deleted")
+            erased = self._erased_before(conn, {e.user_id for e in events})
             for event in events:
+                if event.timestamp <= erased.get(event.user_id, -math.inf):
+                    continue
                 row = _event_row(event, received_at)
                 if conn.execute(_INSERT_EVENT, row).rowcount == 1:
                     stored.append(_event_from_row(row))
         return stored, len(events) - len(stored)
+
+    @staticmethod
+    def _erased_before(conn: sqlite3.Connection, user_ids: Iterable[str]) -> dict[str, float]:
+        """When each erased user among `user_ids` was erased: their events dated at or before it
+        are never stored again (a retried or replayed batch cannot bring them back)."""
+        found: dict[str, float] = {}
+        for chunk in _chunks(list(user_ids), _IN_CHUNK):
+            marks = ",".join("?" * len(chunk))
+            found.update(conn.execute(f"SELECT user_id, deleted_at FROM deleted_users WHERE user_id IN ({marks})",
+                                      list(chunk)).fetchall())
+        return found
+
+    def add_impressions(self, impressions: Sequence[Impression]) -> tuple[list[Impression], int]:
+        """Store impressions in one transaction, at most once per event_id (as add_events does for
+        events). An impression of an erased user dated at or before the erasure is not stored.
+        Returns (newly stored impressions in batch order, duplicate count) once durable."""
+        impressions = list(impressions)
+        _validate_impressions(impressions)
+        if not impressions:
+            return [], 0
+        received_at = time.time()
+        stored: list[Impression] = []
+        with self._write() as conn:
+            erased = self._erased_before(conn, {i.user_id for i in impressions})
+            for impression in impressions:
+                if impression.timestamp <= erased.get(impression.user_id, -math.inf):
+                    continue
+                row = (impression.event_id, impression.user_id, impression.item_id, impression.recommendation_id,
+                       int(impression.position), float(impression.timestamp), received_at)
+                if conn.execute(_INSERT_IMPRESSION, row).rowcount == 1:
+                    stored.append(Impression(*row[:5], row[5]))
+        return stored, len(impressions) - len(stored)
+
+    def count_impressions(self, user_id: str | None = None) -> int:
+        """Impressions stored (of one user, or of all)."""
+        if user_id is None:
+            return self._read("SELECT count(*) FROM impressions")[0][0]
+        return self._read("SELECT count(*) FROM impressions WHERE user_id = ?", (user_id,))[0][0]
+
+    def delete_user(self, user_id: str) -> tuple[int, int]:
+        """Erase a user: delete their events and impressions and record the erasure, in one
+        transaction; idempotent (a second call deletes nothing). Returns (events, impressions)
+        deleted. The freed pages are zeroed (secure_delete) and the WAL is checkpointed, so the
+        rows are gone from the files too, not only from the tables."""
+        problem = _id_problem("user_id", user_id)
+        if problem:
+            raise errors.InvalidArgument(problem)
+        now = time.time()
+        with self._write() as conn:
+            events = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+            impressions = conn.execute("DELETE FROM impressions WHERE user_id = ?", (user_id,)).rowcount
+            conn.execute("INSERT INTO deleted_users (user_id, deleted_at) VALUES (?, ?) "
+                         "ON CONFLICT (user_id) DO UPDATE SET deleted_at = excluded.deleted_at", (user_id, now))
+        self._checkpoint()
+        return events, impressions
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate it, where no reader holds it back."""
+        with self._write_lock:
+            if self._closed or self._writer is None:
+                return
+            try:
+                busy = self._writer.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            except sqlite3.DatabaseError:
+                busy = 1
+            if busy:
+                # A reader in the middle of a long read: the next checkpoint (SQLite's own, at
+                # 1000 pages) copies the zeroed pages over the old ones.
+                log.info("event store %s: WAL checkpoint after an erasure deferred by a reader", self.path)
+
+    def deleted_users(self) -> dict[str, float]:
+        """Erased users and when each was erased (unix seconds)."""
+        return dict(self._read("SELECT user_id, deleted_at FROM deleted_users"))
 
     def events_for_user(self, user_id: str, until: float | None = None, limit: int | None = None) -> list[Event]:
         """The user's events with timestamp <= until (all when None), oldest first (ties in
@@ -622,7 +746,9 @@ class EventStore:
         added = 0
         for batch in _chunks(events, batch_size):
             with self._write() as conn:
+                erased = self._erased_before(conn, {e.user_id for e in batch})
+                rows = [_event_row(e, now) for e in batch if e.timestamp > erased.get(e.user_id, -math.inf)]
                 before = conn.total_changes
-                conn.executemany(_INSERT_EVENT, [_event_row(e, now) for e in batch])
+                conn.executemany(_INSERT_EVENT, rows)
                 added += conn.total_changes - before
         return ImportStats(items=len(items), events_added=added, events_duplicate=len(events) - added)

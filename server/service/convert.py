@@ -8,7 +8,7 @@ import time
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chronorec.client import rules
-from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.catalog import Event, Impression, Item
 from chronorec.server.core.errors import InvalidArgument
 from chronorec.server.core.timetext import KNOWN_ACTIONS, HistoryEntry
 from chronorec.v1 import common_pb2
@@ -97,6 +97,35 @@ def event_from_proto(message: common_pb2.Event, index: int, received_at: float |
         action=check_action(message.action, where),
         timestamp=timestamp if timestamp is not None else (received_at or time.time()),
         value=_value(message, where),
+    )
+
+
+def position_from_proto(message: common_pb2.Event, where: str) -> int | None:
+    """The event's 1-based position, None when unset; InvalidArgument when out of range."""
+    if not message.HasField("position"):
+        return None
+    problem = rules.position_problem(message.position)
+    if problem:
+        raise InvalidArgument(f"{where}: position {problem}")
+    return int(message.position)
+
+
+def impression_from_proto(message: common_pb2.Event, index: int, received_at: float | None = None) -> Impression:
+    """An Event message of action "impression": it must name its recommendation and position."""
+    where = f"event {index} (id {message.event_id[:64]!r})"
+    if not message.recommendation_id:
+        raise InvalidArgument(f"{where}: an impression needs the recommendation_id it was shown for")
+    position = position_from_proto(message, where)
+    if position is None:
+        raise InvalidArgument(f"{where}: an impression needs the position it was shown at (1 = first)")
+    timestamp = optional_seconds(message, "timestamp", f"{where}: timestamp")
+    return Impression(
+        event_id=check_id(message.event_id, f"event {index}: event_id"),
+        user_id=check_id(message.user_id, f"{where}: user_id"),
+        item_id=check_id(message.item_id, f"{where}: item_id"),
+        recommendation_id=check_id(message.recommendation_id, f"{where}: recommendation_id"),
+        position=position,
+        timestamp=timestamp if timestamp is not None else (received_at or time.time()),
     )
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import psycopg
@@ -211,3 +217,63 @@ def test_postgres_restarted_under_load_writes_get_pushback_and_replicas_recover(
     assert set(acknowledged) <= stored  # no acknowledged event was lost
     for replica in (a, b):
         in_memory_matches_log(replica, postgres_url)
+
+
+def test_torchrun_trains_on_two_ranks_publishes_once_and_every_replica_swaps_without_a_failed_call(
+        postgres_url, start_server, tmp_path, tiny_bert_dir):
+    """The trainer reads PostgreSQL under torchrun (2 CPU processes, gloo): both ranks end the
+    steps with identical weights, rank 0 alone publishes, and both replicas move to the new version
+    while they answer Recommend."""
+    from chronorec.server.core.demo import generate_drift_dataset
+    from chronorec.server.core.repository import ModelRepository
+    from chronorec.trainer import distributed
+    from chronorec.trainer.export import load_base_model, publish_base_model
+
+    drift = generate_drift_dataset(seed=7, anchor=1_790_000_000.0)
+    with PostgresEventStore(postgres_url) as store:
+        store.bulk_import(drift.items, drift.events)
+    models = tmp_path / "models"
+    base = publish_base_model(tiny_bert_dir, models, activate=True, max_length=64)
+    a, b = (start_server(models, db=postgres_url, watch_interval_s=0.2) for _ in range(2))
+    users = sorted({e.user_id for e in drift.events})[:5]
+    failures: list[str] = []
+    calls = [0]
+    stop = threading.Event()
+
+    def load(replica) -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                history_length(replica, users[n % len(users)])
+                calls[0] += 1
+            except grpc.RpcError as error:
+                failures.append(f"{error.code()}: {error.details()}")
+            n += 1
+
+    loaders = [threading.Thread(target=load, args=(r,)) for r in (a, b)]
+    for loader in loaders:
+        loader.start()
+    try:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "-m", "chronorec.trainer.cli",
+             "--verbose", "run", "--db", postgres_url, "--models", str(models), "--steps", "2", "--batch-size", "16",
+             "--no-tune", "--max-eval-instances", "40", "--threads", "1", "--force", "--no-progress", "--json"],
+            capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        published = [v for v in ModelRepository(models).list_versions() if v != base]
+        assert len(published) == 1, published  # rank 1 published nothing
+        new = published[0]
+        for replica in (a, b):
+            wait_until(lambda: replica.engine.serving_version() == new, timeout=60, interval=0.05)
+    finally:
+        stop.set()
+        for loader in loaders:
+            loader.join()
+    digests = dict(re.findall(r"rank (\d) of 2: weights digest (\w+)", done.stderr))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], done.stderr[-3000:]
+    module, _ = load_base_model(tiny_bert_dir)
+    assert distributed.weights_digest(module) != digests["0"]  # the steps changed the weights
+    outcomes = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(o["status"] for o in outcomes) == ["activated", "trained-shard"]
+    assert not failures and calls[0] > 0, failures[:5]

@@ -43,7 +43,13 @@ def order_events(events: Sequence[Event]) -> list[Event]:
     return sorted(events, key=lambda e: e.timestamp)
 
 
-def read_event_log(db: str | os.PathLike | Store) -> EventLog:
+def latest_seq(db: str | os.PathLike) -> int:
+    """The newest event seq of the store `db` names (a snapshot bound for read_event_log)."""
+    with open_store(store_target(db), read_only=True) as store:
+        return store.max_seq()
+
+
+def read_event_log(db: str | os.PathLike | Store, up_to_seq: int | None = None) -> EventLog:
     """Read the catalog and every committed event, read-only, while servers may keep writing.
 
     `db` is an open store, an SQLite path or a postgresql:// URL. The newest seq is read first
@@ -52,10 +58,12 @@ def read_event_log(db: str | os.PathLike | Store) -> EventLog:
     missed, and events committed later wait for the next run. Every process reading the same
     `max_seq` (each rank of a distributed run) therefore reads the same events. Items are read
     after the events so every item an event names is there unless it was deleted.
+
+    `up_to_seq` bounds the snapshot instead (a distributed run's ranks pass the seq rank 0 read).
     """
     store = open_store(store_target(db), read_only=True) if isinstance(db, (str, os.PathLike)) else db
     try:
-        max_seq = store.max_seq()
+        max_seq = store.max_seq() if up_to_seq is None else int(up_to_seq)
         events = []
         for seq, event in store.iter_events():
             if seq > max_seq:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from chronorec.server.core.manifest import TOKENIZER_MAX_LENGTH
+from chronorec.trainer import distributed
 from chronorec.trainer.data import TrainingExample
 from chronorec.trainer.export import SentenceEncoderModule, load_base_model, publish_module
 from chronorec.trainer.protocols import expected_metrics, rank_counts
@@ -311,8 +312,13 @@ def finetune(
     if not train:
         raise ValueError("no training examples")
     _seed_everything(config.seed)
-    device = _device(config.device)
+    # Under torchrun every rank runs this with the same data and seed: each takes its shard of
+    # every batch, DistributedDataParallel averages the gradients, and rank 0 alone validates
+    # (its early-stop decision is broadcast), saves checkpoints and shows progress.
+    ranks = distributed.current()
+    device = _device(ranks.device(config.device))
     module.to(device)
+    ddp = distributed.wrap(module, ranks, device)
     total_steps = config.resolved_steps(len(train))
     batches = _Batches(len(train), config.batch_size, config.seed)
     eval_every = config.eval_every or max(1, total_steps // 5)
@@ -393,7 +399,7 @@ def finetune(
         bad_evals += 1
         return False
 
-    if step == 0 and not evaluations:
+    if step == 0 and not evaluations and ranks.is_main:
         record_evaluation()
     initial_metric = evaluations[0][config.early_stop_metric] if evaluations else None
 
@@ -401,13 +407,16 @@ def finetune(
 
     # disable=None lets tqdm hide the bar when stderr is not a terminal (cron, systemd).
     bar = tqdm(total=total_steps, initial=step, desc="fine-tune", unit="step", dynamic_ncols=True,
-               disable=None if config.progress is None else not config.progress)
+               disable=(None if config.progress is None else not config.progress) if ranks.is_main else True)
     module.train()
     train_seconds, examples_seen, loss_average = 0.0, 0, None
     try:
         while step < total_steps and not stopped_early:
             started = time.perf_counter()
             rows = batches.at(step)
+            examples_seen += len(rows)
+            if ranks.distributed:
+                rows = ranks.shard(rows)
             batch = [train[r] for r in rows]
             hard_texts: list[str] = []
             hard_keys: list[int] = []
@@ -416,9 +425,15 @@ def finetune(
                     miner.refresh(module, tokenizer, step)
                 hard_texts, hard_keys = miner.mine(module, tokenizer, batch)
             with autocast:
-                query_vectors = module(**module.tokenize(tokenizer, [e.query for e in batch], config.max_length))
-                item_vectors = module(**module.tokenize(tokenizer, [e.positive for e in batch] + hard_texts,
-                                                        config.max_length))
+                if ddp is not None:
+                    # One forward per backward, as DistributedDataParallel expects: queries and items together.
+                    texts = [e.query for e in batch] + [e.positive for e in batch] + hard_texts
+                    vectors = ddp(**module.tokenize(tokenizer, texts, config.max_length))
+                    query_vectors, item_vectors = vectors[: len(batch)], vectors[len(batch):]
+                else:
+                    query_vectors = module(**module.tokenize(tokenizer, [e.query for e in batch], config.max_length))
+                    item_vectors = module(**module.tokenize(tokenizer, [e.positive for e in batch] + hard_texts,
+                                                            config.max_length))
                 loss = contrastive_loss(
                     query_vectors.float(), item_vectors[: len(batch)].float(), keys_of(rows), config.temperature,
                     item_vectors[len(batch):].float() if hard_texts else None,
@@ -438,7 +453,6 @@ def finetune(
             scheduler.step()
             step += 1
             train_seconds += time.perf_counter() - started
-            examples_seen += len(batch)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"fine-tuning loss is {value} at step {step}")
@@ -446,16 +460,21 @@ def finetune(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_average:.4f}", ex_s=f"{examples_seen / max(train_seconds, 1e-9):.1f}")
             if step % eval_every == 0 or step == total_steps:
-                improved = record_evaluation()
+                improved = record_evaluation() if ranks.is_main else False
                 module.train()
                 if not improved and valid_sample and bad_evals >= config.patience:
                     stopped_early = True
                     log.info("early stop at step %d: no %s gain in %d validations", step, config.early_stop_metric,
                              bad_evals)
-            if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == total_steps or stopped_early):
+                stopped_early = ranks.broadcast(stopped_early)
+            if (checkpoint_dir is not None and ranks.is_main
+                    and (step % config.checkpoint_every == 0 or step == total_steps or stopped_early)):
                 save_checkpoint()
     finally:
         bar.close()
+    if ranks.distributed:
+        log.info("rank %d of %d: weights digest %s after %d steps", ranks.rank, ranks.world_size,
+                 distributed.weights_digest(module), step)
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()

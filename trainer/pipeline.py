@@ -185,6 +185,27 @@ def _trainer_lock(models: Path) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _trainer_lock_of(ranks, models: Path) -> Iterator[None]:
+    """The repository's trainer lock, held by rank 0 for every rank of a distributed run: the
+    others learn whether it got it, so all fail or all go on together."""
+    if not ranks.distributed:
+        with _trainer_lock(models):
+            yield
+        return
+    with contextlib.ExitStack() as held:
+        refused = None
+        if ranks.is_main:
+            try:
+                held.enter_context(_trainer_lock(models))
+            except RuntimeError as exc:
+                refused = str(exc)
+        refused = ranks.broadcast(refused)
+        if refused:
+            raise RuntimeError(refused)
+        yield
+
+
 def checkpoint_dir(models: str | os.PathLike, version: str) -> Path:
     """Where the trainable (Hugging Face) weights of a published version are kept."""
     return Path(models) / CHECKPOINTS_DIR / version
@@ -266,7 +287,10 @@ def run_once(db: str | os.PathLike, models: str | os.PathLike, settings: RunSett
     started = time.perf_counter()
     say = report or (lambda message: log.info("%s", message))
     try:
-        with _trainer_lock(Path(models)):
+        from chronorec.trainer import distributed
+
+        ranks = distributed.init_from_env()
+        with _trainer_lock_of(ranks, Path(models)):
             outcome = _run_locked(store_target(db), Path(models), settings, say)
     except Exception as exc:  # the exit code is the contract with schedulers; the trace goes to the log
         log.exception("training run failed")
@@ -279,15 +303,20 @@ def run_once(db: str | os.PathLike, models: str | os.PathLike, settings: RunSett
 def _run_locked(db: Path | str, models: Path, settings: RunSettings, say: Callable[[str], None]) -> RunOutcome:
     # Heavy imports here, so `chronorec-train --help` and the "nothing new" path stay quick.
     from chronorec.server.core.errors import InvalidArgument
-    from chronorec.trainer.data import load_training_data, read_event_log
+    from chronorec.trainer import distributed
+    from chronorec.trainer.data import latest_seq, load_training_data, read_event_log
 
     repo = ModelRepository(models)
-    _clean_leftovers(repo, models)
+    ranks = distributed.current()
+    if ranks.is_main:
+        _clean_leftovers(repo, models)
     current = repo.current()
     serving = _Serving(current, load_manifest(repo.version_dir(current)) if current else None)
     if isinstance(db, Path) and not db.exists():
         raise FileNotFoundError(f"event store {db} does not exist")
-    event_log = read_event_log(db)
+    # Every rank reads the log up to the seq rank 0 saw last, so all train on the same snapshot.
+    up_to = ranks.broadcast(latest_seq(db) if ranks.is_main else None) if ranks.distributed else None
+    event_log = read_event_log(db, up_to_seq=up_to)
     new = _new_events(event_log, serving.manifest.training_window if serving.manifest else None)
     if new < settings.min_new_events:
         return RunOutcome(EXIT_NOTHING_NEW, "nothing-new",
@@ -338,6 +367,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     import torch
 
     from chronorec.trainer.data import newest_examples
+    from chronorec.trainer import distributed
     from chronorec.trainer.finetune import FinetuneConfig, train_encoder
     from chronorec.trainer.tune import CachedEncoder, RankerReplay, torch_encoder, tune_time_model
 
@@ -366,6 +396,12 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         f"on {trained.device}; "
         f"encoder alone on validation: {config.early_stop_metric} {_fmt(trained.initial_metric)} -> "
         f"{_fmt(trained.best_metric)} (best at step {trained.best_step})")
+    ranks = distributed.current()
+    if not ranks.is_main:
+        # Rank 0 alone tunes, evaluates, publishes and activates (and trains a learned ranker).
+        return RunOutcome(EXIT_ACTIVATED, "trained-shard",
+                          f"rank {ranks.rank} of {ranks.world_size} trained its shard; rank 0 evaluates and publishes",
+                          serving_version=serving.version)
 
     # Tuning, evaluation and ablation replay the same texts: each is encoded once per model.
     encode = CachedEncoder(torch_encoder(module, tokenizer, max_length=serving.max_length))
@@ -588,7 +624,12 @@ def _handle(args: argparse.Namespace) -> int:
             print(f"{outcome.status} (exit {outcome.exit_code}): {outcome.message}", flush=True)
         return outcome.exit_code
 
-    return once() if job.every is None else repeat(once, job.every)
+    try:
+        return once() if job.every is None else repeat(once, job.every)
+    finally:
+        from chronorec.trainer import distributed
+
+        distributed.shutdown()
 
 
 __all__ = [

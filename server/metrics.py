@@ -186,6 +186,7 @@ class ServingStateCollector(Collector):
         )
         refused.add_metric([], 1.0 if status.last_error else 0.0)
         yield refused
+        yield from self._online(status)
         if not status.serving_version:
             return  # still loading: no serving model to describe
         version, index_size, queue_depth = status.serving_version, status.index_size, status.encoder_queue_depth
@@ -198,6 +199,42 @@ class ServingStateCollector(Collector):
         queue = GaugeMetricFamily("chronorec_encoder_queue_depth", "Texts waiting for the encoder")
         queue.add_metric([], float(queue_depth))
         yield queue
+
+    @staticmethod
+    def _online(status) -> Iterator:
+        """Online metrics per model version over the sliding window, the canary, and memory."""
+        window = "over the sliding window (--online-metrics-window)"
+        families = {
+            "impressions": GaugeMetricFamily("chronorec_online_impressions", f"Impressions logged, {window}", labels=["version"]),
+            "clicks": GaugeMetricFamily("chronorec_online_clicks", f"Clicks attributed, {window}", labels=["version"]),
+            "ctr": GaugeMetricFamily("chronorec_online_ctr", f"Clicks / impressions, {window}", labels=["version"]),
+            "conversions": GaugeMetricFamily(
+                "chronorec_online_conversions", f"Likes and purchases attributed, {window}", labels=["version"]),
+            "mrr": GaugeMetricFamily(
+                "chronorec_online_mrr", f"Mean reciprocal rank of the clicked position, {window}", labels=["version"]),
+        }
+        for version, figures in sorted(status.online.items()):
+            for name, family in families.items():
+                family.add_metric([version], float(getattr(figures, name)))
+        yield from families.values()
+        unattributed = CounterMetricFamily(
+            "chronorec_online_unattributed_feedback",
+            "Feedback carrying a recommendation id that did not verify (unknown, made up, another user's)")
+        unattributed.add_metric([], float(status.unattributed_feedback))
+        yield unattributed
+        canary = GaugeMetricFamily("chronorec_canary_percent", "Share of users the canary version serves", labels=["version"])
+        if status.canary is not None:
+            canary.add_metric([status.canary.plan.candidate], status.canary.plan.percent)
+        yield canary
+        memory = GaugeMetricFamily("chronorec_model_memory_bytes", "Estimated bytes a loaded model version holds "
+                                   "(vectors, HNSW graph, encoder graph, caches)", labels=["version", "role"])
+        for loaded in status.loaded_versions:
+            memory.add_metric([loaded.version, loaded.role], float(loaded.memory_bytes))
+        yield memory
+        resident = GaugeMetricFamily("chronorec_resident_memory_bytes", "Resident memory of the server process")
+        resident.add_metric([], float(status.resident_memory_bytes))
+        yield resident
+
 
 def start_metrics_server(metrics: ServerMetrics, host: str, port: int):
     """Serve /metrics over HTTP; returns (http server, bound port)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, Sequence
@@ -59,6 +60,10 @@ def read_event_log(db: str | os.PathLike | Store, up_to_seq: int | None = None) 
     `max_seq` (each rank of a distributed run) therefore reads the same events. Items are read
     after the events so every item an event names is there unless it was deleted.
 
+    Erased users (DeleteUser) are read last and their events dated up to the erasure are left
+    out: the store deleted them, and this also drops the ones read before an erasure that
+    happened while the events were being read, or restored from a copy of the database.
+
     `up_to_seq` bounds the snapshot instead (a distributed run's ranks pass the seq rank 0 read).
     """
     store = open_store(store_target(db), read_only=True) if isinstance(db, (str, os.PathLike)) else db
@@ -70,9 +75,15 @@ def read_event_log(db: str | os.PathLike | Store, up_to_seq: int | None = None) 
                 break
             events.append(event)
         items = {item.item_id: item for item in store.iter_items()}
+        erased = store.deleted_users()
     finally:
         if store is not db:
             store.close()
+    if erased:
+        kept = [e for e in events if e.timestamp > erased.get(e.user_id, -math.inf)]
+        if len(kept) < len(events):
+            log.info("left out %d events of erased users", len(events) - len(kept))
+        events = kept
     return EventLog(items=items, events=order_events(events), max_seq=max_seq, source=store.location)
 
 

@@ -7,8 +7,16 @@ validation window, evaluates the candidate and the serving version on the same l
 candidate as a new version (ONNX, parity-checked) and activates it only when it is at least as
 good. The running server notices the new CURRENT pointer and hot-swaps.
 
+Canary (`--canary 10`): instead of switching everyone, the candidate that passed the gate serves
+10 % of users (a stable hash of the user id) beside the serving version; every server on the
+repository starts it within its watch interval. Each server then applies the rule: once both
+versions logged --canary-min-impressions impressions since the canary began, the candidate is
+promoted when its online CTR >= the serving version's CTR - --canary-max-ctr-drop, else the canary
+is aborted and everyone returns to the serving version. While a canary runs, a run publishes its
+candidate without starting another (exit 2).
+
 Exit codes (for cron, systemd and scripts):
-    0  published and activated
+    0  published and activated (or started as a canary)
     1  failed (nothing was activated; a half-written version is never visible)
     2  published but gated: the candidate is kept as a version, the serving one stays
     3  nothing new to learn from (no event since the serving version's data)
@@ -63,6 +71,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from chronorec.server.core.canary import CanaryPlan, CanaryPolicy, check_percent, read_plan, write_plan
 from chronorec.server.core.manifest import TOKENIZER_MAX_LENGTH, Manifest, TimeModelParams, load_manifest
 from chronorec.trainer.base_model import MINILM_NAME, resolve_base_folder
 from chronorec.trainer.flags import add_settings_flags, setting, settings_from_args
@@ -139,6 +148,15 @@ class RunSettings:
         True, group=GATE, help="encode the catalog into the new version's vector cache before activating, with the "
                                "server's settings from the repository (off: the server encodes it during the swap)")
     keep_checkpoints: int = setting(3, group=GATE, help="versions whose trainable weights are kept")
+    canary: float | None = setting(
+        None, group=GATE, help="start the candidate as a canary serving this percentage of users (0-100) beside the "
+                               "serving version instead of switching everyone; promoted or aborted by the rule below")
+    canary_min_impressions: int = setting(
+        1000, group=GATE, help="with --canary: impressions each version must log after the canary began before the "
+                               "rule decides (0: promote or abort by hand, `chronorec canary promote|abort`)")
+    canary_max_ctr_drop: float = setting(
+        0.0, group=GATE, help="with --canary: promote when the canary's online CTR >= the serving version's CTR - "
+                              "this (an absolute difference), else abort")
     ablation: bool = setting(
         False, group=GATE, help="also evaluate the starting weights and both encoders alone on the test window")
 
@@ -287,6 +305,8 @@ def run_once(db: str | os.PathLike, models: str | os.PathLike, settings: RunSett
     started = time.perf_counter()
     say = report or (lambda message: log.info("%s", message))
     try:
+        if settings.canary is not None:
+            _canary_plan("-", settings)  # a bad percentage or rule fails before any training
         from chronorec.trainer import distributed
 
         ranks = distributed.init_from_env()
@@ -493,6 +513,21 @@ def _gate(repo: ModelRepository, models: Path, version: str, serving: str | None
           say: Callable[[str], None] | None = None) -> RunOutcome:
     """Activate the published candidate when it passed the gate (or is forced); the exit code says which."""
     candidate, serving_metrics, passed = evaluation["candidate"], evaluation["serving"], evaluation["gate"]["passed"]
+    if (passed or settings.force) and settings.canary is not None and serving is not None:
+        running = read_plan(repo)
+        if running is not None:
+            return RunOutcome(EXIT_GATED, "gated", f"{version} published but not started as a canary: a canary of "
+                              f"{running.candidate} is running", version, serving, candidate, serving_metrics, details)
+        if settings.prepare and items:
+            details["prepare"] = _prepare(repo, version, items, settings, say or (lambda _m: None))
+        plan = _canary_plan(version, settings)
+        write_plan(repo, plan)
+        _prune_checkpoints(repo, models, settings.keep_checkpoints)
+        rule = (f"promoted once each version logged {plan.policy.min_impressions} impressions if its CTR >= "
+                f"{serving}'s - {plan.policy.max_ctr_drop:g}, else aborted" if plan.policy.automatic
+                else "promote or abort it by hand")
+        return RunOutcome(EXIT_ACTIVATED, "canary", f"{version} serves {plan.percent:g}% of users as a canary beside "
+                          f"{serving} ({rule})", version, serving, candidate, serving_metrics, details)
     if passed or settings.force:
         if settings.prepare and items:
             details["prepare"] = _prepare(repo, version, items, settings, say or (lambda _m: None))
@@ -507,6 +542,12 @@ def _gate(repo: ModelRepository, models: Path, version: str, serving: str | None
         f"{version} published but not activated: {GATE_METRIC} {candidate[GATE_METRIC]:.4f} < serving "
         f"{serving_metrics[GATE_METRIC]:.4f} - threshold {settings.threshold}",
         version, serving, candidate, serving_metrics, details)
+
+
+def _canary_plan(version: str, settings: RunSettings) -> CanaryPlan:
+    """The canary --canary asks for (InvalidArgument for a percentage outside 0..100 or a bad rule)."""
+    policy = CanaryPolicy(settings.canary_min_impressions, settings.canary_max_ctr_drop)
+    return CanaryPlan(version, check_percent(settings.canary), policy=policy)
 
 
 def _prepare(repo: ModelRepository, version: str, items: list, settings: RunSettings,

@@ -214,11 +214,17 @@ class ChronorecEngine:
         interaction state: catalog changes first, so events of this page find their items."""
         latest: dict[str, object] = {}
         events = []
+        # Events and erasures in log order: an erasure removes the events before it, never later ones.
+        user_changes: list[tuple[str, object]] = []
         for change in changes:
             if change.kind == "event":
                 events.append(change.event)
+            elif change.kind == "delete_user":
+                user_changes += [("events", events), ("erase", change.user_id)]
+                events = []
             else:
                 latest[change.item_id] = change  # within a page only an item's last change matters
+        user_changes.append(("events", events))
         if latest:
             with self.catalog.lock:
                 fresh = [c for c in latest.values() if c.seq > self._item_seq.get(c.item_id, 0)]
@@ -243,8 +249,11 @@ class ChronorecEngine:
                         model.release()
                 for change in fresh:
                     self._item_seq[change.item_id] = change.seq
-        if events:
-            self.state.add(events)
+        for kind, payload in user_changes:
+            if kind == "erase":
+                self.forget_user(payload)
+            elif payload:
+                self.state.add(payload)
 
     def _write_serving_settings(self) -> None:
         """Tell publishers how this server indexes versions (the trainer's prepare step reads it)."""
@@ -460,8 +469,8 @@ class ChronorecEngine:
         `by` names the caller in the audit line."""
         with self._user_writes:
             events, impressions = self.store.delete_user(user_id)
-            self.state.remove_user(user_id)
-        self.forget_user(user_id)
+            removed = self.state.remove_user(user_id)
+        self._forget_traces(user_id, refit=removed > 0)
         audit.info("user erased: user_id=%r by=%s events=%d impressions=%d", user_id, by or "-", events, impressions)
         return events, impressions
 
@@ -470,12 +479,18 @@ class ChronorecEngine:
         was erased elsewhere). The co-occurrence model is refitted without them (~1 s per 100k
         events), and the short-term caches are emptied: their keys do not say whose a vector is."""
         removed = self.state.remove_user(user_id)
-        self.refit_cooccurrence()
+        self._forget_traces(user_id, refit=removed > 0)
+        if removed:
+            log.info("forgot %d in-memory events of an erased user", removed)
+
+    def _forget_traces(self, user_id: str, refit: bool) -> None:
+        """What an erased user leaves beside their history: their share of the co-occurrence model
+        (refitted when they had events here), cached history vectors, recorded recommendations."""
+        if refit:
+            self.refit_cooccurrence()
         for _, model in self.manager.loaded():
             model.ranker.clear_cache()
         self.online.forget_user(user_id)
-        if removed:
-            log.info("forgot %d in-memory events of an erased user", removed)
 
     def upsert_items(self, items: list[Item]) -> tuple[int, int]:
         # The catalog lock first: a swap installs its model under it, so the model pinned here

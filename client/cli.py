@@ -154,7 +154,14 @@ def _print_recommendations(result, out: TextIO) -> None:
         ]
         for rank, item in enumerate(result.items, start=1)
     ]
-    print(format_table(headers, rows, align="rllrrrrrl"), file=out)
+    align = "rllrrrrrl"
+    if any(item.features for item in result.items):
+        # A version with a learned ranker: the features that moved each item most.
+        headers.append("ranker features")
+        for row, item in zip(rows, result.items):
+            row.append(_shorten(", ".join(f"{f.name} {f.contribution:+.2f}" for f in item.features[:2]), 48))
+        align += "l"
+    print(format_table(headers, rows, align=align), file=out)
 
 
 def cmd_recommend_batch(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:

@@ -117,6 +117,13 @@ class HistoryItem:
     value: float | None = None
 
 
+class FeatureReason(NamedTuple):
+    """A feature of the learned ranker that moved a recommendation's score, and by how much."""
+
+    name: str
+    contribution: float
+
+
 class HistoryReason(NamedTuple):
     """A history item behind a recommendation and its share of the score."""
 
@@ -138,6 +145,8 @@ class Recommendation:
     freshness: float
     trend: float
     history: list[HistoryReason] = field(default_factory=list)
+    # With a learned ranker: the features that moved the score most, largest first.
+    features: list[FeatureReason] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -609,6 +618,7 @@ def _recommendation(item: recommender_pb2.ScoredItem) -> Recommendation:
         freshness=reasons.freshness,
         trend=reasons.trend,
         history=[HistoryReason(h.item_id, h.title, h.contribution) for h in reasons.history],
+        features=[FeatureReason(f.name, f.contribution) for f in reasons.features],
     )
 
 

@@ -11,7 +11,7 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from chronorec.server.core.manifest import (
     write_manifest,
 )
 from chronorec.server.core.repository import ModelRepository
+
+if TYPE_CHECKING:
+    from chronorec.server.core.learned_ranker import LearnedRanker
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +339,21 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _stage_ranker(ranker: "LearnedRanker | None", staging: Path) -> dict[str, Any] | None:
+    """Write the ranker's model into the staged version and load it back; its manifest entry."""
+    if ranker is None:
+        return None
+    from chronorec.server.core.learned_ranker import LearnedRanker
+
+    path = staging / ranker.spec.file
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(ranker.model_text())
+        handle.flush()
+        os.fsync(handle.fileno())
+    LearnedRanker.load(staging, ranker.spec)  # what the server's load check will do
+    return ranker.spec.to_dict()
+
+
 def publish_module(
     module: SentenceEncoderModule,
     tokenizer,
@@ -353,8 +371,12 @@ def publish_module(
     extra: dict[str, Any] | None = None,
     tokenizer_source: str | os.PathLike | None = None,
     opset: int = DEFAULT_OPSET,
+    ranker: "LearnedRanker | None" = None,
 ) -> str:
     """Export, check and publish `module` as a new model version; returns the version name.
+
+    With `ranker`, the learned ranker ships in the version (its model file and the manifest's
+    `ranker` entry), checked by loading it back from the staged folder as the server will.
 
     Everything is written into the repository's staging directory and renamed into place only
     after the parity check passed and the manifest is written, so a failure or a kill leaves no
@@ -396,6 +418,7 @@ def publish_module(
             int8_file=int8_file,
             int8_cosine=int8_stats,
             parity_max_abs_diff=parity,
+            ranker=_stage_ranker(ranker, staging),
             extra={
                 "export": {
                     "exporter": "torch.onnx.export(dynamo=False)",
@@ -441,8 +464,10 @@ def publish_base_model(
     int8: bool = False,
     max_length: int = TOKENIZER_MAX_LENGTH,
     base_model: str | None = None,
+    ranker: "LearnedRanker | None" = None,
 ) -> str:
-    """Publish an untuned local Hugging Face BERT folder as a model version; returns the version name."""
+    """Publish an untuned local Hugging Face BERT folder as a model version (with a learned ranker
+    when given); returns the version name."""
     module, tokenizer = load_base_model(model_path)
     return publish_module(
         module,
@@ -453,6 +478,7 @@ def publish_base_model(
         int8=int8,
         activate=activate,
         tokenizer_source=model_path,
+        ranker=ranker,
     )
 
 

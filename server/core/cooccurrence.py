@@ -16,6 +16,10 @@ Interactions = Union[Mapping[str, Iterable[str]], Iterable[Event]]
 DENSE_MAX_ITEMS = 3000
 # Bound on the user×user-chunk work (and memory) of one step of the fit.
 _CHUNK_CELLS = 8_000_000
+# Transitions count an item followed by one of the user's next TRANSITION_SPAN items, the d-th
+# next weighted TRANSITION_DECAY**(d-1): the next item says most, the one after still something.
+TRANSITION_SPAN = 3
+TRANSITION_DECAY = 0.5
 
 
 def _user_item_pairs(interactions: Interactions) -> list[tuple[str, str]]:
@@ -30,14 +34,22 @@ class CooccurrenceModel:
     Each item keeps its top `max_neighbors` neighbours (all when None). Small catalogs
     hold a dense n×n matrix; large ones a sparse one built in row chunks, so a catalog of
     100k items with few events never allocates n² memory.
+
+    Fitted from ordered histories, it also holds directional transitions: P(next = j | i),
+    how often j came among the next few items after i (see TRANSITION_SPAN), which the
+    learned ranker reads; the blend reads only the symmetric similarity.
     """
 
-    def __init__(self, item_ids: Sequence[str], similarity: np.ndarray | sp.csr_matrix, num_users: int):
+    def __init__(self, item_ids: Sequence[str], similarity: np.ndarray | sp.csr_matrix, num_users: int,
+                 transitions: sp.csr_matrix | None = None):
         self._item_ids = list(item_ids)
         self._index = {item_id: i for i, item_id in enumerate(self._item_ids)}
         self._dense = similarity if isinstance(similarity, np.ndarray) else None
         self._sparse = None if self._dense is not None else sp.csr_matrix(similarity, dtype=np.float32)
         self.num_users = num_users
+        n = len(self._item_ids)
+        self._transitions = (sp.csr_matrix((n, n), dtype=np.float32) if transitions is None
+                             else sp.csr_matrix(transitions, dtype=np.float32))
 
     # -------------------------------------------------------------------- fit
 
@@ -69,8 +81,10 @@ class CooccurrenceModel:
             rows.append(user_index.setdefault(user, len(user_index)))
             cols.append(col)
         n_items, n_users = len(item_ids), len(user_index)
+        rows_array, cols_array = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        transitions = cls._fit_transitions(rows_array, cols_array, n_items)
         binary = sp.csr_matrix(
-            (np.ones(len(rows), dtype=np.float32), (np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64))),
+            (np.ones(len(rows), dtype=np.float32), (rows_array, cols_array)),
             shape=(n_users, n_items),
         )
         binary.sum_duplicates()
@@ -85,7 +99,33 @@ class CooccurrenceModel:
             similarity = cls._fit_dense(normalised, keep)
         else:
             similarity = cls._fit_sparse(normalised, keep)
-        return cls(item_ids, similarity, n_users)
+        return cls(item_ids, similarity, n_users, transitions)
+
+    @staticmethod
+    def _fit_transitions(users: np.ndarray, items: np.ndarray, n_items: int) -> sp.csr_matrix:
+        """Row-normalised counts of (item, a later item of the same user within TRANSITION_SPAN).
+
+        `users` and `items` are the events in each user's own order (interleaved across users).
+        """
+        order = np.argsort(users, kind="stable")  # each user's events together, their order kept
+        users, items = users[order], items[order]
+        sources, targets, weights = [], [], []
+        for distance in range(1, TRANSITION_SPAN + 1):
+            if len(users) <= distance:
+                break
+            same = (users[distance:] == users[:-distance]) & (items[distance:] != items[:-distance])
+            sources.append(items[:-distance][same])
+            targets.append(items[distance:][same])
+            weights.append(np.full(int(same.sum()), TRANSITION_DECAY ** (distance - 1), dtype=np.float32))
+        if not sources:
+            return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+        counts = sp.csr_matrix((np.concatenate(weights), (np.concatenate(sources), np.concatenate(targets))),
+                               shape=(n_items, n_items), dtype=np.float32)
+        counts.sum_duplicates()
+        out = np.asarray(counts.sum(axis=1)).ravel()
+        inverse = np.zeros(n_items, dtype=np.float32)
+        np.divide(1.0, out, out=inverse, where=out > 0)
+        return (sp.diags(inverse) @ counts).tocsr().astype(np.float32)
 
     @staticmethod
     def _fit_dense(normalised: sp.csr_matrix, keep: int | None) -> np.ndarray:
@@ -189,6 +229,17 @@ class CooccurrenceModel:
         else:
             block = self._sparse[rows[known_rows]][:, cols[known_cols]].toarray()
         result[np.ix_(known_rows, known_cols)] = block
+        return result
+
+    def transition_block(self, row_ids: Sequence[str], col_ids: Sequence[str]) -> np.ndarray:
+        """P(next = c | r) as a len(row_ids)×len(col_ids) matrix; 0 for unknown items."""
+        rows, cols = self.indices_of(row_ids), self.indices_of(col_ids)
+        result = np.zeros((len(rows), len(cols)), dtype=np.float32)
+        known_rows, known_cols = np.flatnonzero(rows >= 0), np.flatnonzero(cols >= 0)
+        if len(known_rows) and len(known_cols):
+            # Whole rows, then the columns: few rows are asked for, and a sparse column cut is slow.
+            block = self._transitions[rows[known_rows]].toarray()[:, cols[known_cols]]
+            result[np.ix_(known_rows, known_cols)] = block
         return result
 
     def top_contributors(

@@ -51,6 +51,8 @@ class InteractionState:
         self._users: dict[str, _UserLog] = {}
         self._item_index: dict[str, int] = {}
         self._item_ids: list[str] = []
+        self._first_times: list[float] = []  # earliest event time per item, in `_item_ids` order
+        self._first_times_array: np.ndarray | None = None  # the same as an array, rebuilt after a change
         self._event_ids: set[str] = set()
         self._times = np.zeros(0, dtype=np.float64)
         self._items = np.zeros(0, dtype=np.int32)
@@ -80,7 +82,12 @@ class InteractionState:
                 if item is None:
                     item = self._item_index[event.item_id] = len(self._item_ids)
                     self._item_ids.append(event.item_id)
+                    self._first_times.append(timestamp)
+                    self._first_times_array = None
                     self._id_rank = None
+                elif timestamp < self._first_times[item]:
+                    self._first_times[item] = timestamp
+                    self._first_times_array = None
                 self._pending_times.append(timestamp)
                 self._pending_items.append(item)
                 added += 1
@@ -230,6 +237,20 @@ class InteractionState:
         with self._lock.read():
             counts = self._counts_between(None, at)
         return counts if positions is None else self._aligned(counts, positions)
+
+    def first_event_times(self, at: float, positions: np.ndarray) -> np.ndarray:
+        """When each item (by its position, `indices_of`) had its first event; NaN for -1 and for
+        items with none at or before `at`."""
+        with self._lock.read():
+            first = self._first_times_array
+            if first is None or len(first) != len(self._first_times):
+                first = self._first_times_array = np.asarray(self._first_times, dtype=np.float64)
+        positions = np.asarray(positions, dtype=np.int64)
+        times = np.full(len(positions), np.nan)
+        known = (positions >= 0) & (positions < len(first))
+        times[known] = first[positions[known]]
+        times[times > at] = np.nan
+        return times
 
     def trending(self, at: float, window_seconds: float, n: int) -> list[tuple[str, int]]:
         """Top-n items by events in [at - window, at]; ties by all-time count up to `at`, then id.

@@ -17,6 +17,10 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 TOKENIZER_MAX_LENGTH = 128
 MANIFEST_SCHEMA = 1
+# The learned rankers this server can load (the manifest's `ranker.kind`).
+RANKER_KINDS = ("lightgbm-lambdarank",)
+MAX_RANKER_CANDIDATES = 5000
+MAX_RANKER_FEATURES = 1000
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,9 @@ class Manifest:
     parity_max_abs_diff: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     schema: int = MANIFEST_SCHEMA
+    # The learned ranker shipped in the version: {"file", "features", "candidates", "kind"}; None:
+    # the version ranks with the time model's blend alone.
+    ranker: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -239,6 +246,25 @@ def _optional_graph_file(name: str, value: Any) -> str | None:
     return None if value is None else _graph_file(name, value)
 
 
+def _optional_ranker(name: str, value: Any) -> dict[str, Any] | None:
+    """The learned ranker's entry: a file inside the version folder, its feature names, how many candidates."""
+    if value is None:
+        return None
+    entry = _object(name, value)
+    kind = entry.get("kind", RANKER_KINDS[0])
+    if kind not in RANKER_KINDS:
+        raise ManifestError(f"{name}.kind {kind!r} is not one this server loads ({', '.join(RANKER_KINDS)})")
+    if "file" not in entry:
+        raise ManifestError(f"{name} lacks 'file'")
+    _graph_file(f"{name}.file", entry["file"])
+    features = entry.get("features")
+    if (not isinstance(features, list) or not 1 <= len(features) <= MAX_RANKER_FEATURES
+            or not all(isinstance(f, str) and f for f in features)):
+        raise ManifestError(f"{name}.features must be a list of 1 to {MAX_RANKER_FEATURES} feature names")
+    _count(MAX_RANKER_CANDIDATES)(f"{name}.candidates", entry.get("candidates"))
+    return {**entry, "kind": kind}
+
+
 def _schema(name: str, value: Any) -> int:
     if value != MANIFEST_SCHEMA or isinstance(value, bool):
         raise ManifestError(f"schema {value!r} is not supported (this server reads schema {MANIFEST_SCHEMA})")
@@ -267,6 +293,7 @@ MANIFEST_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "parity_max_abs_diff": _optional_number,
     "extra": _object,
     "schema": _schema,
+    "ranker": _optional_ranker,
 }
 _REQUIRED_FIELDS = ("version", "base_model", "dimension")
 

@@ -18,6 +18,7 @@ from chronorec.server.core.errors import FailedPrecondition, NotFound, Unavailab
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.indexing import index_with, open_vector_cache
 from chronorec.server.core.interactions import InteractionState
+from chronorec.server.core.learned_ranker import RankerError, load_version_ranker
 from chronorec.server.core.itemtext import item_text
 from chronorec.server.core.manifest import Manifest
 from chronorec.server.core.ranking import CooccurrenceSource, TimeAwareRanker
@@ -194,6 +195,15 @@ class ModelManager:
     def build(self, version: str) -> tuple[ServingModel, int]:
         """Load, check and index the catalog with `version`, catching up on edits made meanwhile."""
         encoder = load_encoder(self.repository, version, self.settings)
+        try:
+            # The ranker is part of the version: one that cannot load refuses the whole version.
+            learned_ranker = load_version_ranker(self.repository.version_dir(version), encoder.manifest)
+        except RankerError as exc:
+            encoder.close()
+            raise FailedPrecondition(f"model version {version!r} is unusable: {exc}") from None
+        except BaseException:
+            encoder.close()
+            raise
         batcher = MicroBatcher(
             encoder.encode,
             max_batch_size=self.settings.max_batch,
@@ -218,6 +228,7 @@ class ModelManager:
                 cooccurrence=self.inputs.cooccurrence,
                 encode=batcher.encode,
                 encoder_max_length=encoder.max_length,
+                learned_ranker=learned_ranker,
             )
             model = ServingModel(version, encoder.manifest, encoder, batcher, index, ranker)
             model.catalog_version = snapshot_version

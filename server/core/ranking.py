@@ -1,4 +1,4 @@
-"""Time-aware Recommend: blend of semantic, co-occurrence, freshness and trend, as of any time."""
+"""Time-aware Recommend: blend of semantic, co-occurrence, freshness and trend, as of any time, optionally reranked by a learned model."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from chronorec.server.core.catalog import Item
 from chronorec.server.core.catalog_columns import CatalogColumns, CatalogSnapshot
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.errors import InvalidArgument
+from chronorec.server.core.features import FeatureInputs, FirstStage, candidate_features
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.itemtext import item_text_lookup
+from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, FeatureReason, LearnedRanker
 from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.scoring import combine, personal_scale, score_weights
 from chronorec.server.core.short_term_cache import DEFAULT_MAX_BYTES, ShortTermCache, encoder_char_budget, text_key
@@ -86,6 +88,8 @@ class Recommendation:
     freshness: float
     trend: float
     top_history: list[HistoryReason]
+    # With a learned ranker: the features that moved this item's score most (none with the blend).
+    feature_reasons: list[FeatureReason] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,17 @@ class ScoredCandidates:
     cooccurrence: np.ndarray
     freshness: np.ndarray
     trend: np.ndarray
+
+
+@dataclass(frozen=True)
+class CandidateFeatures:
+    """What the learned ranker reads for one query: candidates, their features (features.FEATURE_NAMES
+    columns) and the blend's score of each; `in_candidates` is False for rows added on request."""
+
+    item_ids: np.ndarray  # str
+    features: np.ndarray
+    blend_score: np.ndarray
+    in_candidates: np.ndarray  # bool
 
 
 # ------------------------------------------------------------------- catalog
@@ -176,6 +191,7 @@ class TimeAwareRanker:
         neighbours_per_item: int = 50,
         exhaustive_below: int = 20000,
         catalog_version: Callable[[], object] | None = None,
+        learned_ranker: LearnedRanker | None = None,
     ):
         self.catalog = catalog
         self.index = index
@@ -198,6 +214,8 @@ class TimeAwareRanker:
         # can read (unbounded otherwise, for callers that encode texts their own way).
         self.history_text_chars = encoder_char_budget(encoder_max_length) if encoder_max_length else None
         self._catalog_columns: tuple[object, CatalogSnapshot] | None = None
+        # The version's learned ranker: it reorders the blend's best candidates (None: the blend alone).
+        self.learned_ranker = learned_ranker
 
     # ---------------------------------------------------------------- public
 
@@ -282,6 +300,7 @@ class TimeAwareRanker:
             history, scored, context = self._score(query)
             top = [int(i) for i in self._top_k(scored, query.k)]
         reasons = self._reasons(scored.item_ids[top], context) if history else [[] for _ in top]
+        feature_reasons = self._feature_reasons(top, context)
         recommendations = [
             Recommendation(
                 item_id=str(scored.item_ids[i]),
@@ -293,6 +312,7 @@ class TimeAwareRanker:
                 freshness=float(scored.freshness[i]),
                 trend=float(scored.trend[i]),
                 top_history=reasons[n],
+                feature_reasons=feature_reasons[n],
             )
             for n, i in enumerate(top)
         ]
@@ -320,9 +340,79 @@ class TimeAwareRanker:
         """Scores of every candidate that passes the filters (the evaluation ranks these)."""
         return self._score(query.resolved())[1]
 
+    def candidate_features(self, query: RecommendQuery, extra_item_ids: Sequence[str] = (),
+                           candidates: int | None = None) -> CandidateFeatures:
+        """What the learned ranker reads for `query`: the blend's best `candidates` (default: as many
+        as the ranker rescores, DEFAULT_CANDIDATES without one) and those of `extra_item_ids` that
+        pass the filters, with their features. The trainer logs exactly these, as of each past event."""
+        query = query.resolved()
+        history, scored, context = self._score(query, rerank=False)
+        wanted = candidates or (self.learned_ranker.candidates if self.learned_ranker is not None else DEFAULT_CANDIDATES)
+        top = self._top_k(scored, min(wanted, len(scored.score)))
+        chosen = set(top.tolist())
+        extra: list[int] = []
+        if len(extra_item_ids):
+            position = {item_id: row for row, item_id in enumerate(scored.item_ids)}
+            extra = [p for p in dict.fromkeys(position.get(i, -1) for i in extra_item_ids) if p >= 0 and p not in chosen]
+        rows = np.concatenate([top, np.asarray(extra, dtype=np.int64)]).astype(np.int64)
+        # An added row's rank is where the blend put it among all candidates.
+        ranks = np.concatenate([np.arange(len(top), dtype=np.float64),
+                                [float((scored.score > scored.score[p]).sum()) for p in extra]])
+        features = candidate_features(self._feature_inputs(history, query, context),
+                                      self._first_stage(scored, context.columns, rows, ranks))
+        in_candidates = np.arange(len(rows)) < len(top)
+        return CandidateFeatures(scored.item_ids[rows], features, scored.score[rows], in_candidates)
+
+    # -------------------------------------------------------- learned ranker
+
+    def _feature_inputs(self, history: list[HistoryEntry], query: RecommendQuery, context: "_UserContext") -> FeatureInputs:
+        short_term = None
+        if history:
+            # The history text is read whatever the blend's α: the ranker weighs it on its own.
+            short_term, _ = self._short_term_vector(history, query)
+        return FeatureInputs(at=query.at, history=history, params=query.params, index=self.index, state=self.state,
+                             cooccurrence=context.cooccurrence_model, short_term=short_term, category_of=self._category)
+
+    @staticmethod
+    def _first_stage(scored: ScoredCandidates, columns: CatalogColumns, rows: np.ndarray, ranks: np.ndarray) -> FirstStage:
+        return FirstStage(
+            item_ids=scored.item_ids[rows], category=columns.category[rows], published_at=columns.published_at[rows],
+            score=scored.score[rows], rank=ranks, semantic=scored.semantic[rows],
+            cooccurrence=scored.cooccurrence[rows], trend=scored.trend[rows], freshness=scored.freshness[rows],
+        )
+
+    def _rerank(self, history: list[HistoryEntry], scored: ScoredCandidates, query: RecommendQuery,
+                context: "_UserContext") -> ScoredCandidates:
+        """The blend's best `candidates` reordered by the learned ranker, all above the rest, which
+        keep the blend's order."""
+        learned = self.learned_ranker
+        n = len(scored.score)
+        top = self._top_k(scored, min(learned.candidates, n))
+        features = candidate_features(self._feature_inputs(history, query, context),
+                                      self._first_stage(scored, context.columns, top, np.arange(len(top), dtype=np.float64)))
+        learned_scores = learned.predict(features)
+        context.learned_rows, context.learned_features = top, features
+        score = np.asarray(scored.score, dtype=np.float64).copy()
+        rest = np.ones(n, dtype=bool)
+        rest[top] = False
+        if rest.any():
+            # Below the lowest learned score, in the blend's order.
+            score[rest] = learned_scores.min() - 1.0 - (score[rest].max() - score[rest])
+        score[top] = learned_scores
+        return replace(scored, score=score)
+
+    def _feature_reasons(self, top: Sequence[int], context: "_UserContext") -> list[list[FeatureReason]]:
+        if context.learned_features is None or self.learned_ranker is None:
+            return [[] for _ in top]
+        where = {int(row): k for k, row in enumerate(context.learned_rows)}
+        picked = [where.get(int(i)) for i in top]
+        known = [k for k in picked if k is not None]
+        explained = iter(self.learned_ranker.reasons(context.learned_features[known]) if known else [])
+        return [next(explained) if k is not None else [] for k in picked]
+
     # --------------------------------------------------------------- scoring
 
-    def _score(self, query: RecommendQuery) -> tuple[list[HistoryEntry], ScoredCandidates, "_UserContext"]:
+    def _score(self, query: RecommendQuery, rerank: bool = True) -> tuple[list[HistoryEntry], ScoredCandidates, "_UserContext"]:
         if query.k <= 0:
             raise InvalidArgument("k must be positive")
         if not math.isfinite(query.at):
@@ -341,7 +431,11 @@ class TimeAwareRanker:
             if len(columns) < query.k:
                 # Filters ate the candidate pool (narrow categories, big exclude): go exhaustive.
                 columns = self._filter(self._all_columns(), query, banned)
-        return history, self._components(columns, query, context), context
+        context.columns = columns
+        scored = self._components(columns, query, context)
+        if rerank and self.learned_ranker is not None and len(scored.score):
+            scored = self._rerank(history, scored, query, context)
+        return history, scored, context
 
     def _components(self, columns: CatalogColumns, query: RecommendQuery, context: "_UserContext") -> ScoredCandidates:
         params, at = query.params, query.at
@@ -454,6 +548,8 @@ class TimeAwareRanker:
     def _candidate_columns(self, query: RecommendQuery, context: "_UserContext", banned: set[str]) -> CatalogColumns:
         params = query.params
         fetch = query.k * self.oversample + len(banned)
+        if self.learned_ranker is not None:
+            fetch = max(fetch, self.learned_ranker.candidates + len(banned))  # the ranker rescores this many
         if query.categories:
             fetch *= 4  # most hits may be in other categories
         candidate_ids: dict[str, None] = {}
@@ -556,6 +652,10 @@ class _UserContext:
         self.w_cooccurrence = 0.0
         # Weight left to the personal terms after the time since the user's newest event.
         self.personal_scale = 1.0
+        # The candidates scored (after the filters), and what the learned ranker read of them.
+        self.columns: CatalogColumns | None = None
+        self.learned_rows: np.ndarray | None = None
+        self.learned_features: np.ndarray | None = None
 
     @classmethod
     def build(cls, ranker: TimeAwareRanker, history: list[HistoryEntry], query: RecommendQuery) -> "_UserContext":

@@ -218,6 +218,10 @@ def _response(answer: Recommendations) -> recommender_pb2.RecommendResponse:
                     recommender_pb2.HistoryContribution(item_id=h.item_id, title=h.title, contribution=h.contribution)
                     for h in rec.top_history
                 ],
+                features=[
+                    recommender_pb2.FeatureContribution(name=f.name, contribution=f.contribution)
+                    for f in rec.feature_reasons
+                ],
             ),
         )
         for rec in answer.result.items

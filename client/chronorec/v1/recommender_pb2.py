@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from chronorec.v1 import common_pb2 as chronorec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63hronorec/v1/recommender.proto\x12\x0c\x63hronorec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19\x63hronorec/v1/common.proto\"\xd8\x04\n\x12TimeModelOverrides\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12%\n\x18long_term_half_life_days\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12(\n\x1b\x63ooccurrence_half_life_days\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12%\n\x18\x66reshness_half_life_days\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11trend_window_days\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x17\n\nw_semantic\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1b\n\x0ew_cooccurrence\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x18\n\x0bw_freshness\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x14\n\x07w_trend\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12history_max_events\x18\n \x01(\x05H\t\x88\x01\x01\x12$\n\x17personal_half_life_days\x18\x0b \x01(\x01H\n\x88\x01\x01\x42\x08\n\x06_alphaB\x1b\n\x19_long_term_half_life_daysB\x1e\n\x1c_cooccurrence_half_life_daysB\x1b\n\x19_freshness_half_life_daysB\x14\n\x12_trend_window_daysB\r\n\x0b_w_semanticB\x11\n\x0f_w_cooccurrenceB\x0e\n\x0c_w_freshnessB\n\n\x08_w_trendB\x15\n\x13_history_max_eventsB\x1a\n\x18_personal_half_life_days\"\xfd\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07history\x18\x04 \x03(\x0b\x32\x1a.chronorec.v1.HistoryEvent\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x12\n\ncategories\x18\x06 \x03(\t\x12\x15\n\rallow_repeats\x18\x07 \x01(\x08\x12\x33\n\toverrides\x18\x08 \x01(\x0b\x32 .chronorec.v1.TimeModelOverrides\"K\n\x13HistoryContribution\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x01\"\x87\x01\n\x07Reasons\x12\x10\n\x08semantic\x18\x01 \x01(\x01\x12\x14\n\x0c\x63ooccurrence\x18\x02 \x01(\x01\x12\x11\n\tfreshness\x18\x03 \x01(\x01\x12\r\n\x05trend\x18\x04 \x01(\x01\x12\x32\n\x07history\x18\x05 \x03(\x0b\x32!.chronorec.v1.HistoryContribution\"u\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12&\n\x07reasons\x18\x05 \x01(\x0b\x32\x15.chronorec.v1.Reasons\"\xae\x01\n\x11RecommendResponse\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.chronorec.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ehistory_length\x18\x04 \x01(\x05\x12\x19\n\x11recommendation_id\x18\x05 \x01(\t\"6\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.chronorec.v1.Event\"6\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\xd4\x01\n\x13SimilarItemsRequest\x12\x11\n\x07item_id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x12\n\ncategories\x18\x06 \x03(\t\x12\x1c\n\x0fsemantic_weight\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x07\n\x05queryB\x12\n\x10_semantic_weight\"v\n\x0bSimilarItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x10\n\x08semantic\x18\x05 \x01(\x01\x12\x14\n\x0c\x63ooccurrence\x18\x06 \x01(\x01\"\x98\x01\n\x14SimilarItemsResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.chronorec.v1.SimilarItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fsemantic_weight\x18\x04 \x01(\x01\"I\n\x15RecommendBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.chronorec.v1.RecommendRequest\"g\n\x13RecommendBatchEntry\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x31\n\x08response\x18\x03 \x01(\x0b\x32\x1f.chronorec.v1.RecommendResponse\"c\n\x16RecommendBatchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.chronorec.v1.RecommendBatchEntry\x12\x15\n\rencoded_texts\x18\x02 \x01(\x05\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"I\n\x12\x44\x65leteUserResponse\x12\x16\n\x0e\x65vents_deleted\x18\x01 \x01(\x05\x12\x1b\n\x13impressions_deleted\x18\x02 \x01(\x05\x32\x85\x04\n\x12RecommenderService\x12L\n\tRecommend\x12\x1e.chronorec.v1.RecommendRequest\x1a\x1f.chronorec.v1.RecommendResponse\x12I\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1d.chronorec.v1.FeedbackRequest\x1a\x1e.chronorec.v1.FeedbackResponse\x12Q\n\x0e\x46\x65\x65\x64\x62\x61\x63kStream\x12\x1d.chronorec.v1.FeedbackRequest\x1a\x1e.chronorec.v1.FeedbackResponse(\x01\x12U\n\x0cSimilarItems\x12!.chronorec.v1.SimilarItemsRequest\x1a\".chronorec.v1.SimilarItemsResponse\x12[\n\x0eRecommendBatch\x12#.chronorec.v1.RecommendBatchRequest\x1a$.chronorec.v1.RecommendBatchResponse\x12O\n\nDeleteUser\x12\x1f.chronorec.v1.DeleteUserRequest\x1a .chronorec.v1.DeleteUserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63hronorec/v1/recommender.proto\x12\x0c\x63hronorec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19\x63hronorec/v1/common.proto\"\xd8\x04\n\x12TimeModelOverrides\x12\x12\n\x05\x61lpha\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12%\n\x18long_term_half_life_days\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12(\n\x1b\x63ooccurrence_half_life_days\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12%\n\x18\x66reshness_half_life_days\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11trend_window_days\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x17\n\nw_semantic\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1b\n\x0ew_cooccurrence\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x18\n\x0bw_freshness\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x14\n\x07w_trend\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12history_max_events\x18\n \x01(\x05H\t\x88\x01\x01\x12$\n\x17personal_half_life_days\x18\x0b \x01(\x01H\n\x88\x01\x01\x42\x08\n\x06_alphaB\x1b\n\x19_long_term_half_life_daysB\x1e\n\x1c_cooccurrence_half_life_daysB\x1b\n\x19_freshness_half_life_daysB\x14\n\x12_trend_window_daysB\r\n\x0b_w_semanticB\x11\n\x0f_w_cooccurrenceB\x0e\n\x0c_w_freshnessB\n\n\x08_w_trendB\x15\n\x13_history_max_eventsB\x1a\n\x18_personal_half_life_days\"\xfd\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07history\x18\x04 \x03(\x0b\x32\x1a.chronorec.v1.HistoryEvent\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x12\n\ncategories\x18\x06 \x03(\t\x12\x15\n\rallow_repeats\x18\x07 \x01(\x08\x12\x33\n\toverrides\x18\x08 \x01(\x0b\x32 .chronorec.v1.TimeModelOverrides\"K\n\x13HistoryContribution\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x03 \x01(\x01\"9\n\x13\x46\x65\x61tureContribution\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x01\"\xbc\x01\n\x07Reasons\x12\x10\n\x08semantic\x18\x01 \x01(\x01\x12\x14\n\x0c\x63ooccurrence\x18\x02 \x01(\x01\x12\x11\n\tfreshness\x18\x03 \x01(\x01\x12\r\n\x05trend\x18\x04 \x01(\x01\x12\x32\n\x07history\x18\x05 \x03(\x0b\x32!.chronorec.v1.HistoryContribution\x12\x33\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32!.chronorec.v1.FeatureContribution\"u\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12&\n\x07reasons\x18\x05 \x01(\x0b\x32\x15.chronorec.v1.Reasons\"\xae\x01\n\x11RecommendResponse\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.chronorec.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ehistory_length\x18\x04 \x01(\x05\x12\x19\n\x11recommendation_id\x18\x05 \x01(\t\"6\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.chronorec.v1.Event\"6\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\xd4\x01\n\x13SimilarItemsRequest\x12\x11\n\x07item_id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x65xclude_item_ids\x18\x05 \x03(\t\x12\x12\n\ncategories\x18\x06 \x03(\t\x12\x1c\n\x0fsemantic_weight\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x07\n\x05queryB\x12\n\x10_semantic_weight\"v\n\x0bSimilarItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x10\n\x08semantic\x18\x05 \x01(\x01\x12\x14\n\x0c\x63ooccurrence\x18\x06 \x01(\x01\"\x98\x01\n\x14SimilarItemsResponse\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.chronorec.v1.SimilarItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fsemantic_weight\x18\x04 \x01(\x01\"I\n\x15RecommendBatchRequest\x12\x30\n\x08requests\x18\x01 \x03(\x0b\x32\x1e.chronorec.v1.RecommendRequest\"g\n\x13RecommendBatchEntry\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x31\n\x08response\x18\x03 \x01(\x0b\x32\x1f.chronorec.v1.RecommendResponse\"c\n\x16RecommendBatchResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.chronorec.v1.RecommendBatchEntry\x12\x15\n\rencoded_texts\x18\x02 \x01(\x05\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"I\n\x12\x44\x65leteUserResponse\x12\x16\n\x0e\x65vents_deleted\x18\x01 \x01(\x05\x12\x1b\n\x13impressions_deleted\x18\x02 \x01(\x05\x32\x85\x04\n\x12RecommenderService\x12L\n\tRecommend\x12\x1e.chronorec.v1.RecommendRequest\x1a\x1f.chronorec.v1.RecommendResponse\x12I\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1d.chronorec.v1.FeedbackRequest\x1a\x1e.chronorec.v1.FeedbackResponse\x12Q\n\x0e\x46\x65\x65\x64\x62\x61\x63kStream\x12\x1d.chronorec.v1.FeedbackRequest\x1a\x1e.chronorec.v1.FeedbackResponse(\x01\x12U\n\x0cSimilarItems\x12!.chronorec.v1.SimilarItemsRequest\x1a\".chronorec.v1.SimilarItemsResponse\x12[\n\x0eRecommendBatch\x12#.chronorec.v1.RecommendBatchRequest\x1a$.chronorec.v1.RecommendBatchResponse\x12O\n\nDeleteUser\x12\x1f.chronorec.v1.DeleteUserRequest\x1a .chronorec.v1.DeleteUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,32 +39,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDREQUEST']._serialized_end=965
   _globals['_HISTORYCONTRIBUTION']._serialized_start=967
   _globals['_HISTORYCONTRIBUTION']._serialized_end=1042
-  _globals['_REASONS']._serialized_start=1045
-  _globals['_REASONS']._serialized_end=1180
-  _globals['_SCOREDITEM']._serialized_start=1182
-  _globals['_SCOREDITEM']._serialized_end=1299
-  _globals['_RECOMMENDRESPONSE']._serialized_start=1302
-  _globals['_RECOMMENDRESPONSE']._serialized_end=1476
-  _globals['_FEEDBACKREQUEST']._serialized_start=1478
-  _globals['_FEEDBACKREQUEST']._serialized_end=1532
-  _globals['_FEEDBACKRESPONSE']._serialized_start=1534
-  _globals['_FEEDBACKRESPONSE']._serialized_end=1588
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=1591
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=1803
-  _globals['_SIMILARITEM']._serialized_start=1805
-  _globals['_SIMILARITEM']._serialized_end=1923
-  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1926
-  _globals['_SIMILARITEMSRESPONSE']._serialized_end=2078
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=2080
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=2153
-  _globals['_RECOMMENDBATCHENTRY']._serialized_start=2155
-  _globals['_RECOMMENDBATCHENTRY']._serialized_end=2258
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=2260
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=2359
-  _globals['_DELETEUSERREQUEST']._serialized_start=2361
-  _globals['_DELETEUSERREQUEST']._serialized_end=2397
-  _globals['_DELETEUSERRESPONSE']._serialized_start=2399
-  _globals['_DELETEUSERRESPONSE']._serialized_end=2472
-  _globals['_RECOMMENDERSERVICE']._serialized_start=2475
-  _globals['_RECOMMENDERSERVICE']._serialized_end=2992
+  _globals['_FEATURECONTRIBUTION']._serialized_start=1044
+  _globals['_FEATURECONTRIBUTION']._serialized_end=1101
+  _globals['_REASONS']._serialized_start=1104
+  _globals['_REASONS']._serialized_end=1292
+  _globals['_SCOREDITEM']._serialized_start=1294
+  _globals['_SCOREDITEM']._serialized_end=1411
+  _globals['_RECOMMENDRESPONSE']._serialized_start=1414
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1588
+  _globals['_FEEDBACKREQUEST']._serialized_start=1590
+  _globals['_FEEDBACKREQUEST']._serialized_end=1644
+  _globals['_FEEDBACKRESPONSE']._serialized_start=1646
+  _globals['_FEEDBACKRESPONSE']._serialized_end=1700
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1703
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1915
+  _globals['_SIMILARITEM']._serialized_start=1917
+  _globals['_SIMILARITEM']._serialized_end=2035
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=2038
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=2190
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=2192
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=2265
+  _globals['_RECOMMENDBATCHENTRY']._serialized_start=2267
+  _globals['_RECOMMENDBATCHENTRY']._serialized_end=2370
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=2372
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=2471
+  _globals['_DELETEUSERREQUEST']._serialized_start=2473
+  _globals['_DELETEUSERREQUEST']._serialized_end=2509
+  _globals['_DELETEUSERRESPONSE']._serialized_start=2511
+  _globals['_DELETEUSERRESPONSE']._serialized_end=2584
+  _globals['_RECOMMENDERSERVICE']._serialized_start=2587
+  _globals['_RECOMMENDERSERVICE']._serialized_end=3104
 # @@protoc_insertion_point(module_scope)

@@ -66,19 +66,29 @@ class HistoryContribution(_message.Message):
     contribution: float
     def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., contribution: _Optional[float] = ...) -> None: ...
 
+class FeatureContribution(_message.Message):
+    __slots__ = ("name", "contribution")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    contribution: float
+    def __init__(self, name: _Optional[str] = ..., contribution: _Optional[float] = ...) -> None: ...
+
 class Reasons(_message.Message):
-    __slots__ = ("semantic", "cooccurrence", "freshness", "trend", "history")
+    __slots__ = ("semantic", "cooccurrence", "freshness", "trend", "history", "features")
     SEMANTIC_FIELD_NUMBER: _ClassVar[int]
     COOCCURRENCE_FIELD_NUMBER: _ClassVar[int]
     FRESHNESS_FIELD_NUMBER: _ClassVar[int]
     TREND_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     semantic: float
     cooccurrence: float
     freshness: float
     trend: float
     history: _containers.RepeatedCompositeFieldContainer[HistoryContribution]
-    def __init__(self, semantic: _Optional[float] = ..., cooccurrence: _Optional[float] = ..., freshness: _Optional[float] = ..., trend: _Optional[float] = ..., history: _Optional[_Iterable[_Union[HistoryContribution, _Mapping]]] = ...) -> None: ...
+    features: _containers.RepeatedCompositeFieldContainer[FeatureContribution]
+    def __init__(self, semantic: _Optional[float] = ..., cooccurrence: _Optional[float] = ..., freshness: _Optional[float] = ..., trend: _Optional[float] = ..., history: _Optional[_Iterable[_Union[HistoryContribution, _Mapping]]] = ..., features: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "title", "category", "score", "reasons")

@@ -1,0 +1,273 @@
+"""The learned ranker's features, model file and serving path: one feature code for server and trainer."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+
+from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.cooccurrence import CooccurrenceModel
+from chronorec.server.core.demo import generate_drift_dataset
+from chronorec.server.core.features import (
+    FEATURE_INDEX, FEATURE_NAMES, FeatureInputs, FirstStage, candidate_features, categories_of,
+)
+from chronorec.server.core.index import ItemIndex
+from chronorec.server.core.interactions import InteractionState
+from chronorec.server.core.itemtext import item_text
+from chronorec.server.core.learned_ranker import LearnedRanker, RankerError, RankerSpec, load_version_ranker
+from chronorec.server.core.manifest import Manifest, ManifestError, TimeModelParams
+from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker
+from chronorec.server.core.timetext import HistoryEntry
+from chronorec.trainer import ranker_train as rt
+from chronorec.trainer.protocols import Dataset, temporal_split
+from chronorec.trainer.tune import fit_cooccurrence
+
+from conftest import ANCHOR
+
+DIM = 16
+
+
+def hashed_encoder(texts: list[str]) -> np.ndarray:
+    """A deterministic stand-in for the ONNX encoder: a unit vector seeded by each text."""
+    vectors = np.stack([np.random.default_rng(int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little"))
+                        .standard_normal(DIM) for t in texts]).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def feature(matrix: np.ndarray, row: int, name: str) -> float:
+    return float(matrix[row, FEATURE_INDEX[name]])
+
+
+# ------------------------------------------------------------------------------ features
+
+
+def small_world():
+    items = [Item(f"i{k}", f"title {k}", category=c) for k, c in
+             enumerate(["Action, Comedy", "Comedy", "Drama", "Action", "Horror|Drama", "Comedy"])]
+    t0 = 1_000_000.0
+    events = [
+        # Other users: i1 is followed by i2, and i3 by i4.
+        Event("a1", "a", "i1", "view", t0), Event("a2", "a", "i2", "view", t0 + 10),
+        Event("b1", "b", "i1", "view", t0 + 20), Event("b2", "b", "i2", "view", t0 + 30),
+        Event("c1", "c", "i3", "view", t0 + 40), Event("c2", "c", "i4", "view", t0 + 50),
+        # The user: i3 yesterday, i1 a minute ago.
+        Event("u1", "u", "i3", "view", t0 + 100), Event("u2", "u", "i1", "view", t0 + 100 + 86400),
+    ]
+    return items, events, t0 + 100 + 86400 + 60
+
+
+def test_features_by_hand():
+    items, events, at = small_world()
+    state = InteractionState()
+    state.add(events)
+    model = CooccurrenceModel.fit(state.user_sequences(), [i.item_id for i in items])
+    index = ItemIndex(DIM)
+    index.build([i.item_id for i in items], hashed_encoder([i.item_id for i in items]))
+    categories = {i.item_id: i.category for i in items}
+    history = state.history("u", at)
+    short_term = hashed_encoder(["the history text"])[0]
+    inputs = FeatureInputs(at=at, history=history, params=TimeModelParams(), index=index, state=state,
+                           cooccurrence=model, short_term=short_term, category_of=lambda i: categories.get(i, ""))
+    ids = np.array(["i2", "i4", "i5", "i0"], dtype=object)
+    n = len(ids)
+    first = FirstStage(item_ids=ids, category=np.array([categories[i] for i in ids], dtype=object),
+                       published_at=np.array([at - 86400, np.nan, np.nan, np.nan]), score=np.linspace(1, 0, n),
+                       rank=np.arange(n, dtype=float), semantic=np.zeros(n), cooccurrence=np.zeros(n),
+                       trend=np.zeros(n), freshness=np.zeros(n))
+    x = candidate_features(inputs, first)
+    assert x.shape == (n, len(FEATURE_NAMES)) and x.dtype == np.float32
+
+    # Transitions: i1 (the user's newest) was followed by i2 in both other histories.
+    assert feature(x, 0, "transition_last") == pytest.approx(1.0)
+    assert feature(x, 1, "transition_last") == 0.0
+    assert feature(x, 1, "transition_recent") > 0  # i3 -> i4, one event further back
+    # Popularity: i2 had 2 of the 8 events; i5 none (cold), and it was never seen.
+    assert feature(x, 0, "popularity_share") == pytest.approx(2 / 8)
+    assert feature(x, 2, "cold_item") == 1.0 and feature(x, 0, "cold_item") == 0.0
+    assert math.isnan(feature(x, 2, "item_first_seen_days"))
+    assert feature(x, 0, "item_age_days") == pytest.approx(1.0)
+    assert math.isnan(feature(x, 1, "item_age_days"))
+    # The last hour: only u's own i1 event; trend over a day holds it too.
+    assert feature(x, 0, "trend_1h") == 0.0 and feature(x, 0, "trend_1d") == 0.0
+    # The user: a minute since the last event, in a session of one, two events.
+    assert feature(x, 0, "user_gap_log_s") == pytest.approx(math.log1p(60), rel=1e-6)
+    assert feature(x, 0, "user_session_events") == 1.0
+    assert feature(x, 0, "user_history_length") == 2.0
+    # Categories: the history is Action (i3, yesterday) and Comedy (i1, a minute ago).
+    assert feature(x, 3, "category_match_all") == pytest.approx(1.0)  # i0: Action, Comedy
+    assert feature(x, 2, "category_match_all") == pytest.approx(0.5)  # i5: Comedy
+    assert feature(x, 1, "category_match_all") == 0.0  # i4: Horror|Drama
+    assert feature(x, 3, "category_match_1h") > 0.99  # within the hour, only Comedy counts
+    assert feature(x, 3, "category_recency_log_s") == pytest.approx(math.log1p(60), rel=1e-6)
+    assert math.isnan(feature(x, 1, "category_recency_log_s"))
+    # Semantic parts kept apart: the history text and the newest item.
+    vectors, _ = index.vectors_matrix_for(list(ids))
+    last = index.vector_of(["i1"])[0]
+    np.testing.assert_allclose(x[:, FEATURE_INDEX["semantic_history_text"]], vectors @ short_term, rtol=1e-5)
+    np.testing.assert_allclose(x[:, FEATURE_INDEX["semantic_last_item"]], vectors @ last, rtol=1e-5)
+    # The first stage is copied through.
+    np.testing.assert_array_equal(x[:, FEATURE_INDEX["blend_rank"]], np.arange(n))
+
+
+def test_category_fields():
+    assert categories_of("Action, Comedy") == {"action", "comedy"}
+    assert categories_of("Adventure|Animation|Children") == {"adventure", "animation", "children"}
+    assert categories_of("") == frozenset()
+
+
+def test_transitions_are_directional():
+    model = CooccurrenceModel.fit({"a": ["x", "y"], "b": ["x", "y"], "c": ["y", "z"]}, ["x", "y", "z"])
+    block = model.transition_block(["x", "y", "unknown"], ["x", "y", "z"])
+    assert block[0, 1] > 0 and block[1, 0] == 0  # x -> y, never y -> x
+    assert block[1, 2] > 0
+    assert not block[2].any()
+    np.testing.assert_allclose(block[0].sum(), 1.0)
+
+
+# ---------------------------------------------------------------------- trainer and server
+
+
+@pytest.fixture(scope="module")
+def drift():
+    data = generate_drift_dataset(seed=5, n_items=120, n_users=30, n_events_per_user=24, anchor=ANCHOR)
+    return Dataset(data.items, data.events)
+
+
+@pytest.fixture(scope="module")
+def logged(drift):
+    """The trainer's groups of the validation window and a ranker fitted on its training windows."""
+    split = temporal_split(drift)
+    training, validation = rt.temporal_slices(split, training_slices=1)
+    items = {i.item_id: i for i in drift.items}
+    config = rt.RankerTrainingConfig(candidates=40, negatives=4, max_groups_per_slice=300, max_valid_groups=60,
+                                     min_data_in_leaf=5, max_rounds=30, early_stopping_rounds=10)
+    params = TimeModelParams(history_max_events=10)
+    fit = rt.train_ranker(drift, items, hashed_encoder, None, params, training, validation, config)
+    groups = rt.collect_groups(drift, items, hashed_encoder, None, params, validation, config,
+                               max_groups=12, negatives=0, seed=3)
+    return split, validation, items, params, config, fit, groups
+
+
+def served_ranker(drift, items, fit_positions, position, learned=None) -> TimeAwareRanker:
+    """A ranker built as the server builds one, holding the events before `position`."""
+    item_ids = [i for i in drift.item_ids if i in items]
+    index = ItemIndex(DIM)
+    index.build(item_ids, hashed_encoder([item_text(items[i]) for i in item_ids]))
+    state = InteractionState()
+    state.add(drift.event_at(p) for p in range(position))
+    model = fit_cooccurrence(drift, fit_positions, item_ids)
+    return TimeAwareRanker(items, index, state, model, hashed_encoder, learned_ranker=learned)
+
+
+def test_server_computes_the_features_the_trainer_logged(drift, logged):
+    split, validation, items, params, config, fit, groups = logged
+    assert len(groups.sizes) >= 5
+    start = 0
+    checked = 0
+    for position, size in zip(groups.positions, groups.sizes):
+        logged_rows = groups.features[start:start + size]
+        start += size
+        server = served_ranker(drift, items, validation.fit, int(position))
+        user = drift.user_ids[drift.user[position]]
+        query = RecommendQuery(user_id=user, k=10, at=float(drift.ts[position]), params=params)
+        served = server.candidate_features(query, candidates=config.candidates)
+        np.testing.assert_array_equal(served.features, logged_rows)
+        checked += 1
+    assert checked == len(groups.sizes)
+
+
+def test_a_ranker_reorders_the_served_candidates_and_names_its_features(drift, logged):
+    split, validation, items, params, config, fit, groups = logged
+    assert fit.ranker is not None and fit.best_iteration >= 1
+    position = int(validation.targets[-1])
+    user = drift.user_ids[drift.user[position]]
+    at = float(drift.ts[position])
+    query = RecommendQuery(user_id=user, k=10, at=at, params=params, exhaustive=True)
+    blend_only = served_ranker(drift, items, validation.fit, position)
+    learned = served_ranker(drift, items, validation.fit, position, fit.ranker)
+
+    blend_scores = blend_only.score_candidates(query)
+    scored = learned.score_candidates(query)
+    assert list(scored.item_ids) == list(blend_scores.item_ids)  # the same candidates, rescored
+    order_blend = np.argsort(-blend_scores.score, kind="stable")
+    top, rest = order_blend[:config.candidates], order_blend[config.candidates:]
+    # The blend's best are scored by the model, everything else below them in the blend's order.
+    logged_features = learned.candidate_features(query, candidates=config.candidates)
+    np.testing.assert_allclose(np.sort(scored.score[top]), np.sort(fit.ranker.predict(logged_features.features)))
+    assert scored.score[top].min() > scored.score[rest].max()
+    assert (np.diff(scored.score[rest]) <= 0).all()
+
+    result = learned.recommend(RecommendQuery(user_id=user, k=5, at=at, params=params))
+    assert len(result.items) == 5
+    assert all(r.feature_reasons for r in result.items)
+    assert all(reason.name in FEATURE_NAMES for r in result.items for reason in r.feature_reasons)
+    assert all(abs(a.contribution) >= abs(b.contribution) for r in result.items
+               for a, b in zip(r.feature_reasons, r.feature_reasons[1:]))
+    # Without a ranker the blend answers, with no feature reasons.
+    plain = blend_only.recommend(RecommendQuery(user_id=user, k=5, at=at, params=params))
+    assert all(not r.feature_reasons for r in plain.items)
+
+
+def test_ranker_file_round_trip_and_refusals(tmp_path, logged):
+    *_, fit, _ = logged
+    spec = fit.ranker.spec
+    (tmp_path / spec.file).write_text(fit.ranker.model_text())
+    loaded = LearnedRanker.load(tmp_path, spec)
+    x = np.random.default_rng(0).random((7, len(FEATURE_NAMES))).astype(np.float32)
+    np.testing.assert_allclose(loaded.predict(x), fit.ranker.predict(x))
+    manifest = Manifest(version="v", base_model="b", dimension=4, ranker=spec.to_dict())
+    assert load_version_ranker(tmp_path, manifest) is not None
+    assert load_version_ranker(tmp_path, Manifest(version="v", base_model="b", dimension=4)) is None
+
+    with pytest.raises(RankerError, match="missing"):
+        LearnedRanker.load(tmp_path, RankerSpec(file="absent.txt", features=spec.features))
+    (tmp_path / "broken.txt").write_text("tree\nthis is not a model\n")
+    with pytest.raises(RankerError, match="not a LightGBM model"):
+        LearnedRanker.load(tmp_path, RankerSpec(file="broken.txt", features=spec.features))
+    with pytest.raises(RankerError, match="does not compute"):
+        LearnedRanker.load(tmp_path, RankerSpec(file=spec.file, features=("no_such_feature",) + spec.features[1:]))
+    with pytest.raises(RankerError, match="manifest names"):
+        LearnedRanker.load(tmp_path, RankerSpec(file=spec.file, features=spec.features[:-1]))
+    outside = tmp_path.parent / "outside-ranker.txt"
+    outside.write_text(fit.ranker.model_text())
+    (tmp_path / "link.txt").symlink_to(outside)
+    with pytest.raises(RankerError, match="outside"):
+        LearnedRanker.load(tmp_path, RankerSpec(file="link.txt", features=spec.features))
+
+
+def test_manifest_ranker_entry_is_checked():
+    good = {"file": "ranker.txt", "features": list(FEATURE_NAMES), "candidates": 100}
+    base = {"version": "v", "base_model": "b", "dimension": 4}
+    assert Manifest.from_dict({**base, "ranker": good}).ranker["kind"] == "lightgbm-lambdarank"
+    assert Manifest.from_dict(base).ranker is None
+    for bad, message in [({**good, "file": "../x.txt"}, "file name"), ({**good, "features": []}, "features"),
+                         ({**good, "candidates": 0}, "candidates"), ({**good, "kind": "xgboost"}, "kind"),
+                         ("ranker.txt", "object")]:
+        with pytest.raises(ManifestError, match=message):
+            Manifest.from_dict({**base, "ranker": bad})
+
+
+def test_loo_slices_hold_out_targets_from_the_fit(drift):
+    from chronorec.trainer.evaluate import build_split
+
+    split = build_split(drift, "loo")
+    training, validation = rt.loo_slices(split, per_user=2)
+    (train_slice,) = training
+    assert not set(train_slice.targets.tolist()) & set(train_slice.fit.tolist())
+    assert set(train_slice.targets.tolist()) | set(train_slice.fit.tolist()) == set(split.train.tolist())
+    assert not set(validation.targets.tolist()) & set(split.test.pos.tolist())
+    # Each held-out target keeps an earlier event of its user.
+    assert (drift.rank_in_user[train_slice.targets] > 0).all()
+
+
+def test_temporal_slices_fit_only_on_the_past(drift):
+    split = temporal_split(drift)
+    training, validation = rt.temporal_slices(split, training_slices=2)
+    assert len(training) == 2
+    for s in training + [validation]:
+        assert s.fit.max() < s.targets.min()
+        assert s.targets.max() < split.n_train  # never the test window
+    assert training[-1].targets.max() < validation.targets.min()

@@ -1,0 +1,425 @@
+"""Training the learned ranker: point-in-time features of logged events, LambdaRank, validation on a later window."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from chronorec.server.core.catalog import Item
+from chronorec.server.core.features import FEATURE_NAMES
+from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, LearnedRanker, RankerSpec
+from chronorec.server.core.manifest import TimeModelParams
+from chronorec.server.core.ranking import RecommendQuery
+from chronorec.trainer.protocols import (
+    GAP_EDGES_S, GAP_LABELS, Dataset, Instances, LooSplit, Split, TemporalSplit, expected_metrics, temporal_split,
+)
+from chronorec.trainer.tune import Encode, RankerReplay, fit_cooccurrence
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ slices
+
+
+@dataclass(frozen=True)
+class FeatureSlice:
+    """Events to learn from, and the events the co-occurrence model of their features is fitted on.
+
+    Every target is later than (temporal) or held out of (loo) the fit events, so no feature of a
+    target was computed from the target itself: the co-occurrence the server serves is fitted on
+    the past only, and so is the one a training group sees.
+    """
+
+    name: str
+    fit: np.ndarray  # global positions the co-occurrence (and transitions) are fitted on
+    targets: np.ndarray  # global positions of the events to rank
+
+
+def temporal_slices(split: TemporalSplit, training_slices: int = 2, share: float = 0.2) -> tuple[list[FeatureSlice], FeatureSlice]:
+    """(training slices, validation slice) of a temporal split.
+
+    Validation: the inner split's window (the one the blend is tuned on). Training: the same rule
+    applied `training_slices` times further back, each `share` of the events before the previous
+    slice's start, its co-occurrence fitted on what precedes it.
+    """
+    inner = temporal_split(split.dataset, split.quantile, upto=split.n_train)
+    validation = FeatureSlice("validation", inner.train, inner.instances.pos)
+    slices = []
+    upto = inner.n_train
+    for k in range(training_slices):
+        if upto < 10:
+            break
+        part = temporal_split(split.dataset, 1.0 - share, upto=upto)
+        if not len(part.instances):
+            break
+        slices.append(FeatureSlice(f"train-{k + 1}", part.train, part.instances.pos))
+        upto = part.n_train
+    return slices[::-1], validation
+
+
+def loo_slices(split: LooSplit, per_user: int = 3) -> tuple[list[FeatureSlice], FeatureSlice]:
+    """(training slices, validation slice) of a leave-one-out split.
+
+    Validation: the validation targets with co-occurrence fitted on the training events (as the
+    blend's tuning). Training: each user's last `per_user` training events, fitted on the others.
+    """
+    d = split.dataset
+    train = np.sort(split.train)
+    validation = FeatureSlice("validation", train, split.validation.pos)
+    users = d.user[train]
+    # Rank of each training event from the end of its user's training events.
+    order = np.lexsort((train, users))
+    sorted_users = users[order]
+    ends = np.r_[np.flatnonzero(np.diff(sorted_users)) + 1, len(sorted_users)]
+    starts = np.r_[0, ends[:-1]]
+    from_end = np.empty(len(train), dtype=np.int64)
+    for start, end in zip(starts, ends):
+        from_end[order[start:end]] = np.arange(end - start)[::-1]
+    held = from_end < per_user
+    # A user needs history left before a held-out target.
+    held &= from_end < (np.bincount(users, minlength=d.n_users)[users] - 1)
+    targets, fit = train[held], train[~held]
+    return [FeatureSlice("train-1", fit, targets)], validation
+
+
+def slices_of(split: Split, **options: Any) -> tuple[list[FeatureSlice], FeatureSlice]:
+    if isinstance(split, TemporalSplit):
+        return temporal_slices(split, **options)
+    if isinstance(split, LooSplit):
+        return loo_slices(split, **options)
+    raise TypeError(f"unknown split {type(split).__name__}")
+
+
+# ------------------------------------------------------------------------------ groups
+
+
+@dataclass(frozen=True)
+class RankerTrainingConfig:
+    """How the ranker's training groups are built and how LambdaRank is fitted (defaults: any data set)."""
+
+    candidates: int = DEFAULT_CANDIDATES  # the blend's best, rescored (served the same way)
+    negatives: int = 10  # sampled items added to each training group (half by popularity)
+    max_groups_per_slice: int = 4000  # sampled targets per training slice
+    max_valid_groups: int = 3000
+    learning_rate: float = 0.05
+    num_leaves: int = 15
+    min_data_in_leaf: int = 100
+    feature_fraction: float = 0.8
+    bagging_fraction: float = 0.8
+    lambda_l2: float = 10.0
+    truncation_level: int = 30
+    max_rounds: int = 600
+    early_stopping_rounds: int = 60
+    refit_on_validation: bool = False
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Groups:
+    """Ranking groups as LightGBM reads them, with what the report needs of each group."""
+
+    features: np.ndarray  # (rows, len(FEATURE_NAMES)) float32
+    labels: np.ndarray  # 1 for the event's item
+    sizes: np.ndarray  # rows per group
+    blend: np.ndarray  # the blend's score of each row
+    in_candidates: np.ndarray  # row is one of the candidates (not an added target or negative)
+    gap_seconds: np.ndarray  # per group: since the user's previous event
+    reachable: np.ndarray  # per group: the target is among the candidates
+    positions: np.ndarray  # per group: the event's global position
+    instances: int  # events asked for (groups + those whose target could not be ranked at all)
+
+    @classmethod
+    def empty(cls) -> "Groups":
+        return cls(np.zeros((0, len(FEATURE_NAMES)), np.float32), np.zeros(0), np.zeros(0, np.int64), np.zeros(0),
+                   np.zeros(0, bool), np.zeros(0), np.zeros(0, bool), np.zeros(0, np.int64), 0)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["Groups"]) -> "Groups":
+        parts = [p for p in parts if len(p.sizes)] or [cls.empty()]
+        return cls(np.concatenate([p.features for p in parts]), np.concatenate([p.labels for p in parts]),
+                   np.concatenate([p.sizes for p in parts]), np.concatenate([p.blend for p in parts]),
+                   np.concatenate([p.in_candidates for p in parts]), np.concatenate([p.gap_seconds for p in parts]),
+                   np.concatenate([p.reachable for p in parts]), np.concatenate([p.positions for p in parts]),
+                   sum(p.instances for p in parts))
+
+    def candidates_only(self) -> "Groups":
+        """The groups as the server ranks them: candidate rows only, groups whose target is one."""
+        keep_group = self.reachable
+        group_of_row = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        rows = self.in_candidates & keep_group[group_of_row]
+        sizes = np.bincount(group_of_row[rows], minlength=len(self.sizes))[keep_group]
+        return Groups(self.features[rows], self.labels[rows], sizes, self.blend[rows], self.in_candidates[rows],
+                      self.gap_seconds[keep_group], self.reachable[keep_group], self.positions[keep_group],
+                      self.instances)
+
+
+def collect_groups(
+    dataset: Dataset,
+    items: Mapping[str, Item],
+    encode: Encode,
+    item_vectors: np.ndarray | None,
+    params: TimeModelParams,
+    feature_slice: FeatureSlice,
+    config: RankerTrainingConfig,
+    *,
+    max_groups: int | None,
+    negatives: int,
+    seed: int,
+    say: Callable[[str], None] = lambda _m: None,
+) -> Groups:
+    """Replay the log and, as of each target event, log the features the server computes then.
+
+    Each group holds the blend's top `config.candidates` and, when `negatives` > 0, the target
+    (even where the blend ranks it lower) and sampled items: the server's candidate set plus
+    sampled negatives. Targets the server could never return (a repeat, or an item unavailable
+    at the time) form no group.
+    """
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(feature_slice.targets, dtype=np.int64)
+    # Only events with history are ranked from it; a cold start has nothing personal to learn.
+    targets = targets[dataset.rank_in_user[targets] > 0]
+    if max_groups is not None and len(targets) > max_groups:
+        targets = np.sort(rng.choice(targets, max_groups, replace=False))
+    if not len(targets):
+        return Groups.empty()
+    item_ids = [i for i in dataset.item_ids if i in items]
+    cooccurrence = fit_cooccurrence(dataset, feature_slice.fit, item_ids)
+    replay = RankerReplay(dataset, items, feature_slice.fit, encode, item_vectors=item_vectors,
+                          cooccurrence=cooccurrence)
+    instances = Instances(dataset, targets)
+    replay.prime(instances, params)
+    # Negatives: half uniform over the catalogue, half by popularity in the fit events.
+    popularity = np.bincount(dataset.item[feature_slice.fit], minlength=dataset.n_items).astype(np.float64) + 1.0
+    popularity /= popularity.sum()
+    features, labels, sizes, blend, in_candidates, gaps, reachable, positions = [], [], [], [], [], [], [], []
+    for row, user_id, at in replay.walk(instances):
+        target = dataset.item_ids[int(instances.target[row])]
+        extra: list[str] = []
+        if negatives > 0:
+            uniform = rng.integers(0, dataset.n_items, negatives - negatives // 2)
+            popular = rng.choice(dataset.n_items, negatives // 2, p=popularity)
+            extra = [target] + [dataset.item_ids[int(i)] for i in np.concatenate([uniform, popular])]
+        query = RecommendQuery(user_id=user_id, k=10, at=at, params=params, exhaustive=True)
+        found = replay.ranker.candidate_features(query, extra, candidates=config.candidates)
+        is_target = found.item_ids == target
+        hit = bool((is_target & found.in_candidates).any())
+        if not is_target.any():
+            continue  # the server would not return it: nothing to learn about ranking it
+        features.append(found.features)
+        labels.append(is_target.astype(np.float64))
+        sizes.append(len(found.item_ids))
+        blend.append(found.blend_score)
+        in_candidates.append(found.in_candidates)
+        gaps.append(replay.gap_seconds(int(instances.pos[row])))
+        reachable.append(hit)
+        positions.append(int(instances.pos[row]))
+    groups = Groups(
+        np.concatenate(features) if features else np.zeros((0, len(FEATURE_NAMES)), np.float32),
+        np.concatenate(labels) if labels else np.zeros(0), np.asarray(sizes, dtype=np.int64),
+        np.concatenate(blend) if blend else np.zeros(0), np.concatenate(in_candidates) if in_candidates else np.zeros(0, bool),
+        np.asarray(gaps, dtype=np.float64), np.asarray(reachable, dtype=bool), np.asarray(positions, dtype=np.int64),
+        len(targets),
+    )
+    say(f"{feature_slice.name}: {len(groups.sizes)} groups of {len(targets)} events ({int(groups.reachable.sum())} "
+        f"with the target among the blend's top {config.candidates}), {len(groups.labels)} rows in "
+        f"{time.perf_counter() - started:.0f} s")
+    return groups
+
+
+# ------------------------------------------------------------------------------ fitting
+
+
+def group_ndcg(scores: np.ndarray, groups: Groups, instances: int | None = None, cutoff: int = 10) -> np.ndarray:
+    """NDCG@cutoff of each group's target under `scores` (ties at their expected rank); groups whose
+    target is not among the candidates count 0, and `instances` pads with 0 for events that formed
+    no group, so the mean is over every event asked for."""
+    out = []
+    start = 0
+    for size, reachable in zip(groups.sizes, groups.reachable):
+        s, y = scores[start:start + size], groups.labels[start:start + size]
+        c = groups.in_candidates[start:start + size]
+        start += size
+        if not reachable:
+            out.append(0.0)
+            continue
+        target = int(np.flatnonzero(y > 0)[0])
+        others = c.copy()
+        others[target] = False
+        better = int((s[others] > s[target]).sum())
+        tied = int((s[others] == s[target]).sum())
+        out.append(float(expected_metrics(np.array([better]), np.array([tied]))[f"NDCG@{cutoff}"][0]))
+    values = np.asarray(out)
+    if instances is not None and instances > len(values):
+        values = np.concatenate([values, np.zeros(instances - len(values))])
+    return values
+
+
+def _dataset(groups: Groups, reference=None):
+    import lightgbm
+
+    return lightgbm.Dataset(groups.features, label=groups.labels, group=groups.sizes, feature_name=list(FEATURE_NAMES),
+                            reference=reference, free_raw_data=False)
+
+
+def lightgbm_params(config: RankerTrainingConfig) -> dict[str, Any]:
+    params = {
+        "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "learning_rate": config.learning_rate,
+        "num_leaves": config.num_leaves, "min_data_in_leaf": config.min_data_in_leaf,
+        "feature_fraction": config.feature_fraction, "bagging_fraction": config.bagging_fraction,
+        "bagging_freq": 1, "lambda_l2": config.lambda_l2, "lambdarank_truncation_level": config.truncation_level,
+        "seed": config.seed, "deterministic": True, "force_row_wise": True, "verbosity": -1,
+    }
+    if config.threads:
+        params["num_threads"] = config.threads
+    return params
+
+
+@dataclass
+class RankerFit:
+    """A trained ranker and what its validation said."""
+
+    ranker: LearnedRanker | None
+    best_iteration: int
+    valid_ndcg_ranker: float
+    valid_ndcg_blend: float
+    valid_instances: int
+    train_groups: int
+    valid_groups: int
+    seconds: float
+    importances: dict[str, float] = field(default_factory=dict)
+    importances_by_gap: dict[str, dict[str, float]] = field(default_factory=dict)
+    curve: list[float] = field(default_factory=list)
+
+    @property
+    def helps(self) -> bool:
+        return self.ranker is not None and self.valid_ndcg_ranker > self.valid_ndcg_blend
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "best_iteration": self.best_iteration, "valid_NDCG@10_ranker": round(self.valid_ndcg_ranker, 5),
+            "valid_NDCG@10_blend": round(self.valid_ndcg_blend, 5), "valid_instances": self.valid_instances,
+            "train_groups": self.train_groups, "valid_groups": self.valid_groups, "seconds": round(self.seconds, 1),
+            "importances": {k: round(v, 4) for k, v in sorted(self.importances.items(), key=lambda kv: -kv[1])},
+            "importances_by_gap": {bucket: {k: round(v, 4) for k, v in values.items()}
+                                   for bucket, values in self.importances_by_gap.items()},
+        }
+
+
+def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
+               say: Callable[[str], None] = lambda _m: None) -> RankerFit:
+    """LambdaRank on the training groups, early-stopped on the validation groups as the server ranks
+    them (candidates only); optionally refitted on both with the chosen number of rounds."""
+    import lightgbm
+
+    started = time.perf_counter()
+    served_valid = valid.candidates_only()
+    if not len(train.sizes) or not train.labels.any():
+        raise ValueError("no training group to fit the ranker on")
+    params = lightgbm_params(config)
+    train_set = _dataset(train)
+    curve: list[float] = []
+    callbacks = [lightgbm.record_evaluation(evaluations := {})]
+    valid_sets = []
+    if len(served_valid.sizes):
+        valid_sets = [_dataset(served_valid, reference=train_set)]
+        callbacks.append(lightgbm.early_stopping(config.early_stopping_rounds, verbose=False))
+    booster = lightgbm.train(params, train_set, num_boost_round=config.max_rounds, valid_sets=valid_sets,
+                             valid_names=["validation"] if valid_sets else None, callbacks=callbacks)
+    best = int(booster.best_iteration or booster.current_iteration())
+    if valid_sets:
+        curve = [float(v) for v in evaluations["validation"]["ndcg@10"]]
+    if config.refit_on_validation and len(valid.sizes):
+        both = Groups.concatenate([train, valid])
+        booster = lightgbm.train(params, _dataset(both), num_boost_round=max(1, int(best * 1.1)))
+        best = booster.current_iteration()
+    else:
+        booster = booster if best == booster.current_iteration() else _truncated(booster, best)
+    spec = RankerSpec(features=FEATURE_NAMES, candidates=config.candidates)
+    ranker = LearnedRanker(booster, spec, threads=1)
+    ranker.check()
+    ranker_valid = group_ndcg(ranker.predict(valid.features), valid, valid.instances)
+    blend_valid = group_ndcg(valid.blend, valid, valid.instances)
+    fit = RankerFit(ranker, best, float(ranker_valid.mean()) if len(ranker_valid) else 0.0,
+                    float(blend_valid.mean()) if len(blend_valid) else 0.0, valid.instances,
+                    len(train.sizes), len(valid.sizes), time.perf_counter() - started,
+                    ranker.importances(), importances_by_gap(ranker, valid), curve)
+    say(f"ranker: {best} rounds on {len(train.sizes)} groups ({len(train.labels)} rows) in {fit.seconds:.0f} s; "
+        f"validation NDCG@10 {fit.valid_ndcg_ranker:.4f} against the blend's {fit.valid_ndcg_blend:.4f} "
+        f"({valid.instances} events)")
+    return fit
+
+
+def _truncated(booster, rounds: int):
+    """The booster with only its first `rounds` trees (what early stopping chose)."""
+    import lightgbm
+
+    return lightgbm.Booster(model_str=booster.model_to_string(num_iteration=rounds))
+
+
+def importances_by_gap(ranker: LearnedRanker, groups: Groups) -> dict[str, dict[str, float]]:
+    """Per bucket of time since the user's previous event: each feature's share of the mean
+    |contribution| to the scores of the candidates (SHAP values on the validation groups)."""
+    if not len(groups.sizes):
+        return {}
+    served = groups.candidates_only() if groups.reachable.any() else groups
+    if not len(served.sizes):
+        return {}
+    contributions = np.abs(ranker.contributions(served.features))
+    group_of_row = np.repeat(np.arange(len(served.sizes)), served.sizes)
+    bucket = np.searchsorted(np.asarray(GAP_EDGES_S), served.gap_seconds, side="right")
+    out: dict[str, dict[str, float]] = {}
+    for b, label in enumerate(GAP_LABELS):
+        rows = bucket[group_of_row] == b
+        if not rows.any():
+            continue
+        mean = contributions[rows].mean(axis=0)
+        total = float(mean.sum())
+        top = np.argsort(-mean)[:8]
+        out[f"{label} ({int((bucket == b).sum())} events)"] = {
+            ranker.feature_names[i]: float(mean[i] / total) if total > 0 else 0.0 for i in top}
+    return out
+
+
+def train_ranker(
+    dataset: Dataset,
+    items: Mapping[str, Item],
+    encode: Encode,
+    item_vectors: np.ndarray | None,
+    params: TimeModelParams,
+    training: Sequence[FeatureSlice],
+    validation: FeatureSlice,
+    config: RankerTrainingConfig | None = None,
+    say: Callable[[str], None] = lambda _m: None,
+) -> RankerFit:
+    """Log the features of the training and validation slices and fit the ranker on them."""
+    config = config or RankerTrainingConfig()
+    parts = [collect_groups(dataset, items, encode, item_vectors, params, s, config,
+                            max_groups=config.max_groups_per_slice, negatives=config.negatives,
+                            seed=config.seed + 1 + k, say=say)
+             for k, s in enumerate(training)]
+    valid = collect_groups(dataset, items, encode, item_vectors, params, validation, config,
+                           max_groups=config.max_valid_groups, negatives=0, seed=config.seed, say=say)
+    return fit_ranker(Groups.concatenate(parts), valid, config, say)
+
+
+__all__ = [
+    "FeatureSlice",
+    "Groups",
+    "RankerFit",
+    "RankerTrainingConfig",
+    "collect_groups",
+    "fit_ranker",
+    "group_ndcg",
+    "importances_by_gap",
+    "lightgbm_params",
+    "loo_slices",
+    "slices_of",
+    "temporal_slices",
+    "train_ranker",
+]

@@ -238,6 +238,9 @@ def cmd_import(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -
     except Exception as error:  # the importers' own errors vary by format; all mean "bad input"
         raise UsageError(f"import: cannot load {path}: {error}") from error
     print(f"loaded {len(items)} items and {len(events)} events from {path}", file=out)
+    if args.db:
+        _import_into_store(args.db, items, events, out)
+        return
     progress = _Progress(sys.stderr)
 
     done = 0
@@ -266,6 +269,23 @@ def cmd_import(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -
     else:
         total = FeedbackResult(0, 0)
     print(f"imported {len(items)} items; events stored {total.stored}, duplicates {total.duplicates}", file=out)
+
+
+def _import_into_store(db: str, items: list, events: list, out: TextIO) -> None:
+    """Write straight into the event store (no server needed): every replica following a shared
+    PostgreSQL store picks the import up from its change log."""
+    from chronorec.server.core.errors import ChronorecError
+    from chronorec.server.core.stores import open_store, store_target
+    from chronorec.server.service.errors import status_for
+
+    try:
+        with open_store(store_target(db)) as store:
+            stats = store.bulk_import(items, events)
+            where = store.location
+    except ChronorecError as error:  # said as the server would say it
+        raise ChronorecClientError(status_for(error), str(error)) from error
+    print(f"imported {stats.items} items into {where}; events stored {stats.events_added}, "
+          f"duplicates {stats.events_duplicate}", file=out)
 
 
 def cmd_status(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -313,6 +333,11 @@ def cmd_status(client: ChronorecClient, args: argparse.Namespace, out: TextIO) -
         print(format_table([f"online, last {window:g} s", "impressions", "clicks", "CTR", "conversions", "MRR"],
                            rows, align="lrrrrr"), file=out)
         print(format_pairs([("unattributed feedback", status.unattributed_feedback)]), file=out)
+    if len(status.replicas) > 1:
+        print(file=out)
+        rows = [[r.name + (" (answered)" if r.this_replica else ""), r.serving_version or "(loading)", r.applied_seq,
+                 f"{r.heartbeat_age_seconds:.1f} s"] for r in status.replicas]
+        print(format_table(["replica", "serving version", "applied seq", "heartbeat"], rows, align="llrr"), file=out)
     if status.metrics:
         print(file=out)
         print(format_table(["metric", "value"], sorted(status.metrics.items())), file=out)
@@ -476,7 +501,10 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chronorec", description="Talk to a chronorec server over gRPC.")
-    parser.add_argument("--target", default=os.environ.get("CHRONOREC_TARGET", DEFAULT_TARGET), help="HOST:PORT")
+    parser.add_argument(
+        "--target", default=os.environ.get("CHRONOREC_TARGET", DEFAULT_TARGET),
+        help="HOST:PORT; replicas as HOST:PORT,HOST:PORT (IP addresses) or one DNS name (dns:///NAME:PORT), "
+        "balanced round-robin over the healthy ones (default $CHRONOREC_TARGET or %(default)s)")
     parser.add_argument("--token", help="bearer token (default: $CHRONOREC_TOKEN)")
     parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM); enables TLS")
     parser.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
@@ -538,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     import_ = commands.add_parser("import", help="import a data set's items and events")
     import_.add_argument("path", metavar="PATH")
+    import_.add_argument("--db", metavar="TARGET", help="write into this event store (an SQLite file or a postgresql:// "
+                         "URL) directly instead of through the server at --target")
     import_.set_defaults(run=cmd_import, default_timeout=DEFAULT_TIMEOUT)
 
     status = commands.add_parser("status", help="serving model, providers, index and swap state")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import numbers
@@ -312,6 +313,17 @@ class LoadedVersionInfo:
 
 
 @dataclass(frozen=True)
+class ReplicaInfo:
+    """One server replica of the service, as its last heartbeat described it."""
+
+    name: str
+    serving_version: str
+    applied_seq: int
+    heartbeat_age_seconds: float
+    this_replica: bool  # the replica that answered
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """The server's model state."""
 
@@ -331,6 +343,9 @@ class ModelStatus:
     resident_memory_bytes: int = 0
     unattributed_feedback: int = 0
     last_canary_outcome: str = ""
+    # Every replica sharing the event store, by name (the answering server alone over SQLite).
+    replicas: list[ReplicaInfo] = field(default_factory=list)
+    applied_seq: int = 0  # how far the answering replica has applied the shared change log
 
 
 @dataclass(frozen=True)
@@ -695,14 +710,22 @@ def _duration(seconds: float) -> str:
 
 
 def service_config(max_retries: int, backoff_base: float, backoff_max: float) -> dict[str, Any]:
-    """The channel's service config: a retry policy on UNAVAILABLE for RETRYABLE_METHODS.
+    """The channel's service config: balancing over every address of the target, and a retry
+    policy on UNAVAILABLE for RETRYABLE_METHODS.
+
+    Balancing is gRPC's `round_robin` with client-side health checking: each replica's standard
+    health service (grpc.health.v1, watched over one stream per replica) takes it out of the
+    rotation while it reports NOT_SERVING (loading a model, stopping) and puts it back once it
+    serves; a replica that cannot be reached is skipped until it reconnects.
 
     gRPC runs the retries itself: exponential backoff with jitter (about `backoff_base` ·
     2^retry, capped at `backoff_max`), a server's `grpc-retry-pushback-ms` honoured in place of
-    the backoff (a negative one: no retry), and every attempt inside the call's one deadline.
+    the backoff (a negative one: no retry), and every attempt inside the call's one deadline. A
+    retry is a new pick of the balancer, so it goes to a healthy replica when there is one.
     """
+    balancing: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}
     if max_retries <= 0:
-        return {}
+        return balancing
     names = [{"service": f"chronorec.v1.{service}", "method": method} for service, method in RETRYABLE_METHODS]
     policy = {
         "maxAttempts": min(MAX_ATTEMPTS, max_retries + 1),
@@ -711,7 +734,39 @@ def service_config(max_retries: int, backoff_base: float, backoff_max: float) ->
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
-    return {"methodConfig": [{"name": names, "retryPolicy": policy}]}
+    return {**balancing, "methodConfig": [{"name": names, "retryPolicy": policy}]}
+
+
+_TARGET_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+
+
+def channel_target(target: str) -> str:
+    """The gRPC target of a --target value.
+
+    One address (`HOST:PORT`) or any gRPC target URI (`dns:///NAME:PORT`, `ipv4:A:P,B:P`, ...)
+    is taken as it is; a DNS name resolving to several addresses is balanced over all of them.
+    Several addresses separated by commas (`127.0.0.1:5001,127.0.0.1:5002`, IPv6 as `[::1]:5001`)
+    become gRPC's static list (`ipv4:` or `ipv6:`), which takes IP addresses only.
+    """
+    target = target.strip()
+    if not target:
+        raise ValueError("target is empty")
+    if "," not in target or target.lower().startswith(_TARGET_SCHEMES):
+        return target
+    families = set()
+    for address in (part.strip() for part in target.split(",")):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"target {address!r} in a list of addresses is not HOST:PORT")
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            raise ValueError(f"a list of addresses takes IP addresses, and {host!r} is not one: "
+                             "name one DNS name instead (dns:///NAME:PORT), every address it resolves to is used") from None
+    if len(families) > 1:
+        raise ValueError("a list of addresses is either all IPv4 or all IPv6 (gRPC's ipv4: and ipv6: targets)")
+    scheme = "ipv4" if families == {4} else "ipv6"
+    return f"{scheme}:" + ",".join(part.strip() for part in target.split(","))
 
 
 class _Converted:
@@ -733,7 +788,9 @@ class _Converted:
 
 
 class ChronorecClient:
-    """A client of the Encoder, Recommender, Catalog and Model services of one chronorec server.
+    """A client of the Encoder, Recommender, Catalog and Model services of a chronorec service:
+    one server, or replicas that gRPC balances (`target` lists several addresses or names a DNS
+    name with several; see channel_target and service_config).
 
     Every call has a deadline (`timeout` seconds, overridable per call) that also bounds its
     retries. The calls that are safe to repeat (RETRYABLE_METHODS) are retried on UNAVAILABLE up
@@ -788,10 +845,9 @@ class ChronorecClient:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.primary_user_agent", "chronorec-client"),
             # Explicit, as the retry policy depends on it; off with max_retries=0 (no retry at all).
-            ("grpc.enable_retries", 1 if config else 0),
+            ("grpc.enable_retries", 1 if "methodConfig" in config else 0),
+            ("grpc.service_config", json.dumps(config)),
         ]
-        if config:
-            options.append(("grpc.service_config", json.dumps(config)))
         if secure:
             if server_name_override:
                 options.append(("grpc.ssl_target_name_override", server_name_override))
@@ -800,9 +856,9 @@ class ChronorecClient:
                 private_key=_read(tls_key),
                 certificate_chain=_read(tls_cert),
             )
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            self._channel = grpc.secure_channel(channel_target(target), credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(channel_target(target), options=options)
 
         self._encoder = encoder_pb2_grpc.EncoderServiceStub(self._channel)
         self._recommender = recommender_pb2_grpc.RecommenderServiceStub(self._channel)
@@ -1010,6 +1066,9 @@ class ChronorecClient:
             resident_memory_bytes=response.resident_memory_bytes,
             unattributed_feedback=response.unattributed_feedback,
             last_canary_outcome=response.last_canary_outcome,
+            replicas=[ReplicaInfo(r.name, r.serving_version, r.applied_seq, r.heartbeat_age_seconds, r.this_replica)
+                      for r in response.replicas],
+            applied_seq=response.applied_seq,
         )
 
     def list_versions(self, *, timeout: float | None = None) -> list[ModelVersionInfo]:

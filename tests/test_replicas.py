@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -277,3 +278,65 @@ def test_torchrun_trains_on_two_ranks_publishes_once_and_every_replica_swaps_wit
     outcomes = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert sorted(o["status"] for o in outcomes) == ["activated", "trained-shard"]
     assert not failures and calls[0] > 0, failures[:5]
+
+
+def test_killing_a_replica_under_load_fails_no_idempotent_call_and_loses_no_acknowledged_event(
+        postgres_url, tiny_repo, tmp_path):
+    """Two replica processes behind the client's round_robin; one is killed with SIGKILL while
+    threads send Recommend and Feedback (with event ids) as fast as they can."""
+    from bench.common import ServerProcess
+    from chronorec.client.client import ChronorecClient, ChronorecClientError, FeedbackEvent
+    from chronorec.server.core.demo import ensure_demo
+
+    with PostgresEventStore(postgres_url) as store:
+        ensure_demo(store)
+        item_ids = [item.item_id for item in store.iter_items()][:20]
+    replicas = [ServerProcess(postgres_url, tiny_repo, tmp_path / f"replica-{n}.log", int8=False,
+                              extra=["--replica-name", f"r{n}"]) for n in range(2)]
+    failures: list[str] = []
+    acknowledged: list[str] = []
+    calls = collections.Counter()
+    stop = threading.Event()
+    try:
+        for replica in replicas:
+            replica.wait_serving(120)
+        target = ",".join(r.target for r in replicas)
+
+        def load(worker: int) -> None:
+            with ChronorecClient(target, timeout=10) as client:
+                n = 0
+                while not stop.is_set():
+                    user = f"failover-{worker}-{n % 5}"
+                    try:
+                        if n % 2:
+                            client.recommend(user, k=5)
+                            calls["recommend"] += 1
+                        else:
+                            event_id = f"kill-{worker}-{n}"
+                            client.feedback([FeedbackEvent(user, item_ids[n % len(item_ids)], "click", event_id=event_id)])
+                            acknowledged.append(event_id)
+                            calls["feedback"] += 1
+                    except ChronorecClientError as error:
+                        failures.append(f"{error.code.name}: {error.message}")
+                    n += 1
+
+        workers = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+        for worker in workers:
+            worker.start()
+        time.sleep(1.5)
+        before = sum(calls.values())
+        replicas[0].proc.kill()  # SIGKILL: no goodbye, open calls cut
+        replicas[0].proc.wait()
+        time.sleep(2.0)
+        stop.set()
+        for worker in workers:
+            worker.join()
+    finally:
+        stop.set()
+        for replica in replicas:
+            replica.stop()
+    assert not failures, failures[:5]
+    assert before > 0 and sum(calls.values()) > before + 10 and calls["recommend"] and calls["feedback"]
+    with psycopg.connect(postgres_url) as conn:
+        stored = {row[0] for row in conn.execute("SELECT event_id FROM events WHERE event_id LIKE 'kill-%'")}
+    assert set(acknowledged) <= stored

@@ -276,14 +276,18 @@ def free_port() -> int:
 class ServerProcess:
     """`chronorec-server` in its own process (so its memory and CPU are its own), on a loopback port."""
 
-    def __init__(self, db: Path, models: Path, log_path: Path, *, int8: bool = True, extra: Sequence[str] = ()):
+    def __init__(self, db: Path | str, models: Path, log_path: Path, *, int8: bool = True, extra: Sequence[str] = (),
+                 data_dir: Path | None = None):
+        """`db` is an SQLite file (its folder is the data dir unless `data_dir` says otherwise) or a
+        postgresql:// URL shared with other replicas."""
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
+        data_dir = data_dir or (db.parent if isinstance(db, Path) else log_path.parent)
         args = [
             sys.executable, "-m", "chronorec.server.app",
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--data-dir", str(db.parent), "--db", str(db), "--models", str(models),
+            "--data-dir", str(data_dir), "--db", str(db), "--models", str(models),
             "--no-demo", "--log-text", "--log-level", "INFO",
             # The co-occurrence refit is a periodic background job, not part of any figure.
             "--cooccurrence-refresh", "0",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from typing import Iterator
@@ -12,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from chronorec.server.core.replication import version_skew
 from chronorec.server.service.interceptors import AdmissionInterceptor, CallKind, behavior_of, replace_behavior, run_behavior
 
 log = logging.getLogger("chronorec.metrics")
@@ -187,6 +189,7 @@ class ServingStateCollector(Collector):
         refused.add_metric([], 1.0 if status.last_error else 0.0)
         yield refused
         yield from self._online(status)
+        yield from _replication_families(engine, status)
         if not status.serving_version:
             return  # still loading: no serving model to describe
         version, index_size, queue_depth = status.serving_version, status.index_size, status.encoder_queue_depth
@@ -234,6 +237,39 @@ class ServingStateCollector(Collector):
         resident = GaugeMetricFamily("chronorec_resident_memory_bytes", "Resident memory of the server process")
         resident.add_metric([], float(status.resident_memory_bytes))
         yield resident
+
+
+def _replication_families(engine, status) -> Iterator:
+    """Replicas over a shared store: how far this one follows the log, and what every live one serves."""
+    replicas = GaugeMetricFamily("chronorec_replicas", "Live replicas of the service by the version they serve "
+                                 "(as of this replica's last heartbeat; this server alone over SQLite)",
+                                 labels=["version"])
+    by_version = collections.Counter(r.serving_version or "(loading)" for r in status.replicas)
+    for version, count in sorted(by_version.items()):
+        replicas.add_metric([version], float(count))
+    yield replicas
+    skew = GaugeMetricFamily("chronorec_replica_version_skew",
+                             "Distinct versions served by live replicas, less one: 0 when they all serve one version")
+    skew.add_metric([], float(version_skew(status.replicas)))
+    yield skew
+    follower = getattr(engine, "follower", None)
+    if follower is None:
+        return
+    position = follower.status()
+    applied = GaugeMetricFamily("chronorec_replication_applied_seq", "Changes of the shared log applied to this replica")
+    applied.add_metric([], float(position.applied_seq))
+    yield applied
+    behind = GaugeMetricFamily("chronorec_replication_behind_changes",
+                               "Changes committed (as far as this replica has heard) and not yet applied here")
+    behind.add_metric([], float(position.known_seq - position.applied_seq))
+    yield behind
+    connected = GaugeMetricFamily("chronorec_replication_connected",
+                                  "1 while this replica listens to the shared log; 0 while the store is unreachable")
+    connected.add_metric([], 1.0 if position.connected else 0.0)
+    yield connected
+    reconnects = CounterMetricFamily("chronorec_replication_reconnects", "Times the log follower lost the store")
+    reconnects.add_metric([], float(position.reconnects))
+    yield reconnects
 
 
 def start_metrics_server(metrics: ServerMetrics, host: str, port: int):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,8 +73,18 @@ def replicas(postgres_url, start_server, tiny_repo):
     return start
 
 
-def test_replicas_load_the_demo_once_and_name_each_other_in_get_status(replicas, postgres_url):
-    a, b = replicas(2, replica_name=None)
+def scrape(replica) -> str:
+    port = replica.running.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def test_replicas_load_the_demo_once_and_name_each_other_in_get_status(replicas, postgres_url, tiny_repo,
+                                                                       tiny_bert_dir):
+    from chronorec.trainer.export import publish_base_model
+
+    # B does not follow the repository pointer, so a version activated through A shows as skew.
+    a, b = replicas(1, metrics_port=0) + replicas(1, watch_interval_s=0)
     with psycopg.connect(postgres_url) as conn:
         upserts = conn.execute("SELECT count(*) FROM item_changes WHERE kind = 'upsert'").fetchone()[0]
     assert upserts == DEMO_ITEMS  # the second replica found the catalog loaded under the lock
@@ -89,6 +100,16 @@ def test_replicas_load_the_demo_once_and_name_each_other_in_get_status(replicas,
     status = a.models.GetStatus(models_pb2.GetStatusRequest(), timeout=5)
     assert [r.this_replica for r in status.replicas if r.name == a.engine.replica_name] == [True]
     assert status.applied_seq == a.engine.follower.cursor > 0
+    metrics = scrape(a)
+    assert f'chronorec_replicas{{version="{status.serving_version}"}} 2.0' in metrics
+    assert "chronorec_replica_version_skew 0.0" in metrics
+    assert "chronorec_replication_connected 1.0" in metrics
+
+    newer = publish_base_model(tiny_bert_dir, tiny_repo, activate=False)
+    a.models.ActivateVersion(models_pb2.ActivateVersionRequest(version=newer, wait=True), timeout=60)
+    wait_until(lambda: "chronorec_replica_version_skew 1.0" in scrape(a), timeout=10, interval=0.1)
+    versions = {r.name: r.serving_version for r in a.models.GetStatus(models_pb2.GetStatusRequest(), timeout=5).replicas}
+    assert versions == {a.engine.replica_name: newer, b.engine.replica_name: status.serving_version}
 
 
 def test_feedback_on_one_replica_is_seen_by_the_other_within_the_bound(replicas):

@@ -16,6 +16,7 @@ from conftest import ANCHOR
 from chronorec.server.core.demo import generate_drift_dataset
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
+from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker
 from chronorec.trainer import chronorec_methods as cm
 from chronorec.trainer import evaluate, report
@@ -33,7 +34,7 @@ def drift() -> Dataset:
 
 
 VARIANTS = ("chronorec-untuned-mean", "chronorec-untuned-decay", "chronorec-untuned-time",
-            "chronorec-finetuned-time", "chronorec-finetuned-blind")
+            "chronorec-finetuned-time", "chronorec-finetuned-blind", "chronorec-blend", "chronorec-ranker")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,24 @@ def test_time_aware_beats_time_blind_on_drifting_interests(drift, ci_settings, c
     for parameter in cm.SWEEPS:
         assert written[f"temporal_sweep_{parameter}"].is_file()
     assert "chronorec-finetuned-time" in written["markdown"].read_text()
+
+
+def test_learned_ranker_beats_the_blend_which_beats_time_blind(drift, chronorec):
+    per_instance: dict[str, np.ndarray] = {}
+    methods = ["chronorec-ranker", "chronorec-blend", "chronorec-finetuned-blind"]
+    document = evaluate.evaluate(drift, ["temporal"], methods, progress=False, per_instance=per_instance,
+                                 factories={**evaluate.METHODS, **chronorec.factories()})
+    result = document["protocols"]["temporal"]["methods"]
+    ndcg = {m: result[m]["metrics"]["NDCG@10"]["mean"] for m in methods}
+    assert ndcg["chronorec-ranker"] > ndcg["chronorec-blend"] > ndcg["chronorec-finetuned-blind"]
+    ranker = result["chronorec-ranker"]["params"]
+    # Trained on earlier windows, early-stopped on the validation window, where it beat the blend.
+    assert ranker["ranker"]["train_groups"] > 0 and ranker["ranker"]["best_iteration"] >= 1
+    assert ranker["ranker"]["valid_NDCG@10_ranker"] > ranker["ranker"]["valid_NDCG@10_blend"]
+    # The blend it is compared with is the ranker's own first stage: same encoder, same time model.
+    blend = result["chronorec-blend"]["params"]
+    assert ranker["encoder"] == blend["encoder"]
+    assert {k: ranker[k] for k in TimeModelParams().to_dict()} == {k: blend[k] for k in TimeModelParams().to_dict()}
 
 
 def test_fine_tuning_never_reads_the_test_window(drift, chronorec):

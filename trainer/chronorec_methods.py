@@ -27,6 +27,13 @@ the loo validation targets — never on the test window):
                               3650 days), popularity over the longest window (365 days: all of
                               ML-100K's seven months), no freshness; the weights are fitted on the
                               tuning task exactly as for the time-aware form.
+- `chronorec-blend`           the tuned blend over the encoder the pipeline chooses: the fine-tuned
+                              one when its own retrieval on the validation window beats the base
+                              encoder's, else the base one (the same rule as `chronorec-train run`).
+- `chronorec-ranker`          the learned ranker (`trainer.ranker_train`, LightGBM LambdaRank) over
+                              the blend's best candidates of that same encoder and time model,
+                              trained on point-in-time features of earlier windows and early-stopped
+                              on the validation window; served exactly so by a version carrying it.
 
 Settings (fine-tuning steps, token length, cache folder, ...) are an `EvalSettings`, built once per
 evaluation from `chronorec-eval --settings JSON` (default: the `CHRONOREC_EVAL_SETTINGS` environment
@@ -89,6 +96,11 @@ class EvalSettings:
     sweep_max_instances: int | None = 1000  # test instances the sweeps score (a seeded sample)
     seed: int = 0
     blas_threads: int | None = 1  # BLAS threads during the replay (its mat-vecs are tiny); None: leave as is
+    ranker_candidates: int = 200  # the blend's best the learned ranker rescores
+    ranker_slices: int = 2  # earlier training windows the ranker learns from (temporal; loo uses one)
+    ranker_groups_per_slice: int = 2500  # sampled events per training window
+    ranker_valid_groups: int = 2500  # sampled events of the validation window
+    ranker_negatives: int = 10  # sampled items added to each training group
     progress: bool | None = None  # status lines on stderr; None: when stderr is a terminal
 
     def with_overrides(self, **overrides: Any) -> "EvalSettings":
@@ -264,6 +276,7 @@ class SplitContext:
         self._cooccurrence: dict[str, Any] = {}
         self._replays: dict[str, RankerReplay] = {}
         self.tunings: dict[str, Any] = {}
+        self.ranker_fits: dict[str, Any] = {}
 
     # -- encoders
 
@@ -287,6 +300,37 @@ class SplitContext:
             version_dir, info = self._finetune()
             self.bundles["finetuned"] = self._bundle("finetuned", version_dir, info)
         return self.bundles["finetuned"]
+
+    def chosen(self) -> EncoderBundle:
+        """The encoder the pipeline would serve: the fine-tuned one only when its own retrieval on the
+        validation window (NDCG@10, the base encoder's measured on the same queries) improved."""
+        finetuned = self.finetuned()
+        before = finetuned.info.get("encoder_valid_NDCG@10_before")
+        after = finetuned.info.get("encoder_valid_NDCG@10_after")
+        if before is not None and after is not None and after > before:
+            return finetuned
+        self.settings.say(f"{self.split.protocol}: the fine-tuned encoder's validation retrieval did not improve "
+                          f"(NDCG@10 {before} -> {after}): the base encoder is used")
+        return self.untuned()
+
+    def ranker_fit(self, bundle: EncoderBundle, params: TimeModelParams, key: str):
+        """The learned ranker over `bundle` and the tuned blend `params`, trained once per key."""
+        if key not in self.ranker_fits:
+            from chronorec.trainer.ranker_train import RankerTrainingConfig, slices_of, train_ranker
+
+            s = self.settings
+            options = {"training_slices": s.ranker_slices} if isinstance(self.split, TemporalSplit) else {}
+            training, validation = slices_of(self.split, **options)
+            config = RankerTrainingConfig(candidates=s.ranker_candidates, negatives=s.ranker_negatives,
+                                          max_groups_per_slice=s.ranker_groups_per_slice,
+                                          max_valid_groups=s.ranker_valid_groups, seed=s.seed)
+            s.say(f"{self.split.protocol}: training the learned ranker over the {bundle.name} encoder "
+                  f"({len(training)} training windows, validation: {self.tuning.name})")
+            with blas_threads(s.blas_threads):
+                self.ranker_fits[key] = train_ranker(
+                    self.dataset, self.items, bundle.encode, bundle.item_vectors, params, training, validation,
+                    config, say=lambda m: s.say(f"{self.split.protocol}: {m}"))
+        return self.ranker_fits[key]
 
     def training_examples(self):
         """(train, validation) examples: targets in the training part; validation = the tuning targets."""
@@ -512,6 +556,20 @@ class ChronorecRanker:
         self.report["sweep_s"] = round(time.perf_counter() - started, 1)
 
 
+class LearnedChronorecRanker(ChronorecRanker):
+    """chronorec-ranker: the serving TimeAwareRanker with the version's learned ranker, replayed."""
+
+    def __init__(self, ctx: SplitContext, bundle: EncoderBundle, params: TimeModelParams, fit, report: dict):
+        super().__init__(ctx, bundle, params, report)
+        self.ranker_fit = fit
+        self.replay_ranker.learned_ranker = fit.ranker
+
+    def score_batch(self, instances: Instances) -> np.ndarray:
+        # One ranker call per instance: the learned ranker reorders each one's own candidates.
+        with blas_threads(self.settings.blas_threads):
+            return self.replay_ranker.score_batch(instances)
+
+
 # ------------------------------------------------------------------------------ methods
 
 
@@ -524,6 +582,11 @@ def _encoder_report(bundle: EncoderBundle) -> dict:
         out["encoder_only_valid_NDCG@10"] = [bundle.info.get("encoder_valid_NDCG@10_before"),
                                               bundle.info.get("encoder_valid_NDCG@10_after")]
     return out
+
+
+def _ranker_report(fit) -> dict:
+    return {"ranker": fit.summary(), "ranker_valid_NDCG@10": [round(fit.valid_ndcg_blend, 5),
+                                                              round(fit.valid_ndcg_ranker, 5)]}
 
 
 def _tuning_report(tuning) -> dict:
@@ -554,6 +617,8 @@ class ChronorecMethods:
             "chronorec-untuned-time": self.untuned_time,
             "chronorec-finetuned-time": self.finetuned_time,
             "chronorec-finetuned-blind": self.finetuned_blind,
+            "chronorec-blend": self.blend,
+            "chronorec-ranker": self.ranker,
         }
 
     def _semantic_only(self, split: Split, params: TimeModelParams) -> ChronorecRanker:
@@ -592,6 +657,25 @@ class ChronorecMethods:
                                                             **_tuning_report(tuning)})
 
 
+    def _chosen_blend(self, split: Split):
+        ctx = self.context(split)
+        bundle = ctx.chosen()
+        base = TimeModelParams(history_max_events=self.settings.history_max_events)
+        # The same key as untuned-time / finetuned-time: the encoder chosen is one of those two.
+        tuning = ctx.tune(bundle, base, TIME_GRID, f"{bundle.name}-time")
+        return ctx, bundle, tuning
+
+    def blend(self, split: Split) -> ChronorecRanker:
+        ctx, bundle, tuning = self._chosen_blend(split)
+        return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)})
+
+    def ranker(self, split: Split) -> ChronorecRanker:
+        ctx, bundle, tuning = self._chosen_blend(split)
+        fit = ctx.ranker_fit(bundle, tuning.params, f"{bundle.name}-time")
+        return LearnedChronorecRanker(ctx, bundle, tuning.params, fit,
+                                      {**_encoder_report(bundle), **_tuning_report(tuning), **_ranker_report(fit)})
+
+
 def evaluation_methods(settings: Mapping[str, Any]) -> dict[str, MethodFactory]:
     """The plugin's entry for `chronorec-eval --plugin`: the variants of one evaluation, built with
     its settings (`--settings` / CHRONOREC_EVAL_SETTINGS); the cache folder defaults to
@@ -609,6 +693,7 @@ __all__ = [
     "ChronorecMethods",
     "ChronorecRanker",
     "EvalSettings",
+    "LearnedChronorecRanker",
     "SWEEPS",
     "SplitContext",
     "TIME_GRID",

@@ -54,6 +54,9 @@ class FinetuneConfig:
     # encoder's MRR, HR@20 and NDCG@10 on 2,000 validation queries, while NDCG@10 on a 1,000-query
     # sample stayed flat (a few hits more or less) and early stopping kept the untrained weights.
     early_stop_metric: str = "MRR"
+    # A checkpoint is kept only if this metric is not below the starting weights' too: a better MRR
+    # bought with a worse top 10 is not what the ranking needs. None: no guard.
+    guard_metric: str | None = "NDCG@10"
     max_valid_queries: int = 2000
     max_length: int = TOKENIZER_MAX_LENGTH
     device: str = "auto"  # "auto": CUDA when present, else CPU
@@ -389,7 +392,10 @@ def finetune(
         evaluations.append({"step": step, **metrics})
         value = metrics[config.early_stop_metric]
         log.info("step %d: validation %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if best_metric is None or value > best_metric + config.min_delta:
+        initial = evaluations[0]
+        guarded = (config.guard_metric is None or config.guard_metric not in metrics
+                   or metrics[config.guard_metric] >= initial.get(config.guard_metric, -math.inf))
+        if best_metric is None or (value > best_metric + config.min_delta and guarded):
             best_metric, best_step, bad_evals = value, step, 0
             best_state = _cpu_state(module)
             if checkpoint_dir is not None:

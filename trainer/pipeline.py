@@ -95,6 +95,7 @@ ENCODER_ONLY = TimeModelParams(alpha=1.0, w_semantic=1.0, w_cooccurrence=0.0, w_
 
 
 DATA, FINETUNE, GATE = "data windows", "fine-tuning", "tuning, export and gate"
+RANKER = "learned ranker"
 
 
 @dataclass
@@ -159,6 +160,12 @@ class RunSettings:
                               "this (an absolute difference), else abort")
     ablation: bool = setting(
         False, group=GATE, help="also evaluate the starting weights and both encoders alone on the test window")
+    ranker: bool = setting(
+        True, group=RANKER, help="train a learned ranker (LightGBM LambdaRank) on earlier windows and ship it in the "
+                                 "version when it beats the blend on the validation window (off: the blend alone)")
+    ranker_candidates: int = setting(200, group=RANKER, help="the blend's best candidates the ranker rescores")
+    ranker_windows: int = setting(2, group=RANKER, help="training windows before the validation window")
+    ranker_groups: int = setting(2500, group=RANKER, help="logged events per window the ranker learns from")
 
 
 @dataclass
@@ -416,6 +423,15 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         f"on {trained.device}; "
         f"encoder alone on validation: {config.early_stop_metric} {_fmt(trained.initial_metric)} -> "
         f"{_fmt(trained.best_metric)} (best at step {trained.best_step})")
+    # finetune() keeps the best validated weights, and the starting ones until a checkpoint beats
+    # them: a fine-tuning that does not improve the encoder's own retrieval leaves the base encoder.
+    encoder_choice = {
+        "fine_tuned": trained.best_step > 0, "metric": config.early_stop_metric,
+        "valid_before": trained.initial_metric, "valid_best": trained.best_metric, "best_step": trained.best_step,
+    }
+    if trained.best_metric is not None and trained.best_step == 0:
+        say(f"fine-tuning did not improve the encoder's validation retrieval ({config.early_stop_metric} "
+            f"{_fmt(trained.initial_metric)}): the version keeps the starting encoder's weights")
     ranks = distributed.current()
     if not ranks.is_main:
         # Rank 0 alone tunes, evaluates, publishes and activates (and trains a learned ranker).
@@ -434,9 +450,11 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         say(f"time model tuned on {tuning.instances} validation instances: {tuning.metric} "
             f"{tuning.default_value:.4f} -> {tuning.value:.4f}")
 
+    learned, ranker_details = _train_ranker(data, encode, params, settings, say) if settings.ranker else (None, None)
+
     initial_encode = (CachedEncoder(torch_encoder(initial_module, tokenizer, max_length=serving.max_length))
                       if initial_module is not None else None)
-    evaluation = _evaluate(data, repo, serving, encode, params, settings, say, initial_encode)
+    evaluation = _evaluate(data, repo, serving, encode, params, settings, say, initial_encode, learned)
 
     metrics: dict[str, Any] = {**evaluation["candidate"], "test_instances": evaluation["gate"]["instances"]}
     metrics.update({f"serving_{k}": v for k, v in evaluation["serving"].items()})
@@ -447,12 +465,15 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     if tuning is not None:
         metrics[f"tuning_valid_{tuning.metric}"] = tuning.value
         metrics[f"tuning_valid_{tuning.metric}_untuned"] = tuning.default_value
+    if ranker_details is not None and "valid_NDCG@10_ranker" in ranker_details:
+        metrics["ranker_valid_NDCG@10"] = ranker_details["valid_NDCG@10_ranker"]
+        metrics["blend_valid_NDCG@10"] = ranker_details["valid_NDCG@10_blend"]
     details = {"finetune": trained.to_dict(), "train_examples": {"used": len(train), "window": len(data.train), "from": float(train[0].timestamp), "newest_only": len(train) < len(data.train)}, "tuning": tuning.summary() if tuning else None,
                "gate": evaluation["gate"], "ablation": evaluation["ablation"], "time_model": params.to_dict(),
-               "data": data.summary()}
+               "data": data.summary(), "encoder": encoder_choice, "ranker": ranker_details}
     version = encoder.publish(
         repo, base_model=root_base, parent_version=serving.version, time_model=params,
-        metrics=metrics, max_length=serving.max_length, int8=settings.int8, activate=False,
+        metrics=metrics, max_length=serving.max_length, int8=settings.int8, activate=False, ranker=learned,
         training_window={**data.windows.to_dict(), "max_seq": data.event_log.max_seq,
                          "source": data.event_log.source},
         extra={"trainer": {**details, "protocol": "temporal", "init_from": str(init_folder),
@@ -465,9 +486,32 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
                  items=list(data.event_log.items.values()), say=say)
 
 
+def _train_ranker(data, encode, params: TimeModelParams, settings: RunSettings,
+                  say: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """(the learned ranker to ship or None, what its training said): trained on windows before the
+    validation window, early-stopped on it, shipped only when it beats the blend there."""
+    from chronorec.trainer.ranker_train import RankerTrainingConfig, temporal_slices, train_ranker
+
+    training, validation = temporal_slices(data.split, training_slices=settings.ranker_windows, inner=data.inner)
+    config = RankerTrainingConfig(candidates=settings.ranker_candidates, max_groups_per_slice=settings.ranker_groups,
+                                  max_valid_groups=settings.ranker_groups, seed=settings.seed, threads=settings.threads)
+    try:
+        fit = train_ranker(data.dataset, data.event_log.items, encode, None, params, training, validation, config, say)
+    except ValueError as exc:  # too few logged events to learn from
+        say(f"no learned ranker: {exc}")
+        return None, {"used": False, "reason": str(exc)}
+    details = {**fit.summary(), "used": fit.helps}
+    if not fit.helps:
+        say(f"the learned ranker does not beat the blend on the validation window (NDCG@10 "
+            f"{fit.valid_ndcg_ranker:.4f} vs {fit.valid_ndcg_blend:.4f}): the version ranks with the blend")
+        return None, details
+    return fit.ranker, details
+
+
 def _evaluate(data, repo: ModelRepository, serving: _Serving, encode, params: TimeModelParams,
-              settings: RunSettings, say: Callable[[str], None], initial_encode=None) -> dict[str, Any]:
-    """Candidate and serving version on the same latest window: the temporal protocol, full ranking."""
+              settings: RunSettings, say: Callable[[str], None], initial_encode=None, learned=None) -> dict[str, Any]:
+    """Candidate and serving version on the same latest window: the temporal protocol, full ranking,
+    each with its learned ranker when it has one."""
     from chronorec.trainer.protocols import EvalTask, bootstrap_ci, fit_and_score
     from chronorec.trainer.tune import ReplayRanker
 
@@ -475,7 +519,7 @@ def _evaluate(data, repo: ModelRepository, serving: _Serving, encode, params: Ti
     test = data.split.test_task()
     if settings.max_eval_instances is not None and len(test.instances) > settings.max_eval_instances:
         test = EvalTask(test.name, test.dataset, test.train, test.instances[: settings.max_eval_instances])
-    candidate_run = fit_and_score(ReplayRanker(encode, items, params), test)
+    candidate_run = fit_and_score(ReplayRanker(encode, items, params, learned_ranker=learned), test)
     candidate = _mean_metrics(candidate_run.metrics)
     serving_metrics: dict[str, float] = {}
     gate: dict[str, Any] = {"metric": GATE_METRIC, "threshold": settings.threshold, "instances": len(test.instances)}
@@ -582,18 +626,21 @@ def _prepare(repo: ModelRepository, version: str, items: list, settings: RunSett
 
 
 def _evaluate_serving(repo: ModelRepository, serving: _Serving, items, task, threads: int | None = None):
-    """The serving version as served: its ONNX graph and its manifest's time model; None if it cannot load."""
+    """The serving version as served: its ONNX graph, its manifest's time model and its learned ranker;
+    None if it cannot load."""
     from chronorec.server.core.encoder import OnnxEncoder
+    from chronorec.server.core.learned_ranker import load_version_ranker
     from chronorec.trainer.protocols import fit_and_score
     from chronorec.trainer.tune import ReplayRanker
 
     try:
         encoder = OnnxEncoder(repo.version_dir(serving.version), intra_op_threads=threads)
+        learned = load_version_ranker(repo.version_dir(serving.version), serving.manifest)
     except Exception:
         log.exception("serving version %s cannot be loaded for evaluation", serving.version)
         return None
     try:
-        return fit_and_score(ReplayRanker(encoder.encode, items, serving.params), task)
+        return fit_and_score(ReplayRanker(encoder.encode, items, serving.params, learned_ranker=learned), task)
     finally:
         encoder.close()
 

@@ -39,14 +39,16 @@ class FeatureSlice:
     targets: np.ndarray  # global positions of the events to rank
 
 
-def temporal_slices(split: TemporalSplit, training_slices: int = 2, share: float = 0.2) -> tuple[list[FeatureSlice], FeatureSlice]:
+def temporal_slices(split: TemporalSplit, training_slices: int = 2, share: float = 0.2,
+                    inner: TemporalSplit | None = None) -> tuple[list[FeatureSlice], FeatureSlice]:
     """(training slices, validation slice) of a temporal split.
 
-    Validation: the inner split's window (the one the blend is tuned on). Training: the same rule
-    applied `training_slices` times further back, each `share` of the events before the previous
-    slice's start, its co-occurrence fitted on what precedes it.
+    Validation: the inner split's window (the one the blend is tuned on; by default the split's
+    rule applied to its training events). Training: the same rule applied `training_slices` times
+    further back, each `share` of the events before the previous slice's start, its co-occurrence
+    fitted on what precedes it.
     """
-    inner = temporal_split(split.dataset, split.quantile, upto=split.n_train)
+    inner = inner or temporal_split(split.dataset, split.quantile, upto=split.n_train)
     validation = FeatureSlice("validation", inner.train, inner.instances.pos)
     slices = []
     upto = inner.n_train

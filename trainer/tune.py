@@ -14,6 +14,7 @@ from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.itemtext import item_text_lookup
+from chronorec.server.core.learned_ranker import LearnedRanker
 from chronorec.server.core.manifest import PARAM_BOUNDS, TimeModelParams
 from chronorec.server.core.ranking import (
     RecommendQuery, ScoredCandidates, TimeAwareRanker,
@@ -65,8 +66,10 @@ class RankerReplay:
     """
 
     def __init__(self, dataset: Dataset, items: Mapping[str, Item], train: np.ndarray, encode: Encode,
-                 *, item_vectors: np.ndarray | None = None, cooccurrence: CooccurrenceModel | None = None):
+                 *, item_vectors: np.ndarray | None = None, cooccurrence: CooccurrenceModel | None = None,
+                 learned_ranker: LearnedRanker | None = None):
         self.dataset = dataset
+        self.learned_ranker = learned_ranker
         self.items = dict(items)
         self.encode = encode
         self.item_ids = [i for i in dataset.item_ids if i in self.items]
@@ -84,7 +87,7 @@ class RankerReplay:
         self.state = InteractionState()
         self.replayed = 0
         self.ranker = TimeAwareRanker(self.items, self.index, self.state, self.cooccurrence, self._encode_known,
-                                    self.item_text_of)
+                                    self.item_text_of, learned_ranker=self.learned_ranker)
 
     def _encode_known(self, texts: list[str]) -> np.ndarray:
         missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
@@ -162,15 +165,18 @@ class ReplayRanker:
     """
 
     def __init__(self, encode: Encode, items: Mapping[str, Item], params: TimeModelParams,
-                 *, item_vectors: np.ndarray | None = None):
+                 *, item_vectors: np.ndarray | None = None, learned_ranker: LearnedRanker | None = None):
         self.encode = encode
         self.items = items
         self.params = params
         self.item_vectors = item_vectors
+        # A version's learned ranker reorders the blend's best candidates, as the server does.
+        self.learned_ranker = learned_ranker
         self.replay: RankerReplay | None = None
 
     def fit(self, train: np.ndarray, dataset: Dataset) -> None:
-        self.replay = RankerReplay(dataset, self.items, train, self.encode, item_vectors=self.item_vectors)
+        self.replay = RankerReplay(dataset, self.items, train, self.encode, item_vectors=self.item_vectors,
+                                   learned_ranker=self.learned_ranker)
 
     def score_batch(self, instances: Instances) -> np.ndarray:
         replay = self.replay

@@ -132,3 +132,32 @@ def test_the_trainer_leaves_out_erased_users(tmp_path):
     victim_events_read = [e.event_id for e in log.events if e.user_id == VICTIM]
     assert victim_events_read == ["v-later"]
     assert len(log.events) == len(background()) + 1
+
+
+def test_forgetting_a_user_leaves_the_state_of_never_having_seen_them():
+    import random
+
+    import numpy as np
+
+    from chronorec.server.core.interactions import InteractionState
+
+    rng = random.Random(3)
+    events = [Event(f"e{n}", f"u{rng.randrange(4)}", f"i{rng.randrange(6)}", "view", float(rng.randrange(50)))
+              for n in range(300)]
+    with_victim, without = InteractionState(), InteractionState()
+    with_victim.add(events[:150])
+    with_victim.trend_counts(100.0, 100.0)  # merged once, then more events wait in the pending list
+    with_victim.add(events[150:])
+    without.add([e for e in events if e.user_id != "u0"])
+    assert with_victim.remove_user("u0") == sum(e.user_id == "u0" for e in events)
+    assert with_victim.remove_user("u0") == 0
+    items = [f"i{n}" for n in range(6)]
+    for at, window in ((10.0, 5.0), (30.0, 30.0), (49.0, 49.0)):
+        assert list(with_victim.trend_counts(at, window, items)) == list(without.trend_counts(at, window, items))
+        assert with_victim.trending(at, window, 6) == without.trending(at, window, 6)
+        first = with_victim.first_event_times(at, with_victim.indices_of(items))
+        assert np.array_equal(first, without.first_event_times(at, without.indices_of(items)), equal_nan=True)
+    assert with_victim.history("u0", 100.0) == [] and with_victim.event_count == without.event_count
+    assert with_victim.user_items() == without.user_items()
+    # Its event ids are forgotten too: the same ids may be stored again.
+    assert with_victim.add([events[0]]) == (1 if events[0].user_id == "u0" else 0)

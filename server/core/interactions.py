@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections import Counter
 from typing import Iterable, Sequence
@@ -136,6 +137,11 @@ class InteractionState:
                 drop[matches[:count]] = True
             self._times = self._times[~drop]
             self._items = self._items[~drop]
+            # An item's first event (the learned ranker's item age) may have been theirs.
+            for item in {item for _, item in wanted}:
+                remaining = self._times[self._items == item]
+                self._first_times[item] = float(remaining[0]) if len(remaining) else math.inf
+            self._first_times_array = None
             return len(log.entries)
 
     # ------------------------------------------------------------ histories

@@ -118,6 +118,11 @@ def test_learned_ranker_beats_the_blend_which_beats_time_blind(drift, chronorec)
     result = document["protocols"]["temporal"]["methods"]
     ndcg = {m: result[m]["metrics"]["NDCG@10"]["mean"] for m in methods}
     assert ndcg["chronorec-ranker"] > ndcg["chronorec-blend"] > ndcg["chronorec-finetuned-blind"]
+    # The report's paired comparison of the two, users resampled, lies above zero.
+    comparisons = {(c["method"], c["reference"]): c for c in document["protocols"]["temporal"]["comparisons"]}
+    versus_blend = comparisons[("chronorec-ranker", "chronorec-blend")]
+    assert versus_blend["ci95_user_clustered"][0] > 0
+    assert "Paired differences" in report.markdown_report(document)
     ranker = result["chronorec-ranker"]["params"]
     # Trained on earlier windows, early-stopped on the validation window, where it beat the blend.
     assert ranker["ranker"]["train_groups"] > 0 and ranker["ranker"]["best_iteration"] >= 1

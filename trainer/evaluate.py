@@ -165,15 +165,20 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
         entries = {}
         if per_instance is not None:
             per_instance[f"{protocol}/pos"] = split.test_task().instances.pos
+        paired: dict[str, dict[str, np.ndarray]] = {}
         for name in methods:
             entry, metrics = run_method(name, factories[name], split, progress=progress, batch_size=batch_size)
             entries[name] = entry
+            paired[name] = {"NDCG@10": metrics["NDCG@10"]}
             if per_instance is not None:
                 per_instance.update({f"{protocol}/{name}/{k}": v for k, v in metrics.items()})
             m = entry["metrics"]
             log.info("%s %s: HR@10 %.4f NDCG@10 %.4f (%.1f s)", protocol, name, m["HR@10"]["mean"],
                      m["NDCG@10"]["mean"], entry["timing_s"]["total"])
-        document["protocols"][protocol] = {"details": split.details(), "methods": entries}
+        document["protocols"][protocol] = {
+            "details": split.details(), "methods": entries,
+            "comparisons": report.paired_comparisons(paired, split.test_task().instances.user, list(baselines.BASELINES)),
+        }
     return document
 
 

@@ -53,6 +53,53 @@ def gap_table(protocol: Mapping, metric: str = "NDCG@10") -> str:
     return f"{metric} by time since the user's previous event\n\n" + "\n".join(lines)
 
 
+# Paired comparisons the report shows when both methods ran: (method, reference, what it measures).
+PAIRED_COMPARISONS = (
+    ("chronorec-ranker", "chronorec-blend", "learned ranker vs the blend it reorders"),
+    ("chronorec-finetuned-time", "chronorec-untuned-time", "fine-tuned vs base encoder (same tuning)"),
+    ("chronorec-blend", "chronorec-untuned-time", "the pipeline's encoder choice vs the base encoder"),
+    ("chronorec-finetuned-time", "chronorec-finetuned-blind", "time-aware vs time-blind"),
+)
+
+
+def paired_comparisons(metrics: Mapping[str, Mapping[str, "np.ndarray"]], users, baselines: Sequence[str],
+                       metric: str = "NDCG@10") -> list[dict]:
+    """Mean difference of `metric` per test instance between methods run on the same instances, with
+    its user-clustered bootstrap 95% interval: PAIRED_COMPARISONS, and chronorec's best form against
+    the best baseline (by mean)."""
+    from chronorec.trainer.protocols import bootstrap_ci
+
+    pairs = [(a, b, label) for a, b, label in PAIRED_COMPARISONS if a in metrics and b in metrics]
+    ran_baselines = [b for b in baselines if b in metrics]
+    ours = [m for m in ("chronorec-ranker", "chronorec-blend", "chronorec-finetuned-time") if m in metrics]
+    if ran_baselines and ours:
+        best = max(ran_baselines, key=lambda b: float(metrics[b][metric].mean()))
+        pairs.append((ours[0], best, "chronorec vs the best baseline"))
+    out = []
+    for method, reference, label in pairs:
+        a, b = metrics[method][metric], metrics[reference][metric]
+        low, high = bootstrap_ci(a - b, users)
+        base = float(b.mean())
+        out.append({"method": method, "reference": reference, "comparison": label, "metric": metric,
+                    "difference": float(a.mean() - base), "ci95_user_clustered": [float(low), float(high)],
+                    "relative": float(a.mean() / base - 1.0) if base > 0 else None})
+    return out
+
+
+def comparisons_table(protocol: Mapping) -> str:
+    rows = protocol.get("comparisons") or []
+    if not rows:
+        return ""
+    lines = ["| method | reference | comparison | difference | 95% CI (users resampled) | relative |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        low, high = r["ci95_user_clustered"]
+        relative = "–" if r["relative"] is None else f"{r['relative']:+.1%}"
+        lines.append(f"| {r['method']} | {r['reference']} | {r['comparison']} | {r['difference']:+.4f} | "
+                     f"[{low:+.4f}, {high:+.4f}] | {relative} |")
+    return f"Paired differences of {rows[0]['metric']} on the same test instances\n\n" + "\n".join(lines)
+
+
 def _details_lines(details: Mapping) -> list[str]:
     return [f"- {k}: {v}" for k, v in details.items()]
 
@@ -78,6 +125,8 @@ def markdown_report(document: Mapping) -> str:
             out += ["", "Chosen parameters:"] + [f"- {m}: {json.dumps(_short_params(p), default=_json_default)}"
                                                  for m, p in params.items()]
         out += ["", gap_table(protocol)]
+        if protocol.get("comparisons"):
+            out += ["", comparisons_table(protocol)]
         for plot in protocol.get("plots", []):
             out += ["", f"![{plot}]({plot})"]
     return "\n".join(out) + "\n"

@@ -476,8 +476,8 @@ class ChronorecEngine:
 
     def forget_user(self, user_id: str) -> None:
         """Drop every in-memory trace of `user_id` (what a replica does when the log says the user
-        was erased elsewhere). The co-occurrence model is refitted without them (~1 s per 100k
-        events), and the short-term caches are emptied: their keys do not say whose a vector is."""
+        was erased elsewhere). The co-occurrence model is refitted without them (0.6 s for
+        ML-100K's 100k events), and the short-term caches are emptied: their keys do not say whose a vector is."""
         removed = self.state.remove_user(user_id)
         self._forget_traces(user_id, refit=removed > 0)
         if removed:

@@ -370,15 +370,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         log.error("server failed to start: %s", exc)
         return 1
-    stopped = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum, _frame):
-        log.info("signal %d: stopping with %.0f s grace for in-flight calls", signum, config.grace_s)
-        stopped.set()
+        # Only an append, no lock: a handler runs wherever the main thread happens to be, even
+        # inside another handler (Ctrl-C's SIGINT and a supervisor's SIGTERM together), and the
+        # lock inside Event.set() then deadlocked the second one against the first.
+        received.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stopped.wait()
+    # A short sleep, not an untimed wait: Python runs handlers only in the main thread, and the
+    # kernel may deliver the signal to one of gRPC's threads, which leaves a blocked main thread asleep.
+    while not received:
+        time.sleep(0.2)
+    log.info("signal %d: stopping with %.0f s grace for in-flight calls", received[0], config.grace_s)
     running.stop(config.grace_s)
     log.info("stopped")
     return 0

@@ -90,6 +90,12 @@ class EvalSettings:
     finetune_examples: int | None = None  # newest training examples used; None: steps × batch size
     finetune_valid_queries: int = 500  # validation examples the encoder-only before/after metrics use
     finetune_train_layers: int | None = 2  # top transformer layers trained (the rest frozen); None: all
+    # Validate during fine-tuning (on half of the validation sample) and keep the best checkpoint;
+    # off: the last weights. The other half measures the encoder before and after.
+    finetune_keep_best: bool = True
+    finetune_whole_window: bool = False  # sample the examples from the whole training window, not the newest
+    finetune_time_negatives: int = 0  # per example, items trending at its time as extra negatives
+    finetune_distill: float = 0.0  # weight of the term keeping the vectors near the base encoder's
     hard_negatives: int = 0
     tune_max_instances: int | None = 1000  # tuning instances (a seeded sample of the tuning task)
     sweeps: bool = True
@@ -361,7 +367,12 @@ class SplitContext:
         train, valid = self.training_examples()
         if not train:
             raise ValueError("no training examples to fine-tune on")
-        train = newest_examples(train, s.finetune_examples or s.finetune_steps * s.finetune_batch_size)
+        budget = s.finetune_examples or s.finetune_steps * s.finetune_batch_size
+        if s.finetune_whole_window and budget < len(train):
+            picked = np.random.default_rng(s.seed).choice(len(train), budget, replace=False)
+            train = [train[i] for i in np.sort(picked)]
+        else:
+            train = newest_examples(train, budget)
         d = self.dataset
         base = s.base_folder().resolve()
         config = FinetuneConfig(
@@ -370,9 +381,10 @@ class SplitContext:
             max_valid_queries=s.finetune_valid_queries,
             max_length=s.max_length, device="auto",
             progress=None if s.progress is None else s.progress,
+            time_negatives=s.finetune_time_negatives, distill_weight=s.finetune_distill,
         )
         fingerprint = _digest(
-            "finetune-v2", str(base), self.split.protocol, d.user, d.item, d.ts, self.item_ids,
+            "finetune-v3", s.finetune_keep_best, str(base), self.split.protocol, d.user, d.item, d.ts, self.item_ids,
             [self.item_text_of(i) for i in self.item_ids], self.tuning.train, self.tuning.instances.pos,
             [(e.position, e.query) for e in train], {k: v for k, v in asdict(config).items() if k != "progress"},
         )
@@ -389,12 +401,14 @@ class SplitContext:
               f"({config.steps} steps of {config.batch_size}, max_length {config.max_length}); "
               f"{len(valid)} validation examples")
         item_texts = {i: self.item_text_of(i) for i in self.item_ids}
-        # A fixed budget of steps, and the last weights: whether (and how much) the encoder counts
-        # is decided by the time model's fit on the validation window. The encoder-only retrieval
-        # metrics before and after, on a seeded sample of validation examples, are reported.
+        # The validation window's examples, shuffled once: one half chooses the checkpoint (with
+        # keep_best), the other measures the encoder before and after, so the reported gain is not
+        # the maximum of the checkpoints' noise.
         rng = np.random.default_rng(s.seed)
-        sample = [valid[i] for i in np.sort(rng.choice(len(valid), min(len(valid), s.finetune_valid_queries),
-                                                        replace=False))] if valid else []
+        shuffled = [valid[i] for i in rng.permutation(len(valid))]
+        half = len(shuffled) // 2 if s.finetune_keep_best else 0
+        selection = shuffled[:half][: s.finetune_valid_queries]
+        sample = sorted(shuffled[half:][: s.finetune_valid_queries], key=lambda e: e.position)
 
         def retrieval(module, tokenizer) -> dict:
             if not sample:
@@ -402,14 +416,22 @@ class SplitContext:
             return encoder_retrieval_metrics(module, tokenizer, sample, item_texts, max_length=s.max_length)
 
         started = time.perf_counter()
-        trained = train_encoder(base, train, [], item_texts, config, train_layers=s.finetune_train_layers,
-                                run_tag=fingerprint, measure=retrieval)
+        negatives = None
+        if s.finetune_time_negatives > 0:
+            from chronorec.trainer.finetune import trending_negatives
+
+            negatives = trending_negatives(train, d)
+        trained = train_encoder(base, train, selection, item_texts, config, train_layers=s.finetune_train_layers,
+                                run_tag=fingerprint, measure=retrieval, negatives=negatives)
         result, before, after = trained.result, trained.measured_before, trained.measured_after
         info = {
             "encoder": str(base), "max_length": s.max_length, "train_examples": len(train),
             "train_window": [float(train[0].timestamp), float(train[-1].timestamp)],
             "valid_queries": len(sample), "finetune_s": round(time.perf_counter() - started, 2),
             "trained_layers": trained.trained_layers, "steps": result.steps, "lr": s.finetune_lr,
+            "best_step": result.best_step if selection else result.steps, "selection_queries": len(selection),
+            "whole_window": s.finetune_whole_window, "time_negatives": s.finetune_time_negatives,
+            "distill": s.finetune_distill,
             "examples_per_second": round(result.examples_per_second, 2),
             "encoder_valid_before": before, "encoder_valid_after": after,
             "encoder_valid_NDCG@10_before": before.get("NDCG@10"), "encoder_valid_NDCG@10_after": after.get("NDCG@10"),

@@ -45,6 +45,12 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     hard_negatives: int = 0  # per example, mined from the current item vectors
+    # Per example, items trending at the event's time (`trending_negatives`): what a served ranking
+    # confuses the next item with. 0: none.
+    time_negatives: int = 0
+    # Weight of a term keeping the query and item vectors near the starting encoder's (cosine to a
+    # frozen copy): the encoder learns the log without forgetting what it knew. 0: off.
+    distill_weight: float = 0.0
     hard_negative_skip: int = 0  # nearest items passed over (likely unlabelled positives)
     hard_negative_refresh: int | None = None  # steps between re-encoding the catalog; None: once per epoch
     eval_every: int | None = None  # steps between validations; None: about 5 per run
@@ -280,6 +286,37 @@ class _HardNegativeMiner:
         return texts, keys
 
 
+def _distillation(teacher, module, tokenizer, batch: Sequence[TrainingExample], queries: torch.Tensor,
+                  items: torch.Tensor, max_length: int) -> torch.Tensor:
+    """1 - cosine to the frozen starting encoder, averaged over the batch's queries and items."""
+    with torch.no_grad():
+        reference_queries = teacher(**module.tokenize(tokenizer, [e.query for e in batch], max_length))
+        reference_items = teacher(**module.tokenize(tokenizer, [e.positive for e in batch], max_length))
+    drift = (1 - (queries.float() * reference_queries.float()).sum(-1)).mean()
+    drift = drift + (1 - (items.float() * reference_items.float()).sum(-1)).mean()
+    return drift / 2
+
+
+def trending_negatives(examples: Sequence[TrainingExample], dataset, *, window_days: float = 3.0,
+                       top: int = 20) -> list[tuple[str, ...]]:
+    """Per example, the `top` items with the most events in the `window_days` before it (its own
+    item and its user's history left out): the popular-right-now items a served ranking puts next
+    to the true next item. `dataset` is the protocols.Dataset whose global positions the examples name."""
+    window = window_days * 86400.0
+    out = []
+    for example in examples:
+        end = int(example.position)
+        start = int(np.searchsorted(dataset.ts, example.timestamp - window, side="left"))
+        counts = np.bincount(dataset.item[start:end], minlength=dataset.n_items)
+        candidates = np.flatnonzero(counts)
+        if len(candidates) > 4 * top:
+            candidates = candidates[np.argpartition(-counts[candidates], 4 * top)[: 4 * top]]
+        candidates = candidates[np.lexsort((candidates, -counts[candidates]))]
+        skip = set(example.history_items) | {example.item_id}
+        out.append(tuple([dataset.item_ids[i] for i in candidates if dataset.item_ids[i] not in skip][:top]))
+    return out
+
+
 def freeze_below(module, top_layers: int | None) -> str:
     """Train only the top `top_layers` transformer layers (embeddings and lower layers frozen):
     about half the backward pass, which on a CPU budget buys twice the steps."""
@@ -303,8 +340,12 @@ def finetune(
     config: FinetuneConfig | None = None,
     *,
     run_tag: str = "",
+    negatives: Sequence[Sequence[str]] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `module` in place on (history text, item text) pairs; returns what happened.
+
+    `negatives`, aligned with `train`, are item ids each example may draw `config.time_negatives`
+    extra negatives from (see `trending_negatives`).
 
     The weights left in `module` are those of the best validation (HR/NDCG@10 of the encoder alone
     over all catalog items); with no validation examples, those of the last step. With a
@@ -347,7 +388,15 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup(total_steps, config.warmup_fraction))
     autocast, scaler = _autocast(device, config.mixed_precision)
     miner = _HardNegativeMiner(item_texts, train, config) if config.hard_negatives > 0 else None
+    if negatives is not None and len(negatives) != len(train):
+        raise ValueError("negatives must be aligned with the training examples")
+    use_time_negatives = config.time_negatives > 0 and negatives is not None
+    # The starting weights, frozen: the distillation term's reference.
+    teacher = copy.deepcopy(module).eval().requires_grad_(False) if config.distill_weight > 0 else None
+    negative_rng = np.random.default_rng(config.seed + 17)
 
+    if use_time_negatives:
+        run_tag = f"{run_tag}|negatives:{hashlib.sha256(repr(list(map(tuple, negatives))).encode()).hexdigest()[:16]}"
     fingerprint = _fingerprint(config, train, run_tag)
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     step, resumed_from = 0, 0
@@ -430,6 +479,13 @@ def finetune(
                 if miner.vectors is None or step - miner.refreshed_at >= refresh_every:
                     miner.refresh(module, tokenizer, step)
                 hard_texts, hard_keys = miner.mine(module, tokenizer, batch)
+            if use_time_negatives:
+                in_batch = {e.item_id for e in batch}
+                for r in rows:
+                    pool = [i for i in negatives[r] if i in item_key and i not in in_batch]
+                    for item_id in negative_rng.permutation(pool)[: config.time_negatives] if pool else []:
+                        hard_texts.append(item_texts[item_id])
+                        hard_keys.append(item_key[item_id])
             with autocast:
                 if ddp is not None:
                     # One forward per backward, as DistributedDataParallel expects: queries and items together.
@@ -445,6 +501,9 @@ def finetune(
                     item_vectors[len(batch):].float() if hard_texts else None,
                     torch.tensor(hard_keys, device=device) if hard_texts else None,
                 )
+                if teacher is not None:
+                    loss = loss + config.distill_weight * _distillation(
+                        teacher, module, tokenizer, batch, query_vectors, item_vectors[: len(batch)], config.max_length)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -530,6 +589,7 @@ def train_encoder(
     run_tag: str = "",
     keep_initial: bool = False,
     measure: Measure | None = None,
+    negatives: Sequence[Sequence[str]] | None = None,
 ) -> TrainedEncoder:
     """Load `init_folder`, freeze all but the top `train_layers` layers and fine-tune: the one path
     `chronorec-train run` and the evaluation's fine-tuned variants both take.
@@ -544,7 +604,7 @@ def train_encoder(
     initial = copy.deepcopy(module).eval() if keep_initial else None
     trained_layers = freeze_below(module, train_layers)
     before = measure(module, tokenizer) if measure is not None else {}
-    result = finetune(module, tokenizer, train, valid, item_texts, config, run_tag=run_tag)
+    result = finetune(module, tokenizer, train, valid, item_texts, config, run_tag=run_tag, negatives=negatives)
     module.cpu().eval()
     after = measure(module, tokenizer) if measure is not None else {}
     return TrainedEncoder(module, tokenizer, init_folder, result, trained_layers, initial, before, after)
@@ -559,4 +619,5 @@ __all__ = [
     "finetune",
     "freeze_below",
     "train_encoder",
+    "trending_negatives",
 ]

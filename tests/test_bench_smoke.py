@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -26,7 +27,8 @@ def results(tmp_path_factory) -> dict:
 
 
 def test_every_benchmark_wrote_its_json(results):
-    assert set(results) == {"encode", "microbatch", "feedback", "recommend", "swap", "memory", "summary"}
+    assert set(results) == {"encode", "microbatch", "feedback", "recommend", "swap", "memory", "store", "replicas",
+                            "summary"}
     for name, data in results.items():
         if name != "summary":
             assert data["conditions"]["quick"] is True
@@ -91,3 +93,14 @@ def test_trainer_benchmark_quick(tmp_path):
     assert set(rows) >= {"before: serving base encoder, default time model", "after: fine-tuned encoder, tuned time model"}
     assert all(0.0 <= m["NDCG@10"] <= 1.0 for m in rows.values())
     assert result["prepare"]["items"] == result["items"] or result["status"] == "gated"
+
+
+def test_store_and_replica_figures(results):
+    for cell in results["store"]["figures"].values():
+        assert _finite_positive(cell["sqlite_events_per_s"]) and _finite_positive(cell["postgres_events_per_s"])
+    replicas = results["replicas"]["figures"]
+    for lag in replicas["propagation"].values():
+        assert lag["samples"] > 0 and 0 < lag["p50_ms"] <= lag["p99_ms"] <= lag["max_ms"]
+    for rate in replicas["recommend"].values():
+        assert rate["calls"] > 0 and _finite_positive(rate["calls_per_s"])
+    assert replicas["cpus"] == os.cpu_count()

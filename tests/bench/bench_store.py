@@ -102,11 +102,6 @@ def run(ctx: Context, postgres_url: str | None = None) -> dict:
 
 def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--postgres-url", help="an existing, empty PostgreSQL database to use instead of a "
-                                               "throwaway server (needs its binaries in /usr/lib/postgresql)")
-
-
-def _options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--postgres-url", help="an existing, empty PostgreSQL database to use instead of a "
                                                "throwaway server (which needs the binaries in /usr/lib/postgresql)")
 
 

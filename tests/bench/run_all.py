@@ -7,7 +7,16 @@ import sys
 import time
 import traceback
 
-from . import bench_encode, bench_feedback, bench_memory, bench_microbatch, bench_recommend, bench_swap
+from . import (
+    bench_encode,
+    bench_feedback,
+    bench_memory,
+    bench_microbatch,
+    bench_recommend,
+    bench_replicas,
+    bench_store,
+    bench_swap,
+)
 from .common import conditions, log, parse_args
 
 # Recommend runs before swap and memory: they reuse its servers and catalogs, so each catalog
@@ -19,6 +28,9 @@ BENCHMARKS = [
     ("recommend", bench_recommend),
     ("swap", bench_swap),
     ("memory", bench_memory),
+    # Each starts its own throwaway PostgreSQL.
+    ("store", bench_store),
+    ("replicas", bench_replicas),
 ]
 
 

@@ -27,8 +27,8 @@ def results(tmp_path_factory) -> dict:
 
 
 def test_every_benchmark_wrote_its_json(results):
-    assert set(results) == {"encode", "microbatch", "feedback", "recommend", "swap", "memory", "store", "replicas",
-                            "summary"}
+    assert set(results) == {"encode", "microbatch", "feedback", "recommend", "batch", "swap", "memory", "canary", "store",
+                            "replicas", "summary"}
     for name, data in results.items():
         if name != "summary":
             assert data["conditions"]["quick"] is True
@@ -80,6 +80,20 @@ def test_swap_and_memory_figures(results):
     for start in ("empty", "cold", "warm"):
         assert _finite_positive(memory[start]["seconds_to_serving"]) and _finite_positive(memory[start]["rss_mb"])
     assert memory["cold"]["vector_cache"] == "cold" and memory["warm"]["vector_cache"] == "warm"
+
+
+def test_batch_and_canary_figures(results):
+    batch = results["batch"]
+    for figures in batch["median"].values():
+        assert _finite_positive(figures["users_per_s"]) and _finite_positive(figures["cpu_ms_per_user"])
+    assert _finite_positive(batch["batch_vs_single_ratio"])
+    assert all(0 < n <= batch["batch"] for n in batch["encoded_texts_per_batch"])
+    canary = results["canary"]
+    assert [v["role"] for v in canary["two_versions"]["loaded"]] == ["current", "canary"]
+    assert [v["role"] for v in canary["after_abort"]["loaded"]] == ["current"]
+    assert all(_finite_positive(v["estimated_mb"]) for v in canary["two_versions"]["loaded"])
+    split = canary["split"]
+    assert abs(split["served_percent"] - split["requested_percent"]) <= 3.0 and split["moved_on_second_call"] == 0
 
 
 def test_trainer_benchmark_quick(tmp_path):

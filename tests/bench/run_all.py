@@ -8,6 +8,8 @@ import time
 import traceback
 
 from . import (
+    bench_batch,
+    bench_canary,
     bench_encode,
     bench_feedback,
     bench_memory,
@@ -19,15 +21,17 @@ from . import (
 )
 from .common import conditions, log, parse_args
 
-# Recommend runs before swap and memory: they reuse its servers and catalogs, so each catalog
-# is encoded once cold, once for the swap, and the memory benchmark restarts it warm.
+# Recommend runs before batch, swap, memory and canary: they reuse its servers and catalogs, so
+# each catalog is encoded once cold, once for the swap, and later benchmarks restart it warm.
 BENCHMARKS = [
     ("encode", bench_encode),
     ("microbatch", bench_microbatch),
     ("feedback", bench_feedback),
     ("recommend", bench_recommend),
+    ("batch", bench_batch),
     ("swap", bench_swap),
     ("memory", bench_memory),
+    ("canary", bench_canary),
     # Each starts its own throwaway PostgreSQL.
     ("store", bench_store),
     ("replicas", bench_replicas),

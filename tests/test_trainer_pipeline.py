@@ -97,6 +97,11 @@ def test_the_published_version_records_how_it_was_made(first_run):
     with EventStore(db, read_only=True) as store:
         assert window["max_seq"] == store.max_seq()
     assert manifest.extra["trainer"]["gate"]["passed"] is True
+    # The learned ranker ships in the version: it beat the blend on the validation window.
+    assert manifest.ranker is not None and (repo.version_dir(outcome.version) / manifest.ranker["file"]).is_file()
+    assert manifest.metrics["ranker_valid_NDCG@10"] > manifest.metrics["blend_valid_NDCG@10"]
+    assert manifest.extra["trainer"]["ranker"]["used"] is True
+    assert manifest.extra["trainer"]["encoder"]["fine_tuned"] is True
     # The trainable weights are kept beside the version, so the next run continues from them.
     assert (checkpoint_dir(models, outcome.version) / "config.json").is_file()
     assert not (models / "checkpoints" / ".in-progress").exists()

@@ -121,6 +121,10 @@ class RunSettings:
     temperature: float = setting(0.05, group=FINETUNE, help="contrastive loss temperature")
     warmup_fraction: float = setting(0.1, group=FINETUNE, help="share of the steps the learning rate warms up over")
     hard_negatives: int = setting(0, group=FINETUNE, help="hard negatives per example from the current index")
+    time_negatives: int = setting(
+        0, group=FINETUNE, help="negatives per example among the items trending at the example's time")
+    distill: float = setting(
+        0.0, group=FINETUNE, help="weight of a term keeping the vectors near the starting encoder's (0: off)")
     train_layers: int | None = setting(
         None, group=FINETUNE,
         help="train only the top N transformer layers, the rest frozen (about 2x the steps per second on CPU; "
@@ -395,7 +399,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
 
     from chronorec.trainer.data import newest_examples
     from chronorec.trainer import distributed
-    from chronorec.trainer.finetune import FinetuneConfig, train_encoder
+    from chronorec.trainer.finetune import FinetuneConfig, train_encoder, trending_negatives
     from chronorec.trainer.tune import CachedEncoder, RankerReplay, torch_encoder, tune_time_model
 
     if settings.threads:
@@ -408,6 +412,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         steps=settings.steps, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
         temperature=settings.temperature, warmup_fraction=settings.warmup_fraction,
         hard_negatives=settings.hard_negatives, seed=settings.seed, patience=settings.patience,
+        time_negatives=settings.time_negatives, distill_weight=settings.distill,
         eval_every=settings.eval_every, max_length=serving.max_length, device=settings.device,
         checkpoint_dir=str(models / CHECKPOINTS_DIR / IN_PROGRESS_DIR), progress=settings.progress,
     )
@@ -416,8 +421,10 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         train = newest_examples(train, settings.steps * settings.batch_size)
         say(f"training on the newest {len(train)} of {len(data.train)} examples "
             f"(from {_utc(train[0].timestamp)})")
+    negatives = trending_negatives(train, data.dataset) if settings.time_negatives > 0 else None
     encoder = train_encoder(init_folder, train, data.valid, item_texts, config, train_layers=settings.train_layers,
-                            run_tag=f"{init_folder.resolve()}|{data.event_log.max_seq}", keep_initial=settings.ablation)
+                            run_tag=f"{init_folder.resolve()}|{data.event_log.max_seq}", keep_initial=settings.ablation,
+                            negatives=negatives)
     module, tokenizer, trained, initial_module = encoder.module, encoder.tokenizer, encoder.result, encoder.initial
     say(f"fine-tuned {trained.steps} steps ({encoder.trained_layers} layers) at {trained.examples_per_second:.1f} examples/s "
         f"on {trained.device}; "

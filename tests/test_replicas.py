@@ -271,6 +271,7 @@ def test_torchrun_trains_on_two_ranks_publishes_once_and_every_replica_swaps_wit
             except grpc.RpcError as error:
                 failures.append(f"{error.code()}: {error.details()}")
             n += 1
+            time.sleep(0.01)  # steady traffic, leaving the cores to the trainer
 
     loaders = [threading.Thread(target=load, args=(r,)) for r in (a, b)]
     for loader in loaders:
@@ -280,7 +281,8 @@ def test_torchrun_trains_on_two_ranks_publishes_once_and_every_replica_swaps_wit
         done = subprocess.run(
             [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "-m", "chronorec.trainer.cli",
              "--verbose", "run", "--db", postgres_url, "--models", str(models), "--steps", "2", "--batch-size", "16",
-             "--no-tune", "--max-eval-instances", "40", "--threads", "1", "--force", "--no-progress", "--json"],
+             "--eval-every", "2", "--no-tune", "--max-eval-instances", "40", "--threads", "1", "--force", "--no-progress",
+             "--json"],
             capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         published = [v for v in ModelRepository(models).list_versions() if v != base]

@@ -178,9 +178,16 @@ def test_evaluation_ranks_through_the_serving_ranker(drift, chronorec, monkeypat
 
     monkeypatch.setattr(TimeAwareRanker, "score_candidates", counting)
     instances = task.instances[:25]
-    scores = ranker.score_batch(instances)
+    ranker.replay_ranker.per_event = True
+    reference = ranker.score_batch(instances)
     assert len(calls) == len(instances) and all(q.exhaustive for q in calls)
     assert all(q.params == ranker.time_model for q in calls)
+    # The batch form (the default) calls no ranker per event and gives the very same scores.
+    calls.clear()
+    ranker.replay_ranker.per_event = False
+    scores = ranker.score_batch(instances)
+    assert not calls
+    np.testing.assert_array_equal(scores, reference)
 
     # A ranker built the way the server builds one, fed the events before each instance, and
     # asked Recommend: its top 10 are the evaluation's top 10.
@@ -201,3 +208,89 @@ def test_evaluation_ranks_through_the_serving_ranker(drift, chronorec, monkeypat
         order = sorted(range(d.n_items), key=lambda i: (-row_scores[i], d.item_ids[i]))[:10]
         assert [r.item_id for r in served.items] == [d.item_ids[i] for i in order]
         np.testing.assert_allclose([r.score for r in served.items], row_scores[order], rtol=1e-5, atol=1e-6)
+
+
+# Time models that exercise every branch of the ranker the batch replay mirrors: the history text
+# alone and blended, long-term decay, co-occurrence, freshness, trend windows, the personal
+# half-life, a zero semantic weight (no user vector) and trend alone.
+REPLAY_MODELS = (
+    TimeModelParams(history_max_events=20),
+    TimeModelParams(alpha=0.0, long_term_half_life_days=3650.0, w_semantic=1.0, w_cooccurrence=0.0,
+                    w_freshness=0.0, w_trend=0.0),
+    TimeModelParams(alpha=0.5, long_term_half_life_days=1.0, cooccurrence_half_life_days=0.0003, w_semantic=0.5,
+                    w_cooccurrence=1.0, w_freshness=0.05, w_trend=0.1, personal_half_life_days=1.0, history_max_events=3),
+    TimeModelParams(alpha=1.0, w_semantic=2.0, w_cooccurrence=1.0, w_trend=0.5, trend_window_days=1.0,
+                    freshness_half_life_days=3.0, w_freshness=0.2, personal_half_life_days=0.1),
+    TimeModelParams(w_semantic=0.0, w_cooccurrence=0.0, w_freshness=0.0, w_trend=1.0),
+)
+
+
+def _replay_pair(chronorec, split, bundle_name="untuned"):
+    """Two replays of the split's test task with their own vector caches: per event, and batch."""
+    ctx = chronorec.context(split)
+    bundle = ctx.untuned() if bundle_name == "untuned" else ctx.finetuned()
+    task = split.test_task()
+    pair = []
+    for per_event in (True, False):
+        replay_ranker = ReplayRanker(bundle.encode, ctx.items, REPLAY_MODELS[0], item_vectors=bundle.item_vectors,
+                                     per_event=per_event)
+        replay_ranker.fit(task.train, task.dataset)
+        pair.append(replay_ranker)
+    return pair
+
+
+@pytest.mark.parametrize("protocol", ["temporal", "loo"])
+def test_batch_replay_gives_the_per_event_rankers_scores(drift, chronorec, protocol):
+    split = evaluate.build_split(drift, protocol)
+    per_event, batch = _replay_pair(chronorec, split)
+    instances = split.test_task().instances
+    assert batch.replay.scorer() is not None
+    for params in REPLAY_MODELS:
+        per_event.params = batch.params = params
+        # Bit for bit: the report's figures must not move by a last-digit tie.
+        np.testing.assert_array_equal(batch.score_batch(instances), per_event.score_batch(instances))
+
+
+def test_batch_replay_follows_the_states_rules_on_duplicates_and_cold_starts(drift, chronorec):
+    """A repeated event id is ignored by the interaction state (and so by the batch replay); a user
+    with no earlier event is a cold start scored by trend alone."""
+    from chronorec.server.core.catalog import Event
+    from chronorec.trainer.protocols import Instances
+
+    events = list(drift.events)
+    # The same event delivered twice (a retried Feedback), and a user whose first event is the target.
+    events.append(events[len(events) // 2])
+    events.append(Event("cold-1", "newcomer", events[-5].item_id, "view", float(drift.ts[-1])))
+    data = Dataset(drift.items, events)
+    split = temporal_split(data)
+    per_event, batch = _replay_pair(chronorec, split)
+    newcomer = data.user_index["newcomer"]
+    instances = Instances(data, np.concatenate((split.instances.pos, data.user_events(newcomer))))
+    for params in REPLAY_MODELS:
+        per_event.params = batch.params = params
+        np.testing.assert_array_equal(batch.score_batch(instances), per_event.score_batch(instances))
+
+
+def test_tuning_and_sweeps_are_the_same_with_the_batch_replay(drift, chronorec, monkeypatch):
+    from chronorec.trainer.tune import RankerReplay, TuningGrid, tune_time_model
+
+    split = temporal_split(drift)
+    ctx = chronorec.context(split)
+    bundle = ctx.untuned()
+    base = TimeModelParams(history_max_events=20)
+    results = []
+    for per_event in (True, False):
+        replay = RankerReplay(drift, ctx.items, ctx.tuning.train, bundle.encode, item_vectors=bundle.item_vectors)
+        if per_event:
+            monkeypatch.setattr(replay, "scorer", lambda: None)
+        results.append(tune_time_model(replay, ctx.tuning.instances, base, TuningGrid(), max_instances=120))
+    (a, b) = results
+    assert (a.params, a.value, a.default_value, a.trace) == (b.params, b.value, b.default_value, b.trace)
+
+    sweeps = []
+    for per_event in (True, False):
+        ranker = cm.ChronorecRanker(ctx, bundle, a.params, {}, sweeps=cm.SWEEPS)
+        ranker.replay_ranker.per_event = per_event
+        ranker.fit(split.test_task().train, drift)
+        sweeps.append(ranker.sweep_results)
+    assert sweeps[0] == sweeps[1]

@@ -291,7 +291,7 @@ def test_itemknn_cosine_and_decay():
 def test_ease_closed_form_and_tuning():
     d = make_dataset(ROWS)
     x = d.interaction_matrix(np.arange(d.n_events))
-    b = baselines.ease_weights(x.T @ x, 2.0)
+    b = baselines.ease_weights(x.T @ x, 2.0, dtype=np.float64)
     assert np.allclose(np.diag(b), 0)
     # Column j solves the ridge regression of x_j on the other columns (the EASE constraint).
     for j in range(d.n_items):
@@ -299,6 +299,16 @@ def test_ease_closed_form_and_tuning():
         xo = x[:, others]
         coef = np.linalg.solve(xo.T @ xo + 2.0 * np.eye(len(others)), xo.T @ x[:, j])
         assert np.allclose(b[others, j], coef)
+    # The default solve is float32 (Cholesky in place): the same weights to float32 precision.
+    b32 = baselines.ease_weights(x.T @ x, 2.0)
+    assert b32.dtype == np.float32 and np.allclose(b32, b, rtol=1e-5, atol=1e-6)
+    # The inverse is computed in place and mirrored band by band: check across band boundaries.
+    users = (np.random.default_rng(0).random((40, 1100)) < 0.2).astype(float)
+    gram = users.T @ users  # 1100 × 1100 of rank 40: λ makes it definite
+    p = np.linalg.inv(gram + 5.0 * np.eye(1100))
+    expected = -p / np.diag(p)[None, :]
+    np.fill_diagonal(expected, 0.0)
+    np.testing.assert_allclose(baselines.ease_weights(gram, 5.0, dtype=np.float64), expected, atol=1e-9)
     split = temporal_split(d, 0.6)
     model = baselines.tune_ease(split.tuning_task(), lambdas=(1.0, 10.0))
     assert model.params["lambda"] in (1.0, 10.0) and set(model.params["tuning"]) == {"1.0", "10.0"}

@@ -66,7 +66,7 @@ from chronorec.trainer.protocols import (
     Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, exclusion_mask, expected_metrics, rank_counts,
     summarize,
 )
-from chronorec.trainer.tune import ReplayRanker, RankerReplay, TuningGrid, fit_cooccurrence, tune_time_model
+from chronorec.trainer.tune import ReplayRanker, RankerReplay, TuningGrid, build_index, fit_cooccurrence, tune_time_model
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,7 @@ class SplitContext:
         self.item_ids = [i for i in self.dataset.item_ids if i in self.items]
         self.tuning = split.tuning_task()
         self.bundles: dict[str, EncoderBundle] = {}
+        self._indexes: dict[str, Any] = {}
         self._cooccurrence: dict[str, Any] = {}
         self._replays: dict[str, RankerReplay] = {}
         self.tunings: dict[str, Any] = {}
@@ -454,11 +455,17 @@ class SplitContext:
             self._cooccurrence[which] = fit_cooccurrence(self.dataset, task.train, self.item_ids)
         return self._cooccurrence[which]
 
+    def index(self, bundle: EncoderBundle):
+        """The item index of `bundle`'s vectors, built once for every replay of that encoder."""
+        if bundle.name not in self._indexes:
+            self._indexes[bundle.name] = build_index(self.item_ids, bundle.item_vectors)
+        return self._indexes[bundle.name]
+
     def tuning_replay(self, bundle: EncoderBundle) -> RankerReplay:
         if bundle.name not in self._replays:
             self._replays[bundle.name] = RankerReplay(
                 self.dataset, self.items, self.tuning.train, bundle.encode, item_vectors=bundle.item_vectors,
-                cooccurrence=self.cooccurrence("tuning"))
+                cooccurrence=self.cooccurrence("tuning"), index=self.index(bundle))
         return self._replays[bundle.name]
 
     def tune(self, bundle: EncoderBundle, base: TimeModelParams, grid: TuningGrid, key: str):
@@ -499,7 +506,13 @@ class ChronorecRanker:
         return out
 
     def fit(self, train: np.ndarray, dataset: Dataset) -> None:
-        self.replay_ranker.fit(train, dataset)
+        ctx = self.ctx
+        if dataset is ctx.dataset and np.array_equal(train, ctx.split.test_task().train):
+            # The split's own training events: the encoder's index and the co-occurrence fitted on
+            # them are shared by every variant (each variant keeps its own history-text vectors).
+            self.replay_ranker.fit(train, dataset, index=ctx.index(self.bundle), cooccurrence=ctx.cooccurrence("test"))
+        else:
+            self.replay_ranker.fit(train, dataset)
         if self.sweeps:
             self._run_sweeps()
 
@@ -510,6 +523,11 @@ class ChronorecRanker:
 
     def score_batch(self, instances: Instances) -> np.ndarray:
         with blas_threads(self.settings.blas_threads):
+            scorer = None if self.replay_ranker.per_event else self.replay_ranker.replay.scorer()
+            if scorer is not None:
+                # A time model that never reads the history text encodes none ahead (the ranker
+                # then encodes one only for a user none of whose items has a vector).
+                return scorer.score_rows(instances, self.time_model, prime=self.reads_history_text)
             if self.reads_history_text:
                 return self.replay_ranker.score_batch(instances)
             # ReplayRanker.score_batch without its batch pre-encoding of history texts, which
@@ -522,6 +540,20 @@ class ChronorecRanker:
             return scores
 
     # -- sensitivity on the test window (analysis only)
+
+    def _sweep_per_event(self, instances: Instances, settings: list, better: np.ndarray, tied: np.ndarray) -> None:
+        """The sweeps' counts with one ranker call per event and setting (a ranker with a learned model)."""
+        replay = self.replay_ranker.replay
+        n_items = self.ctx.dataset.n_items
+        excluded = exclusion_mask(instances)
+        replay.prime(instances, self.time_model)
+        for row, user_id, at in replay.walk(instances):
+            for k, (_, _, _, params) in enumerate(settings):
+                scored = replay.score(user_id, at, params)
+                scores = np.full(n_items, -np.inf)
+                scores[replay.columns_of(scored.item_ids)] = scored.score
+                counts = rank_counts(scores[None, :], np.array([instances.target[row]]), excluded[row][None, :])
+                better[k, row], tied[k, row] = counts[0][0], counts[1][0]
 
     def _run_sweeps(self) -> None:
         s = self.settings
@@ -542,21 +574,38 @@ class ChronorecRanker:
         s.say(f"{self.ctx.split.protocol}: sweeps, {len(settings)} settings on {len(instances)} test instances")
         started = time.perf_counter()
         replay = self.replay_ranker.replay
-        n_items = self.ctx.dataset.n_items
-        excluded = exclusion_mask(instances)
         better = np.zeros((len(settings), len(instances)), dtype=np.int64)
         tied = np.zeros_like(better)
         with blas_threads(s.blas_threads):
-            replay.prime(instances, self.time_model)
-            for row, user_id, at in replay.walk(instances):
-                # One instance at a time, every setting: memory stays settings × items.
-                scores = np.full((len(settings), n_items), -np.inf)
-                for s, (_, _, _, params) in enumerate(settings):
-                    scored = replay.score(user_id, at, params)
-                    scores[s, replay.columns_of(scored.item_ids)] = scored.score
-                better[:, row], tied[:, row] = rank_counts(
-                    scores, np.full(len(settings), instances.target[row]),
-                    np.broadcast_to(excluded[row], scores.shape))
+            scorer = None if self.replay_ranker.per_event else replay.scorer()
+            if scorer is None:
+                self._sweep_per_event(instances, settings, better, tied)
+            else:
+                # Instance by instance, every setting, only the two counts kept per setting: the
+                # settings share the instance's user vectors and co-occurrence (ReplayChunk's memo).
+                n_items = self.ctx.dataset.n_items
+                texts = scorer.prime(instances, self.time_model)
+                for part, chunk in scorer.chunks(instances, texts):
+                    excluded = exclusion_mask(chunk.instances)
+                    for i in range(len(chunk)):
+                        row = part.start + i
+                        target = instances.target[row]
+                        rows = chunk.rows_kept(i)
+                        target_row = scorer.row_of_column[target]
+                        at = int(np.searchsorted(rows, target_row))
+                        returned = target_row >= 0 and at < len(rows) and rows[at] == target_row
+                        for k, (_, _, _, params) in enumerate(settings):
+                            score = chunk.candidates(i, params, components=False).score
+                            if returned:
+                                # What rank_counts gives on the full row: the other items score -inf
+                                # or are history items, excluded, so only the candidates count.
+                                better[k, row] = np.count_nonzero(score > score[at])
+                                tied[k, row] = np.count_nonzero(score == score[at]) - 1
+                                continue
+                            scores = np.full(n_items, -np.inf)
+                            scores[chunk.columns_kept(i)] = score
+                            counts = rank_counts(scores[None, :], np.array([target]), excluded[i][None, :])
+                            better[k, row], tied[k, row] = counts[0][0], counts[1][0]
         values: dict[tuple[str, str], list[np.ndarray]] = {}
         for s, (parameter, label, _, _) in enumerate(settings):
             values.setdefault((parameter, label), []).append(expected_metrics(better[s], tied[s])[SWEEP_METRIC])

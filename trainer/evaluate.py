@@ -20,8 +20,10 @@ from chronorec.server.core import importers
 from chronorec.trainer import baselines, report
 from chronorec.trainer.flags import Verbosity, add_settings_flags, setting, settings_from_args
 from chronorec.trainer.protocols import (
-    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRIC_NAMES, Dataset, MethodFactory, Split, fit_and_score, gap_buckets, loo_split, metric_by_bucket, summarize, temporal_split,
+    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRIC_NAMES, TARGET_LABELS, Dataset, MethodFactory, Split, fit_and_score,
+    gap_buckets, loo_split, metric_by_bucket, summarize, target_buckets, temporal_split,
 )
+from chronorec.trainer.resources import ResourceMeter, machine_load, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +123,27 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 def run_method(name: str, factory: MethodFactory, split: Split, *, progress: bool = True,
                batch_size: int = 1024) -> tuple[dict, dict[str, np.ndarray]]:
-    """Build (and tune), fit and score one method on a split: (its report entry, per-instance metrics)."""
+    """Build (and tune), fit and score one method on a split: (its report entry, per-instance metrics).
+
+    The entry holds the metrics, NDCG@10 by time since the user's previous event (`by_gap`) and
+    by warm or cold target item (`by_target`), the wall time of each phase and the method's
+    peak resident memory (`resources`; what the method built for others, such as a shared
+    encoder, is counted where it is first built)."""
     task = split.test_task()
-    t0 = time.perf_counter()
-    ranker = factory(split)
-    setup_s = time.perf_counter() - t0
-    with _progress_bar(len(task.instances), f"{split.protocol}:{name}", progress) as bar:
-        result = fit_and_score(ranker, task, batch_size, bar.update)
+    with ResourceMeter() as meter:
+        t0 = time.perf_counter()
+        ranker = factory(split)
+        setup_s = time.perf_counter() - t0
+        with _progress_bar(len(task.instances), f"{split.protocol}:{name}", progress) as bar:
+            result = fit_and_score(ranker, task, batch_size, bar.update)
+    ndcg = result.metrics["NDCG@10"]
     entry = {
         "metrics": summarize(result.metrics, task.instances.user),
-        "by_gap": metric_by_bucket(result.metrics["NDCG@10"], gap_buckets(task.instances)),
+        "by_gap": metric_by_bucket(ndcg, gap_buckets(task.instances)),
+        "by_target": metric_by_bucket(ndcg, target_buckets(task), TARGET_LABELS),
         "timing_s": {"setup": setup_s, "fit": result.fit_s, "score": result.score_s,
                      "total": setup_s + result.fit_s + result.score_s},
+        "resources": meter.report(),
         "params": dict(getattr(ranker, "params", {}) or {}),
     }
     return entry, result.metrics
@@ -156,6 +167,7 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
         "dataset": dataset_info(dataset, data_path),
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95},
         "metrics": list(METRIC_NAMES),
+        "machine": machine_load(),
         "protocols": {},
     }
     for protocol in protocols:
@@ -173,12 +185,14 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
             if per_instance is not None:
                 per_instance.update({f"{protocol}/{name}/{k}": v for k, v in metrics.items()})
             m = entry["metrics"]
-            log.info("%s %s: HR@10 %.4f NDCG@10 %.4f (%.1f s)", protocol, name, m["HR@10"]["mean"],
-                     m["NDCG@10"]["mean"], entry["timing_s"]["total"])
+            log.info("%s %s: HR@10 %.4f NDCG@10 %.4f (%.1f s, peak RSS %s MB)", protocol, name, m["HR@10"]["mean"],
+                     m["NDCG@10"]["mean"], entry["timing_s"]["total"], entry["resources"]["peak_rss_mb"])
         document["protocols"][protocol] = {
             "details": split.details(), "methods": entries,
             "comparisons": report.paired_comparisons(paired, split.test_task().instances.user, list(baselines.BASELINES)),
         }
+    document["machine_at_end"] = machine_load()
+    document["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return document
 
 

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+import scipy.sparse as sp
 
 from chronorec.client.rules import SECONDS_PER_DAY
 from chronorec.server.core.catalog import Event, Item
@@ -21,6 +22,9 @@ BOOTSTRAP_RESAMPLES = 1000
 # Time since the user's previous event: <1h, 1h-1d, 1-7d, 7-30d, >30d.
 GAP_EDGES_S = (SECONDS_PER_HOUR, SECONDS_PER_DAY, 7 * SECONDS_PER_DAY, 30 * SECONDS_PER_DAY)
 GAP_LABELS = ("<1h", "1h-1d", "1-7d", "7-30d", ">30d")
+# Targets by whether their item has a training event: cold ones (first seen after the cutoff, or in
+# loo never before the test phase) can be reached only through their text, freshness and trend.
+TARGET_LABELS = ("warm", "cold")
 
 
 # -- data -------------------------------------------------------------------------------
@@ -109,6 +113,18 @@ class Dataset:
         return m
 
 
+def prefix_item_counts(dataset: Dataset, boundaries: np.ndarray, visible: np.ndarray | None = None) -> np.ndarray:
+    """(len(boundaries), n_items): per boundary b, item counts of the (visible) events at
+    global positions < b. One pass: bucket events by the first boundary above them, cumulate."""
+    bounds, inverse = np.unique(np.asarray(boundaries, dtype=np.int64), return_inverse=True)
+    positions = np.arange(dataset.n_events) if visible is None else visible
+    positions = positions[positions < bounds[-1]]
+    n_items = dataset.n_items
+    segment = np.searchsorted(bounds, positions, side="right")
+    increments = np.bincount(segment * n_items + dataset.item[positions], minlength=bounds.size * n_items)
+    return np.cumsum(increments.reshape(bounds.size, n_items), axis=0)[inverse]
+
+
 @dataclass
 class Instances:
     """Test instances: a target event at global position `pos`, to be predicted from its
@@ -154,6 +170,16 @@ class Instances:
                         minlength=len(self) * n_items).reshape(len(self), n_items).astype(dtype, copy=False)
         if binary:
             np.minimum(m, 1, out=m)
+        return m
+
+    def history_sparse(self, binary: bool = False, dtype=np.float64) -> sp.csr_matrix:
+        """history_matrix as a sparse (n_instances, n_items) matrix (weights 1, summed; 1/0 when binary)."""
+        rows, positions = self.history_flat()
+        m = sp.csr_matrix((np.ones(len(rows), dtype=dtype), (rows, self.dataset.item[positions])),
+                          shape=(len(self), self.dataset.n_items))
+        m.sum_duplicates()
+        if binary:
+            m.data[:] = 1
         return m
 
     def time_since_previous(self) -> np.ndarray:
@@ -496,6 +522,19 @@ def gap_buckets(instances: Instances, edges: Sequence[float] = GAP_EDGES_S) -> n
     out = np.searchsorted(np.asarray(edges), np.nan_to_num(gap, nan=0.0), side="right")
     out[np.isnan(gap)] = -1
     return out
+
+
+def cold_targets(task: EvalTask) -> np.ndarray:
+    """Per instance of `task`, whether its target item has no event among the task's training events."""
+    d = task.dataset
+    seen = np.zeros(d.n_items, dtype=bool)
+    seen[d.item[task.train]] = True
+    return ~seen[task.instances.target]
+
+
+def target_buckets(task: EvalTask) -> np.ndarray:
+    """Bucket index of each instance in TARGET_LABELS: 0 warm, 1 cold (cold_targets)."""
+    return cold_targets(task).astype(np.int64)
 
 
 def metric_by_bucket(values: np.ndarray, buckets: np.ndarray, labels: Sequence[str] = GAP_LABELS,

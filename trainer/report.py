@@ -25,8 +25,8 @@ def _interval(summary: Mapping, key: str = "ci95") -> str:
 
 
 def markdown_table(protocol: Mapping, metrics: Sequence[str] = TABLE_METRICS) -> str:
-    """One row per method: per-instance means with 95% intervals, per-user NDCG@10, run time."""
-    head = ["method"] + [m for m in metrics] + ["NDCG@10 per user", "time (s)"]
+    """One row per method: per-instance means with 95% intervals, per-user NDCG@10, run time, peak RSS."""
+    head = ["method"] + [m for m in metrics] + ["NDCG@10 per user", "time (s)", "peak RSS (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, result in protocol["methods"].items():
         cells = [name]
@@ -36,21 +36,53 @@ def markdown_table(protocol: Mapping, metrics: Sequence[str] = TABLE_METRICS) ->
         s = result["metrics"]["NDCG@10"]
         cells.append(f"{_fmt(s['per_user_mean'])} {_interval(s, 'per_user_ci95')}")
         cells.append(f"{result['timing_s']['total']:.1f}")
+        cells.append(_fmt((result.get("resources") or {}).get("peak_rss_mb"), 0))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def gap_table(protocol: Mapping, metric: str = "NDCG@10") -> str:
-    """Metric per method and bucket of time since the user's previous event."""
-    methods = protocol["methods"]
+def _bucket_table(protocol: Mapping, key: str, title: str) -> str:
+    """Metric per method and bucket (`key`: "by_gap" or "by_target"), the best of each bucket in bold."""
+    methods = {name: result for name, result in protocol["methods"].items() if result.get(key)}
     if not methods:
         return ""
-    first = next(iter(methods.values()))["by_gap"]
+    first = next(iter(methods.values()))[key]
+    best = [max((r[key][k]["mean"] for r in methods.values() if r[key][k]["mean"] is not None), default=None)
+            for k in range(len(first))]
     head = ["method"] + [f"{b['bucket']} (n={b['n']})" for b in first]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, result in methods.items():
-        lines.append("| " + " | ".join([name] + [_fmt(b["mean"]) for b in result["by_gap"]]) + " |")
-    return f"{metric} by time since the user's previous event\n\n" + "\n".join(lines)
+        cells = [f"**{_fmt(b['mean'])}**" if b["mean"] is not None and b["mean"] == best[k] else _fmt(b["mean"])
+                 for k, b in enumerate(result[key])]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    return f"{title}\n\n" + "\n".join(lines)
+
+
+def gap_table(protocol: Mapping, metric: str = "NDCG@10") -> str:
+    """Metric per method and bucket of time since the user's previous event."""
+    return _bucket_table(protocol, "by_gap", f"{metric} by time since the user's previous event")
+
+
+def target_table(protocol: Mapping, metric: str = "NDCG@10") -> str:
+    """Metric per method on warm targets (the item has a training event) and cold ones (it has none)."""
+    return _bucket_table(protocol, "by_target", f"{metric} by target item: warm (seen in training) and cold "
+                                                 f"(first seen after the cutoff)")
+
+
+def resources_table(protocol: Mapping) -> str:
+    """Wall time per phase and peak resident memory per method (MB = 2^20 bytes)."""
+    methods = {name: result for name, result in protocol["methods"].items() if result.get("resources")}
+    if not methods:
+        return ""
+    head = ["method", "setup (s)", "fit (s)", "score (s)", "total (s)", "peak RSS (MB)", "above its start (MB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, result in methods.items():
+        t, r = result["timing_s"], result["resources"]
+        peak = _fmt(r.get("peak_rss_mb"), 0) + ("" if r.get("peak_exact") else "*")
+        lines.append("| " + " | ".join([name, f"{t['setup']:.1f}", f"{t['fit']:.1f}", f"{t['score']:.1f}",
+                                        f"{t['total']:.1f}", peak, _fmt(r.get("peak_increase_mb"), 0)]) + " |")
+    return ("Time and memory per method (a method's setup includes what it builds first for others, "
+            "e.g. an encoder; * = sampled every 20 ms, below an earlier peak of the process)\n\n" + "\n".join(lines))
 
 
 # Paired comparisons the report shows when both methods ran: (method, reference, what it measures).
@@ -118,13 +150,18 @@ def markdown_report(document: Mapping) -> str:
         f"({boot['resamples']} resamples, seed {boot['seed']}); per user: users resampled.",
         f"Generated {document.get('generated_at', '')}.",
     ]
+    machine, at_end = document.get("machine") or {}, document.get("machine_at_end") or {}
+    if machine:
+        out.append(f"Machine: {machine.get('cpus')} CPUs, load average {machine.get('load_average')} at the start, "
+                   f"{at_end.get('load_average')} at the end; peak RSS {document.get('peak_rss_mb')} MB"
+                   + (f"; {document['total_s']:.0f} s in all." if document.get("total_s") is not None else "."))
     for name, protocol in document["protocols"].items():
         out += ["", f"## {name}", ""] + _details_lines(protocol["details"]) + ["", markdown_table(protocol)]
         params = {m: r["params"] for m, r in protocol["methods"].items() if r.get("params")}
         if params:
             out += ["", "Chosen parameters:"] + [f"- {m}: {json.dumps(_short_params(p), default=_json_default)}"
                                                  for m, p in params.items()]
-        out += ["", gap_table(protocol)]
+        out += ["", gap_table(protocol), "", target_table(protocol), "", resources_table(protocol)]
         if protocol.get("comparisons"):
             out += ["", comparisons_table(protocol)]
         for plot in protocol.get("plots", []):

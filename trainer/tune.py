@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -19,9 +21,10 @@ from chronorec.server.core.manifest import PARAM_BOUNDS, TimeModelParams
 from chronorec.server.core.ranking import (
     RecommendQuery, ScoredCandidates, TimeAwareRanker,
 )
-from chronorec.server.core.scoring import WEIGHT_NAMES, combine, personal_scale, scaled_weights, weights_of
+from chronorec.server.core.scoring import COMPONENTS, WEIGHT_NAMES, personal_scale, scaled_weights, weights_of
 from chronorec.server.core.timetext import HistoryEntry
-from chronorec.trainer.protocols import Dataset, Instances, expected_metrics, rank_counts
+from chronorec.trainer.batch_replay import ReplayScorer, first_occurrences
+from chronorec.trainer.protocols import Dataset, Instances, expected_metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +70,26 @@ class RankerReplay:
 
     def __init__(self, dataset: Dataset, items: Mapping[str, Item], train: np.ndarray, encode: Encode,
                  *, item_vectors: np.ndarray | None = None, cooccurrence: CooccurrenceModel | None = None,
-                 learned_ranker: LearnedRanker | None = None):
+                 learned_ranker: LearnedRanker | None = None, index: ItemIndex | None = None):
         self.dataset = dataset
         self.learned_ranker = learned_ranker
         self.items = dict(items)
         self.encode = encode
         self.item_ids = [i for i in dataset.item_ids if i in self.items]
         self.item_text_of = item_text_lookup(self.items)
-        if item_vectors is None:
-            item_vectors = encode([self.item_text_of(i) for i in self.item_ids])
-        self.index = ItemIndex(item_vectors.shape[1], initial_capacity=max(16, len(self.item_ids)))
-        self.index.build(self.item_ids, item_vectors)
+        if index is not None:
+            # Shared by the replays of one encoder (building the HNSW graph of 10k items takes seconds);
+            # the replay only reads it.
+            self.index = index
+        else:
+            if item_vectors is None:
+                item_vectors = encode([self.item_text_of(i) for i in self.item_ids])
+            self.index = build_index(self.item_ids, item_vectors)
         self.cooccurrence = cooccurrence if cooccurrence is not None else fit_cooccurrence(dataset, train, self.item_ids)
         self._vectors: dict[str, np.ndarray] = {}
         self._column = {item_id: i for i, item_id in enumerate(dataset.item_ids)}
+        self._scorer: ReplayScorer | None = None
+        self._kept: np.ndarray | None = None  # per global position: does the state keep the event
         self.reset()
 
     def reset(self) -> None:
@@ -96,11 +105,20 @@ class RankerReplay:
             self._vectors.update(zip(missing, self.encode(missing)))
         return np.stack([self._vectors[t] for t in texts])
 
-    def history(self, position: int) -> list[HistoryEntry]:
-        """The user's events before `position` in the global order, oldest first (what the state holds then)."""
+    def encoded(self, texts: list[str]) -> np.ndarray:
+        """The vectors the ranker reads for `texts`: cached by text, the missing ones encoded in one call."""
+        return self._encode_known(texts)
+
+    def history(self, position: int, newest: int | None = None) -> list[HistoryEntry]:
+        """The user's events before `position` in the global order, oldest first (what the state holds
+        then: a repeated event id only once); only the `newest` of them when given."""
         d = self.dataset
-        user = d.user[position]
-        earlier = d.user_events(user)[: d.rank_in_user[position]]
+        if self._kept is None:
+            self._kept = first_occurrences([d.event_at(p).event_id for p in range(d.n_events)])
+        earlier = d.user_events(d.user[position])[:int(d.rank_in_user[position])]
+        earlier = earlier[self._kept[earlier]]
+        if newest is not None:
+            earlier = earlier[max(0, len(earlier) - newest):]
         return [HistoryEntry(d.item_ids[d.item[p]], e.action, e.timestamp, e.value)
                 for p, e in ((int(p), d.event_at(int(p))) for p in earlier)]
 
@@ -108,12 +126,28 @@ class RankerReplay:
         """Encode the short-term texts of `instances` in one batch (instead of one by one in the replay)."""
         texts = []
         for position in instances.pos:
-            history = self.history(int(position))
+            position = int(position)
+            # The ranker writes only the newest history_max_events events, so only those are built
+            # (a 2,000-event history cost 2,000 objects per instance).
+            history = self.history(position, newest=max(1, params.history_max_events))
             if history:
                 texts.append(self.ranker.short_term_text(history, float(self.dataset.ts[position]), params))
+        self.cache_vectors(texts)
+
+    def cache_vectors(self, texts: list[str]) -> None:
+        """Encode those of `texts` not cached yet, in one call (first occurrences, in order)."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
         if missing:
             self._vectors.update(zip(missing, self.encode(missing)))
+
+    def scorer(self) -> "ReplayScorer | None":
+        """The batch form of this replay's ranker (same scores, many instances at once); None when the
+        ranker reorders with a learned model, which only the per-event path runs."""
+        if self.learned_ranker is not None:
+            return None
+        if self._scorer is None:
+            self._scorer = ReplayScorer(self)
+        return self._scorer
 
     def advance(self, position: int) -> None:
         """Make the state hold exactly the events before global `position`."""
@@ -149,6 +183,13 @@ class RankerReplay:
         return np.fromiter((column[i] for i in item_ids), dtype=np.int64, count=len(item_ids))
 
 
+def build_index(item_ids: Sequence[str], item_vectors: np.ndarray) -> ItemIndex:
+    """The item index a replay ranks with, as the server builds it."""
+    index = ItemIndex(item_vectors.shape[1], initial_capacity=max(16, len(item_ids)))
+    index.build(list(item_ids), item_vectors)
+    return index
+
+
 def fit_cooccurrence(dataset: Dataset, train: np.ndarray, item_ids: Sequence[str]) -> CooccurrenceModel:
     """The server's co-occurrence model fitted on the events at global positions `train` only."""
     by_user: dict[str, list[str]] = {}
@@ -165,21 +206,29 @@ class ReplayRanker:
     """
 
     def __init__(self, encode: Encode, items: Mapping[str, Item], params: TimeModelParams,
-                 *, item_vectors: np.ndarray | None = None, learned_ranker: LearnedRanker | None = None):
+                 *, item_vectors: np.ndarray | None = None, per_event: bool = False,
+                 learned_ranker: LearnedRanker | None = None):
         self.encode = encode
         self.items = items
         self.params = params
         self.item_vectors = item_vectors
         # A version's learned ranker reorders the blend's best candidates, as the server does.
         self.learned_ranker = learned_ranker
+        # True: one ranker call per event (the reference the batch form is checked against).
+        self.per_event = per_event
         self.replay: RankerReplay | None = None
 
-    def fit(self, train: np.ndarray, dataset: Dataset) -> None:
+    def fit(self, train: np.ndarray, dataset: Dataset, *, index: ItemIndex | None = None,
+            cooccurrence: CooccurrenceModel | None = None) -> None:
+        """Build the replay over `train`; `index` and `cooccurrence` (fitted on the same events) may be shared."""
         self.replay = RankerReplay(dataset, self.items, train, self.encode, item_vectors=self.item_vectors,
-                                   learned_ranker=self.learned_ranker)
+                                   index=index, cooccurrence=cooccurrence, learned_ranker=self.learned_ranker)
 
     def score_batch(self, instances: Instances) -> np.ndarray:
         replay = self.replay
+        scorer = None if self.per_event else replay.scorer()
+        if scorer is not None:
+            return scorer.score_rows(instances, self.params, prime=True)
         replay.prime(instances, self.params)
         scores = np.full((len(instances), replay.dataset.n_items), -np.inf)
         for row, user_id, at in replay.walk(instances):
@@ -246,6 +295,48 @@ class _Components:
     gap_seconds: float = float("inf")  # since the user's newest earlier event (personal_half_life_days)
 
 
+def _metric_cutoff(metric: str) -> int | None:
+    """K of "HR@K" or "NDCG@K" (a metric that is 0 once K candidates are above the target), else None."""
+    name, _, k = metric.partition("@")
+    return int(k) if name in ("HR", "NDCG") and k.isdigit() else None
+
+
+_UINT16_MAX = int(np.iinfo(np.uint16).max)
+
+
+class _WeightProduct:
+    """Weight rows seen as a product of each column's distinct values.
+
+    combine() adds w_s·s + w_c·c + w_f·f + w_t·t left to right in float32, so w_s·s + w_c·c is the
+    same for every row sharing (w_s, w_c), and so on: computed once per distinct prefix and
+    broadcast, the grid's 250 rows cost ~330 row operations instead of ~1,750, with exactly the
+    same float32 operations, hence the same scores, as combine() row by row.
+    """
+
+    def __init__(self, rows: np.ndarray):
+        uniques = [np.unique(rows[:, k], return_inverse=True) for k in range(4)]
+        self.values = [u for u, _ in uniques]
+        self.shape = tuple(len(u) for u in self.values)
+        self.row_index = np.ravel_multi_index(tuple(inverse for _, inverse in uniques), self.shape)
+
+    def rank_counts(self, blocks: Sequence[np.ndarray], target: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, rank_counts(combine(scaled_weights(row, scale), *blocks), target)."""
+        # scaled_weights multiplies the personal columns by float32(scale) (a no-op at 1).
+        factor = np.array(scale, dtype=np.float32)
+        products = [(v * factor if k < 2 and scale != 1.0 else v)[:, None] * block
+                    for k, (v, block) in enumerate(zip(self.values, blocks))]
+        n = blocks[0].shape[0]
+        partial = products[0][:, None, :] + products[1][None, :, :]
+        partial = partial[:, :, None, :] + products[2][None, None, :, :]
+        scores = (partial[:, :, :, None, :] + products[3][None, None, None, :, :]).reshape(-1, n)
+        reference = scores[:, target:target + 1]
+        # Summing the comparisons into a small integer type is ~4x faster than bool.sum().
+        count_type = np.uint16 if n < _UINT16_MAX else np.int64
+        above = np.add.reduce(scores > reference, axis=1, dtype=count_type).astype(np.int64)
+        equal = np.add.reduce(scores == reference, axis=1, dtype=count_type).astype(np.int64)
+        return above[self.row_index], equal[self.row_index] - 1
+
+
 def _with_values(base: TimeModelParams, **values: float) -> TimeModelParams:
     return base.with_overrides(values)
 
@@ -281,6 +372,7 @@ def tune_time_model(
     max_instances: int | None = 1000,
     rounds: int = 2,
     seed: int = 0,
+    search_threads: int = 1,
 ) -> TuningResult:
     """Choose α, the half-lives, the trend window and the score weights that maximise `metric` on `instances`.
 
@@ -288,7 +380,8 @@ def tune_time_model(
     parameter settings that together cover every value of the grid (the components of one
     parameter do not depend on the others), and the components are kept. Weights are then
     searched exhaustively with numpy for each value of one parameter at a time (coordinate
-    ascent over `rounds` rounds), never calling the ranker again.
+    ascent over `rounds` rounds), never calling the ranker again; `search_threads` instances are
+    counted at once.
     """
     grid = grid or TuningGrid()
     started = time.perf_counter()
@@ -320,25 +413,42 @@ def tune_time_model(
         for p in range(passes)
     ]
 
-    replay.prime(instances, collecting)
+    # Pass p used value p of every list it is longer than, so value v of a list is in pass v.
+    counts = (len(semantic_configs), len(cooccurrence_values), len(freshness_values), len(trend_values))
     collected: list[_Components | None] = []
-    for row, user_id, at in replay.walk(instances):
-        scored = [replay.score(user_id, at, setting) for setting in settings]
-        target_id = replay.dataset.item_ids[instances.target[row]]
-        hits = np.flatnonzero(scored[0].item_ids == target_id)
-        if not len(hits):
-            collected.append(None)  # the server would never return the target: a miss under every setting
-            continue
-        # Pass p used value p of every list it is longer than, so value v of a list is in pass v.
-        blocks = [
-            np.stack([scored[v].semantic for v in range(len(semantic_configs))]),
-            np.stack([scored[v].cooccurrence for v in range(len(cooccurrence_values))]),
-            np.stack([scored[v].freshness for v in range(len(freshness_values))]),
-            np.stack([scored[v].trend for v in range(len(trend_values))]),
-        ]
-        parts = _collect([b.astype(np.float32) for b in blocks], int(hits[0]))
-        parts.gap_seconds = replay.gap_seconds(int(instances.pos[row]))
-        collected.append(parts)
+    scorer = replay.scorer()
+    if scorer is None:
+        replay.prime(instances, collecting)
+        for row, user_id, at in replay.walk(instances):
+            scored = [replay.score(user_id, at, setting) for setting in settings]
+            target_id = replay.dataset.item_ids[instances.target[row]]
+            hits = np.flatnonzero(scored[0].item_ids == target_id)
+            if not len(hits):
+                collected.append(None)  # the server would never return the target: a miss under every setting
+                continue
+            blocks = [np.stack([getattr(scored[v], name) for v in range(count)]) for name, count in zip(COMPONENTS, counts)]
+            parts = _collect([b.astype(np.float32) for b in blocks], int(hits[0]))
+            parts.gap_seconds = replay.gap_seconds(int(instances.pos[row]))
+            collected.append(parts)
+    else:
+        # The same components from the batch form of the ranker, each computed only for the passes
+        # that read it, in the walk's order (the search below sums the instances in that order).
+        texts = scorer.prime(instances, collecting)
+        order = np.argsort(instances.pos, kind="stable")
+        walked = instances[order]
+        for part, chunk in scorer.chunks(walked, texts.reordered(order)):
+            for i in range(len(chunk)):
+                rows = chunk.rows_kept(i)
+                target_row = scorer.row_of_column[chunk.instances.target[i]]
+                hit = int(np.searchsorted(rows, target_row))
+                if target_row < 0 or hit >= len(rows) or rows[hit] != target_row:
+                    collected.append(None)
+                    continue
+                blocks = [np.stack([getattr(chunk, name)(i, settings[v]) for v in range(count)])
+                          for name, count in zip(COMPONENTS, counts)]
+                parts = _collect(blocks, hit)
+                parts.gap_seconds = replay.gap_seconds(int(chunk.instances.pos[i]))
+                collected.append(parts)
     collect_seconds = time.perf_counter() - started
 
     # A component flat in every instance (freshness on a catalog without publication times) cannot
@@ -351,24 +461,46 @@ def tune_time_model(
     if not len(weights):
         weights = np.eye(4)[[0]]
 
+    # With HR@K or NDCG@K, an instance with K candidates above the target under every weighting
+    # scores 0 whatever the weights (only weight on flat rows, which ties everything, can change it).
+    cutoff = _metric_cutoff(metric)
+    threads = max(1, min(search_threads, os.cpu_count() or 1))
+
     def evaluate(choice: tuple[int, ...], weight_rows: np.ndarray) -> np.ndarray:
         """Mean `metric` per weight row for one choice of (semantic, co-occurrence, freshness, trend,
         personal half-life) values."""
-        total = np.zeros(len(weight_rows))
         all_rows = weight_rows.astype(np.float32)
+        product = _WeightProduct(all_rows)
         half_life = personal_values[choice[4]]
-        for parts in present:
+        better = np.zeros((len(weight_rows), len(present)), dtype=np.int64)
+        tied = np.zeros_like(better)
+
+        def count(j: int) -> None:
+            parts = present[j]
             # The ranker scales the personal weights by the time since the user's newest event.
-            rows = scaled_weights(all_rows, personal_scale(parts.gap_seconds, half_life))
+            scale = personal_scale(parts.gap_seconds, half_life)
+            rows = scaled_weights(all_rows, scale)
             flat = np.array([parts.flat[k][v] for k, v in enumerate(choice[:4])])
             # Weight only on rows constant over the candidates: every score equal, every candidate tied.
             degenerate = rows[:, ~flat].sum(axis=1) <= 0
-            # The server's formula, once per weight row, in float32 (the kept components' dtype).
-            scores = combine(rows, *(parts.blocks[k][v] for k, v in enumerate(choice[:4])))
-            better, tied = rank_counts(scores, np.full(len(weight_rows), parts.target))
-            better = np.where(degenerate, 0, better + parts.always_above)
-            tied = np.where(degenerate, parts.candidates - 1, tied)
-            total += expected_metrics(better, tied)[metric]
+            if cutoff is not None and parts.always_above >= cutoff:
+                counts = (np.full(len(weight_rows), parts.always_above), 0)
+            else:
+                # The server's formula, once per weight row, in float32 (the kept components' dtype).
+                b, t = product.rank_counts([parts.blocks[k][v] for k, v in enumerate(choice[:4])], parts.target, scale)
+                counts = (b + parts.always_above, t)
+            better[:, j] = np.where(degenerate, 0, counts[0])
+            tied[:, j] = np.where(degenerate, parts.candidates - 1, counts[1])
+
+        if not present:
+            return np.zeros(len(weight_rows))
+        # Each instance writes only its own column: numpy releases the GIL in the big comparisons,
+        # so instances run on every core.
+        with ThreadPoolExecutor(max_workers=threads) as workers:
+            list(workers.map(count, range(len(present))))
+        # Summed instance after instance (a running sum, as a loop adds them; a pairwise sum would
+        # round differently and could change which row wins a near tie).
+        total = np.cumsum(expected_metrics(better, tied)[metric], axis=1)[:, -1]
         return total / max(1, len(collected))
 
     def index_of(options: list[float], value: float) -> int:
@@ -429,6 +561,7 @@ __all__ = [
     "RankerReplay",
     "TuningGrid",
     "TuningResult",
+    "build_index",
     "fit_cooccurrence",
     "torch_encoder",
     "tune_time_model",

@@ -1,0 +1,356 @@
+"""TimeAwareRanker's exhaustive scores for many replayed events at once, equal bit for bit to one ranker call per event."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from chronorec.client.rules import SECONDS_PER_DAY
+from chronorec.server.core.catalog_columns import CatalogSnapshot
+from chronorec.server.core.manifest import TimeModelParams
+# The ranker's own helpers: the replay must compute with the very expressions the ranker uses.
+from chronorec.server.core.ranking import ScoredCandidates, _gather, _half_life_decay, _unit
+from chronorec.server.core.scoring import combine, personal_scale, score_weights
+from chronorec.server.core.timetext import HistoryEntry, action_strength
+from chronorec.trainer.protocols import Instances, prefix_item_counts
+
+if TYPE_CHECKING:
+    from chronorec.trainer.tune import RankerReplay
+
+# Instances whose time-dependent arrays (filters, freshness, trend) are held at once: 256 × 10k
+# items is ~10 MB per float32 array.
+CHUNK_INSTANCES = 256
+
+
+def first_occurrences(event_ids: list[str]) -> np.ndarray:
+    """Per event (in the given order), whether the interaction state keeps it: the first event
+    of each id (a later duplicate is ignored as the store ignores it); events without an id always."""
+    seen: set[str] = set()
+    keep = np.ones(len(event_ids), dtype=bool)
+    for k, event_id in enumerate(event_ids):
+        if event_id:
+            if event_id in seen:
+                keep[k] = False
+            else:
+                seen.add(event_id)
+    return keep
+
+
+class ReplayScorer:
+    """The replay's ranker, exhaustive, for many instances at once.
+
+    `TimeAwareRanker.score_candidates(exhaustive=True)` per event replays the log into an
+    interaction state, rebuilds the history as Python objects, filters and aligns the whole
+    catalogue and looks every candidate up by id: ~20 ms per event at 10k items, most of it
+    Python. Here what every instance shares (the catalogue snapshot and its alignments, each
+    event's strength and visibility) is computed once; what depends on the instance's time
+    (filters, freshness, trend counts, history decays) is computed for a chunk of instances as
+    arrays; the per-instance products (the user vector against the catalogue, the history's
+    co-occurrence) stay one call each, with the inputs and calls the ranker makes, so every
+    score is the ranker's to the last bit (tests/test_eval_ci.py checks it).
+    """
+
+    def __init__(self, replay: "RankerReplay"):
+        d = replay.dataset
+        self.replay = replay
+        self.dataset = d
+        # The ranker's candidate columns: the catalogue sorted by item id (CatalogSnapshot).
+        snapshot = CatalogSnapshot(list(replay.items.values()))
+        columns = snapshot.columns
+        self.row_ids = columns.item_ids
+        missing = [i for i in self.row_ids if i not in d.item_index]
+        if missing:
+            raise ValueError(f"{len(missing)} catalogue item(s) are not in the dataset, e.g. {missing[0]!r}")
+        self.column_of_row = np.fromiter((d.item_index[i] for i in self.row_ids), dtype=np.int64,
+                                         count=len(self.row_ids))
+        self.published = columns.published_at
+        self.expires = columns.expires_at
+        self.labels, self.generation = snapshot.index_labels(replay.index)
+        model = replay.cooccurrence
+        self.cooccurrence_positions = None if model is None else snapshot.cooccurrence_positions(model)
+        self.row_of_column = np.full(d.n_items, -1, dtype=np.int64)
+        self.row_of_column[self.column_of_row] = np.arange(len(self.row_ids))
+        # Item vectors by dataset column, zero where the index lacks the item (vectors_matrix_for).
+        self.item_vectors, self.item_present = replay.index.vectors_matrix_for(d.item_ids)
+        events = [d.event_at(p) for p in range(d.n_events)]
+        self.visible = first_occurrences([e.event_id for e in events])
+        self.strength = np.fromiter((action_strength(e.action, e.value) for e in events), dtype=np.float64,
+                                    count=len(events))
+        self._events = events
+
+    def chunks(self, instances: Instances, texts: "HistoryTexts | None" = None,
+               size: int = CHUNK_INSTANCES) -> Iterator[tuple[slice, "ReplayChunk"]]:
+        """(slice of `instances`, its chunk), in order; `texts` (from `prime`) are handed to the chunks."""
+        for start in range(0, len(instances), size):
+            part = slice(start, min(start + size, len(instances)))
+            yield part, ReplayChunk(self, instances[part], None if texts is None else texts.part(part))
+
+    def texts(self, instances: Instances, params: TimeModelParams) -> list[str | None]:
+        """Each instance's history text as the ranker writes it (None without history)."""
+        replay, d = self.replay, self.dataset
+        keep = max(0, params.history_max_events)
+        out: list[str | None] = []
+        for position in instances.pos:
+            position = int(position)
+            user_events = d.user_events(d.user[position])[:d.rank_in_user[position]]
+            earlier = user_events[self.visible[user_events]]
+            if not len(earlier):
+                out.append(None)
+                continue
+            # The ranker writes only the newest history_max_events events: only those are built.
+            tail = earlier[max(0, len(earlier) - keep):] if keep else earlier[:0]
+            out.append(replay.ranker.short_term_text(self.history_entries(tail), float(d.ts[position]), params))
+        return out
+
+    def prime(self, instances: Instances, params: TimeModelParams) -> "HistoryTexts":
+        """The instances' history texts, those not cached encoded in one call (RankerReplay.prime's call)."""
+        texts = self.texts(instances, params)
+        self.replay.cache_vectors([t for t in texts if t is not None])
+        return HistoryTexts(params.history_max_events, texts)
+
+    def score_rows(self, instances: Instances, params: TimeModelParams, *, prime: bool = True) -> np.ndarray:
+        """(len(instances), n_items) scores, -inf where the ranker returns nothing (the
+        ReplayRanker.score_batch contract). `prime`: encode the history texts first in one call;
+        otherwise a text the ranker needs is encoded when it is reached, as the ranker would."""
+        texts = self.prime(instances, params) if prime else None
+        out = np.full((len(instances), self.dataset.n_items), -np.inf)
+        for part, chunk in self.chunks(instances, texts):
+            rows = out[part]
+            for i in range(len(chunk)):
+                scored = chunk.candidates(i, params, components=False)
+                rows[i, chunk.columns_kept(i)] = scored.score
+        return out
+
+    def history_entries(self, positions: np.ndarray) -> list[HistoryEntry]:
+        """HistoryEntry of the events at global `positions` (as the interaction state holds them)."""
+        d = self.dataset
+        return [HistoryEntry(d.item_ids[d.item[p]], e.action, float(e.timestamp), e.value)
+                for p, e in ((int(p), self._events[int(p)]) for p in positions)]
+
+
+@dataclass
+class HistoryTexts:
+    """Instances' history texts (None without history), written with `history_max_events` events."""
+
+    history_max_events: int
+    texts: list[str | None]
+
+    def part(self, part: slice) -> "HistoryTexts":
+        return HistoryTexts(self.history_max_events, self.texts[part])
+
+    def reordered(self, order: np.ndarray) -> "HistoryTexts":
+        return HistoryTexts(self.history_max_events, [self.texts[k] for k in order])
+
+
+@dataclass
+class _Memo:
+    """What one instance's settings share (user vectors by α and half-life, co-occurrence by half-life)."""
+
+    row: int = -1
+    user_vectors: dict | None = None
+    cooccurrence: dict | None = None
+    rows: np.ndarray | None = None
+
+
+class ReplayChunk:
+    """A few hundred instances with their visible histories and time-dependent arrays."""
+
+    def __init__(self, scorer: ReplayScorer, instances: Instances, texts: "HistoryTexts | None" = None):
+        d = scorer.dataset
+        self.scorer = scorer
+        self.instances = instances
+        self.at = d.ts[instances.pos]
+        hist_row, hist_pos = instances.history_flat()
+        visible = scorer.visible[hist_pos]
+        hist_row, hist_pos = hist_row[visible], hist_pos[visible]
+        n = len(instances)
+        self.n_hist = np.bincount(hist_row, minlength=n)
+        self.hist_ptr = np.concatenate(([0], np.cumsum(self.n_hist))).astype(np.int64)
+        self.hist_pos = hist_pos
+        self.hist_items = d.item[hist_pos]
+        ages = self.at[hist_row] - d.ts[hist_pos]
+        has = self.n_hist > 0
+        self.min_age = np.zeros(n)
+        if len(ages):
+            self.min_age[has] = np.minimum.reduceat(ages, self.hist_ptr[:-1][has])
+        # Ages relative to the newest event, as the ranker takes them (ages - ages.min()).
+        self.ages = ages - self.min_age[hist_row]
+        self.strength = scorer.strength[hist_pos]
+        keep = ~(scorer.published[None, :] > self.at[:, None]) & ~(scorer.expires[None, :] <= self.at[:, None])
+        banned_rows = scorer.row_of_column[self.hist_items]
+        known = banned_rows >= 0
+        keep[hist_row[known], banned_rows[known]] = False
+        self.keep = keep
+        self._freshness: dict[float, np.ndarray] = {}
+        self._trend: dict[float, np.ndarray] = {}
+        self._texts: dict[int, list[str | None]] = {} if texts is None else {texts.history_max_events: texts.texts}
+        self._memo = _Memo()
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    # -- per-chunk arrays
+
+    def _freshness_matrix(self, half_life_days: float) -> np.ndarray:
+        """(n, catalogue rows) float32 freshness at each instance's time."""
+        if half_life_days not in self._freshness:
+            published = self.scorer.published
+            self._freshness[half_life_days] = np.where(
+                np.isnan(published)[None, :], 0.0,
+                _half_life_decay(self.at[:, None] - np.nan_to_num(published)[None, :], half_life_days),
+            ).astype(np.float32)
+        return self._freshness[half_life_days]
+
+    def _trend_matrix(self, window_days: float) -> np.ndarray:
+        """(n, catalogue rows) float32 trend: log1p(events in [t - window, t]) over log1p of the peak."""
+        if window_days not in self._trend:
+            d, scorer = self.scorer.dataset, self.scorer
+            window_start = np.searchsorted(d.ts, self.at - window_days * SECONDS_PER_DAY, side="left")
+            n = len(self)
+            counts = prefix_item_counts(d, np.concatenate((self.instances.pos, window_start)),
+                                        np.flatnonzero(scorer.visible))
+            counts = counts[:n] - counts[n:]
+            peak = counts.max(axis=1, initial=0)
+            trend = np.zeros((n, len(scorer.row_ids)), dtype=np.float32)
+            live = np.flatnonzero(peak > 0)
+            if len(live):
+                denominator = np.array([math.log1p(int(p)) for p in peak[live]])
+                trend[live] = (np.log1p(counts[live][:, scorer.column_of_row]) / denominator[:, None]).astype(np.float32)
+            self._trend[window_days] = trend
+        return self._trend[window_days]
+
+    def rows_kept(self, i: int) -> np.ndarray:
+        """Catalogue rows (sorted by item id) the ranker's filters keep for instance i: its candidates, in its order."""
+        memo = self._memo_for(i)
+        if memo.rows is None:
+            memo.rows = np.flatnonzero(self.keep[i])
+        return memo.rows
+
+    def columns_kept(self, i: int) -> np.ndarray:
+        """Dataset columns of instance i's candidates, aligned with `candidates(i, ...)`."""
+        return self.scorer.column_of_row[self.rows_kept(i)]
+
+    # -- short-term texts
+
+    def text(self, i: int, params: TimeModelParams) -> str:
+        """Instance i's history text (it has a history)."""
+        key = params.history_max_events
+        if key not in self._texts:
+            self._texts[key] = self.scorer.texts(self.instances, params)
+        return self._texts[key][i]
+
+    # -- one instance
+
+    def _memo_for(self, i: int) -> _Memo:
+        if self._memo.row != i:
+            self._memo = _Memo(i, {}, {})
+        return self._memo
+
+    def _user_vector(self, i: int, params: TimeModelParams) -> np.ndarray | None:
+        """_UserContext.build's user vector (history non-empty, w_semantic non-zero)."""
+        memo = self._memo_for(i)
+        key = (params.alpha, params.long_term_half_life_days, params.history_max_events)
+        if key in memo.user_vectors:
+            return memo.user_vectors[key]
+        a, b = self.hist_ptr[i], self.hist_ptr[i + 1]
+        items = self.hist_items[a:b]
+        long_term_weight = _half_life_decay(self.ages[a:b], params.long_term_half_life_days) * self.strength[a:b]
+        vectors, present = self.scorer.item_vectors[items], self.scorer.item_present[items]
+        long_raw = (long_term_weight * present)[None, :] @ vectors
+        long_norm = float(np.linalg.norm(long_raw))
+        long_term = long_raw[0] / long_norm if long_norm > 1e-12 else None
+        alpha = params.alpha
+        short_term = None
+        if alpha > 0 or long_term is None:
+            encoded = self.scorer.replay.encoded([self.text(i, params)])
+            short_term = _unit(np.asarray(encoded, dtype=np.float32).reshape(-1))
+        if short_term is not None and long_term is not None:
+            blend = alpha * short_term + (1.0 - alpha) * long_term
+        else:
+            blend = short_term if short_term is not None else long_term
+        vector = None
+        if blend is not None:
+            blend_norm = float(np.linalg.norm(blend))
+            if blend_norm > 1e-12:
+                vector = (blend / blend_norm).astype(np.float32)
+        memo.user_vectors[key] = vector
+        return vector
+
+    def _cooccurrence_raw(self, i: int, half_life_days: float) -> np.ndarray | None:
+        """The co-occurrence model's Σ weight·similarity over its items, None without a positive weight."""
+        memo = self._memo_for(i)
+        if half_life_days in memo.cooccurrence:
+            return memo.cooccurrence[half_life_days]
+        a, b = self.hist_ptr[i], self.hist_ptr[i + 1]
+        decay = _half_life_decay(self.ages[a:b], half_life_days) * (self.strength[a:b] > 0)
+        positive = decay > 0
+        raw = None
+        if positive.any():
+            # The ranker sums each item's weights oldest first into a dict ordered by first occurrence.
+            items = self.hist_items[a:b][positive]
+            unique, first, inverse = np.unique(items, return_index=True, return_inverse=True)
+            sums = np.bincount(inverse, weights=decay[positive], minlength=len(unique))
+            order = np.argsort(first, kind="stable")
+            item_ids = self.scorer.dataset.item_ids
+            weights = {item_ids[unique[k]]: float(sums[k]) for k in order}
+            raw = self.scorer.replay.cooccurrence.scores(weights)
+        memo.cooccurrence[half_life_days] = raw
+        return raw
+
+    def semantic(self, i: int, params: TimeModelParams) -> np.ndarray:
+        """Instance i's semantic component over its candidates (float32)."""
+        rows = self.rows_kept(i)
+        if not self.n_hist[i] or params.w_semantic == 0 or not len(rows):
+            return np.zeros(len(rows), dtype=np.float32)
+        vector = self._user_vector(i, params)
+        if vector is None:
+            return np.zeros(len(rows), dtype=np.float32)
+        scorer = self.scorer
+        semantic = scorer.replay.index.similarities_by_label(vector, scorer.labels[rows], scorer.generation)
+        if semantic is None:
+            raise RuntimeError("the replay's index changed while scoring")
+        return semantic
+
+    def cooccurrence(self, i: int, params: TimeModelParams) -> np.ndarray:
+        """Instance i's co-occurrence component over its candidates (float32, peak 1)."""
+        rows = self.rows_kept(i)
+        scorer = self.scorer
+        if self.n_hist[i] and scorer.replay.cooccurrence is not None and len(rows):
+            full = self._cooccurrence_raw(i, params.cooccurrence_half_life_days)
+            if full is not None:
+                raw = _gather(full, scorer.cooccurrence_positions[rows])
+                peak = float(raw.max())
+                if peak > 0:
+                    return (raw / peak).astype(np.float32)
+        return np.zeros(len(rows), dtype=np.float32)
+
+    def freshness(self, i: int, params: TimeModelParams) -> np.ndarray:
+        """Instance i's freshness component over its candidates (float32)."""
+        return self._freshness_matrix(params.freshness_half_life_days)[i, self.rows_kept(i)]
+
+    def trend(self, i: int, params: TimeModelParams) -> np.ndarray:
+        """Instance i's trend component over its candidates (float32)."""
+        return self._trend_matrix(params.trend_window_days)[i, self.rows_kept(i)]
+
+    def candidates(self, i: int, params: TimeModelParams, *, components: bool = True) -> ScoredCandidates:
+        """Instance i's candidates as `TimeAwareRanker.score_candidates` returns them (in
+        `rows_kept(i)` order). With components=False a component whose weight is zero is left
+        at zero (adding 0·x changes no score) instead of being computed."""
+        rows = self.rows_kept(i)
+        history_length = int(self.n_hist[i])
+        scale = personal_scale(float(self.min_age[i]), params.personal_half_life_days) if history_length else 1.0
+        weights = score_weights(params, history_length=history_length, scale=scale)
+        needed = weights != 0 if not components else np.ones(4, dtype=bool)
+        zeros = np.zeros(len(rows), dtype=np.float32)
+        semantic = self.semantic(i, params) if needed[0] else zeros
+        cooccurrence = self.cooccurrence(i, params) if needed[1] else zeros
+        freshness = self.freshness(i, params) if needed[2] else zeros
+        trend = self.trend(i, params) if needed[3] else zeros
+        score = combine(weights, semantic.astype(np.float64), cooccurrence, freshness, trend)
+        return ScoredCandidates(self.scorer.row_ids[rows], score, semantic, cooccurrence, freshness, trend)
+
+
+__all__ = ["CHUNK_INSTANCES", "HistoryTexts", "ReplayChunk", "ReplayScorer", "first_occurrences"]

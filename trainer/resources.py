@@ -1,0 +1,106 @@
+"""Wall time and peak resident memory of a stretch of work (the evaluation report's per-method figures)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_STATM = Path("/proc/self/statm")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MB = 1024.0 * 1024.0
+
+
+def current_rss_mb() -> float | None:
+    """Resident memory now (None where /proc is missing)."""
+    try:
+        return int(_STATM.read_text().split()[1]) * _PAGE / MB
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux VmHWM; elsewhere getrusage's maxrss)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, IndexError, ValueError):
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return maxrss / MB if os.uname().sysname == "Darwin" else maxrss / 1024.0
+
+
+class ResourceMeter:
+    """Wall time and peak RSS of a `with` block.
+
+    The peak is exact when the block raises the process's own peak (VmHWM moves). Otherwise
+    the block stayed below an earlier peak, and its own is the largest RSS a thread samples
+    every `interval` seconds (a spike shorter than that can be missed). tracemalloc would see
+    every allocation but slows numpy-heavy code several times; resetting VmHWM
+    (/proc/self/clear_refs) would make `time -v` and the process's own maxrss lie afterwards.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.seconds = 0.0
+        self.rss_before_mb: float | None = None
+        self.peak_mb: float | None = None
+        self.peak_exact = False
+        self._sampled = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "ResourceMeter":
+        self.rss_before_mb = current_rss_mb()
+        self._peak_before = peak_rss_mb()
+        self._sampled = self.rss_before_mb or 0.0
+        if self.rss_before_mb is not None:
+            self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+            self._thread.start()
+        self._started = time.perf_counter()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = current_rss_mb()
+            if rss is not None and rss > self._sampled:
+                self._sampled = rss
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._started
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        peak_after = peak_rss_mb()
+        if peak_after > self._peak_before:
+            self.peak_mb, self.peak_exact = peak_after, True
+        else:
+            self.peak_mb = max(self._sampled, current_rss_mb() or 0.0) or None
+
+    def report(self) -> dict:
+        """{"seconds", "rss_before_mb", "peak_rss_mb", "peak_increase_mb", "peak_exact"} (MB = 2^20 bytes)."""
+        increase = None if self.peak_mb is None or self.rss_before_mb is None else self.peak_mb - self.rss_before_mb
+        return {"seconds": round(self.seconds, 2), "rss_before_mb": _round(self.rss_before_mb),
+                "peak_rss_mb": _round(self.peak_mb), "peak_increase_mb": _round(increase),
+                "peak_exact": self.peak_exact}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def machine_load() -> dict:
+    """Load averages (1, 5, 15 min) and CPU count, to read timings against."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"load_average": load, "cpus": os.cpu_count()}
+
+
+__all__ = ["ResourceMeter", "current_rss_mb", "machine_load", "peak_rss_mb"]

@@ -10,7 +10,7 @@ from chronorec.server.core import errors
 from chronorec.server.core.catalog import Event, Impression, Item
 from chronorec.server.core.pg_store import PostgresEventStore
 from chronorec.server.core.stores import open_store
-from pgcluster import PostgresCluster, postgres_cluster, postgres_url  # noqa: F401 - fixtures
+from pgcluster import postgres_cluster, postgres_url  # noqa: F401 - fixtures
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -62,7 +62,7 @@ def test_delete_user_removes_and_remembers(store):
         store.delete_user("")
 
 
-def test_postgres_logs_the_erasure_for_replicas(request, tmp_path):
+def test_postgres_logs_the_erasure_for_replicas(request):
     store = open_store(request.getfixturevalue("postgres_url"))
     try:
         assert isinstance(store, PostgresEventStore)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -386,6 +387,48 @@ def test_register_method_and_cli_report(tmp_path, monkeypatch):
     assert saved["temporal/fixed/NDCG@10"].shape == saved["temporal/pos"].shape
     assert evaluate.main(["--data", str(tmp_path / "data"), "--out", str(out), "--methods", "nope",
                           "--no-progress"]) == 1
+
+
+class _Allocating(FixedScores):
+    """Fixed scores that hold a big array for a moment while fitting: a peak the report must show."""
+
+    def fit(self, train, dataset):
+        block = np.ones(40 * 1024 * 1024 // 8)  # 40 MB, touched
+        time.sleep(0.2)  # longer than the sampling interval, in case the process peaked higher before
+        del block
+
+
+def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "METHODS", dict(evaluate.METHODS))
+    evaluate.register_method("allocating", lambda split: _Allocating(np.arange(split.dataset.n_items, dtype=float)))
+    # i5 appears only late: in the temporal split it is a cold target (no training event).
+    rng = np.random.default_rng(9)
+    times = np.sort(rng.integers(0, 60 * DAY, 150))
+    rows = [(f"u{rng.integers(0, 6)}", f"i{rng.integers(0, 5)}", int(t)) for t in times]
+    rows += [(f"u{k % 6}", "i5", int(61 * DAY + k)) for k in range(12)]
+    write_jsonl(tmp_path / "data", rows)
+    out = tmp_path / "report"
+    assert evaluate.main(["--data", str(tmp_path / "data"), "--protocol", "both", "--out", str(out),
+                          "--methods", "MostPop,allocating", "--no-progress"]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["peak_rss_mb"] > 0 and doc["machine"]["cpus"] >= 1 and len(doc["machine"]["load_average"]) == 3
+    temporal = doc["protocols"]["temporal"]
+    cold = {name: entry["by_target"][1] for name, entry in temporal["methods"].items()}
+    for name, entry in temporal["methods"].items():
+        resources = entry["resources"]
+        assert resources["seconds"] >= 0 and resources["peak_rss_mb"] >= resources["rss_before_mb"] > 0
+        assert [b["bucket"] for b in entry["by_gap"]] == ["<1h", "1h-1d", "1-7d", "7-30d", ">30d"]
+        assert [b["bucket"] for b in entry["by_target"]] == ["warm", "cold"]
+        assert sum(b["n"] for b in entry["by_target"]) == temporal["details"]["n_test_instances"]
+    # Cold targets are the test instances whose item has no training event.
+    assert cold["MostPop"]["n"] == temporal["details"]["n_unseen_targets"] > 0
+    # The 40 MB block is seen in the method's own peak (measured or sampled).
+    assert temporal["methods"]["allocating"]["resources"]["peak_increase_mb"] >= 30
+    markdown = (out / "report.md").read_text()
+    for heading in ("by time since the user's previous event", "by target item: warm", "Time and memory per method",
+                    "peak RSS (MB)", "load average"):
+        assert heading in markdown
+    assert "| allocating |" in markdown.split("Time and memory per method")[1]
 
 
 def test_plot_sweep(tmp_path):

@@ -18,8 +18,9 @@ EASE_LAMBDAS = (50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0, 5000.0)
 TUNING_METRIC = "NDCG@10"
 # EASE's solve and scores (float32: see EASE).
 EASE_DTYPE = np.float32
-# A history matrix with fewer than 1 in this many cells set is multiplied as a sparse matrix.
-SPARSE_HISTORY_DENSITY = 64
+# A history matrix with fewer than 1 in this many cells set is multiplied as a sparse matrix
+# (ML-100K's and ml-latest-small's test histories are denser: they keep BLAS's dense product).
+SPARSE_HISTORY_DENSITY = 100
 
 
 def training_matrix(train: np.ndarray, dataset: Dataset) -> sp.csr_matrix:
@@ -32,9 +33,10 @@ def training_matrix(train: np.ndarray, dataset: Dataset) -> sp.csr_matrix:
     return x
 
 
-def gram_matrix(x: sp.spmatrix, rows: bool = False) -> np.ndarray:
-    """Dense XᵀX (or XXᵀ with rows=True) of a binary matrix, float64: counts, so exact in any order."""
-    return np.asarray((x @ x.T if rows else x.T @ x).todense(), dtype=np.float64)
+def gram_matrix(x: sp.spmatrix, rows: bool = False, dtype=np.float64) -> np.ndarray:
+    """Dense XᵀX (or XXᵀ with rows=True) of a binary matrix: counts, so exact in any order (and in
+    float32 below 2^24)."""
+    return np.asarray((x @ x.T if rows else x.T @ x).todense(), dtype=dtype)
 
 
 class MostPop:
@@ -109,6 +111,9 @@ class ItemKNN:
             rows, positions = instances.history_flat()
             age = instances.time[rows] - self.dataset.ts[positions]
             weights = np.exp2(-age / self.half_life_s)
+        if instances.history_density() * SPARSE_HISTORY_DENSITY < 1:
+            # A few events per history over 10k items: (events × items) work instead of (n × items²).
+            return np.asarray(instances.history_sparse(weights) @ self.similarity)
         return instances.history_matrix(weights) @ self.similarity
 
 
@@ -178,9 +183,9 @@ class EASE:
     def fit(self, train: np.ndarray, dataset: Dataset) -> None:
         x = training_matrix(train, dataset)
         if self.uses_primal(x):
-            self.fit_primal(gram_matrix(x))
+            self.fit_primal(gram_matrix(x, dtype=self.dtype))
         else:
-            self.fit_dual(x, gram_matrix(x, rows=True))
+            self.fit_dual(x, gram_matrix(x, rows=True, dtype=self.dtype))
 
     def fit_primal(self, gram: np.ndarray) -> None:
         """B from the items' Gram matrix XᵀX."""
@@ -200,7 +205,7 @@ class EASE:
         h = instances.history_sparse(binary=True, dtype=self.dtype)
         # Sparse histories (a few events of 10k items) multiply as sparse: (history events × items)
         # work instead of (n × items²). Denser ones go to BLAS, ~50x faster per multiply-add.
-        sparse = h.nnz * SPARSE_HISTORY_DENSITY < h.shape[0] * h.shape[1]
+        sparse = instances.history_density() * SPARSE_HISTORY_DENSITY < 1
         if self.weights is not None:
             return np.asarray(h @ self.weights) if sparse else h.toarray() @ self.weights
         # λ·(h·P) = h - (h·Xᵀ)·(XXᵀ + λI)⁻¹X; λ cancels against λ·diag(P).
@@ -216,7 +221,7 @@ def tune_ease(task: EvalTask, lambdas: Sequence[float] = EASE_LAMBDAS, metric: s
     x = training_matrix(task.train, task.dataset)
     probe = EASE(lambdas[0], solver, dtype)
     primal = probe.uses_primal(x)
-    gram = gram_matrix(x, rows=not primal)
+    gram = gram_matrix(x, rows=not primal, dtype=probe.dtype)
     instances = task.instances
     results = {}
     for lam in lambdas:

@@ -270,9 +270,12 @@ def untuned_version_dir(settings: EvalSettings) -> Path:
 class SplitContext:
     """What the variants of one split share: catalogue, encoders, co-occurrence, tuning replays."""
 
-    def __init__(self, split: Split, settings: EvalSettings):
+    def __init__(self, split: Split, settings: EvalSettings, shared: dict | None = None):
         self.split = split
         self.settings = settings
+        # Across the splits of one evaluation: the base encoder and its item vectors (the same
+        # catalogue encoded by the same model gives the same vectors, ~1 min for 10k items).
+        self._shared = shared if shared is not None else {}
         self.dataset: Dataset = split.dataset
         self.items: dict[str, Item] = {item.item_id: item for item in self.dataset.items}
         self.item_text_of = item_text_lookup(self.items)
@@ -296,10 +299,14 @@ class SplitContext:
 
     def untuned(self) -> EncoderBundle:
         if "untuned" not in self.bundles:
-            version_dir = untuned_version_dir(self.settings)
-            self.bundles["untuned"] = self._bundle("untuned", version_dir, {
-                "encoder": str(self.settings.base_folder()), "onnx": str(version_dir),
-                "max_length": self.settings.max_length})
+            dataset, bundle = self._shared.get("untuned", (None, None))
+            if dataset is not self.dataset:
+                version_dir = untuned_version_dir(self.settings)
+                bundle = self._bundle("untuned", version_dir, {
+                    "encoder": str(self.settings.base_folder()), "onnx": str(version_dir),
+                    "max_length": self.settings.max_length})
+                self._shared["untuned"] = (self.dataset, bundle)
+            self.bundles["untuned"] = bundle
         return self.bundles["untuned"]
 
     def finetuned(self) -> EncoderBundle:
@@ -671,13 +678,14 @@ class ChronorecMethods:
     def __init__(self, settings: EvalSettings | None = None):
         self.settings = settings or EvalSettings()
         self._contexts: dict[str, SplitContext] = {}
+        self._shared: dict = {}
 
     def context(self, split: Split) -> SplitContext:
         """The context of `split`; another split object of the same protocol (another dataset or
         cutoff) replaces the one held, so one evaluation holds at most one per protocol."""
         ctx = self._contexts.get(split.protocol)
         if ctx is None or ctx.split is not split:
-            ctx = self._contexts[split.protocol] = SplitContext(split, self.settings)
+            ctx = self._contexts[split.protocol] = SplitContext(split, self.settings, self._shared)
         return ctx
 
     def factories(self) -> dict[str, MethodFactory]:

@@ -172,15 +172,20 @@ class Instances:
             np.minimum(m, 1, out=m)
         return m
 
-    def history_sparse(self, binary: bool = False, dtype=np.float64) -> sp.csr_matrix:
-        """history_matrix as a sparse (n_instances, n_items) matrix (weights 1, summed; 1/0 when binary)."""
+    def history_sparse(self, weights: np.ndarray | None = None, binary: bool = False, dtype=np.float64) -> sp.csr_matrix:
+        """history_matrix as a sparse (n_instances, n_items) matrix (per-event `weights`, 1 when None,
+        summed per item; 1/0 when binary)."""
         rows, positions = self.history_flat()
-        m = sp.csr_matrix((np.ones(len(rows), dtype=dtype), (rows, self.dataset.item[positions])),
-                          shape=(len(self), self.dataset.n_items))
+        values = np.ones(len(rows), dtype=dtype) if weights is None else np.asarray(weights, dtype=dtype)
+        m = sp.csr_matrix((values, (rows, self.dataset.item[positions])), shape=(len(self), self.dataset.n_items))
         m.sum_duplicates()
         if binary:
             m.data[:] = 1
         return m
+
+    def history_density(self) -> float:
+        """Share of the (instances × items) history matrix's cells an event sets (at most)."""
+        return float(self.hist_len.sum()) / max(1, len(self) * self.dataset.n_items)
 
     def time_since_previous(self) -> np.ndarray:
         """Seconds from the user's previous event to the target (nan without history)."""

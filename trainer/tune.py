@@ -415,7 +415,16 @@ def tune_time_model(
 
     # Pass p used value p of every list it is longer than, so value v of a list is in pass v.
     counts = (len(semantic_configs), len(cooccurrence_values), len(freshness_values), len(trend_values))
+    # With HR@K or NDCG@K, an instance with K candidates above the target under every weighting
+    # scores 0 whatever the weights (only weight on flat rows, which ties everything, can change it):
+    # its components are not kept (a third to a half of the instances on a 10k-item catalogue).
+    cutoff = _metric_cutoff(metric)
     collected: list[_Components | None] = []
+
+    def keep(parts: _Components) -> None:
+        if cutoff is not None and parts.always_above >= cutoff:
+            parts.blocks = []
+        collected.append(parts)
     scorer = replay.scorer()
     if scorer is None:
         replay.prime(instances, collecting)
@@ -429,7 +438,7 @@ def tune_time_model(
             blocks = [np.stack([getattr(scored[v], name) for v in range(count)]) for name, count in zip(COMPONENTS, counts)]
             parts = _collect([b.astype(np.float32) for b in blocks], int(hits[0]))
             parts.gap_seconds = replay.gap_seconds(int(instances.pos[row]))
-            collected.append(parts)
+            keep(parts)
     else:
         # The same components from the batch form of the ranker, each computed only for the passes
         # that read it, in the walk's order (the search below sums the instances in that order).
@@ -448,7 +457,7 @@ def tune_time_model(
                           for name, count in zip(COMPONENTS, counts)]
                 parts = _collect(blocks, hit)
                 parts.gap_seconds = replay.gap_seconds(int(chunk.instances.pos[i]))
-                collected.append(parts)
+                keep(parts)
     collect_seconds = time.perf_counter() - started
 
     # A component flat in every instance (freshness on a catalog without publication times) cannot
@@ -461,9 +470,6 @@ def tune_time_model(
     if not len(weights):
         weights = np.eye(4)[[0]]
 
-    # With HR@K or NDCG@K, an instance with K candidates above the target under every weighting
-    # scores 0 whatever the weights (only weight on flat rows, which ties everything, can change it).
-    cutoff = _metric_cutoff(metric)
     threads = max(1, min(search_threads, os.cpu_count() or 1))
 
     def evaluate(choice: tuple[int, ...], weight_rows: np.ndarray) -> np.ndarray:

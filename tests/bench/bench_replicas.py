@@ -56,7 +56,8 @@ def _background_writes(stubs: list, item_ids: list[str], stop: threading.Event, 
 
 
 def _recommend_rate(target_address: str, users: list[str], seconds: float, servers: list[ServerProcess]) -> dict:
-    """Recommend calls/s from CLIENT_THREADS callers through one ChronorecClient on `target_address`."""
+    """Recommend calls/s from CLIENT_THREADS callers through one ChronorecClient on `target_address`,
+    cycling through `users` (a user's history text is encoded unless a recent call cached it)."""
     from chronorec.client.client import ChronorecClient
 
     latencies: list[float] = []
@@ -183,7 +184,8 @@ def run(ctx: Context, postgres_url: str | None = None) -> dict:
     ratio = rates["two_replicas"]["calls_per_s"] / rates["one_replica"]["calls_per_s"]
     cpus = os.cpu_count()
     print_table(
-        f"Recommend through ChronorecClient (round_robin), {CLIENT_THREADS} callers, cached users, {n_items} items; "
+        f"Recommend through ChronorecClient (round_robin), {CLIENT_THREADS} callers, {len(users)} users in turn (most "
+        f"calls encode a history text), {n_items} items; "
         f"{cpus} CPUs shared by the client, both replicas and PostgreSQL",
         ["replicas", "calls", "calls/s", "p50 ms", "p99 ms", "server CPU ms/call"],
         [[name.replace("_", " "), r["calls"], r["calls_per_s"], r["p50_ms"], r["p99_ms"], r["server_cpu_ms_per_call"]]

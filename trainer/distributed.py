@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
 
-import torch
-import torch.distributed as dist
+# torch is imported only where a distributed run needs it: a plain `chronorec-train run` that
+# finds nothing new must stay quick.
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class Ranks:
         this rank's own GPU (LOCAL_RANK), as torchrun starts one process per GPU."""
         if not self.distributed or name not in ("auto", "cuda"):
             return name
+        import torch
+
         if torch.cuda.is_available():
             return f"cuda:{self.local_rank}"
         return "cpu" if name == "auto" else name
@@ -51,17 +54,25 @@ class Ranks:
         """Rank 0's `value` on every rank (any picklable object)."""
         if not self.distributed:
             return value
+        import torch.distributed as dist
+
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
         if self.distributed:
+            import torch.distributed as dist
+
             dist.barrier()
 
 
 def current() -> Ranks:
     """The ranks of the process group already set up, or a plain single-process run."""
+    if "torch.distributed" not in sys.modules:
+        return Ranks()  # no process group can exist without it
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return Ranks(dist.get_rank(), dist.get_world_size(), local)
@@ -72,7 +83,12 @@ def init_from_env() -> Ranks:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1): NCCL when
     this rank has a GPU, gloo on CPUs. Without torchrun, a single-process run."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1 or not dist.is_available():
+    if world_size <= 1:
+        return Ranks()
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
         return Ranks()
     if not dist.is_initialized():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -88,11 +104,15 @@ def init_from_env() -> Ranks:
 
 def shutdown() -> None:
     """Leave the process group (a no-op without one)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def weights_digest(module: torch.nn.Module) -> str:
+def weights_digest(module) -> str:
     """A digest of every weight, in parameter order: equal on two ranks exactly when their weights are."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in module.state_dict().items():
@@ -101,7 +121,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def wrap(module: torch.nn.Module, ranks: Ranks, device: torch.device) -> Any:
+def wrap(module, ranks: Ranks, device) -> Any:
     """`module` in DistributedDataParallel (gradients averaged over the ranks at each backward),
     or None in a single-process run. find_unused_parameters: the encoder's pooler and frozen
     layers give no gradient."""

@@ -97,8 +97,6 @@ def store_target(text: str | os.PathLike) -> str | Path:
     return str(text) if is_postgres_url(str(text)) else Path(text)
 
 
-
-
 def is_postgres_url(target: str | os.PathLike) -> bool:
     return isinstance(target, str) and target.lower().startswith(POSTGRES_SCHEMES)
 

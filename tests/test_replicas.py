@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import re
@@ -363,3 +364,19 @@ def test_killing_a_replica_under_load_fails_no_idempotent_call_and_loses_no_ackn
     with psycopg.connect(postgres_url) as conn:
         stored = {row[0] for row in conn.execute("SELECT event_id FROM events WHERE event_id LIKE 'kill-%'")}
     assert set(acknowledged) <= stored
+
+
+def test_chronorec_import_with_db_writes_straight_into_the_shared_store_and_replicas_pick_it_up(replicas, postgres_url,
+                                                                                               tmp_path):
+    from chronorec.client.cli import main as chronorec
+
+    (a,) = replicas(1)
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "items.jsonl").write_text(json.dumps({"item_id": "cli-1", "title": "Imported without a server"}) + "\n")
+    (data / "events.jsonl").write_text(json.dumps({"event_id": "cli-e1", "user_id": "cli-user", "item_id": "cli-1",
+                                                   "action": "like", "timestamp": 1_700_000_000}) + "\n")
+    out = io.StringIO()
+    assert chronorec(["import", "--db", postgres_url, str(data)], out=out) == 0
+    assert "events stored 1" in out.getvalue() and "chronorec@" not in out.getvalue()  # no credentials echoed
+    wait_until(lambda: "cli-1" in a.engine.catalog and history_length(a, "cli-user") == 1, timeout=5)

@@ -14,7 +14,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from chronorec.server.core.replication import version_skew
-from chronorec.server.service.interceptors import AdmissionInterceptor, CallKind, behavior_of, replace_behavior, run_behavior
+from chronorec.server.service.interceptors import (
+    AdmissionInterceptor,
+    CallKind,
+    HandlerCache,
+    behavior_of,
+    replace_behavior,
+    run_behavior,
+)
 
 log = logging.getLogger("chronorec.metrics")
 
@@ -84,25 +91,57 @@ class ServerMetrics:
         return MetricsInterceptor(self)
 
 
+class _MethodMetrics:
+    """One method's labelled children, looked up once: prometheus_client's labels() takes a lock
+    and builds a key on every call otherwise (four times per call)."""
+
+    def __init__(self, metrics: ServerMetrics, method: str):
+        self.metrics = metrics
+        self.labels = split_method(method)
+        self.received = metrics.received.labels(*self.labels)
+        self.started = metrics.started.labels(*self.labels)
+        self._by_code: dict[grpc.StatusCode, tuple] = {}
+
+    def finished(self, code: grpc.StatusCode, seconds: float) -> None:
+        children = self._by_code.get(code)
+        if children is None:
+            # Created at a code's first call, so only codes that happened are exported.
+            children = self._by_code[code] = (
+                self.metrics.handled.labels(*self.labels, code.name),
+                self.metrics.latency.labels(*self.labels, code.name),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every call by method and final status code (outermost interceptor, so
     calls refused by authentication or by a bound are counted too)."""
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
+        # By method: only methods with a handler get here, so the names are bounded.
+        self._methods: dict[str, tuple[_MethodMetrics, HandlerCache]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # unknown methods are not counted: their names would be unbounded labels
-        labels = split_method(handler_call_details.method)
-        self.metrics.received.labels(*labels).inc()
+        method = handler_call_details.method
+        entry = self._methods.get(method)
+        if entry is None:
+            counted = _MethodMetrics(self.metrics, method)
+            entry = self._methods[method] = (counted, HandlerCache(lambda handler: self._observed(handler, counted)))
+        entry[0].received.inc()
+        return entry[1].get(handler)
+
+    def _observed(self, handler: grpc.RpcMethodHandler, counted: _MethodMetrics) -> grpc.RpcMethodHandler:
         inner = behavior_of(handler)
-        metrics = self.metrics
+        in_flight = self.metrics.in_flight
 
         async def observed(request, context):
-            metrics.started.labels(*labels).inc()
-            metrics.in_flight.inc()
+            counted.started.inc()
+            in_flight.inc()
             started = time.perf_counter()
             code = grpc.StatusCode.UNKNOWN
             try:
@@ -118,9 +157,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
                 raise
             finally:
-                metrics.handled.labels(*labels, code.name).inc()
-                metrics.latency.labels(*labels, code.name).observe(time.perf_counter() - started)
-                metrics.in_flight.dec()
+                counted.finished(code, time.perf_counter() - started)
+                in_flight.dec()
 
         return replace_behavior(handler, observed)
 

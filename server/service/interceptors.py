@@ -69,6 +69,33 @@ async def run_behavior(behavior: Callable, request, context: grpc.aio.ServicerCo
     return await result
 
 
+class HandlerCache:
+    """Wrapped handlers by the handler they wrap.
+
+    gRPC asks the interceptors for a call's handler on every call; the handlers they are given
+    are the same objects call after call (the servicers' own, or an inner interceptor's cached
+    ones), so each wrapping (closures and a new RpcMethodHandler) is built once per method
+    instead of once per call. Entries hold the handler they key, so an id is never reused
+    while its entry lives; a wrapper made per call (authentication's) only fills the cache up
+    to `limit`, which then starts over.
+    """
+
+    def __init__(self, wrap: Callable[[grpc.RpcMethodHandler], object], limit: int = 1024):
+        self._wrap = wrap
+        self._limit = limit
+        self._entries: dict[int, tuple[grpc.RpcMethodHandler, object]] = {}
+
+    def get(self, handler: grpc.RpcMethodHandler):
+        entry = self._entries.get(id(handler))
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        wrapped = self._wrap(handler)
+        if len(self._entries) >= self._limit:
+            self._entries.clear()
+        self._entries[id(handler)] = (handler, wrapped)
+        return wrapped
+
+
 def reject(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler that answers `code` as soon as the call's headers arrive, without reading its request."""
 
@@ -144,12 +171,20 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.open_by_connection: Counter[str] = Counter()
         self.open_by_kind: Counter[CallKind] = Counter()
         self.working = 0
+        self._admitting: dict[str, HandlerCache] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: gRPC answers UNIMPLEMENTED
-        kind = CallKind.of(handler_call_details.method)
+        method = handler_call_details.method
+        cache = self._admitting.get(method)
+        if cache is None:
+            kind = CallKind.of(method)
+            cache = self._admitting[method] = HandlerCache(lambda handler: self._admitting_handler(handler, kind))
+        return cache.get(handler)
+
+    def _admitting_handler(self, handler: grpc.RpcMethodHandler, kind: CallKind) -> grpc.RpcMethodHandler:
         inner = behavior_of(handler)
         request_streaming = handler.request_streaming
 
@@ -313,10 +348,17 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     for a client's bug; any client but Python's can send such bytes (e.g. invalid UTF-8).
     """
 
+    def __init__(self) -> None:
+        self._guarded = HandlerCache(self._guarded_handler)
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
+        return self._guarded.get(handler)
+
+    @staticmethod
+    def _guarded_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner = behavior_of(handler)
         tolerant = _parse_or_mark(handler.request_deserializer)
 

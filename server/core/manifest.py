@@ -59,6 +59,8 @@ class TimeModelParams:
             if not math.isfinite(number) or not (low <= number <= high):
                 raise InvalidArgument(f"{name} must be within [{low}, {high}], got {value!r}")
             clean[name] = int(number) if name == "history_max_events" else number
+        if not clean:
+            return self  # frozen: the same values, without a copy on every request
         return replace(self, **clean)
 
     def to_dict(self) -> dict[str, Any]:

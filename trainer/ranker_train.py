@@ -364,17 +364,28 @@ def _truncated(booster, rounds: int):
     return lightgbm.Booster(model_str=booster.model_to_string(num_iteration=rounds))
 
 
-def importances_by_gap(ranker: LearnedRanker, groups: Groups) -> dict[str, dict[str, float]]:
+def importances_by_gap(ranker: LearnedRanker, groups: Groups, per_bucket: int = 100,
+                       seed: int = 0) -> dict[str, dict[str, float]]:
     """Per bucket of time since the user's previous event: each feature's share of the mean
-    |contribution| to the scores of the candidates (SHAP values on the validation groups)."""
+    |contribution| to the scores of the candidates (SHAP values on up to `per_bucket` validation
+    groups of each bucket: SHAP costs ~trees × leaves per row, too slow for every row)."""
     if not len(groups.sizes):
         return {}
     served = groups.candidates_only() if groups.reachable.any() else groups
     if not len(served.sizes):
         return {}
-    contributions = np.abs(ranker.contributions(served.features))
+    all_buckets = np.searchsorted(np.asarray(GAP_EDGES_S), served.gap_seconds, side="right")
+    rng = np.random.default_rng(seed)
+    picked = np.zeros(len(served.sizes), dtype=bool)
+    for b in np.unique(all_buckets):
+        members = np.flatnonzero(all_buckets == b)
+        picked[rng.choice(members, min(per_bucket, len(members)), replace=False)] = True
     group_of_row = np.repeat(np.arange(len(served.sizes)), served.sizes)
-    bucket = np.searchsorted(np.asarray(GAP_EDGES_S), served.gap_seconds, side="right")
+    rows = picked[group_of_row]
+    contributions = np.abs(ranker.contributions(served.features[rows]))
+    counts = np.bincount(all_buckets, minlength=len(GAP_LABELS))
+    group_of_row = group_of_row[rows]
+    bucket = all_buckets
     out: dict[str, dict[str, float]] = {}
     for b, label in enumerate(GAP_LABELS):
         rows = bucket[group_of_row] == b
@@ -383,7 +394,7 @@ def importances_by_gap(ranker: LearnedRanker, groups: Groups) -> dict[str, dict[
         mean = contributions[rows].mean(axis=0)
         total = float(mean.sum())
         top = np.argsort(-mean)[:8]
-        out[f"{label} ({int((bucket == b).sum())} events)"] = {
+        out[f"{label} ({int(counts[b])} events)"] = {
             ranker.feature_names[i]: float(mean[i] / total) if total > 0 else 0.0 for i in top}
     return out
 

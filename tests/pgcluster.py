@@ -7,6 +7,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import uuid
@@ -47,6 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _traversable_by_others(folder: Path) -> bool:
+    """True when every folder down to `folder` lets other users through (the server runs as `postgres`)."""
+    for part in [folder.resolve(), *folder.resolve().parents]:
+        if not part.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
 class PostgresCluster:
     """One PostgreSQL server in a temporary folder, reachable on 127.0.0.1:`port` without a password.
 
@@ -59,6 +68,8 @@ class PostgresCluster:
         self.run_as = self._unprivileged_user()
         # mkdtemp in /tmp by default rather than pytest's tmp_path: that one is private to root
         # (0700), and the server must reach its folder; the socket path must also stay under ~100 bytes.
+        if parent is not None and self.run_as and not _traversable_by_others(Path(parent)):
+            parent = None  # e.g. a benchmark's work folder under pytest's private tmp: use /tmp
         self.root = Path(tempfile.mkdtemp(prefix="chronorec-pg-", dir=parent))
         self.data = self.root / "data"
         self.log_path = self.root / "server.log"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import grpc
 
-from chronorec.server.service.interceptors import behavior_of, reject, replace_behavior, run_behavior
+from chronorec.server.service.interceptors import HandlerCache, behavior_of, reject, replace_behavior, run_behavior
 
 log = logging.getLogger("chronorec.security")
 
@@ -255,6 +255,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, tokens: TokenTable):
         self.tokens = tokens
+        # Each principal's wrapped handlers, built once per method: equal principals (a frozen
+        # label and role) act the same, and a reloaded tokens file only adds a few.
+        self._authenticated: dict[Principal, HandlerCache] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -280,7 +283,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{method} needs a {needed.name.lower()} token; this one is {principal.role.name.lower()}",
             )
-        return _as_principal(handler, principal)
+        cache = self._authenticated.get(principal)
+        if cache is None:
+            if len(self._authenticated) >= 1024:
+                self._authenticated.clear()
+            cache = self._authenticated[principal] = HandlerCache(lambda inner: _as_principal(inner, principal))
+        return cache.get(handler)
 
 
 def _read_pem(path: Path | None, what: str, marker: bytes) -> bytes | None:

@@ -368,3 +368,42 @@ def test_event_log_keeps_arrival_order_for_equal_times():
     events = [Event("e1", "u", "i0", "view", 10.0), Event("e2", "u", "i1", "view", 5.0),
               Event("e3", "u", "i2", "view", 10.0)]
     assert [e.event_id for e in event_log_from(items, events).events] == ["e2", "e1", "e3"]
+
+
+def test_time_negatives_are_the_items_trending_before_each_example(data, item_texts, tiny_folder):
+    from chronorec.trainer.finetune import trending_negatives
+
+    examples = data.train[-40:]
+    negatives = trending_negatives(examples, data.dataset, window_days=3.0, top=5)
+    assert len(negatives) == len(examples) and any(negatives)
+    d = data.dataset
+    for example, picked in zip(examples[::7], negatives[::7]):
+        # Counted over the 3 days before the event only, never the event itself or later ones.
+        start = int(np.searchsorted(d.ts, example.timestamp - 3 * 86400.0, side="left"))
+        counts = np.bincount(d.item[start:example.position], minlength=d.n_items)
+        assert all(counts[d.item_index[i]] > 0 for i in picked)
+        assert example.item_id not in picked and not set(picked) & set(example.history_items)
+        assert [counts[d.item_index[i]] for i in picked] == sorted((counts[d.item_index[i]] for i in picked), reverse=True)
+    # They train: each example draws one as an extra negative, next to a distillation term.
+    module, tokenizer = load_base_model(tiny_folder)
+    config = FinetuneConfig(steps=3, batch_size=8, lr=TINY_LR, max_length=SHORT, progress=False, time_negatives=1,
+                            distill_weight=1.0)
+    result = finetune(module, tokenizer, examples, [], item_texts, config, negatives=negatives)
+    assert result.steps == 3
+    with pytest.raises(ValueError, match="aligned"):
+        finetune(module, tokenizer, examples, [], item_texts, config, negatives=negatives[:-1])
+
+
+def test_distillation_keeps_the_encoder_nearer_its_starting_weights(tiny_folder, data, item_texts):
+    def drift_from_start(distill: float) -> float:
+        start, tokenizer = load_base_model(tiny_folder)
+        module, _ = load_base_model(tiny_folder)
+        config = FinetuneConfig(steps=8, batch_size=16, lr=TINY_LR, max_length=SHORT, progress=False,
+                                distill_weight=distill)
+        finetune(module, tokenizer, data.train[:400], [], item_texts, config)
+        texts = [e.query for e in data.train[400:460]]
+        before = start.encode_texts(tokenizer, texts, 32, SHORT).numpy()
+        after = module.encode_texts(tokenizer, texts, 32, SHORT).numpy()
+        return float(1 - (before * after).sum(axis=1).mean())
+
+    assert drift_from_start(5.0) < drift_from_start(0.0)

@@ -3,9 +3,11 @@
 Load with `chronorec-eval --plugin chronorec.trainer.chronorec_methods ...`. Every variant ranks
 every catalogue item through `TimeAwareRanker.score_candidates` in exhaustive mode — the code that
 serves Recommend — replayed over the event log by `trainer.tune.ReplayRanker`: each test instance
-is scored as of its own time with exactly the events before it visible. The encoder runs as it is
-served: exported to ONNX and published into a model repository (a cache folder outside the repo),
-then loaded by `OnnxEncoder`.
+is scored as of its own time with exactly the events before it visible. The blend's variants run
+the batch form of that replay (`trainer.batch_replay`: many events at once, the same scores bit for
+bit); the learned ranker runs one ranker call per event. The encoder runs as it is served: exported
+to ONNX and published into a model repository (a cache folder outside the repo), then loaded by
+`OnnxEncoder`.
 
 Methods (all fit their time model on the split's tuning task only — the inner temporal split, or
 the loo validation targets — never on the test window):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import mmap
 import time
 
 import numpy as np
@@ -393,9 +394,14 @@ class _Allocating(FixedScores):
     """Fixed scores that hold a big array for a moment while fitting: a peak the report must show."""
 
     def fit(self, train, dataset):
-        block = np.ones(40 * 1024 * 1024 // 8)  # 40 MB, touched
+        # 40 MB of fresh pages, touched: an anonymous mapping, because malloc may hand numpy a free
+        # chunk that is already resident after earlier tests, and RSS would not move at all.
+        mapping = mmap.mmap(-1, 40 * 1024 * 1024)
+        block = np.frombuffer(mapping, dtype=np.uint8)
+        block[:] = 1
         time.sleep(0.2)  # longer than the sampling interval, in case the process peaked higher before
         del block
+        mapping.close()
 
 
 def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import importlib
 import json
@@ -136,6 +137,10 @@ def run_method(name: str, factory: MethodFactory, split: Split, *, progress: boo
         setup_s = time.perf_counter() - t0
         with _progress_bar(len(task.instances), f"{split.protocol}:{name}", progress) as bar:
             result = fit_and_score(ranker, task, batch_size, bar.update)
+        params = dict(getattr(ranker, "params", {}) or {})
+    # The ranker (a 10k × 10k similarity, a replay) goes now, not at the next cycle collection.
+    del ranker
+    gc.collect()
     ndcg = result.metrics["NDCG@10"]
     entry = {
         "metrics": summarize(result.metrics, task.instances.user),
@@ -144,7 +149,7 @@ def run_method(name: str, factory: MethodFactory, split: Split, *, progress: boo
         "timing_s": {"setup": setup_s, "fit": result.fit_s, "score": result.score_s,
                      "total": setup_s + result.fit_s + result.score_s},
         "resources": meter.report(),
-        "params": dict(getattr(ranker, "params", {}) or {}),
+        "params": params,
     }
     return entry, result.metrics
 

@@ -294,6 +294,30 @@ class _Components:
     candidates: int  # all candidates, pruned ones included
     gap_seconds: float = float("inf")  # since the user's newest earlier event (personal_half_life_days)
     signs: list[np.ndarray] = field(default_factory=list)  # per block, _signs of each value's row
+    # Candidates whose signs decide them under every tried value, kept as distinct sign columns
+    # (per block, values × kinds) and how many candidates each stands for (see fold).
+    folded_signs: list[np.ndarray] = field(default_factory=list)
+    folded_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def fold(self) -> None:
+        """Drop the components of the candidates below the target (or above it) in every component
+        and value that is not zero for both: their signs alone place them under any weighting,
+        and few distinct sign columns stand for thousands of them (most of a 10k-item catalogue)."""
+        stacked = np.concatenate(self.signs, axis=0)
+        below = ((stacked == _LOWER) | (stacked == _BOTH_ZERO)).all(axis=0)
+        above = ((stacked == _HIGHER) | (stacked == _BOTH_ZERO)).all(axis=0)
+        fixed = below | above
+        fixed[self.target] = False
+        if not fixed.any():
+            return
+        kinds, counts = np.unique(stacked[:, fixed], axis=1, return_counts=True)
+        bounds = np.cumsum([0] + [len(s) for s in self.signs])
+        self.folded_signs = [kinds[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        self.folded_counts = counts.astype(np.int64)
+        keep = ~fixed
+        self.target = int(np.count_nonzero(keep[:self.target]))
+        self.blocks = [b[:, keep] for b in self.blocks]
+        self.signs = [s[:, keep] for s in self.signs]
 
 
 def _metric_cutoff(metric: str) -> int | None:
@@ -308,12 +332,13 @@ _UINT16_MAX = int(np.iinfo(np.uint16).max)
 # Float32's unit roundoff, and margins against it: a candidate whose component differs from the
 # target's by more than _MARGIN·u·(|x| + |x_target|) is on that side of it in every weighted sum the
 # tuning computes (4 roundings each, so at most ~4u·Σ w·|x| of error per score; twice that per
-# difference, with room to spare). Differences below _FLOOR are left to the exact computation, so
-# no product comes near float32's subnormal range.
+# difference, with room to spare). Differences below _FLOOR are left to the exact computation, and
+# weights below _MIN_WEIGHT (a personal weight times a tiny personal scale) too: then w·|difference|
+# stays far above float32's subnormal range, where rounding errors stop being relative.
 _UNIT_ROUNDOFF = 2.0 ** -24
 _MARGIN = 16.0
 _FLOOR = 2.0 ** -60
-_MIN_SCALE = 2.0 ** -30
+_MIN_WEIGHT = 2.0 ** -80
 _BITS = np.array([1, 2, 4, 8])
 # _HITS[R, S]: does a row with nonzero weights R (4-bit mask) weigh a component in S?
 _HITS = (np.arange(16)[:, None] & np.arange(16)[None, :]) != 0
@@ -340,6 +365,7 @@ class _WeightProduct:
         self.shape = tuple(len(u) for u in self.values)
         self.row_index = np.ravel_multi_index(tuple(inverse for _, inverse in uniques), self.shape)
         self.hits = self._hits(self.values)
+        self.min_weight = _min_positive(rows)
 
     def _hits(self, values: Sequence[np.ndarray]) -> np.ndarray:
         """_HITS of each product row: which components it weighs."""
@@ -348,16 +374,17 @@ class _WeightProduct:
         return _HITS[support]
 
     def rank_counts(self, blocks: Sequence[np.ndarray], signs: Sequence[np.ndarray], target: int,
-                    scale: float) -> tuple[np.ndarray, np.ndarray]:
-        """Per row, rank_counts(combine(scaled_weights(row, scale), *blocks), target); `signs` are
-        the blocks' _signs rows."""
+                    scale: float, folded: tuple[Sequence[np.ndarray], np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, rank_counts(combine(scaled_weights(row, scale), *blocks), target) with the
+        candidates `folded` away (_Components.fold) counted too; `signs` are the blocks' _signs rows."""
         # scaled_weights multiplies the personal columns by float32(scale) (a no-op at 1).
         factor = np.array(scale, dtype=np.float32)
         values = [v * factor if k < 2 and scale != 1.0 else v for k, v in enumerate(self.values)]
         extra_above = extra_tied = 0
-        if scale == 1.0 or scale >= _MIN_SCALE:
-            scored, below, above = _sign_determined(signs, target)
-            if len(scored) < len(blocks[0]):
+        if _prunable(scale, self.min_weight):
+            scored, below, above = _sign_determined(signs, target, folded)
+            if below.any() or above.any():
                 # Which components each row weighs (after scaling, should a weight round to 0).
                 same = all(((v != 0) == (u != 0)).all() for v, u in zip(values, self.values))
                 hits = self.hits if same else self._hits(values)
@@ -365,6 +392,8 @@ class _WeightProduct:
                 extra_tied = ~hits @ (above + below)
                 blocks = [block[scored] for block in blocks]
                 target = int(np.searchsorted(scored, target))
+        elif folded is not None:
+            raise AssertionError("candidates were folded for a scale the sign argument does not cover")
         products = [v[:, None] * block for v, block in zip(values, blocks)]
         n = blocks[0].shape[0]
         partial = products[0][:, None, :] + products[1][None, :, :]
@@ -378,6 +407,17 @@ class _WeightProduct:
         return better[self.row_index], tied[self.row_index]
 
 
+def _min_positive(rows: np.ndarray) -> float:
+    positive = rows[rows > 0]
+    return float(positive.min()) if len(positive) else 1.0
+
+
+def _prunable(scale: float, min_weight: float) -> bool:
+    """Whether the sign argument holds at this personal scale: every nonzero weight stays at or
+    above _MIN_WEIGHT (a scale that rounds to 0 in float32 zeroes the personal weights exactly)."""
+    return scale == 1.0 or float(np.float32(scale)) == 0.0 or min_weight * min(scale, 1.0) >= _MIN_WEIGHT
+
+
 _LOWER, _HIGHER, _BOTH_ZERO = 1, 2, 4
 
 
@@ -388,10 +428,16 @@ def _signs(block: np.ndarray, target: int) -> np.ndarray:
     reference = x[:, target:target + 1]
     difference = x - reference  # exact: float32 values differ exactly in float64
     margin = np.maximum(_MARGIN * _UNIT_ROUNDOFF * (np.abs(x) + np.abs(reference)), _FLOOR)
-    out = np.where(difference < -margin, _LOWER, 0).astype(np.uint16)
-    out |= np.where(difference > margin, _HIGHER, 0).astype(np.uint16)
-    out |= np.where((x == 0) & (reference == 0), _BOTH_ZERO, 0).astype(np.uint16)
+    out = np.where(difference < -margin, _LOWER, 0).astype(np.uint8)
+    out |= np.where(difference > margin, _HIGHER, 0).astype(np.uint8)
+    out |= np.where((x == 0) & (reference == 0), _BOTH_ZERO, 0).astype(np.uint8)
     return out
+
+
+def _pattern(signs: Sequence[np.ndarray]) -> np.ndarray:
+    """The four components' signs of each candidate as one 12-bit pattern."""
+    return (signs[0].astype(np.uint16) | (signs[1].astype(np.uint16) << 3) | (signs[2].astype(np.uint16) << 6)
+            | (signs[3].astype(np.uint16) << 9))
 
 
 def _pattern_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -407,13 +453,18 @@ def _pattern_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 _UNDECIDED, _LOWER_IN, _HIGHER_IN = _pattern_tables()
 
 
-def _sign_determined(signs: Sequence[np.ndarray], target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sign_determined(signs: Sequence[np.ndarray], target: int,
+                     folded: tuple[Sequence[np.ndarray], np.ndarray] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(candidates to score, target included; per 4-bit mask of the components a candidate differs
     in, how many of the others are below the target under every row weighing one of them, how
-    many above). Any other row finds such a candidate tied: both sums are exactly 0."""
-    pattern = signs[0] | (signs[1] << 3) | (signs[2] << 6) | (signs[3] << 9)
+    many above). Any other row finds such a candidate tied: both sums are exactly 0. `folded`:
+    (signs, count) of candidate kinds kept only as signs."""
+    pattern = _pattern(signs)
     counts = np.bincount(pattern, minlength=8 ** 4)
     counts[pattern[target]] -= 1
+    if folded is not None and len(folded[1]):
+        counts = counts + np.bincount(_pattern(folded[0]), weights=folded[1], minlength=8 ** 4).astype(np.int64)
     decided = ~_UNDECIDED
     below = np.bincount(_LOWER_IN[decided & (_HIGHER_IN == 0)], weights=counts[decided & (_HIGHER_IN == 0)],
                         minlength=16).astype(np.int64)
@@ -508,11 +559,16 @@ def tune_time_model(
     cutoff = _metric_cutoff(metric)
     collected: list[_Components | None] = []
 
+    # The smallest nonzero weight any tried row can have: _prunable's bound.
+    min_weight = min(_min_positive(grid.weights()), _min_positive(weights_of(base)))
+
     def keep(parts: _Components) -> None:
         if cutoff is not None and parts.always_above >= cutoff:
             parts.blocks = []
         else:
             parts.signs = [_signs(block, parts.target) for block in parts.blocks]
+            if all(_prunable(personal_scale(parts.gap_seconds, h), min_weight) for h in personal_values):
+                parts.fold()
         collected.append(parts)
     scorer = replay.scorer()
     if scorer is None:
@@ -582,8 +638,11 @@ def tune_time_model(
                 counts = (np.full(len(weight_rows), parts.always_above), 0)
             else:
                 # The server's formula, once per weight row, in float32 (the kept components' dtype).
+                folded = ([parts.folded_signs[k][v] for k, v in enumerate(choice[:4])], parts.folded_counts
+                          ) if len(parts.folded_counts) else None
                 b, t = product.rank_counts([parts.blocks[k][v] for k, v in enumerate(choice[:4])],
-                                           [parts.signs[k][v] for k, v in enumerate(choice[:4])], parts.target, scale)
+                                           [parts.signs[k][v] for k, v in enumerate(choice[:4])], parts.target,
+                                           scale, folded)
                 counts = (b + parts.always_above, t)
             better[:, j] = np.where(degenerate, 0, counts[0])
             tied[:, j] = np.where(degenerate, parts.candidates - 1, counts[1])

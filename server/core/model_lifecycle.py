@@ -216,9 +216,11 @@ class ModelManager:
             with catalog.lock:
                 snapshot_version = catalog.version
                 items = catalog.snapshot()
-            # While another version serves, one core is left to it.
-            cores = os.cpu_count() or 1
-            workers = max(1, cores if self._current is None else cores - 1)
+            # Every core encodes, also while another version serves: leaving one core to traffic
+            # made a 10k-item swap of a retrained encoder take 64-84 s on 2 cores. ONNX Runtime
+            # runs without the GIL, so serving threads still get their turns from the OS; the
+            # latency during a swap is in tests/bench/bench_swap.py.
+            workers = max(1, os.cpu_count() or 1)
             cache = open_vector_cache(self.repository, version, encoder, self.settings)
             index = index_with(self.repository, version, encoder, self.settings, items, cache, workers)
             ranker = TimeAwareRanker(

@@ -87,6 +87,11 @@ def _digest(token: str | bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def token_digest(token: str) -> bytes:
+    """The sha256 of a token, as the table keeps it (TokenTable.lookup_digest)."""
+    return _digest(token)
+
+
 def parse_tokens(text: str, source: str, separators: str = "\n") -> list[tuple[bytes, Principal]]:
     """Entries `ROLE TOKEN [LABEL]`, one per line (or per `separators`); '#' starts a comment.
 
@@ -201,8 +206,12 @@ class TokenTable:
     def lookup(self, token: str) -> Principal | None:
         """The principal of `token`, or None. Every entry is compared, so the time taken does
         not depend on which entry (if any) matches or on how much of a token is right."""
+        return self.lookup_digest(_digest(token))
+
+    def lookup_digest(self, presented: bytes) -> Principal | None:
+        """The principal of the token whose sha256 is `presented` (token_digest), or None: a
+        dashboard session keeps only the digest, and a token rotated out ends its sessions."""
         self._maybe_reload()
-        presented = _digest(token)
         found = None
         for digest, principal in self._entries:
             if hmac.compare_digest(digest, presented):

@@ -146,6 +146,8 @@ class RunningServer:
     metrics: ServerMetrics | None = None
     metrics_port: int | None = None
     _metrics_http: object | None = None
+    # The web dashboard (server/dashboard) when --dashboard-port is given: its port and URL.
+    dashboard: object | None = None
     _stopped: bool = field(default=False, repr=False)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -166,6 +168,8 @@ class RunningServer:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)
 
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.events.run(shutdown())
         self.events.close()
         self.executors.shutdown()
@@ -292,6 +296,26 @@ async def _start_grpc(
     return server, port, health_servicer
 
 
+def _start_dashboard(config: ServerConfig, engine: ChronorecEngine, executors: Executors, tokens: TokenTable | None):
+    """The web dashboard on its own event loop thread, sharing the engine, pools and tokens."""
+    try:
+        from chronorec.server.dashboard.web import DashboardSettings, start_dashboard
+    except ImportError as exc:
+        raise RuntimeError(f"--dashboard-port needs the dashboard extra (pip install 'chronorec[dashboard]'): {exc}") from None
+    settings = DashboardSettings(
+        host=config.dashboard_host or config.host,
+        port=config.dashboard_port,
+        reports=config.dashboard_reports,
+        tls_cert=config.tls_cert,
+        tls_key=config.tls_key,
+        tls_client_ca=config.tls_client_ca,
+        limits=config.limits,
+    )
+    dashboard = start_dashboard(engine, executors, tokens, settings, EventLoopThread("dashboard"))
+    log.info("dashboard on %s", dashboard.url)
+    return dashboard
+
+
 def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> RunningServer:
     """Start the gRPC server (health NOT_SERVING) and load the engine in the background.
 
@@ -323,11 +347,16 @@ def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> Run
         server, port, health_servicer = events.run(
             _start_grpc(config, engine, executors, admission, metrics, tokens, credentials)
         )
-        metrics_http = metrics_port = None
+        metrics_http = metrics_port = dashboard = None
         try:
             if config.metrics_port is not None:
                 metrics_http, metrics_port = start_metrics_server(metrics, config.metrics_host or config.host, config.metrics_port)
+            if config.dashboard_port is not None:
+                dashboard = _start_dashboard(config, engine, executors, tokens)
         except BaseException:
+            if metrics_http is not None:
+                metrics_http.shutdown()
+                metrics_http.server_close()
             events.run(server.stop(None))
             raise
     except BaseException:
@@ -368,7 +397,8 @@ def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> Run
         engine.replica_name = f"{socket.gethostname()}:{port}"
     loader = threading.Thread(target=load, name="engine-loader", daemon=True)
     running = RunningServer(
-        server, port, engine, health_servicer, loader, events, executors, admission, metrics, metrics_port, metrics_http
+        server, port, engine, health_servicer, loader, events, executors, admission, metrics, metrics_port, metrics_http,
+        dashboard,
     )
     loader.start()
     return running

@@ -93,6 +93,10 @@ class ServerConfig:
     log_json: bool = True
     metrics_port: int | None = None
     metrics_host: str | None = None
+    # The operator's web dashboard (server/dashboard): off unless a port is given.
+    dashboard_port: int | None = None
+    dashboard_host: str | None = None  # default: host
+    dashboard_reports: Path | None = None  # where chronorec-eval reports are written
     tokens_file: Path | None = None
     # The CHRONOREC_TOKENS environment variable (same format as the tokens file); never logged.
     inline_tokens: str | None = field(default=None, repr=False)
@@ -206,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-text", dest="log_json", action="store_false", default=_bool(_env("log_json", "1")), help="plain-text logs instead of JSON lines")
     add("--metrics-port", type=int, default=_env("metrics_port", None), help="serve Prometheus metrics on this port (0 picks a free one)")
     add("--metrics-host", default=_env("metrics_host", None), help="bind address of the metrics endpoint (default: --host)")
+    add("--dashboard-port", type=int, default=_env("dashboard_port", None),
+        help="serve the web dashboard on this port (0 picks a free one); README: Dashboard")
+    add("--dashboard-host", default=_env("dashboard_host", None),
+        help="bind address of the dashboard (default: --host); a non-loopback one needs bearer tokens")
+    add("--dashboard-reports", type=Path, default=_env("dashboard_reports", None),
+        help="folder of chronorec-eval reports (report.json, PNG plots) the dashboard's Evaluation page shows")
     add("--tokens-file", type=Path, default=_env("tokens_file", None), help="bearer tokens file, lines `ROLE TOKEN [LABEL]` (README: Security and limits); CHRONOREC_TOKENS adds entries separated by ';'")
     add("--tls-cert", type=Path, default=_env("tls_cert", None), help="server certificate chain (PEM); enables TLS")
     add("--tls-key", type=Path, default=_env("tls_key", None), help="server private key (PEM)")
@@ -222,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> ServerConfig:
     args = vars(build_parser().parse_args(argv))
     limits = Limits(**{f.name: args.pop(f.name) for f in fields(Limits)})
-    for name in ("intra_op_threads", "metrics_port"):
+    for name in ("intra_op_threads", "metrics_port", "dashboard_port"):
         if args.get(name) is not None:
             args[name] = int(args[name])
-    for name in ("models_root", "vector_cache_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca"):
+    for name in ("models_root", "vector_cache_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "dashboard_reports"):
         if args.get(name) is not None:
             args[name] = Path(args[name])
     if args.get("db_path") is not None:

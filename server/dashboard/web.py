@@ -31,6 +31,9 @@ log = logging.getLogger("chronorec.dashboard")
 audit = logging.getLogger("chronorec.audit")
 
 HERE = Path(__file__).resolve().parent
+# Who is asking, set by the guard for the handlers: the session (None with a bearer header) and principal.
+SESSION = web.RequestKey("session", object)
+PRINCIPAL = web.RequestKey("principal", object)
 # Pages worked on at once; more wait. Each holds at most one thread of the server's pools, so the
 # dashboard can never take more than this many of the threads gRPC calls run on.
 MAX_PAGES_AT_ONCE = 2
@@ -197,8 +200,8 @@ class Dashboard:
             self._pages.release()
 
     def _render(self, request: web.Request, template: str, status: int = 200, title: str = "Sign in", **values) -> web.Response:
-        session: Session | None = request.get("session")
-        principal: Principal | None = request.get("principal")
+        session: Session | None = request.get(SESSION)
+        principal: Principal | None = request.get(PRINCIPAL)
         html = self.templates.get_template(template).render(
             principal=principal,
             is_admin=principal is not None and principal.role >= Role.ADMIN,
@@ -250,7 +253,7 @@ class Dashboard:
             if found is None and not self.sessions.authenticated and request.path != "/login":
                 found = new_session = self.sessions.sign_in(None)  # loopback without tokens: a session for CSRF
             session, principal = found if found is not None else (None, None)
-        request["session"], request["principal"] = session, principal
+        request[SESSION], request[PRINCIPAL] = session, principal
         if request.path == "/login":
             if request.method == "POST" and not _same_origin(request):
                 return self._refuse_cross_site(request)
@@ -285,7 +288,7 @@ class Dashboard:
                             secure=self.settings.tls, path="/")
 
     def _need(self, request: web.Request, role: Role) -> Principal:
-        principal: Principal = request["principal"]
+        principal: Principal = request[PRINCIPAL]
         if principal.role < role:
             log.warning("dashboard: %s (role %s) may not %s %s", principal.label, principal.role.name.lower(),
                         request.method, request.path)
@@ -297,7 +300,7 @@ class Dashboard:
     # ---------------------------------------------------------------- sign-in
 
     async def login_page(self, request: web.Request) -> web.Response:
-        if request.get("principal") is not None and request.get("session") is not None:
+        if request.get(PRINCIPAL) is not None and request.get(SESSION) is not None:
             return _redirect(_safe_next(request.query.get("next")))
         return self._render(request, "login.html", next=_safe_next(request.query.get("next")), error="", message="")
 
@@ -316,7 +319,7 @@ class Dashboard:
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
-        session: Session | None = request.get("session")
+        session: Session | None = request.get(SESSION)
         if session is not None:
             self.sessions.sign_out(session.session_id)
         response = _redirect("/login")

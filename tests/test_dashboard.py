@@ -338,7 +338,7 @@ def test_in_a_browser(dashboard_server, browser, demo):
     driver.save_screenshot(str(SCREENSHOTS / "actions.png"))
     _choose_and_activate(driver, spare)
     _wait(lambda: driver.find_elements(By.ID, "error-message"))
-    assert "needs a admin token" in driver.find_element(By.ID, "error-message").text
+    assert "needs an admin token" in driver.find_element(By.ID, "error-message").text
     assert dashboard_server.engine.serving_version() != spare
 
     # ... and done with the admin token, after the confirmation.

@@ -293,7 +293,8 @@ class Dashboard:
             log.warning("dashboard: %s (role %s) may not %s %s", principal.label, principal.role.name.lower(),
                         request.method, request.path)
             raise web.HTTPForbidden(
-                text=f"{request.path} needs a {role.name.lower()} token; this one is {principal.role.name.lower()}",
+                text=f"{request.path} needs {'an' if role == Role.ADMIN else 'a'} {role.name.lower()} token; "
+                     f"this one is {principal.role.name.lower()}",
             )
         return principal
 

@@ -2,9 +2,10 @@
 
 # Usage: flock /work/coord/heavy.lock python -m tests.bench.bench_dashboard [--quick] [--seconds 20]
 # One server (the demo catalog, the bench model) serves Recommend to CALLERS closed-loop clients.
-# Rounds alternate: dashboard closed, then open — a client fetching the Status, User preview and
-# Item pages back to back on one connection, with no pause (far more than a person's browser,
-# whose Status page refreshes every 5 s). Latency percentiles are over all calls of each phase.
+# Rounds alternate three phases: dashboard closed; open as a browser tab on the Status page leaves
+# it (one fetch every 5 s); and open under a client fetching the Status, User preview and Item
+# pages back to back on one connection, with no pause (far more than any person clicks).
+# Latency percentiles are over all calls of each phase.
 
 from __future__ import annotations
 
@@ -34,15 +35,22 @@ def _recommend_load(recommender, at, stop: threading.Event, latencies: list[floa
         latencies.append(time.perf_counter() - started)
 
 
-def _dashboard_pages(port: int, at: int, items: list[str], stop: threading.Event, pages: list[float]) -> None:
-    """Fetch the dashboard's pages one after another until `stop`; each page's seconds into `pages`."""
+STATUS_REFRESH_S = 5.0
+
+
+def _dashboard_pages(port: int, at: int, items: list[str], stop: threading.Event, pages: list[float],
+                     status_only: bool) -> None:
+    """Fetch the dashboard's pages until `stop`, each page's seconds into `pages`: the Status page
+    every STATUS_REFRESH_S (`status_only`), else Status, User preview and Item back to back."""
     rng = random.Random(5)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     cookie = ""
     try:
         while not stop.is_set():
-            for path in ("/", "/preview?" + urlencode({"user": rng.choice(DEMO_USERS), "k": 10, "at": at}),
-                         f"/items/{rng.choice(items)}?at={at}"):
+            paths = ["/"] if status_only else [
+                "/", "/preview?" + urlencode({"user": rng.choice(DEMO_USERS), "k": 10, "at": at}),
+                f"/items/{rng.choice(items)}?at={at}"]
+            for path in paths:
                 started = time.perf_counter()
                 connection.request("GET", path, headers={"Cookie": cookie} if cookie else {})
                 response = connection.getresponse()
@@ -51,19 +59,20 @@ def _dashboard_pages(port: int, at: int, items: list[str], stop: threading.Event
                     raise RuntimeError(f"dashboard {path}: HTTP {response.status}")
                 cookie = (response.getheader("Set-Cookie") or cookie).split(";", 1)[0]
                 pages.append(time.perf_counter() - started)
+            if status_only:
+                stop.wait(STATUS_REFRESH_S)
     finally:
         connection.close()
 
 
-def _phase(recommender, at, seconds: float, dashboard: tuple[int, int, list[str]] | None) -> dict:
+def _phase(recommender, at, seconds: float, dashboard: tuple[int, int, list[str], bool] | None) -> dict:
     stop = threading.Event()
     latencies: list[list[float]] = [[] for _ in range(CALLERS)]
     pages: list[float] = []
     threads = [threading.Thread(target=_recommend_load, args=(recommender, at, stop, latencies[i], i), daemon=True)
                for i in range(CALLERS)]
     if dashboard is not None:
-        port, at_seconds, items = dashboard
-        threads.append(threading.Thread(target=_dashboard_pages, args=(port, at_seconds, items, stop, pages), daemon=True))
+        threads.append(threading.Thread(target=_dashboard_pages, args=(*dashboard[:3], stop, pages, dashboard[3]), daemon=True))
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -91,12 +100,14 @@ def run(ctx: Context, seconds: float | None = None, rounds: int = ROUNDS) -> dic
         at_seconds = int(today_utc_midnight())
         at = timestamp(at_seconds)
         items = [f"demo-{n:04d}" for n in range(1, 361, 7)]
-        _phase(recommender, at, min(2.0, seconds), (port, at_seconds, items))  # warm both paths
-        closed = {"calls": [], "pages": [], "wall_s": 0.0}
-        opened = {"calls": [], "pages": [], "wall_s": 0.0}
+        _phase(recommender, at, min(2.0, seconds), (port, at_seconds, items, False))  # warm both paths
+        phases = {name: {"calls": [], "pages": [], "wall_s": 0.0} for name in ("closed", "status_tab", "back_to_back")}
+        settings = {"closed": None, "status_tab": (port, at_seconds, items, True),
+                    "back_to_back": (port, at_seconds, items, False)}
         load_before = load_note()
         for n in range(rounds):
-            for target, dashboard in ((closed, None), (opened, (port, at_seconds, items))):
+            for name, target in phases.items():
+                dashboard = settings[name]
                 figures = _phase(recommender, at, seconds, dashboard)
                 for key in ("calls", "pages"):
                     target[key] += figures[key]
@@ -119,10 +130,13 @@ def run(ctx: Context, seconds: float | None = None, rounds: int = ROUNDS) -> dic
             "page_p99_ms": percentile_ms(phase["pages"], 99) if phase["pages"] else None,
         }
 
-    result = {"closed": summary(closed), "open": summary(opened), "callers": CALLERS, "rounds": rounds,
-              "seconds_per_phase": seconds, "load_before": load_before, "load_after": load_after}
-    rows = [[name, r["recommend_per_s"], r["p50_ms"], r["p99_ms"], r["pages_per_s"], r["page_p50_ms"] or "–"]
-            for name, r in (("dashboard closed", result["closed"]), ("dashboard open", result["open"]))]
+    result = {name: summary(phase) for name, phase in phases.items()}
+    result.update({"callers": CALLERS, "rounds": rounds, "seconds_per_phase": seconds,
+                   "load_before": load_before, "load_after": load_after})
+    labels = {"closed": "dashboard closed", "status_tab": "Status tab open (every 5 s)",
+              "back_to_back": "pages back to back"}
+    rows = [[labels[name], result[name]["recommend_per_s"], result[name]["p50_ms"], result[name]["p99_ms"],
+             result[name]["pages_per_s"], result[name]["page_p50_ms"] or "–"] for name in phases]
     print_table(f"Recommend over gRPC, {CALLERS} callers, {rounds} x {seconds:g} s per phase",
                 ["phase", "calls/s", "p50 ms", "p99 ms", "pages/s", "page p50 ms"], rows)
     print(f"load: {load_before} before, {load_after} after")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 from chronorec.client import rules
 from chronorec.server.config import Limits
@@ -93,19 +93,18 @@ class PreviewView:
     history_length: int
     history_text: str
     slider: SliderRange
-    categories: dict[str, str] = field(default_factory=dict)  # item id -> category of the top-k
 
 
 def parse_inline_history(text: str, at: float, limits: Limits) -> list[HistoryEntry]:
     """Lines `ITEM_ID [ACTION] [TIME]`, oldest first; TIME is unix seconds or an ISO date or
-    date-time (UTC). A line without a time is placed a minute after the one before it, ending a
-    minute before `at`."""
+    date-time (UTC). The n-th of N lines, when it has no time, is placed N - n + 1 minutes before
+    `at`: untimed lines keep their order and the last is a minute old."""
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if len(lines) > limits.max_history_events:
         raise InvalidArgument(f"{len(lines)} history lines exceed max_history_events={limits.max_history_events}")
     entries = []
     for number, line in enumerate(lines, start=1):
-        parts = line.replace(",", " ").split()
+        parts = line.split()  # ids may hold commas, never spaces
         where = f"history line {number}"
         item_id = check_id(parts[0], f"{where}: item id")
         action = check_action(parts[1], where) if len(parts) > 1 else "view"
@@ -159,7 +158,7 @@ def preview_view(engine: ChronorecEngine, limits: Limits, user_id: str, inline_t
     # The version that answered, read again for its history and text: the canary split is by
     # user, so the same user meets the same version (a swap in between is shown by the version name).
     with engine.manager.acquire_for(user_id or None) as model:
-        resolved = replace(query, user_id=user_id or None).resolved(model.manifest.time_model)
+        resolved = query.resolved(model.manifest.time_model)
         history = model.ranker.history_for(resolved)
         text = model.ranker.short_term_text(history, at, resolved.params) if history else ""
     times = [e.timestamp for e in stored] + [e.timestamp for e in inline]
@@ -180,7 +179,6 @@ def preview_view(engine: ChronorecEngine, limits: Limits, user_id: str, inline_t
         history_length=answer.result.history_length,
         history_text=text,
         slider=SliderRange(start, end, at),
-        categories={r.item_id: r.category for r in answer.result.items},
     )
 
 

@@ -23,7 +23,7 @@ from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker
 from chronorec.server.core.timetext import HistoryEntry
 from chronorec.trainer import ranker_train as rt
 from chronorec.trainer.protocols import Dataset, temporal_split
-from chronorec.trainer.tune import fit_cooccurrence
+from chronorec.trainer.tune import ReplayRanker, fit_cooccurrence
 
 from conftest import ANCHOR
 
@@ -209,6 +209,19 @@ def test_a_ranker_reorders_the_served_candidates_and_names_its_features(drift, l
     # Without a ranker the blend answers, with no feature reasons.
     plain = blend_only.recommend(RecommendQuery(user_id=user, k=5, at=at, params=params))
     assert all(not r.feature_reasons for r in plain.items)
+
+
+def test_learned_replay_in_batches_scores_as_one_ranker_call_per_event(drift, logged):
+    split, validation, items, params, config, fit, groups = logged
+    task = split.test_task()
+    instances = task.instances[::-1][:40]  # not in the global order: the batch form walks in it anyway
+    scores = {}
+    for per_event in (True, False):
+        replay_ranker = ReplayRanker(hashed_encoder, items, params, per_event=per_event, learned_ranker=fit.ranker)
+        replay_ranker.fit(task.train, drift)
+        scores[per_event] = replay_ranker.score_batch(instances)
+    assert np.isfinite(scores[True]).any(axis=1).all()
+    np.testing.assert_array_equal(scores[False], scores[True])
 
 
 def test_ranker_file_round_trip_and_refusals(tmp_path, logged):

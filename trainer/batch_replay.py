@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from chronorec.client.rules import SECONDS_PER_DAY
-from chronorec.server.core.catalog_columns import CatalogSnapshot
+from chronorec.server.core.catalog_columns import CatalogColumns, CatalogSnapshot
 from chronorec.server.core.manifest import TimeModelParams
 # The ranker's own helpers: the replay must compute with the very expressions the ranker uses.
-from chronorec.server.core.ranking import ScoredCandidates, _gather, _half_life_decay, _unit
+from chronorec.server.core.ranking import RecommendQuery, ScoredCandidates, _gather, _half_life_decay, _unit
 from chronorec.server.core.scoring import combine, personal_scale, score_weights
 from chronorec.server.core.timetext import HistoryEntry, action_strength
 from chronorec.trainer.protocols import Instances, prefix_item_counts
@@ -59,7 +59,7 @@ class ReplayScorer:
         self.dataset = d
         # The ranker's candidate columns: the catalogue sorted by item id (CatalogSnapshot).
         snapshot = CatalogSnapshot(list(replay.items.values()))
-        columns = snapshot.columns
+        columns = self.columns = snapshot.columns
         self.row_ids = columns.item_ids
         missing = [i for i in self.row_ids if i not in d.item_index]
         if missing:
@@ -123,6 +123,29 @@ class ReplayScorer:
                 scored = chunk.candidates(i, params, components=False)
                 rows[i, chunk.columns_kept(i)] = scored.score
         return out
+
+    def walk_candidates(self, instances: Instances, params: TimeModelParams,
+                        ) -> Iterator[tuple[int, RecommendQuery, list[HistoryEntry], ScoredCandidates, CatalogColumns]]:
+        """Per instance, in the global order: (row of `instances`, its query, its history, the
+        ranker's candidates with every component, their catalogue columns), with the replay's
+        interaction state advanced to the instance. What `TimeAwareRanker._score` hands the learned
+        ranker, without the per-event scoring: the learned ranker's features (which read the state)
+        are then computed by the ranker's own code (`features_of_scored`, `rerank`)."""
+        replay, d = self.replay, self.dataset
+        order = np.argsort(instances.pos, kind="stable")
+        ordered = instances[order]
+        # History texts encoded in one call: the features read the text whatever the blend's α.
+        texts = self.prime(ordered, params)
+        for part, chunk in self.chunks(ordered, texts):
+            for i in range(len(chunk)):
+                row = int(order[part.start + i])
+                position = int(chunk.instances.pos[i])
+                replay.advance(position)
+                query = RecommendQuery(user_id=d.user_ids[d.user[position]], k=10, at=float(d.ts[position]),
+                                       params=params, exhaustive=True).resolved()
+                history = self.history_entries(chunk.hist_pos[chunk.hist_ptr[i]:chunk.hist_ptr[i + 1]])
+                scored = chunk.candidates(i, params, components=True)
+                yield row, query, history, scored, self.columns.take(chunk.rows_kept(i))
 
     def history_entries(self, positions: np.ndarray) -> list[HistoryEntry]:
         """HistoryEntry of the events at global `positions` (as the interaction state holds them)."""

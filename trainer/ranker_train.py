@@ -13,7 +13,6 @@ from chronorec.server.core.catalog import Item
 from chronorec.server.core.features import FEATURE_NAMES
 from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, LearnedRanker, RankerSpec
 from chronorec.server.core.manifest import TimeModelParams
-from chronorec.server.core.ranking import RecommendQuery
 from chronorec.trainer.protocols import (
     GAP_EDGES_S, GAP_LABELS, Dataset, Instances, LooSplit, Split, TemporalSplit, expected_metrics, temporal_split,
 )
@@ -199,20 +198,22 @@ def collect_groups(
     replay = RankerReplay(dataset, items, feature_slice.fit, encode, item_vectors=item_vectors,
                           cooccurrence=cooccurrence)
     instances = Instances(dataset, targets)
-    replay.prime(instances, params)
     # Negatives: half uniform over the catalogue, half by popularity in the fit events.
     popularity = np.bincount(dataset.item[feature_slice.fit], minlength=dataset.n_items).astype(np.float64) + 1.0
     popularity /= popularity.sum()
     features, labels, sizes, blend, in_candidates, gaps, reachable, positions = [], [], [], [], [], [], [], []
-    for row, user_id, at in replay.walk(instances):
+    # The blend's candidates of many events at once (the batch replay), then each event's features
+    # from the ranker's own code, as of the event (walk_candidates advances the state to it).
+    ranker = replay.ranker
+    for row, query, history, scored, columns in replay.first_stage().walk_candidates(instances, params):
         target = dataset.item_ids[int(instances.target[row])]
         extra: list[str] = []
         if negatives > 0:
             uniform = rng.integers(0, dataset.n_items, negatives - negatives // 2)
             popular = rng.choice(dataset.n_items, negatives // 2, p=popularity)
             extra = [target] + [dataset.item_ids[int(i)] for i in np.concatenate([uniform, popular])]
-        query = RecommendQuery(user_id=user_id, k=10, at=at, params=params, exhaustive=True)
-        found = replay.ranker.candidate_features(query, extra, candidates=config.candidates)
+        found = ranker.features_of_scored(query, history, scored, columns, ranker.cooccurrence, extra,
+                                          candidates=config.candidates)
         is_target = found.item_ids == target
         hit = bool((is_target & found.in_candidates).any())
         if not is_target.any():

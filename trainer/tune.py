@@ -145,6 +145,11 @@ class RankerReplay:
         ranker reorders with a learned model, which only the per-event path runs."""
         if self.learned_ranker is not None:
             return None
+        return self.first_stage()
+
+    def first_stage(self) -> "ReplayScorer":
+        """The batch form of the blend whatever the ranker: a learned ranker's first stage, which the
+        learned ranker's own code then reorders (ReplayScorer.walk_candidates)."""
         if self._scorer is None:
             self._scorer = ReplayScorer(self)
         return self._scorer
@@ -226,6 +231,8 @@ class ReplayRanker:
 
     def score_batch(self, instances: Instances) -> np.ndarray:
         replay = self.replay
+        if self.learned_ranker is not None and not self.per_event:
+            return self._score_learned(instances)
         scorer = None if self.per_event else replay.scorer()
         if scorer is not None:
             return scorer.score_rows(instances, self.params, prime=True)
@@ -236,6 +243,18 @@ class ReplayRanker:
             scores[row, replay.columns_of(scored.item_ids)] = scored.score
         return scores
 
+    def _score_learned(self, instances: Instances) -> np.ndarray:
+        """score_batch with the learned ranker: the blend's candidates from the batch replay, then the
+        ranker's own rerank per instance (the scores one ranker call per event gives)."""
+        replay = self.replay
+        ranker = replay.ranker
+        scorer = replay.first_stage()
+        scores = np.full((len(instances), replay.dataset.n_items), -np.inf)
+        for row, query, history, scored, columns in scorer.walk_candidates(instances, self.params):
+            if len(scored.score):
+                scored, _, _ = ranker.rerank(history, scored, query, columns, ranker.cooccurrence)
+            scores[row, scorer.column_of_row[columns.rows]] = scored.score
+        return scores
 
 # ------------------------------------------------------------------------------ tuning
 

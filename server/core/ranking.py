@@ -347,6 +347,14 @@ class TimeAwareRanker:
         pass the filters, with their features. The trainer logs exactly these, as of each past event."""
         query = query.resolved()
         history, scored, context = self._score(query, rerank=False)
+        return self.features_of_scored(query, history, scored, context.columns, context.cooccurrence_model,
+                                       extra_item_ids, candidates)
+
+    def features_of_scored(self, query: RecommendQuery, history: list[HistoryEntry], scored: ScoredCandidates,
+                           columns: CatalogColumns, cooccurrence: CooccurrenceModel | None,
+                           extra_item_ids: Sequence[str] = (), candidates: int | None = None) -> CandidateFeatures:
+        """candidate_features of candidates already scored (`columns` aligned with `scored`): the
+        trainer's batch replay scores many logged events at once, then reads each one's features here."""
         wanted = candidates or (self.learned_ranker.candidates if self.learned_ranker is not None else DEFAULT_CANDIDATES)
         top = self._top_k(scored, min(wanted, len(scored.score)))
         chosen = set(top.tolist())
@@ -358,20 +366,21 @@ class TimeAwareRanker:
         # An added row's rank is where the blend put it among all candidates.
         ranks = np.concatenate([np.arange(len(top), dtype=np.float64),
                                 [float((scored.score > scored.score[p]).sum()) for p in extra]])
-        features = candidate_features(self._feature_inputs(history, query, context),
-                                      self._first_stage(scored, context.columns, rows, ranks))
+        features = candidate_features(self._feature_inputs(history, query, cooccurrence),
+                                      self._first_stage(scored, columns, rows, ranks))
         in_candidates = np.arange(len(rows)) < len(top)
         return CandidateFeatures(scored.item_ids[rows], features, scored.score[rows], in_candidates)
 
     # -------------------------------------------------------- learned ranker
 
-    def _feature_inputs(self, history: list[HistoryEntry], query: RecommendQuery, context: "_UserContext") -> FeatureInputs:
+    def _feature_inputs(self, history: list[HistoryEntry], query: RecommendQuery,
+                        cooccurrence: CooccurrenceModel | None) -> FeatureInputs:
         short_term = None
         if history:
             # The history text is read whatever the blend's α: the ranker weighs it on its own.
             short_term, _ = self._short_term_vector(history, query)
         return FeatureInputs(at=query.at, history=history, params=query.params, index=self.index, state=self.state,
-                             cooccurrence=context.cooccurrence_model, short_term=short_term, category_of=self._category)
+                             cooccurrence=cooccurrence, short_term=short_term, category_of=self._category)
 
     @staticmethod
     def _first_stage(scored: ScoredCandidates, columns: CatalogColumns, rows: np.ndarray, ranks: np.ndarray) -> FirstStage:
@@ -381,17 +390,18 @@ class TimeAwareRanker:
             cooccurrence=scored.cooccurrence[rows], trend=scored.trend[rows], freshness=scored.freshness[rows],
         )
 
-    def _rerank(self, history: list[HistoryEntry], scored: ScoredCandidates, query: RecommendQuery,
-                context: "_UserContext") -> ScoredCandidates:
+    def rerank(self, history: list[HistoryEntry], scored: ScoredCandidates, query: RecommendQuery,
+               columns: CatalogColumns, cooccurrence: CooccurrenceModel | None,
+               ) -> tuple[ScoredCandidates, np.ndarray, np.ndarray]:
         """The blend's best `candidates` reordered by the learned ranker, all above the rest, which
-        keep the blend's order."""
+        keep the blend's order; with the rows rescored and their features. The trainer's batch
+        replay calls it on candidates it scored itself (`columns` aligned with `scored`)."""
         learned = self.learned_ranker
         n = len(scored.score)
         top = self._top_k(scored, min(learned.candidates, n))
-        features = candidate_features(self._feature_inputs(history, query, context),
-                                      self._first_stage(scored, context.columns, top, np.arange(len(top), dtype=np.float64)))
+        features = candidate_features(self._feature_inputs(history, query, cooccurrence),
+                                      self._first_stage(scored, columns, top, np.arange(len(top), dtype=np.float64)))
         learned_scores = learned.predict(features)
-        context.learned_rows, context.learned_features = top, features
         score = np.asarray(scored.score, dtype=np.float64).copy()
         rest = np.ones(n, dtype=bool)
         rest[top] = False
@@ -399,7 +409,7 @@ class TimeAwareRanker:
             # Below the lowest learned score, in the blend's order.
             score[rest] = learned_scores.min() - 1.0 - (score[rest].max() - score[rest])
         score[top] = learned_scores
-        return replace(scored, score=score)
+        return replace(scored, score=score), top, features
 
     def _feature_reasons(self, top: Sequence[int], context: "_UserContext") -> list[list[FeatureReason]]:
         if context.learned_features is None or self.learned_ranker is None:
@@ -434,7 +444,8 @@ class TimeAwareRanker:
         context.columns = columns
         scored = self._components(columns, query, context)
         if rerank and self.learned_ranker is not None and len(scored.score):
-            scored = self._rerank(history, scored, query, context)
+            scored, context.learned_rows, context.learned_features = self.rerank(
+                history, scored, query, context.columns, context.cooccurrence_model)
         return history, scored, context
 
     def _components(self, columns: CatalogColumns, query: RecommendQuery, context: "_UserContext") -> ScoredCandidates:
@@ -552,6 +563,11 @@ class TimeAwareRanker:
             fetch = max(fetch, self.learned_ranker.candidates + len(banned))  # the ranker rescores this many
         if query.categories:
             fetch *= 4  # most hits may be in other categories
+        trend_window = params.trend_window_days * _DAY
+        snapshot = self._candidate_snapshot()
+        if snapshot is not None:
+            rows = self._candidate_rows(snapshot, query, context, fetch, trend_window)
+            return snapshot.columns.take(rows)
         candidate_ids: dict[str, None] = {}
         if context.user_vector is not None:
             for item_id, _ in self.index.search(context.user_vector, fetch):
@@ -559,18 +575,50 @@ class TimeAwareRanker:
         if context.cooccurrence_model is not None and context.recent_items:
             for item_id in context.cooccurrence_model.neighbour_ids(context.recent_items, self.neighbours_per_item):
                 candidate_ids[item_id] = None
-        trend_window = params.trend_window_days * _DAY
         for item_id, _ in self.state.trending(query.at, trend_window, query.k * self.oversample):
             candidate_ids[item_id] = None
-        snapshot = self._candidate_snapshot()
-        if snapshot is not None:
-            # Rows of the snapshot: its cached alignments then spare a dict lookup per
-            # candidate per component (~40% of a 100k-item Recommend's CPU, py-spy).
-            row_of = snapshot.row_of
-            rows = np.fromiter((row_of.get(i, -1) for i in candidate_ids), dtype=np.int64, count=len(candidate_ids))
-            return snapshot.columns.take(rows[rows >= 0])
         items = [item for item in map(self.catalog.get, candidate_ids) if item is not None]
         return CatalogColumns.of(items)
+
+    def _candidate_rows(self, snapshot: CatalogSnapshot, query: RecommendQuery, context: "_UserContext", fetch: int,
+                        trend_window: float) -> np.ndarray:
+        """The snapshot rows of the index, co-occurrence and trend candidates, in row order.
+
+        Each source gives positions (HNSW labels, co-occurrence or state positions) that the
+        snapshot's cached alignments turn into rows, instead of an id per hit looked up in a
+        dict (~20% of a 100k-item Recommend's CPU, py-spy); a source whose alignment is not
+        current is looked up by id. Scores do not depend on the candidates' order, and ties
+        are broken by id, so the ranking is the same in any order.
+        """
+        row_of = snapshot.row_of
+        parts: list[np.ndarray] = []
+        by_id: list[str] = []
+        if context.user_vector is not None:
+            found = self.index.search_labels(context.user_vector, fetch)
+            rows = snapshot.rows_of_labels(*found) if found is not None else None
+            if rows is not None:
+                parts.append(rows)
+            else:
+                by_id.extend(item_id for item_id, _ in self.index.search(context.user_vector, fetch))
+        model = context.cooccurrence_model
+        if model is not None and context.recent_items:
+            positions = model.neighbour_positions(context.recent_items, self.neighbours_per_item)
+            rows = snapshot.rows_of_cooccurrence(model, positions)
+            if rows is not None:
+                parts.append(rows)
+            else:
+                ids = model.item_ids
+                by_id.extend(ids[i] for i in positions.tolist())
+        positions = self.state.trending_positions(query.at, trend_window, query.k * self.oversample)
+        rows = snapshot.rows_of_state(positions)
+        if rows is not None:
+            parts.append(rows)
+        else:
+            by_id.extend(item_id for item_id, _ in self.state.trending(query.at, trend_window, query.k * self.oversample))
+        if by_id:
+            parts.append(np.fromiter((row_of.get(i, -1) for i in by_id), dtype=np.int64, count=len(by_id)))
+        rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+        return rows[rows >= 0]
 
     @staticmethod
     def _filter(columns: CatalogColumns, query: RecommendQuery, banned: set[str]) -> CatalogColumns:

@@ -133,6 +133,28 @@ def test_learned_ranker_beats_the_blend_which_beats_time_blind(drift, chronorec)
     assert {k: ranker[k] for k in TimeModelParams().to_dict()} == {k: blend[k] for k in TimeModelParams().to_dict()}
 
 
+def test_fine_tuning_that_kept_the_base_weights_uses_the_base_encoder(drift, chronorec, monkeypatch):
+    split = temporal_split(drift)
+    ctx = chronorec.context(split)
+    base = ctx.untuned()
+    info = {"selection_queries": 32, "best_step": 0, "steps": 4,
+            "encoder_valid_NDCG@10_before": 0.05, "encoder_valid_NDCG@10_after": 0.05}
+    monkeypatch.setattr(ctx, "_finetune", lambda: (base.version_dir, info))
+    ctx.bundles.pop("finetuned", None)
+    try:
+        finetuned = ctx.finetuned()
+        # The very same encoder and vectors, under the base encoder's name: its index and tuning are shared.
+        assert finetuned.item_vectors is base.item_vectors and finetuned.name == base.name
+        assert finetuned.info["kept_base_weights"] and finetuned.info["finetune"] == info
+        assert ctx.chosen() is base
+        report_line = cm._encoder_report(finetuned)
+        assert report_line["encoder"].startswith("untuned") and report_line["encoder_only_valid_NDCG@10"] == [0.05, 0.05]
+    finally:
+        ctx.bundles.pop("finetuned", None)
+    assert not cm.kept_base_weights({**info, "best_step": 3})
+    assert not cm.kept_base_weights({**info, "selection_queries": 0})
+
+
 def test_fine_tuning_never_reads_the_test_window(drift, chronorec):
     split = temporal_split(drift)
     ctx = chronorec.context(split)

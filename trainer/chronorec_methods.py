@@ -105,6 +105,9 @@ class EvalSettings:
     tune_max_instances: int | None = 1000  # tuning instances (a seeded sample of the tuning task)
     sweeps: bool = True
     sweep_max_instances: int | None = 1000  # test instances the sweeps score (a seeded sample)
+    # ... and at most this many instances × catalogue items: the sweeps score ~37 settings over the
+    # whole catalogue per instance (1,000 instances on ML-100K's 1,682 items, ~200 on 9,742).
+    sweep_max_item_scores: int | None = 2_000_000
     seed: int = 0
     blas_threads: int | None = 1  # BLAS threads during the replay (its mat-vecs are tiny); None: leave as is
     ranker_candidates: int = 200  # the blend's best the learned ranker rescores
@@ -332,17 +335,29 @@ class SplitContext:
         return self.bundles["untuned"]
 
     def finetuned(self) -> EncoderBundle:
+        """The fine-tuned encoder; the base one itself when fine-tuning kept the starting weights (no
+        checkpoint improved validation retrieval): the same vectors, so its index, replays and
+        tuning are the base encoder's, not computed again."""
         if "finetuned" not in self.bundles:
             version_dir, info = self._finetune()
-            self.bundles["finetuned"] = self._bundle("finetuned", version_dir, info)
+            if kept_base_weights(info):
+                base = self.untuned()
+                self.settings.say(f"{self.split.protocol}: fine-tuning kept the base weights (no checkpoint improved "
+                                  f"the encoder's validation retrieval): the fine-tuned variants use the base encoder")
+                self.bundles["finetuned"] = EncoderBundle(base.name, base.encoder, base.version_dir, base.item_vectors,
+                                                          {**base.info, "finetune": info, "kept_base_weights": True},
+                                                          base.calls)
+            else:
+                self.bundles["finetuned"] = self._bundle("finetuned", version_dir, info)
         return self.bundles["finetuned"]
 
     def chosen(self) -> EncoderBundle:
         """The encoder the pipeline would serve: the fine-tuned one only when its own retrieval on the
         validation window (NDCG@10, the base encoder's measured on the same queries) improved."""
         finetuned = self.finetuned()
-        before = finetuned.info.get("encoder_valid_NDCG@10_before")
-        after = finetuned.info.get("encoder_valid_NDCG@10_after")
+        info = finetuned.info.get("finetune", finetuned.info)
+        before = info.get("encoder_valid_NDCG@10_before")
+        after = info.get("encoder_valid_NDCG@10_after")
         if before is not None and after is not None and after > before:
             return finetuned
         self.settings.say(f"{self.split.protocol}: the fine-tuned encoder's validation retrieval did not improve "
@@ -588,8 +603,12 @@ class ChronorecRanker:
         s = self.settings
         instances = self.ctx.split.test_task().instances
         rng = np.random.default_rng(s.seed)
-        if s.sweep_max_instances is not None and len(instances) > s.sweep_max_instances:
-            instances = instances[np.sort(rng.choice(len(instances), s.sweep_max_instances, replace=False))]
+        cap = s.sweep_max_instances
+        if s.sweep_max_item_scores is not None:
+            by_size = max(1, s.sweep_max_item_scores // max(1, self.ctx.dataset.n_items))
+            cap = by_size if cap is None else min(cap, by_size)
+        if cap is not None and len(instances) > cap:
+            instances = instances[np.sort(rng.choice(len(instances), cap, replace=False))]
         settings: list[tuple[str, str, float, TimeModelParams]] = []
         semantic_only = self.time_model.with_overrides(SEMANTIC_ONLY)
         for parameter, values in self.sweeps.items():
@@ -673,10 +692,22 @@ class LearnedChronorecRanker(ChronorecRanker):
 # ------------------------------------------------------------------------------ methods
 
 
+def kept_base_weights(info: Mapping[str, Any]) -> bool:
+    """Whether a fine-tuning run (its evaluation info) ended on its starting weights: keep-best chose
+    the validation before the first step."""
+    return bool(info.get("selection_queries")) and info.get("best_step") == 0
+
+
 def _encoder_report(bundle: EncoderBundle) -> dict:
     """Scalars for the report's parameter line; the rest (paths, timings) nested, JSON only."""
     out = {"encoder": "fine-tuned" if bundle.name == "finetuned" else "untuned",
            "max_length": bundle.info.get("max_length"), "encoder_info": dict(bundle.info)}
+    if bundle.info.get("kept_base_weights"):
+        finetune = bundle.info["finetune"]
+        out["encoder"] = "untuned (fine-tuning kept the base weights)"
+        out["finetune_steps"] = finetune.get("steps")
+        out["encoder_only_valid_NDCG@10"] = [finetune.get("encoder_valid_NDCG@10_before"),
+                                              finetune.get("encoder_valid_NDCG@10_after")]
     if bundle.name == "finetuned":
         out["finetune_steps"] = bundle.info.get("steps")
         out["encoder_only_valid_NDCG@10"] = [bundle.info.get("encoder_valid_NDCG@10_before"),
@@ -747,7 +778,8 @@ class ChronorecMethods:
         ctx = self.context(split)
         bundle = ctx.finetuned()
         base = TimeModelParams(history_max_events=self.settings.history_max_events)
-        tuning = ctx.tune(bundle, base, TIME_GRID, "finetuned-time")
+        # "untuned-time" when fine-tuning kept the base weights: the same encoder, the same tuning.
+        tuning = ctx.tune(bundle, base, TIME_GRID, f"{bundle.name}-time")
         return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)},
                                sweeps=SWEEPS if self.settings.sweeps else None)
 

@@ -436,6 +436,9 @@ def test_trend_counts_and_trending_as_of_time():
     state.add([_event("late", "u5", "a", 199)])
     assert state.trend_counts(200, 10, ["a"]).tolist() == [1]
     assert state.trending(40, 10, 5) == []
+    ids = state.item_ids()
+    for at, window, n in ((200, 10, 3), (150, 10, 2), (40, 10, 5), (300, 1000, 9)):
+        assert [ids[i] for i in state.trending_positions(at, window, n)] == [i for i, _ in state.trending(at, window, n)]
 
 
 def test_interaction_state_replays_a_large_log_fast():
@@ -508,6 +511,46 @@ def test_cooccurrence_keeps_top_neighbours_only(dense_max_items):
     for row in range(60):
         kept = np.sort(top_matrix[row][top_matrix[row] > 0])[::-1]
         np.testing.assert_allclose(kept, np.sort(full_matrix[row])[::-1][: len(kept)], atol=1e-6)
+
+
+def test_sparse_cooccurrence_queries_give_scipys_exact_values():
+    # scores and pair_similarities read the CSR arrays directly: the same float32 bits as
+    # scipy's row slice, transpose and product; neighbour positions are neighbours' items.
+    rng = np.random.default_rng(5)
+    ids = [f"i{j}" for j in range(400)]
+    baskets = {f"u{u}": [ids[int(j)] for j in rng.zipf(1.6, size=int(rng.integers(2, 30))) % 400] for u in range(600)}
+    model = CooccurrenceModel.fit(baskets, ids, max_neighbors=40, dense_max_items=0)
+    matrix = model._sparse
+    for trial in range(60):
+        history = [ids[int(j)] for j in rng.choice(120, size=int(rng.integers(1, 20)), replace=False)]
+        weights = {h: float(rng.random()) * (trial % 3) for h in history}
+        rows, row_weights = model._history_rows(weights)
+        expected = (np.asarray(matrix[rows].T @ row_weights, dtype=np.float32).ravel() if len(rows)
+                    else np.zeros(len(ids), dtype=np.float32))
+        assert model.scores(weights).tobytes() == expected.tobytes()
+        columns = [ids[int(j)] for j in rng.choice(400, size=12)] + history[:2] + ["unknown"]
+        r, c = model.indices_of(history), model.indices_of(columns)
+        block = np.zeros((len(r), len(c)), dtype=np.float32)
+        known = np.flatnonzero(c >= 0)
+        block[:, known] = matrix[r][:, c[known]].toarray()
+        assert model.pair_similarities(history, columns).tobytes() == block.tobytes()
+        n = int(rng.choice([3, 10, 100]))
+        neighbours = {item for hits in model.neighbours(history, n).values() for item, _ in hits}
+        assert model.neighbour_ids(history, n) == neighbours
+        assert {ids[i] for i in model.neighbour_positions(history, n)} == neighbours
+
+
+def test_search_labels_are_the_items_search_returns():
+    rng = np.random.default_rng(6)
+    index = ItemIndex(16, initial_capacity=64)
+    names = [f"x{j}" for j in range(300)]
+    index.upsert(names, rng.normal(size=(300, 16)).astype(np.float32))
+    index.delete(names[::7])
+    for _ in range(20):
+        vector = rng.normal(size=16).astype(np.float32)
+        labels, generation = index.search_labels(vector, 25)
+        assert generation == index.generation
+        assert [index._id_of_label[l] for l in labels] == [i for i, _ in index.search(vector, 25)]
 
 
 def test_cooccurrence_on_a_large_sparse_catalog_stays_small():

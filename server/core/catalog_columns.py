@@ -76,6 +76,9 @@ class CatalogSnapshot:
         self._state_positions: tuple[int, np.ndarray] | None = None
         self._cooccurrence_positions: tuple[CooccurrenceModel, np.ndarray] | None = None
         self._refreshed_at: dict[str, float] = {}
+        # The alignments turned around (position -> snapshot row), by name: (what the
+        # alignment was computed for, inverse array), each replaced whole.
+        self._inverses: dict[str, tuple[object, np.ndarray]] = {}
         self.built_at = time.monotonic()
 
     def __len__(self) -> int:
@@ -127,3 +130,42 @@ class CatalogSnapshot:
                 return None
             cached = self._cooccurrence_positions = (model, model.indices_of(self.columns.item_ids))
         return cached[1]
+
+    # ---- candidates found by position (HNSW labels, co-occurrence or state positions) ----------
+    def _rows_via(self, name: str, key: object, forward: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        cached = self._inverses.get(name)
+        if cached is None or cached[0] is not key and cached[0] != key:
+            valid = np.flatnonzero(forward >= 0)
+            inverse = np.full(int(forward[valid].max()) + 1 if len(valid) else 0, -1, dtype=np.int64)
+            inverse[forward[valid]] = valid
+            cached = (key, inverse)
+            self._inverses[name] = cached
+        inverse = cached[1]
+        rows = np.full(len(positions), -1, dtype=np.int64)
+        inside = positions < len(inverse)
+        rows[inside] = inverse[positions[inside]]
+        return rows
+
+    def rows_of_labels(self, labels: np.ndarray, generation: int) -> np.ndarray | None:
+        """Snapshot rows of the index `labels` of `generation` (-1: not in the snapshot); None
+        when the cached alignment is of another generation (look the items up by id then)."""
+        cached = self._index_labels
+        if cached is None or cached[0] != generation:
+            return None
+        return self._rows_via("index", generation, cached[1], labels)
+
+    def rows_of_cooccurrence(self, model: CooccurrenceModel, positions: np.ndarray) -> np.ndarray | None:
+        """Snapshot rows of `model`'s item `positions` (-1: not in the snapshot); None when the
+        cached alignment is of another model."""
+        cached = self._cooccurrence_positions
+        if cached is None or cached[0] is not model:
+            return None
+        return self._rows_via("cooccurrence", model, cached[1], positions)
+
+    def rows_of_state(self, positions: np.ndarray) -> np.ndarray | None:
+        """Snapshot rows of interaction-state item `positions`; None when an item had its first
+        event after the cached alignment was made (or there is none)."""
+        cached = self._state_positions
+        if cached is None or (len(positions) and int(positions.max()) >= cached[0]):
+            return None
+        return self._rows_via("state", cached[0], cached[1], positions)

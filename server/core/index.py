@@ -270,6 +270,28 @@ class ItemIndex:
             ef = max(2 * self.ef_search, 2 * k)
         return self._search_with_ef(query, k, ef)
 
+    def search_labels(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, int] | None:
+        """(labels of the items `search(vector, k)` returns, in its order; the generation they are
+        valid for), without making an id and score per hit; None where `search` would have to
+        widen ef (too few hits), so the caller asks `search` instead."""
+        query = normalise_rows(vector)
+        if query.shape[1] != self.dim:
+            raise InvalidArgument(f"query dimension {query.shape[1]} != index dimension {self.dim}")
+        with self._lock.read():
+            k = min(int(k), len(self._label_of))
+            if k <= 0:
+                return np.zeros(0, dtype=np.int64), self.generation
+            try:
+                labels, _ = self._graph.knn_query(query, k=k, num_threads=1)
+            except RuntimeError as exc:
+                if _SHORT_RESULT_MESSAGE not in str(exc):
+                    raise
+                return None
+            labels = labels[0].astype(np.int64)
+            # Deleted items' slots (id None) are skipped, as `_hits` does.
+            live = np.fromiter((self._id_of_label[l] is not None for l in labels.tolist()), dtype=bool, count=len(labels))
+            return labels[live], self.generation
+
     def _search_with_ef(self, query: np.ndarray, k: int, ef: int) -> list[tuple[str, float]]:
         # ef is a setting of the whole graph, so a search with its own ef runs alone.
         with self._lock.write():

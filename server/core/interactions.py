@@ -264,6 +264,14 @@ class InteractionState:
         Items with no window event but earlier events follow, by all-time count, so a
         quiet period still yields a popularity ranking.
         """
+        positions, window, ids = self._trending(at, window_seconds, n)
+        return [(ids[i], int(window[i])) for i in positions.tolist()]
+
+    def trending_positions(self, at: float, window_seconds: float, n: int) -> np.ndarray:
+        """The items of `trending(at, window_seconds, n)` as positions in `item_ids()` order."""
+        return self._trending(at, window_seconds, n)[0]
+
+    def _trending(self, at: float, window_seconds: float, n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         self._ensure_merged()
         with self._lock.read():
             window = self._counts_between(at - window_seconds, at)
@@ -272,14 +280,14 @@ class InteractionState:
             rank = self._sorted_id_rank()
         eligible = np.flatnonzero(total > 0)
         if n <= 0 or not len(eligible):
-            return []
+            return np.zeros(0, dtype=np.int64), window, ids
         if len(eligible) > n:
             # Only items at least as popular in the window as the n-th can make the cut.
             # np.sort, not np.partition: partition degrades badly on the many tied zero counts.
             cut = np.sort(window[eligible])[len(eligible) - n]
             eligible = eligible[window[eligible] >= cut]
         order = np.lexsort((rank[eligible], -total[eligible], -window[eligible]))[:n]
-        return [(ids[i], int(window[i])) for i in eligible[order]]
+        return eligible[order], window, ids
 
     def _sorted_id_rank(self) -> np.ndarray:
         # Caller holds the read lock; a stale cache is only replaced, never mutated.

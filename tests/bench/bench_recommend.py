@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -63,7 +66,7 @@ def _call_loop(recommender, users: list[str], threads: int, *, calls: int, secon
     }
 
 
-def grpc_figures(ctx: Context, setup: CatalogSetup) -> dict:
+def grpc_figures(ctx: Context, setup: CatalogSetup, concurrency: tuple[int, ...] | None = None) -> dict:
     server = setup.running()
     _, recommender, _ = server.stubs()
     users = list(setup.users)
@@ -73,7 +76,7 @@ def grpc_figures(ctx: Context, setup: CatalogSetup) -> dict:
     _call_loop(recommender, cached, 4, calls=len(cached), seconds=0, repeat=False)
     sizes = ctx.sizes
     cells = []
-    for threads in sizes.concurrency:
+    for threads in concurrency or sizes.concurrency:
         figures = _call_loop(recommender, cached, threads, calls=sizes.recommend_calls, seconds=sizes.recommend_seconds, repeat=True, server=server)
         cells.append({"users": "cached", "concurrency": threads, **figures})
         batch, cold = cold[: sizes.recommend_calls], cold[sizes.recommend_calls :]
@@ -163,14 +166,73 @@ def search_figures(ctx: Context, setup: CatalogSetup) -> dict:
     }
 
 
-def run(ctx: Context) -> dict:
+def _reuse_models(setup: CatalogSetup, keep: Path | None) -> None:
+    """With `keep`, the catalog's model repository (its vector cache and saved graph filled) is
+    copied from `keep` when an earlier run left it there: the generated catalog is the same
+    every run, so the server starts warm instead of encoding every item again."""
+    if keep is None:
+        return
+    kept = keep / f"models-{setup.n_items}"
+    if kept.is_dir():
+        shutil.rmtree(setup.models)
+        shutil.copytree(kept, setup.models)
+        log(f"model repository with its vector cache copied from {kept}")
+
+
+def _keep_models(setup: CatalogSetup, keep: Path | None) -> None:
+    if keep is None:
+        return
+    kept = keep / f"models-{setup.n_items}"
+    if not kept.is_dir():
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(setup.models, kept)
+        log(f"model repository with its vector cache kept in {kept}")
+
+
+def _start_tree(setup: CatalogSetup, pkgs: Path | None, label: str) -> None:
+    """Start the server over `setup` from the tree whose chronorec package is in `pkgs` (None: this tree)."""
+    saved = os.environ.get("PYTHONPATH")
+    if pkgs is not None:
+        os.environ["PYTHONPATH"] = str(pkgs)
+    try:
+        setup.start(label)
+    finally:
+        if pkgs is not None:
+            if saved is None:
+                os.environ.pop("PYTHONPATH")
+            else:
+                os.environ["PYTHONPATH"] = saved
+
+
+def run(ctx: Context, baseline: Path | None = None, reuse: Path | None = None, concurrency: list[int] | None = None,
+        rounds: int = 1, search: bool = True) -> dict:
+    trees = ([("baseline", baseline)] if baseline is not None else []) + [("this tree", None)]
+    levels = tuple(concurrency) if concurrency else None
     results = {}
+    by_tree: dict[str, dict] = {name: {} for name, _ in trees}
+    alternating = len(trees) > 1 or rounds > 1
     for n_items in ctx.sizes.catalogs:
         setup = ctx.catalog(n_items)
-        figures = grpc_figures(ctx, setup)
-        log(f"recommend {n_items}: in-process HNSW vs exact")
-        figures["search"] = search_figures(ctx, setup)
+        _reuse_models(setup, reuse)
+        for round_ in range(rounds):
+            for name, pkgs in trees:  # alternated, so a change in the machine's load hits every tree
+                if alternating:
+                    log(f"recommend {n_items}: round {round_ + 1}: {name}")
+                    _start_tree(setup, pkgs, name)
+                else:
+                    setup.running()  # left running for the benchmarks that share the catalog
+                _keep_models(setup, reuse)
+                figures = grpc_figures(ctx, setup, levels)
+                if alternating:
+                    setup.stop()
+                by_tree[name].setdefault(str(n_items), []).append(figures)
+        figures = by_tree["this tree"][str(n_items)][-1]
+        if search:
+            log(f"recommend {n_items}: in-process HNSW vs exact")
+            figures["search"] = search_figures(ctx, setup)
         results[str(n_items)] = figures
+    if alternating:
+        _print_trees(by_tree)
 
     rows = []
     for n_items, figures in results.items():
@@ -180,6 +242,8 @@ def run(ctx: Context) -> dict:
                 ["items", "users", "concurrency", "calls", "calls/s", "p50 ms", "p99 ms", "server CPU ms/call"], rows)
     rows = []
     for n_items, figures in results.items():
+        if "search" not in figures:
+            continue
         s = figures["search"]
         rows.append([n_items, "HNSW (served ef)", s["hnsw"]["ef"], s["hnsw"]["recall_at_10"], s["hnsw"]["ms_per_query"]])
         rows.append([n_items, "exact numpy", "-", 1.0, s["exact_numpy"]["ms_per_query"]])
@@ -198,17 +262,44 @@ def run(ctx: Context) -> dict:
             limit = 30.0 if cell["users"] == "cached" else 80.0
             targets[f"p99_{largest}_{cell['users']}_c4_le_{limit:g}ms"] = {"value": cell["p99_ms"], "met": cell["p99_ms"] <= limit}
     for n_items, figures in results.items():
+        if "search" not in figures:
+            continue
         recall = figures["search"]["hnsw"]["recall_at_10"]
         targets[f"hnsw_recall_at_10_{n_items}_ge_0.95"] = {"value": recall, "met": recall >= 0.95}
     for name, t in targets.items():
         print(f"  target {name}: {t['value']:.3f} {target(t['met'])}")
     result = {"k": K, "catalogs": results, "targets": targets}
+    if alternating:
+        result["trees"] = by_tree
     ctx.write("recommend", result)
     return result
 
 
+def _print_trees(by_tree: dict[str, dict]) -> None:
+    """Each tree's cells side by side, every round (CPU per call is the figure a busy machine disturbs least)."""
+    rows = []
+    for name, sizes in by_tree.items():
+        for n_items, runs in sizes.items():
+            for round_, figures in enumerate(runs, 1):
+                for cell in figures["cells"]:
+                    rows.append([name, n_items, round_, cell["users"], cell["concurrency"], cell["calls"],
+                                 cell["p50_ms"], cell["p99_ms"], cell["server_cpu_ms_per_call"]])
+    print_table("Recommend over gRPC by tree (alternated rounds)",
+                ["tree", "items", "round", "users", "concurrency", "calls", "p50 ms", "p99 ms", "server CPU ms/call"], rows)
+
+
+def _options(parser) -> None:
+    parser.add_argument("--baseline", type=Path, help="folder holding a baseline tree's chronorec package; its server is "
+                        "measured over the same catalog, alternating with this tree's")
+    parser.add_argument("--reuse", type=Path, help="folder keeping each catalog's model repository with its filled vector "
+                        "cache between runs (filled by the first run), so a large catalog is encoded once")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="client threads (default 1 4 16)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the trees this many times")
+    parser.add_argument("--no-search", dest="search", action="store_false", help="skip the in-process HNSW vs exact figures")
+
+
 def main(argv=None) -> None:
-    common.main(__doc__, run, argv)
+    common.main(__doc__, run, argv, options=_options)
 
 
 if __name__ == "__main__":

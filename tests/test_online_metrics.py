@@ -142,3 +142,12 @@ def test_the_window_slides_and_ids_bind_version_and_user():
     anonymous = ids.issue("v2", None)
     assert ids.version_of(anonymous, "anyone") == "v2"
     assert ids.version_of("not-an-id", "alice") is None
+
+
+def test_recommendation_ids_are_distinct_and_verify_across_nonce_blocks():
+    # Nonces are cut from blocks of system randomness: ids stay distinct past a block's end.
+    ids = RecommendationIds(b"k" * 32)
+    issued = [ids.issue("v1", f"user{n % 7}") for n in range(1000)]
+    assert len(set(issued)) == len(issued)
+    assert all(ids.version_of(rid, f"user{n % 7}") == "v1" for n, rid in enumerate(issued))
+    assert ids.version_of(issued[0], "user3") is None

@@ -21,6 +21,7 @@ from chronorec.server.core.encoder import EncoderSettings
 from chronorec.server.core.errors import ChronorecError, InvalidArgument, NotFound, Unavailable
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.itemtext import item_text
+from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.model_lifecycle import ModelManager, PointerWatcher, RankerInputs
 from chronorec.server.core.online_metrics import FeedbackAttribution, Figures, RecommendationRef
 from chronorec.server.core.ranking import CooccurrenceSource, RecommendQuery, RecommendResult
@@ -355,8 +356,10 @@ class ChronorecEngine:
         at = self._checked_time(query)
         with self.manager.acquire_for(query.user_id) as model:
             timeout = query.encode_timeout if timeout is None else timeout
-            resolved = replace(query, at=at, user_id=query.user_id or None, encode_timeout=timeout)
-            result = model.ranker.recommend(resolved.resolved(model.manifest.time_model))
+            # One copy of the query with everything resolved (RecommendQuery.resolved's params).
+            params = (query.params or model.manifest.time_model or TimeModelParams()).with_overrides(dict(query.overrides))
+            resolved = replace(query, at=at, user_id=query.user_id or None, encode_timeout=timeout, params=params, overrides={})
+            result = model.ranker.recommend(resolved)
             return self._named(result, model.version, at, resolved.user_id)
 
     def _checked_time(self, query: RecommendQuery) -> float:

@@ -655,12 +655,25 @@ class TimeAwareRanker:
             weights = np.array([context.cooccurrence_weights.get(h, 0.0) for h in history_ids])
             similarity = context.cooccurrence_model.pair_similarities(history_ids, list(item_ids))
             contribution += (context.w_cooccurrence / context.cooccurrence_peak) * weights[:, None] * similarity
+        # Every column sorted at once by (contribution descending, history id); the positive
+        # ones lead, so each item's reasons are its first REASONS_PER_ITEM positive rows.
+        id_rank = np.empty(len(history_ids), dtype=np.int64)
+        id_rank[sorted(range(len(history_ids)), key=history_ids.__getitem__)] = np.arange(len(history_ids))
+        order = np.lexsort((np.broadcast_to(id_rank[:, None], contribution.shape), -contribution), axis=0)[:REASONS_PER_ITEM]
+        best = np.take_along_axis(contribution, order, axis=0)
+        titles: dict[str, str] = {}
         reasons = []
-        for column in range(len(item_ids)):
-            values = contribution[:, column]
-            positive = [(history_ids[i], float(values[i])) for i in np.flatnonzero(values > 0)]
-            positive.sort(key=lambda pair: (-pair[1], pair[0]))
-            reasons.append([HistoryReason(h, self._title(h), share) for h, share in positive[:REASONS_PER_ITEM]])
+        for rows, values in zip(order.T.tolist(), best.T.tolist()):
+            chosen = []
+            for row, share in zip(rows, values):
+                if not share > 0:
+                    break
+                h = history_ids[row]
+                title = titles.get(h)
+                if title is None:
+                    title = titles[h] = self._title(h)
+                chosen.append(HistoryReason(h, title, share))
+            reasons.append(chosen)
         return reasons
 
     # ----------------------------------------------------------- short term

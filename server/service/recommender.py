@@ -53,11 +53,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             )
         if len(request.categories) > limits.max_categories:
             raise InvalidArgument(f"{len(request.categories)} categories exceed max_categories={limits.max_categories}")
-        overrides = {
-            name: getattr(request.overrides, name)
-            for name in OVERRIDE_FIELDS
-            if request.HasField("overrides") and request.overrides.HasField(name)
-        }
+        overrides = {}
+        if request.HasField("overrides"):
+            given = request.overrides
+            overrides = {name: getattr(given, name) for name in OVERRIDE_FIELDS if given.HasField(name)}
         return RecommendQuery(
             user_id=request.user_id or None,
             k=request.k,

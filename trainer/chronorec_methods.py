@@ -115,6 +115,8 @@ class EvalSettings:
     ranker_groups_per_slice: int = 2500  # sampled events per training window
     ranker_valid_groups: int = 2500  # sampled events of the validation window
     ranker_negatives: int = 10  # sampled items added to each training group
+    # Logged events × catalogue items per window at most (RankerTrainingConfig.max_item_scores_per_slice).
+    ranker_max_item_scores: int | None = 10_000_000
     progress: bool | None = None  # status lines on stderr; None: when stderr is a terminal
 
     def with_overrides(self, **overrides: Any) -> "EvalSettings":
@@ -374,13 +376,14 @@ class SplitContext:
             training, validation = slices_of(self.split, **options)
             config = RankerTrainingConfig(candidates=s.ranker_candidates, negatives=s.ranker_negatives,
                                           max_groups_per_slice=s.ranker_groups_per_slice,
-                                          max_valid_groups=s.ranker_valid_groups, seed=s.seed)
+                                          max_valid_groups=s.ranker_valid_groups,
+                                          max_item_scores_per_slice=s.ranker_max_item_scores, seed=s.seed)
             s.say(f"{self.split.protocol}: training the learned ranker over the {bundle.name} encoder "
                   f"({len(training)} training windows, validation: {self.tuning.name})")
             with blas_threads(s.blas_threads):
                 self.ranker_fits[key] = train_ranker(
                     self.dataset, self.items, bundle.encode, bundle.item_vectors, params, training, validation,
-                    config, say=lambda m: s.say(f"{self.split.protocol}: {m}"))
+                    config, say=lambda m: s.say(f"{self.split.protocol}: {m}"), index=self.index(bundle))
         return self.ranker_fits[key]
 
     def training_examples(self):

@@ -11,6 +11,7 @@ import numpy as np
 
 from chronorec.server.core.catalog import Item
 from chronorec.server.core.features import FEATURE_NAMES
+from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, LearnedRanker, RankerSpec
 from chronorec.server.core.manifest import TimeModelParams
 from chronorec.trainer.protocols import (
@@ -106,6 +107,10 @@ class RankerTrainingConfig:
     negatives: int = 10  # sampled items added to each training group (half by popularity)
     max_groups_per_slice: int = 4000  # sampled targets per training slice
     max_valid_groups: int = 3000
+    # ... and at most this many logged events × catalogue items per window: logging an event scores
+    # the whole catalogue and reads the user's history (~25 ms at 10k items on a busy core), so
+    # large catalogues log fewer events (ML-100K's 1,682 items: no cap below 5,900; 9,742: ~1,000).
+    max_item_scores_per_slice: int | None = 10_000_000
     learning_rate: float = 0.05
     num_leaves: int = 15
     min_data_in_leaf: int = 100
@@ -176,13 +181,14 @@ def collect_groups(
     negatives: int,
     seed: int,
     say: Callable[[str], None] = lambda _m: None,
+    index: ItemIndex | None = None,
 ) -> Groups:
     """Replay the log and, as of each target event, log the features the server computes then.
 
     Each group holds the blend's top `config.candidates` and, when `negatives` > 0, the target
     (even where the blend ranks it lower) and sampled items: the server's candidate set plus
     sampled negatives. Targets the server could never return (a repeat, or an item unavailable
-    at the time) form no group.
+    at the time) form no group. `index`: the item index of `item_vectors`, when already built.
     """
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -196,7 +202,7 @@ def collect_groups(
     item_ids = [i for i in dataset.item_ids if i in items]
     cooccurrence = fit_cooccurrence(dataset, feature_slice.fit, item_ids)
     replay = RankerReplay(dataset, items, feature_slice.fit, encode, item_vectors=item_vectors,
-                          cooccurrence=cooccurrence)
+                          cooccurrence=cooccurrence, index=index)
     instances = Instances(dataset, targets)
     # Negatives: half uniform over the catalogue, half by popularity in the fit events.
     popularity = np.bincount(dataset.item[feature_slice.fit], minlength=dataset.n_items).astype(np.float64) + 1.0
@@ -413,15 +419,21 @@ def train_ranker(
     validation: FeatureSlice,
     config: RankerTrainingConfig | None = None,
     say: Callable[[str], None] = lambda _m: None,
+    index: ItemIndex | None = None,
 ) -> RankerFit:
-    """Log the features of the training and validation slices and fit the ranker on them."""
+    """Log the features of the training and validation slices and fit the ranker on them (`index`:
+    the item index of `item_vectors`, shared by the slices' replays when given)."""
     config = config or RankerTrainingConfig()
+    per_slice, per_valid = config.max_groups_per_slice, config.max_valid_groups
+    if config.max_item_scores_per_slice is not None:
+        by_size = max(1, config.max_item_scores_per_slice // max(1, dataset.n_items))
+        per_slice, per_valid = min(per_slice, by_size), min(per_valid, by_size)
     parts = [collect_groups(dataset, items, encode, item_vectors, params, s, config,
-                            max_groups=config.max_groups_per_slice, negatives=config.negatives,
-                            seed=config.seed + 1 + k, say=say)
+                            max_groups=per_slice, negatives=config.negatives,
+                            seed=config.seed + 1 + k, say=say, index=index)
              for k, s in enumerate(training)]
     valid = collect_groups(dataset, items, encode, item_vectors, params, validation, config,
-                           max_groups=config.max_valid_groups, negatives=0, seed=config.seed, say=say)
+                           max_groups=per_valid, negatives=0, seed=config.seed, say=say, index=index)
     return fit_ranker(Groups.concatenate(parts), valid, config, say)
 
 

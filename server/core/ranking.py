@@ -360,8 +360,8 @@ class TimeAwareRanker:
         chosen = set(top.tolist())
         extra: list[int] = []
         if len(extra_item_ids):
-            position = {item_id: row for row, item_id in enumerate(scored.item_ids)}
-            extra = [p for p in dict.fromkeys(position.get(i, -1) for i in extra_item_ids) if p >= 0 and p not in chosen]
+            position = self._positions_of(extra_item_ids, scored, columns)
+            extra = [p for p in dict.fromkeys(position) if p >= 0 and p not in chosen]
         rows = np.concatenate([top, np.asarray(extra, dtype=np.int64)]).astype(np.int64)
         # An added row's rank is where the blend put it among all candidates.
         ranks = np.concatenate([np.arange(len(top), dtype=np.float64),
@@ -370,6 +370,18 @@ class TimeAwareRanker:
                                       self._first_stage(scored, columns, rows, ranks))
         in_candidates = np.arange(len(rows)) < len(top)
         return CandidateFeatures(scored.item_ids[rows], features, scored.score[rows], in_candidates)
+
+    @staticmethod
+    def _positions_of(item_ids: Sequence[str], scored: ScoredCandidates, columns: CatalogColumns) -> list[int]:
+        """Where each of a few `item_ids` is among the scored candidates (-1: not a candidate)."""
+        source, rows = columns.source, columns.rows
+        if source is None or rows is None:
+            position = {item_id: row for row, item_id in enumerate(scored.item_ids)}
+            return [position.get(i, -1) for i in item_ids]
+        # Columns cut from the catalog snapshot: its rows name the candidates, no dict of them all.
+        where = np.full(len(source), -1, dtype=np.int64)
+        where[rows] = np.arange(len(rows))
+        return [int(where[source.row_of[i]]) if i in source.row_of else -1 for i in item_ids]
 
     # -------------------------------------------------------- learned ranker
 

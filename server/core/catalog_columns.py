@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -20,21 +19,35 @@ from chronorec.server.core.interactions import InteractionState
 ALIGNMENT_REFRESH_S = 10.0
 
 
-@dataclass(frozen=True)
 class CatalogColumns:
     """Candidate attributes as arrays (missing times are NaN).
 
     Columns cut from the catalog snapshot remember it (`source`) and their `rows` in it,
     so per-item lookups (index labels, popularity and co-occurrence positions) come from
-    the snapshot's cached alignments instead of one dict lookup per item per query.
+    the snapshot's cached alignments instead of one dict lookup per item per query. Their
+    `category` is cut from the snapshot only when read (a category filter, the learned
+    ranker's features): an object column costs a reference count per item to cut and to
+    free, ~0.1 ms per Recommend that scores a 10k-item catalog.
     """
 
-    item_ids: np.ndarray
-    published_at: np.ndarray
-    expires_at: np.ndarray
-    category: np.ndarray
-    source: "CatalogSnapshot | None" = None
-    rows: np.ndarray | None = None
+    __slots__ = ("item_ids", "published_at", "expires_at", "_category", "source", "rows")
+
+    def __init__(self, item_ids: np.ndarray, published_at: np.ndarray, expires_at: np.ndarray,
+                 category: np.ndarray | None, source: "CatalogSnapshot | None" = None, rows: np.ndarray | None = None):
+        if category is None and (source is None or rows is None):
+            raise ValueError("category may be left out only for columns cut from a snapshot")
+        self.item_ids = item_ids
+        self.published_at = published_at
+        self.expires_at = expires_at
+        self._category = category
+        self.source = source
+        self.rows = rows
+
+    @property
+    def category(self) -> np.ndarray:
+        if self._category is None:
+            self._category = self.source.columns.category[self.rows]
+        return self._category
 
     @classmethod
     def of(cls, items: Sequence[Item]) -> "CatalogColumns":
@@ -50,11 +63,12 @@ class CatalogColumns:
         return len(self.item_ids)
 
     def take(self, mask: np.ndarray) -> "CatalogColumns":
+        cut_from_snapshot = self.source is not None and self.rows is not None
         return CatalogColumns(
             self.item_ids[mask],
             self.published_at[mask],
             self.expires_at[mask],
-            self.category[mask],
+            None if cut_from_snapshot else self._category[mask],
             self.source,
             None if self.rows is None else self.rows[mask],
         )

@@ -441,6 +441,19 @@ def test_trend_counts_and_trending_as_of_time():
         assert [ids[i] for i in state.trending_positions(at, window, n)] == [i for i, _ in state.trending(at, window, n)]
 
 
+def test_trending_is_the_top_n_by_window_then_all_time_count_then_id():
+    rng = np.random.default_rng(8)
+    state = InteractionState()
+    items = [f"t{j:03d}" for j in range(300)]
+    state.add([_event(f"e{k}", f"u{k % 40}", items[int(j)], float(t))
+               for k, (j, t) in enumerate(zip(rng.zipf(1.3, size=3000) % 300, rng.uniform(0, 1000, size=3000)))])
+    for at, window, n in ((1000, 50, 10), (1000, 5, 40), (500, 1, 25), (1000, 1000, 299), (20, 3, 5), (1000, 0.5, 60)):
+        window_counts = dict(zip(items, state.trend_counts(at, window, items).tolist()))
+        totals = dict(zip(items, state.all_time_counts(at, items).tolist()))
+        expected = sorted((i for i in items if totals[i] > 0), key=lambda i: (-window_counts[i], -totals[i], i))[:n]
+        assert [i for i, _ in state.trending(at, window, n)] == expected
+
+
 def test_interaction_state_replays_a_large_log_fast():
     rng = np.random.default_rng(0)
     n = 100_000

@@ -298,6 +298,12 @@ def test_in_a_browser(dashboard_server, browser, demo):
     _sign_in(driver, base, READ_TOKEN)
     assert driver.find_element(By.ID, "serving-version").text == dashboard_server.engine.serving_version()
     driver.save_screenshot(str(SCREENSHOTS / "status.png"))
+    # The Status page refreshes itself: a catalog change shows without navigating.
+    before = driver.find_element(By.ID, "catalog-items").text
+    dashboard_server.engine.upsert_items([Item(item_id="refresh-probe", title="Published next year",
+                                               published_at=ANCHOR + 365 * DAY)])
+    _wait(lambda: driver.find_element(By.ID, "catalog-items").text != before, timeout=20)
+    assert driver.current_url.rstrip("/") == base
 
     # The user preview: the slider moves from October to November and the list follows the drift.
     user = drifting_user(demo)

@@ -435,6 +435,16 @@ def test_tls_serves_https_with_a_secure_cookie(start_server, tiny_repo, tmp_path
     assert status != 200
 
 
+def test_pages_follow_the_grpc_roles():
+    from chronorec.server.dashboard.web import ACTIONS, SAME_AS_RPC
+    from chronorec.server.security import REQUIRED_ROLE, Role
+
+    assert all(method in REQUIRED_ROLE for method in SAME_AS_RPC.values())
+    assert set(ACTIONS) <= set(SAME_AS_RPC)
+    assert {REQUIRED_ROLE[SAME_AS_RPC[name]] for name in ACTIONS} == {Role.ADMIN}
+    assert {REQUIRED_ROLE[method] for name, method in SAME_AS_RPC.items() if name not in ACTIONS} == {Role.READ}
+
+
 def test_sessions_follow_the_tokens_file(tmp_path):
     from chronorec.server.dashboard.sessions import SessionStore
     from chronorec.server.security import Role, TokenTable

@@ -22,7 +22,15 @@ from chronorec.server.core.errors import ChronorecError, InvalidArgument, Overlo
 from chronorec.server.dashboard import reports, views
 from chronorec.server.dashboard.charts import bar_chart
 from chronorec.server.dashboard.sessions import COOKIE_NAME, Session, SessionStore
-from chronorec.server.security import Principal, Role, SecurityConfigError, TokenTable, bearer_token, is_loopback
+from chronorec.server.security import (
+    Principal,
+    Role,
+    SecurityConfigError,
+    TokenTable,
+    bearer_token,
+    is_loopback,
+    required_role,
+)
 from chronorec.server.service.errors import status_for
 from chronorec.server.service.executors import Executors
 
@@ -57,6 +65,21 @@ ACTIONS = {
     "canary-start": "Start a canary",
     "canary-promote": "Promote the canary",
     "canary-abort": "Abort the canary",
+}
+# Each page and action is allowed to whoever may make the gRPC call that does the same, by the
+# one table of roles (security.REQUIRED_ROLE): a role change there changes the dashboard too.
+_MODELS = "/chronorec.v1.ModelService/"
+SAME_AS_RPC = {
+    "status": _MODELS + "GetStatus",
+    "preview": "/chronorec.v1.RecommenderService/Recommend",
+    "item": "/chronorec.v1.RecommenderService/SimilarItems",
+    "evaluation": _MODELS + "ListVersions",
+    "actions": _MODELS + "ListVersions",
+    "activate": _MODELS + "ActivateVersion",
+    "rollback": _MODELS + "Rollback",
+    "canary-start": _MODELS + "ActivateVersion",
+    "canary-promote": _MODELS + "PromoteCanary",
+    "canary-abort": _MODELS + "AbortCanary",
 }
 # Content the pages may load: their own scripts, styles and images only, never framed.
 SECURITY_HEADERS = {
@@ -287,8 +310,10 @@ class Dashboard:
         response.set_cookie(COOKIE_NAME, session.session_id, httponly=True, samesite="Strict",
                             secure=self.settings.tls, path="/")
 
-    def _need(self, request: web.Request, role: Role) -> Principal:
+    def _need(self, request: web.Request, page: str) -> Principal:
+        """The caller, when their role may make `page`'s gRPC call (SAME_AS_RPC); else 403."""
         principal: Principal = request[PRINCIPAL]
+        role = required_role(SAME_AS_RPC[page]) or Role.READ
         if principal.role < role:
             log.warning("dashboard: %s (role %s) may not %s %s", principal.label, principal.role.name.lower(),
                         request.method, request.path)
@@ -330,12 +355,12 @@ class Dashboard:
     # ---------------------------------------------------------------- pages
 
     async def status_page(self, request: web.Request) -> web.Response:
-        self._need(request, Role.READ)
+        self._need(request, "status")
         view = await self._blocking("store", views.status_view, self.engine)
         return self._render(request, "status.html", view=view, refresh=STATUS_REFRESH_S, title="Status")
 
     async def preview_page(self, request: web.Request) -> web.Response:
-        self._need(request, Role.READ)
+        self._need(request, "preview")
         query = request.query
         user_id = query.get("user", "").strip()
         history = query.get("history", "")
@@ -351,7 +376,7 @@ class Dashboard:
                             k=k, title="User preview")
 
     async def item_page(self, request: web.Request) -> web.Response:
-        self._need(request, Role.READ)
+        self._need(request, "item")
         self._ready()
         at = views.parse_time(request.query["at"], "at") if request.query.get("at") else None
         view = await self._blocking("compute", views.item_view, self.engine, request.match_info["item_id"], at)
@@ -359,13 +384,13 @@ class Dashboard:
         return self._render(request, "item.html", view=view, chart=chart, title=f"Item {view.item.item_id}")
 
     async def evaluation_page(self, request: web.Request) -> web.Response:
-        self._need(request, Role.READ)
+        self._need(request, "evaluation")
         root = self.settings.reports
         report = await self._blocking("store", reports.load_report, root) if root is not None else None
         return self._render(request, "evaluation.html", report=report, configured=root is not None, title="Evaluation")
 
     async def evaluation_plot(self, request: web.Request) -> web.StreamResponse:
-        self._need(request, Role.READ)
+        self._need(request, "evaluation")
         root = self.settings.reports
         path = await self._blocking("store", reports.plot_path, root, request.match_info["name"]) if root else None
         if path is None:
@@ -373,15 +398,15 @@ class Dashboard:
         return web.FileResponse(path, headers={"Content-Type": "image/png"})
 
     async def actions_page(self, request: web.Request) -> web.Response:
-        self._need(request, Role.READ)
+        self._need(request, "actions")
         view = await self._blocking("store", views.status_view, self.engine)
         return self._render(request, "actions.html", view=view, actions=ACTIONS, title="Actions")
 
     async def action(self, request: web.Request) -> web.Response:
-        principal = self._need(request, Role.ADMIN)
         name = request.match_info["action"]
         if name not in ACTIONS:
             raise web.HTTPNotFound(text="no such action")
+        principal = self._need(request, name)
         form = await request.post()
         fields = {key: str(form.get(key, "")).strip() for key in ("version", "percent", "min_impressions", "max_ctr_drop")}
         plan = await self._blocking("store", self._plan, name, fields)

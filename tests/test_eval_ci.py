@@ -155,6 +155,20 @@ def test_fine_tuning_that_kept_the_base_weights_uses_the_base_encoder(drift, chr
     assert not cm.kept_base_weights({**info, "selection_queries": 0})
 
 
+def test_item_vectors_are_kept_with_the_cached_models(drift, chronorec):
+    ctx = chronorec.context(temporal_split(drift))
+    base = ctx.untuned()
+    texts = [ctx.item_text_of(i) for i in ctx.item_ids]
+    first, _ = ctx._item_vectors(base.encoder, base.version_dir, texts)
+    again, reused = ctx._item_vectors(base.encoder, base.version_dir, texts)
+    # Read back bit for bit what the encoder gives; other texts are another entry.
+    assert reused
+    np.testing.assert_array_equal(again, base.encoder.encode(texts))
+    np.testing.assert_array_equal(first, again)
+    _, other = ctx._item_vectors(base.encoder, base.version_dir, texts[:5])
+    assert not other
+
+
 def test_fine_tuning_never_reads_the_test_window(drift, chronorec):
     split = temporal_split(drift)
     ctx = chronorec.context(split)

@@ -36,6 +36,7 @@ from chronorec.server.security import (
     SecurityConfigError,
     TokenTable,
     check_bind_policy,
+    check_dashboard_bind_policy,
     is_loopback,
     server_credentials,
 )
@@ -331,6 +332,8 @@ def serve(config: ServerConfig, *, engine: ChronorecEngine | None = None) -> Run
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
     mutual_tls = config.tls_client_ca is not None
     check_bind_policy(config.host, authenticated=tokens is not None or mutual_tls, allow_insecure_public=config.allow_insecure_public)
+    if config.dashboard_port is not None:
+        check_dashboard_bind_policy(config.dashboard_host or config.host, tokens)
     if tokens is not None and credentials is None and not is_loopback(config.host):
         log.warning("bearer tokens travel in plaintext to %s: add --tls-cert/--tls-key or terminate TLS in front", config.host)
 

@@ -345,6 +345,16 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname may resolve to anything: treat it as public
 
 
+def check_dashboard_bind_policy(host: str, tokens: "TokenTable | None") -> None:
+    """A web dashboard on an address other machines reach must ask for bearer tokens: it shows and
+    swaps models, and a browser cannot sign in with a client certificate alone."""
+    if tokens is None and not is_loopback(host):
+        raise SecurityConfigError(
+            f"refusing to serve the dashboard on {host} without bearer tokens: configure --tokens-file "
+            "(or CHRONOREC_TOKENS), or bind it to loopback with --dashboard-host 127.0.0.1"
+        )
+
+
 def check_bind_policy(host: str, authenticated: bool, allow_insecure_public: bool) -> None:
     """Refuse to serve a non-loopback address without authentication unless explicitly allowed."""
     if authenticated:

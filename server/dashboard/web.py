@@ -25,10 +25,9 @@ from chronorec.server.dashboard.sessions import COOKIE_NAME, Session, SessionSto
 from chronorec.server.security import (
     Principal,
     Role,
-    SecurityConfigError,
     TokenTable,
     bearer_token,
-    is_loopback,
+    check_dashboard_bind_policy,
     required_role,
 )
 from chronorec.server.service.errors import status_for
@@ -106,15 +105,6 @@ class DashboardSettings:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
-
-
-def check_dashboard_policy(host: str, tokens: TokenTable | None) -> None:
-    """A dashboard on an address other machines reach must ask for tokens: it shows and swaps models."""
-    if tokens is None and not is_loopback(host):
-        raise SecurityConfigError(
-            f"refusing to serve the dashboard on {host} without bearer tokens: configure --tokens-file "
-            "(or CHRONOREC_TOKENS), or bind it to loopback with --dashboard-host 127.0.0.1"
-        )
 
 
 def ssl_context(settings: DashboardSettings) -> ssl.SSLContext | None:
@@ -514,7 +504,7 @@ def start_dashboard(engine: ChronorecEngine, executors: Executors, tokens: Token
                     settings: DashboardSettings, events) -> RunningDashboard:
     """Bind and serve the dashboard on `events` (an EventLoopThread of its own); raises
     SecurityConfigError for a public address without tokens, OSError when the port is taken."""
-    check_dashboard_policy(settings.host, tokens)
+    check_dashboard_bind_policy(settings.host, tokens)
     dashboard = Dashboard(engine, executors, SessionStore(tokens), settings)
     context = ssl_context(settings)
 

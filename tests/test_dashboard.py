@@ -321,10 +321,12 @@ def test_in_a_browser(dashboard_server, browser, demo):
     # The encoder read the newer events in November: its text changed with the slider.
     assert october_text.strip() and november_text.strip() and october_text != november_text
     # What the demo's ground truth says: the topic before the switch leads in October, the topic
-    # after it in November (the rest is the demo's noise and popular items of other topics).
+    # after it in November: first place, and more places than any other topic (the rest is the
+    # demo's noise and fresh or popular items of other topics).
     for top, leading, other in ((october, user.topic_before, user.topic_after),
                                 (november, user.topic_after, user.topic_before)):
-        assert top[0] == leading and top.count(leading) >= 5 and top.count(leading) > 2 * top.count(other), (user, top)
+        runner_up = max((top.count(c) for c in set(top) - {leading}), default=0)
+        assert top[0] == leading and top.count(leading) > runner_up and top.count(other) < 3, (user, top)
 
     # An item page, from the list.
     driver.find_element(By.CSS_SELECTOR, "tr.recommendation a").click()

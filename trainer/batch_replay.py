@@ -124,13 +124,12 @@ class ReplayScorer:
                 rows[i, chunk.columns_kept(i)] = scored.score
         return out
 
-    def walk_candidates(self, instances: Instances, params: TimeModelParams,
-                        ) -> Iterator[tuple[int, RecommendQuery, list[HistoryEntry], ScoredCandidates, CatalogColumns]]:
-        """Per instance, in the global order: (row of `instances`, its query, its history, the
-        ranker's candidates with every component, their catalogue columns), with the replay's
-        interaction state advanced to the instance. What `TimeAwareRanker._score` hands the learned
-        ranker, without the per-event scoring: the learned ranker's features (which read the state)
-        are then computed by the ranker's own code (`features_of_scored`, `rerank`)."""
+    def walk_candidates(self, instances: Instances, params: TimeModelParams) -> Iterator["ReplayedEvent"]:
+        """Per instance, in the global order, what `TimeAwareRanker._score` hands the learned ranker
+        (its query, the candidates with every component, their catalogue columns, the history), with
+        the replay's interaction state advanced to the instance; without the per-event scoring. The
+        learned ranker's features (which read the state) are then computed by the ranker's own code
+        (`features_of_scored`, `rerank`)."""
         replay, d = self.replay, self.dataset
         order = np.argsort(instances.pos, kind="stable")
         ordered = instances[order]
@@ -138,20 +137,41 @@ class ReplayScorer:
         texts = self.prime(ordered, params)
         for part, chunk in self.chunks(ordered, texts):
             for i in range(len(chunk)):
-                row = int(order[part.start + i])
                 position = int(chunk.instances.pos[i])
                 replay.advance(position)
                 query = RecommendQuery(user_id=d.user_ids[d.user[position]], k=10, at=float(d.ts[position]),
                                        params=params, exhaustive=True).resolved()
-                history = self.history_entries(chunk.hist_pos[chunk.hist_ptr[i]:chunk.hist_ptr[i + 1]])
-                scored = chunk.candidates(i, params, components=True)
-                yield row, query, history, scored, self.columns.take(chunk.rows_kept(i))
+                yield ReplayedEvent(int(order[part.start + i]), query, chunk.candidates(i, params, components=True),
+                                    self.columns.take(chunk.rows_kept(i)), self,
+                                    chunk.hist_pos[chunk.hist_ptr[i]:chunk.hist_ptr[i + 1]])
 
     def history_entries(self, positions: np.ndarray) -> list[HistoryEntry]:
         """HistoryEntry of the events at global `positions` (as the interaction state holds them)."""
         d = self.dataset
         return [HistoryEntry(d.item_ids[d.item[p]], e.action, float(e.timestamp), e.value)
                 for p, e in ((int(p), self._events[int(p)]) for p in positions)]
+
+
+class ReplayedEvent:
+    """One replayed instance as the learned ranker sees it (ReplayScorer.walk_candidates)."""
+
+    def __init__(self, row: int, query: RecommendQuery, scored: ScoredCandidates, columns: CatalogColumns,
+                 scorer: ReplayScorer, history_positions: np.ndarray):
+        self.row = row  # in the instances walked
+        self.query = query
+        self.scored = scored
+        self.columns = columns  # aligned with `scored`
+        self._scorer = scorer
+        self._positions = history_positions
+        self._history: list[HistoryEntry] | None = None
+
+    @property
+    def history(self) -> list[HistoryEntry]:
+        """The user's events before the instance, oldest first (built when first read: ~1,000 objects
+        for a long history, not needed for an event skipped on its candidates alone)."""
+        if self._history is None:
+            self._history = self._scorer.history_entries(self._positions)
+        return self._history
 
 
 @dataclass
@@ -376,4 +396,4 @@ class ReplayChunk:
         return ScoredCandidates(self.scorer.row_ids[rows], score, semantic, cooccurrence, freshness, trend)
 
 
-__all__ = ["CHUNK_INSTANCES", "HistoryTexts", "ReplayChunk", "ReplayScorer", "first_occurrences"]
+__all__ = ["CHUNK_INSTANCES", "HistoryTexts", "ReplayChunk", "ReplayScorer", "ReplayedEvent", "first_occurrences"]

@@ -107,9 +107,9 @@ class RankerTrainingConfig:
     negatives: int = 10  # sampled items added to each training group (half by popularity)
     max_groups_per_slice: int = 4000  # sampled targets per training slice
     max_valid_groups: int = 3000
-    # ... and at most this many logged events × catalogue items per window: logging an event scores
-    # the whole catalogue and reads the user's history (~25 ms at 10k items on a busy core), so
-    # large catalogues log fewer events (ML-100K's 1,682 items: no cap below 5,900; 9,742: ~1,000).
+    # ... and at most this many logged events × catalogue items per training window: logging an event
+    # scores the whole catalogue and reads the user's history (~25 ms at 10k items on a busy core),
+    # so large catalogues log fewer (ML-100K's 1,682 items: no cap below 5,900; 9,742: ~1,000).
     max_item_scores_per_slice: int | None = 10_000_000
     learning_rate: float = 0.05
     num_leaves: int = 15
@@ -211,15 +211,23 @@ def collect_groups(
     # The blend's candidates of many events at once (the batch replay), then each event's features
     # from the ranker's own code, as of the event (walk_candidates advances the state to it).
     ranker = replay.ranker
-    for row, query, history, scored, columns in replay.first_stage().walk_candidates(instances, params):
+    for event in replay.first_stage().walk_candidates(instances, params):
+        row, scored = event.row, event.scored
         target = dataset.item_ids[int(instances.target[row])]
         extra: list[str] = []
         if negatives > 0:
             uniform = rng.integers(0, dataset.n_items, negatives - negatives // 2)
             popular = rng.choice(dataset.n_items, negatives // 2, p=popularity)
             extra = [target] + [dataset.item_ids[int(i)] for i in np.concatenate([uniform, popular])]
-        found = ranker.features_of_scored(query, history, scored, columns, ranker.cooccurrence, extra,
-                                          candidates=config.candidates)
+        else:
+            # Without added rows a group exists only when the target is among the candidates: an
+            # event with `candidates` or more items scored strictly above its target forms none, and
+            # its features are not worth computing (most validation events on a large catalogue).
+            where = np.flatnonzero(scored.item_ids == target)
+            if not len(where) or int((scored.score > scored.score[where[0]]).sum()) >= config.candidates:
+                continue
+        found = ranker.features_of_scored(event.query, event.history, scored, event.columns, ranker.cooccurrence,
+                                          extra, candidates=config.candidates)
         is_target = found.item_ids == target
         hit = bool((is_target & found.in_candidates).any())
         if not is_target.any():
@@ -424,16 +432,18 @@ def train_ranker(
     """Log the features of the training and validation slices and fit the ranker on them (`index`:
     the item index of `item_vectors`, shared by the slices' replays when given)."""
     config = config or RankerTrainingConfig()
-    per_slice, per_valid = config.max_groups_per_slice, config.max_valid_groups
+    per_slice = config.max_groups_per_slice
     if config.max_item_scores_per_slice is not None:
-        by_size = max(1, config.max_item_scores_per_slice // max(1, dataset.n_items))
-        per_slice, per_valid = min(per_slice, by_size), min(per_valid, by_size)
+        # The validation window is left at max_valid_groups: it computes features only for the events
+        # whose target is among the candidates (a fifth of them on ml-latest-small), and early
+        # stopping needs its groups.
+        per_slice = min(per_slice, max(1, config.max_item_scores_per_slice // max(1, dataset.n_items)))
     parts = [collect_groups(dataset, items, encode, item_vectors, params, s, config,
                             max_groups=per_slice, negatives=config.negatives,
                             seed=config.seed + 1 + k, say=say, index=index)
              for k, s in enumerate(training)]
     valid = collect_groups(dataset, items, encode, item_vectors, params, validation, config,
-                           max_groups=per_valid, negatives=0, seed=config.seed, say=say, index=index)
+                           max_groups=config.max_valid_groups, negatives=0, seed=config.seed, say=say, index=index)
     return fit_ranker(Groups.concatenate(parts), valid, config, say)
 
 

@@ -250,10 +250,11 @@ class ReplayRanker:
         ranker = replay.ranker
         scorer = replay.first_stage()
         scores = np.full((len(instances), replay.dataset.n_items), -np.inf)
-        for row, query, history, scored, columns in scorer.walk_candidates(instances, self.params):
+        for event in scorer.walk_candidates(instances, self.params):
+            scored = event.scored
             if len(scored.score):
-                scored, _, _ = ranker.rerank(history, scored, query, columns, ranker.cooccurrence)
-            scores[row, scorer.column_of_row[columns.rows]] = scored.score
+                scored, _, _ = ranker.rerank(event.history, scored, event.query, event.columns, ranker.cooccurrence)
+            scores[event.row, scorer.column_of_row[event.columns.rows]] = scored.score
         return scores
 
 # ------------------------------------------------------------------------------ tuning

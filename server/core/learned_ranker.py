@@ -129,12 +129,13 @@ class LearnedRanker:
         data = np.ascontiguousarray(features[:, self.columns], dtype=np.float64)
         return np.asarray(self.booster.predict(data, num_threads=self.threads), dtype=np.float64)
 
-    def contributions(self, features: np.ndarray) -> np.ndarray:
-        """(rows, ranker features) each feature's additive part of the score (SHAP values)."""
+    def contributions(self, features: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """(rows, ranker features) each feature's additive part of the score (SHAP values); `threads`:
+        LightGBM's threads for this call (default: the ranker's own, one per request)."""
         if not len(features):
             return np.zeros((0, len(self.columns)), dtype=np.float64)
         data = np.ascontiguousarray(features[:, self.columns], dtype=np.float64)
-        values = np.asarray(self.booster.predict(data, pred_contrib=True, num_threads=self.threads))
+        values = np.asarray(self.booster.predict(data, pred_contrib=True, num_threads=threads or self.threads))
         return values[:, : len(self.columns)]  # the last column is the expected value
 
     def reasons(self, features: np.ndarray, top: int = FEATURE_REASONS) -> list[list[FeatureReason]]:

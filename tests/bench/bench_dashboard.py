@@ -1,6 +1,6 @@
 """Benchmark: gRPC Recommend latency with and without a client polling the web dashboard's pages, in one server run."""
 
-# Usage: flock /work/coord/heavy.lock python -m tests.bench.bench_dashboard [--quick] [--seconds 20]
+# Usage: python -m tests.bench.bench_dashboard [--quick] [--seconds 20]
 # One server (the demo catalog, the bench model) serves Recommend to CALLERS closed-loop clients.
 # Rounds alternate three phases: dashboard closed; open as a browser tab on the Status page leaves
 # it (one fetch every 5 s); and open under a client fetching the Status, User preview and Item

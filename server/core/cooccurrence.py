@@ -301,13 +301,7 @@ class CooccurrenceModel:
             row = self._index.get(item_id)
             if row is None:
                 continue
-            if self._dense is not None:
-                values = self._dense[row]
-                columns = np.flatnonzero(values > 0)
-                values = values[columns]
-            else:
-                start, end = self._sparse.indptr[row], self._sparse.indptr[row + 1]
-                columns, values = self._sparse.indices[start:end], self._sparse.data[start:end]
+            columns, values = self._positive_row(row)
             if len(values) > n:
                 cut = np.argpartition(-values, n - 1)[:n]
                 columns, values = columns[cut], values[cut]
@@ -342,15 +336,18 @@ class CooccurrenceModel:
             return np.zeros(0, dtype=np.int64)
         return np.unique(np.concatenate(parts))
 
-    def _top_columns(self, row: int, n: int) -> np.ndarray:
-        # The same choice as `neighbours` (similarity > 0, argpartition's cut past n).
+    def _positive_row(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Columns and similarities of one item's row where the similarity is above zero."""
         if self._dense is not None:
             values = self._dense[row]
             columns = np.flatnonzero(values > 0)
-            values = values[columns]
-        else:
-            start, end = self._sparse.indptr[row], self._sparse.indptr[row + 1]
-            columns, values = self._sparse.indices[start:end], self._sparse.data[start:end]
+            return columns, values[columns]
+        start, end = self._sparse.indptr[row], self._sparse.indptr[row + 1]
+        return self._sparse.indices[start:end], self._sparse.data[start:end]
+
+    def _top_columns(self, row: int, n: int) -> np.ndarray:
+        # The same choice as `neighbours` (similarity > 0, argpartition's cut past n).
+        columns, values = self._positive_row(row)
         if len(values) > n:
             columns = columns[np.argpartition(-values, n - 1)[:n]]
         return columns.astype(np.int64)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import REPO_ROOT, log
+from .common import REPO_ROOT, log, run_concurrently
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 QUICK_BATCHES = (1, 8, 32)
@@ -251,13 +251,7 @@ def microbatcher_latency(version_dir: Path, graph: Path, device: str, texts: lis
             with lock:
                 latencies.extend(mine)
 
-        threads = [threading.Thread(target=caller, args=(k,)) for k in range(concurrency)]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - started
+        wall = run_concurrently(concurrency, caller)
     finally:
         batcher.close()
         encoder.close()

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import ANCHOR, REPO_ROOT, ServerProcess, log, percentile_ms, print_table, run_concurrently, timestamp
+from .common import ANCHOR, REPO_ROOT, ServerProcess, log, percentile_ms, print_table, pythonpath, run_concurrently, timestamp
 
 WORKER = Path(__file__).resolve().parent / "inproc_worker.py"
 
@@ -37,17 +37,8 @@ def engine_figures(pkgs: Path | None, model: Path, work: Path, items: int, users
 def server_figures(pkgs: Path | None, work: Path, users: list[str], calls: int, concurrency: tuple[int, ...]) -> list[dict]:
     from chronorec.v1 import recommender_pb2
 
-    saved = os.environ.get("PYTHONPATH")
-    if pkgs is not None:
-        os.environ["PYTHONPATH"] = str(pkgs)
-    try:
+    with pythonpath(pkgs):
         server = ServerProcess(work / "bench.db", work / "models", work / "server.log", int8=False)
-    finally:
-        if pkgs is not None:
-            if saved is None:
-                os.environ.pop("PYTHONPATH")
-            else:
-                os.environ["PYTHONPATH"] = saved
     try:
         server.wait_serving()
         _, recommender, _ = server.stubs()

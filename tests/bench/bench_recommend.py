@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import shutil
 import threading
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import common
-from .common import ANCHOR, CatalogSetup, Context, log, percentile_ms, print_table, run_concurrently, target, timestamp
+from .common import ANCHOR, CatalogSetup, Context, log, percentile_ms, print_table, pythonpath, run_concurrently, target, timestamp
 
 K = 10
 CACHED_SHARE = 0.2  # of the generated users: warmed once, then queried again and again
@@ -191,17 +190,8 @@ def _keep_models(setup: CatalogSetup, keep: Path | None) -> None:
 
 def _start_tree(setup: CatalogSetup, pkgs: Path | None, label: str) -> None:
     """Start the server over `setup` from the tree whose chronorec package is in `pkgs` (None: this tree)."""
-    saved = os.environ.get("PYTHONPATH")
-    if pkgs is not None:
-        os.environ["PYTHONPATH"] = str(pkgs)
-    try:
+    with pythonpath(pkgs):
         setup.start(label)
-    finally:
-        if pkgs is not None:
-            if saved is None:
-                os.environ.pop("PYTHONPATH")
-            else:
-                os.environ["PYTHONPATH"] = saved
 
 
 def run(ctx: Context, baseline: Path | None = None, reuse: Path | None = None, concurrency: list[int] | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -516,6 +517,23 @@ def timestamp(seconds: float):
     out = Timestamp()
     out.FromNanoseconds(int(seconds * 1e9))
     return out
+
+
+@contextlib.contextmanager
+def pythonpath(pkgs: Path | None):
+    """PYTHONPATH set to `pkgs` (a tree's chronorec package) while a child server starts; None: left as it is."""
+    if pkgs is None:
+        yield
+        return
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(pkgs)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 def run_concurrently(n_threads: int, work: Callable[[int], None]) -> float:

@@ -541,6 +541,9 @@ def test_sparse_cooccurrence_queries_give_scipys_exact_values():
         expected = (np.asarray(matrix[rows].T @ row_weights, dtype=np.float32).ravel() if len(rows)
                     else np.zeros(len(ids), dtype=np.float32))
         assert model.scores(weights).tobytes() == expected.tobytes()
+        # At a few positions (repeated, unknown, in any order): the same bits as the full scores.
+        positions = np.append(rng.choice(400, size=int(rng.integers(1, 150))), [-1, 3, 3])
+        assert model.scores_at(weights, positions).tobytes() == np.where(positions >= 0, expected[positions], 0).tobytes()
         columns = [ids[int(j)] for j in rng.choice(400, size=12)] + history[:2] + ["unknown"]
         r, c = model.indices_of(history), model.indices_of(columns)
         block = np.zeros((len(r), len(c)), dtype=np.float32)
@@ -551,6 +554,18 @@ def test_sparse_cooccurrence_queries_give_scipys_exact_values():
         neighbours = {item for hits in model.neighbours(history, n).values() for item, _ in hits}
         assert model.neighbour_ids(history, n) == neighbours
         assert {ids[i] for i in model.neighbour_positions(history, n)} == neighbours
+
+
+def test_dense_cooccurrence_scores_at_positions_are_the_full_scores_there():
+    ids = [f"i{j}" for j in range(30)]
+    rng = np.random.default_rng(9)
+    baskets = {f"u{u}": [ids[int(j)] for j in rng.integers(0, 30, size=6)] for u in range(50)}
+    model = CooccurrenceModel.fit(baskets, ids)
+    weights = {ids[2]: 0.5, ids[7]: 1.5, "unknown": 2.0}
+    positions = np.array([5, -1, 0, 29, 5])
+    full = model.scores(weights)
+    assert model.scores_at(weights, positions).tobytes() == np.where(positions >= 0, full[positions], 0).astype(np.float32).tobytes()
+    assert model.scores_at({}, positions).tolist() == [0.0] * 5
 
 
 def test_search_labels_are_the_items_search_returns():

@@ -227,6 +227,30 @@ class CooccurrenceModel:
             return np.zeros(len(positions), dtype=np.float32)
         return np.where(positions >= 0, full[np.maximum(positions, 0)], 0.0).astype(np.float32)
 
+    def scores_at(self, weights: Mapping[str, float], positions: np.ndarray) -> np.ndarray:
+        """scores(weights) at item `positions` (0 where -1), as float32, the same values bit for bit.
+
+        A sparse model adds up only the stored values that land on `positions`, in the order
+        `scores` adds them, instead of a score for every item: at 1M items that array alone
+        was 4 MB to allocate and clear per call, for the few hundred candidates read from it."""
+        positions = np.asarray(positions, dtype=np.int64)
+        rows, row_weights = self._history_rows(weights)
+        if self._dense is not None or not len(rows) or not len(positions):
+            full = self.scores(weights)
+            if not len(full):
+                return np.zeros(len(positions), dtype=np.float32)
+            return np.where(positions >= 0, full[np.maximum(positions, 0)], 0).astype(np.float32)
+        wanted, inverse = np.unique(positions, return_inverse=True)
+        entries, entry_rows = self._row_entries(rows)
+        columns = self._sparse.indices[entries]
+        where = np.minimum(np.searchsorted(wanted, columns), len(wanted) - 1)
+        hit = wanted[where] == columns
+        values = self._sparse.data[entries] * row_weights[entry_rows]
+        sums = np.zeros(len(wanted), dtype=np.float32)
+        np.add.at(sums, where[hit], values[hit])
+        sums[wanted < 0] = 0.0
+        return sums[inverse.reshape(-1)]
+
     def pair_similarities(self, row_ids: Sequence[str], col_ids: Sequence[str]) -> np.ndarray:
         """sim(r, c) as a len(row_ids)×len(col_ids) matrix; 0 for unknown items."""
         rows, cols = self.indices_of(row_ids), self.indices_of(col_ids)

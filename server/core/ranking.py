@@ -502,7 +502,7 @@ class TimeAwareRanker:
         if context.cooccurrence_weights and model is not None and n:
             aligned = source.cooccurrence_positions(model, source.may_refresh("cooccurrence", partial)) if source is not None else None
             positions = model.indices_of(ids) if aligned is None else aligned[rows]
-            raw = _gather(model.scores(context.cooccurrence_weights), positions)
+            raw = model.scores_at(context.cooccurrence_weights, positions)
             peak = float(raw.max())
             context.cooccurrence_peak = peak
             if peak > 0:
@@ -659,10 +659,12 @@ class TimeAwareRanker:
                 banned_rows = [row_of[i] for i in banned if i in row_of]
                 if columns is columns.source.columns:
                     keep[banned_rows] = False  # the whole snapshot: its rows are the positions
-                else:
-                    allowed = np.ones(len(row_of), dtype=bool)
-                    allowed[banned_rows] = False
-                    keep &= allowed[columns.rows]
+                elif banned_rows:
+                    # Sorted banned rows searched per candidate: a mask over the whole snapshot
+                    # cost O(catalog) per call (1 MB to fill at 1M items) for a few hundred rows.
+                    banned_sorted = np.sort(np.asarray(banned_rows, dtype=np.int64))
+                    where = np.minimum(np.searchsorted(banned_sorted, columns.rows), len(banned_sorted) - 1)
+                    keep &= banned_sorted[where] != columns.rows
             else:
                 keep &= np.fromiter((i not in banned for i in columns.item_ids), dtype=bool, count=len(columns))
         return columns.take(keep)
@@ -676,7 +678,8 @@ class TimeAwareRanker:
             return [[] for _ in item_ids]
         contribution = np.zeros((len(history_ids), len(item_ids)), dtype=np.float64)
         if context.long_term_scale > 0:
-            history_vectors, _ = self.index.vectors_matrix_for(history_ids)
+            # The rows the user context already gathered (an item's row is the same at each of its events).
+            history_vectors = context.history_vectors[context.unique_rows]
             candidate_vectors, _ = self.index.vectors_matrix_for(list(item_ids))
             weights = np.array([context.long_term_weights.get(h, 0.0) for h in history_ids])
             contribution += context.long_term_scale * weights[:, None] * (history_vectors @ candidate_vectors.T)
@@ -735,6 +738,9 @@ class _UserContext:
         self.recent_items: list[str] = []
         self.long_term_weights: dict[str, float] = {}
         self.long_term_scale = 0.0  # d(semantic)/d(weight·v_h·v_c) of the long-term part
+        # Item vectors of the history, one row per event, and the row of each of `unique_items`.
+        self.history_vectors: np.ndarray | None = None
+        self.unique_rows: list[int] = []
         # One model for the whole request, though a background refit may swap it meanwhile.
         self.cooccurrence_model: CooccurrenceModel | None = None
         self.cooccurrence_weights: dict[str, float] = {}
@@ -778,6 +784,8 @@ class _UserContext:
 
         long_term_weight = _half_life_decay(ages, params.long_term_half_life_days) * strengths
         vectors, present = ranker.index.vectors_matrix_for(item_ids)
+        last_row = {item_id: row for row, item_id in enumerate(item_ids)}
+        context.history_vectors, context.unique_rows = vectors, [last_row[i] for i in context.unique_items]
         long_raw = (long_term_weight * present)[None, :] @ vectors
         long_norm = float(np.linalg.norm(long_raw))
         long_term = long_raw[0] / long_norm if long_norm > 1e-12 else None

@@ -33,7 +33,8 @@ def test_exact_top_matches_a_full_sort():
 
 
 def test_growth_quick(tmp_path):
-    bench_growth.main(["--quick", "--sizes", "300,1000", "--profile", "1", "--out", str(tmp_path)])
+    kept = tmp_path / "kept"
+    bench_growth.main(["--quick", "--sizes", "300,1000", "--profile", "1", "--out", str(tmp_path), "--reuse", str(kept)])
     result = json.loads((tmp_path / "growth-quick.json").read_text())
     assert set(result["sizes"]) == {"300", "1000"}
     for size, figures in result["sizes"].items():
@@ -47,3 +48,12 @@ def test_growth_quick(tmp_path):
             assert _positive(cell["server_cpu_ms_per_call"])
         assert _positive(figures["rss_mb_after_calls"]) and _positive(figures["index_build_s"])
     assert not (tmp_path / "work").exists(), "scratch data must be cleaned up"
+    assert not any("reused" in figures for figures in result["sizes"].values())
+    # A second run starts its server from the kept repository: nothing rebuilt, the build's figures carried over.
+    first = result["sizes"]["300"]
+    bench_growth.main(["--quick", "--sizes", "300", "--out", str(tmp_path), "--reuse", str(kept)])
+    again = json.loads((tmp_path / "growth-quick.json").read_text())["sizes"]["300"]
+    assert again["reused"] == str(kept / "growth-300")
+    assert again["recall"] == first["recall"] and again["index_build_s"] == first["index_build_s"]
+    assert "indexed 300 items: 300 vectors from the cache" in again["server_indexing_log"]
+    assert all(cell["calls"] > 0 for cell in again["cells"])

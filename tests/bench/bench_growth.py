@@ -3,6 +3,8 @@
     python -m tests.bench.bench_growth                         # 10k, 100k, 1M items (MiniLM int8 server)
     python -m tests.bench.bench_growth --sizes 1000000         # one size (results merge into growth.json)
     python -m tests.bench.bench_growth --quick                 # CI size: tiny BERT, 300 and 2,000 items
+    python -m tests.bench.bench_growth --sizes 1000000 --reuse DIR   # keep the built repository in DIR; a
+                                                               # later run starts its server from it
 
 Item vectors are GENERATED at every size (encoding 1M items with MiniLM takes hours on two
 cores): each is a random mix of two real item vectors (the version's encoder on `--basis`
@@ -145,29 +147,16 @@ def summarize_profile(raw: Path, top: int = 15) -> dict:
     return {"samples": total, "self": share(own), "inclusive": share(inclusive)}
 
 
-def one_size(ctx: Context, n_items: int, basis_cache: dict, *, profile_s: float) -> dict:
+def _built(ctx: Context, n_items: int, items: list, basis_cache: dict) -> tuple[Path, dict]:
+    """A fresh model repository whose vector cache holds the generated vectors and whose saved
+    graph the server starts from; with what building it measured (build time, recall)."""
     from chronorec.server.core.encoder import EncoderSettings, OnnxEncoder
     from chronorec.server.core.indexing import index_catalog, open_vector_cache
     from chronorec.server.core.itemtext import item_text
     from chronorec.server.core.repository import ModelRepository
-    from chronorec.server.core.store import EventStore
     from chronorec.server.core.vector_cache import text_key
 
-    from .bench_recommend import CACHED_SHARE, _call_loop
-
-    sizes = ctx.sizes
-    folder = ctx.work / f"growth-{n_items}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    started = time.perf_counter()
-    items, events = make_catalog(n_items, sizes.recommend_users)
-    db = folder / "chronorec.db"
-    with EventStore(db) as store:
-        store.bulk_import(items, events)
-    users = sorted({e.user_id for e in events})
     models = ctx.fresh_repo(f"growth-{n_items}")
-    log(f"growth {n_items}: catalog and {len(events)} events in {time.perf_counter() - started:.1f} s")
-
     repo = ModelRepository(models)
     version = repo.current()
     settings = EncoderSettings(prefer_int8=ctx.int8)
@@ -192,12 +181,54 @@ def one_size(ctx: Context, n_items: int, basis_cache: dict, *, profile_s: float)
     build_s = time.perf_counter() - started
     ids = [i.item_id for i in items]
     # Items sharing a text share its vector: the index holds them as the cache gives them.
-    queries = generated_vectors(basis_cache["basis"], sizes.recall_queries, seed=n_items + 1)
+    queries = generated_vectors(basis_cache["basis"], ctx.sizes.recall_queries, seed=n_items + 1)
     recall = recall_figures(index, vectors, ids, queries)
     spread = nearest_cosine(vectors, 200)
     log(f"growth {n_items}: graph built in {build_s:.1f} s; recall@10 {recall['recall_at_10']:.3f} at ef {recall['ef']}")
     del index, cache, vectors, texts, keys
     encoder.close()
+    gc.collect()
+    return models, {"index_build_s": build_s, "recall": recall,
+                    "nearest_neighbour_cosine": {"generated": spread, "real_basis": basis_cache["basis_nearest_cosine"]}}
+
+
+def _reused(ctx: Context, n_items: int, items: list, basis_cache: dict, reuse: Path | None) -> tuple[Path, dict]:
+    """`_built`, or with `reuse` a copy of the repository an earlier run built and kept there
+    (its build time and recall are that run's, marked `reused`); a new build is kept there."""
+    kept = None if reuse is None else reuse / f"growth-{n_items}"
+    if kept is not None and (kept / "built.json").exists():
+        models = ctx.work / f"growth-{n_items}" / "models"
+        shutil.rmtree(models, ignore_errors=True)
+        shutil.copytree(kept / "models", models)
+        built = json.loads((kept / "built.json").read_text())
+        log(f"growth {n_items}: repository with its vectors and graph copied from {kept} (built in {built['index_build_s']:.1f} s)")
+        return models, {**built, "reused": str(kept)}
+    models, built = _built(ctx, n_items, items, basis_cache)
+    if kept is not None:
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(models, kept / "models")
+        (kept / "built.json").write_text(json.dumps(built))
+    return models, built
+
+
+def one_size(ctx: Context, n_items: int, basis_cache: dict, *, profile_s: float, reuse: Path | None = None) -> dict:
+    from chronorec.server.core.store import EventStore
+
+    from .bench_recommend import CACHED_SHARE, _call_loop
+
+    sizes = ctx.sizes
+    folder = ctx.work / f"growth-{n_items}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    items, events = make_catalog(n_items, sizes.recommend_users)
+    db = folder / "chronorec.db"
+    with EventStore(db) as store:
+        store.bulk_import(items, events)
+    users = sorted({e.user_id for e in events})
+    log(f"growth {n_items}: catalog and {len(events)} events in {time.perf_counter() - started:.1f} s")
+    models, built = _reused(ctx, n_items, items, basis_cache, reuse)
+    del items
     gc.collect()
 
     server = ServerProcess(db, models, folder / "server.log", int8=ctx.int8)
@@ -235,11 +266,9 @@ def one_size(ctx: Context, n_items: int, basis_cache: dict, *, profile_s: float)
     return {
         "items": n_items,
         "vectors": "generated (mix of two real item vectors + noise; see the module docstring)",
-        "nearest_neighbour_cosine": {"generated": spread, "real_basis": basis_cache["basis_nearest_cosine"]},
-        "index_build_s": build_s,
+        **built,
         "server_start_s_warm": start_s,
         "server_indexing_log": indexing[-1] if indexing else "",
-        "recall": recall,
         "cells": cells,
         "rss_mb_serving": rss_serving,
         "rss_mb_after_calls": rss_after,
@@ -250,13 +279,13 @@ def one_size(ctx: Context, n_items: int, basis_cache: dict, *, profile_s: float)
     }
 
 
-def run(ctx: Context, sizes: str | None = None, profile: float = 0.0) -> dict:
+def run(ctx: Context, sizes: str | None = None, profile: float = 0.0, reuse: Path | None = None) -> dict:
     chosen = [int(x) for x in sizes.split(",")] if sizes else ([300, 2000] if ctx.quick else [10_000, 100_000, 1_000_000])
     path = ctx.out / ("growth-quick.json" if ctx.quick else "growth.json")
     merged = json.loads(path.read_text()) if path.exists() and not ctx.quick else {"sizes": {}}
     basis: dict = {}
     for n in chosen:
-        merged["sizes"][str(n)] = one_size(ctx, n, basis, profile_s=profile)
+        merged["sizes"][str(n)] = one_size(ctx, n, basis, profile_s=profile, reuse=reuse)
         ctx.write(path.stem, merged)
     rows = []
     ordered = sorted(merged["sizes"].values(), key=lambda r: r["items"])
@@ -291,6 +320,8 @@ def run(ctx: Context, sizes: str | None = None, profile: float = 0.0) -> dict:
 def _options(parser) -> None:
     parser.add_argument("--sizes", default=None, help="comma-separated catalog sizes (default 10000,100000,1000000)")
     parser.add_argument("--profile", type=float, default=0.0, help="py-spy the server this many seconds at concurrency 4")
+    parser.add_argument("--reuse", type=Path, help="folder keeping each size's built model repository (vector cache and "
+                        "saved graph) between runs: the first run builds and keeps it, later ones start from a copy")
 
 
 def main(argv=None) -> None:

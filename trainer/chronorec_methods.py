@@ -403,10 +403,16 @@ class SplitContext:
                                           max_item_scores_per_slice=s.ranker_max_item_scores, seed=s.seed)
             s.say(f"{self.split.protocol}: training the learned ranker over the {bundle.name} encoder "
                   f"({len(training)} training windows, validation: {self.tuning.name})")
+            def fitted(feature_slice):
+                # The validation window's co-occurrence is the tuning task's (the same events).
+                same = np.array_equal(feature_slice.fit, self.tuning.train)
+                return self.cooccurrence("tuning") if same else None
+
             with blas_threads(s.blas_threads):
                 self.ranker_fits[key] = train_ranker(
                     self.dataset, self.items, bundle.encode, bundle.item_vectors, params, training, validation,
-                    config, say=lambda m: s.say(f"{self.split.protocol}: {m}"), index=self.index(bundle))
+                    config, say=lambda m: s.say(f"{self.split.protocol}: {m}"), index=self.index(bundle),
+                    fitted=fitted)
         return self.ranker_fits[key]
 
     def training_examples(self):
@@ -526,9 +532,15 @@ class SplitContext:
         return self._cooccurrence[which]
 
     def index(self, bundle: EncoderBundle):
-        """The item index of `bundle`'s vectors, built once for every replay of that encoder."""
+        """The item index of `bundle`'s vectors, built once for every replay of that encoder (and,
+        like the base encoder's vectors, once for both splits: the same vectors give the same index)."""
         if bundle.name not in self._indexes:
-            self._indexes[bundle.name] = build_index(self.item_ids, bundle.item_vectors)
+            shared = self._shared.setdefault("indexes", {})
+            key = (id(self.dataset), id(bundle.item_vectors))
+            if key not in shared:
+                # The vectors are held with their index, so their id names them while it is kept.
+                shared[key] = (bundle.item_vectors, build_index(self.item_ids, bundle.item_vectors))
+            self._indexes[bundle.name] = shared[key][1]
         return self._indexes[bundle.name]
 
     def tuning_replay(self, bundle: EncoderBundle) -> RankerReplay:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from chronorec.server.core.catalog import Item
+from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.features import FEATURE_NAMES
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, LearnedRanker, RankerSpec
@@ -183,13 +184,15 @@ def collect_groups(
     seed: int,
     say: Callable[[str], None] = lambda _m: None,
     index: ItemIndex | None = None,
+    cooccurrence: CooccurrenceModel | None = None,
 ) -> Groups:
     """Replay the log and, as of each target event, log the features the server computes then.
 
     Each group holds the blend's top `config.candidates` and, when `negatives` > 0, the target
     (even where the blend ranks it lower) and sampled items: the server's candidate set plus
     sampled negatives. Targets the server could never return (a repeat, or an item unavailable
-    at the time) form no group. `index`: the item index of `item_vectors`, when already built.
+    at the time) form no group. `index`: the item index of `item_vectors`, when already built;
+    `cooccurrence`: the model fitted on exactly `feature_slice.fit`, when already fitted.
     """
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -201,7 +204,8 @@ def collect_groups(
     if not len(targets):
         return Groups.empty()
     item_ids = [i for i in dataset.item_ids if i in items]
-    cooccurrence = fit_cooccurrence(dataset, feature_slice.fit, item_ids)
+    if cooccurrence is None:
+        cooccurrence = fit_cooccurrence(dataset, feature_slice.fit, item_ids)
     replay = RankerReplay(dataset, items, feature_slice.fit, encode, item_vectors=item_vectors,
                           cooccurrence=cooccurrence, index=index)
     instances = Instances(dataset, targets)
@@ -212,7 +216,16 @@ def collect_groups(
     # The blend's candidates of many events at once (the batch replay), then each event's features
     # from the ranker's own code, as of the event (walk_candidates advances the state to it).
     ranker = replay.ranker
-    for event in replay.first_stage().walk_candidates(instances, params):
+
+    def within_reach(row: int, scored) -> bool:
+        """Without added rows a group exists only when the target is among the candidates: an event
+        with `candidates` or more items scored strictly above its target forms none, and its
+        features (its history text above all) are not worth computing (most validation events on
+        a large catalogue)."""
+        where = np.flatnonzero(scored.item_ids == dataset.item_ids[int(instances.target[row])])
+        return bool(len(where)) and int((scored.score > scored.score[where[0]]).sum()) < config.candidates
+
+    for event in replay.first_stage().walk_candidates(instances, params, None if negatives > 0 else within_reach):
         row, scored = event.row, event.scored
         target = dataset.item_ids[int(instances.target[row])]
         extra: list[str] = []
@@ -220,13 +233,6 @@ def collect_groups(
             uniform = rng.integers(0, dataset.n_items, negatives - negatives // 2)
             popular = rng.choice(dataset.n_items, negatives // 2, p=popularity)
             extra = [target] + [dataset.item_ids[int(i)] for i in np.concatenate([uniform, popular])]
-        else:
-            # Without added rows a group exists only when the target is among the candidates: an
-            # event with `candidates` or more items scored strictly above its target forms none, and
-            # its features are not worth computing (most validation events on a large catalogue).
-            where = np.flatnonzero(scored.item_ids == target)
-            if not len(where) or int((scored.score > scored.score[where[0]]).sum()) >= config.candidates:
-                continue
         found = ranker.features_of_scored(event.query, event.history, scored, event.columns, ranker.cooccurrence,
                                           extra, candidates=config.candidates)
         is_target = found.item_ids == target
@@ -430,9 +436,11 @@ def train_ranker(
     config: RankerTrainingConfig | None = None,
     say: Callable[[str], None] = lambda _m: None,
     index: ItemIndex | None = None,
+    fitted: Callable[[FeatureSlice], CooccurrenceModel | None] = lambda _s: None,
 ) -> RankerFit:
     """Log the features of the training and validation slices and fit the ranker on them (`index`:
-    the item index of `item_vectors`, shared by the slices' replays when given)."""
+    the item index of `item_vectors`, shared by the slices' replays when given; `fitted(slice)`: a
+    co-occurrence model already fitted on exactly the slice's fit events, else None)."""
     config = config or RankerTrainingConfig()
     per_slice = config.max_groups_per_slice
     if config.max_item_scores_per_slice is not None:
@@ -442,10 +450,11 @@ def train_ranker(
         per_slice = min(per_slice, max(1, config.max_item_scores_per_slice // max(1, dataset.n_items)))
     parts = [collect_groups(dataset, items, encode, item_vectors, params, s, config,
                             max_groups=per_slice, negatives=config.negatives,
-                            seed=config.seed + 1 + k, say=say, index=index)
+                            seed=config.seed + 1 + k, say=say, index=index, cooccurrence=fitted(s))
              for k, s in enumerate(training)]
     valid = collect_groups(dataset, items, encode, item_vectors, params, validation, config,
-                           max_groups=config.max_valid_groups, negatives=0, seed=config.seed, say=say, index=index)
+                           max_groups=config.max_valid_groups, negatives=0, seed=config.seed, say=say, index=index,
+                           cooccurrence=fitted(validation))
     return fit_ranker(Groups.concatenate(parts), valid, config, say)
 
 

@@ -246,6 +246,33 @@ def test_batcher_splits_large_requests_and_keeps_order():
     assert sum(reports) == 30 and reports == [len(b) for b in fake.batches]
 
 
+def test_batcher_workers_encode_batches_at_once_and_keep_each_callers_rows():
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow(texts):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return _fake_vectors(texts)
+
+    batcher = MicroBatcher(slow, max_batch_size=4, max_wait_ms=1, workers=2)
+    try:
+        # Requests of 10 texts are split into chunks that the two workers deliver concurrently.
+        texts = [[f"{i}: text {j}" for j in range(1 + 3 * (i % 4))] for i in range(12)]
+        results = _run_concurrently(12, lambda i: batcher.encode(texts[i], timeout=10))
+    finally:
+        batcher.close()
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result, _fake_vectors(texts[i]))
+    assert most[0] == 2
+    with pytest.raises(ValueError):
+        MicroBatcher(slow, workers=0)
+
+
 class _GatedEncoder:
     """Blocks inside encode_fn until released, so tests control what is queued."""
 

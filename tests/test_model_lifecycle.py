@@ -106,6 +106,19 @@ def test_serving_settings_round_trip_through_encoder_settings(tmp_path):
     assert encoder_module.__all__.count("load_encoder") == 1
 
 
+def test_server_serves_int8_on_one_thread_per_core_by_default(monkeypatch):
+    from chronorec.server.config import config_from_args
+
+    assert config_from_args([]).prefer_int8 is True and EncoderSettings().prefer_int8 is True
+    assert config_from_args(["--no-int8"]).prefer_int8 is False
+    monkeypatch.setenv("CHRONOREC_INT8", "0")
+    assert config_from_args([]).prefer_int8 is False
+    monkeypatch.setattr(encoder_module.os, "cpu_count", lambda: 4)
+    assert (EncoderSettings().run_threads(), EncoderSettings().batch_workers()) == (1, 4)
+    assert (EncoderSettings(intra_op_threads=2).run_threads(), EncoderSettings(intra_op_threads=2).batch_workers()) == (2, 2)
+    assert EncoderSettings(intra_op_threads=8).batch_workers() == 1
+
+
 # ------------------------------------------------------------------ engine
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from chronorec.server.core.canary import CanaryJudge, CanaryPlan, read_plan, write_plan
 from chronorec.server.core.catalog_state import CatalogState
-from chronorec.server.core.encoder import EncoderSettings, MicroBatcher, OnnxEncoder, load_encoder
+from chronorec.server.core.encoder import CUDA_PROVIDER, EncoderSettings, MicroBatcher, OnnxEncoder, load_encoder
 from chronorec.server.core.errors import FailedPrecondition, NotFound, Unavailable, redact_paths
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.indexing import index_with, open_vector_cache
@@ -210,6 +210,8 @@ class ModelManager:
             max_wait_ms=self.settings.max_wait_ms,
             max_queue_texts=self.settings.max_queue,
             on_batch=self.settings.on_batch,
+            # A GPU runs one batch at a time; on CPU each core runs its own.
+            workers=1 if CUDA_PROVIDER in encoder.providers else self.settings.batch_workers(),
         )
         try:
             catalog = self.inputs.catalog

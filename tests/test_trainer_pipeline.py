@@ -118,8 +118,10 @@ def test_the_catalog_is_encoded_into_the_new_versions_vector_cache_before_activa
     repo = ModelRepository(models)
     with EventStore(db, read_only=True) as store:
         items = list(store.iter_items())
-    encoder = OnnxEncoder(repo.version_dir(outcome.version))
+    # As a server on its defaults serves the version (its int8 graph: the trainer published one).
+    encoder = OnnxEncoder(repo.version_dir(outcome.version), prefer_int8=EncoderSettings().prefer_int8)
     try:
+        assert encoder.model_file == "model.int8.onnx"
         # The server's swap finds every catalog vector in the cache instead of encoding the catalog.
         cache = open_vector_cache(repo, outcome.version, encoder, EncoderSettings())
         vectors, found = cache.get([text_key(item_text(i)) for i in items])
@@ -285,3 +287,10 @@ def test_the_prepare_step_indexes_as_the_server_recorded_in_the_repository(tmp_p
                                                 hnsw_m=16, hnsw_ef_construction=100, hnsw_ef_search=64))
     skipped = _prepare(repo, version, items, RunSettings(threads=1), said.append)
     assert "skipped" in skipped and not (models / VECTOR_CACHE_DIR).exists()
+
+    # A new version gets an int8 graph when the server serves int8 (or says nothing), unless --int8/--no-int8 says.
+    from chronorec.trainer.pipeline import _publishes_int8
+
+    assert _publishes_int8(repo, RunSettings()) is False and _publishes_int8(repo, RunSettings(int8=True)) is True
+    repo.write_serving_settings(served)
+    assert _publishes_int8(repo, RunSettings()) is True and _publishes_int8(repo, RunSettings(int8=False)) is False

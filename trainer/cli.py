@@ -62,7 +62,8 @@ class ExportBaseSettings:
 
     models: str = setting(help="model repository root (versions go to <models>/encoder/)")
     model: str | None = setting(None, help="Hugging Face model folder (none: the packaged all-MiniLM-L6-v2)")
-    int8: bool = setting(False, help="also write a dynamically quantized int8 graph")
+    # The server serves a version's int8 graph by default (chronorec-server --int8).
+    int8: bool = setting(True, help="also write a dynamically quantized int8 graph (--no-int8: fp32 only)")
     activate: bool = setting(True, help="make it the serving version")
     # 64: on ML-100K a cold user's history text read to 64 tokens ranks as well as to 128 (NDCG@10
     # 0.0963 vs 0.0931, README "Benchmarks") at half the encoder CPU per cold Recommend.

@@ -145,7 +145,9 @@ class RunSettings:
                                                "version's)")
     max_tune_instances: int | None = setting(1000, group=GATE, help="validation instances the tuning samples")
     max_eval_instances: int | None = setting(None, group=GATE, help="test instances evaluated (none: all)")
-    int8: bool = setting(False, group=GATE, help="also publish an int8 graph (cosine to fp32 recorded)")
+    int8: bool | None = setting(None, group=GATE, help="also publish an int8 graph, cosine to fp32 recorded (none: "
+                                                      "when the server serves int8, per the settings it recorded; "
+                                                      "yes when none are recorded, as a server on its defaults)")
     threshold: float = setting(0.0, group=GATE, help=f"activate when {GATE_METRIC} >= serving's - threshold")
     force: bool = setting(False, group=GATE, help="activate even when the gate says no")
     # The vector cache is prepared as the server indexes: its settings are read from the repository.
@@ -480,7 +482,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
                "data": data.summary(), "encoder": encoder_choice, "ranker": ranker_details}
     version = encoder.publish(
         repo, base_model=root_base, parent_version=serving.version, time_model=params,
-        metrics=metrics, max_length=serving.max_length, int8=settings.int8, activate=False, ranker=learned,
+        metrics=metrics, max_length=serving.max_length, int8=_publishes_int8(repo, settings), activate=False, ranker=learned,
         training_window={**data.windows.to_dict(), "max_seq": data.event_log.max_seq,
                          "source": data.event_log.source},
         extra={"trainer": {**details, "protocol": "temporal", "init_from": str(init_folder),
@@ -599,6 +601,15 @@ def _canary_plan(version: str, settings: RunSettings) -> CanaryPlan:
     """The canary --canary asks for (InvalidArgument for a percentage outside 0..100 or a bad rule)."""
     policy = CanaryPolicy(settings.canary_min_impressions, settings.canary_max_ctr_drop)
     return CanaryPlan(version, check_percent(settings.canary), policy=policy)
+
+
+def _publishes_int8(repo: ModelRepository, settings: RunSettings) -> bool:
+    """Whether the new version gets an int8 graph: as asked, else as the server serves."""
+    if settings.int8 is not None:
+        return settings.int8
+    from chronorec.server.core.encoder import EncoderSettings
+
+    return EncoderSettings.from_serving_settings(repo.read_serving_settings()).prefer_int8
 
 
 def _prepare(repo: ModelRepository, version: str, items: list, settings: RunSettings,

@@ -125,14 +125,16 @@ class Context:
     # Model repositories ------------------------------------------------------------
 
     def model_template(self) -> Path:
-        """A repository with one published, activated version of the bench model (int8 included)."""
+        """A repository with one published, activated version of the bench model (int8 included),
+        reading as many tokens as `chronorec-train export-base` publishes by default."""
         key = self.model
         if key not in self._templates:
             root = self.work / f"template-{key}"
+            from chronorec.trainer.cli import DEFAULT_MAX_LENGTH
             from chronorec.trainer.export import publish_base_model
 
             started = time.perf_counter()
-            publish_base_model(self.base_model_dir(), root, activate=True, int8=True)
+            publish_base_model(self.base_model_dir(), root, activate=True, int8=True, max_length=DEFAULT_MAX_LENGTH)
             log(f"published the {key} model with int8 in {time.perf_counter() - started:.1f} s")
             self._templates[key] = root
         return self._templates[key]
@@ -292,7 +294,7 @@ class ServerProcess:
             "--no-demo", "--log-text", "--log-level", "INFO",
             # The co-occurrence refit is a periodic background job, not part of any figure.
             "--cooccurrence-refresh", "0",
-            *(["--int8"] if int8 else []),
+            "--int8" if int8 else "--no-int8",
             *extra,
         ]
         env = dict(os.environ)

@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 BEST_FILE = "best.pt"
+# At most this much memory for the frozen lower layers' states of the validation texts (float32 per
+# token): 9,742 item texts and 2,000 history texts at 32 tokens and 384 dimensions take ~0.5 GB.
+FROZEN_CACHE_MAX_BYTES = 2 << 30
 
 
 @dataclass
@@ -130,6 +133,42 @@ def contrastive_loss(
 # ------------------------------------------------------------------------ evaluation
 
 
+def encoder_retrieval_per_example(
+    module: SentenceEncoderModule,
+    tokenizer,
+    examples: Sequence[TrainingExample],
+    item_texts: Mapping[str, str],
+    *,
+    max_length: int = TOKENIZER_MAX_LENGTH,
+    batch_size: int = 64,
+    item_vectors: np.ndarray | None = None,
+    encode: Callable[[Sequence[str]], np.ndarray] | None = None,
+) -> tuple[list[TrainingExample], dict[str, np.ndarray]]:
+    """(the examples whose item is in the catalog, HR@10 / NDCG@10 / MRR of each one's item among all
+    catalog items by the encoder alone): cosine of history text and item text, the history's items
+    excluded, ties at their expectation. `encode(texts)`, when given, replaces the module's own
+    encoding (a `FrozenPrefix` that runs only the trainable top layers gives the same vectors)."""
+    item_ids = list(item_texts)
+    column = {item_id: i for i, item_id in enumerate(item_ids)}
+    examples = [e for e in examples if e.item_id in column]
+    if not examples:
+        return [], {}
+    if encode is None:
+        def encode(texts: Sequence[str]) -> np.ndarray:
+            return module.encode_texts(tokenizer, list(texts), batch_size, max_length).numpy()
+    if item_vectors is None:
+        item_vectors = encode([item_texts[i] for i in item_ids])
+    queries = encode([e.query for e in examples])
+    scores = queries @ item_vectors.T
+    excluded = np.zeros(scores.shape, dtype=bool)
+    for row, example in enumerate(examples):
+        excluded[row, [column[i] for i in example.history_items if i in column]] = True
+    targets = np.array([column[e.item_id] for e in examples])
+    excluded[np.arange(len(examples)), targets] = False
+    better, tied = rank_counts(scores, targets, excluded)
+    return examples, expected_metrics(better, tied)
+
+
 def encoder_retrieval_metrics(
     module: SentenceEncoderModule,
     tokenizer,
@@ -139,25 +178,137 @@ def encoder_retrieval_metrics(
     max_length: int = TOKENIZER_MAX_LENGTH,
     batch_size: int = 64,
     item_vectors: np.ndarray | None = None,
+    encode: Callable[[Sequence[str]], np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Mean HR@10 / NDCG@10 / MRR of each example's item among all catalog items by the encoder alone
-    (cosine of history text and item text; the history's items excluded, ties at their expectation)."""
-    item_ids = list(item_texts)
-    column = {item_id: i for i, item_id in enumerate(item_ids)}
-    examples = [e for e in examples if e.item_id in column]
-    if not examples:
-        return {}
-    if item_vectors is None:
-        item_vectors = module.encode_texts(tokenizer, [item_texts[i] for i in item_ids], batch_size, max_length).numpy()
-    queries = module.encode_texts(tokenizer, [e.query for e in examples], batch_size, max_length).numpy()
-    scores = queries @ item_vectors.T
-    excluded = np.zeros(scores.shape, dtype=bool)
-    for row, example in enumerate(examples):
-        excluded[row, [column[i] for i in example.history_items if i in column]] = True
-    targets = np.array([column[e.item_id] for e in examples])
-    excluded[np.arange(len(examples)), targets] = False
-    better, tied = rank_counts(scores, targets, excluded)
-    return {name: float(values.mean()) for name, values in expected_metrics(better, tied).items()}
+    (`encoder_retrieval_per_example`)."""
+    _, metrics = encoder_retrieval_per_example(module, tokenizer, examples, item_texts, max_length=max_length,
+                                               batch_size=batch_size, item_vectors=item_vectors, encode=encode)
+    return {name: float(values.mean()) for name, values in metrics.items()}
+
+
+class _GivenStates(torch.nn.Module):
+    """Stands in for the embeddings: returns hidden states computed earlier."""
+
+    def __init__(self, states: torch.Tensor):
+        super().__init__()
+        self.states = states
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.states
+
+
+class FrozenPrefix:
+    """The hidden states of texts after the encoder's frozen bottom (embeddings and the frozen lower
+    layers), computed once per text. While only the top layers train, those states never change:
+    a validation over the whole catalog then runs only the top layers and the pooling, through the
+    module's own forward (its attention masks), and gets the vectors `encode_texts` gives.
+
+    `frozen` is the number of lower layers held fixed (`frozen_layers`). The states of one text
+    are kept unpadded: padding is masked out of attention, so a token's state does not depend on
+    the batch it was computed in.
+    """
+
+    def __init__(self, tokenizer, frozen: int, max_length: int = TOKENIZER_MAX_LENGTH, batch_size: int = 64,
+                 max_bytes: int = FROZEN_CACHE_MAX_BYTES):
+        self.tokenizer = tokenizer
+        self.frozen = int(frozen)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.max_bytes = max_bytes
+        self.states: dict[str, torch.Tensor] = {}
+        self.bytes = 0
+
+    @classmethod
+    def of(cls, module: SentenceEncoderModule, tokenizer, max_length: int = TOKENIZER_MAX_LENGTH,
+           **kwargs: Any) -> "FrozenPrefix | None":
+        """A prefix cache for `module` as it is frozen now; None when its embeddings train."""
+        frozen = frozen_layers(module)
+        return None if frozen is None else cls(tokenizer, frozen, max_length, **kwargs)
+
+    def fits(self, module: SentenceEncoderModule) -> bool:
+        """Whether `module` is frozen at least as far down as this cache (its states are then valid)."""
+        frozen = frozen_layers(module)
+        return frozen is not None and frozen >= self.frozen
+
+    @staticmethod
+    @contextmanager
+    def _swapped(module: SentenceEncoderModule, layers: list, embeddings: torch.nn.Module | None = None):
+        bert = module.bert
+        saved_layers, saved_embeddings = bert.encoder.layer, bert.embeddings
+        bert.encoder.layer = torch.nn.ModuleList(layers)
+        if embeddings is not None:
+            bert.embeddings = embeddings
+        try:
+            yield
+        finally:
+            bert.encoder.layer = saved_layers
+            bert.embeddings = saved_embeddings
+
+    def _by_length(self, module: SentenceEncoderModule, texts: Sequence[str]) -> list[list[str]]:
+        # Similar lengths batched together: less padding to run through the layers.
+        lengths = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, return_length=True)["length"]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        return [[texts[i] for i in order[start:start + self.batch_size]]
+                for start in range(0, len(order), self.batch_size)]
+
+    def add(self, module: SentenceEncoderModule, texts: Sequence[str]) -> bool:
+        """Compute the frozen states of the texts not cached yet; False (nothing added) when they would
+        take the cache past `max_bytes`."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self.states))
+        if not missing:
+            return True
+        lengths = self.tokenizer(missing, truncation=True, max_length=self.max_length, return_length=True)["length"]
+        needed = sum(lengths) * module.dimension * 4
+        if self.bytes + needed > self.max_bytes:
+            return False
+        was_training = module.training
+        module.eval()
+        layers = list(module.bert.encoder.layer)[: self.frozen]
+        try:
+            with torch.inference_mode(), self._swapped(module, layers):
+                for batch in self._by_length(module, missing):
+                    inputs = module.tokenize(self.tokenizer, batch, self.max_length)
+                    hidden = module.bert(**inputs).last_hidden_state.float().cpu()
+                    for row, text in enumerate(batch):
+                        length = int(inputs["attention_mask"][row].sum())
+                        self.states[text] = hidden[row, :length].clone()
+                        self.bytes += self.states[text].numel() * 4
+        finally:
+            module.train(was_training)
+        return True
+
+    def encode(self, module: SentenceEncoderModule, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors of `texts` by `module` (eval mode, no gradients), its top layers run over the
+        cached states: equal to `module.encode_texts` within float tolerance."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, module.dimension), dtype=np.float32)
+        if not self.add(module, texts):
+            return module.encode_texts(self.tokenizer, texts, self.batch_size, self.max_length).numpy()
+        device = next(module.parameters()).device
+        top = list(module.bert.encoder.layer)[self.frozen:]
+        vectors: dict[str, np.ndarray] = {}
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.inference_mode():
+                for batch in self._by_length(module, list(dict.fromkeys(texts))):
+                    states = [self.states[t] for t in batch]
+                    width = max(len(s) for s in states)
+                    padded = torch.zeros((len(batch), width, module.dimension), dtype=torch.float32)
+                    mask = torch.zeros((len(batch), width), dtype=torch.long)
+                    for row, s in enumerate(states):
+                        padded[row, : len(s)] = s
+                        mask[row, : len(s)] = 1
+                    given = _GivenStates(padded.to(device=device, dtype=next(module.parameters()).dtype))
+                    with self._swapped(module, top, given):
+                        out = module(input_ids=torch.zeros_like(mask, device=device), attention_mask=mask.to(device))
+                    for row, text in enumerate(batch):
+                        vectors[text] = out[row].float().cpu().numpy()
+        finally:
+            module.train(was_training)
+        return np.stack([vectors[t] for t in texts])
 
 
 # ------------------------------------------------------------------------- training
@@ -331,6 +482,21 @@ def freeze_below(module, top_layers: int | None) -> str:
     return f"top {top_layers} of {len(layers)}"
 
 
+def frozen_layers(module) -> int | None:
+    """How many lower transformer layers are frozen together with the embeddings (their outputs are
+    then fixed for a given text); None when the embeddings train or the module has no layer list."""
+    bert = getattr(module, "bert", None)
+    layers = getattr(getattr(bert, "encoder", None), "layer", None)
+    if layers is None or any(p.requires_grad for p in bert.embeddings.parameters()):
+        return None
+    frozen = 0
+    for layer in layers:
+        if any(p.requires_grad for p in layer.parameters()):
+            break
+        frozen += 1
+    return frozen
+
+
 def finetune(
     module: SentenceEncoderModule,
     tokenizer,
@@ -341,11 +507,18 @@ def finetune(
     *,
     run_tag: str = "",
     negatives: Sequence[Sequence[str]] | None = None,
+    frozen_prefix: FrozenPrefix | None = None,
+    start_competes: bool = True,
 ) -> FinetuneResult:
     """Fine-tune `module` in place on (history text, item text) pairs; returns what happened.
 
     `negatives`, aligned with `train`, are item ids each example may draw `config.time_negatives`
     extra negatives from (see `trending_negatives`).
+
+    Validation runs only the trainable top layers over the frozen layers' states of the catalog and
+    the validation texts (`FrozenPrefix`, built here unless a fitting one is given). With
+    `start_competes` off, the starting weights are validated (the first evaluation) but cannot be
+    the kept checkpoint: the best trained one is (a study of what training does).
 
     The weights left in `module` are those of the best validation (HR/NDCG@10 of the encoder alone
     over all catalog items); with no validation examples, those of the last step. With a
@@ -379,10 +552,16 @@ def finetune(
         picked = np.sort(rng.choice(len(valid_sample), config.max_valid_queries, replace=False))
         valid_sample = [valid_sample[i] for i in picked]
 
+    prefix = frozen_prefix if frozen_prefix is not None and frozen_prefix.fits(module) else None
+    if prefix is None and valid_sample and ranks.is_main:
+        prefix = FrozenPrefix.of(module, tokenizer, config.max_length)
+
     def validate() -> dict[str, float]:
         if not valid_sample:
             return {}
-        return encoder_retrieval_metrics(module, tokenizer, valid_sample, item_texts, max_length=config.max_length)
+        encode = (lambda texts: prefix.encode(module, texts)) if prefix is not None else None
+        return encoder_retrieval_metrics(module, tokenizer, valid_sample, item_texts, max_length=config.max_length,
+                                         encode=encode)
 
     optimizer = _optimizer(module, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup(total_steps, config.warmup_fraction))
@@ -442,8 +621,10 @@ def finetune(
         value = metrics[config.early_stop_metric]
         log.info("step %d: validation %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         initial = evaluations[0]
-        guarded = (config.guard_metric is None or config.guard_metric not in metrics
+        guarded = (not start_competes or config.guard_metric is None or config.guard_metric not in metrics
                    or metrics[config.guard_metric] >= initial.get(config.guard_metric, -math.inf))
+        if not start_competes and step == 0:
+            return False
         if best_metric is None or (value > best_metric + config.min_delta and guarded):
             best_metric, best_step, bad_evals = value, step, 0
             best_state = _cpu_state(module)
@@ -618,7 +799,10 @@ __all__ = [
     "FinetuneResult",
     "TrainedEncoder",
     "contrastive_loss",
+    "FrozenPrefix",
     "encoder_retrieval_metrics",
+    "encoder_retrieval_per_example",
+    "frozen_layers",
     "finetune",
     "freeze_below",
     "train_encoder",

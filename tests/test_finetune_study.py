@@ -1,0 +1,124 @@
+"""Validation through cached frozen layers gives the full encoder's vectors; the fine-tuning study runs end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from chronorec.server.core.demo import generate_drift_dataset
+from chronorec.server.core.timetext import HistoryEntry, history_text
+from chronorec.trainer.data import event_log_from, load_training_data
+from chronorec.trainer.export import load_base_model
+from chronorec.trainer.finetune import FinetuneConfig, FrozenPrefix, finetune, freeze_below, frozen_layers
+from tests.bench import bench_finetune
+from tinybert import make_tiny_bert
+
+ANCHOR = 1_790_000_000.0
+SHORT = 64
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("study-tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def data():
+    drift = generate_drift_dataset(seed=7, n_users=30, anchor=ANCHOR)
+    return load_training_data(event_log_from(drift.items, drift.events))
+
+
+@pytest.fixture(scope="module")
+def item_texts(data):
+    return {item_id: data.event_log.item_text_of(item_id) for item_id in data.event_log.items}
+
+
+def nudge_top_layer(module, scale: float) -> None:
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(int(scale * 1000))
+        for parameter in module.bert.encoder.layer[-1].parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def test_frozen_layers_counts_the_fixed_bottom(tiny_folder):
+    module, _ = load_base_model(tiny_folder)
+    assert frozen_layers(module) is None  # everything trains
+    freeze_below(module, 1)
+    assert frozen_layers(module) == 1
+    freeze_below(module, 0)
+    assert frozen_layers(module) == 2
+
+
+def test_the_prefix_gives_the_vectors_of_the_whole_module_as_the_top_layer_changes(tiny_folder, data, item_texts):
+    module, tokenizer = load_base_model(tiny_folder)
+    freeze_below(module, 1)
+    prefix = FrozenPrefix.of(module, tokenizer, SHORT)
+    # Texts of very different lengths (some truncated at SHORT tokens) batched together.
+    texts = list(item_texts.values())[:40] + [e.query for e in data.valid[:40]]
+    for scale in (0.0, 0.05, 0.2):
+        nudge_top_layer(module, scale)
+        expected = module.encode_texts(tokenizer, texts, 16, SHORT).numpy()
+        np.testing.assert_allclose(prefix.encode(module, texts), expected, atol=1e-5)
+    assert set(prefix.states) == set(texts)  # computed once, reused after each change of the top layer
+
+
+def test_validation_through_the_prefix_matches_the_module_and_a_full_cache_falls_back(tiny_folder, data, item_texts):
+    def run(prefix_bytes: int | None):
+        module, tokenizer = load_base_model(tiny_folder)
+        freeze_below(module, 1)
+        given = None if prefix_bytes is None else FrozenPrefix(tokenizer, 1, SHORT, max_bytes=prefix_bytes)
+        config = FinetuneConfig(steps=4, batch_size=16, lr=2e-3, eval_every=2, patience=10, max_length=SHORT,
+                                max_valid_queries=60, progress=False)
+        result = finetune(module, tokenizer, data.train[:120], data.valid, item_texts, config, frozen_prefix=given)
+        return [[e[k] for k in ("step", "HR@10", "NDCG@10", "MRR")] for e in result.evaluations], given
+
+    cached, _ = run(None)
+    full, empty = run(0)  # no room: every validation encodes through the whole module
+    assert empty.states == {}
+    assert len(cached) == 3
+    np.testing.assert_allclose(cached, full, atol=1e-6)
+
+
+def test_without_the_start_competing_the_best_trained_checkpoint_is_kept(tiny_folder, data, item_texts):
+    module, tokenizer = load_base_model(tiny_folder)
+    freeze_below(module, 1)
+    # A learning rate this small barely moves the weights: with the start competing it usually wins.
+    config = FinetuneConfig(steps=4, batch_size=16, lr=1e-6, eval_every=2, patience=10, max_length=SHORT,
+                            max_valid_queries=40, progress=False)
+    result = finetune(module, tokenizer, data.train[:100], data.valid, item_texts, config, start_competes=False)
+    assert result.evaluations[0]["step"] == 0 and result.best_step in (2, 4)
+
+
+def test_plain_history_drops_only_the_relative_time_phrases():
+    entries = [HistoryEntry("a", "rating", ANCHOR - 30, 5.0), HistoryEntry("b", "like", ANCHOR - 3 * 86400),
+               HistoryEntry("c", "view", ANCHOR - 2 * 3600), HistoryEntry("d", "view", ANCHOR - 86400 - 5)]
+    text = history_text(entries, ANCHOR, lambda i: f"item {i} (1995) | Drama")
+    assert bench_finetune.plain_history(text) == (
+        "rated 5: item a (1995) | Drama ; viewed: item c (1995) | Drama ; viewed: item d (1995) | Drama ; "
+        "liked: item b (1995) | Drama")
+
+
+def test_the_study_measures_each_variant_against_the_base_encoder(tiny_folder, tmp_path):
+    document = bench_finetune.run("generated", ["default", "last", "norm-head", "plain-text"], steps=4, threads=1,
+                                  out=tmp_path, users=20, selection_max=40, measure_max=60, max_length=SHORT,
+                                  base_model=str(tiny_folder), seed=0, eval_every=2)
+    written = json.loads((tmp_path / "finetune-generated.json").read_text())
+    assert [row["variant"] for row in written["variants"]] == ["default", "last", "norm-head", "plain-text"]
+    for row in document["variants"]:
+        for metric in ("NDCG@10", "HR@10"):
+            figures = row[metric]
+            assert figures["low"] <= figures["difference"] <= figures["high"]
+            assert figures["difference"] == pytest.approx(figures["value"] - figures["base"])
+    by_name = {row["variant"]: row for row in document["variants"]}
+    assert by_name["last"]["best_step"] == 4 and by_name["last"]["beats_start_on_selection"] is None
+    assert by_name["norm-head"]["trained_layers"] == "output LayerNorm"
+    assert "| plain-text |" in (tmp_path / "finetune-generated.md").read_text()

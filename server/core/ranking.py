@@ -13,6 +13,7 @@ import numpy as np
 from chronorec.client.rules import SECONDS_PER_DAY as _DAY
 from chronorec.server.core.catalog import Item
 from chronorec.server.core.catalog_columns import CatalogColumns, CatalogSnapshot
+from chronorec.server.core.compute_gate import RECOMMEND_GATE
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.errors import InvalidArgument
 from chronorec.server.core.features import FeatureInputs, FirstStage, candidate_features
@@ -272,7 +273,8 @@ class TimeAwareRanker:
         if not texts:
             return 0
         batch = list(texts.values())
-        encoded = self.encode(batch) if timeout is None else self.encode(batch, timeout=timeout)
+        with RECOMMEND_GATE.stepped_out():
+            encoded = self.encode(batch) if timeout is None else self.encode(batch, timeout=timeout)
         for key, row in zip(texts, np.asarray(encoded, dtype=np.float32)):
             vector = _unit(row.reshape(-1))
             if vector is not None:
@@ -307,6 +309,12 @@ class TimeAwareRanker:
         return history_text(recent, at, self.item_text_of, params.history_max_events, self.history_text_chars)
 
     def recommend(self, query: RecommendQuery) -> RecommendResult:
+        # Calls take turns through the Python-bound ranking (see ComputeGate); an encoder wait
+        # inside steps out of the gate.
+        with RECOMMEND_GATE.inside():
+            return self._recommend(query)
+
+    def _recommend(self, query: RecommendQuery) -> RecommendResult:
         query = query.resolved()
         history, scored, context = self._score(query)
         top = [int(i) for i in self._top_k(scored, query.k)]
@@ -720,7 +728,8 @@ class TimeAwareRanker:
         cached = self._short_term_cache.get(key)
         if cached is not None:
             return cached, True
-        encoded = self.encode([text]) if query.encode_timeout is None else self.encode([text], timeout=query.encode_timeout)
+        with RECOMMEND_GATE.stepped_out():  # the encoder runs elsewhere: other calls go on meanwhile
+            encoded = self.encode([text]) if query.encode_timeout is None else self.encode([text], timeout=query.encode_timeout)
         vector = _unit(np.asarray(encoded, dtype=np.float32).reshape(-1))
         if vector is not None:
             self._short_term_cache.put(key, vector)

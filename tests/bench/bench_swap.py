@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import threading
 import time
@@ -182,11 +183,12 @@ def kinds_for(ctx: Context, n_items: int) -> list[str]:
     return kinds + ["same-encoder", "rollback"]
 
 
-def run(ctx: Context) -> dict:
+def run(ctx: Context, kinds: list[str] | None = None) -> dict:
     results = []
     for n_items in ctx.sizes.swap_sizes:
         for kind in kinds_for(ctx, n_items):
-            results.append(swap_once(ctx, ctx.catalog(n_items), kind))
+            if kinds is None or kind in kinds:
+                results.append(swap_once(ctx, ctx.catalog(n_items), kind))
     print_table(
         f"Hot swap under paced traffic ({TRAFFIC}; server {'int8' if ctx.int8 else 'fp32'}; pointer polled every 2 s)",
         ["items", "swap to", "prepare s", "s to all new", "calls", "failed", "p99 ms before", "p99 ms during",
@@ -211,8 +213,21 @@ def run(ctx: Context) -> dict:
     return result
 
 
+def _kinds(text: str) -> list[str]:
+    chosen = text.split(",")
+    unknown = [k for k in chosen if k not in KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown swap kind {', '.join(unknown)}; choose from {', '.join(KINDS)}")
+    return chosen
+
+
+def _options(parser) -> None:
+    parser.add_argument("--kinds", type=_kinds, metavar="KIND,...",
+                        help=f"only these swaps, in the usual order ({', '.join(KINDS)}; default: all that apply)")
+
+
 def main(argv=None) -> None:
-    common.main(__doc__, run, argv)
+    common.main(__doc__, run, argv, options=_options)
 
 
 if __name__ == "__main__":

@@ -272,6 +272,17 @@ def test_batcher_workers_encode_batches_at_once_and_keep_each_callers_rows():
     with pytest.raises(ValueError):
         MicroBatcher(slow, workers=0)
 
+    # One caller's 8 texts are shared out: both workers encode half of them at once.
+    sizes: list[int] = []
+    most[0] = 0
+    batcher = MicroBatcher(lambda texts: sizes.append(len(texts)) or slow(texts), max_batch_size=64, max_wait_ms=1, workers=2)
+    try:
+        texts = [f"text {j}" for j in range(8)]
+        np.testing.assert_array_equal(batcher.encode(texts, timeout=10), _fake_vectors(texts))
+    finally:
+        batcher.close()
+    assert sorted(sizes) == [4, 4] and most[0] == 2
+
 
 class _GatedEncoder:
     """Blocks inside encode_fn until released, so tests control what is queued."""

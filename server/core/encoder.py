@@ -415,7 +415,7 @@ class MicroBatcher:
             return self._encode_fn([])
         deadline = None if timeout is None else time.monotonic() + timeout
         # A chunk must fit in the queue on its own, or a request larger than the queue could never be fed.
-        size = min(self.max_batch_size, self.max_queue_texts)
+        size = min(self._chunk_size(len(texts)), self.max_queue_texts)
         request = _Request(len(texts), -(-len(texts) // size))
         chunks = [_Chunk(request, start, texts[start : start + size]) for start in range(0, len(texts), size)]
         with self._cond:
@@ -468,7 +468,7 @@ class MicroBatcher:
                 f"{len(texts)} texts do not fit in the encoder queue (at most {self.max_queue_texts}, "
                 "set by --encoder-max-queue)"
             )
-        size = self.max_batch_size
+        size = self._chunk_size(len(texts))
         request = _Request(len(texts), -(-len(texts) // size), future)
         chunks = [_Chunk(request, start, texts[start : start + size]) for start in range(0, len(texts), size)]
         with self._cond:
@@ -482,6 +482,11 @@ class MicroBatcher:
             self._feed(chunks, 0)
         future.add_done_callback(lambda done: self._abandon(request, chunks) if done.cancelled() else None)
         return future
+
+    def _chunk_size(self, n_texts: int) -> int:
+        """Texts per chunk of an n-text request: a batch at most, and a share for each worker, so one
+        request of 32 texts keeps two workers busy instead of one."""
+        return max(1, min(self.max_batch_size, -(-n_texts // len(self._workers))))
 
     def _feed(self, chunks: list[_Chunk], fed: int) -> int:
         """Queue `chunks[fed:]` while they fit (the caller holds the lock); returns how many are queued now."""
@@ -528,7 +533,9 @@ class MicroBatcher:
                 self._cond.wait(remaining)
             batch: list[_Chunk] = []
             size = 0
-            while self._queue and size + len(self._queue[0].texts) <= self.max_batch_size:
+            # A worker takes its share of what waits (at least one chunk): the others take the rest.
+            limit = min(self.max_batch_size, -(-self._queued_texts // len(self._workers)))
+            while self._queue and (not batch or size + len(self._queue[0].texts) <= limit):
                 chunk = self._queue.popleft()
                 self._queued_texts -= len(chunk.texts)
                 batch.append(chunk)

@@ -126,7 +126,10 @@ def test_the_catalog_is_encoded_into_the_new_versions_vector_cache_before_activa
         cache = open_vector_cache(repo, outcome.version, encoder, EncoderSettings())
         vectors, found = cache.get([text_key(item_text(i)) for i in items])
         assert found.all() and len(items) == outcome.details["prepare"]["items"]
-        np.testing.assert_allclose(vectors[:5], encoder.encode([item_text(i) for i in items[:5]]), atol=1e-5)
+        # Dynamic int8 quantises each run's activations with one scale: other batch neighbours move a
+        # vector by that rounding only (tests/test_index_encode.py).
+        cosine = np.sum(vectors[:5] * encoder.encode([item_text(i) for i in items[:5]]), axis=1)
+        assert cosine.min() >= 0.999, cosine
     finally:
         encoder.close()
 

@@ -8,6 +8,8 @@ be exactly what the serving TimeAwareRanker returns.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -197,6 +199,55 @@ def test_loo_examples_match_the_trainers_examples(drift, ci_settings, chronorec)
            [(e.position, e.query, e.positive, e.history_items) for e in train]
 
 
+def _evaluated_temporal_split(chronorec, drift):
+    """The temporal split the evaluation above ran (its context holds the trained ranker and the
+    tunings), or a new one when this test runs alone."""
+    ctx = chronorec._contexts.get("temporal")
+    return ctx.split if ctx is not None else temporal_split(drift)
+
+
+def test_skipping_the_rerank_of_unreachable_targets_keeps_every_rank(drift, chronorec):
+    """chronorec-ranker keeps the blend's scores for a target with at least `candidates` items above
+    it (its rerank cannot move it): the same better/tied counts as reranking every instance. The
+    second scoring walks back in time, so it also checks the rerank reads the replay's reset state."""
+    from chronorec.trainer.protocols import exclusion_mask, rank_counts
+
+    split = _evaluated_temporal_split(chronorec, drift)
+    ranker = chronorec.ranker(split)
+    task = split.test_task()
+    ranker.fit(task.train, task.dataset)
+    assert ranker.replay_ranker.rerank_reachable_only
+    # A small cut leaves many targets out of reach on this small catalogue (the fit is shared: restored).
+    learned = ranker.replay_ranker.learned_ranker
+    spec = learned.spec
+    learned.spec = replace(spec, candidates=8)
+    instances = task.instances[::3]
+    counts = []
+    try:
+        for skip in (True, False):
+            ranker.replay_ranker.rerank_reachable_only = skip
+            scores = ranker.score_batch(instances)
+            counts.append(rank_counts(scores, instances.target, exclusion_mask(instances)))
+    finally:
+        learned.spec = spec
+    skipped = counts[0][0] >= 8
+    assert skipped.any() and (~skipped).any()
+    np.testing.assert_array_equal(counts[0][0], counts[1][0])
+    np.testing.assert_array_equal(counts[0][1], counts[1][1])
+
+
+def test_a_repeated_variant_reads_back_the_test_scores(drift, chronorec):
+    split = _evaluated_temporal_split(chronorec, drift)
+    task = split.test_task()
+    first, again = chronorec.untuned_time(split), chronorec.untuned_time(split)
+    for ranker in (first, again):
+        ranker.fit(task.train, task.dataset)
+    reference = first.score_batch(task.instances)
+    assert chronorec.context(split).test_scores
+    again.replay_ranker.replay = None  # a second scoring would fail: the rows come from the context
+    np.testing.assert_array_equal(again.score_batch(task.instances), reference)
+
+
 def test_evaluation_ranks_through_the_serving_ranker(drift, chronorec, monkeypatch):
     split = temporal_split(drift)
     ranker = chronorec.untuned_time(split)
@@ -330,3 +381,4 @@ def test_tuning_and_sweeps_are_the_same_with_the_batch_replay(drift, chronorec, 
         ranker.fit(split.test_task().train, drift)
         sweeps.append(ranker.sweep_results)
     assert sweeps[0] == sweeps[1]
+

@@ -125,14 +125,16 @@ class ReplayScorer:
         return out
 
     def walk_candidates(self, instances: Instances, params: TimeModelParams,
-                        wanted: "Callable[[int, ScoredCandidates], bool] | None" = None) -> Iterator["ReplayedEvent"]:
+                        wanted: "Callable[[int, ScoredCandidates, np.ndarray], bool] | None" = None
+                        ) -> Iterator["ReplayedEvent"]:
         """Per instance, in the global order, what `TimeAwareRanker._score` hands the learned ranker
         (its query, the candidates with every component, their catalogue columns, the history), with
         the replay's interaction state advanced to the instance; without the per-event scoring. The
         learned ranker's features (which read the state) are then computed by the ranker's own code
         (`features_of_scored`, `rerank`).
 
-        `wanted(row, candidates)`: whether an instance's features will be read (default: all). The
+        `wanted(row, candidates, columns)`: whether an instance's features will be read (default:
+        all; `columns`: the candidates' dataset columns). The
         features read the history text whatever the blend's α, so without `wanted` every text is
         encoded in one call first; with it, only the texts of the instances wanted are, one call
         per chunk (on ml-latest-small four in five validation events are not wanted: encoding is
@@ -153,7 +155,7 @@ class ReplayScorer:
                 # The chunk's candidates first (they read no state), then its wanted texts in one call.
                 events = [(i, row, scored) for i, row, scored in
                           ((i, row, chunk.candidates(i, params, components=True)) for i, row in enumerate(rows))
-                          if wanted(row, scored)]
+                          if wanted(row, scored, chunk.columns_kept(i))]
                 self.replay.cache_vectors([t for t in (chunk.text(i, params) for i, _, _ in events) if t is not None])
             for i, row, scored in events:
                 position = int(chunk.instances.pos[i])
@@ -214,6 +216,7 @@ class _Memo:
     user_vectors: dict | None = None
     cooccurrence: dict | None = None
     rows: np.ndarray | None = None
+    semantic: dict | None = None  # similarities to the candidates, by user vector
 
 
 class ReplayChunk:
@@ -307,7 +310,7 @@ class ReplayChunk:
 
     def _memo_for(self, i: int) -> _Memo:
         if self._memo.row != i:
-            self._memo = _Memo(i, {}, {})
+            self._memo = _Memo(i, {}, {}, None, {})
         return self._memo
 
     def _user_vector(self, i: int, params: TimeModelParams) -> np.ndarray | None:
@@ -369,11 +372,18 @@ class ReplayChunk:
         vector = self._user_vector(i, params)
         if vector is None:
             return np.zeros(len(rows), dtype=np.float32)
-        scorer = self.scorer
-        semantic = scorer.replay.index.similarities_by_label(vector, scorer.labels[rows], scorer.generation)
-        if semantic is None:
-            raise RuntimeError("the replay's index changed while scoring")
-        return semantic
+        # Settings that share the user vector (the sweeps' co-occurrence and personal half-lives,
+        # the tuning's other passes) share its similarities: computed once per instance.
+        memo = self._memo_for(i)
+        key = (params.alpha, params.long_term_half_life_days, params.history_max_events)
+        if key not in memo.semantic:
+            scorer = self.scorer
+            semantic = scorer.replay.index.similarities_by_label(vector, scorer.labels[rows], scorer.generation)
+            if semantic is None:
+                raise RuntimeError("the replay's index changed while scoring")
+            semantic.flags.writeable = False  # shared by the settings' candidates
+            memo.semantic[key] = semantic
+        return memo.semantic[key]
 
     def cooccurrence(self, i: int, params: TimeModelParams) -> np.ndarray:
         """Instance i's co-occurrence component over its candidates (float32, peak 1)."""

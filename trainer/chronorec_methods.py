@@ -77,6 +77,9 @@ CACHE_ENV = "CHRONOREC_EVAL_CACHE"
 # Encoder answers an EncoderBundle remembers (~100 batches of 1,024 history texts at 384 dimensions).
 ENCODE_MEMORY_BYTES = 160 * 1024 * 1024
 SWEEP_METRIC = "NDCG@10"
+# Test-window score rows a split context keeps for variants that repeat another (ml-latest-small's
+# 1,921 temporal test events × 9,742 items are 150 MB).
+TEST_SCORES_BYTES = 320 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,9 @@ class SplitContext:
         self._replays: dict[str, RankerReplay] = {}
         self.tunings: dict[str, Any] = {}
         self.ranker_fits: dict[str, Any] = {}
+        # Test-window score rows by (encoder, time model, instances): variants that are the same
+        # ranker (finetuned-time when fine-tuning kept the base weights, chronorec-blend) reuse them.
+        self.test_scores: dict[tuple, np.ndarray] = {}
 
     # -- encoders
 
@@ -579,6 +585,7 @@ class ChronorecRanker:
         self.report = dict(report)
         self.sweeps = dict(sweeps or {})
         self.sweep_results: dict[str, dict] = {}
+        self._on_test_task = False  # fitted on the split's own training events (fit)
 
     @property
     def params(self) -> dict:
@@ -589,7 +596,8 @@ class ChronorecRanker:
 
     def fit(self, train: np.ndarray, dataset: Dataset) -> None:
         ctx = self.ctx
-        if dataset is ctx.dataset and np.array_equal(train, ctx.split.test_task().train):
+        self._on_test_task = dataset is ctx.dataset and np.array_equal(train, ctx.split.test_task().train)
+        if self._on_test_task:
             # The split's own training events: the encoder's index and the co-occurrence fitted on
             # them are shared by every variant (each variant keeps its own history-text vectors).
             self.replay_ranker.fit(train, dataset, index=ctx.index(self.bundle), cooccurrence=ctx.cooccurrence("test"))
@@ -604,6 +612,20 @@ class ChronorecRanker:
         return self.time_model.alpha > 0 and self.time_model.w_semantic > 0
 
     def score_batch(self, instances: Instances) -> np.ndarray:
+        if not self._on_test_task or self.replay_ranker.per_event:
+            return self._score(instances)
+        # The same encoder, time model and instances give the same rows: a variant that repeats an
+        # earlier one (chronorec-blend is one of the time-aware variants) reads them back.
+        key = (self.bundle.name, id(self.bundle.item_vectors), self.time_model, _digest(instances.pos))
+        scores = self.ctx.test_scores.get(key)
+        if scores is None:
+            scores = self._score(instances)
+            held = sum(v.nbytes for v in self.ctx.test_scores.values())
+            if held + scores.nbytes <= TEST_SCORES_BYTES:
+                self.ctx.test_scores[key] = scores
+        return scores.copy()
+
+    def _score(self, instances: Instances) -> np.ndarray:
         with blas_threads(self.settings.blas_threads):
             scorer = None if self.replay_ranker.per_event else self.replay_ranker.replay.scorer()
             if scorer is not None:
@@ -720,6 +742,9 @@ class LearnedChronorecRanker(ChronorecRanker):
         super().__init__(ctx, bundle, params, report)
         self.ranker_fit = fit
         self.replay_ranker.learned_ranker = fit.ranker
+        # A target the learned ranker cannot reach keeps the blend's rank: its rerank is skipped
+        # (ReplayRanker._score_learned; every metric is the same).
+        self.replay_ranker.rerank_reachable_only = True
 
     def score_batch(self, instances: Instances) -> np.ndarray:
         # One ranker call per instance: the learned ranker reorders each one's own candidates.

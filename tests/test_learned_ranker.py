@@ -20,7 +20,7 @@ from chronorec.server.core.itemtext import item_text
 from chronorec.server.core.learned_ranker import LearnedRanker, RankerError, RankerSpec, load_version_ranker
 from chronorec.server.core.manifest import Manifest, ManifestError, TimeModelParams
 from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker
-from chronorec.server.core.timetext import HistoryEntry
+from chronorec.server.core.timetext import HistoryEntry, action_strength
 from chronorec.trainer import ranker_train as rt
 from chronorec.trainer.protocols import Dataset, temporal_split
 from chronorec.trainer.tune import ReplayRanker, fit_cooccurrence
@@ -108,6 +108,14 @@ def test_features_by_hand():
     last = index.vector_of(["i1"])[0]
     np.testing.assert_allclose(x[:, FEATURE_INDEX["semantic_history_text"]], vectors @ short_term, rtol=1e-5)
     np.testing.assert_allclose(x[:, FEATURE_INDEX["semantic_last_item"]], vectors @ last, rtol=1e-5)
+    # The whole history alike: the equal-weight co-occurrence and the strength-weighted mean, undecayed.
+    newest_first = ["i1", "i3"]
+    similarity = model.pair_similarities(newest_first, list(ids))
+    np.testing.assert_allclose(x[:, FEATURE_INDEX["cooccurrence_all"]], similarity.mean(axis=0), rtol=1e-5)
+    strength = {e.item_id: action_strength(e.action, e.value) for e in history}
+    whole = sum(strength[i] * index.vector_of([i])[0] for i in newest_first)
+    np.testing.assert_allclose(x[:, FEATURE_INDEX["semantic_mean_all"]], vectors @ (whole / np.linalg.norm(whole)),
+                               rtol=1e-5)
     # The first stage is copied through.
     np.testing.assert_array_equal(x[:, FEATURE_INDEX["blend_rank"]], np.arange(n))
 
@@ -284,3 +292,26 @@ def test_temporal_slices_fit_only_on_the_past(drift):
         assert s.fit.max() < s.targets.min()
         assert s.targets.max() < split.n_train  # never the test window
     assert training[-1].targets.max() < validation.targets.min()
+
+
+def test_training_events_are_sampled_evenly_by_gap_and_weighted_back(drift):
+    from chronorec.trainer.protocols import GAP_EDGES_S, Instances
+
+    targets = np.flatnonzero(drift.rank_in_user > 0)
+    buckets = np.searchsorted(np.asarray(GAP_EDGES_S), Instances(drift, targets).time_since_previous(), side="right")
+    counts = np.bincount(buckets, minlength=len(GAP_EDGES_S) + 1)
+    k = 60
+    picked, weights = rt.sample_by_gap(drift, targets, k, np.random.default_rng(0))
+    assert len(picked) == k and np.all(np.diff(picked) > 0) and np.isin(picked, targets).all()
+    got = np.bincount(np.searchsorted(np.asarray(GAP_EDGES_S), Instances(drift, picked).time_since_previous(),
+                                      side="right"), minlength=len(counts))
+    # Equal shares, a small bucket taking all it has and leaving the rest to the others.
+    share = got[counts > got]
+    assert share.max() - share.min() <= 1 and (got <= counts).all()
+    assert (got[got == counts] <= share.min()).all()
+    # Weighted back to the window's mix: each bucket's weight sums to its share of the window.
+    np.testing.assert_allclose(weights.mean(), 1.0)
+    for b in np.flatnonzero(got):
+        in_bucket = np.searchsorted(np.asarray(GAP_EDGES_S), Instances(drift, picked).time_since_previous(),
+                                    side="right") == b
+        np.testing.assert_allclose(weights[in_bucket].sum() / k, counts[b] / len(targets))

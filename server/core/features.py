@@ -53,6 +53,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "user_gap_log_s", "user_session_events", "user_history_length", "user_events_last_day",
     # The user and the item: categories.
     *(f"category_match_{name}" for name in CATEGORY_HALF_LIVES_S), "category_recency_log_s",
+    # The whole history alike, however old: the user's standing taste, which is what is left to go
+    # on after a long absence (the decayed parts above have faded for such a user).
+    "cooccurrence_all", "semantic_mean_all",
 )
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
@@ -199,6 +202,9 @@ def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], 
     long_term = _unit((long_weights * history_present) @ history_vectors)
     if long_term is not None:
         out[present, column["semantic_decayed_mean"]] = candidates[present] @ long_term
+    whole = _unit((_per_item(event_rows, kept, strengths, len(newest_first)) * history_present) @ history_vectors)
+    if whole is not None:
+        out[present, column["semantic_mean_all"]] = candidates[present] @ whole
     if history_present.any():
         recent = np.flatnonzero(history_present)[:RECENT_ITEMS]
         similarity = candidates[present] @ history_vectors[recent].T
@@ -215,6 +221,9 @@ def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], 
             weights = _per_item(event_rows, kept, _decay(ages, half_life) * positive, len(newest_first))
             total = weights.sum()
             out[:, column[f"cooccurrence_{name}"]] = (weights @ similarity) / total if total > 0 else 0.0
+        weights = _per_item(event_rows, kept, positive.astype(np.float64), len(newest_first))
+        total = weights.sum()
+        out[:, column["cooccurrence_all"]] = (weights @ similarity) / total if total > 0 else 0.0
         recent_events = list(islice((e.item_id for e, good in zip(reversed(history), positive[::-1]) if good),
                                     TRANSITION_EVENTS))
         if recent_events:

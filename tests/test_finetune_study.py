@@ -88,6 +88,21 @@ def test_validation_through_the_prefix_matches_the_module_and_a_full_cache_falls
     np.testing.assert_allclose(cached, full, atol=1e-6)
 
 
+def test_training_through_a_given_prefix_takes_the_same_steps_as_the_module(tiny_folder, data, item_texts):
+    def trained(with_prefix: bool):
+        module, tokenizer = load_base_model(tiny_folder)
+        for layer in module.modules():  # dropout off: the only difference a cached bottom makes
+            if isinstance(layer, torch.nn.Dropout):
+                layer.p = 0.0
+        freeze_below(module, 1)
+        given = FrozenPrefix(tokenizer, 1, SHORT) if with_prefix else None
+        config = FinetuneConfig(steps=3, batch_size=16, lr=2e-3, max_length=SHORT, progress=False, distill_weight=1.0)
+        finetune(module, tokenizer, data.train[:48], [], item_texts, config, frozen_prefix=given)
+        return torch.cat([p.detach().flatten() for p in module.bert.encoder.layer[-1].parameters()])
+
+    torch.testing.assert_close(trained(True), trained(False), atol=1e-5, rtol=1e-4)
+
+
 def test_without_the_start_competing_the_best_trained_checkpoint_is_kept(tiny_folder, data, item_texts):
     module, tokenizer = load_base_model(tiny_folder)
     freeze_below(module, 1)

@@ -278,6 +278,29 @@ class FrozenPrefix:
             module.train(was_training)
         return True
 
+    def _top(self, module: SentenceEncoderModule, texts: Sequence[str]) -> torch.Tensor:
+        """The module's unit vectors of cached `texts`: its top layers (in its current mode) and pooling."""
+        parameter = next(module.parameters())
+        states = [self.states[t] for t in texts]
+        width = max(len(s) for s in states)
+        padded = torch.zeros((len(states), width, module.dimension), dtype=torch.float32)
+        mask = torch.zeros((len(states), width), dtype=torch.long)
+        for row, s in enumerate(states):
+            padded[row, : len(s)] = s
+            mask[row, : len(s)] = 1
+        given = _GivenStates(padded.to(device=parameter.device, dtype=parameter.dtype))
+        mask = mask.to(parameter.device)
+        with self._swapped(module, list(module.bert.encoder.layer)[self.frozen:], given):
+            return module(input_ids=torch.zeros_like(mask), attention_mask=mask)
+
+    def forward(self, module: SentenceEncoderModule, texts: Sequence[str]) -> torch.Tensor:
+        """`module(**tokenize(texts))` for training, the frozen layers read from the cache (they run
+        as fixed feature extractors: no dropout there); gradients flow through the top layers."""
+        texts = list(texts)
+        if not self.add(module, texts):
+            return module(**module.tokenize(self.tokenizer, texts, self.max_length))
+        return self._top(module, texts)
+
     def encode(self, module: SentenceEncoderModule, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors of `texts` by `module` (eval mode, no gradients), its top layers run over the
         cached states: equal to `module.encode_texts` within float tolerance."""
@@ -286,24 +309,13 @@ class FrozenPrefix:
             return np.zeros((0, module.dimension), dtype=np.float32)
         if not self.add(module, texts):
             return module.encode_texts(self.tokenizer, texts, self.batch_size, self.max_length).numpy()
-        device = next(module.parameters()).device
-        top = list(module.bert.encoder.layer)[self.frozen:]
         vectors: dict[str, np.ndarray] = {}
         was_training = module.training
         module.eval()
         try:
             with torch.inference_mode():
                 for batch in self._by_length(module, list(dict.fromkeys(texts))):
-                    states = [self.states[t] for t in batch]
-                    width = max(len(s) for s in states)
-                    padded = torch.zeros((len(batch), width, module.dimension), dtype=torch.float32)
-                    mask = torch.zeros((len(batch), width), dtype=torch.long)
-                    for row, s in enumerate(states):
-                        padded[row, : len(s)] = s
-                        mask[row, : len(s)] = 1
-                    given = _GivenStates(padded.to(device=device, dtype=next(module.parameters()).dtype))
-                    with self._swapped(module, top, given):
-                        out = module(input_ids=torch.zeros_like(mask, device=device), attention_mask=mask.to(device))
+                    out = self._top(module, batch)
                     for row, text in enumerate(batch):
                         vectors[text] = out[row].float().cpu().numpy()
         finally:
@@ -438,11 +450,16 @@ class _HardNegativeMiner:
 
 
 def _distillation(teacher, module, tokenizer, batch: Sequence[TrainingExample], queries: torch.Tensor,
-                  items: torch.Tensor, max_length: int) -> torch.Tensor:
+                  items: torch.Tensor, max_length: int, prefix: "FrozenPrefix | None" = None) -> torch.Tensor:
     """1 - cosine to the frozen starting encoder, averaged over the batch's queries and items."""
+    def reference(texts: list[str]) -> torch.Tensor:
+        if prefix is not None:  # the teacher's frozen layers are the module's: the same cached states
+            return prefix.forward(teacher, texts)
+        return teacher(**module.tokenize(tokenizer, texts, max_length))
+
     with torch.no_grad():
-        reference_queries = teacher(**module.tokenize(tokenizer, [e.query for e in batch], max_length))
-        reference_items = teacher(**module.tokenize(tokenizer, [e.positive for e in batch], max_length))
+        reference_queries = reference([e.query for e in batch])
+        reference_items = reference([e.positive for e in batch])
     drift = (1 - (queries.float() * reference_queries.float()).sum(-1)).mean()
     drift = drift + (1 - (items.float() * reference_items.float()).sum(-1)).mean()
     return drift / 2
@@ -516,7 +533,9 @@ def finetune(
     extra negatives from (see `trending_negatives`).
 
     Validation runs only the trainable top layers over the frozen layers' states of the catalog and
-    the validation texts (`FrozenPrefix`, built here unless a fitting one is given). With
+    the validation texts (`FrozenPrefix`, built here unless a fitting one is given). A given
+    `frozen_prefix` carries the training steps too: the frozen layers then run as fixed feature
+    extractors (no dropout in them) and texts shared by several runs go through them once. With
     `start_competes` off, the starting weights are validated (the first evaluation) but cannot be
     the kept checkpoint: the best trained one is (a study of what training does).
 
@@ -553,6 +572,7 @@ def finetune(
         valid_sample = [valid_sample[i] for i in picked]
 
     prefix = frozen_prefix if frozen_prefix is not None and frozen_prefix.fits(module) else None
+    train_prefix = prefix if not ranks.distributed else None
     if prefix is None and valid_sample and ranks.is_main:
         prefix = FrozenPrefix.of(module, tokenizer, config.max_length)
 
@@ -673,6 +693,9 @@ def finetune(
                     texts = [e.query for e in batch] + [e.positive for e in batch] + hard_texts
                     vectors = ddp(**module.tokenize(tokenizer, texts, config.max_length))
                     query_vectors, item_vectors = vectors[: len(batch)], vectors[len(batch):]
+                elif train_prefix is not None:
+                    query_vectors = train_prefix.forward(module, [e.query for e in batch])
+                    item_vectors = train_prefix.forward(module, [e.positive for e in batch] + hard_texts)
                 else:
                     query_vectors = module(**module.tokenize(tokenizer, [e.query for e in batch], config.max_length))
                     item_vectors = module(**module.tokenize(tokenizer, [e.positive for e in batch] + hard_texts,
@@ -684,7 +707,8 @@ def finetune(
                 )
                 if teacher is not None:
                     loss = loss + config.distill_weight * _distillation(
-                        teacher, module, tokenizer, batch, query_vectors, item_vectors[: len(batch)], config.max_length)
+                        teacher, module, tokenizer, batch, query_vectors, item_vectors[: len(batch)], config.max_length,
+                        train_prefix)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -4,8 +4,9 @@ Each variant fine-tunes the base encoder on the evaluation's training window (th
 examples of `chronorec-eval`'s temporal protocol, `SplitContext.training_examples`), chooses its
 checkpoint on one half of the validation window's examples and is measured on the other half:
 NDCG@10 / HR@10 of the next item among all catalogue items by the encoder alone, with a paired
-bootstrap interval (users resampled) of variant - base. Validation runs only the trainable top
-layers over cached states of the frozen ones (`finetune.FrozenPrefix`).
+bootstrap interval (users resampled) of variant - base. Training and validation run only the
+trainable top layers over cached states of the frozen ones (`finetune.FrozenPrefix`, shared by the
+variants: the frozen layers act as fixed feature extractors, without dropout).
 
     python -m tests.bench.bench_finetune --data generated
     python -m tests.bench.bench_finetune --data ../shared/data/ml-100k --variants default,whole,trend,distill
@@ -152,7 +153,7 @@ class Study:
                                              max_length=self.max_length, encode=encode)
 
 
-def measure_base(study: Study) -> None:
+def measure_base(study: Study, plain_text: bool) -> None:
     from chronorec.trainer.export import load_base_model
     from chronorec.trainer.finetune import freeze_below
 
@@ -160,7 +161,7 @@ def measure_base(study: Study) -> None:
     module, tokenizer = load_base_model(study.base_folder)
     freeze_below(module, BASE_LAYERS)
     kept, served = study.retrieval(module, tokenizer, study.measure)
-    _, plain = study.retrieval(module, tokenizer, with_plain_queries(kept))
+    _, plain = study.retrieval(module, tokenizer, with_plain_queries(kept)) if plain_text else (None, {})
     study.base = {"examples": kept, "served": served, "plain": plain, "seconds": time.perf_counter() - started}
 
 
@@ -236,8 +237,9 @@ def markdown(document: dict[str, Any]) -> str:
         f"{document['n_items']} items, {document['steps']} steps of {BASE_BATCH}, max_length {document['max_length']}; "
         f"{document['load']})",
         "",
-        f"Base encoder: NDCG@10 {base['NDCG@10']:.4f}, HR@10 {base['HR@10']:.4f}; without the relative-time "
-        f"phrases in the history text: NDCG@10 {base['plain_NDCG@10']:.4f}, HR@10 {base['plain_HR@10']:.4f}.",
+        f"Base encoder: NDCG@10 {base['NDCG@10']:.4f}, HR@10 {base['HR@10']:.4f}" + (
+            f"; without the relative-time phrases in the history text: NDCG@10 {base['plain_NDCG@10']:.4f}, "
+            f"HR@10 {base['plain_HR@10']:.4f}." if "plain_NDCG@10" in base else "."),
         "",
         "| variant | NDCG@10 − base [95% CI] | HR@10 − base [95% CI] | best step | beats start on selection | s |",
         "|---|---|---|---|---|---|",
@@ -270,36 +272,47 @@ def run(data: str, variants: Sequence[str], *, steps: int, threads: int, out: Pa
                   dataset, max_length, seed)
     log(f"{label}: {len(train)} training examples, {len(valid)} validation ({len(selection)} choose the checkpoint, "
         f"{len(measure)} measure), {len(item_texts)} items")
-    measure_base(study)
+    measure_base(study, any(VARIANTS[name].plain_history for name in variants))
     served, plain = study.base["served"], study.base["plain"]
     log(f"base encoder: NDCG@10 {served['NDCG@10'].mean():.4f} HR@10 {served['HR@10'].mean():.4f} "
         f"({study.base['seconds']:.0f} s)")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"finetune-{label}"
+
+    def document() -> dict[str, Any]:
+        return {
+            "data": label, "path": data, "n_items": len(item_texts), "train_examples": len(train),
+            "valid_examples": len(valid), "selection_examples": len(selection),
+            "measure_examples": len(study.base["examples"]), "steps": steps, "max_length": max_length,
+            "threads": threads, "eval_every": eval_every, "base_model": str(study.base_folder),
+            "base": {**{m: float(served[m].mean()) for m in METRICS},
+                     **{f"plain_{m}": float(plain[m].mean()) for m in METRICS if m in plain}},
+            "variants": rows, "seconds": round(time.perf_counter() - started, 1), "load": load_note(),
+        }
+
+    def write() -> dict[str, Any]:
+        # After every variant: a run stopped part-way keeps what it measured.
+        current = document()
+        stem.with_suffix(".json").write_text(json.dumps(current, indent=2, default=_json_default) + "\n")
+        stem.with_suffix(".md").write_text(markdown(current))
+        return current
+
     for name in variants:
         row = run_variant(study, VARIANTS[name], steps, eval_every)
         rows.append(row)
+        write()
         log(f"{name}: NDCG@10 {row['NDCG@10']['difference']:+.4f} [{row['NDCG@10']['low']:+.4f}, "
             f"{row['NDCG@10']['high']:+.4f}], HR@10 {row['HR@10']['difference']:+.4f}, best step {row['best_step']}, "
             f"beats start {row['beats_start_on_selection']}, {row['seconds']:.0f} s")
-    document = {
-        "data": label, "path": data, "n_items": len(item_texts), "train_examples": len(train),
-        "valid_examples": len(valid), "selection_examples": len(selection),
-        "measure_examples": len(study.base["examples"]), "steps": steps, "max_length": max_length,
-        "threads": threads, "eval_every": eval_every, "base_model": str(study.base_folder),
-        "base": {**{m: float(served[m].mean()) for m in METRICS}, **{f"plain_{m}": float(plain[m].mean()) for m in METRICS}},
-        "variants": rows, "seconds": round(time.perf_counter() - started, 1), "load": load_note(),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"finetune-{label}"
-    stem.with_suffix(".json").write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
-    stem.with_suffix(".md").write_text(markdown(document))
+    result = write()
     print_table(f"fine-tuning recipes on {label} (variant - base, paired 95% CI)",
                 ["variant", "NDCG@10 diff", "CI", "HR@10 diff", "best step", "beats start", "s"],
                 [[r["variant"], f"{r['NDCG@10']['difference']:+.4f}", f"[{r['NDCG@10']['low']:+.4f}, {r['NDCG@10']['high']:+.4f}]",
                   f"{r['HR@10']['difference']:+.4f}", r["best_step"], r["beats_start_on_selection"], r["seconds"]]
                  for r in rows])
-    log(f"-> {stem}.json, {stem}.md ({document['seconds']:.0f} s, {load_note()})")
-    return document
+    log(f"-> {stem}.json, {stem}.md ({result['seconds']:.0f} s, {load_note()})")
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

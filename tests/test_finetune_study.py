@@ -123,9 +123,9 @@ def test_plain_history_drops_only_the_relative_time_phrases():
 
 
 def test_the_study_measures_each_variant_against_the_base_encoder(tiny_folder, tmp_path):
-    document = bench_finetune.run("generated", ["default", "last", "norm-head", "plain-text"], steps=4, threads=1,
-                                  out=tmp_path, users=20, selection_max=40, measure_max=60, max_length=SHORT,
-                                  base_model=str(tiny_folder), seed=0, eval_every=2)
+    document = bench_finetune.run("generated", ["default", "last", "norm-head", "plain-text"], steps=2, threads=1,
+                                  out=tmp_path, users=12, selection_max=20, measure_max=40, max_length=SHORT,
+                                  base_model=str(tiny_folder), seed=0, eval_every=1)
     written = json.loads((tmp_path / "finetune-generated.json").read_text())
     assert [row["variant"] for row in written["variants"]] == ["default", "last", "norm-head", "plain-text"]
     for row in document["variants"]:
@@ -134,6 +134,6 @@ def test_the_study_measures_each_variant_against_the_base_encoder(tiny_folder, t
             assert figures["low"] <= figures["difference"] <= figures["high"]
             assert figures["difference"] == pytest.approx(figures["value"] - figures["base"])
     by_name = {row["variant"]: row for row in document["variants"]}
-    assert by_name["last"]["best_step"] == 4 and by_name["last"]["beats_start_on_selection"] is None
+    assert by_name["last"]["best_step"] == 2 and by_name["last"]["beats_start_on_selection"] is None
     assert by_name["norm-head"]["trained_layers"] == "output LayerNorm"
     assert "| plain-text |" in (tmp_path / "finetune-generated.md").read_text()

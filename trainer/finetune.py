@@ -245,9 +245,8 @@ class FrozenPrefix:
             bert.encoder.layer = saved_layers
             bert.embeddings = saved_embeddings
 
-    def _by_length(self, module: SentenceEncoderModule, texts: Sequence[str]) -> list[list[str]]:
+    def _by_length(self, texts: Sequence[str], lengths: Sequence[int]) -> list[list[str]]:
         # Similar lengths batched together: less padding to run through the layers.
-        lengths = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, return_length=True)["length"]
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         return [[texts[i] for i in order[start:start + self.batch_size]]
                 for start in range(0, len(order), self.batch_size)]
@@ -267,7 +266,7 @@ class FrozenPrefix:
         layers = list(module.bert.encoder.layer)[: self.frozen]
         try:
             with torch.inference_mode(), self._swapped(module, layers):
-                for batch in self._by_length(module, missing):
+                for batch in self._by_length(missing, lengths):
                     inputs = module.tokenize(self.tokenizer, batch, self.max_length)
                     hidden = module.bert(**inputs).last_hidden_state.float().cpu()
                     for row, text in enumerate(batch):
@@ -314,7 +313,8 @@ class FrozenPrefix:
         module.eval()
         try:
             with torch.inference_mode():
-                for batch in self._by_length(module, list(dict.fromkeys(texts))):
+                unique = list(dict.fromkeys(texts))
+                for batch in self._by_length(unique, [len(self.states[t]) for t in unique]):
                     out = self._top(module, batch)
                     for row, text in enumerate(batch):
                         vectors[text] = out[row].float().cpu().numpy()

@@ -17,7 +17,7 @@ from chronorec.server.core.timetext import HistoryEntry, history_text
 from chronorec.trainer.data import event_log_from, load_training_data
 from chronorec.trainer.export import load_base_model
 from chronorec.trainer.finetune import FinetuneConfig, FrozenPrefix, finetune, freeze_below, frozen_layers
-from tests.bench import bench_finetune
+from bench import bench_finetune
 from tinybert import make_tiny_bert
 
 ANCHOR = 1_790_000_000.0

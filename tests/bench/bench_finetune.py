@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 
-from tests.bench.common import ANCHOR, DEFAULT_OUT, REPO_ROOT, _json_default, load_note, log, print_table
+from .common import ANCHOR, DEFAULT_OUT, _json_default, load_note, log, print_table
 
 # The evaluation's fine-tuning (EvalSettings): 100 steps of 32 newest examples, top 2 layers, lr 2e-4.
 BASE_STEPS = 100

@@ -80,6 +80,19 @@ def test_long_text_is_truncated_not_rejected(tiny_encoder):
     assert abs(np.linalg.norm(vectors[0]) - 1.0) < 1e-5
 
 
+def test_long_texts_are_tokenized_from_a_prefix_exactly_as_whole(tiny_encoder):
+    import random
+
+    rng = random.Random(3)
+    words = ["cooking", "jazz", "astronomy", "ago,", "viewed:", "|", ";", "2", "x" * 120, "naïve", "日本語", "don't", "\t"]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 600))) for _ in range(60)]
+    texts += ["a" * 3000, "word " * 800, " " * 2000 + "end", "y" * 1500 + " z" * 300]
+    assert sum(len(t) > tiny_encoder._prefix_chars for t in texts) > 30
+    fast, whole = tiny_encoder._tokenize(texts), tiny_encoder._tokenize_all(texts)
+    assert [e.ids for e in fast] == [e.ids for e in whole]
+    assert [e.type_ids for e in fast] == [e.type_ids for e in whole]
+
+
 @pytest.mark.parametrize("bad, message", [(["ok", "fine", ""], "text 2 is empty"), (["   \n"], "text 0 is empty")])
 def test_empty_text_is_invalid(tiny_encoder, bad, message):
     with pytest.raises(errors.InvalidArgument, match=message):

@@ -223,7 +223,9 @@ def test_postgres_restarted_under_load_writes_get_pushback_and_replicas_recover(
     try:
         time.sleep(0.3)
         postgres_cluster.stop("immediate")
-        time.sleep(1.0)
+        # Down until a write has met the outage (a call in flight when it began may take a while
+        # to fail), so the pushback is observed whatever the machine's speed.
+        wait_until(lambda: bool(outcomes), timeout=30)
         postgres_cluster.start()
         # Writes succeed again on both replicas without a restart.
         count = len(acknowledged)

@@ -39,6 +39,13 @@ def first_occurrences(event_ids: list[str]) -> np.ndarray:
     return keep
 
 
+def within_reach(scored: ScoredCandidates, is_target: np.ndarray, candidates: int) -> bool:
+    """Whether the target (`is_target` marks it among `scored`) has fewer than `candidates` items
+    scored strictly above it: otherwise a rerank of the top `candidates` cannot change its rank."""
+    where = np.flatnonzero(is_target)
+    return bool(len(where)) and int((scored.score > scored.score[where[0]]).sum()) < candidates
+
+
 class ReplayScorer:
     """The replay's ranker, exhaustive, for many instances at once.
 
@@ -424,4 +431,4 @@ class ReplayChunk:
         return ScoredCandidates(self.scorer.row_ids[rows], score, semantic, cooccurrence, freshness, trend)
 
 
-__all__ = ["CHUNK_INSTANCES", "HistoryTexts", "ReplayChunk", "ReplayScorer", "ReplayedEvent", "first_occurrences"]
+__all__ = ["CHUNK_INSTANCES", "HistoryTexts", "ReplayChunk", "ReplayScorer", "ReplayedEvent", "first_occurrences", "within_reach"]

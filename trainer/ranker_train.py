@@ -16,6 +16,7 @@ from chronorec.server.core.features import FEATURE_NAMES
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, LearnedRanker, RankerSpec
 from chronorec.server.core.manifest import TimeModelParams
+from chronorec.trainer.batch_replay import within_reach
 from chronorec.trainer.protocols import (
     GAP_EDGES_S, GAP_LABELS, Dataset, Instances, LooSplit, Split, TemporalSplit, expected_metrics, temporal_split,
 )
@@ -262,15 +263,14 @@ def collect_groups(
     weights: list[float] = []
     # The blend's candidates of many events at once (the batch replay), then each event's features
     # from the ranker's own code, as of the event (walk_candidates advances the state to it).
-    def within_reach(row: int, scored, _columns) -> bool:
+    def target_reachable(row: int, scored, _columns) -> bool:
         """Without added rows a group exists only when the target is among the candidates: an event
         with `candidates` or more items scored strictly above its target forms none, and its
         features (its history text above all) are not worth computing (most validation events on
         a large catalogue)."""
-        where = np.flatnonzero(scored.item_ids == dataset.item_ids[int(instances.target[row])])
-        return bool(len(where)) and int((scored.score > scored.score[where[0]]).sum()) < config.candidates
+        return within_reach(scored, scored.item_ids == dataset.item_ids[int(instances.target[row])], config.candidates)
 
-    for event in replay.first_stage().walk_candidates(instances, params, None if negatives > 0 else within_reach):
+    for event in replay.first_stage().walk_candidates(instances, params, None if negatives > 0 else target_reachable):
         row, scored = event.row, event.scored
         target = dataset.item_ids[int(instances.target[row])]
         extra: list[str] = []

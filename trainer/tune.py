@@ -23,7 +23,7 @@ from chronorec.server.core.ranking import (
 )
 from chronorec.server.core.scoring import COMPONENTS, WEIGHT_NAMES, personal_scale, scaled_weights, weights_of
 from chronorec.server.core.timetext import HistoryEntry
-from chronorec.trainer.batch_replay import ReplayScorer, first_occurrences
+from chronorec.trainer.batch_replay import ReplayScorer, first_occurrences, within_reach
 from chronorec.trainer.protocols import Dataset, Instances, expected_metrics
 
 log = logging.getLogger(__name__)
@@ -264,8 +264,7 @@ class ReplayRanker:
             cut = self.learned_ranker.candidates
 
             def wanted(row: int, scored: ScoredCandidates, columns: np.ndarray) -> bool:
-                where = np.flatnonzero(columns == instances.target[row])
-                if len(where) and int((scored.score > scored.score[where[0]]).sum()) < cut:
+                if within_reach(scored, columns == instances.target[row], cut):
                     return True
                 scores[row, columns] = scored.score
                 return False

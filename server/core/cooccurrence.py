@@ -31,6 +31,13 @@ def _user_item_pairs(interactions: Interactions) -> list[tuple[str, str]]:
     return [(event.user_id, event.item_id) for event in interactions]
 
 
+def _at_positions(full: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """full[positions] as float32, 0 where the position is -1 (an item the model does not know)."""
+    if not len(full):
+        return np.zeros(len(positions), dtype=np.float32)
+    return np.where(positions >= 0, full[np.maximum(positions, 0)], 0.0).astype(np.float32)
+
+
 class CooccurrenceModel:
     """sim(i, j) = |users(i) ∩ users(j)| / sqrt(|users(i)|·|users(j)|), zero diagonal.
 
@@ -222,10 +229,7 @@ class CooccurrenceModel:
             np.add.at(full, self._sparse.indices[entries], self._sparse.data[entries] * row_weights[entry_rows])
         if candidates is None:
             return full
-        positions = self.indices_of(candidates)
-        if not n_items:
-            return np.zeros(len(positions), dtype=np.float32)
-        return np.where(positions >= 0, full[np.maximum(positions, 0)], 0.0).astype(np.float32)
+        return _at_positions(full, self.indices_of(candidates))
 
     def scores_at(self, weights: Mapping[str, float], positions: np.ndarray) -> np.ndarray:
         """scores(weights) at item `positions` (0 where -1), as float32, the same values bit for bit.
@@ -236,10 +240,7 @@ class CooccurrenceModel:
         positions = np.asarray(positions, dtype=np.int64)
         rows, row_weights = self._history_rows(weights)
         if self._dense is not None or not len(rows) or not len(positions):
-            full = self.scores(weights)
-            if not len(full):
-                return np.zeros(len(positions), dtype=np.float32)
-            return np.where(positions >= 0, full[np.maximum(positions, 0)], 0).astype(np.float32)
+            return _at_positions(self.scores(weights), positions)
         wanted, inverse = np.unique(positions, return_inverse=True)
         entries, entry_rows = self._row_entries(rows)
         columns = self._sparse.indices[entries]

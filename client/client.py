@@ -6,6 +6,9 @@ import ipaddress
 import json
 import math
 import numbers
+import random
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -52,7 +55,6 @@ RETRYABLE_METHODS: tuple[tuple[str, str], ...] = (
     ("EncoderService", "Encode"),
     ("RecommenderService", "Recommend"),
     ("RecommenderService", "Feedback"),
-    ("RecommenderService", "FeedbackStream"),
     ("RecommenderService", "SimilarItems"),
     ("RecommenderService", "RecommendBatch"),
     # A repeated erasure finds nothing left to delete and succeeds again.
@@ -62,6 +64,12 @@ RETRYABLE_METHODS: tuple[tuple[str, str], ...] = (
     ("ModelService", "GetStatus"),
     ("ModelService", "ListVersions"),
 )
+# FeedbackStream is idempotent too (events by id), but the client resends a failed stream itself
+# (ChronorecClient.feedback_stream): with gRPC's own retry of a client stream, a batch taken from
+# the request iterator around the failure was now and then never sent, and the call still succeeded.
+# The most bytes of a stream's requests kept for resending it (gRPC's per-call retry buffer
+# is 256 KiB); a longer stream that fails raises, and can be sent again whole.
+STREAM_REPLAY_BYTES = 4 * 1024 * 1024
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -771,20 +779,63 @@ def channel_target(target: str) -> str:
 
 class _Converted:
     """The requests of a stream, converted as gRPC reads them; a ValueError is kept for the caller
-    (gRPC reports a failing request iterator as a cancelled call)."""
+    (gRPC reports a failing request iterator as a cancelled call).
 
-    def __init__(self, source: Iterable[Any], convert: Callable[[Any], Any]):
-        self._source = source
+    Each request taken from the source is also kept (up to `replay_bytes` in all), so that a
+    failed stream can be sent again from its first request: every iteration reads the kept
+    requests first, then takes new ones from the source. The source is read under a lock, as
+    the consumer thread of a failed attempt may still be reading it while the next attempt
+    starts; whatever either takes is kept for the other.
+    """
+
+    def __init__(self, source: Iterable[Any], convert: Callable[[Any], Any], replay_bytes: int | None = None):
+        self._source = iter(source)
         self._convert = convert
+        self._lock = threading.Lock()
+        self._kept: list[Any] = []
+        self._kept_bytes = 0
+        self._taken = 0
+        self._replay_bytes = STREAM_REPLAY_BYTES if replay_bytes is None else replay_bytes
+        self._exhausted = False
+        self.replayable = True  # False once the kept requests passed replay_bytes
         self.error: ValueError | None = None
 
-    def __iter__(self) -> Iterator[Any]:
-        for value in self._source:
+    def _take(self, position: int) -> tuple[bool, Any]:
+        """(True, request number `position`), or (False, None) after the last one."""
+        with self._lock:
+            if position < self._taken:
+                # A resent stream reads the kept requests (a stream past the limit is never resent).
+                return (True, self._kept[position]) if self.replayable else (False, None)
+            if self._exhausted:
+                return False, None
             try:
-                yield self._convert(value)
+                value = next(self._source)
+            except StopIteration:
+                self._exhausted = True
+                return False, None
+            try:
+                request = self._convert(value)
             except ValueError as error:
                 self.error = error
+                self._exhausted = True
                 raise
+            self._taken += 1
+            if self.replayable:
+                self._kept.append(request)
+                self._kept_bytes += request.ByteSize()
+                if self._kept_bytes > self._replay_bytes:
+                    self.replayable = False
+                    self._kept = []
+            return True, request
+
+    def __iter__(self) -> Iterator[Any]:
+        position = 0
+        while True:
+            more, request = self._take(position)
+            if not more:
+                return
+            position += 1
+            yield request
 
 
 class ChronorecClient:
@@ -1007,19 +1058,49 @@ class ChronorecClient:
         """Streams batches of events, each stored atomically as it arrives; `timeout` bounds the whole stream.
 
         Batches are converted as they are sent, so an invalid event raises ValueError after the
-        batches before it were stored. gRPC retries the stream on UNAVAILABLE, resending what it
-        sent, while that fits its per-call retry buffer (256 KiB); events stored by the failed
-        attempt then count as duplicates. A longer stream that fails can be sent again whole:
-        events are stored once by id.
+        batches before it were stored. On UNAVAILABLE the stream is sent again from its first
+        batch (up to `max_retries` times, with gRPC's backoff rules, inside the one deadline) while
+        what it sent fits STREAM_REPLAY_BYTES; events stored by the failed attempt then count as
+        duplicates. A longer stream that fails raises, and can be sent again whole: events are
+        stored once by id.
         """
         requests = _Converted(batches, feedback_request)
-        try:
-            response = self._call(self._recommender.FeedbackStream, iter(requests), timeout)
-        except ChronorecClientError:
-            if requests.error is not None:
-                raise requests.error from None
-            raise
-        return FeedbackResult(stored=response.stored, duplicates=response.duplicates)
+        budget = self.timeout if timeout is None else float(timeout)
+        if not budget > 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        deadline = time.monotonic() + budget
+        retry = 0
+        while True:
+            try:
+                response = self._call(self._recommender.FeedbackStream, iter(requests),
+                                      max(deadline - time.monotonic(), 1e-3))
+                return FeedbackResult(stored=response.stored, duplicates=response.duplicates)
+            except ChronorecClientError as error:
+                if requests.error is not None:
+                    raise requests.error from None
+                wait = self._stream_backoff(error, retry)
+                if (wait is None or not requests.replayable or retry >= self.max_retries
+                        or time.monotonic() + wait >= deadline):
+                    raise
+            time.sleep(wait)
+            retry += 1
+
+    def _stream_backoff(self, error: "ChronorecClientError", retry: int) -> float | None:
+        """Seconds to wait before resending a failed stream (None: do not resend), as gRPC's
+        retry policy would: only on UNAVAILABLE, a server's grpc-retry-pushback-ms first (a
+        negative one forbids the retry), else exponential backoff with full jitter."""
+        if error.code != grpc.StatusCode.UNAVAILABLE:
+            return None
+        cause = error.__cause__
+        trailers = cause.trailing_metadata() if isinstance(cause, grpc.Call) else None
+        for key, value in trailers or ():
+            if key == "grpc-retry-pushback-ms":
+                try:
+                    pushback = int(value)
+                except (TypeError, ValueError):
+                    return None
+                return None if pushback < 0 else pushback / 1000.0
+        return random.uniform(0.0, min(self.backoff_max, self.backoff_base * 2 ** retry))
 
     # -- catalog -------------------------------------------------------------------------------
 

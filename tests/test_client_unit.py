@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from chronorec.client import cli, convert
+from chronorec.client import client as client_module
 from chronorec.client.client import (
     RETRYABLE_METHODS,
     CatalogItem,
@@ -568,6 +569,23 @@ def test_feedback_and_stream_replay_after_unavailable(server, client):
     total = client.feedback_stream(batches())
     # The failed attempt stored the first batch; the replay resends it (duplicates) and the rest.
     assert len(server.recommender.seen_ids) == 31
+    assert total.stored + total.duplicates == 30 and total.duplicates >= 10
+
+
+def test_a_failed_stream_longer_than_the_replay_limit_raises_instead_of_resending(server, client, monkeypatch):
+    monkeypatch.setattr(client_module, "STREAM_REPLAY_BYTES", 200)
+
+    def batches():
+        for start in range(0, 30, 10):
+            yield [{"user_id": "u", "item_id": f"long{n}", "action": "view", "timestamp": n, "event_id": f"long-{n}"}
+                   for n in range(start, start + 10)]
+
+    server.recommender.fail_stream_once = True
+    with pytest.raises(ChronorecClientError) as caught:
+        client.feedback_stream(batches())
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    # Sent again whole (ids given: generated ones would differ), the failed attempt's events are duplicates.
+    total = client.feedback_stream(batches())
     assert total.stored + total.duplicates == 30 and total.duplicates >= 10
 
 

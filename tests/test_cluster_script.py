@@ -32,8 +32,14 @@ def test_the_cluster_script_serves_one_target_over_two_replicas_and_stops_everyt
         target = re.search(r"client target: (\S+)", output.read_text()).group(1)
         assert len(target.split(",")) == 2
         with ChronorecClient(target) as client:
-            status = client.status()
-            assert len(status.replicas) == 2
+            # Each replica lists the others as of its own last heartbeat (every 2 s): the replica that
+            # answers may have beaten before the other's first heartbeat.
+            # Calls are balanced over both replicas: four answers in a row must list both.
+            deadline, counts = time.monotonic() + 20, []
+            while counts[-4:] != [2] * 4 and time.monotonic() < deadline:
+                counts.append(len(client.status().replicas))
+                time.sleep(0.25)
+            assert counts[-4:] == [2] * 4, counts
             assert client.recommend("demo-user-001", k=3).items
         os.killpg(script.pid, signal.SIGINT)
         assert script.wait(60) == 0

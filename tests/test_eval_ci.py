@@ -207,8 +207,9 @@ def _evaluated_temporal_split(chronorec, drift):
 
 
 def test_skipping_the_rerank_of_unreachable_targets_keeps_every_rank(drift, chronorec):
-    """chronorec-ranker keeps the blend's scores for a target with at least `candidates` items above
-    it (its rerank cannot move it): the same better/tied counts as reranking every instance. The
+    """chronorec-ranker keeps the blend's scores (the second look's items lifted above the rest) for a
+    target with at least `candidates` items above it and outside the second look (its rerank cannot
+    move it): the same better/tied counts as reranking every instance. The
     second scoring walks back in time, so it also checks the rerank reads the replay's reset state."""
     from chronorec.trainer.protocols import exclusion_mask, rank_counts
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -118,6 +119,19 @@ def test_features_by_hand():
                                rtol=1e-5)
     # The first stage is copied through.
     np.testing.assert_array_equal(x[:, FEATURE_INDEX["blend_rank"]], np.arange(n))
+    # Ranks among the candidates: how many have a strictly larger value; ties share the best place.
+    popularity = x[:, FEATURE_INDEX["popularity_share"]]
+    expected = [(popularity > v).sum() for v in popularity]
+    np.testing.assert_array_equal(x[:, FEATURE_INDEX["popularity_share_rank"]], expected)
+    # Against the reference rows only (a training group's sampled negatives rank without moving the others).
+    reference = np.array([True, True, False, False])
+    y = candidate_features(inputs, replace(first, reference=reference))
+    semantic = x[:, FEATURE_INDEX["semantic_history_text"]]
+    expected = [(semantic[reference] > v).sum() for v in semantic]
+    np.testing.assert_array_equal(y[:, FEATURE_INDEX["semantic_history_text_rank"]], expected)
+    # A candidate without a value (no vector, no history text) ranks after every valued one.
+    no_text = candidate_features(replace(inputs, short_term=None), first)
+    np.testing.assert_array_equal(no_text[:, FEATURE_INDEX["semantic_history_text_rank"]], [0, 0, 0, 0])
 
 
 def test_category_fields():
@@ -159,7 +173,7 @@ def logged(drift):
     return split, validation, items, params, config, fit, groups
 
 
-def served_ranker(drift, items, fit_positions, position, learned=None) -> TimeAwareRanker:
+def served_ranker(drift, items, fit_positions, position, learned=None, **options) -> TimeAwareRanker:
     """A ranker built as the server builds one, holding the events before `position`."""
     item_ids = [i for i in drift.item_ids if i in items]
     index = ItemIndex(DIM)
@@ -167,7 +181,7 @@ def served_ranker(drift, items, fit_positions, position, learned=None) -> TimeAw
     state = InteractionState()
     state.add(drift.event_at(p) for p in range(position))
     model = fit_cooccurrence(drift, fit_positions, item_ids)
-    return TimeAwareRanker(items, index, state, model, hashed_encoder, learned_ranker=learned)
+    return TimeAwareRanker(items, index, state, model, hashed_encoder, learned_ranker=learned, **options)
 
 
 def test_server_computes_the_features_the_trainer_logged(drift, logged):
@@ -201,9 +215,16 @@ def test_a_ranker_reorders_the_served_candidates_and_names_its_features(drift, l
     scored = learned.score_candidates(query)
     assert list(scored.item_ids) == list(blend_scores.item_ids)  # the same candidates, rescored
     order_blend = np.argsort(-blend_scores.score, kind="stable")
-    top, rest = order_blend[:config.candidates], order_blend[config.candidates:]
-    # The blend's best are scored by the model, everything else below them in the blend's order.
+    # The model scores the blend's best and the second look's items (the whole history's
+    # co-occurrence and mean vector) among the candidates; the rest stay below in the blend's order.
+    history = learned.history_for(query.resolved())
+    second = set(learned.second_look(history, learned.cooccurrence)) & set(scored.item_ids.tolist())
+    pool_ids = set(scored.item_ids[order_blend[:config.candidates]].tolist()) | second
+    assert len(pool_ids) > config.candidates  # the second look reaches past the blend's best
+    top = np.flatnonzero(np.isin(scored.item_ids, list(pool_ids)))
+    rest = order_blend[~np.isin(order_blend, top)]
     logged_features = learned.candidate_features(query, candidates=config.candidates)
+    assert set(logged_features.item_ids.tolist()) == pool_ids
     np.testing.assert_allclose(np.sort(scored.score[top]), np.sort(fit.ranker.predict(logged_features.features)))
     assert scored.score[top].min() > scored.score[rest].max()
     assert (np.diff(scored.score[rest]) <= 0).all()
@@ -217,6 +238,24 @@ def test_a_ranker_reorders_the_served_candidates_and_names_its_features(drift, l
     # Without a ranker the blend answers, with no feature reasons.
     plain = blend_only.recommend(RecommendQuery(user_id=user, k=5, at=at, params=params))
     assert all(not r.feature_reasons for r in plain.items)
+
+
+def test_the_second_look_joins_the_candidates_on_a_large_catalogs_path(drift, logged):
+    """Above `exhaustive_below` the ranker scores index, co-occurrence and trend candidates only:
+    the second look's items must be among them, or the learned ranker could not reach them."""
+    split, validation, items, params, config, fit, groups = logged
+    position = int(validation.targets[-1])
+    user = drift.user_ids[drift.user[position]]
+    query = RecommendQuery(user_id=user, k=3, at=float(drift.ts[position]), params=params)
+    ranker = served_ranker(drift, items, validation.fit, position, fit.ranker, exhaustive_below=1, oversample=1)
+    history = ranker.history_for(query.resolved())
+    # Those that pass the filters (seen items and items unavailable at the time drop out).
+    available = set(ranker.score_candidates(replace(query, exhaustive=True)).item_ids.tolist())
+    second = set(ranker.second_look(history, ranker.cooccurrence)) & available
+    assert second
+    features = ranker.candidate_features(query, candidates=3)
+    assert second <= set(features.item_ids.tolist())
+    assert len(ranker.recommend(query).items) == 3
 
 
 def test_learned_replay_in_batches_scores_as_one_ranker_call_per_event(drift, logged):
@@ -266,9 +305,14 @@ def test_manifest_ranker_entry_is_checked():
     assert Manifest.from_dict(base).ranker is None
     for bad, message in [({**good, "file": "../x.txt"}, "file name"), ({**good, "features": []}, "features"),
                          ({**good, "candidates": 0}, "candidates"), ({**good, "kind": "xgboost"}, "kind"),
+                         ({**good, "second_look": -1}, "second_look"), ({**good, "second_look": 1.5}, "second_look"),
                          ("ranker.txt", "object")]:
         with pytest.raises(ManifestError, match=message):
             Manifest.from_dict({**base, "ranker": bad})
+    # A ranker published before the second look existed serves without one; a new one keeps its count.
+    assert RankerSpec.from_dict(Manifest.from_dict({**base, "ranker": good}).ranker).second_look == 0
+    spec = RankerSpec(second_look=30)
+    assert RankerSpec.from_dict(Manifest.from_dict({**base, "ranker": spec.to_dict()}).ranker) == spec
 
 
 def test_loo_slices_hold_out_targets_from_the_fit(drift):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -39,11 +39,18 @@ def first_occurrences(event_ids: list[str]) -> np.ndarray:
     return keep
 
 
-def within_reach(scored: ScoredCandidates, is_target: np.ndarray, candidates: int) -> bool:
-    """Whether the target (`is_target` marks it among `scored`) has fewer than `candidates` items
-    scored strictly above it: otherwise a rerank of the top `candidates` cannot change its rank."""
+def within_reach(scored: ScoredCandidates, is_target: np.ndarray, candidates: int,
+                 second_look: "Callable[[], Sequence[str]] | None" = None) -> bool:
+    """Whether the learned ranker rescores the target (`is_target` marks it among `scored`): it has
+    fewer than `candidates` items scored strictly above it, or it is among the second look's items
+    (`second_look()`, TimeAwareRanker.second_look, asked only when needed); otherwise the rerank
+    cannot change its rank."""
     where = np.flatnonzero(is_target)
-    return bool(len(where)) and int((scored.score > scored.score[where[0]]).sum()) < candidates
+    if not len(where):
+        return False
+    if int((scored.score > scored.score[where[0]]).sum()) < candidates:
+        return True
+    return second_look is not None and str(scored.item_ids[where[0]]) in set(second_look())
 
 
 class ReplayScorer:
@@ -132,7 +139,7 @@ class ReplayScorer:
         return out
 
     def walk_candidates(self, instances: Instances, params: TimeModelParams,
-                        wanted: "Callable[[int, ScoredCandidates, np.ndarray], bool] | None" = None
+                        wanted: "Callable[[int, ScoredCandidates, np.ndarray, Callable[[], list[HistoryEntry]]], bool] | None" = None
                         ) -> Iterator["ReplayedEvent"]:
         """Per instance, in the global order, what `TimeAwareRanker._score` hands the learned ranker
         (its query, the candidates with every component, their catalogue columns, the history), with
@@ -140,8 +147,9 @@ class ReplayScorer:
         learned ranker's features (which read the state) are then computed by the ranker's own code
         (`features_of_scored`, `rerank`).
 
-        `wanted(row, candidates, columns)`: whether an instance's features will be read (default:
-        all; `columns`: the candidates' dataset columns). The
+        `wanted(row, candidates, columns, history)`: whether an instance's features will be read
+        (default: all; `columns`: the candidates' dataset columns; `history()` builds the instance's
+        history entries). The
         features read the history text whatever the blend's α, so without `wanted` every text is
         encoded in one call first; with it, only the texts of the instances wanted are, one call
         per chunk (on ml-latest-small four in five validation events are not wanted: encoding is
@@ -162,7 +170,8 @@ class ReplayScorer:
                 # The chunk's candidates first (they read no state), then its wanted texts in one call.
                 events = [(i, row, scored) for i, row, scored in
                           ((i, row, chunk.candidates(i, params, components=True)) for i, row in enumerate(rows))
-                          if wanted(row, scored, chunk.columns_kept(i))]
+                          if wanted(row, scored, chunk.columns_kept(i),
+                                    lambda i=i: self.history_entries(chunk.hist_pos[chunk.hist_ptr[i]:chunk.hist_ptr[i + 1]]))]
                 self.replay.cache_vectors([t for t in (chunk.text(i, params) for i, _, _ in events) if t is not None])
             for i, row, scored in events:
                 position = int(chunk.instances.pos[i])

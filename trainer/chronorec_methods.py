@@ -114,6 +114,7 @@ class EvalSettings:
     seed: int = 0
     blas_threads: int | None = 1  # BLAS threads during the replay (its mat-vecs are tiny); None: leave as is
     ranker_candidates: int = 200  # the blend's best the learned ranker rescores
+    ranker_second_look: int = 50  # ... and this many items of each whole-history source (0: none)
     ranker_slices: int = 2  # earlier training windows the ranker learns from (temporal; loo uses one)
     ranker_groups_per_slice: int = 2500  # sampled events per training window
     ranker_valid_groups: int = 2500  # sampled events of the validation window
@@ -403,7 +404,8 @@ class SplitContext:
             s = self.settings
             options = {"training_slices": s.ranker_slices} if isinstance(self.split, TemporalSplit) else {}
             training, validation = slices_of(self.split, **options)
-            config = RankerTrainingConfig(candidates=s.ranker_candidates, negatives=s.ranker_negatives,
+            config = RankerTrainingConfig(candidates=s.ranker_candidates, second_look=s.ranker_second_look,
+                                          negatives=s.ranker_negatives,
                                           max_groups_per_slice=s.ranker_groups_per_slice,
                                           max_valid_groups=s.ranker_valid_groups,
                                           max_item_scores_per_slice=s.ranker_max_item_scores, seed=s.seed)

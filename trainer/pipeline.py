@@ -170,6 +170,9 @@ class RunSettings:
         True, group=RANKER, help="train a learned ranker (LightGBM LambdaRank) on earlier windows and ship it in the "
                                  "version when it beats the blend on the validation window (off: the blend alone)")
     ranker_candidates: int = setting(200, group=RANKER, help="the blend's best candidates the ranker rescores")
+    ranker_second_look: int = setting(50, group=RANKER, help=(
+        "items of each whole-history source (co-occurrence with the whole history, nearest the history's mean "
+        "vector) the ranker also rescores; 0: the blend's best only"))
     ranker_windows: int = setting(2, group=RANKER, help="training windows before the validation window")
     ranker_groups: int = setting(2500, group=RANKER, help="logged events per window the ranker learns from")
 
@@ -502,7 +505,8 @@ def _train_ranker(data, encode, params: TimeModelParams, settings: RunSettings,
     from chronorec.trainer.ranker_train import RankerTrainingConfig, temporal_slices, train_ranker
 
     training, validation = temporal_slices(data.split, training_slices=settings.ranker_windows, inner=data.inner)
-    config = RankerTrainingConfig(candidates=settings.ranker_candidates, max_groups_per_slice=settings.ranker_groups,
+    config = RankerTrainingConfig(candidates=settings.ranker_candidates, second_look=settings.ranker_second_look,
+                                  max_groups_per_slice=settings.ranker_groups,
                                   max_valid_groups=settings.ranker_groups, seed=settings.seed, threads=settings.threads)
     try:
         fit = train_ranker(data.dataset, data.event_log.items, encode, None, params, training, validation, config, say)

@@ -14,7 +14,7 @@ from chronorec.server.core.catalog import Item
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.features import FEATURE_NAMES
 from chronorec.server.core.index import ItemIndex
-from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, LearnedRanker, RankerSpec
+from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, DEFAULT_SECOND_LOOK, LearnedRanker, RankerSpec
 from chronorec.server.core.manifest import TimeModelParams
 from chronorec.trainer.batch_replay import within_reach
 from chronorec.trainer.protocols import (
@@ -107,6 +107,7 @@ class RankerTrainingConfig:
     """How the ranker's training groups are built and how LambdaRank is fitted (defaults: any data set)."""
 
     candidates: int = DEFAULT_CANDIDATES  # the blend's best, rescored (served the same way)
+    second_look: int = DEFAULT_SECOND_LOOK  # ... and this many of each whole-history source (TimeAwareRanker.second_look)
     negatives: int = 10  # sampled items added to each training group (half by popularity)
     max_groups_per_slice: int = 4000  # sampled targets per training slice
     max_valid_groups: int = 3000
@@ -263,12 +264,14 @@ def collect_groups(
     weights: list[float] = []
     # The blend's candidates of many events at once (the batch replay), then each event's features
     # from the ranker's own code, as of the event (walk_candidates advances the state to it).
-    def target_reachable(row: int, scored, _columns) -> bool:
+    def target_reachable(row: int, scored, _columns, history) -> bool:
         """Without added rows a group exists only when the target is among the candidates: an event
-        with `candidates` or more items scored strictly above its target forms none, and its
-        features (its history text above all) are not worth computing (most validation events on
-        a large catalogue)."""
-        return within_reach(scored, scored.item_ids == dataset.item_ids[int(instances.target[row])], config.candidates)
+        with `candidates` or more items scored strictly above its target, and not in the second
+        look, forms none, and its features (its history text above all) are not worth computing
+        (most validation events on a large catalogue)."""
+        ranker = replay.ranker
+        return within_reach(scored, scored.item_ids == dataset.item_ids[int(instances.target[row])], config.candidates,
+                            lambda: ranker.second_look(history(), ranker.cooccurrence, config.second_look))
 
     for event in replay.first_stage().walk_candidates(instances, params, None if negatives > 0 else target_reachable):
         row, scored = event.row, event.scored
@@ -280,7 +283,7 @@ def collect_groups(
             extra = [target] + [dataset.item_ids[int(i)] for i in np.concatenate([uniform, popular])]
         ranker = replay.ranker  # the replay's current one (a walk back in time would replace it)
         found = ranker.features_of_scored(event.query, event.history, scored, event.columns, ranker.cooccurrence,
-                                          extra, candidates=config.candidates)
+                                          extra, candidates=config.candidates, second_look=config.second_look)
         is_target = found.item_ids == target
         hit = bool((is_target & found.in_candidates).any())
         if not is_target.any():
@@ -413,7 +416,7 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
     if valid_sets:
         curve = [float(v) for v in evaluations["validation"]["ndcg@10"]]
     booster = booster if best == booster.current_iteration() else _truncated(booster, best)
-    spec = RankerSpec(features=FEATURE_NAMES, candidates=config.candidates)
+    spec = RankerSpec(features=FEATURE_NAMES, candidates=config.candidates, second_look=config.second_look)
     ranker = LearnedRanker(booster, spec, threads=1)
     ranker_valid = group_ndcg(ranker.predict(valid.features), valid, valid.instances)
     blend_valid = group_ndcg(valid.blend, valid, valid.instances)

@@ -249,13 +249,15 @@ class ReplayRanker:
         """score_batch with the learned ranker: the blend's candidates from the batch replay, then the
         ranker's own rerank per instance (the scores one ranker call per event gives).
 
-        With `rerank_reachable_only`, an instance whose target has at least as many candidates
-        scored strictly above it as the ranker rescores keeps the blend's scores: the rerank would
-        only reorder items that are all above the target and lift them above the rest, which keep
-        the blend's order, so the target's rank (the items above it and tied with it) is the
-        blend's either way, and so is every metric computed from it. Only such rows differ from
-        what one ranker call per event gives; the rerank (its features, its history text) is
-        skipped for them (about three in four test events on ml-latest-small)."""
+        With `rerank_reachable_only`, an instance whose target the ranker does not rescore (at least
+        as many candidates scored strictly above it as the ranker takes of the blend's best, and not
+        in the second look) keeps the blend's scores with the second look's items lifted above
+        every other: the rerank would reorder the blend's best (all above the target already) and
+        the second look's items and lift them above the rest, which keep the blend's order, so the
+        target's rank (the items above it and tied with it) is the same either way, and so is
+        every metric computed from it. Only such rows differ from what one ranker call per event
+        gives; the rerank (its features, its history text) is skipped for them (about three in
+        four test events on ml-latest-small)."""
         replay = self.replay
         scorer = replay.first_stage()
         scores = np.full((len(instances), replay.dataset.n_items), -np.inf)
@@ -263,10 +265,21 @@ class ReplayRanker:
         if self.rerank_reachable_only:
             cut = self.learned_ranker.candidates
 
-            def wanted(row: int, scored: ScoredCandidates, columns: np.ndarray) -> bool:
-                if within_reach(scored, columns == instances.target[row], cut):
+            def wanted(row: int, scored: ScoredCandidates, columns: np.ndarray, history) -> bool:
+                ranker = replay.ranker
+                second: list[str] = []
+
+                def second_look() -> list[str]:
+                    second.extend(ranker.second_look(history(), ranker.cooccurrence))
+                    return second
+
+                if within_reach(scored, columns == instances.target[row], cut, second_look):
                     return True
-                scores[row, columns] = scored.score
+                kept = np.asarray(scored.score, dtype=np.float64)
+                if second and len(kept):
+                    kept = kept.copy()
+                    kept[np.isin(scored.item_ids, second)] = kept.max() + 1.0
+                scores[row, columns] = kept
                 return False
 
         for event in scorer.walk_candidates(instances, self.params, wanted):

@@ -36,6 +36,12 @@ RECENT_ITEMS = 5
 # The newest events the category profile reads (a per-event loop in Python: 0.5 ms per 500).
 MAX_CATEGORY_EVENTS = 500
 
+# Features also given as their rank among the candidates (see FEATURE_NAMES).
+RANKED_FEATURES: tuple[str, ...] = (
+    "trend_1d", "trend_7d", "trend_30d", "popularity_share", "cooccurrence_1h", "cooccurrence_7d",
+    "cooccurrence_all", "semantic_history_text", "semantic_mean_all",
+)
+
 FEATURE_NAMES: tuple[str, ...] = (
     # The first stage: the blend's score, its rank among the candidates, and its components.
     "blend_score", "blend_rank", "blend_semantic", "blend_cooccurrence", "blend_trend", "blend_freshness",
@@ -56,6 +62,12 @@ FEATURE_NAMES: tuple[str, ...] = (
     # The whole history alike, however old: the user's standing taste, which is what is left to go
     # on after a long absence (the decayed parts above have faded for such a user).
     "cooccurrence_all", "semantic_mean_all",
+    # The same signals as ranks among the candidates (0: the candidate's best): a share of the
+    # month's events or a similarity means something else at each time and for each user, its
+    # place among the candidates does not, so a few splits on the time since the user's previous
+    # event can hand one signal the ranking (e.g. what is popular this month, for a user back
+    # after weeks away).
+    *(f"{name}_rank" for name in RANKED_FEATURES),
 )
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
@@ -82,6 +94,9 @@ class FirstStage:
     cooccurrence: np.ndarray
     trend: np.ndarray
     freshness: np.ndarray
+    # The rows the `_rank` features rank against (the candidates, not the sampled negatives a
+    # training group adds); None: every row.
+    reference: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -140,7 +155,20 @@ def candidate_features(inputs: FeatureInputs, first: FirstStage) -> np.ndarray:
         out[:, column["user_history_length"]] = 0.0
         out[:, column["user_session_events"]] = 0.0
         out[:, column["user_events_last_day"]] = 0.0
+    _rank_features(first.reference, out)
     return out
+
+
+def _rank_features(reference: np.ndarray | None, out: np.ndarray) -> None:
+    """Per RANKED_FEATURES, each row's rank among the reference rows: how many of them have a
+    strictly larger value (0: the best); a row without a value ranks after every valued one."""
+    for name in RANKED_FEATURES:
+        values = out[:, FEATURE_INDEX[name]]
+        pool = values if reference is None else values[reference]
+        ordered = np.sort(pool[~np.isnan(pool)])
+        ranks = len(ordered) - np.searchsorted(ordered, values, side="right")
+        ranks[np.isnan(values)] = len(ordered)
+        out[:, FEATURE_INDEX[f"{name}_rank"]] = ranks
 
 
 def _item_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], out: np.ndarray) -> None:
@@ -274,6 +302,7 @@ __all__ = [
     "FEATURE_NAMES",
     "FeatureInputs",
     "FirstStage",
+    "RANKED_FEATURES",
     "TREND_WINDOWS_S",
     "candidate_features",
     "categories_of",

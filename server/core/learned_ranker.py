@@ -16,6 +16,12 @@ RANKER_FILE = "ranker.txt"
 RANKER_KIND = "lightgbm-lambdarank"
 # Candidates the ranker rescores by default: the blend's best, the rest keep the blend's order below.
 DEFAULT_CANDIDATES = 200
+# Beyond the blend's best, the learned ranker also rescores this many items from each of two
+# whole-history sources (co-occurrence with every history item alike, and the items nearest the
+# mean of the history's vectors). The blend decays the history: for a user back after weeks away
+# it has faded to what is popular now, and the items of their standing taste would be out of the
+# ranker's reach, whatever it learned about such users.
+DEFAULT_SECOND_LOOK = 50
 MAX_CANDIDATES = 5000
 # Reasons name this many features per recommended item.
 FEATURE_REASONS = 3
@@ -33,15 +39,19 @@ class RankerSpec:
     features: tuple[str, ...] = FEATURE_NAMES
     candidates: int = DEFAULT_CANDIDATES
     kind: str = RANKER_KIND
+    # Items from each whole-history source also rescored (ranking.TimeAwareRanker.second_look);
+    # 0 in a version whose manifest predates it, which then serves as it was trained.
+    second_look: int = DEFAULT_SECOND_LOOK
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "features": list(self.features), "candidates": self.candidates, "kind": self.kind}
+        return {"file": self.file, "features": list(self.features), "candidates": self.candidates,
+                "second_look": self.second_look, "kind": self.kind}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RankerSpec":
         """The entry as the manifest schema validated it (see manifest._optional_ranker)."""
         return cls(file=data["file"], features=tuple(data["features"]), candidates=int(data["candidates"]),
-                   kind=data.get("kind", RANKER_KIND))
+                   kind=data.get("kind", RANKER_KIND), second_look=int(data.get("second_look", 0)))
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,7 @@ def select_columns(features: np.ndarray, names: Sequence[str]) -> np.ndarray:
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "DEFAULT_SECOND_LOOK",
     "FEATURE_REASONS",
     "FeatureReason",
     "LearnedRanker",

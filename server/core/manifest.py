@@ -133,7 +133,7 @@ class Manifest:
     parity_max_abs_diff: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     schema: int = MANIFEST_SCHEMA
-    # The learned ranker shipped in the version: {"file", "features", "candidates", "kind"}; None:
+    # The learned ranker shipped in the version: {"file", "features", "candidates", "second_look", "kind"}; None:
     # the version ranks with the time model's blend alone.
     ranker: dict[str, Any] | None = None
 
@@ -264,6 +264,9 @@ def _optional_ranker(name: str, value: Any) -> dict[str, Any] | None:
             or not all(isinstance(f, str) and f for f in features)):
         raise ManifestError(f"{name}.features must be a list of 1 to {MAX_RANKER_FEATURES} feature names")
     _count(MAX_RANKER_CANDIDATES)(f"{name}.candidates", entry.get("candidates"))
+    second_look = entry.get("second_look", 0)
+    if second_look != 0:  # absent (a ranker trained before the second look existed): none
+        _count(MAX_RANKER_CANDIDATES)(f"{name}.second_look", second_look)
     return {**entry, "kind": kind}
 
 

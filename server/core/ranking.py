@@ -16,11 +16,11 @@ from chronorec.server.core.catalog_columns import CatalogColumns, CatalogSnapsho
 from chronorec.server.core.compute_gate import RECOMMEND_GATE
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.errors import InvalidArgument
-from chronorec.server.core.features import FeatureInputs, FirstStage, candidate_features
+from chronorec.server.core.features import MAX_HISTORY_ITEMS, FeatureInputs, FirstStage, candidate_features
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.itemtext import item_text_lookup
-from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, FeatureReason, LearnedRanker
+from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, DEFAULT_SECOND_LOOK, FeatureReason, LearnedRanker
 from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.scoring import combine, personal_scale, score_weights
 from chronorec.server.core.short_term_cache import DEFAULT_MAX_BYTES, ShortTermCache, encoder_char_budget, text_key
@@ -370,29 +370,93 @@ class TimeAwareRanker:
         as the ranker rescores, DEFAULT_CANDIDATES without one) and those of `extra_item_ids` that
         pass the filters, with their features. The trainer logs exactly these, as of each past event."""
         query = query.resolved()
-        history, scored, context = self._score(query, rerank=False)
+        history, scored, context = self._score(query, rerank=False, second_look=True)
         return self.features_of_scored(query, history, scored, context.columns, context.cooccurrence_model,
                                        extra_item_ids, candidates)
 
+    def second_look(self, history: Sequence[HistoryEntry], cooccurrence: CooccurrenceModel | None,
+                    per_source: int | None = None) -> list[str]:
+        """Items of the user's whole history, however old, that the learned ranker rescores besides
+        the blend's best (`per_source` from each source; default: the serving ranker's spec, else
+        DEFAULT_SECOND_LOOK; history items may be among them, the filters drop those): the best by
+        co-occurrence with every positive history event alike, then the nearest to the
+        strength-weighted mean of the history items' vectors."""
+        if per_source is None:
+            learned = self.learned_ranker
+            per_source = learned.spec.second_look if learned is not None else DEFAULT_SECOND_LOOK
+        if not history or per_source <= 0:
+            return []
+        newest_first = list(dict.fromkeys(e.item_id for e in reversed(history)))[:MAX_HISTORY_ITEMS]
+        kept = set(newest_first)
+        positive: dict[str, float] = {}
+        strength: dict[str, float] = {}
+        for event in history:
+            if event.item_id in kept:
+                value = action_strength(event.action, event.value)
+                strength[event.item_id] = strength.get(event.item_id, 0.0) + value
+                if value > 0:
+                    positive[event.item_id] = positive.get(event.item_id, 0.0) + 1.0
+        found: dict[str, None] = {}
+        if cooccurrence is not None and positive:
+            scores = cooccurrence.scores(positive)
+            if len(scores):
+                take = min(per_source, len(scores))
+                best = np.argpartition(-scores, take - 1)[:take]
+                best = best[scores[best] > 0]
+                ids = cooccurrence.item_ids
+                for position in best[np.lexsort((best, -scores[best]))].tolist():
+                    found[ids[position]] = None
+        vectors, present = self.index.vectors_matrix_for(newest_first)
+        if present.any():
+            weights = np.fromiter((strength[i] for i in newest_first), dtype=np.float64, count=len(newest_first))
+            mean = _unit((weights * present) @ vectors)
+            if mean is not None:
+                for item_id, _ in self.index.search(mean.astype(np.float32), per_source):
+                    found[item_id] = None
+        return list(found)
+
+    def _ranker_rows(self, scored: ScoredCandidates, columns: CatalogColumns, wanted: int,
+                     second_look: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, blend ranks) the learned ranker scores: the blend's best `wanted`, then the rows of
+        `second_look` among the candidates that are not already there, each at its blend rank."""
+        n = len(scored.score)
+        top = self._top_k(scored, min(wanted, n))
+        extra: list[int] = []
+        if len(second_look) and len(top) < n:
+            chosen = set(top.tolist())
+            extra = [p for p in dict.fromkeys(self._positions_of(second_look, scored, columns))
+                     if p >= 0 and p not in chosen]
+        rows = np.concatenate([top, np.asarray(extra, dtype=np.int64)]).astype(np.int64)
+        return rows, np.concatenate([np.arange(len(top), dtype=np.float64), self._blend_ranks(scored, extra)])
+
+    @staticmethod
+    def _blend_ranks(scored: ScoredCandidates, rows: Sequence[int]) -> np.ndarray:
+        """Per row, the number of candidates the blend scores strictly above it."""
+        if not len(rows):
+            return np.zeros(0, dtype=np.float64)
+        ordered = np.sort(scored.score)
+        values = scored.score[np.asarray(rows, dtype=np.int64)]
+        return (len(ordered) - np.searchsorted(ordered, values, side="right")).astype(np.float64)
+
     def features_of_scored(self, query: RecommendQuery, history: list[HistoryEntry], scored: ScoredCandidates,
                            columns: CatalogColumns, cooccurrence: CooccurrenceModel | None,
-                           extra_item_ids: Sequence[str] = (), candidates: int | None = None) -> CandidateFeatures:
+                           extra_item_ids: Sequence[str] = (), candidates: int | None = None,
+                           second_look: int | None = None) -> CandidateFeatures:
         """candidate_features of candidates already scored (`columns` aligned with `scored`): the
         trainer's batch replay scores many logged events at once, then reads each one's features here."""
         wanted = candidates or (self.learned_ranker.candidates if self.learned_ranker is not None else DEFAULT_CANDIDATES)
-        top = self._top_k(scored, min(wanted, len(scored.score)))
-        chosen = set(top.tolist())
+        pool, pool_ranks = self._ranker_rows(scored, columns, wanted, self.second_look(history, cooccurrence, second_look))
+        chosen = set(pool.tolist())
         extra: list[int] = []
         if len(extra_item_ids):
             position = self._positions_of(extra_item_ids, scored, columns)
             extra = [p for p in dict.fromkeys(position) if p >= 0 and p not in chosen]
-        rows = np.concatenate([top, np.asarray(extra, dtype=np.int64)]).astype(np.int64)
+        rows = np.concatenate([pool, np.asarray(extra, dtype=np.int64)]).astype(np.int64)
         # An added row's rank is where the blend put it among all candidates.
-        ranks = np.concatenate([np.arange(len(top), dtype=np.float64),
-                                [float((scored.score > scored.score[p]).sum()) for p in extra]])
+        ranks = np.concatenate([pool_ranks, self._blend_ranks(scored, extra)])
+        in_candidates = np.arange(len(rows)) < len(pool)
         features = candidate_features(self._feature_inputs(history, query, cooccurrence),
-                                      self._first_stage(scored, columns, rows, ranks))
-        in_candidates = np.arange(len(rows)) < len(top)
+                                      self._first_stage(scored, columns, rows, ranks, in_candidates))
         return CandidateFeatures(scored.item_ids[rows], features, scored.score[rows], in_candidates)
 
     @staticmethod
@@ -419,24 +483,30 @@ class TimeAwareRanker:
                              cooccurrence=cooccurrence, short_term=short_term, category_of=self._category)
 
     @staticmethod
-    def _first_stage(scored: ScoredCandidates, columns: CatalogColumns, rows: np.ndarray, ranks: np.ndarray) -> FirstStage:
+    def _first_stage(scored: ScoredCandidates, columns: CatalogColumns, rows: np.ndarray, ranks: np.ndarray,
+                     reference: np.ndarray | None = None) -> FirstStage:
         return FirstStage(
             item_ids=scored.item_ids[rows], category=columns.category[rows], published_at=columns.published_at[rows],
             score=scored.score[rows], rank=ranks, semantic=scored.semantic[rows],
             cooccurrence=scored.cooccurrence[rows], trend=scored.trend[rows], freshness=scored.freshness[rows],
+            reference=reference,
         )
 
     def rerank(self, history: list[HistoryEntry], scored: ScoredCandidates, query: RecommendQuery,
                columns: CatalogColumns, cooccurrence: CooccurrenceModel | None,
+               second_look: Sequence[str] | None = None,
                ) -> tuple[ScoredCandidates, np.ndarray, np.ndarray]:
-        """The blend's best `candidates` reordered by the learned ranker, all above the rest, which
-        keep the blend's order; with the rows rescored and their features. The trainer's batch
-        replay calls it on candidates it scored itself (`columns` aligned with `scored`)."""
+        """The blend's best `candidates` and the second look's candidates (`second_look`; None: worked
+        out here) reordered by the learned ranker, all above the rest, which keep the blend's order;
+        with the rows rescored and their features. The trainer's batch replay calls it on
+        candidates it scored itself (`columns` aligned with `scored`)."""
         learned = self.learned_ranker
         n = len(scored.score)
-        top = self._top_k(scored, min(learned.candidates, n))
+        if second_look is None:
+            second_look = self.second_look(history, cooccurrence)
+        top, ranks = self._ranker_rows(scored, columns, learned.candidates, second_look)
         features = candidate_features(self._feature_inputs(history, query, cooccurrence),
-                                      self._first_stage(scored, columns, top, np.arange(len(top), dtype=np.float64)))
+                                      self._first_stage(scored, columns, top, ranks))
         learned_scores = learned.predict(features)
         score = np.asarray(scored.score, dtype=np.float64).copy()
         rest = np.ones(n, dtype=bool)
@@ -458,13 +528,19 @@ class TimeAwareRanker:
 
     # --------------------------------------------------------------- scoring
 
-    def _score(self, query: RecommendQuery, rerank: bool = True) -> tuple[list[HistoryEntry], ScoredCandidates, "_UserContext"]:
+    def _score(self, query: RecommendQuery, rerank: bool = True, second_look: bool = False,
+               ) -> tuple[list[HistoryEntry], ScoredCandidates, "_UserContext"]:
+        """The history, the scored candidates (reranked by the learned ranker when there is one and
+        `rerank`) and the user context; the second look's items join the candidates when the
+        learned ranker reranks or `second_look` asks for them."""
         if query.k <= 0:
             raise InvalidArgument("k must be positive")
         if not math.isfinite(query.at):
             raise InvalidArgument("at must be a finite time")
         history = self.history_for(query)
         context = _UserContext.build(self, history, query)
+        if (rerank and self.learned_ranker is not None) or second_look:
+            context.second_look = self.second_look(history, context.cooccurrence_model)
         banned = set(query.exclude)
         if not query.allow_repeats:
             banned.update(e.item_id for e in history)
@@ -481,7 +557,7 @@ class TimeAwareRanker:
         scored = self._components(columns, query, context)
         if rerank and self.learned_ranker is not None and len(scored.score):
             scored, context.learned_rows, context.learned_features = self.rerank(
-                history, scored, query, context.columns, context.cooccurrence_model)
+                history, scored, query, context.columns, context.cooccurrence_model, context.second_look)
         return history, scored, context
 
     def _components(self, columns: CatalogColumns, query: RecommendQuery, context: "_UserContext") -> ScoredCandidates:
@@ -610,6 +686,8 @@ class TimeAwareRanker:
                 candidate_ids[item_id] = None
         for item_id, _ in self.state.trending(query.at, trend_window, query.k * self.oversample):
             candidate_ids[item_id] = None
+        for item_id in context.second_look:
+            candidate_ids[item_id] = None
         items = [item for item in map(self.catalog.get, candidate_ids) if item is not None]
         return CatalogColumns.of(items)
 
@@ -648,6 +726,7 @@ class TimeAwareRanker:
             parts.append(rows)
         else:
             by_id.extend(item_id for item_id, _ in self.state.trending(query.at, trend_window, query.k * self.oversample))
+        by_id.extend(context.second_look)
         if by_id:
             parts.append(np.fromiter((row_of.get(i, -1) for i in by_id), dtype=np.int64, count=len(by_id)))
         rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
@@ -761,6 +840,8 @@ class _UserContext:
         self.columns: CatalogColumns | None = None
         self.learned_rows: np.ndarray | None = None
         self.learned_features: np.ndarray | None = None
+        # The learned ranker's second look at the whole history (TimeAwareRanker.second_look).
+        self.second_look: list[str] = []
 
     @classmethod
     def build(cls, ranker: TimeAwareRanker, history: list[HistoryEntry], query: RecommendQuery) -> "_UserContext":

@@ -209,7 +209,9 @@ def test_a_ranker_reorders_the_served_candidates_and_names_its_features(drift, l
     at = float(drift.ts[position])
     query = RecommendQuery(user_id=user, k=10, at=at, params=params, exhaustive=True)
     blend_only = served_ranker(drift, items, validation.fit, position)
-    learned = served_ranker(drift, items, validation.fit, position, fit.ranker)
+    # With the second look whatever the validation chose for this small data set.
+    model = LearnedRanker.from_model_text(fit.ranker.model_text(), replace(fit.ranker.spec, second_look=50))
+    learned = served_ranker(drift, items, validation.fit, position, model)
 
     blend_scores = blend_only.score_candidates(query)
     scored = learned.score_candidates(query)
@@ -225,7 +227,7 @@ def test_a_ranker_reorders_the_served_candidates_and_names_its_features(drift, l
     rest = order_blend[~np.isin(order_blend, top)]
     logged_features = learned.candidate_features(query, candidates=config.candidates)
     assert set(logged_features.item_ids.tolist()) == pool_ids
-    np.testing.assert_allclose(np.sort(scored.score[top]), np.sort(fit.ranker.predict(logged_features.features)))
+    np.testing.assert_allclose(np.sort(scored.score[top]), np.sort(model.predict(logged_features.features)))
     assert scored.score[top].min() > scored.score[rest].max()
     assert (np.diff(scored.score[rest]) <= 0).all()
 
@@ -240,6 +242,23 @@ def test_a_ranker_reorders_the_served_candidates_and_names_its_features(drift, l
     assert all(not r.feature_reasons for r in plain.items)
 
 
+def test_the_validation_decides_whether_the_second_look_serves(logged):
+    split, validation, items, params, config, fit, groups = logged
+    assert groups.second_look_rows().any()
+    without = groups.without_second_look()
+    # Its rows go, the target's row stays (outside the candidates); every other row is unchanged.
+    kept = ~groups.second_look_rows() | (groups.labels > 0)
+    np.testing.assert_array_equal(without.features, groups.features[kept])
+    assert not without.second_look_rows().any() and without.sizes.sum() == kept.sum()
+    only_second = [bool((lab > 0)[sl].any()) for lab, sl in zip(np.split(groups.labels, np.cumsum(groups.sizes)[:-1]),
+                                                                  np.split(groups.second_look_rows(), np.cumsum(groups.sizes)[:-1]))]
+    np.testing.assert_array_equal(without.reachable, groups.reachable & ~np.array(only_second))
+    # The fit compared both on its validation window and serves the better.
+    with_look, without_look = fit.second_look_valid
+    assert fit.ranker.spec.second_look == (config.second_look if with_look > without_look else 0)
+    assert fit.summary()["second_look"] == fit.ranker.spec.second_look
+
+
 def test_the_second_look_joins_the_candidates_on_a_large_catalogs_path(drift, logged):
     """Above `exhaustive_below` the ranker scores index, co-occurrence and trend candidates only:
     the second look's items must be among them, or the learned ranker could not reach them."""
@@ -247,7 +266,8 @@ def test_the_second_look_joins_the_candidates_on_a_large_catalogs_path(drift, lo
     position = int(validation.targets[-1])
     user = drift.user_ids[drift.user[position]]
     query = RecommendQuery(user_id=user, k=3, at=float(drift.ts[position]), params=params)
-    ranker = served_ranker(drift, items, validation.fit, position, fit.ranker, exhaustive_below=1, oversample=1)
+    model = LearnedRanker.from_model_text(fit.ranker.model_text(), replace(fit.ranker.spec, second_look=50))
+    ranker = served_ranker(drift, items, validation.fit, position, model, exhaustive_below=1, oversample=1)
     history = ranker.history_for(query.resolved())
     # Those that pass the filters (seen items and items unavailable at the time drop out).
     available = set(ranker.score_candidates(replace(query, exhaustive=True)).item_ids.tolist())

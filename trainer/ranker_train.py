@@ -147,9 +147,13 @@ class Groups:
     positions: np.ndarray  # per group: the event's global position
     instances: int  # events asked for (groups + those whose target could not be ranked at all)
     weights: np.ndarray | None = None  # per group, in the training loss (None: all 1)
+    second_look: np.ndarray | None = None  # per row: a candidate through the second look only (None: none)
 
     def group_weights(self) -> np.ndarray:
         return np.ones(len(self.sizes)) if self.weights is None else self.weights
+
+    def second_look_rows(self) -> np.ndarray:
+        return np.zeros(len(self.labels), dtype=bool) if self.second_look is None else self.second_look
 
     @classmethod
     def empty(cls) -> "Groups":
@@ -165,17 +169,34 @@ class Groups:
                    np.concatenate([p.in_candidates for p in parts]), np.concatenate([p.gap_seconds for p in parts]),
                    np.concatenate([p.reachable for p in parts]), np.concatenate([p.positions for p in parts]),
                    sum(p.instances for p in parts),
-                   np.concatenate([p.group_weights() for p in parts]) if weighted else None)
+                   np.concatenate([p.group_weights() for p in parts]) if weighted else None,
+                   np.concatenate([p.second_look_rows() for p in parts]))
+
+    def _rows(self, rows: np.ndarray, keep_group: np.ndarray, in_candidates: np.ndarray,
+              reachable: np.ndarray) -> "Groups":
+        group_of_row = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        rows = rows & keep_group[group_of_row]
+        sizes = np.bincount(group_of_row[rows], minlength=len(self.sizes))[keep_group]
+        return Groups(self.features[rows], self.labels[rows], sizes, self.blend[rows], in_candidates[rows],
+                      self.gap_seconds[keep_group], reachable[keep_group], self.positions[keep_group],
+                      self.instances, None if self.weights is None else self.weights[keep_group],
+                      self.second_look_rows()[rows])
 
     def candidates_only(self) -> "Groups":
         """The groups as the server ranks them: candidate rows only, groups whose target is one."""
-        keep_group = self.reachable
+        return self._rows(self.in_candidates, self.reachable, self.in_candidates, self.reachable)
+
+    def without_second_look(self) -> "Groups":
+        """The groups as a ranker serving without the second look sees them: its rows are dropped
+        (a target among them stays, as a row added outside the candidates, and its group no longer
+        counts as reachable). Every other row's features are the same: the `_rank` features rank
+        against the blend's best only."""
+        second = self.second_look_rows()
+        in_candidates = self.in_candidates & ~second
         group_of_row = np.repeat(np.arange(len(self.sizes)), self.sizes)
-        rows = self.in_candidates & keep_group[group_of_row]
-        sizes = np.bincount(group_of_row[rows], minlength=len(self.sizes))[keep_group]
-        return Groups(self.features[rows], self.labels[rows], sizes, self.blend[rows], self.in_candidates[rows],
-                      self.gap_seconds[keep_group], self.reachable[keep_group], self.positions[keep_group],
-                      self.instances, None if self.weights is None else self.weights[keep_group])
+        hits = np.bincount(group_of_row, weights=((self.labels > 0) & in_candidates).astype(float),
+                           minlength=len(self.sizes)) > 0
+        return self._rows(~second | (self.labels > 0), np.ones(len(self.sizes), dtype=bool), in_candidates, hits)
 
 
 def sample_by_gap(dataset: Dataset, targets: np.ndarray, k: int, rng: np.random.Generator
@@ -261,6 +282,7 @@ def collect_groups(
     popularity = np.bincount(dataset.item[feature_slice.fit], minlength=dataset.n_items).astype(np.float64) + 1.0
     popularity /= popularity.sum()
     features, labels, sizes, blend, in_candidates, gaps, reachable, positions = [], [], [], [], [], [], [], []
+    second_look: list[np.ndarray] = []
     weights: list[float] = []
     # The blend's candidates of many events at once (the batch replay), then each event's features
     # from the ranker's own code, as of the event (walk_candidates advances the state to it).
@@ -293,6 +315,7 @@ def collect_groups(
         sizes.append(len(found.item_ids))
         blend.append(found.blend_score)
         in_candidates.append(found.in_candidates)
+        second_look.append(found.second_look)
         gaps.append(replay.gap_seconds(int(instances.pos[row])))
         reachable.append(hit)
         positions.append(int(instances.pos[row]))
@@ -304,6 +327,7 @@ def collect_groups(
         np.concatenate(blend) if blend else np.zeros(0), np.concatenate(in_candidates) if in_candidates else np.zeros(0, bool),
         np.asarray(gaps, dtype=np.float64), np.asarray(reachable, dtype=bool), np.asarray(positions, dtype=np.int64),
         len(targets), None if weight_of is None else np.asarray(weights, dtype=np.float64),
+        np.concatenate(second_look) if second_look else np.zeros(0, bool),
     )
     say(f"{feature_slice.name}: {len(groups.sizes)} groups of {len(targets)} events ({int(groups.reachable.sum())} "
         f"with the target among the blend's top {config.candidates}), {len(groups.labels)} rows in "
@@ -376,6 +400,8 @@ class RankerFit:
     importances: dict[str, float] = field(default_factory=dict)
     importances_by_gap: dict[str, dict[str, float]] = field(default_factory=dict)
     curve: list[float] = field(default_factory=list)
+    # Validation NDCG@10 with and without the second look (None: not compared).
+    second_look_valid: tuple[float, float] | None = None
 
     @property
     def helps(self) -> bool:
@@ -386,6 +412,9 @@ class RankerFit:
             "best_iteration": self.best_iteration, "valid_NDCG@10_ranker": round(self.valid_ndcg_ranker, 5),
             "valid_NDCG@10_blend": round(self.valid_ndcg_blend, 5), "valid_instances": self.valid_instances,
             "train_groups": self.train_groups, "valid_groups": self.valid_groups, "seconds": round(self.seconds, 1),
+            "second_look": self.ranker.spec.second_look if self.ranker is not None else 0,
+            "valid_NDCG@10_with_without_second_look": (None if self.second_look_valid is None
+                                                       else [round(v, 5) for v in self.second_look_valid]),
             "importances": {k: round(v, 4) for k, v in sorted(self.importances.items(), key=lambda kv: -kv[1])},
             "importances_by_gap": {bucket: {k: round(v, 4) for k, v in values.items()}
                                    for bucket, values in self.importances_by_gap.items()},
@@ -420,6 +449,19 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
     ranker = LearnedRanker(booster, spec, threads=1)
     ranker_valid = group_ndcg(ranker.predict(valid.features), valid, valid.instances)
     blend_valid = group_ndcg(valid.blend, valid, valid.instances)
+    second_look_valid = None
+    if config.second_look > 0 and valid.second_look_rows().any():
+        # Whether the second look earns its place on this data set: the same model served without
+        # it (its candidates dropped) on the same validation events; kept only when it does better.
+        without = valid.without_second_look()
+        without_valid = group_ndcg(ranker.predict(without.features), without, valid.instances)
+        second_look_valid = (float(ranker_valid.mean()), float(without_valid.mean()))
+        if not second_look_valid[0] > second_look_valid[1]:
+            spec = RankerSpec(features=FEATURE_NAMES, candidates=config.candidates, second_look=0)
+            ranker = LearnedRanker(booster, spec, threads=1)
+            ranker_valid = without_valid
+        say(f"ranker: validation NDCG@10 {second_look_valid[0]:.4f} with the second look, {second_look_valid[1]:.4f} "
+            f"without: {'kept' if spec.second_look else 'not used'}")
     if config.refit_on_validation and len(valid.sizes):
         both = Groups.concatenate([train, valid])
         ranker = LearnedRanker(lightgbm.train(params, _dataset(both), num_boost_round=max(1, int(best * 1.1))), spec,
@@ -428,7 +470,9 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
     fit = RankerFit(ranker, best, float(ranker_valid.mean()) if len(ranker_valid) else 0.0,
                     float(blend_valid.mean()) if len(blend_valid) else 0.0, valid.instances,
                     len(train.sizes), len(valid.sizes), time.perf_counter() - started,
-                    ranker.importances(), importances_by_gap(ranker, valid), curve)
+                    ranker.importances(),
+                    importances_by_gap(ranker, valid if spec.second_look else valid.without_second_look()), curve,
+                    second_look_valid)
     say(f"ranker: {best} rounds on {len(train.sizes)} groups ({len(train.labels)} rows) in {fit.seconds:.0f} s; "
         f"validation NDCG@10 {fit.valid_ndcg_ranker:.4f} against the blend's {fit.valid_ndcg_blend:.4f} "
         f"({valid.instances} events)")

@@ -94,8 +94,8 @@ class FirstStage:
     cooccurrence: np.ndarray
     trend: np.ndarray
     freshness: np.ndarray
-    # The rows the `_rank` features rank against (the candidates, not the sampled negatives a
-    # training group adds); None: every row.
+    # The rows the `_rank` features rank against (the blend's best candidates: not the second
+    # look's, nor the sampled negatives a training group adds); None: every row.
     reference: np.ndarray | None = None
 
 

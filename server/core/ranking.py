@@ -121,6 +121,8 @@ class CandidateFeatures:
     features: np.ndarray
     blend_score: np.ndarray
     in_candidates: np.ndarray  # bool
+    # Candidates that are there through the second look only (not among the blend's best).
+    second_look: np.ndarray | None = None  # bool
 
 
 # ------------------------------------------------------------------- catalog
@@ -417,7 +419,8 @@ class TimeAwareRanker:
 
     def _ranker_rows(self, scored: ScoredCandidates, columns: CatalogColumns, wanted: int,
                      second_look: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, blend ranks) the learned ranker scores: the blend's best `wanted`, then the rows of
+        """(rows, blend ranks) the learned ranker scores: the blend's best `wanted` (the rows whose
+        rank is below `wanted`; the `_rank` features rank against them), then the rows of
         `second_look` among the candidates that are not already there, each at its blend rank."""
         n = len(scored.score)
         top = self._top_k(scored, min(wanted, n))
@@ -454,10 +457,13 @@ class TimeAwareRanker:
         rows = np.concatenate([pool, np.asarray(extra, dtype=np.int64)]).astype(np.int64)
         # An added row's rank is where the blend put it among all candidates.
         ranks = np.concatenate([pool_ranks, self._blend_ranks(scored, extra)])
-        in_candidates = np.arange(len(rows)) < len(pool)
+        position = np.arange(len(rows))
+        in_candidates = position < len(pool)
+        best = min(wanted, len(scored.score))  # the blend's best come first in the pool
         features = candidate_features(self._feature_inputs(history, query, cooccurrence),
-                                      self._first_stage(scored, columns, rows, ranks, in_candidates))
-        return CandidateFeatures(scored.item_ids[rows], features, scored.score[rows], in_candidates)
+                                      self._first_stage(scored, columns, rows, ranks, position < best))
+        return CandidateFeatures(scored.item_ids[rows], features, scored.score[rows], in_candidates,
+                                 in_candidates & (position >= best))
 
     @staticmethod
     def _positions_of(item_ids: Sequence[str], scored: ScoredCandidates, columns: CatalogColumns) -> list[int]:
@@ -505,8 +511,9 @@ class TimeAwareRanker:
         if second_look is None:
             second_look = self.second_look(history, cooccurrence)
         top, ranks = self._ranker_rows(scored, columns, learned.candidates, second_look)
+        best = np.arange(len(top)) < min(learned.candidates, n)
         features = candidate_features(self._feature_inputs(history, query, cooccurrence),
-                                      self._first_stage(scored, columns, top, ranks))
+                                      self._first_stage(scored, columns, top, ranks, best))
         learned_scores = learned.predict(features)
         score = np.asarray(scored.score, dtype=np.float64).copy()
         rest = np.ones(n, dtype=bool)

@@ -356,6 +356,14 @@ def test_temporal_slices_fit_only_on_the_past(drift):
         assert s.fit.max() < s.targets.min()
         assert s.targets.max() < split.n_train  # never the test window
     assert training[-1].targets.max() < validation.targets.min()
+    # Windows further back for returning users only: older than the others, every target an hour or
+    # more after its user's previous event, fitted on the past as well.
+    more, _ = rt.temporal_slices(split, training_slices=2, returning_slices=1)
+    assert [s.name for s in more] == ["returning-1", "train-2", "train-1"]  # oldest first
+    returning = more[0]
+    assert returning.fit.max() < returning.targets.min() and returning.targets.max() < more[1].targets.min()
+    from chronorec.trainer.protocols import GAP_EDGES_S, Instances
+    assert (Instances(drift, returning.targets).time_since_previous() >= GAP_EDGES_S[0]).all()
 
 
 def test_training_events_are_sampled_evenly_by_gap_and_weighted_back(drift):

@@ -116,6 +116,8 @@ class EvalSettings:
     ranker_candidates: int = 200  # the blend's best the learned ranker rescores
     ranker_second_look: int = 50  # ... and this many items of each whole-history source (0: none)
     ranker_slices: int = 2  # earlier training windows the ranker learns from (temporal; loo uses one)
+    # ... and windows further back of which it learns only the returning users' events (temporal).
+    ranker_returning_slices: int = 0
     ranker_groups_per_slice: int = 2500  # sampled events per training window
     ranker_valid_groups: int = 2500  # sampled events of the validation window
     ranker_negatives: int = 10  # sampled items added to each training group
@@ -402,7 +404,8 @@ class SplitContext:
             from chronorec.trainer.ranker_train import RankerTrainingConfig, slices_of, train_ranker
 
             s = self.settings
-            options = {"training_slices": s.ranker_slices} if isinstance(self.split, TemporalSplit) else {}
+            options = ({"training_slices": s.ranker_slices, "returning_slices": s.ranker_returning_slices}
+                       if isinstance(self.split, TemporalSplit) else {})
             training, validation = slices_of(self.split, **options)
             config = RankerTrainingConfig(candidates=s.ranker_candidates, second_look=s.ranker_second_look,
                                           negatives=s.ranker_negatives,

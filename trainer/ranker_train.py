@@ -43,25 +43,34 @@ class FeatureSlice:
 
 
 def temporal_slices(split: TemporalSplit, training_slices: int = 2, share: float = 0.2,
-                    inner: TemporalSplit | None = None) -> tuple[list[FeatureSlice], FeatureSlice]:
+                    inner: TemporalSplit | None = None, returning_slices: int = 0,
+                    ) -> tuple[list[FeatureSlice], FeatureSlice]:
     """(training slices, validation slice) of a temporal split.
 
     Validation: the inner split's window (the one the blend is tuned on; by default the split's
     rule applied to its training events). Training: the same rule applied `training_slices` times
     further back, each `share` of the events before the previous slice's start, its co-occurrence
-    fitted on what precedes it.
+    fitted on what precedes it; then `returning_slices` more windows further back that keep only
+    their returning users' events (an hour or more after the user's previous one): 1-2 % of a
+    window's events come after weeks away, too few for the trees to learn from in two windows.
     """
     inner = inner or temporal_split(split.dataset, split.quantile, upto=split.n_train)
     validation = FeatureSlice("validation", inner.train, inner.instances.pos)
     slices = []
     upto = inner.n_train
-    for k in range(training_slices):
+    for k in range(training_slices + returning_slices):
         if upto < 10:
             break
         part = temporal_split(split.dataset, 1.0 - share, upto=upto)
         if not len(part.instances):
             break
-        slices.append(FeatureSlice(f"train-{k + 1}", part.train, part.instances.pos))
+        targets = part.instances.pos
+        if k >= training_slices:
+            gaps = part.instances.time_since_previous()
+            targets = targets[np.nan_to_num(gaps, nan=0.0) >= GAP_EDGES_S[0]]
+        if len(targets):
+            name = f"train-{k + 1}" if k < training_slices else f"returning-{k + 1 - training_slices}"
+            slices.append(FeatureSlice(name, part.train, targets))
         upto = part.n_train
     return slices[::-1], validation
 

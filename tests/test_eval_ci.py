@@ -112,6 +112,35 @@ def test_time_aware_beats_time_blind_on_drifting_interests(drift, ci_settings, c
     assert "chronorec-finetuned-time" in written["markdown"].read_text()
 
 
+def test_a_plugin_drops_a_finished_splits_context_before_the_next_split_runs(drift):
+    """What a split built goes before the next split's baselines run (their matrices are the peak),
+    and the last split's stays for whoever reads it afterwards."""
+
+    class Plugin:
+        def __init__(self):
+            self.events: list[str] = []
+
+        def end_split(self, split):
+            self.events.append(f"end {split.protocol}")
+
+        def method(self, split):
+            self.events.append(f"run {split.protocol}")
+            return evaluate.METHODS["MostPop"](split)
+
+    plugin = Plugin()
+    factories = {**evaluate.METHODS, "plugin-method": plugin.method}
+    evaluate.evaluate(drift, ["temporal", "loo"], ["plugin-method", "MostPop"], progress=False, factories=factories)
+    assert plugin.events == ["run temporal", "end temporal", "run loo"]
+    # chronorec's variants: the context of a split that ended is gone, another split's stays.
+    methods = cm.ChronorecMethods(cm.EvalSettings())
+    temporal = temporal_split(drift)
+    methods._contexts["temporal"] = cm.SplitContext(temporal, methods.settings, methods._shared)
+    methods.end_split(evaluate.build_split(drift, "loo", 0.8))
+    assert "temporal" in methods._contexts
+    methods.end_split(temporal)
+    assert not methods._contexts
+
+
 def test_learned_ranker_beats_the_blend_which_beats_time_blind(drift, chronorec):
     per_instance: dict[str, np.ndarray] = {}
     methods = ["chronorec-ranker", "chronorec-blend", "chronorec-finetuned-blind"]

@@ -811,6 +811,13 @@ class ChronorecMethods:
             ctx = self._contexts[split.protocol] = SplitContext(split, self.settings, self._shared)
         return ctx
 
+    def end_split(self, split: Split) -> None:
+        """The evaluation is done with `split`: its context goes now, not when the next split's first
+        chronorec variant runs (after the baselines, whose peak memory it would add to)."""
+        ctx = self._contexts.get(split.protocol)
+        if ctx is not None and ctx.split is split:
+            del self._contexts[split.protocol]
+
     def factories(self) -> dict[str, MethodFactory]:
         """The variants by their `chronorec-eval` names."""
         return {

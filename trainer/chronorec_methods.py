@@ -116,8 +116,10 @@ class EvalSettings:
     ranker_candidates: int = 200  # the blend's best the learned ranker rescores
     ranker_second_look: int = 50  # ... and this many items of each whole-history source (0: none)
     ranker_slices: int = 2  # earlier training windows the ranker learns from (temporal; loo uses one)
-    # ... and windows further back of which it learns only the returning users' events (temporal).
-    ranker_returning_slices: int = 0
+    # ... and windows further back of which it learns only the returning users' events (temporal;
+    # ML-100K: NDCG@10 an hour to a day after the previous event 0.037 -> 0.057, after a month
+    # 0.162 -> 0.176, validation 0.0965 -> 0.0979).
+    ranker_returning_slices: int = 2
     ranker_groups_per_slice: int = 2500  # sampled events per training window
     ranker_valid_groups: int = 2500  # sampled events of the validation window
     ranker_negatives: int = 10  # sampled items added to each training group

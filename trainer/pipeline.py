@@ -174,6 +174,9 @@ class RunSettings:
         "items of each whole-history source (co-occurrence with the whole history, nearest the history's mean "
         "vector) the ranker also rescores; 0: the blend's best only"))
     ranker_windows: int = setting(2, group=RANKER, help="training windows before the validation window")
+    ranker_returning_windows: int = setting(2, group=RANKER, help=(
+        "windows further back of which only returning users' events (an hour or more after their previous one) "
+        "are learned from"))
     ranker_groups: int = setting(2500, group=RANKER, help="logged events per window the ranker learns from")
 
 
@@ -504,7 +507,8 @@ def _train_ranker(data, encode, params: TimeModelParams, settings: RunSettings,
     validation window, early-stopped on it, shipped only when it beats the blend there."""
     from chronorec.trainer.ranker_train import RankerTrainingConfig, temporal_slices, train_ranker
 
-    training, validation = temporal_slices(data.split, training_slices=settings.ranker_windows, inner=data.inner)
+    training, validation = temporal_slices(data.split, training_slices=settings.ranker_windows, inner=data.inner,
+                                           returning_slices=settings.ranker_returning_windows)
     config = RankerTrainingConfig(candidates=settings.ranker_candidates, second_look=settings.ranker_second_look,
                                   max_groups_per_slice=settings.ranker_groups,
                                   max_valid_groups=settings.ranker_groups, seed=settings.seed, threads=settings.threads)

@@ -18,7 +18,7 @@ from chronorec.server.core.features import (
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.itemtext import item_text
-from chronorec.server.core.learned_ranker import LearnedRanker, RankerError, RankerSpec, load_version_ranker
+from chronorec.server.core.learned_ranker import GapRoute, LearnedRanker, RankerError, RankerSpec, load_version_ranker
 from chronorec.server.core.manifest import Manifest, ManifestError, TimeModelParams
 from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker
 from chronorec.server.core.timetext import HistoryEntry, action_strength
@@ -333,6 +333,78 @@ def test_manifest_ranker_entry_is_checked():
     assert RankerSpec.from_dict(Manifest.from_dict({**base, "ranker": good}).ranker).second_look == 0
     spec = RankerSpec(second_look=30)
     assert RankerSpec.from_dict(Manifest.from_dict({**base, "ranker": spec.to_dict()}).ranker) == spec
+    # Gap routes: absent in an older manifest, kept through the manifest, refused when malformed.
+    assert RankerSpec.from_dict(Manifest.from_dict({**base, "ranker": good}).ranker).routes == ()
+    routed = RankerSpec(routes=(GapRoute(3600.0, 86400.0, "trend_30d"), GapRoute(30 * 86400.0, math.inf, "trend_7d")))
+    assert RankerSpec.from_dict(Manifest.from_dict({**base, "ranker": routed.to_dict()}).ranker) == routed
+    route = {"min_gap_s": 3600, "max_gap_s": None, "feature": "trend_30d"}
+    for bad, message in [({**good, "routes": {}}, "routes"), ({**good, "routes": [route] * 17}, "routes"),
+                         ({**good, "routes": [{**route, "min_gap_s": -1}]}, "min_gap_s"),
+                         ({**good, "routes": [{**route, "min_gap_s": True}]}, "min_gap_s"),
+                         ({**good, "routes": [{**route, "max_gap_s": 10}]}, "max_gap_s"),
+                         ({**good, "routes": [{**route, "feature": ""}]}, "feature"),
+                         ({**good, "routes": ["trend_30d"]}, "object")]:
+        with pytest.raises(ManifestError, match=message):
+            Manifest.from_dict({**base, "ranker": bad})
+
+
+def test_a_gap_route_ranks_its_users_by_one_feature(tmp_path, logged):
+    *_, fit, groups = logged
+    spec = replace(fit.ranker.spec, routes=(GapRoute(3600.0, math.inf, "trend_7d"),))
+    routed = LearnedRanker.from_model_text(fit.ranker.model_text(), spec)
+    with pytest.raises(RankerError, match="does not compute"):
+        LearnedRanker.from_model_text(fit.ranker.model_text(), replace(spec, routes=(GapRoute(0.0, 1.0, "nope"),)))
+    rng = np.random.default_rng(1)
+    rows = rng.random((30, len(FEATURE_NAMES))).astype(np.float32)
+    trend = FEATURE_INDEX["trend_7d"]
+    rows[:10, trend] = 0.5  # ties on the routed feature: the trees' score breaks them
+    rows[3, trend] = np.nan  # missing: last
+    for gap_s, covered in [(60.0, False), (3600.0, True), (40 * 86400.0, True)]:
+        rows[:, FEATURE_INDEX["user_gap_log_s"]] = math.log1p(gap_s)
+        trees = fit.ranker.predict(rows)
+        scores = routed.predict(rows)
+        if not covered:
+            np.testing.assert_array_equal(scores, trees)
+            continue
+        order = np.argsort(-scores, kind="stable")
+        values = np.nan_to_num(rows[order, trend], nan=-np.inf)
+        assert (np.diff(values) <= 0).all()  # by the feature, highest first
+        assert order[-1] == 3
+        tied = order[np.isin(order, np.arange(10)) & (order != 3)]
+        assert (np.diff(trees[tied]) <= 0).all()  # ties by the trees
+        reasons = routed.reasons(rows)
+        assert all(r[0].name == "trend_7d" for r in reasons)
+        assert reasons[0][0].contribution == pytest.approx(float(rows[0, trend]))
+    routed.check()
+
+
+def test_routes_are_chosen_only_where_a_feature_alone_clearly_wins(logged):
+    *_, fit, groups = logged
+    trees = LearnedRanker(fit.ranker.booster, replace(fit.ranker.spec, routes=()))
+    config = rt.RankerTrainingConfig(route_min_events=5, route_features=("trend_7d", "cooccurrence_1h"))
+    groups = rt.Groups.concatenate([groups] * 5)
+    n = len(groups.sizes)
+    # Half the events an hour or more after the previous one, the target made the best by trend_7d there.
+    rigged = replace(groups, gap_seconds=np.where(np.arange(n) % 2 == 0, 60.0, 5 * 86400.0),
+                     features=groups.features.copy())
+    starts = np.r_[0, np.cumsum(groups.sizes)[:-1]]
+    for k, (start, size) in enumerate(zip(starts, groups.sizes)):
+        column = rigged.features[start:start + size, FEATURE_INDEX["trend_7d"]]
+        column[:] = 0.0
+        if k % 2:
+            column[groups.labels[start:start + size] > 0] = 1.0
+    routes, report = rt.choose_routes(trees, rigged, config)
+    assert [(r.min_gap_s, r.max_gap_s, r.feature) for r in routes] == [(86400.0, 7 * 86400.0, "trend_7d")]
+    by_gap = {e["gap"]: e for e in report}
+    assert by_gap["1-7d"]["routed"] and by_gap["1-7d"]["difference_ci"][0] > 0
+    assert by_gap["1-7d"]["feature_alone"] == pytest.approx(float(np.mean([1.0 if r else 0.0 for r in groups.reachable[1::2]])))
+    assert not by_gap["<1h"]["routed"]
+    # Too few events in the range: never routed, whatever the feature did.
+    assert rt.choose_routes(trees, rigged, replace(config, route_min_events=n))[0] == ()
+    assert rt.choose_routes(trees, rigged, replace(config, route_features=()))[0] == ()
+    # The fit reports what it compared, and serves what it chose.
+    assert isinstance(fit.summary()["route_choice"], list)
+    assert fit.summary()["routes"] == [r.to_dict() for r in fit.ranker.spec.routes]
 
 
 def test_loo_slices_hold_out_targets_from_the_fit(drift):

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from chronorec.server.core.catalog import Item
 from chronorec.server.core.cooccurrence import CooccurrenceModel
-from chronorec.server.core.features import FEATURE_NAMES
+from chronorec.server.core.features import FEATURE_INDEX, FEATURE_NAMES
 from chronorec.server.core.index import ItemIndex
-from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, DEFAULT_SECOND_LOOK, LearnedRanker, RankerSpec
+from chronorec.server.core.learned_ranker import (
+    DEFAULT_CANDIDATES, DEFAULT_SECOND_LOOK, GapRoute, LearnedRanker, RankerSpec,
+)
 from chronorec.server.core.manifest import TimeModelParams
 from chronorec.trainer.batch_replay import within_reach
 from chronorec.trainer.protocols import (
-    GAP_EDGES_S, GAP_LABELS, Dataset, Instances, LooSplit, Split, TemporalSplit, expected_metrics, temporal_split,
+    GAP_EDGES_S, GAP_LABELS, Dataset, Instances, LooSplit, Split, TemporalSplit, bootstrap_ci, expected_metrics,
+    temporal_split,
 )
 from chronorec.trainer.tune import Encode, RankerReplay, fit_cooccurrence
 
@@ -110,6 +114,14 @@ def slices_of(split: Split, **options: Any) -> tuple[list[FeatureSlice], Feature
 
 # ------------------------------------------------------------------------------ groups
 
+# The single signals a range of time since the user's previous event may be handed to instead of the
+# trees (GapRoute): each is, alone, what a plain baseline ranks by (popularity over a window, item
+# co-occurrence with the history at a half-life, the history's mean vector, the blend).
+ROUTE_FEATURES: tuple[str, ...] = (
+    "blend_score", "trend_1d", "trend_7d", "trend_30d", "popularity_share", "cooccurrence_1h", "cooccurrence_1d",
+    "cooccurrence_7d", "cooccurrence_60d", "cooccurrence_all", "semantic_mean_all",
+)
+
 
 @dataclass(frozen=True)
 class RankerTrainingConfig:
@@ -138,6 +150,18 @@ class RankerTrainingConfig:
     # and 0.143 -> 0.171 on events 7 to 30 days after the previous one). The validation figures
     # reported are those of the model before the refit.
     refit_on_validation: bool = True
+    # Gap routes (learned_ranker.GapRoute), chosen on the validation window: a range of time since the
+    # previous event (GAP_EDGES_S) is handed to one of `route_features` when, on that range's
+    # validation events, the feature alone beats the trees by a one-sided bootstrap bound at
+    # `route_level` divided among the features tried (so trying more does not make a chance win
+    # likelier); ranges with fewer than `route_min_events` events are never routed. The validation
+    # sample holds few returning users (1-2 % of events come after weeks away), so up to
+    # `max_valid_returning_groups` more of the window's events an hour or more after the user's
+    # previous one are logged for this choice alone. No features: no routes.
+    route_features: tuple[str, ...] = ROUTE_FEATURES
+    route_level: float = 0.05
+    route_min_events: int = 30
+    max_valid_returning_groups: int = 1500
     threads: int | None = None
     seed: int = 0
 
@@ -411,6 +435,8 @@ class RankerFit:
     curve: list[float] = field(default_factory=list)
     # Validation NDCG@10 with and without the second look (None: not compared).
     second_look_valid: tuple[float, float] | None = None
+    # Per range of time since the previous event: what the route choice compared (choose_routes).
+    route_choice: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def helps(self) -> bool:
@@ -422,6 +448,8 @@ class RankerFit:
             "valid_NDCG@10_blend": round(self.valid_ndcg_blend, 5), "valid_instances": self.valid_instances,
             "train_groups": self.train_groups, "valid_groups": self.valid_groups, "seconds": round(self.seconds, 1),
             "second_look": self.ranker.spec.second_look if self.ranker is not None else 0,
+            "routes": [r.to_dict() for r in self.ranker.spec.routes] if self.ranker is not None else [],
+            "route_choice": self.route_choice,
             "valid_NDCG@10_with_without_second_look": (None if self.second_look_valid is None
                                                        else [round(v, 5) for v in self.second_look_valid]),
             "importances": {k: round(v, 4) for k, v in sorted(self.importances.items(), key=lambda kv: -kv[1])},
@@ -431,9 +459,11 @@ class RankerFit:
 
 
 def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
-               say: Callable[[str], None] = lambda _m: None) -> RankerFit:
+               say: Callable[[str], None] = lambda _m: None, returning: Groups | None = None) -> RankerFit:
     """LambdaRank on the training groups, early-stopped on the validation groups as the server ranks
-    them (candidates only); optionally refitted on both with the chosen number of rounds."""
+    them (candidates only); gap routes chosen on the validation groups and `returning` (more of the
+    validation window's returning users, logged like it); optionally refitted on both training and
+    validation with the chosen number of rounds."""
     import lightgbm
 
     started = time.perf_counter()
@@ -471,6 +501,15 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
             ranker_valid = without_valid
         say(f"ranker: validation NDCG@10 {second_look_valid[0]:.4f} with the second look, {second_look_valid[1]:.4f} "
             f"without: {'kept' if spec.second_look else 'not used'}")
+    as_served = valid if spec.second_look else valid.without_second_look()
+    routing = as_served
+    if returning is not None and len(returning.sizes):
+        routing = Groups.concatenate([as_served, returning if spec.second_look else returning.without_second_look()])
+    routes, route_choice = choose_routes(ranker, routing, config, say)
+    if routes:
+        spec = replace(spec, routes=routes)
+        ranker = LearnedRanker(booster, spec, threads=1)
+        ranker_valid = group_ndcg(ranker.predict(as_served.features), as_served, valid.instances)
     if config.refit_on_validation and len(valid.sizes):
         both = Groups.concatenate([train, valid])
         ranker = LearnedRanker(lightgbm.train(params, _dataset(both), num_boost_round=max(1, int(best * 1.1))), spec,
@@ -481,11 +520,54 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
                     len(train.sizes), len(valid.sizes), time.perf_counter() - started,
                     ranker.importances(),
                     importances_by_gap(ranker, valid if spec.second_look else valid.without_second_look()), curve,
-                    second_look_valid)
+                    second_look_valid, route_choice)
     say(f"ranker: {best} rounds on {len(train.sizes)} groups ({len(train.labels)} rows) in {fit.seconds:.0f} s; "
         f"validation NDCG@10 {fit.valid_ndcg_ranker:.4f} against the blend's {fit.valid_ndcg_blend:.4f} "
         f"({valid.instances} events)")
     return fit
+
+
+def gap_ranges(edges: Sequence[float] = GAP_EDGES_S) -> list[tuple[float, float]]:
+    """[low, high) seconds since the previous event of each GAP_LABELS bucket."""
+    bounds = [0.0, *map(float, edges), math.inf]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingConfig,
+                  say: Callable[[str], None] = lambda _m: None) -> tuple[tuple[GapRoute, ...], list[dict[str, Any]]]:
+    """(routes, what was compared per gap range): a range is routed to the feature that ranks its
+    validation events best alone, when that beats the trees (`ranker`, without routes) by a paired
+    bootstrap bound above zero (RankerTrainingConfig.route_level, shared among the features)."""
+    features = [f for f in config.route_features if f in FEATURE_INDEX]
+    if not features or not len(groups.sizes):
+        return (), []
+    if ranker.spec.routes:
+        ranker = LearnedRanker(ranker.booster, replace(ranker.spec, routes=()), threads=1)
+    trees = group_ndcg(ranker.predict(groups.features), groups)
+    alone = {f: group_ndcg(np.where(np.isfinite(col := groups.features[:, FEATURE_INDEX[f]].astype(np.float64)),
+                                    col, -np.inf), groups) for f in features}
+    routes, report = [], []
+    level = 1.0 - 2.0 * config.route_level / len(features)  # one-sided: the lower end of a two-sided interval
+    for label, (low, high) in zip(GAP_LABELS, gap_ranges()):
+        members = (groups.gap_seconds >= low) & (groups.gap_seconds < high)
+        n = int(members.sum())
+        if not n:
+            continue
+        best = max(features, key=lambda f: float(alone[f][members].mean()))
+        entry: dict[str, Any] = {"gap": label, "events": n, "trees": round(float(trees[members].mean()), 5),
+                                 "best_feature": best, "feature_alone": round(float(alone[best][members].mean()), 5)}
+        routed = False
+        if n >= config.route_min_events and alone[best][members].mean() > trees[members].mean():
+            lo, hi = bootstrap_ci(alone[best][members] - trees[members], level=level, seed=config.seed)
+            entry["difference_ci"] = [round(float(lo), 5), round(float(hi), 5)]
+            routed = bool(lo > 0)
+        entry["routed"] = routed
+        if routed:
+            routes.append(GapRoute(low, high, best))
+            say(f"ranker: users {label} since their previous event are ranked by {best} "
+                f"(validation NDCG@10 {entry['feature_alone']:.4f} vs the trees' {entry['trees']:.4f}, {n} events)")
+        report.append(entry)
+    return tuple(routes), report
 
 
 def _truncated(booster, rounds: int):
@@ -561,16 +643,44 @@ def train_ranker(
     valid = collect_groups(dataset, items, encode, item_vectors, params, validation, config,
                            max_groups=config.max_valid_groups, negatives=0, seed=config.seed, say=say, index=index,
                            cooccurrence=fitted(validation))
-    return fit_ranker(Groups.concatenate(parts), valid, config, say)
+    returning = None
+    if config.route_features and config.max_valid_returning_groups > 0:
+        targets = np.asarray(validation.targets, dtype=np.int64)
+        gaps = np.nan_to_num(Instances(dataset, targets).time_since_previous(), nan=0.0)
+        # The window's returning users' events not already in the validation sample (whose own
+        # targets were drawn from all of them; a repeat of the draw gives the same sample).
+        sampled = _sampled_targets(dataset, targets, config.max_valid_groups, config.seed)
+        more = targets[(gaps >= GAP_EDGES_S[0]) & ~np.isin(targets, sampled)]
+        if len(more):
+            cap = config.max_valid_returning_groups
+            if config.max_item_scores_per_slice is not None:
+                cap = min(cap, max(1, config.max_item_scores_per_slice // max(1, dataset.n_items)))
+            returning = collect_groups(dataset, items, encode, item_vectors, params,
+                                       FeatureSlice("validation-returning", validation.fit, more), config,
+                                       max_groups=cap, negatives=0, seed=config.seed, say=say, index=index,
+                                       cooccurrence=fitted(validation))
+    return fit_ranker(Groups.concatenate(parts), valid, config, say, returning=returning)
+
+
+def _sampled_targets(dataset: Dataset, targets: np.ndarray, max_groups: int | None, seed: int) -> np.ndarray:
+    """The targets collect_groups draws for a validation window (negatives 0): the same rule and seed."""
+    rng = np.random.default_rng(seed)
+    targets = targets[dataset.rank_in_user[targets] > 0]
+    if max_groups is not None and len(targets) > max_groups:
+        targets = np.sort(rng.choice(targets, max_groups, replace=False))
+    return targets
 
 
 __all__ = [
     "FeatureSlice",
     "Groups",
     "RankerFit",
+    "ROUTE_FEATURES",
     "RankerTrainingConfig",
+    "choose_routes",
     "collect_groups",
     "fit_ranker",
+    "gap_ranges",
     "group_ndcg",
     "importances_by_gap",
     "lightgbm_params",

@@ -27,8 +27,40 @@ MAX_CANDIDATES = 5000
 FEATURE_REASONS = 3
 
 
+# Longest list of gap routes a manifest may carry.
+MAX_ROUTES = 16
+
+
 class RankerError(ValueError):
     """A version's learned ranker that cannot serve (missing, unreadable, unknown features, bad output)."""
+
+
+@dataclass(frozen=True)
+class GapRoute:
+    """Users whose time since their previous event lies in [min_gap_s, max_gap_s) are ranked by one
+    feature (highest first, the learned score breaking ties) instead of the learned score.
+
+    The training pipeline adds one where, on the validation window, that feature alone ranked such
+    users' next item better than the trees did by an interval above zero: users back after weeks
+    away are 1-2 % of the events the trees learn from, and what is popular this month can serve
+    them better than what the trees made of so few."""
+
+    min_gap_s: float
+    max_gap_s: float  # math.inf: no upper bound
+    feature: str
+
+    def covers(self, gap_log_s: float) -> bool:
+        """Whether a user_gap_log_s value (log1p of the seconds) falls in the route's range."""
+        return math.log1p(self.min_gap_s) <= gap_log_s < math.log1p(self.max_gap_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_gap_s": self.min_gap_s, "max_gap_s": None if math.isinf(self.max_gap_s) else self.max_gap_s,
+                "feature": self.feature}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GapRoute":
+        top = data.get("max_gap_s")
+        return cls(float(data["min_gap_s"]), math.inf if top is None else float(top), str(data["feature"]))
 
 
 @dataclass(frozen=True)
@@ -42,16 +74,20 @@ class RankerSpec:
     # Items from each whole-history source also rescored (ranking.TimeAwareRanker.second_look);
     # 0 in a version whose manifest predates it, which then serves as it was trained.
     second_look: int = DEFAULT_SECOND_LOOK
+    # Ranges of time since the user's previous event ranked by one feature (GapRoute); none in a
+    # version whose manifest predates them.
+    routes: tuple[GapRoute, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "features": list(self.features), "candidates": self.candidates,
-                "second_look": self.second_look, "kind": self.kind}
+                "second_look": self.second_look, "routes": [r.to_dict() for r in self.routes], "kind": self.kind}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RankerSpec":
         """The entry as the manifest schema validated it (see manifest._optional_ranker)."""
         return cls(file=data["file"], features=tuple(data["features"]), candidates=int(data["candidates"]),
-                   kind=data.get("kind", RANKER_KIND), second_look=int(data.get("second_look", 0)))
+                   kind=data.get("kind", RANKER_KIND), second_look=int(data.get("second_look", 0)),
+                   routes=tuple(GapRoute.from_dict(r) for r in data.get("routes", ())))
 
 
 @dataclass(frozen=True)
@@ -70,6 +106,7 @@ class LearnedRanker:
 
     def __init__(self, booster, spec: RankerSpec, threads: int = 1):
         unknown = [name for name in spec.features if name not in FEATURE_INDEX]
+        unknown += [route.feature for route in spec.routes if route.feature not in FEATURE_INDEX]
         if unknown:
             raise RankerError(f"the ranker reads features this server does not compute: {', '.join(unknown[:5])}")
         if booster.num_feature() != len(spec.features):
@@ -133,11 +170,28 @@ class LearnedRanker:
             raise RankerError("the ranker gives no finite score on a check row")
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Scores of rows of all FEATURE_NAMES (features.candidate_features), higher is better."""
+        """Scores of rows of all FEATURE_NAMES (features.candidate_features), higher is better; rows
+        of a user in a routed gap range (spec.routes) are ordered by the route's feature."""
         if not len(features):
             return np.zeros(0, dtype=np.float64)
         data = np.ascontiguousarray(features[:, self.columns], dtype=np.float64)
-        return np.asarray(self.booster.predict(data, num_threads=self.threads), dtype=np.float64)
+        scores = np.asarray(self.booster.predict(data, num_threads=self.threads), dtype=np.float64)
+        if not self.spec.routes:
+            return scores
+        routed = self.routed_feature(features)
+        for feature in np.unique(routed[routed != ""]):
+            rows = np.flatnonzero(routed == feature)
+            scores[rows] = _ordered_by(features[rows, FEATURE_INDEX[str(feature)]], scores[rows])
+        return scores
+
+    def routed_feature(self, features: np.ndarray) -> np.ndarray:
+        """Per row, the feature its gap route ranks by ("" where the learned score ranks)."""
+        out = np.full(len(features), "", dtype=object)
+        gaps = features[:, FEATURE_INDEX["user_gap_log_s"]]
+        for route in self.spec.routes:
+            covered = (gaps >= math.log1p(route.min_gap_s)) & (gaps < math.log1p(route.max_gap_s))
+            out[covered & (out == "")] = route.feature
+        return out
 
     def contributions(self, features: np.ndarray, threads: int | None = None) -> np.ndarray:
         """(rows, ranker features) each feature's additive part of the score (SHAP values); `threads`:
@@ -149,13 +203,20 @@ class LearnedRanker:
         return values[:, : len(self.columns)]  # the last column is the expected value
 
     def reasons(self, features: np.ndarray, top: int = FEATURE_REASONS) -> list[list[FeatureReason]]:
-        """Per row, the features that moved its score most (largest |contribution| first)."""
+        """Per row, the features that moved its score most (largest |contribution| first); a routed
+        row's first reason is the route's feature (its value), the trees' tie-breakers follow."""
         contributions = self.contributions(features)
+        routed = self.routed_feature(features) if self.spec.routes else np.full(len(features), "", dtype=object)
         out = []
-        for row in contributions:
+        for k, row in enumerate(contributions):
             order = np.argsort(-np.abs(row), kind="stable")[:top]
-            out.append([FeatureReason(self.spec.features[i], float(row[i])) for i in order
-                        if row[i] != 0 and math.isfinite(row[i])])
+            reasons = [FeatureReason(self.spec.features[i], float(row[i])) for i in order
+                       if row[i] != 0 and math.isfinite(row[i])]
+            if routed[k]:
+                value = float(features[k, FEATURE_INDEX[routed[k]]])
+                reasons = [FeatureReason(routed[k], value if math.isfinite(value) else 0.0)] + [
+                    r for r in reasons if r.name != routed[k]][: top - 1]
+            out.append(reasons)
         return out
 
     def importances(self) -> dict[str, float]:
@@ -177,6 +238,17 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
+def _ordered_by(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
+    """Scores that order rows by `primary` (highest first, missing last), ties by `secondary`: each
+    row's rank counted up from the lowest secondary score."""
+    primary = np.where(np.isfinite(primary), primary, -np.inf)
+    order = np.lexsort((secondary, primary))  # ascending: the best last
+    ranks = np.empty(len(order), dtype=np.float64)
+    ranks[order] = np.arange(len(order), dtype=np.float64)
+    low = float(np.min(secondary)) if len(secondary) else 0.0
+    return low + ranks
+
+
 def select_columns(features: np.ndarray, names: Sequence[str]) -> np.ndarray:
     """The columns `names` of a full FEATURE_NAMES matrix."""
     return features[:, [FEATURE_INDEX[name] for name in names]]
@@ -187,7 +259,9 @@ __all__ = [
     "DEFAULT_SECOND_LOOK",
     "FEATURE_REASONS",
     "FeatureReason",
+    "GapRoute",
     "LearnedRanker",
+    "MAX_ROUTES",
     "MAX_CANDIDATES",
     "RANKER_FILE",
     "RANKER_KIND",

@@ -20,6 +20,7 @@ MANIFEST_SCHEMA = 1
 # The learned rankers this server can load (the manifest's `ranker.kind`).
 RANKER_KINDS = ("lightgbm-lambdarank",)
 MAX_RANKER_CANDIDATES = 5000
+MAX_RANKER_ROUTES = 16
 MAX_RANKER_FEATURES = 1000
 
 
@@ -267,7 +268,28 @@ def _optional_ranker(name: str, value: Any) -> dict[str, Any] | None:
     second_look = entry.get("second_look", 0)
     if second_look != 0:  # absent (a ranker trained before the second look existed): none
         _count(MAX_RANKER_CANDIDATES)(f"{name}.second_look", second_look)
+    routes = entry.get("routes", [])  # absent (a ranker trained before gap routes existed): none
+    if not isinstance(routes, list) or len(routes) > MAX_RANKER_ROUTES:
+        raise ManifestError(f"{name}.routes must be a list of at most {MAX_RANKER_ROUTES} gap routes")
+    for k, route in enumerate(routes):
+        _route(f"{name}.routes[{k}]", route)
     return {**entry, "kind": kind}
+
+
+def _route(name: str, value: Any) -> None:
+    """A gap route: {min_gap_s: seconds >= 0, max_gap_s: larger seconds or null, feature: a name}."""
+    route = _object(name, value)
+    low, high, feature = route.get("min_gap_s"), route.get("max_gap_s"), route.get("feature")
+    if not _finite_number(low) or low < 0:
+        raise ManifestError(f"{name}.min_gap_s must be a number of seconds >= 0")
+    if high is not None and (not _finite_number(high) or high <= low):
+        raise ManifestError(f"{name}.max_gap_s must be null or a number of seconds above min_gap_s")
+    if not isinstance(feature, str) or not feature:
+        raise ManifestError(f"{name}.feature must be a feature name")
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _schema(name: str, value: Any) -> int:

@@ -459,3 +459,17 @@ def test_training_events_are_sampled_evenly_by_gap_and_weighted_back(drift):
         in_bucket = np.searchsorted(np.asarray(GAP_EDGES_S), Instances(drift, picked).time_since_previous(),
                                     side="right") == b
         np.testing.assert_allclose(weights[in_bucket].sum() / k, counts[b] / len(targets))
+
+
+def test_the_replays_item_index_is_the_same_graph_on_every_build():
+    """The learned ranker's training reads approximate neighbours (the second look): a graph that
+    changed from build to build would change the trained model from run to run."""
+    from chronorec.trainer.tune import build_index
+
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"i{k}" for k in range(len(vectors))]
+    first, second = build_index(ids, vectors), build_index(ids, vectors)
+    for query in vectors[:50] + 0.1 * rng.standard_normal((50, 16)).astype(np.float32):
+        assert first.search(query, 20, ef=20) == second.search(query, 20, ef=20)

@@ -402,6 +402,11 @@ def test_routes_are_chosen_only_where_a_feature_alone_clearly_wins(logged):
     # Too few events in the range: never routed, whatever the feature did.
     assert rt.choose_routes(trees, rigged, replace(config, route_min_events=n))[0] == ()
     assert rt.choose_routes(trees, rigged, replace(config, route_features=()))[0] == ()
+    # The returning users logged for the choice leave out the validation sample's own events: the
+    # sample is drawn again from the seed, as collect_groups drew it.
+    split, validation = logged[0], logged[1]
+    drawn = rt._sampled_targets(split.dataset, np.asarray(validation.targets), 12, 3)
+    assert len(drawn) == 12 and set(logged[-1].positions.tolist()) <= set(drawn.tolist())
     # The fit reports what it compared, and serves what it chose.
     assert isinstance(fit.summary()["route_choice"], list)
     assert fit.summary()["routes"] == [r.to_dict() for r in fit.ranker.spec.routes]

@@ -301,7 +301,7 @@ def collect_groups(
         if negatives > 0 and gap_sampling:
             targets, target_weights = sample_by_gap(dataset, targets, max_groups, rng)
         else:
-            targets = np.sort(rng.choice(targets, max_groups, replace=False))
+            targets = _uniform_draw(targets, max_groups, rng)
     if not len(targets):
         return Groups.empty()
     weight_of = None if target_weights is None else dict(zip(targets.tolist(), target_weights.tolist()))
@@ -664,11 +664,16 @@ def train_ranker(
 
 def _sampled_targets(dataset: Dataset, targets: np.ndarray, max_groups: int | None, seed: int) -> np.ndarray:
     """The targets collect_groups draws for a validation window (negatives 0): the same rule and seed."""
-    rng = np.random.default_rng(seed)
     targets = targets[dataset.rank_in_user[targets] > 0]
     if max_groups is not None and len(targets) > max_groups:
-        targets = np.sort(rng.choice(targets, max_groups, replace=False))
+        targets = _uniform_draw(targets, max_groups, np.random.default_rng(seed))
     return targets
+
+
+def _uniform_draw(targets: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k of `targets` drawn uniformly, in global order (a validation window's sample: the first draw
+    of collect_groups' generator, so _sampled_targets repeats it from the seed)."""
+    return np.sort(rng.choice(targets, k, replace=False))
 
 
 __all__ = [

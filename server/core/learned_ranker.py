@@ -27,10 +27,6 @@ MAX_CANDIDATES = 5000
 FEATURE_REASONS = 3
 
 
-# Longest list of gap routes a manifest may carry.
-MAX_ROUTES = 16
-
-
 class RankerError(ValueError):
     """A version's learned ranker that cannot serve (missing, unreadable, unknown features, bad output)."""
 
@@ -49,9 +45,9 @@ class GapRoute:
     max_gap_s: float  # math.inf: no upper bound
     feature: str
 
-    def covers(self, gap_log_s: float) -> bool:
-        """Whether a user_gap_log_s value (log1p of the seconds) falls in the route's range."""
-        return math.log1p(self.min_gap_s) <= gap_log_s < math.log1p(self.max_gap_s)
+    def covers(self, gap_log_s: np.ndarray) -> np.ndarray:
+        """Whether each user_gap_log_s value (log1p of the seconds) falls in the route's range."""
+        return (gap_log_s >= math.log1p(self.min_gap_s)) & (gap_log_s < math.log1p(self.max_gap_s))
 
     def to_dict(self) -> dict[str, Any]:
         return {"min_gap_s": self.min_gap_s, "max_gap_s": None if math.isinf(self.max_gap_s) else self.max_gap_s,
@@ -189,8 +185,7 @@ class LearnedRanker:
         out = np.full(len(features), "", dtype=object)
         gaps = features[:, FEATURE_INDEX["user_gap_log_s"]]
         for route in self.spec.routes:
-            covered = (gaps >= math.log1p(route.min_gap_s)) & (gaps < math.log1p(route.max_gap_s))
-            out[covered & (out == "")] = route.feature
+            out[route.covers(gaps) & (out == "")] = route.feature
         return out
 
     def contributions(self, features: np.ndarray, threads: int | None = None) -> np.ndarray:
@@ -261,7 +256,6 @@ __all__ = [
     "FeatureReason",
     "GapRoute",
     "LearnedRanker",
-    "MAX_ROUTES",
     "MAX_CANDIDATES",
     "RANKER_FILE",
     "RANKER_KIND",

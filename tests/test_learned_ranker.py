@@ -376,6 +376,12 @@ def test_a_gap_route_ranks_its_users_by_one_feature(tmp_path, logged):
         assert all(r[0].name == "trend_7d" for r in reasons)
         assert reasons[0][0].contribution == pytest.approx(float(rows[0, trend]))
     routed.check()
+    # A version whose manifest carries the route loads it with the ranker and serves it alike.
+    (tmp_path / spec.file).write_text(fit.ranker.model_text())
+    manifest = Manifest.from_dict({"version": "v", "base_model": "b", "dimension": 4, "ranker": spec.to_dict()})
+    loaded = load_version_ranker(tmp_path, manifest)
+    assert loaded.spec.routes == spec.routes
+    np.testing.assert_array_equal(loaded.predict(rows), routed.predict(rows))
 
 
 def test_routes_are_chosen_only_where_a_feature_alone_clearly_wins(logged):

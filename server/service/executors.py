@@ -111,14 +111,16 @@ class BoundedExecutor:
                 result = work.fn(*work.args, **work.kwargs)
             except BaseException as caught:  # handed to the caller, as concurrent.futures does
                 error = caught
+            # Counted out before the caller can see the result: a caller that awaited its work
+            # finds it no longer pending (counting it out after settling raced with the caller).
+            with self._lock:
+                self._pending -= 1
+                self._idle += 1
             try:
                 work.loop.call_soon_threadsafe(_settle, work.future, result, error)
             except RuntimeError:
                 pass  # the caller's loop is closed: no one is waiting
             del work, result, error
-            with self._lock:
-                self._pending -= 1
-                self._idle += 1
 
     def shutdown(self) -> None:
         """Drop queued work and wait for running work to end."""

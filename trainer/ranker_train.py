@@ -489,6 +489,7 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
     ranker_valid = group_ndcg(ranker.predict(valid.features), valid, valid.instances)
     blend_valid = group_ndcg(valid.blend, valid, valid.instances)
     second_look_valid = None
+    without = None  # the validation groups without the second look's rows, once computed
     if config.second_look > 0 and valid.second_look_rows().any():
         # Whether the second look earns its place on this data set: the same model served without
         # it (its candidates dropped) on the same validation events; kept only when it does better.
@@ -501,7 +502,7 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
             ranker_valid = without_valid
         say(f"ranker: validation NDCG@10 {second_look_valid[0]:.4f} with the second look, {second_look_valid[1]:.4f} "
             f"without: {'kept' if spec.second_look else 'not used'}")
-    as_served = valid if spec.second_look else valid.without_second_look()
+    as_served = valid if spec.second_look else (without if without is not None else valid.without_second_look())
     routing = as_served
     if returning is not None and len(returning.sizes):
         routing = Groups.concatenate([as_served, returning if spec.second_look else returning.without_second_look()])
@@ -519,7 +520,7 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
                     float(blend_valid.mean()) if len(blend_valid) else 0.0, valid.instances,
                     len(train.sizes), len(valid.sizes), time.perf_counter() - started,
                     ranker.importances(),
-                    importances_by_gap(ranker, valid if spec.second_look else valid.without_second_look()), curve,
+                    importances_by_gap(ranker, as_served), curve,
                     second_look_valid, route_choice)
     say(f"ranker: {best} rounds on {len(train.sizes)} groups ({len(train.labels)} rows) in {fit.seconds:.0f} s; "
         f"validation NDCG@10 {fit.valid_ndcg_ranker:.4f} against the blend's {fit.valid_ndcg_blend:.4f} "

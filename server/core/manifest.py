@@ -289,7 +289,7 @@ def _route(name: str, value: Any) -> None:
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return _is_number(value) and math.isfinite(value)
 
 
 def _schema(name: str, value: Any) -> int:

@@ -526,6 +526,23 @@ def test_cooccurrence_keeps_top_neighbours_only(dense_max_items):
         np.testing.assert_allclose(kept, np.sort(full_matrix[row])[::-1][: len(kept)], atol=1e-6)
 
 
+def test_sparse_cooccurrence_keeps_the_lower_column_among_tied_neighbours():
+    # Item "x" meets each of a0..a7 once with the same users: eight equal similarities. The top
+    # three kept are the three lowest columns; every row's columns stay sorted.
+    ids = ["x"] + [f"a{j}" for j in range(8)] + ["y"]
+    baskets = {f"u{j}": ["x", f"a{j}"] for j in range(8)}
+    baskets["v"] = ["x", "y"]
+    baskets["w"] = ["x", "y"]
+    model = CooccurrenceModel.fit(baskets, ids, max_neighbors=3, dense_max_items=0)
+    matrix = model._sparse
+    row = matrix.getrow(0)
+    assert [ids[c] for c in row.indices] == ["a0", "a1", "y"]
+    assert matrix.has_sorted_indices
+    full = CooccurrenceModel.fit(baskets, ids, max_neighbors=None, dense_max_items=0)
+    np.testing.assert_array_equal(model.pair_similarities(["x"], ["a0", "a1", "y"]),
+                                  full.pair_similarities(["x"], ["a0", "a1", "y"]))
+
+
 def test_sparse_cooccurrence_queries_give_scipys_exact_values():
     # scores and pair_similarities read the CSR arrays directly: the same float32 bits as
     # scipy's row slice, transpose and product; neighbour positions are neighbours' items.

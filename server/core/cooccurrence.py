@@ -170,18 +170,26 @@ class CooccurrenceModel:
             bounds.append(min(n_items, max(end, bounds[-1] + 1)))
         blocks = []
         for start, end in zip(bounds[:-1], bounds[1:]):
-            block = (by_item[start:end] @ normalised).tocoo()
-            row, col, value = block.row, block.col, block.data
-            off_diagonal = (col != row + start) & (value > 0)
-            row, col, value = row[off_diagonal], col[off_diagonal], value[off_diagonal]
-            if keep is not None and len(value):
-                # Rank within each row by similarity (ties by item order), keep the top.
-                order = np.lexsort((col, -value, row))
-                row, col, value = row[order], col[order], value[order]
-                rank = np.arange(len(row)) - np.searchsorted(row, row, side="left")
-                kept = rank < keep
-                row, col, value = row[kept], col[kept], value[kept]
-            blocks.append(sp.csr_matrix((value, (row, col)), shape=(end - start, n_items), dtype=np.float32))
+            block = (by_item[start:end] @ normalised).tocsr()
+            block.sort_indices()
+            n_rows = end - start
+            row = np.repeat(np.arange(n_rows), np.diff(block.indptr))
+            off_diagonal = (block.indices != row + start) & (block.data > 0)
+            row, col, value = row[off_diagonal], block.indices[off_diagonal], block.data[off_diagonal]
+            counts = np.bincount(row, minlength=n_rows)
+            if keep is not None:
+                # Each row's `keep` largest values, ties to the lower column (the columns are
+                # sorted and the sort is stable); only rows with more than `keep` are sorted.
+                bounds_of_row = np.concatenate(([0], np.cumsum(counts)))
+                chosen = np.ones(len(value), dtype=bool)
+                for r in np.flatnonzero(counts > keep).tolist():
+                    a, b = int(bounds_of_row[r]), int(bounds_of_row[r + 1])
+                    chosen[a:b] = False
+                    chosen[a + np.argsort(-value[a:b], kind="stable")[:keep]] = True
+                col, value = col[chosen], value[chosen]
+                counts = np.minimum(counts, keep)
+            indptr = np.concatenate(([0], np.cumsum(counts)))
+            blocks.append(sp.csr_matrix((value, col, indptr), shape=(n_rows, n_items), dtype=np.float32))
         if not blocks:
             return sp.csr_matrix((n_items, n_items), dtype=np.float32)
         return sp.vstack(blocks, format="csr")

@@ -228,6 +228,24 @@ def test_loo_examples_match_the_trainers_examples(drift, ci_settings, chronorec)
            [(e.position, e.query, e.positive, e.history_items) for e in train]
 
 
+def test_picked_examples_are_the_full_lists_examples_at_those_indices(drift, ci_settings, chronorec):
+    # The fine-tuning writes only the examples it uses: the same examples as the full lists hold.
+    split = temporal_split(drift)
+    ctx = chronorec.context(split)
+    train, valid = ctx.training_examples()
+    train_rows, valid_rows = [len(train) - 1, 0, 3, 3], [2, len(valid) - 1]
+    seen = []
+
+    def pick(n_train, n_valid):
+        seen.append((n_train, n_valid))
+        return train_rows, valid_rows
+
+    picked_train, picked_valid = ctx.training_examples(pick)
+    assert seen == [(len(train), len(valid))]
+    assert picked_train == [train[0], train[3], train[-1]]
+    assert picked_valid == [valid[2], valid[-1]]
+
+
 def _evaluated_temporal_split(chronorec, drift):
     """The temporal split the evaluation above ran (its context holds the trained ranker and the
     tunings), or a new one when this test runs alone."""

@@ -93,7 +93,10 @@ class ReplayScorer:
         self.visible = first_occurrences([e.event_id for e in events])
         self.strength = np.fromiter((action_strength(e.action, e.value) for e in events), dtype=np.float64,
                                     count=len(events))
-        self._events = events
+        # Each event's history entry, built once (frozen, shared by every history that holds it):
+        # histories are rebuilt per replayed event, ~1,000 entries for a long one.
+        self._entries = [HistoryEntry(d.item_ids[int(item)], e.action, float(e.timestamp), e.value)
+                         for item, e in zip(d.item.tolist(), events)]
 
     def chunks(self, instances: Instances, texts: "HistoryTexts | None" = None,
                size: int = CHUNK_INSTANCES) -> Iterator[tuple[slice, "ReplayChunk"]]:
@@ -183,9 +186,8 @@ class ReplayScorer:
 
     def history_entries(self, positions: np.ndarray) -> list[HistoryEntry]:
         """HistoryEntry of the events at global `positions` (as the interaction state holds them)."""
-        d = self.dataset
-        return [HistoryEntry(d.item_ids[d.item[p]], e.action, float(e.timestamp), e.value)
-                for p, e in ((int(p), self._events[int(p)]) for p in positions)]
+        entries = self._entries
+        return [entries[p] for p in np.asarray(positions, dtype=np.int64).tolist()]
 
 
 class ReplayedEvent:

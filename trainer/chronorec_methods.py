@@ -428,8 +428,9 @@ class SplitContext:
                     fitted=fitted)
         return self.ranker_fits[key]
 
-    def training_examples(self):
-        """(train, validation) examples: targets in the training part; validation = the tuning targets."""
+    def training_examples(self, pick=None):
+        """(train, validation) examples: targets in the training part; validation = the tuning targets
+        (`pick`: build_examples's, which of them to write)."""
         from chronorec.trainer.data import TargetPositions, TimeWindows, build_examples, event_log_from
 
         split, d = self.split, self.dataset
@@ -447,22 +448,32 @@ class SplitContext:
         else:
             raise TypeError(f"unknown split {type(split).__name__}")
         # event_log_from orders events as the Dataset does (time, then file order): positions agree.
-        return build_examples(event_log_from(d.items, d.events), windows, max_events=self.settings.history_max_events)
+        return build_examples(event_log_from(d.items, d.events), windows, max_events=self.settings.history_max_events,
+                              pick=pick)
 
     def _finetune(self) -> tuple[Path, dict]:
-        from chronorec.trainer.data import newest_examples
         from chronorec.trainer.finetune import FinetuneConfig, encoder_retrieval_metrics, train_encoder
 
         s = self.settings
-        train, valid = self.training_examples()
+        budget = s.finetune_examples or s.finetune_steps * s.finetune_batch_size
+        # Only the examples used are written (a history text each): the training budget, and the
+        # validation examples of the two halves below (one chooses the checkpoint, one measures).
+        drawn: dict[str, Any] = {}
+
+        def pick(n_train: int, n_valid: int):
+            if s.finetune_whole_window and budget < n_train:
+                train_rows = np.random.default_rng(s.seed).choice(n_train, budget, replace=False)
+            else:  # the newest `budget` (build_examples lists them in the global order)
+                train_rows = range(max(0, n_train - budget), n_train) if budget > 0 else range(0)
+            order = np.random.default_rng(s.seed).permutation(n_valid).tolist()
+            half = n_valid // 2 if s.finetune_keep_best else 0
+            drawn.update(n_valid=n_valid, selection=order[:half][: s.finetune_valid_queries],
+                         sample=order[half:][: s.finetune_valid_queries])
+            return train_rows, drawn["selection"] + drawn["sample"]
+
+        train, picked_valid = self.training_examples(pick)
         if not train:
             raise ValueError("no training examples to fine-tune on")
-        budget = s.finetune_examples or s.finetune_steps * s.finetune_batch_size
-        if s.finetune_whole_window and budget < len(train):
-            picked = np.random.default_rng(s.seed).choice(len(train), budget, replace=False)
-            train = [train[i] for i in np.sort(picked)]
-        else:
-            train = newest_examples(train, budget)
         d = self.dataset
         base = s.base_folder().resolve()
         config = FinetuneConfig(
@@ -489,16 +500,14 @@ class SplitContext:
             return repo.version_dir(version), info
         s.say(f"{self.split.protocol}: fine-tuning {base} on {len(train)} training examples "
               f"({config.steps} steps of {config.batch_size}, max_length {config.max_length}); "
-              f"{len(valid)} validation examples")
+              f"{drawn['n_valid']} validation examples")
         item_texts = {i: self.item_text_of(i) for i in self.item_ids}
         # The validation window's examples, shuffled once: one half chooses the checkpoint (with
         # keep_best), the other measures the encoder before and after, so the reported gain is not
         # the maximum of the checkpoints' noise.
-        rng = np.random.default_rng(s.seed)
-        shuffled = [valid[i] for i in rng.permutation(len(valid))]
-        half = len(shuffled) // 2 if s.finetune_keep_best else 0
-        selection = shuffled[:half][: s.finetune_valid_queries]
-        sample = sorted(shuffled[half:][: s.finetune_valid_queries], key=lambda e: e.position)
+        valid_at = dict(zip(sorted(set(drawn["selection"] + drawn["sample"])), picked_valid))
+        selection = [valid_at[k] for k in drawn["selection"]]
+        sample = sorted((valid_at[k] for k in drawn["sample"]), key=lambda e: e.position)
 
         def retrieval(module, tokenizer) -> dict:
             if not sample:

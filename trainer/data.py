@@ -229,6 +229,7 @@ def is_positive(event: Event) -> bool:
 
 
 def build_examples(event_log: EventLog, windows: ExampleWindows, *, max_events: int = 20,
+                   pick: Callable[[int, int], tuple[Iterable[int], Iterable[int]]] | None = None,
                    ) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """Point-in-time (query, positive) pairs for the positive events of the training and validation windows
     (by time, `TimeWindows`; or by position, `TargetPositions`), in the global event order.
@@ -239,28 +240,41 @@ def build_examples(event_log: EventLog, windows: ExampleWindows, *, max_events: 
     (nothing to encode), and events with no earlier history: the server never encodes an empty
     history (a cold start is ranked by trend and freshness), so such pairs would teach a mapping
     that is never used.
+
+    `pick(n_train, n_valid)`: which of the examples to write, as indices into the full lists (the
+    others are never written: a caller that samples a few thousand of a window's examples skips
+    the texts of the rest, most of the cost on a long log); the picked examples come back in index
+    order, each the very example the full lists hold at that index.
     """
     item_text_of = event_log.item_text_of
-    train: list[TrainingExample] = []
-    valid: list[TrainingExample] = []
+    found: dict[str, list[tuple[int, Event, int]]] = {"train": [], "valid": []}
     histories: dict[str, list[HistoryEntry]] = {}
     for position, event in enumerate(event_log.events[: windows.read_until]):
         history = histories.setdefault(event.user_id, [])
         window = windows.window_of(position)
         if window in ("train", "valid") and history and is_positive(event) and event.item_id in event_log.items:
-            # Only the newest `max_events` are written; passing just those gives the same text.
-            (train if window == "train" else valid).append(
-                TrainingExample(
-                    user_id=event.user_id,
-                    item_id=event.item_id,
-                    timestamp=event.timestamp,
-                    query=history_text(history[-max_events:], event.timestamp, item_text_of, max_events),
-                    positive=item_text_of(event.item_id),
-                    history_items=tuple(dict.fromkeys(e.item_id for e in history)),
-                    position=position,
-                )
-            )
+            # The history as of the event is the first len(history) entries of the user's list.
+            found[window].append((position, event, len(history)))
         history.append(HistoryEntry(event.item_id, event.action, event.timestamp, event.value))
+
+    def example(position: int, event: Event, length: int) -> TrainingExample:
+        history = histories[event.user_id]
+        # Only the newest `max_events` are written; passing just those gives the same text.
+        return TrainingExample(
+            user_id=event.user_id,
+            item_id=event.item_id,
+            timestamp=event.timestamp,
+            query=history_text(history[max(0, length - max_events):length], event.timestamp, item_text_of,
+                               max_events),
+            positive=item_text_of(event.item_id),
+            history_items=tuple(dict.fromkeys(e.item_id for e in history[:length])),
+            position=position,
+        )
+
+    chosen = (range(len(found["train"])), range(len(found["valid"]))) if pick is None else \
+        pick(len(found["train"]), len(found["valid"]))
+    train, valid = ([example(*found[window][int(k)]) for k in sorted(set(int(k) for k in indices))]
+                    for window, indices in zip(("train", "valid"), chosen))
     return train, valid
 
 

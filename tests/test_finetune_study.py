@@ -103,6 +103,35 @@ def test_training_through_a_given_prefix_takes_the_same_steps_as_the_module(tiny
     torch.testing.assert_close(trained(True), trained(False), atol=1e-5, rtol=1e-4)
 
 
+def test_train_encoder_measures_through_one_prefix_and_trains_the_whole_module(tiny_folder, data, item_texts):
+    # The before/after measures get an encode over a FrozenPrefix: the module's vectors; the
+    # training steps run the whole module (with its dropout): the weights of a plain finetune call.
+    from chronorec.trainer.finetune import encoder_retrieval_metrics, train_encoder
+
+    sample = data.valid[:30]
+    seen = []
+
+    def measure(module, tokenizer, encode):
+        seen.append(encode)
+        texts = [e.query for e in sample]
+        np.testing.assert_allclose(encode(texts), module.encode_texts(tokenizer, texts, 16, SHORT).numpy(), atol=1e-5)
+        return encoder_retrieval_metrics(module, tokenizer, sample, item_texts, max_length=SHORT, encode=encode)
+
+    config = FinetuneConfig(steps=4, batch_size=16, lr=2e-3, eval_every=2, patience=10, max_length=SHORT,
+                            max_valid_queries=40, progress=False, seed=3)
+    trained = train_encoder(tiny_folder, data.train[:64], data.valid[30:70], item_texts, config, train_layers=1,
+                            measure=measure)
+    assert len(seen) == (1 if trained.result.best_step == 0 else 2) and all(e is not None for e in seen)
+    assert trained.measured_before.keys() == trained.measured_after.keys() and "NDCG@10" in trained.measured_before
+
+    torch.manual_seed(config.seed)
+    module, tokenizer = load_base_model(tiny_folder)
+    freeze_below(module, 1)
+    finetune(module, tokenizer, data.train[:64], data.valid[30:70], item_texts, config)
+    for mine, theirs in zip(trained.module.parameters(), module.cpu().parameters()):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
 def test_without_the_start_competing_the_best_trained_checkpoint_is_kept(tiny_folder, data, item_texts):
     module, tokenizer = load_base_model(tiny_folder)
     freeze_below(module, 1)

@@ -509,10 +509,11 @@ class SplitContext:
         selection = [valid_at[k] for k in drawn["selection"]]
         sample = sorted((valid_at[k] for k in drawn["sample"]), key=lambda e: e.position)
 
-        def retrieval(module, tokenizer) -> dict:
+        def retrieval(module, tokenizer, encode) -> dict:
             if not sample:
                 return {}
-            return encoder_retrieval_metrics(module, tokenizer, sample, item_texts, max_length=s.max_length)
+            return encoder_retrieval_metrics(module, tokenizer, sample, item_texts, max_length=s.max_length,
+                                             encode=encode)
 
         started = time.perf_counter()
         negatives = None

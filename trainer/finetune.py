@@ -525,6 +525,7 @@ def finetune(
     run_tag: str = "",
     negatives: Sequence[Sequence[str]] | None = None,
     frozen_prefix: FrozenPrefix | None = None,
+    validation_prefix: FrozenPrefix | None = None,
     start_competes: bool = True,
 ) -> FinetuneResult:
     """Fine-tune `module` in place on (history text, item text) pairs; returns what happened.
@@ -535,7 +536,8 @@ def finetune(
     Validation runs only the trainable top layers over the frozen layers' states of the catalog and
     the validation texts (`FrozenPrefix`, built here unless a fitting one is given). A given
     `frozen_prefix` carries the training steps too: the frozen layers then run as fixed feature
-    extractors (no dropout in them) and texts shared by several runs go through them once. With
+    extractors (no dropout in them) and texts shared by several runs go through them once; a
+    `validation_prefix` serves the validations only (the training steps run the whole module). With
     `start_competes` off, the starting weights are validated (the first evaluation) but cannot be
     the kept checkpoint: the best trained one is (a study of what training does).
 
@@ -574,7 +576,8 @@ def finetune(
     prefix = frozen_prefix if frozen_prefix is not None and frozen_prefix.fits(module) else None
     train_prefix = prefix if not ranks.distributed else None
     if prefix is None and valid_sample and ranks.is_main:
-        prefix = FrozenPrefix.of(module, tokenizer, config.max_length)
+        fitting = validation_prefix is not None and validation_prefix.fits(module)
+        prefix = validation_prefix if fitting else FrozenPrefix.of(module, tokenizer, config.max_length)
 
     def validate() -> dict[str, float]:
         if not valid_sample:
@@ -761,7 +764,9 @@ def finetune(
 
 # ------------------------------------------------------------- fine-tune and publish
 
-Measure = Callable[[SentenceEncoderModule, Any], dict]
+# measure(module, tokenizer, encode): `encode(texts)` gives the module's unit vectors of the texts
+# (its top layers over a FrozenPrefix's cached states), or is None (the module's own forward).
+Measure = Callable[[SentenceEncoderModule, Any, "Callable[[Sequence[str]], np.ndarray] | None"], dict]
 
 
 @dataclass
@@ -799,8 +804,10 @@ def train_encoder(
     """Load `init_folder`, freeze all but the top `train_layers` layers and fine-tune: the one path
     `chronorec-train run` and the evaluation's fine-tuned variants both take.
 
-    `measure(module, tokenizer)`, when given, runs on the starting weights (frozen as they will
-    train) and on the trained ones; `keep_initial` keeps a copy of the starting weights (ablation).
+    `measure(module, tokenizer, encode)`, when given, runs on the starting weights (frozen as they
+    will train) and on the trained ones, both encoding through one `FrozenPrefix` (the catalogue's
+    frozen layers run once for the two measures and every validation between them; None when no
+    layer is frozen); `keep_initial` keeps a copy of the starting weights (ablation).
     """
     init_folder = Path(init_folder)
     # Before loading: a weight the folder lacks is initialised at random, so seeded a rerun loads the same module.
@@ -808,13 +815,16 @@ def train_encoder(
     module, tokenizer = load_base_model(init_folder)
     initial = copy.deepcopy(module).eval() if keep_initial else None
     trained_layers = freeze_below(module, train_layers)
-    before = measure(module, tokenizer) if measure is not None else {}
-    result = finetune(module, tokenizer, train, valid, item_texts, config, run_tag=run_tag, negatives=negatives)
+    prefix = FrozenPrefix.of(module, tokenizer, config.max_length) if measure is not None else None
+    encode = None if prefix is None else (lambda texts: prefix.encode(module, texts))
+    before = measure(module, tokenizer, encode) if measure is not None else {}
+    result = finetune(module, tokenizer, train, valid, item_texts, config, run_tag=run_tag, negatives=negatives,
+                      validation_prefix=prefix)
     module.cpu().eval()
     # Keep-best chose the starting weights (the validation before step 1): they measure exactly as
     # before, and one more pass over the catalogue costs minutes on 10k items.
     kept_start = result.best_step == 0 and bool(result.evaluations) and result.steps > 0
-    after = (dict(before) if kept_start else measure(module, tokenizer)) if measure is not None else {}
+    after = (dict(before) if kept_start else measure(module, tokenizer, encode)) if measure is not None else {}
     return TrainedEncoder(module, tokenizer, init_folder, result, trained_layers, initial, before, after)
 
 

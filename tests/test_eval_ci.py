@@ -406,6 +406,16 @@ def test_batch_replay_follows_the_states_rules_on_duplicates_and_cold_starts(dri
         np.testing.assert_array_equal(batch.score_batch(instances), per_event.score_batch(instances))
 
 
+def test_a_data_sets_history_entries_are_built_once_and_are_the_events(drift):
+    from chronorec.server.core.timetext import HistoryEntry
+
+    entries = drift.history_entries
+    assert drift.history_entries is entries  # one list, shared by every replay of the data
+    for p in (0, len(entries) // 2, len(entries) - 1):
+        e = drift.event_at(p)
+        assert entries[p] == HistoryEntry(drift.item_ids[drift.item[p]], e.action, float(e.timestamp), e.value)
+
+
 def test_tuning_and_sweeps_are_the_same_with_the_batch_replay(drift, chronorec, monkeypatch):
     from chronorec.trainer.tune import RankerReplay, TuningGrid, tune_time_model
 

@@ -93,10 +93,9 @@ class ReplayScorer:
         self.visible = first_occurrences([e.event_id for e in events])
         self.strength = np.fromiter((action_strength(e.action, e.value) for e in events), dtype=np.float64,
                                     count=len(events))
-        # Each event's history entry, built once (frozen, shared by every history that holds it):
-        # histories are rebuilt per replayed event, ~1,000 entries for a long one.
-        self._entries = [HistoryEntry(d.item_ids[int(item)], e.action, float(e.timestamp), e.value)
-                         for item, e in zip(d.item.tolist(), events)]
+        # Each event's history entry, built once per data set (histories are rebuilt per replayed
+        # event, ~1,000 entries for a long one).
+        self._entries = d.history_entries
 
     def chunks(self, instances: Instances, texts: "HistoryTexts | None" = None,
                size: int = CHUNK_INSTANCES) -> Iterator[tuple[slice, "ReplayChunk"]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import scipy.sparse as sp
 
 from chronorec.client.rules import SECONDS_PER_DAY
 from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.timetext import HistoryEntry
 
 SECONDS_PER_HOUR = 3600.0
 CUTOFFS = (10, 20)
@@ -99,6 +101,13 @@ class Dataset:
     def event_at(self, pos: int) -> Event:
         """The Event at global position `pos`."""
         return self.events[int(self.file_pos[pos])]
+
+    @functools.cached_property
+    def history_entries(self) -> list[HistoryEntry]:
+        """Each event's HistoryEntry (as the interaction state holds it) by global position, built
+        once and shared, being frozen, by every replay of this data and every history they build."""
+        return [HistoryEntry(self.item_ids[item], e.action, float(e.timestamp), e.value)
+                for item, e in zip(self.item.tolist(), (self.event_at(p) for p in range(self.n_events)))]
 
     def user_events(self, user: int) -> np.ndarray:
         """Global positions of a user's events, in global order."""

@@ -296,6 +296,22 @@ def test_a_repeated_variant_reads_back_the_test_scores(drift, chronorec):
     np.testing.assert_array_equal(again.score_batch(task.instances), reference)
 
 
+def test_held_scores_give_back_the_rows_exactly():
+    rng = np.random.default_rng(3)
+    rows = np.full((5, 40), -np.inf)
+    for row in range(4):  # the last row scored nothing
+        columns = rng.choice(40, 6, replace=False)
+        rows[row, columns] = rng.normal(size=6)
+    rows[0, 1], rows[1, 2] = 0.0, np.inf
+    held = cm.HeldScores.of(rows)
+    assert held.values.size == np.count_nonzero(rows != -np.inf)
+    assert held.nbytes < rows.nbytes / 2
+    again = held.rows()
+    np.testing.assert_array_equal(again, rows)
+    again[0, 0] = 1.0  # a fresh array each time: the caller may write into it
+    np.testing.assert_array_equal(held.rows(), rows)
+
+
 def test_evaluation_ranks_through_the_serving_ranker(drift, chronorec, monkeypatch):
     split = temporal_split(drift)
     ranker = chronorec.untuned_time(split)

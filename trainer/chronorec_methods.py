@@ -77,8 +77,9 @@ CACHE_ENV = "CHRONOREC_EVAL_CACHE"
 # Encoder answers an EncoderBundle remembers (~100 batches of 1,024 history texts at 384 dimensions).
 ENCODE_MEMORY_BYTES = 160 * 1024 * 1024
 SWEEP_METRIC = "NDCG@10"
-# Test-window score rows a split context keeps for variants that repeat another (ml-latest-small's
-# 1,921 temporal test events × 9,742 items are 150 MB).
+# Test-window scores a split context keeps for variants that repeat another, held as each row's
+# candidates (`HeldScores`): ml-latest-small's 1,921 temporal test rows are ~150 MB dense over
+# 9,742 items, a few MB as candidates.
 TEST_SCORES_BYTES = 320 * 1024 * 1024
 
 
@@ -324,7 +325,7 @@ class SplitContext:
         self.ranker_fits: dict[str, Any] = {}
         # Test-window score rows by (encoder, time model, instances): variants that are the same
         # ranker (finetuned-time when fine-tuning kept the base weights, chronorec-blend) reuse them.
-        self.test_scores: dict[tuple, np.ndarray] = {}
+        self.test_scores: dict[tuple, HeldScores] = {}
 
     # -- encoders
 
@@ -588,6 +589,31 @@ class SplitContext:
 # ------------------------------------------------------------------------------- ranker
 
 
+@dataclass(frozen=True)
+class HeldScores:
+    """Score rows kept as their scored entries: a chronorec row is -inf outside its candidates (a few
+    hundred of ~10k items), so the dense rows cost ~50x what they hold. `rows()` gives them back
+    exactly."""
+
+    shape: tuple[int, int]
+    flat: np.ndarray  # row * n_columns + column of each entry that is not -inf
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, scores: np.ndarray) -> "HeldScores":
+        flat = np.flatnonzero(scores != -np.inf)
+        return cls(scores.shape, flat, scores.ravel()[flat])
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.nbytes + self.values.nbytes
+
+    def rows(self) -> np.ndarray:
+        out = np.full(self.shape, -np.inf, dtype=self.values.dtype)
+        out.ravel()[self.flat] = self.values
+        return out
+
+
 class ChronorecRanker:
     """A protocols.Ranker that is `tune.ReplayRanker` (the server's TimeAwareRanker, exhaustive) with
     one served encoder and one time model, plus what the report shows about it (`params`)."""
@@ -634,13 +660,14 @@ class ChronorecRanker:
         # The same encoder, time model and instances give the same rows: a variant that repeats an
         # earlier one (chronorec-blend is one of the time-aware variants) reads them back.
         key = (self.bundle.name, id(self.bundle.item_vectors), self.time_model, _digest(instances.pos))
-        scores = self.ctx.test_scores.get(key)
-        if scores is None:
-            scores = self._score(instances)
-            held = sum(v.nbytes for v in self.ctx.test_scores.values())
-            if held + scores.nbytes <= TEST_SCORES_BYTES:
-                self.ctx.test_scores[key] = scores
-        return scores.copy()
+        held = self.ctx.test_scores.get(key)
+        if held is not None:
+            return held.rows()
+        scores = self._score(instances)
+        held = HeldScores.of(scores)
+        if sum(v.nbytes for v in self.ctx.test_scores.values()) + held.nbytes <= TEST_SCORES_BYTES:
+            self.ctx.test_scores[key] = held
+        return scores
 
     def _score(self, instances: Instances) -> np.ndarray:
         with blas_threads(self.settings.blas_threads):

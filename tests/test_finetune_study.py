@@ -103,10 +103,24 @@ def test_training_through_a_given_prefix_takes_the_same_steps_as_the_module(tiny
     torch.testing.assert_close(trained(True), trained(False), atol=1e-5, rtol=1e-4)
 
 
-def test_train_encoder_measures_through_one_prefix_and_trains_the_whole_module(tiny_folder, data, item_texts):
+def test_train_encoder_measures_through_one_prefix_and_trains_the_whole_module(tiny_folder, data, item_texts,
+                                                                              monkeypatch):
     # The before/after measures get an encode over a FrozenPrefix: the module's vectors; the
     # training steps run the whole module (with its dropout): the weights of a plain finetune call.
-    from chronorec.trainer.finetune import encoder_retrieval_metrics, train_encoder
+    # The starting weights' catalogue vectors are computed once, for the measure before and the
+    # first validation.
+    from chronorec.trainer.finetune import FrozenPrefix, encoder_retrieval_metrics, train_encoder
+
+    catalogue_encodes = []
+    encode_texts = FrozenPrefix.encode
+
+    def counting(self, module, texts):
+        texts = list(texts)
+        if texts == list(item_texts.values()):
+            catalogue_encodes.append(len(texts))
+        return encode_texts(self, module, texts)
+
+    monkeypatch.setattr(FrozenPrefix, "encode", counting)
 
     sample = data.valid[:30]
     seen = []
@@ -127,9 +141,12 @@ def test_train_encoder_measures_through_one_prefix_and_trains_the_whole_module(t
     torch.manual_seed(config.seed)
     module, tokenizer = load_base_model(tiny_folder)
     freeze_below(module, 1)
-    finetune(module, tokenizer, data.train[:64], data.valid[30:70], item_texts, config)
+    kept_start = trained.result.best_step == 0
+    assert len(catalogue_encodes) == len(trained.result.evaluations) + (0 if kept_start else 1)
+    plain = finetune(module, tokenizer, data.train[:64], data.valid[30:70], item_texts, config)
     for mine, theirs in zip(trained.module.parameters(), module.cpu().parameters()):
         torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+    assert trained.result.evaluations == plain.evaluations
 
 
 def test_without_the_start_competing_the_best_trained_checkpoint_is_kept(tiny_folder, data, item_texts):

@@ -527,6 +527,7 @@ def finetune(
     frozen_prefix: FrozenPrefix | None = None,
     validation_prefix: FrozenPrefix | None = None,
     start_competes: bool = True,
+    start_item_vectors: np.ndarray | None = None,
 ) -> FinetuneResult:
     """Fine-tune `module` in place on (history text, item text) pairs; returns what happened.
 
@@ -540,6 +541,8 @@ def finetune(
     `validation_prefix` serves the validations only (the training steps run the whole module). With
     `start_competes` off, the starting weights are validated (the first evaluation) but cannot be
     the kept checkpoint: the best trained one is (a study of what training does).
+    `start_item_vectors`: the catalogue's vectors (`item_texts` order) by the starting weights,
+    when the caller has them: the validation before the first step reuses them.
 
     The weights left in `module` are those of the best validation (HR/NDCG@10 of the encoder alone
     over all catalog items); with no validation examples, those of the last step. With a
@@ -584,7 +587,7 @@ def finetune(
             return {}
         encode = (lambda texts: prefix.encode(module, texts)) if prefix is not None else None
         return encoder_retrieval_metrics(module, tokenizer, valid_sample, item_texts, max_length=config.max_length,
-                                         encode=encode)
+                                         encode=encode, item_vectors=start_item_vectors if step == 0 else None)
 
     optimizer = _optimizer(module, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_warmup(total_steps, config.warmup_fraction))
@@ -817,9 +820,20 @@ def train_encoder(
     trained_layers = freeze_below(module, train_layers)
     prefix = FrozenPrefix.of(module, tokenizer, config.max_length) if measure is not None else None
     encode = None if prefix is None else (lambda texts: prefix.encode(module, texts))
-    before = measure(module, tokenizer, encode) if measure is not None else {}
+    start_vectors, encode_before = None, encode
+    if encode is not None:
+        # The starting weights' catalogue vectors, once: the measure before training and the
+        # validation before the first step both rank the catalogue with them.
+        catalogue = list(item_texts.values())
+        start_vectors = encode(catalogue)
+
+        def encode_before(texts: Sequence[str]) -> np.ndarray:
+            texts = list(texts)
+            return start_vectors if texts == catalogue else encode(texts)
+
+    before = measure(module, tokenizer, encode_before) if measure is not None else {}
     result = finetune(module, tokenizer, train, valid, item_texts, config, run_tag=run_tag, negatives=negatives,
-                      validation_prefix=prefix)
+                      validation_prefix=prefix, start_item_vectors=start_vectors)
     module.cpu().eval()
     # Keep-best chose the starting weights (the validation before step 1): they measure exactly as
     # before, and one more pass over the catalogue costs minutes on 10k items.

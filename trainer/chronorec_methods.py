@@ -77,9 +77,8 @@ CACHE_ENV = "CHRONOREC_EVAL_CACHE"
 # Encoder answers an EncoderBundle remembers (~100 batches of 1,024 history texts at 384 dimensions).
 ENCODE_MEMORY_BYTES = 160 * 1024 * 1024
 SWEEP_METRIC = "NDCG@10"
-# Test-window scores a split context keeps for variants that repeat another, held as each row's
-# candidates (`HeldScores`): ml-latest-small's 1,921 temporal test rows are ~150 MB dense over
-# 9,742 items, a few MB as candidates.
+# Test-window score rows a split context keeps for variants that repeat another (ml-latest-small's
+# 1,921 temporal test events × 9,742 items are 150 MB; only the repeatable variants' rows are kept).
 TEST_SCORES_BYTES = 320 * 1024 * 1024
 
 
@@ -325,7 +324,7 @@ class SplitContext:
         self.ranker_fits: dict[str, Any] = {}
         # Test-window score rows by (encoder, time model, instances): variants that are the same
         # ranker (finetuned-time when fine-tuning kept the base weights, chronorec-blend) reuse them.
-        self.test_scores: dict[tuple, HeldScores] = {}
+        self.test_scores: dict[tuple, np.ndarray] = {}
 
     # -- encoders
 
@@ -589,38 +588,19 @@ class SplitContext:
 # ------------------------------------------------------------------------------- ranker
 
 
-@dataclass(frozen=True)
-class HeldScores:
-    """Score rows kept as their scored entries: a chronorec row is -inf outside its candidates (a few
-    hundred of ~10k items), so the dense rows cost ~50x what they hold. `rows()` gives them back
-    exactly."""
-
-    shape: tuple[int, int]
-    flat: np.ndarray  # row * n_columns + column of each entry that is not -inf
-    values: np.ndarray
-
-    @classmethod
-    def of(cls, scores: np.ndarray) -> "HeldScores":
-        flat = np.flatnonzero(scores != -np.inf)
-        return cls(scores.shape, flat, scores.ravel()[flat])
-
-    @property
-    def nbytes(self) -> int:
-        return self.flat.nbytes + self.values.nbytes
-
-    def rows(self) -> np.ndarray:
-        out = np.full(self.shape, -np.inf, dtype=self.values.dtype)
-        out.ravel()[self.flat] = self.values
-        return out
-
-
 class ChronorecRanker:
     """A protocols.Ranker that is `tune.ReplayRanker` (the server's TimeAwareRanker, exhaustive) with
-    one served encoder and one time model, plus what the report shows about it (`params`)."""
+    one served encoder and one time model, plus what the report shows about it (`params`).
+
+    `repeatable`: another variant may be this same ranker (the time-tuned ones: finetuned-time when
+    fine-tuning kept the base weights, chronorec-blend), so its test rows are kept for it to read
+    back; the others' rows are not kept (the rows are exhaustive, ~8 bytes per catalogue item).
+    """
 
     def __init__(self, ctx: SplitContext, bundle: EncoderBundle, params: TimeModelParams, report: dict,
-                 sweeps: Mapping[str, Sequence[float]] | None = None):
+                 sweeps: Mapping[str, Sequence[float]] | None = None, repeatable: bool = False):
         self.ctx = ctx
+        self.repeatable = repeatable
         self.settings = ctx.settings
         self.bundle = bundle
         self.time_model = params
@@ -655,19 +635,18 @@ class ChronorecRanker:
         return self.time_model.alpha > 0 and self.time_model.w_semantic > 0
 
     def score_batch(self, instances: Instances) -> np.ndarray:
-        if not self._on_test_task or self.replay_ranker.per_event:
+        if not self._on_test_task or self.replay_ranker.per_event or not self.repeatable:
             return self._score(instances)
         # The same encoder, time model and instances give the same rows: a variant that repeats an
         # earlier one (chronorec-blend is one of the time-aware variants) reads them back.
         key = (self.bundle.name, id(self.bundle.item_vectors), self.time_model, _digest(instances.pos))
-        held = self.ctx.test_scores.get(key)
-        if held is not None:
-            return held.rows()
-        scores = self._score(instances)
-        held = HeldScores.of(scores)
-        if sum(v.nbytes for v in self.ctx.test_scores.values()) + held.nbytes <= TEST_SCORES_BYTES:
-            self.ctx.test_scores[key] = held
-        return scores
+        scores = self.ctx.test_scores.get(key)
+        if scores is None:
+            scores = self._score(instances)
+            held = sum(v.nbytes for v in self.ctx.test_scores.values())
+            if held + scores.nbytes <= TEST_SCORES_BYTES:
+                self.ctx.test_scores[key] = scores
+        return scores.copy()
 
     def _score(self, instances: Instances) -> np.ndarray:
         with blas_threads(self.settings.blas_threads):
@@ -886,7 +865,8 @@ class ChronorecMethods:
         bundle = ctx.untuned()
         base = TimeModelParams(history_max_events=self.settings.history_max_events)
         tuning = ctx.tune(bundle, base, TIME_GRID, "untuned-time")
-        return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)})
+        return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)},
+                               repeatable=True)
 
     def finetuned_time(self, split: Split) -> ChronorecRanker:
         ctx = self.context(split)
@@ -895,7 +875,7 @@ class ChronorecMethods:
         # "untuned-time" when fine-tuning kept the base weights: the same encoder, the same tuning.
         tuning = ctx.tune(bundle, base, TIME_GRID, f"{bundle.name}-time")
         return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)},
-                               sweeps=SWEEPS if self.settings.sweeps else None)
+                               sweeps=SWEEPS if self.settings.sweeps else None, repeatable=True)
 
     def finetuned_blind(self, split: Split) -> ChronorecRanker:
         ctx = self.context(split)
@@ -916,7 +896,8 @@ class ChronorecMethods:
 
     def blend(self, split: Split) -> ChronorecRanker:
         ctx, bundle, tuning = self._chosen_blend(split)
-        return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)})
+        return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)},
+                               repeatable=True)
 
     def ranker(self, split: Split) -> ChronorecRanker:
         ctx, bundle, tuning = self._chosen_blend(split)

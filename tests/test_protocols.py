@@ -270,6 +270,21 @@ def test_recentpop_counts_the_window_before_the_target_and_breaks_ties_by_all_ti
     assert d.item_ids[int(np.argmax(only_train.score_batch(target)[0]))] == "i0"
 
 
+def test_gram_matrices_are_c_ordered_counts():
+    # A Fortran-ordered item Gram matrix made every sparse-history ItemKNN batch copy it whole.
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(1)
+    x = sp.csr_matrix((rng.random((60, 40)) < 0.1).astype(float))
+    dense = x.toarray()
+    for rows, expected in ((False, dense.T @ dense), (True, dense @ dense.T)):
+        for dtype in (np.float64, np.float32):
+            gram = baselines.gram_matrix(x, rows=rows, dtype=dtype)
+            assert gram.flags.c_contiguous and gram.dtype == dtype
+            np.testing.assert_array_equal(gram, expected.astype(dtype))
+    assert baselines.cosine_item_similarity(x).flags.c_contiguous
+
+
 def test_itemknn_cosine_and_decay():
     d = make_dataset(ROWS)
     x = d.interaction_matrix(np.arange(6))

@@ -306,7 +306,13 @@ def test_only_the_repeatable_variants_keep_their_test_scores(drift, chronorec):
     mean.fit(task.train, task.dataset)
     mean.score_batch(task.instances)
     assert not chronorec.context(split).test_scores
-    assert chronorec.untuned_time(split).repeatable and chronorec.blend(split).repeatable
+    timed = chronorec.untuned_time(split)
+    assert timed.repeatable and chronorec.blend(split).repeatable
+    timed.fit(task.train, task.dataset)
+    timed.score_batch(task.instances)
+    assert chronorec.context(split).test_scores
+    chronorec.ranker(split)  # the repeats are done: the learned ranker trains without their rows
+    assert not chronorec.context(split).test_scores
 
 
 def test_evaluation_ranks_through_the_serving_ranker(drift, chronorec, monkeypatch):
@@ -397,6 +403,24 @@ def test_batch_replay_gives_the_per_event_rankers_scores(drift, chronorec, proto
         per_event.params = batch.params = params
         # Bit for bit: the report's figures must not move by a last-digit tie.
         np.testing.assert_array_equal(batch.score_batch(instances), per_event.score_batch(instances))
+
+
+def test_semantic_prefetched_for_a_chunk_gives_the_same_candidates(drift, chronorec):
+    split = evaluate.build_split(drift, "temporal")
+    _, batch = _replay_pair(chronorec, split)
+    scorer = batch.replay.scorer()
+    params = REPLAY_MODELS[0]
+    instances = split.test_task().instances[:40]
+    texts = scorer.prime(instances, params)
+    (_, ahead), = scorer.chunks(instances, texts)
+    (_, plain), = scorer.chunks(instances, texts)
+    ahead.prefetch_semantic(params)
+    assert len(ahead._memos) == np.count_nonzero(ahead.n_hist) > 0
+    for i in range(len(instances)):
+        a, b = ahead.candidates(i, params), plain.candidates(i, params)
+        np.testing.assert_array_equal(a.score, b.score)
+        np.testing.assert_array_equal(a.semantic, b.semantic)
+    assert not ahead._memos  # each instance's memo is handed over once
 
 
 def test_batch_replay_follows_the_states_rules_on_duplicates_and_cold_starts(drift, chronorec):

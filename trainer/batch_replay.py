@@ -135,6 +135,7 @@ class ReplayScorer:
         out = np.full((len(instances), self.dataset.n_items), -np.inf)
         for part, chunk in self.chunks(instances, texts):
             rows = out[part]
+            chunk.prefetch_semantic(params)
             for i in range(len(chunk)):
                 scored = chunk.candidates(i, params, components=False)
                 rows[i, chunk.columns_kept(i)] = scored.score
@@ -166,6 +167,7 @@ class ReplayScorer:
             texts = HistoryTexts(params.history_max_events, self.texts(ordered, params))
         for part, chunk in self.chunks(ordered, texts):
             rows = [int(order[part.start + i]) for i in range(len(chunk))]
+            chunk.prefetch_semantic(params)
             if wanted is None:
                 events = ((i, row, chunk.candidates(i, params, components=True)) for i, row in enumerate(rows))
             else:
@@ -269,6 +271,7 @@ class ReplayChunk:
         self._trend: dict[float, np.ndarray] = {}
         self._texts: dict[int, list[str | None]] = {} if texts is None else {texts.history_max_events: texts.texts}
         self._memo = _Memo()
+        self._memos: dict[int, _Memo] = {}  # instances' memos filled ahead (prefetch_semantic)
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -327,8 +330,22 @@ class ReplayChunk:
 
     def _memo_for(self, i: int) -> _Memo:
         if self._memo.row != i:
-            self._memo = _Memo(i, {}, {}, None, {})
+            self._memo = self._memos.pop(i, None) or _Memo(i, {}, {}, None, {})
         return self._memo
+
+    def prefetch_semantic(self, params: TimeModelParams) -> None:
+        """Every instance's semantic component for `params`, one after the other, kept in the
+        instances' memos for `candidates`: the same index calls in another order. Each is a pass over
+        the catalogue's vectors (15 MB at 10k items); back to back they stay in the CPU cache, while
+        between one instance's other components (rows of 10k-wide arrays) they are read from memory
+        again on every call."""
+        if params.w_semantic == 0:
+            return
+        for i in range(len(self)):
+            if self.n_hist[i]:
+                self.semantic(i, params)
+                self._memos[i] = self._memo
+        self._memo = _Memo()
 
     def _user_vector(self, i: int, params: TimeModelParams) -> np.ndarray | None:
         """_UserContext.build's user vector (history non-empty, w_semantic non-zero)."""

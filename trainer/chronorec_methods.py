@@ -901,6 +901,10 @@ class ChronorecMethods:
 
     def ranker(self, split: Split) -> ChronorecRanker:
         ctx, bundle, tuning = self._chosen_blend(split)
+        # The variants that repeat one another run before the learned ranker (`factories` order):
+        # their kept rows (up to TEST_SCORES_BYTES) would only add to the ranker's training peak. A
+        # repeat asked for after it scores again.
+        ctx.test_scores.clear()
         fit = ctx.ranker_fit(bundle, tuning.params, f"{bundle.name}-time")
         return LearnedChronorecRanker(ctx, bundle, tuning.params, fit,
                                       {**_encoder_report(bundle), **_tuning_report(tuning), **_ranker_report(fit)})

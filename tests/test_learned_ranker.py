@@ -259,6 +259,23 @@ def test_the_validation_decides_whether_the_second_look_serves(logged):
     assert fit.summary()["second_look"] == fit.ranker.spec.second_look
 
 
+def test_groups_handed_to_lightgbm_apart_train_the_trees_of_their_stack(logged):
+    # The refit reads the training and validation groups as two matrices instead of one stacked copy.
+    import lightgbm
+
+    split, validation, items, params, config, fit, groups = logged
+    weighted = replace(groups, weights=np.linspace(0.5, 2.0, len(groups.sizes)))
+    for first in (groups, weighted):
+        second = first._rows(np.arange(len(first.labels)) >= 0, np.arange(len(first.sizes)) % 2 == 0,
+                             first.in_candidates, first.reachable)
+        stacked = rt.Groups.concatenate([first, second])
+        apart = rt._dataset([first, second])
+        assert isinstance(apart.data, list) and len(apart.data) == 2
+        trees = [lightgbm.train(rt.lightgbm_params(replace(config, min_data_in_leaf=2)), d, num_boost_round=5)
+                 for d in (rt._dataset(stacked), apart)]
+        assert trees[0].model_to_string() == trees[1].model_to_string()
+
+
 def test_the_second_look_joins_the_candidates_on_a_large_catalogs_path(drift, logged):
     """Above `exhaustive_below` the ranker scores index, co-occurrence and trend candidates only:
     the second look's items must be among them, or the learned ranker could not reach them."""

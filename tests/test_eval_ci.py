@@ -284,35 +284,38 @@ def test_skipping_the_rerank_of_unreachable_targets_keeps_every_rank(drift, chro
     np.testing.assert_array_equal(counts[0][1], counts[1][1])
 
 
-def test_a_repeated_variant_reads_back_the_test_scores(drift, chronorec):
+def test_a_repeated_variant_reads_back_the_test_rank_counts(drift, chronorec):
+    from chronorec.trainer.protocols import exclusion_mask, rank_counts, score_instances
+
     split = _evaluated_temporal_split(chronorec, drift)
     task = split.test_task()
     first, again = chronorec.untuned_time(split), chronorec.untuned_time(split)
     for ranker in (first, again):
         ranker.fit(task.train, task.dataset)
-    reference = first.score_batch(task.instances)
-    assert chronorec.context(split).test_scores
-    again.replay_ranker.replay = None  # a second scoring would fail: the rows come from the context
-    np.testing.assert_array_equal(again.score_batch(task.instances), reference)
+    rows = first.score_batch(task.instances)
+    expected = rank_counts(rows, task.instances.target, exclusion_mask(task.instances))
+    reference = score_instances(first, task.instances, batch_size=64)
+    np.testing.assert_array_equal(reference["better"], expected[0])
+    np.testing.assert_array_equal(reference["tied"], expected[1])
+    assert chronorec.context(split).test_counts
+    again.replay_ranker.replay = None  # a second scoring would fail: the counts come from the context
+    repeated = score_instances(again, task.instances, batch_size=64)
+    for name in reference:
+        np.testing.assert_array_equal(repeated[name], reference[name])
 
 
-def test_only_the_repeatable_variants_keep_their_test_scores(drift, chronorec):
-    # A semantic-only variant is no other variant's ranker: its rows would only take the room
-    # the time-tuned variants' rows need.
+def test_only_the_repeatable_variants_keep_their_test_rank_counts(drift, chronorec):
+    from chronorec.trainer.protocols import score_instances
+
     split = _evaluated_temporal_split(chronorec, drift)
     task = split.test_task()
-    chronorec.context(split).test_scores.clear()
+    chronorec.context(split).test_counts.clear()
     mean = chronorec.untuned_mean(split)
     mean.fit(task.train, task.dataset)
-    mean.score_batch(task.instances)
-    assert not chronorec.context(split).test_scores
-    timed = chronorec.untuned_time(split)
-    assert timed.repeatable and chronorec.blend(split).repeatable
-    timed.fit(task.train, task.dataset)
-    timed.score_batch(task.instances)
-    assert chronorec.context(split).test_scores
-    chronorec.ranker(split)  # the repeats are done: the learned ranker trains without their rows
-    assert not chronorec.context(split).test_scores
+    score_instances(mean, task.instances)
+    assert not chronorec.context(split).test_counts
+    assert chronorec.untuned_time(split).repeatable and chronorec.blend(split).repeatable
+    assert not chronorec.ranker(split).repeatable
 
 
 def test_evaluation_ranks_through_the_serving_ranker(drift, chronorec, monkeypatch):

@@ -66,7 +66,8 @@ from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.itemtext import item_text_lookup
 from chronorec.trainer.base_model import packaged_minilm
 from chronorec.trainer.protocols import (
-    Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, exclusion_mask, expected_metrics, rank_counts,
+    Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, batch_rank_counts, exclusion_mask, expected_metrics,
+    rank_counts,
     summarize,
 )
 from chronorec.trainer.tune import ReplayRanker, RankerReplay, TuningGrid, build_index, fit_cooccurrence, tune_time_model
@@ -77,9 +78,6 @@ CACHE_ENV = "CHRONOREC_EVAL_CACHE"
 # Encoder answers an EncoderBundle remembers (~100 batches of 1,024 history texts at 384 dimensions).
 ENCODE_MEMORY_BYTES = 160 * 1024 * 1024
 SWEEP_METRIC = "NDCG@10"
-# Test-window score rows a split context keeps for variants that repeat another (ml-latest-small's
-# 1,921 temporal test events × 9,742 items are 150 MB; only the repeatable variants' rows are kept).
-TEST_SCORES_BYTES = 320 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -322,9 +320,10 @@ class SplitContext:
         self._replays: dict[str, RankerReplay] = {}
         self.tunings: dict[str, Any] = {}
         self.ranker_fits: dict[str, Any] = {}
-        # Test-window score rows by (encoder, time model, instances): variants that are the same
-        # ranker (finetuned-time when fine-tuning kept the base weights, chronorec-blend) reuse them.
-        self.test_scores: dict[tuple, np.ndarray] = {}
+        # Test-window rank counts (better, tied) by (encoder, time model, instances): variants that
+        # are the same ranker (finetuned-time when fine-tuning kept the base weights,
+        # chronorec-blend) read them back (16 bytes per event, where the rows were 8 per item).
+        self.test_counts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- encoders
 
@@ -593,8 +592,8 @@ class ChronorecRanker:
     one served encoder and one time model, plus what the report shows about it (`params`).
 
     `repeatable`: another variant may be this same ranker (the time-tuned ones: finetuned-time when
-    fine-tuning kept the base weights, chronorec-blend), so its test rows are kept for it to read
-    back; the others' rows are not kept (the rows are exhaustive, ~8 bytes per catalogue item).
+    fine-tuning kept the base weights, chronorec-blend), so its test rank counts are kept for it to
+    read back.
     """
 
     def __init__(self, ctx: SplitContext, bundle: EncoderBundle, params: TimeModelParams, report: dict,
@@ -635,18 +634,19 @@ class ChronorecRanker:
         return self.time_model.alpha > 0 and self.time_model.w_semantic > 0
 
     def score_batch(self, instances: Instances) -> np.ndarray:
+        return self._score(instances)
+
+    def rank_counts_batch(self, instances: Instances) -> tuple[np.ndarray, np.ndarray]:
+        """What the evaluation computes from score_batch's rows (protocols.batch_rank_counts). The
+        same encoder, time model and instances give the same rows: a variant that repeats an earlier
+        one (chronorec-blend is one of the time-aware variants) reads the earlier one's counts back."""
         if not self._on_test_task or self.replay_ranker.per_event or not self.repeatable:
-            return self._score(instances)
-        # The same encoder, time model and instances give the same rows: a variant that repeats an
-        # earlier one (chronorec-blend is one of the time-aware variants) reads them back.
+            return batch_rank_counts(self.score_batch(instances), instances)
         key = (self.bundle.name, id(self.bundle.item_vectors), self.time_model, _digest(instances.pos))
-        scores = self.ctx.test_scores.get(key)
-        if scores is None:
-            scores = self._score(instances)
-            held = sum(v.nbytes for v in self.ctx.test_scores.values())
-            if held + scores.nbytes <= TEST_SCORES_BYTES:
-                self.ctx.test_scores[key] = scores
-        return scores.copy()
+        counts = self.ctx.test_counts.get(key)
+        if counts is None:
+            counts = self.ctx.test_counts[key] = batch_rank_counts(self.score_batch(instances), instances)
+        return counts[0].copy(), counts[1].copy()
 
     def _score(self, instances: Instances) -> np.ndarray:
         with blas_threads(self.settings.blas_threads):
@@ -901,10 +901,6 @@ class ChronorecMethods:
 
     def ranker(self, split: Split) -> ChronorecRanker:
         ctx, bundle, tuning = self._chosen_blend(split)
-        # The variants that repeat one another run before the learned ranker (`factories` order):
-        # their kept rows (up to TEST_SCORES_BYTES) would only add to the ranker's training peak. A
-        # repeat asked for after it scores again.
-        ctx.test_scores.clear()
         fit = ctx.ranker_fit(bundle, tuning.params, f"{bundle.name}-time")
         return LearnedChronorecRanker(ctx, bundle, tuning.params, fit,
                                       {**_encoder_report(bundle), **_tuning_report(tuning), **_ranker_report(fit)})

@@ -366,7 +366,12 @@ class Ranker(Protocol):
         """Learn from the events at global positions `train` (sorted) of `dataset`."""
 
     def score_batch(self, instances: Instances) -> np.ndarray:
-        """(len(instances), dataset.n_items) scores; may use each instance's history and time."""
+        """(len(instances), dataset.n_items) scores; may use each instance's history and time.
+
+        A ranker may also give `rank_counts_batch(instances) -> (better, tied)`: what
+        `rank_counts(score_batch(instances), instances.target, exclusion_mask(instances))` gives,
+        which the evaluation then reads instead (e.g. a variant that repeats an earlier one reads
+        back that one's counts rather than scoring again)."""
 
 
 Split = TemporalSplit | LooSplit
@@ -430,20 +435,28 @@ def expected_metrics(better: np.ndarray, tied: np.ndarray, cutoffs: Iterable[int
     return out
 
 
+def batch_rank_counts(scores: np.ndarray, instances: Instances) -> tuple[np.ndarray, np.ndarray]:
+    """rank_counts of score_batch's rows for `instances` (their targets, their histories excluded)."""
+    expected = (len(instances), instances.dataset.n_items)
+    if scores.shape != expected:
+        raise ValueError(f"score_batch returned shape {scores.shape}, expected {expected}")
+    return rank_counts(scores, instances.target, exclusion_mask(instances))
+
+
 def score_instances(ranker: Ranker, instances: Instances, batch_size: int = 1024,
                     progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Per-instance metrics (plus 'better'/'tied' counts) of a fitted ranker, scored in batches."""
     n = len(instances)
     better = np.empty(n, dtype=np.int64)
     tied = np.empty(n, dtype=np.int64)
+    counts_of = getattr(ranker, "rank_counts_batch", None)
     for start in range(0, n, batch_size):
         batch = instances[start:start + batch_size]
-        scores = np.asarray(ranker.score_batch(batch))
-        expected = (len(batch), instances.dataset.n_items)
-        if scores.shape != expected:
-            raise ValueError(f"score_batch returned shape {scores.shape}, expected {expected}")
-        better[start:start + len(batch)], tied[start:start + len(batch)] = rank_counts(
-            scores, batch.target, exclusion_mask(batch))
+        if counts_of is not None:
+            counts = counts_of(batch)
+        else:
+            counts = batch_rank_counts(np.asarray(ranker.score_batch(batch)), batch)
+        better[start:start + len(batch)], tied[start:start + len(batch)] = counts
         if progress is not None:
             progress(len(batch))
     metrics = expected_metrics(better, tied)

@@ -274,15 +274,17 @@ def test_gram_matrices_are_c_ordered_counts():
     # A Fortran-ordered item Gram matrix made every sparse-history ItemKNN batch copy it whole.
     import scipy.sparse as sp
 
+    # Both forms: the sparse product (more rows summed over than the product has) and BLAS's.
     rng = np.random.default_rng(1)
-    x = sp.csr_matrix((rng.random((60, 40)) < 0.1).astype(float))
-    dense = x.toarray()
-    for rows, expected in ((False, dense.T @ dense), (True, dense @ dense.T)):
-        for dtype in (np.float64, np.float32):
-            gram = baselines.gram_matrix(x, rows=rows, dtype=dtype)
-            assert gram.flags.c_contiguous and gram.dtype == dtype
-            np.testing.assert_array_equal(gram, expected.astype(dtype))
-    assert baselines.cosine_item_similarity(x).flags.c_contiguous
+    for shape in ((60, 40), (40, 60)):
+        x = sp.csr_matrix((rng.random(shape) < 0.1).astype(float))
+        dense = x.toarray()
+        for rows, expected in ((False, dense.T @ dense), (True, dense @ dense.T)):
+            for dtype in (np.float64, np.float32):
+                gram = baselines.gram_matrix(x, rows=rows, dtype=dtype)
+                assert gram.flags.c_contiguous and gram.dtype == dtype
+                np.testing.assert_array_equal(gram, expected.astype(dtype))
+        assert baselines.cosine_item_similarity(x).flags.c_contiguous
 
 
 def test_itemknn_cosine_and_decay():

@@ -10,8 +10,8 @@ from scipy import linalg
 from scipy.linalg import lapack
 
 from chronorec.trainer.protocols import (
-    SECONDS_PER_DAY, Dataset, EvalTask, Instances, MethodFactory, exclusion_mask, expected_metrics, prefix_item_counts,
-    rank_counts,
+    SECONDS_PER_DAY, Dataset, EvalTask, Instances, MethodFactory, batch_rank_counts, expected_metrics,
+    prefix_item_counts,
 )
 
 EASE_LAMBDAS = (50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0, 5000.0)
@@ -247,7 +247,7 @@ def tune_ease(task: EvalTask, lambdas: Sequence[float] = EASE_LAMBDAS, metric: s
         total = 0.0
         for start in range(0, len(instances), batch_size):
             batch = instances[start:start + batch_size]
-            better, tied = rank_counts(model.score_batch(batch), batch.target, exclusion_mask(batch))
+            better, tied = batch_rank_counts(model.score_batch(batch), batch)
             total += float(expected_metrics(better, tied)[metric].sum())
         results[float(lam)] = total / max(len(instances), 1)
         del model

@@ -67,8 +67,7 @@ from chronorec.server.core.itemtext import item_text_lookup
 from chronorec.trainer.base_model import packaged_minilm
 from chronorec.trainer.protocols import (
     Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, batch_rank_counts, exclusion_mask, expected_metrics,
-    rank_counts,
-    summarize,
+    rank_counts, summarize,
 )
 from chronorec.trainer.tune import ReplayRanker, RankerReplay, TuningGrid, build_index, fit_cooccurrence, tune_time_model
 
@@ -634,21 +633,6 @@ class ChronorecRanker:
         return self.time_model.alpha > 0 and self.time_model.w_semantic > 0
 
     def score_batch(self, instances: Instances) -> np.ndarray:
-        return self._score(instances)
-
-    def rank_counts_batch(self, instances: Instances) -> tuple[np.ndarray, np.ndarray]:
-        """What the evaluation computes from score_batch's rows (protocols.batch_rank_counts). The
-        same encoder, time model and instances give the same rows: a variant that repeats an earlier
-        one (chronorec-blend is one of the time-aware variants) reads the earlier one's counts back."""
-        if not self._on_test_task or self.replay_ranker.per_event or not self.repeatable:
-            return batch_rank_counts(self.score_batch(instances), instances)
-        key = (self.bundle.name, id(self.bundle.item_vectors), self.time_model, _digest(instances.pos))
-        counts = self.ctx.test_counts.get(key)
-        if counts is None:
-            counts = self.ctx.test_counts[key] = batch_rank_counts(self.score_batch(instances), instances)
-        return counts[0].copy(), counts[1].copy()
-
-    def _score(self, instances: Instances) -> np.ndarray:
         with blas_threads(self.settings.blas_threads):
             scorer = None if self.replay_ranker.per_event else self.replay_ranker.replay.scorer()
             if scorer is not None:
@@ -665,6 +649,18 @@ class ChronorecRanker:
                 scored = replay.score(user_id, at, self.time_model)
                 scores[row, replay.columns_of(scored.item_ids)] = scored.score
             return scores
+
+    def rank_counts_batch(self, instances: Instances) -> tuple[np.ndarray, np.ndarray]:
+        """What the evaluation computes from score_batch's rows (protocols.batch_rank_counts). The
+        same encoder, time model and instances give the same rows: a variant that repeats an earlier
+        one (chronorec-blend is one of the time-aware variants) reads the earlier one's counts back."""
+        if not self._on_test_task or self.replay_ranker.per_event or not self.repeatable:
+            return batch_rank_counts(self.score_batch(instances), instances)
+        key = (self.bundle.name, id(self.bundle.item_vectors), self.time_model, _digest(instances.pos))
+        counts = self.ctx.test_counts.get(key)
+        if counts is None:
+            counts = self.ctx.test_counts[key] = batch_rank_counts(self.score_batch(instances), instances)
+        return counts[0].copy(), counts[1].copy()
 
     # -- sensitivity on the test window (analysis only)
 

@@ -282,7 +282,11 @@ class ReplayRanker:
                 kept = np.asarray(scored.score, dtype=np.float64)
                 if second and len(kept):
                     kept = kept.copy()
-                    kept[np.isin(scored.item_ids, second)] = kept.max() + 1.0
+                    # The second look's items among the candidates, by data set column (np.isin
+                    # over the candidates' id strings sorts ~10k Python objects per event: 13 ms).
+                    index = replay.dataset.item_index
+                    looked = np.fromiter((index.get(i, -1) for i in second), dtype=np.int64, count=len(second))
+                    kept[np.isin(columns, looked)] = kept.max() + 1.0
                 scores[row, columns] = kept
                 return False
 

@@ -409,6 +409,12 @@ def _metric_cutoff(metric: str) -> int | None:
 
 
 _UINT16_MAX = int(np.iinfo(np.uint16).max)
+# Candidates scored per numpy pass of _WeightProduct.rank_counts_many (× 252 rows × 4 bytes per array).
+_MANY_MAX_SCORED = 16_384
+# ... and an instance with at least this many is counted on its own.
+_MANY_ALONE = 1_024
+# Instances per rank_counts_many call of the tuning's search.
+_SEARCH_SLICE = 256
 
 
 # Float32's unit roundoff, and margins against it: a candidate whose component differs from the
@@ -488,6 +494,115 @@ class _WeightProduct:
         tied = np.add.reduce(scores == reference, axis=1, dtype=count_type).astype(np.int64) - 1 + extra_tied
         return better[self.row_index], tied[self.row_index]
 
+    def scale_key(self, scale: float) -> tuple:
+        """What rank_counts does differently at `scale` besides the arithmetic: whether the sign
+        argument holds, and which scaled weight values are zero. Instances with the same key can
+        share a rank_counts_many call."""
+        factor = np.array(scale, dtype=np.float32)
+        zero = tuple(bool(x) for k in range(2) for x in (self.values[k] * factor == 0)) if scale != 1.0 else ()
+        return _prunable(scale, self.min_weight), zero
+
+    def rank_counts_many(self, instances: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray], int,
+                                                         tuple[Sequence[np.ndarray], np.ndarray] | None]],
+                         scales: Sequence[float], max_scored: int = _MANY_MAX_SCORED) -> tuple[np.ndarray, np.ndarray]:
+        """(rows × instances) better and tied counts: column j is rank_counts(*instances[j][:3],
+        scales[j], instances[j][3]), the same integers, for instances whose scales share one
+        `scale_key`. The instances' candidates are handled as one concatenation, so each numpy call
+        covers many instances (per instance, its ~20 calls on a few hundred candidates cost more
+        than their arithmetic): the same float32 operations on each candidate (its personal weight
+        values times float32(its scale), then times its components), the comparisons summed per
+        instance."""
+        m = len(instances)
+        rows = len(self.row_index)
+        if not m:
+            return np.zeros((rows, 0), dtype=np.int64), np.zeros((rows, 0), dtype=np.int64)
+        keys = {self.scale_key(float(x)) for x in scales}
+        if len(keys) != 1:
+            raise ValueError("rank_counts_many takes instances whose scales share one scale_key")
+        prunable = next(iter(keys))[0]
+        lengths = np.array([len(inst[1][0]) for inst in instances], dtype=np.int64)
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        targets = starts + np.array([inst[2] for inst in instances], dtype=np.int64)
+        blocks = [np.concatenate([inst[0][k] for inst in instances]) for k in range(4)]
+        scale_of = np.array(scales, dtype=np.float64)
+        factors = np.repeat(scale_of.astype(np.float32), lengths)  # per candidate, float32(scale)
+        scaled = bool((scale_of != 1.0).any())
+        first_factor = np.array(scale_of[0], dtype=np.float32)
+        values = [v * first_factor if k < 2 and scale_of[0] != 1.0 else v for k, v in enumerate(self.values)]
+        product = len(values[0]) * len(values[1]) * len(values[2]) * len(values[3])
+        extra_above = np.zeros((product, m), dtype=np.int64)
+        extra_tied = np.zeros((product, m), dtype=np.int64)
+        if prunable:
+            pattern = _pattern([np.concatenate([inst[1][k] for inst in instances]) for k in range(4)])
+            segment = np.repeat(np.arange(m), lengths)
+            counts = np.bincount(segment * _PATTERNS + pattern, minlength=m * _PATTERNS).reshape(m, _PATTERNS)
+            counts[np.arange(m), pattern[targets]] -= 1
+            folded = [(j, inst[3]) for j, inst in enumerate(instances) if inst[3] is not None and len(inst[3][1])]
+            if folded:
+                kinds = [_pattern(f[0]).astype(np.int64) for _, f in folded]
+                where = np.concatenate([j * _PATTERNS + k for (j, _), k in zip(folded, kinds)])
+                weight = np.concatenate([f[1] for _, f in folded])
+                counts += np.bincount(where, weights=weight, minlength=m * _PATTERNS).astype(np.int64).reshape(
+                    m, _PATTERNS)
+            below = counts[:, _BELOW_PATTERNS] @ _BELOW_MASKS
+            above = counts[:, _ABOVE_PATTERNS] @ _ABOVE_MASKS
+            same = all(((v != 0) == (u != 0)).all() for v, u in zip(values, self.values))
+            hits = (self.hits if same else self._hits(values)).astype(np.int64)
+            extra_above = hits @ above.T
+            extra_tied = (1 - hits) @ (above + below).T
+            scored = _UNDECIDED[pattern]
+            scored[targets] = True
+            kept = np.flatnonzero(scored)
+            blocks = [b[kept] for b in blocks]
+            factors = factors[kept]
+            targets = np.searchsorted(kept, targets)
+            lengths = np.add.reduceat(scored, starts, dtype=np.int64)
+            starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        elif any(inst[3] is not None for inst in instances):
+            raise AssertionError("candidates were folded for a scale the sign argument does not cover")
+        better = np.zeros((product, m), dtype=np.int64)
+        tied = np.zeros((product, m), dtype=np.int64)
+        # Instances in slices of at most `max_scored` candidates (the (rows, candidates) arrays stay
+        # small); one with `_MANY_ALONE` or more is a slice of its own, compared with its target's
+        # column directly (its arithmetic outweighs a numpy call's overhead; the per-slice form
+        # writes every target's column out and sums by segment, ~2x the work per candidate).
+        first = 0
+        while first < m:
+            last = first + 1
+            total = int(lengths[first])
+            if total < _MANY_ALONE:
+                while last < m and lengths[last] < _MANY_ALONE and total + int(lengths[last]) <= max_scored:
+                    total += int(lengths[last])
+                    last += 1
+            a, b = int(starts[first]), int(starts[first]) + total
+            if scaled:
+                # (value × float32(scale)) × component, per candidate: rank_counts' own two products
+                # (a scale of 1 multiplies by 1.0, which changes nothing).
+                products = [((v[:, None] * factors[None, a:b]) if k < 2 else v[:, None]) * block[a:b]
+                            for k, (v, block) in enumerate(zip(self.values, blocks))]
+            else:
+                products = [v[:, None] * block[a:b] for v, block in zip(values, blocks)]
+            n = b - a
+            partial = products[0][:, None, :] + products[1][None, :, :]
+            partial = partial[:, :, None, :] + products[2][None, None, :, :]
+            scores = (partial[:, :, :, None, :] + products[3][None, None, None, :, :]).reshape(-1, n)
+            count_type = np.uint16 if n < _UINT16_MAX else np.int64
+            if last == first + 1:
+                reference = scores[:, targets[first] - a:targets[first] - a + 1]
+                better[:, first] = np.add.reduce(scores > reference, axis=1, dtype=count_type)
+                tied[:, first] = np.add.reduce(scores == reference, axis=1, dtype=count_type).astype(np.int64) - 1
+            else:
+                local = starts[first:last] - a
+                reference = np.repeat(scores[:, targets[first:last] - a], lengths[first:last], axis=1)
+                better[:, first:last] = np.add.reduceat((scores > reference).view(np.uint8), local, axis=1,
+                                                        dtype=count_type)
+                tied[:, first:last] = np.add.reduceat((scores == reference).view(np.uint8), local, axis=1,
+                                                      dtype=count_type).astype(np.int64) - 1
+            first = last
+        better += extra_above
+        tied += extra_tied
+        return better[self.row_index], tied[self.row_index]
+
 
 def _min_positive(rows: np.ndarray) -> float:
     positive = rows[rows > 0]
@@ -533,6 +648,14 @@ def _pattern_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 _UNDECIDED, _LOWER_IN, _HIGHER_IN = _pattern_tables()
+_PATTERNS = 8 ** 4
+# _sign_determined's sums as matrices: (patterns decided below in some components and above in
+# none) × (the 16 masks of components), 1 where the pattern is below in exactly that mask; the same
+# for above. Counts of patterns times them give each instance's per-mask counts, as integers.
+_BELOW_PATTERNS = np.flatnonzero(~_UNDECIDED & (_HIGHER_IN == 0))
+_BELOW_MASKS = (_LOWER_IN[_BELOW_PATTERNS][:, None] == np.arange(16)[None, :]).astype(np.int64)
+_ABOVE_PATTERNS = np.flatnonzero(~_UNDECIDED & (_HIGHER_IN != 0))
+_ABOVE_MASKS = (_HIGHER_IN[_ABOVE_PATTERNS][:, None] == np.arange(16)[None, :]).astype(np.int64)
 
 
 def _sign_determined(signs: Sequence[np.ndarray], target: int,
@@ -592,7 +715,7 @@ def tune_time_model(
     max_instances: int | None = 1000,
     rounds: int = 2,
     seed: int = 0,
-    search_threads: int = 1,
+    search_threads: int | None = None,
 ) -> TuningResult:
     """Choose α, the half-lives, the trend window and the score weights that maximise `metric` on `instances`.
 
@@ -600,8 +723,9 @@ def tune_time_model(
     parameter settings that together cover every value of the grid (the components of one
     parameter do not depend on the others), and the components are kept. Weights are then
     searched exhaustively with numpy for each value of one parameter at a time (coordinate
-    ascent over `rounds` rounds), never calling the ranker again; `search_threads` instances are
-    counted at once.
+    ascent over `rounds` rounds), never calling the ranker again: the instances are counted in
+    slices of up to _SEARCH_SLICE (`_WeightProduct.rank_counts_many`), `search_threads` slices at
+    once (None: every core; the counts are integers, the same whatever the threads).
     """
     grid = grid or TuningGrid()
     started = time.perf_counter()
@@ -697,7 +821,7 @@ def tune_time_model(
     if not len(weights):
         weights = np.eye(4)[[0]]
 
-    threads = max(1, min(search_threads, os.cpu_count() or 1))
+    threads = max(1, min(search_threads or os.cpu_count() or 1, os.cpu_count() or 1))
 
     def evaluate(choice: tuple[int, ...], weight_rows: np.ndarray) -> np.ndarray:
         """Mean `metric` per weight row for one choice of (semantic, co-occurrence, freshness, trend,
@@ -708,37 +832,52 @@ def tune_time_model(
         better = np.zeros((len(weight_rows), len(present)), dtype=np.int64)
         tied = np.zeros_like(better)
 
-        def count(j: int) -> None:
-            parts = present[j]
-            # The ranker scales the personal weights by the time since the user's newest event.
-            scale = personal_scale(parts.gap_seconds, half_life)
-            rows = scaled_weights(all_rows, scale)
-            flat = np.array([parts.flat[k][v] for k, v in enumerate(choice[:4])])
-            # Weight only on rows constant over the candidates: every score equal, every candidate tied.
-            degenerate = rows[:, ~flat].sum(axis=1) <= 0
+        # Per instance: whether the instance can score at all, its personal scale and which rows are
+        # degenerate (weight only on rows constant over the candidates: every score equal, every
+        # candidate tied).
+        scales = [personal_scale(parts.gap_seconds, half_life) for parts in present]
+        by_scale: dict[tuple, list[int]] = {}
+        for j, parts in enumerate(present):
             if cutoff is not None and parts.always_above >= cutoff:
-                counts = (np.full(len(weight_rows), parts.always_above), 0)
+                better[:, j] = parts.always_above
             else:
-                # The server's formula, once per weight row, in float32 (the kept components' dtype).
+                by_scale.setdefault(product.scale_key(scales[j]), []).append(j)
+
+        def count(members: list[int]) -> None:
+            # The server's formula, once per weight row, in float32 (the kept components' dtype);
+            # the ranker scales the personal weights by the time since the user's newest event.
+            inputs = []
+            for j in members:
+                parts = present[j]
                 folded = ([parts.folded_signs[k][v] for k, v in enumerate(choice[:4])], parts.folded_counts
                           ) if len(parts.folded_counts) else None
-                b, t = product.rank_counts([parts.blocks[k][v] for k, v in enumerate(choice[:4])],
-                                           [parts.signs[k][v] for k, v in enumerate(choice[:4])], parts.target,
-                                           scale, folded)
-                counts = (b + parts.always_above, t)
-            better[:, j] = np.where(degenerate, 0, counts[0])
-            tied[:, j] = np.where(degenerate, parts.candidates - 1, counts[1])
+                inputs.append(([parts.blocks[k][v] for k, v in enumerate(choice[:4])],
+                               [parts.signs[k][v] for k, v in enumerate(choice[:4])], parts.target, folded))
+            b, t = product.rank_counts_many(inputs, [scales[j] for j in members])
+            better[:, members] = b + np.array([present[j].always_above for j in members])
+            tied[:, members] = t
 
         if not present:
             return np.zeros(len(weight_rows))
+        groups = [members[a:a + _SEARCH_SLICE] for members in by_scale.values()
+                  for a in range(0, len(members), _SEARCH_SLICE)]
         if threads == 1:
-            for j in range(len(present)):
-                count(j)
+            for members in groups:
+                count(members)
         else:
-            # Each instance writes only its own column: numpy releases the GIL in the big
-            # comparisons, so instances run on every core.
+            # Each slice writes only its own columns; numpy releases the GIL in the big comparisons.
             with ThreadPoolExecutor(max_workers=threads) as workers:
-                list(workers.map(count, range(len(present))))
+                list(workers.map(count, groups))
+        degenerate_rows: dict[tuple, np.ndarray] = {}
+        for j, parts in enumerate(present):
+            flat = tuple(bool(parts.flat[k][v]) for k, v in enumerate(choice[:4]))
+            key = (scales[j], flat)
+            if key not in degenerate_rows:
+                degenerate_rows[key] = scaled_weights(all_rows, scales[j])[:, ~np.array(flat)].sum(axis=1) <= 0
+            degenerate = degenerate_rows[key]
+            if degenerate.any():
+                better[degenerate, j] = 0
+                tied[degenerate, j] = parts.candidates - 1
         # Summed instance after instance (a running sum, as a loop adds them; a pairwise sum would
         # round differently and could change which row wins a near tie).
         total = np.cumsum(expected_metrics(better, tied)[metric], axis=1)[:, -1]

@@ -319,13 +319,14 @@ def collect_groups(
     weights: list[float] = []
     # The blend's candidates of many events at once (the batch replay), then each event's features
     # from the ranker's own code, as of the event (walk_candidates advances the state to it).
-    def target_reachable(row: int, scored, _columns, history) -> bool:
+    def target_reachable(row: int, scored, columns, history) -> bool:
         """Without added rows a group exists only when the target is among the candidates: an event
         with `candidates` or more items scored strictly above its target, and not in the second
         look, forms none, and its features (its history text above all) are not worth computing
         (most validation events on a large catalogue)."""
         ranker = replay.ranker
-        return within_reach(scored, scored.item_ids == dataset.item_ids[int(instances.target[row])], config.candidates,
+        # By data set column (the candidates' id strings compared one by one cost ~0.3 ms per event).
+        return within_reach(scored, columns == int(instances.target[row]), config.candidates,
                             lambda: ranker.second_look(history(), ranker.cooccurrence, config.second_look))
 
     for event in replay.first_stage().walk_candidates(instances, params, None if negatives > 0 else target_reachable):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -335,44 +333,19 @@ class ReplayChunk:
             self._memo = self._memos.pop(i, None) or _Memo(i, {}, {}, None, {})
         return self._memo
 
-    def prefetch_semantic(self, params: TimeModelParams, threads: int | None = None) -> None:
+    def prefetch_semantic(self, params: TimeModelParams) -> None:
         """Every instance's semantic component for `params`, one after the other, kept in the
         instances' memos for `candidates`: the same index calls in another order. Each is a pass over
         the catalogue's vectors (15 MB at 10k items); back to back they stay in the CPU cache, while
         between one instance's other components (rows of 10k-wide arrays) they are read from memory
-        again on every call. The user vectors are built here in turn; their passes over the
-        catalogue run on `threads` threads (None: every core), each pass the same single-threaded
-        BLAS product whichever thread runs it (numpy releases the GIL in it)."""
+        again on every call."""
         if params.w_semantic == 0:
             return
-        key = (params.alpha, params.long_term_half_life_days, params.history_max_events)
-        pending: list[tuple[_Memo, np.ndarray, np.ndarray]] = []
         for i in range(len(self)):
             if self.n_hist[i]:
-                rows = self.rows_kept(i)
-                if len(rows):
-                    vector = self._user_vector(i, params)
-                    if vector is not None and key not in self._memo.semantic:
-                        pending.append((self._memo, vector, self.scorer.labels[rows]))
+                self.semantic(i, params)
                 self._memos[i] = self._memo
         self._memo = _Memo()
-        scorer = self.scorer
-
-        def similarities(task: tuple[_Memo, np.ndarray, np.ndarray]) -> None:
-            memo, vector, labels = task
-            semantic = scorer.replay.index.similarities_by_label(vector, labels, scorer.generation)
-            if semantic is None:
-                raise RuntimeError("the replay's index changed while scoring")
-            semantic.flags.writeable = False  # shared by the settings' candidates
-            memo.semantic[key] = semantic
-
-        workers = max(1, min(threads or os.cpu_count() or 1, len(pending)))
-        if workers == 1:
-            for task in pending:
-                similarities(task)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(similarities, pending))
 
     def _user_vector(self, i: int, params: TimeModelParams) -> np.ndarray | None:
         """_UserContext.build's user vector (history non-empty, w_semantic non-zero)."""

@@ -797,8 +797,6 @@ def tune_time_model(
         order = np.argsort(instances.pos, kind="stable")
         walked = instances[order]
         for part, chunk in scorer.chunks(walked, texts.reordered(order)):
-            for v in range(counts[0]):  # each semantic setting's passes over the catalogue, ahead
-                chunk.prefetch_semantic(settings[v])
             for i in range(len(chunk)):
                 rows = chunk.rows_kept(i)
                 target_row = scorer.row_of_column[chunk.instances.target[i]]

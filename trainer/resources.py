@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 import threading
@@ -20,6 +22,21 @@ def current_rss_mb() -> float | None:
         return int(_STATM.read_text().split()[1]) * _PAGE / MB
     except (OSError, IndexError, ValueError):
         return None
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim, every arena); False
+    where there is no such call. Worker threads that allocated large numpy temporaries leave them
+    free in their own malloc arenas, still counted in the process's resident memory until reused."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))
 
 
 def peak_rss_mb() -> float:

@@ -25,6 +25,7 @@ from chronorec.server.core.scoring import COMPONENTS, WEIGHT_NAMES, personal_sca
 from chronorec.server.core.timetext import HistoryEntry
 from chronorec.trainer.batch_replay import ReplayScorer, first_occurrences, within_reach
 from chronorec.trainer.protocols import Dataset, Instances, expected_metrics
+from chronorec.trainer.resources import release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -925,6 +926,8 @@ def tune_time_model(
             trace.append({"round": round_number, "slot": slot, "best": best_value})
         if not improved:
             break
+    if threads > 1:
+        release_free_heap()  # the worker threads' arenas held the slices' temporaries
     # Inert components keep the starting weight: harmless here, and meaningful once they vary.
     best_weights = np.where(inert, base_weights[0], best_weights)
 

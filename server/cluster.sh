@@ -119,6 +119,14 @@ echo "  .venv/bin/chronorec --target $TARGET status"
 echo "  .venv/bin/chronorec --target $TARGET recommend demo-user-001"
 echo "Ctrl-C stops everything."
 # Until Ctrl-C, or until a replica exits by itself (then everything stops).
-wait -n "${PIDS[@]}" || true
-echo "a replica exited by itself; see $DATA_DIR/replica-N.log" >&2
+status=0
+wait -n "${PIDS[@]}" || status=$?
+if [ "$status" -eq 0 ]; then
+  # A replica stops cleanly (status 0) only on a signal: Ctrl-C reached the whole group, and the
+  # replica's exit woke this wait before the shell ran its own INT trap (bash leaves a SIGINT to a
+  # child that handles it).
+  stop_all
+  exit 0
+fi
+echo "a replica exited by itself (status $status); see $DATA_DIR/replica-N.log" >&2
 exit 1

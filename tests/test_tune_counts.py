@@ -1,8 +1,9 @@
-"""The tuning's batched rank counts against its per-instance reference, on components built to tie."""
+"""The tuning's batched rank counts against combine()'s scores counted directly, on components built to tie."""
 
 import numpy as np
 import pytest
 
+from chronorec.server.core.scoring import combine, scaled_weights
 from chronorec.trainer.tune import TuningGrid, _collect, _signs, _WeightProduct
 
 
@@ -19,10 +20,18 @@ def _instances(rng, count):
         target = int(rng.integers(n))
         parts = _collect(blocks, target)
         parts.signs = [_signs(block, parts.target) for block in parts.blocks]
+        kept = (list(parts.blocks), parts.target)  # before folding: what the counts must cover
         if rng.random() < 0.7:
             parts.fold()
-        out.append(parts)
+        out.append((parts, kept))
     return out
+
+
+def _direct_counts(rows, scale, blocks, target):
+    """Per weight row, the candidates combine() scores strictly above the target, and tied with it."""
+    scores = combine(scaled_weights(rows, scale), *blocks)
+    reference = scores[:, target:target + 1]
+    return (scores > reference).sum(axis=1), (scores == reference).sum(axis=1) - 1
 
 
 @pytest.mark.parametrize("alone", [1 << 20, 40])
@@ -38,9 +47,9 @@ def test_rank_counts_many_are_the_per_instance_counts(scale, alone, monkeypatch)
     product = _WeightProduct(rows)
     present = _instances(rng, 60)
     for _ in range(3):
-        choice = [int(rng.integers(len(parts_block))) for parts_block in present[0].blocks]
+        choice = [int(rng.integers(len(parts_block))) for parts_block in present[0][0].blocks]
         inputs, expected, scales = [], [], []
-        for parts in present:
+        for parts, (kept, kept_target) in present:
             mine = scale if scale == 1.0 else scale * float(rng.uniform(0.5, 1.0))
             if product.scale_key(mine) != product.scale_key(scale):
                 continue
@@ -52,7 +61,7 @@ def test_rank_counts_many_are_the_per_instance_counts(scale, alone, monkeypatch)
             blocks = [parts.blocks[k][v] for k, v in enumerate(pick)]
             signs = [parts.signs[k][v] for k, v in enumerate(pick)]
             inputs.append((blocks, signs, parts.target, folded))
-            expected.append(product.rank_counts(blocks, signs, parts.target, mine, folded))
+            expected.append(_direct_counts(rows, mine, [kept[k][v] for k, v in enumerate(pick)], kept_target))
             scales.append(mine)
         assert inputs
         # A small slice bound splits the instances over several passes.
@@ -64,7 +73,7 @@ def test_rank_counts_many_are_the_per_instance_counts(scale, alone, monkeypatch)
 
 def test_rank_counts_many_refuses_scales_it_cannot_share():
     product = _WeightProduct(TuningGrid().weights().astype(np.float32))
-    parts = _instances(np.random.default_rng(1), 1)[0]
+    parts = _instances(np.random.default_rng(1), 1)[0][0]
     one = ([b[0] for b in parts.blocks], [s[0] for s in parts.signs], parts.target, None)
     with pytest.raises(ValueError):
         product.rank_counts_many([one, one], [1.0, 2.0 ** -90])

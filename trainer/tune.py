@@ -462,42 +462,9 @@ class _WeightProduct:
                       for k, v in enumerate(values)).reshape(-1)
         return _HITS[support]
 
-    def rank_counts(self, blocks: Sequence[np.ndarray], signs: Sequence[np.ndarray], target: int,
-                    scale: float, folded: tuple[Sequence[np.ndarray], np.ndarray] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per row, rank_counts(combine(scaled_weights(row, scale), *blocks), target) with the
-        candidates `folded` away (_Components.fold) counted too; `signs` are the blocks' _signs rows."""
-        # scaled_weights multiplies the personal columns by float32(scale) (a no-op at 1).
-        factor = np.array(scale, dtype=np.float32)
-        values = [v * factor if k < 2 and scale != 1.0 else v for k, v in enumerate(self.values)]
-        extra_above = extra_tied = 0
-        if _prunable(scale, self.min_weight):
-            scored, below, above = _sign_determined(signs, target, folded)
-            if below.any() or above.any():
-                # Which components each row weighs (after scaling, should a weight round to 0).
-                same = all(((v != 0) == (u != 0)).all() for v, u in zip(values, self.values))
-                hits = self.hits if same else self._hits(values)
-                extra_above = hits @ above
-                extra_tied = ~hits @ (above + below)
-                blocks = [block[scored] for block in blocks]
-                target = int(np.searchsorted(scored, target))
-        elif folded is not None:
-            raise AssertionError("candidates were folded for a scale the sign argument does not cover")
-        products = [v[:, None] * block for v, block in zip(values, blocks)]
-        n = blocks[0].shape[0]
-        partial = products[0][:, None, :] + products[1][None, :, :]
-        partial = partial[:, :, None, :] + products[2][None, None, :, :]
-        scores = (partial[:, :, :, None, :] + products[3][None, None, None, :, :]).reshape(-1, n)
-        reference = scores[:, target:target + 1]
-        # Summing the comparisons into a small integer type is ~4x faster than bool.sum().
-        count_type = np.uint16 if n < _UINT16_MAX else np.int64
-        better = np.add.reduce(scores > reference, axis=1, dtype=count_type).astype(np.int64) + extra_above
-        tied = np.add.reduce(scores == reference, axis=1, dtype=count_type).astype(np.int64) - 1 + extra_tied
-        return better[self.row_index], tied[self.row_index]
-
     def scale_key(self, scale: float) -> tuple:
-        """What rank_counts does differently at `scale` besides the arithmetic: whether the sign
-        argument holds, and which scaled weight values are zero. Instances with the same key can
+        """What rank_counts_many does differently at `scale` besides the arithmetic: whether the
+        sign argument holds, and which scaled weight values are zero. Instances with the same key can
         share a rank_counts_many call."""
         factor = np.array(scale, dtype=np.float32)
         zero = tuple(bool(x) for k in range(2) for x in (self.values[k] * factor == 0)) if scale != 1.0 else ()
@@ -506,13 +473,18 @@ class _WeightProduct:
     def rank_counts_many(self, instances: Sequence[tuple[Sequence[np.ndarray], Sequence[np.ndarray], int,
                                                          tuple[Sequence[np.ndarray], np.ndarray] | None]],
                          scales: Sequence[float], max_scored: int = _MANY_MAX_SCORED) -> tuple[np.ndarray, np.ndarray]:
-        """(rows × instances) better and tied counts: column j is rank_counts(*instances[j][:3],
-        scales[j], instances[j][3]), the same integers, for instances whose scales share one
-        `scale_key`. The instances' candidates are handled as one concatenation, so each numpy call
-        covers many instances (per instance, its ~20 calls on a few hundred candidates cost more
-        than their arithmetic): the same float32 operations on each candidate (its personal weight
-        values times float32(its scale), then times its components), the comparisons summed per
-        instance."""
+        """(rows × instances) better and tied counts. Instance j is (blocks, signs, target,
+        folded): its kept candidates' four components (one value row each, float32), their _signs
+        rows, the target's column among them, and the (signs, counts) of the candidates
+        `_Components.fold` took out, or None. Column j counts, per weight row scaled by scales[j]
+        (the personal weights times float32(scales[j])), the candidates scored strictly above the
+        target by combine()'s float32 sum and those tied with it, folded candidates included. The
+        instances' scales must share one `scale_key`.
+
+        Candidates the sign argument decides (see the class) are counted by sign pattern; the rest
+        are scored. The instances' candidates are handled as one concatenation, so each numpy call
+        covers many instances (one instance's ~20 calls on a few hundred candidates cost more than
+        their arithmetic), with the same float32 operations on each candidate as combine()."""
         m = len(instances)
         rows = len(self.row_index)
         if not m:
@@ -577,8 +549,8 @@ class _WeightProduct:
                     last += 1
             a, b = int(starts[first]), int(starts[first]) + total
             if scaled:
-                # (value × float32(scale)) × component, per candidate: rank_counts' own two products
-                # (a scale of 1 multiplies by 1.0, which changes nothing).
+                # (value × float32(scale)) × component, per candidate: scaled_weights' product, then
+                # combine()'s (a scale of 1 multiplies by 1.0, which changes nothing).
                 products = [((v[:, None] * factors[None, a:b]) if k < 2 else v[:, None]) * block[a:b]
                             for k, (v, block) in enumerate(zip(self.values, blocks))]
             else:
@@ -650,35 +622,13 @@ def _pattern_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 _UNDECIDED, _LOWER_IN, _HIGHER_IN = _pattern_tables()
 _PATTERNS = 8 ** 4
-# _sign_determined's sums as matrices: (patterns decided below in some components and above in
+# The sign argument's sums as matrices: (patterns decided below in some components and above in
 # none) × (the 16 masks of components), 1 where the pattern is below in exactly that mask; the same
 # for above. Counts of patterns times them give each instance's per-mask counts, as integers.
 _BELOW_PATTERNS = np.flatnonzero(~_UNDECIDED & (_HIGHER_IN == 0))
 _BELOW_MASKS = (_LOWER_IN[_BELOW_PATTERNS][:, None] == np.arange(16)[None, :]).astype(np.int64)
 _ABOVE_PATTERNS = np.flatnonzero(~_UNDECIDED & (_HIGHER_IN != 0))
 _ABOVE_MASKS = (_HIGHER_IN[_ABOVE_PATTERNS][:, None] == np.arange(16)[None, :]).astype(np.int64)
-
-
-def _sign_determined(signs: Sequence[np.ndarray], target: int,
-                     folded: tuple[Sequence[np.ndarray], np.ndarray] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(candidates to score, target included; per 4-bit mask of the components a candidate differs
-    in, how many of the others are below the target under every row weighing one of them, how
-    many above). Any other row finds such a candidate tied: both sums are exactly 0. `folded`:
-    (signs, count) of candidate kinds kept only as signs."""
-    pattern = _pattern(signs)
-    counts = np.bincount(pattern, minlength=8 ** 4)
-    counts[pattern[target]] -= 1
-    if folded is not None and len(folded[1]):
-        counts = counts + np.bincount(_pattern(folded[0]), weights=folded[1], minlength=8 ** 4).astype(np.int64)
-    decided = ~_UNDECIDED
-    below = np.bincount(_LOWER_IN[decided & (_HIGHER_IN == 0)], weights=counts[decided & (_HIGHER_IN == 0)],
-                        minlength=16).astype(np.int64)
-    above = np.bincount(_HIGHER_IN[decided & (_HIGHER_IN != 0)], weights=counts[decided & (_HIGHER_IN != 0)],
-                        minlength=16).astype(np.int64)
-    undecided = _UNDECIDED[pattern]
-    undecided[target] = True
-    return np.flatnonzero(undecided), below, above
 
 
 def _with_values(base: TimeModelParams, **values: float) -> TimeModelParams:

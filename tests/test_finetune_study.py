@@ -149,6 +149,51 @@ def test_train_encoder_measures_through_one_prefix_and_trains_the_whole_module(t
     assert trained.result.evaluations == plain.evaluations
 
 
+def test_a_stored_start_gives_the_same_run_without_the_catalogue_pass(tiny_folder, data, item_texts, tmp_path,
+                                                                     monkeypatch):
+    # The first run writes the catalogue's frozen states and the starting vectors; a second run from
+    # the same starting weights reads them instead of encoding the catalogue, and measures, trains
+    # and validates exactly as the first did. A torn file is computed again and written over.
+    from chronorec.trainer.finetune import encoder_retrieval_metrics, train_encoder
+
+    catalogue = list(item_texts.values())
+    catalogue_passes = []
+    add = FrozenPrefix.add
+
+    def counting(self, module, texts):
+        texts = list(texts)
+        if texts == catalogue and any(t not in self.states for t in texts):
+            catalogue_passes.append(len(texts))
+        return add(self, module, texts)
+
+    monkeypatch.setattr(FrozenPrefix, "add", counting)
+
+    def measure(module, tokenizer, encode):
+        return encoder_retrieval_metrics(module, tokenizer, data.valid[:30], item_texts, max_length=SHORT, encode=encode)
+
+    config = FinetuneConfig(steps=4, batch_size=16, lr=2e-3, eval_every=2, patience=10, max_length=SHORT,
+                            max_valid_queries=40, progress=False, seed=3)
+    stored = tmp_path / "start" / "catalogue.pt"
+
+    def run():
+        return train_encoder(tiny_folder, data.train[:64], data.valid[30:70], item_texts, config, train_layers=1,
+                             measure=measure, start_cache=stored)
+
+    first = run()
+    assert stored.exists() and len(catalogue_passes) == 1
+    second = run()
+    assert len(catalogue_passes) == 1  # read, not computed
+    assert second.measured_before == first.measured_before and second.measured_after == first.measured_after
+    assert second.result.evaluations == first.result.evaluations
+    for mine, theirs in zip(second.module.parameters(), first.module.parameters()):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+    stored.write_bytes(stored.read_bytes()[:100])
+    third = run()
+    assert len(catalogue_passes) == 2 and third.measured_before == first.measured_before
+    assert len(torch.load(stored, weights_only=True)["texts"]) == len(catalogue)  # written over
+
+
 def test_without_the_start_competing_the_best_trained_checkpoint_is_kept(tiny_folder, data, item_texts):
     module, tokenizer = load_base_model(tiny_folder)
     freeze_below(module, 1)

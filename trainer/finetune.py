@@ -277,6 +277,46 @@ class FrozenPrefix:
             module.train(was_training)
         return True
 
+    def store(self, path: Path, texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Write the cached states of `texts` and `vectors` (the module's vectors of them) to `path`,
+        atomically, for `restore` by a later run from the same starting weights."""
+        texts = list(dict.fromkeys(texts))
+        if len(vectors) != len(texts) or any(t not in self.states for t in texts):
+            raise ValueError("store: one vector and one cached state per distinct text")
+        payload = {
+            "frozen": self.frozen, "max_length": self.max_length, "texts": texts,
+            "lengths": torch.tensor([len(self.states[t]) for t in texts], dtype=torch.long),
+            "states": torch.cat([self.states[t] for t in texts]), "vectors": torch.from_numpy(np.asarray(vectors)),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(payload, staging)
+        os.replace(staging, path)
+
+    def restore(self, path: Path, texts: Sequence[str]) -> np.ndarray | None:
+        """The vectors `store` wrote for exactly these `texts` (their states cached again), or None
+        when `path` is missing, unreadable, written for other texts or layers, or over `max_bytes`."""
+        texts = list(dict.fromkeys(texts))
+        try:
+            payload = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # a torn or foreign file: computed again, and written over
+            log.warning("frozen states %s unreadable (%s): computing them", path, exc)
+            return None
+        if (payload.get("frozen") != self.frozen or payload.get("max_length") != self.max_length
+                or payload.get("texts") != texts):
+            log.warning("frozen states %s were written for other texts or layers: computing them", path)
+            return None
+        states = payload["states"]
+        if self.bytes + states.numel() * 4 > self.max_bytes:
+            return None
+        for text, state in zip(texts, torch.split(states, payload["lengths"].tolist())):
+            if text not in self.states:
+                self.states[text] = state
+                self.bytes += state.numel() * 4
+        return payload["vectors"].numpy()
+
     def _top(self, module: SentenceEncoderModule, texts: Sequence[str]) -> torch.Tensor:
         """The module's unit vectors of cached `texts`: its top layers (in its current mode) and pooling."""
         parameter = next(module.parameters())
@@ -803,6 +843,7 @@ def train_encoder(
     keep_initial: bool = False,
     measure: Measure | None = None,
     negatives: Sequence[Sequence[str]] | None = None,
+    start_cache: Path | None = None,
 ) -> TrainedEncoder:
     """Load `init_folder`, freeze all but the top `train_layers` layers and fine-tune: the one path
     `chronorec-train run` and the evaluation's fine-tuned variants both take.
@@ -811,6 +852,9 @@ def train_encoder(
     will train) and on the trained ones, both encoding through one `FrozenPrefix` (the catalogue's
     frozen layers run once for the two measures and every validation between them; None when no
     layer is frozen); `keep_initial` keeps a copy of the starting weights (ablation).
+    `start_cache`: a file for the catalogue's frozen states and the starting weights' vectors of it
+    (`FrozenPrefix.store`), read when an earlier call wrote it, else written: the caller names it
+    by everything they depend on (starting weights, layers trained, max_length, catalogue texts).
     """
     init_folder = Path(init_folder)
     # Before loading: a weight the folder lacks is initialised at random, so seeded a rerun loads the same module.
@@ -825,7 +869,13 @@ def train_encoder(
         # The starting weights' catalogue vectors, once: the measure before training and the
         # validation before the first step both rank the catalogue with them.
         catalogue = list(item_texts.values())
-        start_vectors = encode(catalogue)
+        # (Stored only for a catalogue of distinct texts: one vector per text.)
+        stored = start_cache if start_cache is not None and len(set(catalogue)) == len(catalogue) else None
+        start_vectors = None if stored is None else prefix.restore(stored, catalogue)
+        if start_vectors is None:
+            start_vectors = encode(catalogue)
+            if stored is not None:
+                prefix.store(stored, catalogue, start_vectors)
 
         def encode_before(texts: Sequence[str]) -> np.ndarray:
             texts = list(texts)

@@ -13,7 +13,8 @@ from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.demo import generate_drift_dataset
 from chronorec.server.core.features import (
-    FEATURE_INDEX, FEATURE_NAMES, FeatureInputs, FirstStage, candidate_features, categories_of,
+    FEATURE_INDEX, FEATURE_NAMES, MAX_HISTORY_ITEMS, FeatureInputs, FirstStage, HistoryArrays, candidate_features,
+    categories_of,
 )
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
@@ -132,6 +133,38 @@ def test_features_by_hand():
     # A candidate without a value (no vector, no history text) ranks after every valued one.
     no_text = candidate_features(replace(inputs, short_term=None), first)
     np.testing.assert_array_equal(no_text[:, FEATURE_INDEX["semantic_history_text_rank"]], [0, 0, 0, 0])
+
+
+def test_history_arrays_read_a_history_as_the_per_event_rules_do():
+    # Reference: the rules written over the HistoryEntry list one event at a time. Histories with
+    # repeats, negative feedback and more distinct items than the features read; the data set's
+    # columns (another item coding) give the same arrays.
+    rng = np.random.default_rng(5)
+    actions = [("rating", 1.0), ("rating", 4.5), ("view", None), ("dislike", None), ("skip", None), ("like", None)]
+    catalogue = [f"item{k}" for k in range(400)]
+    for length in (0, 1, 7, 150, 900):
+        picks = rng.integers(0, 400 if length > 150 else 12, length)
+        history = [HistoryEntry(catalogue[c], *actions[a][:1], 1_000.0 + 60.0 * k, actions[a][1])
+                   for k, (c, a) in enumerate(zip(picks.tolist(), rng.integers(0, len(actions), length).tolist()))]
+        newest_first = list(dict.fromkeys(e.item_id for e in reversed(history)))[:MAX_HISTORY_ITEMS]
+        place = {item_id: k for k, item_id in enumerate(newest_first)}
+        positive: dict[str, float] = {}
+        for e in history:
+            if e.item_id in place and action_strength(e.action, e.value) > 0:
+                positive[e.item_id] = positive.get(e.item_id, 0.0) + 1.0
+        newest_positive = [e.item_id for e in reversed(history) if action_strength(e.action, e.value) > 0][:5]
+        for arrays in (HistoryArrays.of(history),
+                       HistoryArrays([e.timestamp for e in history],
+                                     [action_strength(e.action, e.value) for e in history],
+                                     [catalogue.index(e.item_id) for e in history], catalogue)):
+            assert len(arrays) == length
+            assert arrays.times.tolist() == [e.timestamp for e in history]
+            assert arrays.strengths.tolist() == [action_strength(e.action, e.value) for e in history]
+            assert arrays.newest_first == newest_first
+            assert arrays.event_rows.tolist() == [place.get(e.item_id, -1) for e in history]
+            assert list(arrays.positive_counts().items()) == list(positive.items())
+            assert arrays.newest_positive(5) == newest_positive
+        assert length < 900 or len(newest_first) == MAX_HISTORY_ITEMS
 
 
 def test_category_fields():

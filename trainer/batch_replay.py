@@ -10,6 +10,7 @@ import numpy as np
 
 from chronorec.client.rules import SECONDS_PER_DAY
 from chronorec.server.core.catalog_columns import CatalogColumns, CatalogSnapshot
+from chronorec.server.core.features import HistoryArrays
 from chronorec.server.core.manifest import TimeModelParams
 # The ranker's own helpers: the replay must compute with the very expressions the ranker uses.
 from chronorec.server.core.ranking import RecommendQuery, ScoredCandidates, _gather, _half_life_decay, _unit
@@ -142,7 +143,7 @@ class ReplayScorer:
         return out
 
     def walk_candidates(self, instances: Instances, params: TimeModelParams,
-                        wanted: "Callable[[int, ScoredCandidates, np.ndarray, Callable[[], list[HistoryEntry]]], bool] | None" = None
+                        wanted: "Callable[[int, ScoredCandidates, np.ndarray, LazyHistory], bool] | None" = None
                         ) -> Iterator["ReplayedEvent"]:
         """Per instance, in the global order, what `TimeAwareRanker._score` hands the learned ranker
         (its query, the candidates with every component, their catalogue columns, the history), with
@@ -151,8 +152,8 @@ class ReplayScorer:
         (`features_of_scored`, `rerank`).
 
         `wanted(row, candidates, columns, history)`: whether an instance's features will be read
-        (default: all; `columns`: the candidates' dataset columns; `history()` builds the instance's
-        history entries). The
+        (default: all; `columns`: the candidates' dataset columns; `history`: the instance's history,
+        built when read, then handed on with the event). The
         features read the history text whatever the blend's α, so without `wanted` every text is
         encoded in one call first; with it, only the texts of the instances wanted are, one call
         per chunk (on ml-latest-small four in five validation events are not wanted: encoding is
@@ -168,49 +169,82 @@ class ReplayScorer:
         for part, chunk in self.chunks(ordered, texts):
             rows = [int(order[part.start + i]) for i in range(len(chunk))]
             chunk.prefetch_semantic(params)
+            def history(i: int) -> LazyHistory:
+                return LazyHistory(self, chunk.hist_pos[chunk.hist_ptr[i]:chunk.hist_ptr[i + 1]])
+
             if wanted is None:
-                events = ((i, row, chunk.candidates(i, params, components=True)) for i, row in enumerate(rows))
+                events = ((i, row, chunk.candidates(i, params, components=True), history(i))
+                          for i, row in enumerate(rows))
             else:
                 # The chunk's candidates first (they read no state), then its wanted texts in one call.
-                events = [(i, row, scored) for i, row, scored in
-                          ((i, row, chunk.candidates(i, params, components=True)) for i, row in enumerate(rows))
-                          if wanted(row, scored, chunk.columns_kept(i),
-                                    lambda i=i: self.history_entries(chunk.hist_pos[chunk.hist_ptr[i]:chunk.hist_ptr[i + 1]]))]
-                self.replay.cache_vectors([t for t in (chunk.text(i, params) for i, _, _ in events) if t is not None])
-            for i, row, scored in events:
+                events = [(i, row, scored, lazy) for i, row, scored, lazy in
+                          ((i, row, chunk.candidates(i, params, components=True), history(i))
+                           for i, row in enumerate(rows))
+                          if wanted(row, scored, chunk.columns_kept(i), lazy)]
+                self.replay.cache_vectors([t for t in (chunk.text(i, params) for i, _, _, _ in events) if t is not None])
+            for i, row, scored, lazy in events:
                 position = int(chunk.instances.pos[i])
                 replay.advance(position)
                 query = RecommendQuery(user_id=d.user_ids[d.user[position]], k=10, at=float(d.ts[position]),
                                        params=params, exhaustive=True).resolved()
-                yield ReplayedEvent(row, query, scored, self.columns.take(chunk.rows_kept(i)), self,
-                                    chunk.hist_pos[chunk.hist_ptr[i]:chunk.hist_ptr[i + 1]])
+                yield ReplayedEvent(row, query, scored, self.columns.take(chunk.rows_kept(i)), lazy)
 
     def history_entries(self, positions: np.ndarray) -> list[HistoryEntry]:
         """HistoryEntry of the events at global `positions` (as the interaction state holds them)."""
         entries = self._entries
         return [entries[p] for p in np.asarray(positions, dtype=np.int64).tolist()]
 
+    def history_arrays(self, positions: np.ndarray) -> HistoryArrays:
+        """`HistoryArrays.of(self.history_entries(positions))`, read from the data set's columns."""
+        positions = np.asarray(positions, dtype=np.int64)
+        d = self.dataset
+        return HistoryArrays(d.ts[positions], self.strength[positions], d.item[positions], d.item_ids)
+
+
+class LazyHistory:
+    """A replayed instance's history, built when first read: its HistoryEntry list (~1,000 objects
+    for a long history, not needed for an event skipped on its candidates alone) and its arrays."""
+
+    def __init__(self, scorer: "ReplayScorer", positions: np.ndarray):
+        self._scorer = scorer
+        self._positions = positions
+        self._entries: list[HistoryEntry] | None = None
+        self._arrays: HistoryArrays | None = None
+
+    @property
+    def entries(self) -> list[HistoryEntry]:
+        """The user's events before the instance, oldest first."""
+        if self._entries is None:
+            self._entries = self._scorer.history_entries(self._positions)
+        return self._entries
+
+    @property
+    def arrays(self) -> HistoryArrays:
+        """`entries` as the learned ranker's features read them (features.HistoryArrays)."""
+        if self._arrays is None:
+            self._arrays = self._scorer.history_arrays(self._positions)
+        return self._arrays
+
 
 class ReplayedEvent:
     """One replayed instance as the learned ranker sees it (ReplayScorer.walk_candidates)."""
 
     def __init__(self, row: int, query: RecommendQuery, scored: ScoredCandidates, columns: CatalogColumns,
-                 scorer: ReplayScorer, history_positions: np.ndarray):
+                 history: LazyHistory):
         self.row = row  # in the instances walked
         self.query = query
         self.scored = scored
         self.columns = columns  # aligned with `scored`
-        self._scorer = scorer
-        self._positions = history_positions
-        self._history: list[HistoryEntry] | None = None
+        self._history = history
 
     @property
     def history(self) -> list[HistoryEntry]:
-        """The user's events before the instance, oldest first (built when first read: ~1,000 objects
-        for a long history, not needed for an event skipped on its candidates alone)."""
-        if self._history is None:
-            self._history = self._scorer.history_entries(self._positions)
-        return self._history
+        """The user's events before the instance, oldest first (built when first read)."""
+        return self._history.entries
+
+    @property
+    def arrays(self) -> HistoryArrays:
+        return self._history.arrays
 
 
 @dataclass

@@ -327,7 +327,8 @@ def collect_groups(
         ranker = replay.ranker
         # By data set column (the candidates' id strings compared one by one cost ~0.3 ms per event).
         return within_reach(scored, columns == int(instances.target[row]), config.candidates,
-                            lambda: ranker.second_look(history(), ranker.cooccurrence, config.second_look))
+                            lambda: ranker.second_look(history.entries, ranker.cooccurrence, config.second_look,
+                                                       history.arrays))
 
     for event in replay.first_stage().walk_candidates(instances, params, None if negatives > 0 else target_reachable):
         row, scored = event.row, event.scored
@@ -339,7 +340,8 @@ def collect_groups(
             extra = [target] + [dataset.item_ids[int(i)] for i in np.concatenate([uniform, popular])]
         ranker = replay.ranker  # the replay's current one (a walk back in time would replace it)
         found = ranker.features_of_scored(event.query, event.history, scored, event.columns, ranker.cooccurrence,
-                                          extra, candidates=config.candidates, second_look=config.second_look)
+                                          extra, candidates=config.candidates, second_look=config.second_look,
+                                          arrays=event.arrays)
         is_target = found.item_ids == target
         hit = bool((is_target & found.in_candidates).any())
         if not is_target.any():

@@ -275,7 +275,7 @@ class ReplayRanker:
                 second: list[str] = []
 
                 def second_look() -> list[str]:
-                    second.extend(ranker.second_look(history(), ranker.cooccurrence))
+                    second.extend(ranker.second_look(history.entries, ranker.cooccurrence, arrays=history.arrays))
                     return second
 
                 if within_reach(scored, columns == instances.target[row], cut, second_look):
@@ -296,7 +296,8 @@ class ReplayRanker:
             if len(scored.score):
                 # The replay's ranker as of now: walking back in time resets it (a new state and ranker).
                 ranker = replay.ranker
-                scored, _, _ = ranker.rerank(event.history, scored, event.query, event.columns, ranker.cooccurrence)
+                scored, _, _ = ranker.rerank(event.history, scored, event.query, event.columns, ranker.cooccurrence,
+                                             arrays=event.arrays)
             scores[event.row, scorer.column_of_row[event.columns.rows]] = scored.score
         return scores
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import islice
 from typing import Callable, Sequence
 
 import numpy as np
@@ -99,6 +98,66 @@ class FirstStage:
     reference: np.ndarray | None = None
 
 
+class HistoryArrays:
+    """A history as the features and the second look read it, worked out once per request: each
+    event's time and strength (oldest first), and the distinct items newest first (at most
+    MAX_HISTORY_ITEMS) with each event's place among them.
+
+    `codes`: one integer per distinct item (any coding), `ids[code]` its id. `of(history)` codes
+    the items of a list of HistoryEntry; the trainer's replay hands in its data set's columns."""
+
+    def __init__(self, times: np.ndarray, strengths: np.ndarray, codes: np.ndarray, ids: Sequence[str]):
+        self.times = np.asarray(times, dtype=np.float64)
+        self.strengths = np.asarray(strengths, dtype=np.float64)
+        self.codes = np.asarray(codes, dtype=np.int64)
+        self.ids = ids
+        if not len(self.codes):
+            self.newest_first: list[str] = []
+            self.event_rows = np.zeros(0, dtype=np.int64)
+            return
+        # Each item at its newest event: its first place in the reversed history.
+        distinct, first = np.unique(self.codes[::-1], return_index=True)
+        newest = np.argsort(first, kind="stable")[:MAX_HISTORY_ITEMS]
+        self.newest_first = [ids[c] for c in distinct[newest].tolist()]
+        row_of_distinct = np.full(len(distinct), -1, dtype=np.int64)
+        row_of_distinct[newest] = np.arange(len(newest))
+        self.event_rows = row_of_distinct[np.searchsorted(distinct, self.codes)]
+
+    @classmethod
+    def of(cls, history: Sequence[HistoryEntry]) -> "HistoryArrays":
+        code: dict[str, int] = {}
+        codes = np.fromiter((code.setdefault(e.item_id, len(code)) for e in history), dtype=np.int64,
+                            count=len(history))
+        times = np.fromiter((e.timestamp for e in history), dtype=np.float64, count=len(history))
+        strengths = np.fromiter((action_strength(e.action, e.value) for e in history), dtype=np.float64,
+                                count=len(history))
+        return cls(times, strengths, codes, list(code))
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @property
+    def kept(self) -> np.ndarray:
+        """Per event: its item is among `newest_first`."""
+        return self.event_rows >= 0
+
+    def positive_counts(self) -> dict[str, float]:
+        """Per item of `newest_first` with positive events, their number, in the order of each item's
+        first positive event (oldest first)."""
+        events = np.flatnonzero(self.kept & (self.strengths > 0))
+        if not len(events):
+            return {}
+        rows = self.event_rows[events]
+        distinct, first, counts = np.unique(rows, return_index=True, return_counts=True)
+        order = np.argsort(first, kind="stable")
+        return {self.newest_first[r]: float(n) for r, n in zip(distinct[order].tolist(), counts[order].tolist())}
+
+    def newest_positive(self, n: int) -> list[str]:
+        """The items of the newest `n` positive events, newest first (an item once per event)."""
+        events = np.flatnonzero(self.strengths > 0)[::-1][:n]
+        return [self.ids[c] for c in self.codes[events].tolist()]
+
+
 @dataclass(frozen=True)
 class FeatureInputs:
     """Everything the features read about the user and the world as of `at`."""
@@ -111,6 +170,7 @@ class FeatureInputs:
     cooccurrence: CooccurrenceModel | None
     short_term: np.ndarray | None  # the encoded history text (unit vector), None without history
     category_of: Callable[[str], str]  # an item's category field ("" for an unknown item)
+    arrays: HistoryArrays | None = None  # `history` as arrays (None: worked out from it)
 
 
 def _decay(age_seconds: np.ndarray, half_life_seconds: float) -> np.ndarray:
@@ -199,9 +259,8 @@ def _item_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], out
 
 def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], out: np.ndarray) -> None:
     column, at, history = FEATURE_INDEX, inputs.at, inputs.history
-    times = np.fromiter((e.timestamp for e in history), dtype=np.float64, count=len(history))
-    strengths = np.fromiter((action_strength(e.action, e.value) for e in history), dtype=np.float64,
-                            count=len(history))
+    arrays = inputs.arrays if inputs.arrays is not None else HistoryArrays.of(history)
+    times, strengths = arrays.times, arrays.strengths
     ages = at - times
 
     # The user's state.
@@ -215,9 +274,7 @@ def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], 
     out[:, column["user_events_last_day"]] = int((ages <= _DAY).sum())
 
     # History items, newest first, each once (at its newest event), at most MAX_HISTORY_ITEMS.
-    newest_first = list(dict.fromkeys(e.item_id for e in reversed(history)))[:MAX_HISTORY_ITEMS]
-    position = {item_id: k for k, item_id in enumerate(newest_first)}
-    event_rows = np.fromiter((position.get(e.item_id, -1) for e in history), dtype=np.int64, count=len(history))
+    newest_first, event_rows = arrays.newest_first, arrays.event_rows
     kept = event_rows >= 0
 
     # Semantic parts, kept apart: the history text, the decayed mean, the newest items.
@@ -252,8 +309,7 @@ def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], 
         weights = _per_item(event_rows, kept, positive.astype(np.float64), len(newest_first))
         total = weights.sum()
         out[:, column["cooccurrence_all"]] = (weights @ similarity) / total if total > 0 else 0.0
-        recent_events = list(islice((e.item_id for e, good in zip(reversed(history), positive[::-1]) if good),
-                                    TRANSITION_EVENTS))
+        recent_events = arrays.newest_positive(TRANSITION_EVENTS)
         if recent_events:
             transitions = model.transition_block(recent_events, ids)
             out[:, column["transition_last"]] = transitions[0]
@@ -302,6 +358,7 @@ __all__ = [
     "FEATURE_NAMES",
     "FeatureInputs",
     "FirstStage",
+    "HistoryArrays",
     "RANKED_FEATURES",
     "TREND_WINDOWS_S",
     "candidate_features",

@@ -16,7 +16,7 @@ from chronorec.server.core.catalog_columns import CatalogColumns, CatalogSnapsho
 from chronorec.server.core.compute_gate import RECOMMEND_GATE
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.errors import InvalidArgument
-from chronorec.server.core.features import MAX_HISTORY_ITEMS, FeatureInputs, FirstStage, candidate_features
+from chronorec.server.core.features import FeatureInputs, FirstStage, HistoryArrays, candidate_features
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.itemtext import item_text_lookup
@@ -374,30 +374,24 @@ class TimeAwareRanker:
         query = query.resolved()
         history, scored, context = self._score(query, rerank=False, second_look=True)
         return self.features_of_scored(query, history, scored, context.columns, context.cooccurrence_model,
-                                       extra_item_ids, candidates)
+                                       extra_item_ids, candidates, arrays=context.history_arrays)
 
     def second_look(self, history: Sequence[HistoryEntry], cooccurrence: CooccurrenceModel | None,
-                    per_source: int | None = None) -> list[str]:
+                    per_source: int | None = None, arrays: HistoryArrays | None = None) -> list[str]:
         """Items of the user's whole history, however old, that the learned ranker rescores besides
         the blend's best (`per_source` from each source; default: the serving ranker's spec, else
         DEFAULT_SECOND_LOOK; history items may be among them, the filters drop those): the best by
         co-occurrence with every positive history event alike, then the nearest to the
-        strength-weighted mean of the history items' vectors."""
+        strength-weighted mean of the history items' vectors. `arrays`: `history` as arrays, when
+        the caller has them."""
         if per_source is None:
             learned = self.learned_ranker
             per_source = learned.spec.second_look if learned is not None else DEFAULT_SECOND_LOOK
         if not history or per_source <= 0:
             return []
-        newest_first = list(dict.fromkeys(e.item_id for e in reversed(history)))[:MAX_HISTORY_ITEMS]
-        kept = set(newest_first)
-        positive: dict[str, float] = {}
-        strength: dict[str, float] = {}
-        for event in history:
-            if event.item_id in kept:
-                value = action_strength(event.action, event.value)
-                strength[event.item_id] = strength.get(event.item_id, 0.0) + value
-                if value > 0:
-                    positive[event.item_id] = positive.get(event.item_id, 0.0) + 1.0
+        arrays = arrays if arrays is not None else HistoryArrays.of(history)
+        newest_first, kept = arrays.newest_first, arrays.kept
+        positive = arrays.positive_counts()
         found: dict[str, None] = {}
         if cooccurrence is not None and positive:
             scores = cooccurrence.scores(positive)
@@ -410,7 +404,8 @@ class TimeAwareRanker:
                     found[ids[position]] = None
         vectors, present = self.index.vectors_matrix_for(newest_first)
         if present.any():
-            weights = np.fromiter((strength[i] for i in newest_first), dtype=np.float64, count=len(newest_first))
+            # Per item, its events' strengths added oldest first.
+            weights = np.bincount(arrays.event_rows[kept], weights=arrays.strengths[kept], minlength=len(newest_first))
             mean = _unit((weights * present) @ vectors)
             if mean is not None:
                 for item_id, _ in self.index.search(mean.astype(np.float32), per_source):
@@ -444,11 +439,15 @@ class TimeAwareRanker:
     def features_of_scored(self, query: RecommendQuery, history: list[HistoryEntry], scored: ScoredCandidates,
                            columns: CatalogColumns, cooccurrence: CooccurrenceModel | None,
                            extra_item_ids: Sequence[str] = (), candidates: int | None = None,
-                           second_look: int | None = None) -> CandidateFeatures:
+                           second_look: int | None = None, arrays: HistoryArrays | None = None) -> CandidateFeatures:
         """candidate_features of candidates already scored (`columns` aligned with `scored`): the
-        trainer's batch replay scores many logged events at once, then reads each one's features here."""
+        trainer's batch replay scores many logged events at once, then reads each one's features here
+        (`arrays`: `history` as arrays, when it has them)."""
         wanted = candidates or (self.learned_ranker.candidates if self.learned_ranker is not None else DEFAULT_CANDIDATES)
-        pool, pool_ranks = self._ranker_rows(scored, columns, wanted, self.second_look(history, cooccurrence, second_look))
+        if history and arrays is None:
+            arrays = HistoryArrays.of(history)
+        pool, pool_ranks = self._ranker_rows(scored, columns, wanted,
+                                             self.second_look(history, cooccurrence, second_look, arrays))
         chosen = set(pool.tolist())
         extra: list[int] = []
         if len(extra_item_ids):
@@ -460,7 +459,7 @@ class TimeAwareRanker:
         position = np.arange(len(rows))
         in_candidates = position < len(pool)
         best = min(wanted, len(scored.score))  # the blend's best come first in the pool
-        features = candidate_features(self._feature_inputs(history, query, cooccurrence),
+        features = candidate_features(self._feature_inputs(history, query, cooccurrence, arrays),
                                       self._first_stage(scored, columns, rows, ranks, position < best))
         return CandidateFeatures(scored.item_ids[rows], features, scored.score[rows], in_candidates,
                                  in_candidates & (position >= best))
@@ -480,13 +479,14 @@ class TimeAwareRanker:
     # -------------------------------------------------------- learned ranker
 
     def _feature_inputs(self, history: list[HistoryEntry], query: RecommendQuery,
-                        cooccurrence: CooccurrenceModel | None) -> FeatureInputs:
+                        cooccurrence: CooccurrenceModel | None, arrays: HistoryArrays | None = None) -> FeatureInputs:
         short_term = None
         if history:
             # The history text is read whatever the blend's α: the ranker weighs it on its own.
             short_term, _ = self._short_term_vector(history, query)
         return FeatureInputs(at=query.at, history=history, params=query.params, index=self.index, state=self.state,
-                             cooccurrence=cooccurrence, short_term=short_term, category_of=self._category)
+                             cooccurrence=cooccurrence, short_term=short_term, category_of=self._category,
+                             arrays=arrays)
 
     @staticmethod
     def _first_stage(scored: ScoredCandidates, columns: CatalogColumns, rows: np.ndarray, ranks: np.ndarray,
@@ -500,19 +500,21 @@ class TimeAwareRanker:
 
     def rerank(self, history: list[HistoryEntry], scored: ScoredCandidates, query: RecommendQuery,
                columns: CatalogColumns, cooccurrence: CooccurrenceModel | None,
-               second_look: Sequence[str] | None = None,
+               second_look: Sequence[str] | None = None, arrays: HistoryArrays | None = None,
                ) -> tuple[ScoredCandidates, np.ndarray, np.ndarray]:
         """The blend's best `candidates` and the second look's candidates (`second_look`; None: worked
         out here) reordered by the learned ranker, all above the rest, which keep the blend's order;
         with the rows rescored and their features. The trainer's batch replay calls it on
-        candidates it scored itself (`columns` aligned with `scored`)."""
+        candidates it scored itself (`columns` aligned with `scored`; `arrays`: `history` as arrays)."""
         learned = self.learned_ranker
         n = len(scored.score)
+        if history and arrays is None:
+            arrays = HistoryArrays.of(history)
         if second_look is None:
-            second_look = self.second_look(history, cooccurrence)
+            second_look = self.second_look(history, cooccurrence, arrays=arrays)
         top, ranks = self._ranker_rows(scored, columns, learned.candidates, second_look)
         best = np.arange(len(top)) < min(learned.candidates, n)
-        features = candidate_features(self._feature_inputs(history, query, cooccurrence),
+        features = candidate_features(self._feature_inputs(history, query, cooccurrence, arrays),
                                       self._first_stage(scored, columns, top, ranks, best))
         learned_scores = learned.predict(features)
         score = np.asarray(scored.score, dtype=np.float64).copy()
@@ -546,8 +548,10 @@ class TimeAwareRanker:
             raise InvalidArgument("at must be a finite time")
         history = self.history_for(query)
         context = _UserContext.build(self, history, query)
-        if (rerank and self.learned_ranker is not None) or second_look:
-            context.second_look = self.second_look(history, context.cooccurrence_model)
+        if ((rerank and self.learned_ranker is not None) or second_look) and history:
+            context.history_arrays = HistoryArrays.of(history)
+            context.second_look = self.second_look(history, context.cooccurrence_model,
+                                                   arrays=context.history_arrays)
         banned = set(query.exclude)
         if not query.allow_repeats:
             banned.update(e.item_id for e in history)
@@ -564,7 +568,8 @@ class TimeAwareRanker:
         scored = self._components(columns, query, context)
         if rerank and self.learned_ranker is not None and len(scored.score):
             scored, context.learned_rows, context.learned_features = self.rerank(
-                history, scored, query, context.columns, context.cooccurrence_model, context.second_look)
+                history, scored, query, context.columns, context.cooccurrence_model, context.second_look,
+                context.history_arrays)
         return history, scored, context
 
     def _components(self, columns: CatalogColumns, query: RecommendQuery, context: "_UserContext") -> ScoredCandidates:
@@ -849,6 +854,8 @@ class _UserContext:
         self.learned_features: np.ndarray | None = None
         # The learned ranker's second look at the whole history (TimeAwareRanker.second_look).
         self.second_look: list[str] = []
+        # The history as arrays (features.HistoryArrays), when the learned ranker reads it.
+        self.history_arrays: HistoryArrays | None = None
 
     @classmethod
     def build(cls, ranker: TimeAwareRanker, history: list[HistoryEntry], query: RecommendQuery) -> "_UserContext":

@@ -135,7 +135,7 @@ class RunSettings:
         False, group=FINETUNE, help="with --steps, sample the whole training window instead of the newest "
                                     "steps x batch examples")
     seed: int = setting(0, group=FINETUNE, help="seed of the sampling, the initialisation and the tuning sample")
-    patience: int = setting(3, group=FINETUNE, help="validations without gain before an early stop")
+    patience: int = setting(2, group=FINETUNE, help="validations without gain before an early stop")
     eval_every: int | None = setting(None, group=FINETUNE, help="steps between validations (none: 5 per run)")
     device: str = setting("auto", group=FINETUNE, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     threads: int | None = setting(

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import hashlib
 import json
 import logging
@@ -69,6 +70,7 @@ from chronorec.trainer.protocols import (
     Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, batch_rank_counts, exclusion_mask, expected_metrics,
     rank_counts, summarize,
 )
+from chronorec.trainer.resources import release_free_heap
 from chronorec.trainer.tune import ReplayRanker, RankerReplay, TuningGrid, build_index, fit_cooccurrence, tune_time_model
 
 log = logging.getLogger(__name__)
@@ -374,6 +376,10 @@ class SplitContext:
         tuning are the base encoder's, not computed again."""
         if "finetuned" not in self.bundles:
             version_dir, info = self._finetune()
+            # The run's tensors (the catalogue's frozen states above all, ~10k small ones) leave
+            # their memory free in the C heap, resident for the rest of the evaluation otherwise.
+            gc.collect()
+            release_free_heap()
             if kept_base_weights(info):
                 base = self.untuned()
                 self.settings.say(f"{self.split.protocol}: fine-tuning kept the base weights (no checkpoint improved "

@@ -169,6 +169,7 @@ class ReplayScorer:
         for part, chunk in self.chunks(ordered, texts):
             rows = [int(order[part.start + i]) for i in range(len(chunk))]
             chunk.prefetch_semantic(params)
+
             def history(i: int) -> LazyHistory:
                 return LazyHistory(self, chunk.hist_pos[chunk.hist_ptr[i]:chunk.hist_ptr[i + 1]])
 
@@ -244,6 +245,7 @@ class ReplayedEvent:
 
     @property
     def arrays(self) -> HistoryArrays:
+        """The history as the learned ranker's features read it (built when first read)."""
         return self._history.arrays
 
 

@@ -260,13 +260,27 @@ def _sign_in(driver, base: str, token: str) -> None:
 
 
 def _wait(condition, timeout: float = 60.0):
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except (StaleElementReferenceException, NoSuchElementException):
+            # The page re-rendered (the Status page refreshes itself) between finding an element and
+            # reading it: look again.
+            value = None
         if value:
             return value
         time.sleep(0.1)
     raise AssertionError("timed out waiting for the page")
+
+
+def _text(driver, element_id: str) -> str:
+    """An element's text on a page that may re-render while it is read."""
+    from selenium.webdriver.common.by import By
+
+    return _wait(lambda: (driver.find_element(By.ID, element_id).text,))[0]
 
 
 def _top_categories(driver) -> list[str]:
@@ -296,10 +310,10 @@ def test_in_a_browser(dashboard_server, browser, demo):
     driver = browser
     base = f"http://127.0.0.1:{dashboard_server.dashboard.port}"
     _sign_in(driver, base, READ_TOKEN)
-    assert driver.find_element(By.ID, "serving-version").text == dashboard_server.engine.serving_version()
+    assert _text(driver, "serving-version") == dashboard_server.engine.serving_version()
     driver.save_screenshot(str(SCREENSHOTS / "status.png"))
     # The Status page refreshes itself: a catalog change shows without navigating.
-    before = driver.find_element(By.ID, "catalog-items").text
+    before = _text(driver, "catalog-items")
     dashboard_server.engine.upsert_items([Item(item_id="refresh-probe", title="Published next year",
                                                published_at=ANCHOR + 365 * DAY)])
     _wait(lambda: driver.find_element(By.ID, "catalog-items").text != before, timeout=20)

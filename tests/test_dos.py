@@ -462,9 +462,16 @@ def test_encoder_queue_bound_names_its_flag(start_server, tiny_repo, tmp_path):
     items = [common_pb2.Item(item_id=f"busy-{i}", title=f"busy item {i}", text=text) for i, text in enumerate(_busy_texts())]
     upsert = server.catalog.UpsertItems.future(catalog_pb2.UpsertItemsRequest(items=items), timeout=120)
     _wait_until(lambda: server.engine.status().encoder_queue_depth > 0)
-    with pytest.raises(grpc.RpcError) as info:
-        server.encoder.Encode(encoder_pb2.EncodeRequest(texts=["a", "b", "c"]), timeout=30)
-    _refused(info.value, "--encoder-max-queue")
+    # Between two batches the worker has taken one and the upsert not yet fed the next: a call
+    # landing there fits. While the upsert runs, a call finds the queue full within a few tries.
+    refused = None
+    while refused is None and not upsert.done():
+        try:
+            server.encoder.Encode(encoder_pb2.EncodeRequest(texts=["a", "b", "c"]), timeout=30)
+        except grpc.RpcError as error:
+            refused = error
+    assert refused is not None, "every Encode call fitted in the queue while the upsert ran"
+    _refused(refused, "--encoder-max-queue")
     assert upsert.result().upserted == BUSY_TEXTS
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 import threading
@@ -24,19 +25,25 @@ def current_rss_mb() -> float | None:
         return None
 
 
-def release_free_heap() -> bool:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim, every arena); False
-    where there is no such call. Worker threads that allocated large numpy temporaries leave them
-    free in their own malloc arenas, still counted in the process's resident memory until reused."""
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once; None where the C library has none."""
     name = ctypes.util.find_library("c")
     try:
         trim = ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
-        trim = None
-    if trim is None:
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(trim(0))
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim, every arena); False
+    where there is no such call. Worker threads that allocated large numpy temporaries leave them
+    free in their own malloc arenas, still counted in the process's resident memory until reused."""
+    trim = _malloc_trim()
+    return trim is not None and bool(trim(0))
 
 
 def peak_rss_mb() -> float:

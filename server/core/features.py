@@ -274,8 +274,7 @@ def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], 
     out[:, column["user_events_last_day"]] = int((ages <= _DAY).sum())
 
     # History items, newest first, each once (at its newest event), at most MAX_HISTORY_ITEMS.
-    newest_first, event_rows = arrays.newest_first, arrays.event_rows
-    kept = event_rows >= 0
+    newest_first, event_rows, kept = arrays.newest_first, arrays.event_rows, arrays.kept
 
     # Semantic parts, kept apart: the history text, the decayed mean, the newest items.
     candidates, present = inputs.index.vectors_matrix_for(ids)

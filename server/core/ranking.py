@@ -24,7 +24,7 @@ from chronorec.server.core.learned_ranker import DEFAULT_CANDIDATES, DEFAULT_SEC
 from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.scoring import combine, personal_scale, score_weights
 from chronorec.server.core.short_term_cache import DEFAULT_MAX_BYTES, ShortTermCache, encoder_char_budget, text_key
-from chronorec.server.core.timetext import HistoryEntry, action_strength, history_text
+from chronorec.server.core.timetext import HistoryEntry, history_text
 
 REASONS_PER_ITEM = 3
 
@@ -549,7 +549,6 @@ class TimeAwareRanker:
         history = self.history_for(query)
         context = _UserContext.build(self, history, query)
         if ((rerank and self.learned_ranker is not None) or second_look) and history:
-            context.history_arrays = HistoryArrays.of(history)
             context.second_look = self.second_look(history, context.cooccurrence_model,
                                                    arrays=context.history_arrays)
         banned = set(query.exclude)
@@ -854,7 +853,8 @@ class _UserContext:
         self.learned_features: np.ndarray | None = None
         # The learned ranker's second look at the whole history (TimeAwareRanker.second_look).
         self.second_look: list[str] = []
-        # The history as arrays (features.HistoryArrays), when the learned ranker reads it.
+        # The history as arrays (features.HistoryArrays; None without history): the blend's
+        # decays read its times and strengths, the learned ranker the rest.
         self.history_arrays: HistoryArrays | None = None
 
     @classmethod
@@ -865,14 +865,15 @@ class _UserContext:
         if not history:
             return context
         params, at = query.params, query.at
-        ages = at - np.fromiter((e.timestamp for e in history), dtype=np.float64, count=len(history))
+        context.history_arrays = HistoryArrays.of(history)
+        ages = at - context.history_arrays.times
         context.personal_scale = personal_scale(float(ages.min()), params.personal_half_life_days)
         context.w_cooccurrence = params.w_cooccurrence * context.personal_scale
         # Both decayed sums are used only up to scale (co-occurrence is normalised by its peak,
         # the long-term mean to unit length), so ages are taken relative to the newest event:
         # same result, and no underflow to all-zero weights when `at` is years after the history.
         ages = ages - ages.min()
-        strengths = np.fromiter((action_strength(e.action, e.value) for e in history), dtype=np.float64, count=len(history))
+        strengths = context.history_arrays.strengths
         item_ids = [e.item_id for e in history]
         context.unique_items = list(dict.fromkeys(reversed(item_ids)))  # newest first
         context.recent_items = context.unique_items[: ranker.recent_items_for_neighbours]

@@ -348,6 +348,13 @@ def test_ease_dual_form_gives_the_primal_scores():
     keep = ~exclusion_mask(split.instances) | (np.arange(d.n_items) == split.instances.target[:, None])
     assert np.allclose(a[keep], b[keep])
     assert (b[:, 12:] == 0).all() and (a[:, 12:] == 0).all()
+    # Only the items with a training event are solved for; the solve over every item (zero rows
+    # and columns for the others) is the same model.
+    assert primal.columns.tolist() == sorted(set(d.item[split.train].tolist())) and len(primal.columns) < 14
+    x = d.interaction_matrix(split.train)
+    whole = baselines.ease_weights(x.T @ x, 3.0, dtype=np.float64)
+    h = split.instances.history_matrix(binary=True)
+    np.testing.assert_allclose(a, h @ whole, rtol=1e-5, atol=1e-5)
     tuned = baselines.tune_ease(split.tuning_task(), lambdas=(1.0, 3.0), solver="dual")
     assert tuned.params["at_grid_edge"] is True
 

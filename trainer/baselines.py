@@ -228,10 +228,11 @@ class EASE:
         k = np.array(user_gram, dtype=self.dtype)
         k[np.diag_indices_from(k)] += self.lam
         self.users_x = np.asarray(x.todense(), dtype=self.dtype)
-        self.k_x = _widened(linalg.cho_solve(linalg.cho_factor(k, overwrite_a=True), self.users_x), columns, n_items)
+        k_x = linalg.cho_solve(linalg.cho_factor(k, overwrite_a=True), self.users_x)
         # 1 for the others: their score h - (h - 0) / 1 is 0.
         self.denominator = np.ones(n_items, dtype=self.dtype)
-        self.denominator[columns] = 1.0 - np.einsum("ui,ui->i", self.users_x, self.k_x[:, columns])
+        self.denominator[columns] = 1.0 - np.einsum("ui,ui->i", self.users_x, k_x)
+        self.k_x = _widened(k_x, columns, n_items)
         self.weights = None
         self.columns = columns
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
@@ -111,17 +111,30 @@ class HistoryArrays:
         self.strengths = np.asarray(strengths, dtype=np.float64)
         self.codes = np.asarray(codes, dtype=np.int64)
         self.ids = ids
+
+    @cached_property
+    def _distinct(self) -> tuple[list[str], np.ndarray]:
+        """(newest_first, event_rows), worked out when first read: a blend without a learned ranker
+        reads only the times and strengths."""
         if not len(self.codes):
-            self.newest_first: list[str] = []
-            self.event_rows = np.zeros(0, dtype=np.int64)
-            return
+            return [], np.zeros(0, dtype=np.int64)
         # Each item at its newest event: its first place in the reversed history.
         distinct, first = np.unique(self.codes[::-1], return_index=True)
         newest = np.argsort(first, kind="stable")[:MAX_HISTORY_ITEMS]
-        self.newest_first = [ids[c] for c in distinct[newest].tolist()]
         row_of_distinct = np.full(len(distinct), -1, dtype=np.int64)
         row_of_distinct[newest] = np.arange(len(newest))
-        self.event_rows = row_of_distinct[np.searchsorted(distinct, self.codes)]
+        return ([self.ids[c] for c in distinct[newest].tolist()],
+                row_of_distinct[np.searchsorted(distinct, self.codes)])
+
+    @property
+    def newest_first(self) -> list[str]:
+        """The distinct items, newest first, at most MAX_HISTORY_ITEMS."""
+        return self._distinct[0]
+
+    @property
+    def event_rows(self) -> np.ndarray:
+        """Per event: its item's place in `newest_first`, -1 when not among them."""
+        return self._distinct[1]
 
     @classmethod
     def of(cls, history: Sequence[HistoryEntry]) -> "HistoryArrays":

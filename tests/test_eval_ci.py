@@ -23,6 +23,7 @@ from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker
 from chronorec.trainer import chronorec_methods as cm
 from chronorec.trainer import evaluate, report
 from chronorec.trainer.data import TargetPositions, build_examples, event_log_from
+from chronorec.trainer.forked import can_fork
 from chronorec.trainer.protocols import Dataset, bootstrap_ci, temporal_split
 from chronorec.trainer.tune import ReplayRanker
 
@@ -480,3 +481,34 @@ def test_tuning_and_sweeps_are_the_same_with_the_batch_replay(drift, chronorec, 
         sweeps.append(ranker.sweep_results)
     assert sweeps[0] == sweeps[1]
 
+
+
+@pytest.mark.skipif(not can_fork(), reason="the forked replay runs where fork is the platform's way")
+def test_tuning_replayed_in_two_processes_is_the_same(drift, chronorec, monkeypatch, caplog):
+    """The tuning replay's later chunks run in a forked process: the same choice, value and trace as
+    one process; and a child that would need the encoder hands its part back to the parent."""
+    from chronorec.trainer import tune
+    from chronorec.trainer.batch_replay import HistoryTexts, ReplayScorer
+    from chronorec.trainer.tune import RankerReplay, TuningGrid, tune_time_model
+
+    monkeypatch.setattr(tune, "CHUNK_INSTANCES", 32)  # several chunks on a small tuning window
+    ctx = chronorec.context(temporal_split(drift))
+    bundle = ctx.untuned()
+    base = TimeModelParams(history_max_events=20)
+
+    def tuned(workers: int):
+        replay = RankerReplay(drift, ctx.items, ctx.tuning.train, bundle.encode, item_vectors=bundle.item_vectors)
+        return tune_time_model(replay, ctx.tuning.instances, base, TuningGrid(), max_instances=120,
+                               replay_workers=workers)
+
+    one, two = tuned(1), tuned(2)
+    assert (one.params, one.value, one.default_value, one.trace) == (two.params, two.value, two.default_value, two.trace)
+    # Texts left to be encoded when reached: the child refuses to encode, the parent replays its
+    # chunks, and the result is one process's under the same rule.
+    monkeypatch.setattr(ReplayScorer, "prime", lambda self, instances, params: HistoryTexts(
+        params.history_max_events, self.texts(instances, params)))
+    lazy = tuned(1)
+    with caplog.at_level("WARNING", logger=tune.__name__):
+        fallback = tuned(2)
+    assert "second process failed (EncoderNeeded" in caplog.text
+    assert (fallback.params, fallback.value, fallback.trace) == (lazy.params, lazy.value, lazy.trace)

@@ -24,6 +24,7 @@ from chronorec.server.core.manifest import Manifest, ManifestError, TimeModelPar
 from chronorec.server.core.ranking import RecommendQuery, TimeAwareRanker
 from chronorec.server.core.timetext import HistoryEntry, action_strength
 from chronorec.trainer import ranker_train as rt
+from chronorec.trainer.forked import can_fork
 from chronorec.trainer.protocols import Dataset, temporal_split
 from chronorec.trainer.tune import ReplayRanker, fit_cooccurrence
 
@@ -534,3 +535,81 @@ def test_the_replays_item_index_is_the_same_graph_on_every_build():
     first, second = build_index(ids, vectors), build_index(ids, vectors)
     for query in vectors[:50] + 0.1 * rng.standard_normal((50, 16)).astype(np.float32):
         assert first.search(query, 20, ef=20) == second.search(query, 20, ef=20)
+
+
+def _same_groups(a: "rt.Groups", b: "rt.Groups") -> None:
+    for name in ("features", "labels", "sizes", "blend", "in_candidates", "gap_seconds", "reachable", "positions",
+                 "weights", "second_look"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.instances == b.instances
+
+
+def _planned_slices(drift, encode):
+    split = temporal_split(drift)
+    training, validation = rt.temporal_slices(split, training_slices=2)
+    items = {i.item_id: i for i in drift.items}
+    config = rt.RankerTrainingConfig(candidates=40, negatives=4, max_groups_per_slice=120, max_valid_groups=40)
+    params = TimeModelParams(history_max_events=10)
+
+    def planned(s, **options):
+        make = lambda: rt._Collection(drift, items, encode, None, params, s, config, say=lambda _m: None,  # noqa: E731
+                                      index=None, cooccurrence=None, gap_sampling=True, **options)
+        return rt._Planned(make, forkable=options["negatives"] > 0, events=len(s.targets))
+
+    return ([planned(s, max_groups=120, negatives=4, seed=k + 1) for k, s in enumerate(training)]
+            + [planned(validation, max_groups=40, negatives=0, seed=0)])
+
+
+@pytest.mark.skipif(not can_fork(), reason="the forked feature logging runs where fork is the platform's way")
+def test_training_windows_logged_in_a_forked_process_give_the_same_groups(drift):
+    """The training windows' walks run in a second process (their texts encoded here first): every
+    array is the one a single process logs."""
+    planned = _planned_slices(drift, hashed_encoder)
+    alone = rt._walk_all(planned, workers=1)
+    forked = rt._walk_all(planned, workers=2)
+    assert len(alone) == len(forked) == 3 and all(len(g.sizes) for g in alone)
+    for a, b in zip(alone, forked):
+        _same_groups(a, b)
+
+
+@pytest.mark.skipif(not can_fork(), reason="the forked feature logging runs where fork is the platform's way")
+def test_a_forked_walk_that_needs_the_encoder_is_done_here(drift, monkeypatch, caplog):
+    """A child that meets a text its parent did not encode cannot use the parent's encoder: it says
+    so, and the parent logs those windows itself, with the same groups."""
+    planned = _planned_slices(drift, hashed_encoder)
+    alone = rt._walk_all(planned, workers=1)
+    monkeypatch.setattr(rt._Collection, "encode_texts", lambda self: None)
+    with caplog.at_level("WARNING", logger=rt.__name__):
+        forked = rt._walk_all(planned, workers=2)
+    assert "failed (EncoderNeeded" in caplog.text
+    for a, b in zip(alone, forked):
+        _same_groups(a, b)
+
+
+@pytest.mark.skipif(not can_fork(), reason="reads /proc")
+def test_the_resource_meter_counts_a_forked_workers_own_memory():
+    """A forked worker's pages are memory the work holds: the meter's peak adds them to this
+    process's resident set."""
+    import multiprocessing
+
+    from chronorec.trainer.resources import ResourceMeter
+
+    def hold(ready, done):
+        block = np.ones(150 * 2**20 // 8)  # 150 MB written: the child's own pages
+        ready.set()
+        done.wait(10)
+        del block
+
+    context = multiprocessing.get_context("fork")
+    ready, done = context.Event(), context.Event()
+    with ResourceMeter(interval=0.01) as meter:
+        child = context.Process(target=hold, args=(ready, done))
+        child.start()
+        assert ready.wait(10)
+        import time
+
+        time.sleep(0.5)
+        done.set()
+        child.join(10)
+    assert meter.peak_mb is not None and meter.rss_before_mb is not None
+    assert meter.peak_mb - meter.rss_before_mb > 120 and not meter.peak_exact

@@ -112,6 +112,9 @@ class EvalSettings:
     sweep_max_item_scores: int | None = 2_000_000
     seed: int = 0
     blas_threads: int | None = 1  # BLAS threads during the replay (its mat-vecs are tiny); None: leave as is
+    # Processes for the replays' pure-Python stretches (the blend's tuning replay, the ranker's
+    # training windows): None, up to two by the CPUs; 1, this process only. The same results either way.
+    replay_workers: int | None = None
     ranker_candidates: int = 200  # the blend's best the learned ranker rescores
     ranker_second_look: int = 50  # ... and this many items of each whole-history source (0: none)
     ranker_slices: int = 2  # earlier training windows the ranker learns from (temporal; loo uses one)
@@ -417,7 +420,8 @@ class SplitContext:
                                           negatives=s.ranker_negatives,
                                           max_groups_per_slice=s.ranker_groups_per_slice,
                                           max_valid_groups=s.ranker_valid_groups,
-                                          max_item_scores_per_slice=s.ranker_max_item_scores, seed=s.seed)
+                                          max_item_scores_per_slice=s.ranker_max_item_scores,
+                                          collect_workers=s.replay_workers, seed=s.seed)
             s.say(f"{self.split.protocol}: training the learned ranker over the {bundle.name} encoder "
                   f"({len(training)} training windows, validation: {self.tuning.name})")
             def fitted(feature_slice):
@@ -593,7 +597,8 @@ class SplitContext:
                   f"({min(len(self.tuning.instances), s.tune_max_instances or 10**12)} instances)")
             with blas_threads(s.blas_threads):
                 self.tunings[key] = tune_time_model(replay, self.tuning.instances, base, grid,
-                                                    max_instances=s.tune_max_instances, seed=s.seed)
+                                                    max_instances=s.tune_max_instances, seed=s.seed,
+                                                    replay_workers=s.replay_workers)
         return self.tunings[key]
 
 

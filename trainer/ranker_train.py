@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -24,6 +26,7 @@ from chronorec.trainer.protocols import (
     GAP_EDGES_S, GAP_LABELS, Dataset, Instances, LooSplit, Split, TemporalSplit, bootstrap_ci, expected_metrics,
     temporal_split,
 )
+from chronorec.trainer.forked import Forked, refuse_to_encode, workers_for
 from chronorec.trainer.tune import Encode, RankerReplay, fit_cooccurrence
 
 log = logging.getLogger(__name__)
@@ -163,6 +166,9 @@ class RankerTrainingConfig:
     route_min_events: int = 30
     max_valid_returning_groups: int = 1500
     threads: int | None = None
+    # Processes logging the training windows' features (walks in Python, one core each): None, up to
+    # two by the CPUs; 1, all in this process. The groups are the same either way.
+    collect_workers: int | None = None
     seed: int = 0
 
 
@@ -184,6 +190,20 @@ class Groups:
 
     def group_weights(self) -> np.ndarray:
         return np.ones(len(self.sizes)) if self.weights is None else self.weights
+
+    _ARRAYS = ("features", "labels", "sizes", "blend", "in_candidates", "gap_seconds", "reachable", "positions",
+               "weights", "second_look")
+
+    def save(self, path) -> None:
+        """Every array as stored (uncompressed .npz; an absent optional array is left out)."""
+        arrays = {name: getattr(self, name) for name in self._ARRAYS if getattr(self, name) is not None}
+        np.savez(path, instances=np.int64(self.instances), **arrays)
+
+    @classmethod
+    def load(cls, path) -> "Groups":
+        with np.load(path) as stored:
+            arrays = {name: stored[name] if name in stored.files else None for name in cls._ARRAYS}
+            return cls(**arrays, instances=int(stored["instances"]))
 
     def second_look_rows(self) -> np.ndarray:
         return np.zeros(len(self.labels), dtype=bool) if self.second_look is None else self.second_look
@@ -291,84 +311,123 @@ def collect_groups(
     window with more events than `max_groups` (`negatives` > 0) is sampled by gap (`sample_by_gap`,
     its groups weighted) unless `gap_sampling` is off; a validation window uniformly.
     """
-    started = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    targets = np.asarray(feature_slice.targets, dtype=np.int64)
-    # Only events with history are ranked from it; a cold start has nothing personal to learn.
-    targets = targets[dataset.rank_in_user[targets] > 0]
-    target_weights = None
-    if max_groups is not None and len(targets) > max_groups:
-        if negatives > 0 and gap_sampling:
-            targets, target_weights = sample_by_gap(dataset, targets, max_groups, rng)
-        else:
-            targets = _uniform_draw(targets, max_groups, rng)
-    if not len(targets):
-        return Groups.empty()
-    weight_of = None if target_weights is None else dict(zip(targets.tolist(), target_weights.tolist()))
-    item_ids = [i for i in dataset.item_ids if i in items]
-    if cooccurrence is None:
-        cooccurrence = fit_cooccurrence(dataset, feature_slice.fit, item_ids)
-    replay = RankerReplay(dataset, items, feature_slice.fit, encode, item_vectors=item_vectors,
-                          cooccurrence=cooccurrence, index=index)
-    instances = Instances(dataset, targets)
-    # Negatives: half uniform over the catalogue, half by popularity in the fit events.
-    popularity = np.bincount(dataset.item[feature_slice.fit], minlength=dataset.n_items).astype(np.float64) + 1.0
-    popularity /= popularity.sum()
-    features, labels, sizes, blend, in_candidates, gaps, reachable, positions = [], [], [], [], [], [], [], []
-    second_look: list[np.ndarray] = []
-    weights: list[float] = []
-    # The blend's candidates of many events at once (the batch replay), then each event's features
-    # from the ranker's own code, as of the event (walk_candidates advances the state to it).
-    def target_reachable(row: int, scored, columns, history) -> bool:
-        """Without added rows a group exists only when the target is among the candidates: an event
-        with `candidates` or more items scored strictly above its target, and not in the second
-        look, forms none, and its features (its history text above all) are not worth computing
-        (most validation events on a large catalogue)."""
-        ranker = replay.ranker
-        # By data set column (the candidates' id strings compared one by one cost ~0.3 ms per event).
-        return within_reach(scored, columns == int(instances.target[row]), config.candidates,
-                            lambda: ranker.second_look(history.entries, ranker.cooccurrence, config.second_look,
-                                                       history.arrays))
+    return _Collection(dataset, items, encode, item_vectors, params, feature_slice, config, max_groups=max_groups,
+                       negatives=negatives, seed=seed, say=say, index=index, cooccurrence=cooccurrence,
+                       gap_sampling=gap_sampling).groups()
 
-    for event in replay.first_stage().walk_candidates(instances, params, None if negatives > 0 else target_reachable):
-        row, scored = event.row, event.scored
-        target = dataset.item_ids[int(instances.target[row])]
-        extra: list[str] = []
-        if negatives > 0:
-            uniform = rng.integers(0, dataset.n_items, negatives - negatives // 2)
-            popular = rng.choice(dataset.n_items, negatives // 2, p=popularity)
-            extra = [target] + [dataset.item_ids[int(i)] for i in np.concatenate([uniform, popular])]
-        ranker = replay.ranker  # the replay's current one (a walk back in time would replace it)
-        found = ranker.features_of_scored(event.query, event.history, scored, event.columns, ranker.cooccurrence,
-                                          extra, candidates=config.candidates, second_look=config.second_look,
-                                          arrays=event.arrays)
-        is_target = found.item_ids == target
-        hit = bool((is_target & found.in_candidates).any())
-        if not is_target.any():
-            continue  # the server would not return it: nothing to learn about ranking it
-        features.append(found.features)
-        labels.append(is_target.astype(np.float64))
-        sizes.append(len(found.item_ids))
-        blend.append(found.blend_score)
-        in_candidates.append(found.in_candidates)
-        second_look.append(found.second_look)
-        gaps.append(replay.gap_seconds(int(instances.pos[row])))
-        reachable.append(hit)
-        positions.append(int(instances.pos[row]))
-        if weight_of is not None:
-            weights.append(weight_of[int(instances.pos[row])])
-    groups = Groups(
-        np.concatenate(features) if features else np.zeros((0, len(FEATURE_NAMES)), np.float32),
-        np.concatenate(labels) if labels else np.zeros(0), np.asarray(sizes, dtype=np.int64),
-        np.concatenate(blend) if blend else np.zeros(0), np.concatenate(in_candidates) if in_candidates else np.zeros(0, bool),
-        np.asarray(gaps, dtype=np.float64), np.asarray(reachable, dtype=bool), np.asarray(positions, dtype=np.int64),
-        len(targets), None if weight_of is None else np.asarray(weights, dtype=np.float64),
-        np.concatenate(second_look) if second_look else np.zeros(0, bool),
-    )
-    say(f"{feature_slice.name}: {len(groups.sizes)} groups of {len(targets)} events ({int(groups.reachable.sum())} "
-        f"with the target among the blend's top {config.candidates}), {len(groups.labels)} rows in "
-        f"{time.perf_counter() - started:.0f} s")
-    return groups
+
+class _Collection:
+    """One slice's logging (collect_groups), set up first and walked later: the set-up (targets drawn,
+    replay built, history texts encoded) can run in one process and the walk in a forked one, with
+    the same generator state and the same vectors, so the groups are the same to the last bit."""
+
+    def __init__(self, dataset: Dataset, items: Mapping[str, Item], encode: Encode, item_vectors: np.ndarray | None,
+                 params: TimeModelParams, feature_slice: FeatureSlice, config: RankerTrainingConfig, *,
+                 max_groups: int | None, negatives: int, seed: int, say: Callable[[str], None],
+                 index: ItemIndex | None, cooccurrence: CooccurrenceModel | None, gap_sampling: bool):
+        self.started = time.perf_counter()
+        self.dataset, self.params, self.config, self.say = dataset, params, config, say
+        self.name, self.negatives = feature_slice.name, negatives
+        self.rng = rng = np.random.default_rng(seed)
+        targets = np.asarray(feature_slice.targets, dtype=np.int64)
+        # Only events with history are ranked from it; a cold start has nothing personal to learn.
+        targets = targets[dataset.rank_in_user[targets] > 0]
+        target_weights = None
+        if max_groups is not None and len(targets) > max_groups:
+            if negatives > 0 and gap_sampling:
+                targets, target_weights = sample_by_gap(dataset, targets, max_groups, rng)
+            else:
+                targets = _uniform_draw(targets, max_groups, rng)
+        self.targets = targets
+        self.replay: RankerReplay | None = None
+        if not len(targets):
+            return
+        self.weight_of = None if target_weights is None else dict(zip(targets.tolist(), target_weights.tolist()))
+        item_ids = [i for i in dataset.item_ids if i in items]
+        if cooccurrence is None:
+            cooccurrence = fit_cooccurrence(dataset, feature_slice.fit, item_ids)
+        self.replay = RankerReplay(dataset, items, feature_slice.fit, encode, item_vectors=item_vectors,
+                                   cooccurrence=cooccurrence, index=index)
+        self.instances = Instances(dataset, targets)
+        # Negatives: half uniform over the catalogue, half by popularity in the fit events.
+        popularity = np.bincount(dataset.item[feature_slice.fit], minlength=dataset.n_items).astype(np.float64) + 1.0
+        self.popularity = popularity / popularity.sum()
+
+    @property
+    def forkable(self) -> bool:
+        """Whether the walk reads only history texts `encode_texts` encodes: a training slice's
+        (every text is read); a validation slice encodes only its reachable events' texts, found
+        during the walk."""
+        return self.negatives > 0
+
+    def encode_texts(self) -> None:
+        """Encode every history text the walk reads, in the one call the walk would make."""
+        if self.replay is not None and self.forkable:
+            order = np.argsort(self.instances.pos, kind="stable")
+            self.replay.first_stage().prime(self.instances[order], self.params)
+
+    def groups(self) -> Groups:
+        if self.replay is None:
+            return Groups.empty()
+        dataset, instances, config, replay, rng = self.dataset, self.instances, self.config, self.replay, self.rng
+        negatives, popularity, weight_of = self.negatives, self.popularity, self.weight_of
+        features, labels, sizes, blend, in_candidates, gaps, reachable, positions = [], [], [], [], [], [], [], []
+        second_look: list[np.ndarray] = []
+        weights: list[float] = []
+        # The blend's candidates of many events at once (the batch replay), then each event's features
+        # from the ranker's own code, as of the event (walk_candidates advances the state to it).
+        def target_reachable(row: int, scored, columns, history) -> bool:
+            """Without added rows a group exists only when the target is among the candidates: an event
+            with `candidates` or more items scored strictly above its target, and not in the second
+            look, forms none, and its features (its history text above all) are not worth computing
+            (most validation events on a large catalogue)."""
+            ranker = replay.ranker
+            # By data set column (the candidates' id strings compared one by one cost ~0.3 ms per event).
+            return within_reach(scored, columns == int(instances.target[row]), config.candidates,
+                                lambda: ranker.second_look(history.entries, ranker.cooccurrence, config.second_look,
+                                                           history.arrays))
+
+        for event in replay.first_stage().walk_candidates(instances, self.params,
+                                                          None if negatives > 0 else target_reachable):
+            row, scored = event.row, event.scored
+            target = dataset.item_ids[int(instances.target[row])]
+            extra: list[str] = []
+            if negatives > 0:
+                uniform = rng.integers(0, dataset.n_items, negatives - negatives // 2)
+                popular = rng.choice(dataset.n_items, negatives // 2, p=popularity)
+                extra = [target] + [dataset.item_ids[int(i)] for i in np.concatenate([uniform, popular])]
+            ranker = replay.ranker  # the replay's current one (a walk back in time would replace it)
+            found = ranker.features_of_scored(event.query, event.history, scored, event.columns, ranker.cooccurrence,
+                                              extra, candidates=config.candidates, second_look=config.second_look,
+                                              arrays=event.arrays)
+            is_target = found.item_ids == target
+            hit = bool((is_target & found.in_candidates).any())
+            if not is_target.any():
+                continue  # the server would not return it: nothing to learn about ranking it
+            features.append(found.features)
+            labels.append(is_target.astype(np.float64))
+            sizes.append(len(found.item_ids))
+            blend.append(found.blend_score)
+            in_candidates.append(found.in_candidates)
+            second_look.append(found.second_look)
+            gaps.append(replay.gap_seconds(int(instances.pos[row])))
+            reachable.append(hit)
+            positions.append(int(instances.pos[row]))
+            if weight_of is not None:
+                weights.append(weight_of[int(instances.pos[row])])
+        groups = Groups(
+            np.concatenate(features) if features else np.zeros((0, len(FEATURE_NAMES)), np.float32),
+            np.concatenate(labels) if labels else np.zeros(0), np.asarray(sizes, dtype=np.int64),
+            np.concatenate(blend) if blend else np.zeros(0),
+            np.concatenate(in_candidates) if in_candidates else np.zeros(0, bool),
+            np.asarray(gaps, dtype=np.float64), np.asarray(reachable, dtype=bool), np.asarray(positions, dtype=np.int64),
+            len(self.targets), None if weight_of is None else np.asarray(weights, dtype=np.float64),
+            np.concatenate(second_look) if second_look else np.zeros(0, bool),
+        )
+        self.say(f"{self.name}: {len(groups.sizes)} groups of {len(self.targets)} events "
+                 f"({int(groups.reachable.sum())} with the target among the blend's top {config.candidates}), "
+                 f"{len(groups.labels)} rows in {time.perf_counter() - self.started:.0f} s")
+        return groups
 
 
 # ------------------------------------------------------------------------------ fitting
@@ -650,13 +709,18 @@ def train_ranker(
         # whose target is among the candidates (a fifth of them on ml-latest-small), and early
         # stopping needs its groups.
         per_slice = min(per_slice, max(1, config.max_item_scores_per_slice // max(1, dataset.n_items)))
-    parts = [collect_groups(dataset, items, encode, item_vectors, params, s, config,
-                            max_groups=per_slice, negatives=config.negatives,
-                            seed=config.seed + 1 + k, say=say, index=index, cooccurrence=fitted(s))
-             for k, s in enumerate(training)]
-    valid = collect_groups(dataset, items, encode, item_vectors, params, validation, config,
-                           max_groups=config.max_valid_groups, negatives=0, seed=config.seed, say=say, index=index,
-                           cooccurrence=fitted(validation))
+    def collection(feature_slice: FeatureSlice, **options: Any) -> _Collection:
+        return _Collection(dataset, items, encode, item_vectors, params, feature_slice, config, say=say, index=index,
+                           cooccurrence=fitted(feature_slice), gap_sampling=True, **options)
+
+    planned = [_Planned(functools.partial(collection, s, max_groups=per_slice, negatives=config.negatives,
+                                          seed=config.seed + 1 + k), forkable=config.negatives > 0,
+                        events=min(len(s.targets), per_slice))
+               for k, s in enumerate(training)]
+    planned.append(_Planned(functools.partial(collection, validation, max_groups=config.max_valid_groups,
+                                              negatives=0, seed=config.seed),
+                            forkable=False, events=min(len(validation.targets), config.max_valid_groups)))
+    *parts, valid = _walk_all(planned, config.collect_workers, say)
     returning = None
     if config.route_features and config.max_valid_returning_groups > 0:
         targets = np.asarray(validation.targets, dtype=np.int64)
@@ -669,13 +733,79 @@ def train_ranker(
             cap = config.max_valid_returning_groups
             if config.max_item_scores_per_slice is not None:
                 cap = min(cap, max(1, config.max_item_scores_per_slice // max(1, dataset.n_items)))
-            returning = collect_groups(dataset, items, encode, item_vectors, params,
-                                       FeatureSlice("validation-returning", validation.fit, more), config,
-                                       max_groups=cap, negatives=0, seed=config.seed, say=say, index=index,
-                                       cooccurrence=fitted(validation))
+            returning = collection(FeatureSlice("validation-returning", validation.fit, more), max_groups=cap,
+                                   negatives=0, seed=config.seed).groups()
     train = Groups.concatenate(parts)
     parts.clear()  # the windows' own rows: a second copy of every training row during the fit
     return fit_ranker(train, valid, config, say, returning=returning)
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A slice's logging to come: `make()` sets it up (targets drawn, replay built)."""
+
+    make: Callable[[], "_Collection"]
+    forkable: bool  # a training slice (_Collection.forkable)
+    events: int  # about how many events it logs (the work shared between processes)
+
+
+def _walk_all(planned: Sequence[_Planned], workers: int | None,
+              say: Callable[[str], None] = lambda _m: None) -> list[Groups]:
+    """Each planned slice's groups, in order. With two or more `workers` (None: up to two, by the
+    CPUs) and fork available, some training slices' walks (pure Python, one core each) run in a
+    forked process while this one walks the others: their history texts are encoded here first, by
+    the encoder this process holds (an encoder's threads do not survive a fork), so the child only
+    reads vectors. The child sends its groups back; should it fail (a text it would have to encode,
+    a crash), its slices are set up and walked again here: the groups are the same either way.
+    Slices are set up when walked, so only those handed to the child are held at once."""
+    forkable = [k for k, p in enumerate(planned) if p.forkable and p.events > 0]
+    if workers_for(workers) < 2 or not forkable:
+        return [p.make().groups() for p in planned]
+    # Share the work: the child takes training slices, largest first, while its load is at most this
+    # process's (a validation event costs about half a training one: most are out of reach and log
+    # nothing; encoding a training event's text here, a quarter).
+    load = {True: 0.0, False: sum(0.5 * p.events for p in planned if not p.forkable)}
+    in_child: list[int] = []
+    for k in sorted(forkable, key=lambda k: -planned[k].events):
+        to_child = load[True] <= load[False]
+        load[to_child] += planned[k].events
+        if to_child:
+            in_child.append(k)
+            load[False] += 0.25 * planned[k].events  # its texts, encoded here
+    handed = [_encoded(planned[k].make()) for k in sorted(in_child)]
+    out: dict[int, Groups] = {}
+    with Forked(functools.partial(_walk_in_child, handed), name="ranker-features") as child:
+        handed.clear()  # the child holds its own copy: this process lets the set-up slices go
+        for k, p in enumerate(planned):
+            if k not in in_child:
+                out[k] = p.make().groups()
+        failure = child.wait()
+        if failure is None:
+            out.update((k, Groups.load(child.folder / f"{n}.npz")) for n, k in enumerate(sorted(in_child)))
+    if failure is not None:
+        log.warning("logging %s in a second process failed (%s): logging them here",
+                    ", ".join(f"slice {k}" for k in sorted(in_child)), failure)
+        for k in sorted(in_child):
+            out[k] = planned[k].make().groups()
+    return [out[k] for k in range(len(planned))]
+
+
+def _encoded(collection: _Collection) -> _Collection:
+    collection.encode_texts()
+    return collection
+
+
+def _walk_in_child(collections: list[_Collection], folder: Path) -> None:
+    """The forked process's work: walk `collections` without an encoder, each one's groups saved to
+    `folder` as soon as logged (not held, nor pickled through a pipe)."""
+    for n in range(len(collections)):
+        collection = collections.pop(0)
+        if collection.replay is not None:
+            collection.replay.encode = refuse_to_encode
+        groups = collection.groups()
+        del collection
+        groups.save(folder / f"{n}.npz")
+        del groups
 
 
 def _sampled_targets(dataset: Dataset, targets: np.ndarray, max_groups: int | None, seed: int) -> np.ndarray:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -23,7 +26,8 @@ from chronorec.server.core.ranking import (
 )
 from chronorec.server.core.scoring import COMPONENTS, WEIGHT_NAMES, personal_scale, scaled_weights, weights_of
 from chronorec.server.core.timetext import HistoryEntry
-from chronorec.trainer.batch_replay import ReplayScorer, first_occurrences, within_reach
+from chronorec.trainer.batch_replay import CHUNK_INSTANCES, ReplayScorer, first_occurrences, within_reach
+from chronorec.trainer.forked import Forked, refuse_to_encode, workers_for
 from chronorec.trainer.protocols import Dataset, Instances, expected_metrics
 from chronorec.trainer.resources import release_free_heap
 
@@ -657,6 +661,37 @@ def _collect(blocks: list[np.ndarray], target: int) -> _Components:
     return _Components([b[:, keep] for b in blocks], flat, int(np.count_nonzero(keep[:target])), int(above.sum()), n)
 
 
+def _components_beside(components: Callable[[int, int], list], n: int, replay: "RankerReplay",
+                       workers: int | None) -> list:
+    """`components(0, n)`, the instances split at a chunk boundary between this process and a forked
+    one when `workers` allow: the replay's chunks are independent of each other (each reads the data
+    set as of its instances, no state advanced), so each half computes exactly what one pass would.
+    The history texts are encoded already (`prime`); a child that needs the encoder fails, and its
+    half is then computed here."""
+    starts = list(range(0, n, CHUNK_INSTANCES))
+    if workers_for(workers) < 2 or len(starts) < 2:
+        return components(0, n)
+    # The chunk boundary that shares the instances most evenly (this process takes the first part).
+    split = min(starts[1:], key=lambda s: max(s, n - s))
+    with Forked(functools.partial(_components_in_child, components, split, n, replay), name="tune-replay") as child:
+        collected = components(0, split)
+        failure = child.wait()
+        if failure is None:
+            with open(child.folder / "components.pkl", "rb") as stored:
+                collected += pickle.load(stored)
+    if failure is not None:
+        log.warning("the tuning replay's second process failed (%s): replaying its part here", failure)
+        collected += components(split, n)
+    return collected
+
+
+def _components_in_child(components: Callable[[int, int], list], begin: int, end: int, replay: "RankerReplay",
+                         folder: Path) -> None:
+    replay.encode = refuse_to_encode
+    with open(folder / "components.pkl", "wb") as stored:
+        pickle.dump(components(begin, end), stored, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def tune_time_model(
     replay: RankerReplay,
     instances: Instances,
@@ -668,6 +703,7 @@ def tune_time_model(
     rounds: int = 2,
     seed: int = 0,
     search_threads: int | None = None,
+    replay_workers: int | None = None,
 ) -> TuningResult:
     """Choose α, the half-lives, the trend window and the score weights that maximise `metric` on `instances`.
 
@@ -677,7 +713,9 @@ def tune_time_model(
     searched exhaustively with numpy for each value of one parameter at a time (coordinate
     ascent over `rounds` rounds), never calling the ranker again: the instances are counted in
     slices of up to _SEARCH_SLICE (`_WeightProduct.rank_counts_many`), `search_threads` slices at
-    once (None: every core; the counts are integers, the same whatever the threads).
+    once (None: every core; the counts are integers, the same whatever the threads). The replay's
+    later chunks run in a forked process when `replay_workers` (None: up to two by the CPUs) allow
+    (`_components_beside`): the same components either way.
     """
     grid = grid or TuningGrid()
     started = time.perf_counter()
@@ -720,14 +758,14 @@ def tune_time_model(
     # The smallest nonzero weight any tried row can have: _prunable's bound.
     min_weight = min(_min_positive(grid.weights()), _min_positive(weights_of(base)))
 
-    def keep(parts: _Components) -> None:
+    def kept(parts: _Components) -> _Components:
         if cutoff is not None and parts.always_above >= cutoff:
             parts.blocks = []
         else:
             parts.signs = [_signs(block, parts.target) for block in parts.blocks]
             if all(_prunable(personal_scale(parts.gap_seconds, h), min_weight) for h in personal_values):
                 parts.fold()
-        collected.append(parts)
+        return parts
     scorer = replay.scorer()
     if scorer is None:
         replay.prime(instances, collecting)
@@ -741,26 +779,34 @@ def tune_time_model(
             blocks = [np.stack([getattr(scored[v], name) for v in range(count)]) for name, count in zip(COMPONENTS, counts)]
             parts = _collect([b.astype(np.float32) for b in blocks], int(hits[0]))
             parts.gap_seconds = replay.gap_seconds(int(instances.pos[row]))
-            keep(parts)
+            collected.append(kept(parts))
     else:
         # The same components from the batch form of the ranker, each computed only for the passes
         # that read it, in the walk's order (the search below sums the instances in that order).
         texts = scorer.prime(instances, collecting)
         order = np.argsort(instances.pos, kind="stable")
-        walked = instances[order]
-        for part, chunk in scorer.chunks(walked, texts.reordered(order)):
-            for i in range(len(chunk)):
-                rows = chunk.rows_kept(i)
-                target_row = scorer.row_of_column[chunk.instances.target[i]]
-                hit = int(np.searchsorted(rows, target_row))
-                if target_row < 0 or hit >= len(rows) or rows[hit] != target_row:
-                    collected.append(None)
-                    continue
-                blocks = [np.stack([getattr(chunk, name)(i, settings[v]) for v in range(count)])
-                          for name, count in zip(COMPONENTS, counts)]
-                parts = _collect(blocks, hit)
-                parts.gap_seconds = replay.gap_seconds(int(chunk.instances.pos[i]))
-                keep(parts)
+        walked, walked_texts = instances[order], texts.reordered(order)
+
+        def components(begin: int, end: int) -> list[_Components | None]:
+            """The kept components of walked instances [begin, end) (begin: a chunk's first)."""
+            out: list[_Components | None] = []
+            for _part, chunk in scorer.chunks(walked[begin:end], walked_texts.part(slice(begin, end)),
+                                              size=CHUNK_INSTANCES):
+                for i in range(len(chunk)):
+                    rows = chunk.rows_kept(i)
+                    target_row = scorer.row_of_column[chunk.instances.target[i]]
+                    hit = int(np.searchsorted(rows, target_row))
+                    if target_row < 0 or hit >= len(rows) or rows[hit] != target_row:
+                        out.append(None)
+                        continue
+                    blocks = [np.stack([getattr(chunk, name)(i, settings[v]) for v in range(count)])
+                              for name, count in zip(COMPONENTS, counts)]
+                    parts = _collect(blocks, hit)
+                    parts.gap_seconds = replay.gap_seconds(int(chunk.instances.pos[i]))
+                    out.append(kept(parts))
+            return out
+
+        collected = _components_beside(components, len(walked), replay, replay_workers)
     collect_seconds = time.perf_counter() - started
 
     # A component flat in every instance (freshness on a catalog without publication times) cannot

@@ -31,7 +31,9 @@ def refuse_to_encode(texts: list[str]) -> np.ndarray:
 
 def can_fork() -> bool:
     """Fork only where it is the platform's own way (Linux): macOS's system libraries are not fork-safe."""
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+    # A daemonic process (a multiprocessing worker) may not start children.
+    return (sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+            and not multiprocessing.current_process().daemon)
 
 
 def workers_for(workers: int | None) -> int:
@@ -70,6 +72,9 @@ class Forked:
         gc.freeze()
         try:
             self._child.start()
+        except (OSError, AssertionError) as error:  # out of processes or memory: the caller does the work
+            self._child = None
+            self._status = f"the process did not start ({type(error).__name__}: {error})"
         finally:
             gc.unfreeze()
         send.close()
@@ -77,12 +82,12 @@ class Forked:
         return self
 
     def wait(self) -> str | None:
-        if self._status is None:
+        if self._status is None and self._child is not None:
             try:
                 self._status = self._receive.recv()
-            except EOFError:
-                self._status = f"it exited with code {self._child.exitcode}" if not self._child.is_alive() \
-                    else "it closed its pipe without an answer"
+            except EOFError:  # it died before answering
+                self._child.join(timeout=30)
+                self._status = f"it exited with code {self._child.exitcode} without an answer"
             self._close()
         return None if self._status == "ok" else self._status
 
@@ -97,7 +102,7 @@ class Forked:
                 self._child.join()
 
     def __exit__(self, *exc) -> None:
-        if self._child is not None and self._child.is_alive() and self._status is None:
+        if self._child is not None and self._status is None and self._child.is_alive():
             self._child.kill()  # the block failed: nobody will read the child's results
         self._close()
         self._folder.cleanup()

@@ -772,7 +772,10 @@ def _walk_all(planned: Sequence[_Planned], workers: int | None,
         if to_child:
             in_child.append(k)
             load[False] += 0.25 * planned[k].events  # its texts, encoded here
+    started = time.perf_counter()
     handed = [_encoded(planned[k].make()) for k in sorted(in_child)]
+    say(f"{', '.join(c.name for c in handed)}: logged in a second process (set up and their texts encoded here "
+        f"in {time.perf_counter() - started:.0f} s)")
     out: dict[int, Groups] = {}
     with Forked(functools.partial(_walk_in_child, handed), name="ranker-features") as child:
         handed.clear()  # the child holds its own copy: this process lets the set-up slices go

@@ -4,7 +4,6 @@ with this process's data as it is, and hands its results back through files."""
 from __future__ import annotations
 
 import gc
-import logging
 import multiprocessing
 import os
 import sys
@@ -15,8 +14,6 @@ from typing import Callable
 import numpy as np
 
 from chronorec.trainer.resources import release_free_heap
-
-log = logging.getLogger(__name__)
 
 
 class EncoderNeeded(RuntimeError):

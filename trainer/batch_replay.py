@@ -143,8 +143,8 @@ class ReplayScorer:
         return out
 
     def walk_candidates(self, instances: Instances, params: TimeModelParams,
-                        wanted: "Callable[[int, ScoredCandidates, np.ndarray, LazyHistory], bool] | None" = None
-                        ) -> Iterator["ReplayedEvent"]:
+                        wanted: "Callable[[int, ScoredCandidates, np.ndarray, LazyHistory], bool] | None" = None,
+                        primed: "HistoryTexts | None" = None) -> Iterator["ReplayedEvent"]:
         """Per instance, in the global order, what `TimeAwareRanker._score` hands the learned ranker
         (its query, the candidates with every component, their catalogue columns, the history), with
         the replay's interaction state advanced to the instance; without the per-event scoring. The
@@ -157,11 +157,14 @@ class ReplayScorer:
         features read the history text whatever the blend's α, so without `wanted` every text is
         encoded in one call first; with it, only the texts of the instances wanted are, one call
         per chunk (on ml-latest-small four in five validation events are not wanted: encoding is
-        most of the cost of logging an event)."""
+        most of the cost of logging an event). `primed`: what `prime` gave for the instances in
+        global order (their texts already encoded), so they are not written again."""
         replay, d = self.replay, self.dataset
         order = np.argsort(instances.pos, kind="stable")
         ordered = instances[order]
-        if wanted is None or (params.alpha > 0 and params.w_semantic > 0):
+        if primed is not None:
+            texts = primed
+        elif wanted is None or (params.alpha > 0 and params.w_semantic > 0):
             # Every text, in one call (also when the blend itself reads them all).
             texts = self.prime(ordered, params)
         else:

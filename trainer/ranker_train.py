@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -21,7 +21,7 @@ from chronorec.server.core.learned_ranker import (
     DEFAULT_CANDIDATES, DEFAULT_SECOND_LOOK, GapRoute, LearnedRanker, RankerSpec,
 )
 from chronorec.server.core.manifest import TimeModelParams
-from chronorec.trainer.batch_replay import within_reach
+from chronorec.trainer.batch_replay import HistoryTexts, within_reach
 from chronorec.trainer.protocols import (
     GAP_EDGES_S, GAP_LABELS, Dataset, Instances, LooSplit, Split, TemporalSplit, bootstrap_ci, expected_metrics,
     temporal_split,
@@ -191,19 +191,17 @@ class Groups:
     def group_weights(self) -> np.ndarray:
         return np.ones(len(self.sizes)) if self.weights is None else self.weights
 
-    _ARRAYS = ("features", "labels", "sizes", "blend", "in_candidates", "gap_seconds", "reachable", "positions",
-               "weights", "second_look")
-
     def save(self, path) -> None:
-        """Every array as stored (uncompressed .npz; an absent optional array is left out)."""
-        arrays = {name: getattr(self, name) for name in self._ARRAYS if getattr(self, name) is not None}
-        np.savez(path, instances=np.int64(self.instances), **arrays)
+        """Every field as stored (uncompressed .npz; an absent optional array is left out)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        np.savez(path, **{name: value for name, value in values.items() if value is not None})
 
     @classmethod
     def load(cls, path) -> "Groups":
         with np.load(path) as stored:
-            arrays = {name: stored[name] if name in stored.files else None for name in cls._ARRAYS}
-            return cls(**arrays, instances=int(stored["instances"]))
+            values = {f.name: stored[f.name] if f.name in stored.files else None for f in fields(cls)}
+        values["instances"] = int(values["instances"])
+        return cls(**values)
 
     def second_look_rows(self) -> np.ndarray:
         return np.zeros(len(self.labels), dtype=bool) if self.second_look is None else self.second_look
@@ -340,6 +338,7 @@ class _Collection:
                 targets = _uniform_draw(targets, max_groups, rng)
         self.targets = targets
         self.replay: RankerReplay | None = None
+        self.primed: HistoryTexts | None = None  # the walk's history texts, when encode_texts wrote them
         if not len(targets):
             return
         self.weight_of = None if target_weights is None else dict(zip(targets.tolist(), target_weights.tolist()))
@@ -361,10 +360,11 @@ class _Collection:
         return self.negatives > 0
 
     def encode_texts(self) -> None:
-        """Encode every history text the walk reads, in the one call the walk would make."""
+        """Encode every history text the walk reads, in the one call the walk would make; the walk
+        then reads these texts rather than writing them again."""
         if self.replay is not None and self.forkable:
             order = np.argsort(self.instances.pos, kind="stable")
-            self.replay.first_stage().prime(self.instances[order], self.params)
+            self.primed = self.replay.first_stage().prime(self.instances[order], self.params)
 
     def groups(self) -> Groups:
         if self.replay is None:
@@ -388,7 +388,7 @@ class _Collection:
                                                            history.arrays))
 
         for event in replay.first_stage().walk_candidates(instances, self.params,
-                                                          None if negatives > 0 else target_reachable):
+                                                          None if negatives > 0 else target_reachable, self.primed):
             row, scored = event.row, event.scored
             target = dataset.item_ids[int(instances.target[row])]
             extra: list[str] = []
@@ -772,8 +772,9 @@ def _walk_all(planned: Sequence[_Planned], workers: int | None,
         if to_child:
             in_child.append(k)
             load[False] += 0.25 * planned[k].events  # its texts, encoded here
+    in_child.sort()  # walked in the planned order
     started = time.perf_counter()
-    handed = [_encoded(planned[k].make()) for k in sorted(in_child)]
+    handed = [_encoded(planned[k].make()) for k in in_child]
     say(f"{', '.join(c.name for c in handed)}: logged in a second process (set up and their texts encoded here "
         f"in {time.perf_counter() - started:.0f} s)")
     out: dict[int, Groups] = {}
@@ -784,11 +785,11 @@ def _walk_all(planned: Sequence[_Planned], workers: int | None,
                 out[k] = p.make().groups()
         failure = child.wait()
         if failure is None:
-            out.update((k, Groups.load(child.folder / f"{n}.npz")) for n, k in enumerate(sorted(in_child)))
+            out.update((k, Groups.load(child.folder / f"{n}.npz")) for n, k in enumerate(in_child))
     if failure is not None:
         log.warning("logging %s in a second process failed (%s): logging them here",
-                    ", ".join(f"slice {k}" for k in sorted(in_child)), failure)
-        for k in sorted(in_child):
+                    ", ".join(f"slice {k}" for k in in_child), failure)
+        for k in in_child:
             out[k] = planned[k].make().groups()
     return [out[k] for k in range(len(planned))]
 

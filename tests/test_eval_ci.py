@@ -512,3 +512,48 @@ def test_tuning_replayed_in_two_processes_is_the_same(drift, chronorec, monkeypa
         fallback = tuned(2)
     assert "second process failed (EncoderNeeded" in caplog.text
     assert (fallback.params, fallback.value, fallback.trace) == (lazy.params, lazy.value, lazy.trace)
+
+
+@pytest.mark.skipif(not can_fork(), reason="the forked test scoring runs where fork is the platform's way")
+def test_test_scoring_and_sweeps_in_two_processes_are_the_same(drift, chronorec, monkeypatch, caplog):
+    """The blend's later test chunks are scored in a forked process, and the sweeps' later settings:
+    the same counts as one process (here on a shuffled test window). A child that meets a text its
+    parent did not encode hands its part back, and the counts are still one process's."""
+    from chronorec.trainer import batch_replay, forked
+    from chronorec.trainer.batch_replay import HistoryTexts, ReplayScorer
+    from chronorec.trainer.protocols import score_instances
+
+    monkeypatch.setattr(batch_replay, "CHUNK_INSTANCES", 32)  # several chunks on a small test window
+    split = _evaluated_temporal_split(chronorec, drift)
+    task = split.test_task()
+    shuffled = task.instances[np.random.default_rng(3).permutation(len(task.instances))]
+    assert len(shuffled) > 2 * batch_replay.CHUNK_INSTANCES
+    ctx = chronorec.context(split)
+    # A blend that reads the history text: its texts are encoded before the fork.
+    params = TimeModelParams(history_max_events=20, alpha=0.5, w_semantic=1.0)
+    forks: list[str] = []
+    split_here = cm.beside
+    monkeypatch.setattr(cm, "beside", lambda *a, **k: forks.append(k["name"]) or split_here(*a, **k))
+
+    def counted(workers: int):
+        ranker = cm.ChronorecRanker(ctx, ctx.untuned(), params, {}, sweeps=cm.SWEEPS)
+        ranker.settings = replace(ranker.settings, replay_workers=workers)
+        ranker.fit(task.train, task.dataset)
+        return score_instances(ranker, shuffled), ranker.sweep_results
+
+    (one, one_sweeps), (two, two_sweeps) = counted(1), counted(2)
+    assert forks == ["sweeps", "test scoring"]  # only with two workers
+    for metric in one:
+        np.testing.assert_array_equal(one[metric], two[metric], err_msg=metric)
+    assert one_sweeps == two_sweeps
+
+    monkeypatch.setattr(ReplayScorer, "prime", lambda self, instances, params: HistoryTexts(
+        params.history_max_events, self.texts(instances, params)))
+    lazy, lazy_sweeps = counted(1)  # texts encoded when reached, in one process
+    with caplog.at_level("WARNING", logger=forked.__name__):
+        fallback, fallback_sweeps = counted(2)
+    assert "test scoring: the second process failed (EncoderNeeded" in caplog.text
+    assert "sweeps: the second process failed (EncoderNeeded" in caplog.text
+    for metric in lazy:
+        np.testing.assert_array_equal(lazy[metric], fallback[metric], err_msg=metric)
+    assert fallback_sweeps == lazy_sweeps

@@ -99,8 +99,10 @@ class ReplayScorer:
         self._entries = d.history_entries
 
     def chunks(self, instances: Instances, texts: "HistoryTexts | None" = None,
-               size: int = CHUNK_INSTANCES) -> Iterator[tuple[slice, "ReplayChunk"]]:
-        """(slice of `instances`, its chunk), in order; `texts` (from `prime`) are handed to the chunks."""
+               size: int | None = None) -> Iterator[tuple[slice, "ReplayChunk"]]:
+        """(slice of `instances`, its chunk of `size` (None: CHUNK_INSTANCES) instances), in order;
+        `texts` (from `prime`) are handed to the chunks."""
+        size = CHUNK_INSTANCES if size is None else size
         for start in range(0, len(instances), size):
             part = slice(start, min(start + size, len(instances)))
             yield part, ReplayChunk(self, instances[part], None if texts is None else texts.part(part))

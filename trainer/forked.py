@@ -4,16 +4,23 @@ with this process's data as it is, and hands its results back through files."""
 from __future__ import annotations
 
 import gc
+import logging
 import multiprocessing
 import os
+import pickle
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from chronorec.trainer.resources import release_free_heap
+
+log = logging.getLogger(__name__)
+
+Here = TypeVar("Here")
+There = TypeVar("There")
 
 
 class EncoderNeeded(RuntimeError):
@@ -105,6 +112,29 @@ class Forked:
         self._folder.cleanup()
 
 
+def beside(here: Callable[[], Here], there: Callable[[], There], *, name: str,
+           in_child: Callable[[], None] | None = None) -> tuple[Here, There]:
+    """(here(), there()), there() computed meanwhile in a forked process (`in_child` first, there:
+    say, its replay's encoder swapped for `refuse_to_encode`) and its result handed back pickled.
+    A child that fails is logged and there() then runs here, after here(): the same results,
+    only later."""
+
+    def work(folder: Path) -> None:
+        if in_child is not None:
+            in_child()
+        with open(folder / "result.pkl", "wb") as stored:
+            pickle.dump(there(), stored, protocol=pickle.HIGHEST_PROTOCOL)
+
+    with Forked(work, name=name) as child:
+        mine = here()
+        failure = child.wait()
+        if failure is None:
+            with open(child.folder / "result.pkl", "rb") as stored:
+                return mine, pickle.load(stored)
+    log.warning("%s: the second process failed (%s): its part is computed here", name, failure)
+    return mine, there()
+
+
 def _run(work: Callable[[Path], None], folder: Path, send) -> None:
     try:
         work(folder)
@@ -115,4 +145,4 @@ def _run(work: Callable[[Path], None], folder: Path, send) -> None:
         send.close()
 
 
-__all__ = ["EncoderNeeded", "Forked", "can_fork", "refuse_to_encode", "workers_for"]
+__all__ = ["EncoderNeeded", "Forked", "beside", "can_fork", "refuse_to_encode", "workers_for"]

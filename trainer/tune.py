@@ -5,11 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -27,7 +25,7 @@ from chronorec.server.core.ranking import (
 from chronorec.server.core.scoring import COMPONENTS, WEIGHT_NAMES, personal_scale, scaled_weights, weights_of
 from chronorec.server.core.timetext import HistoryEntry
 from chronorec.trainer.batch_replay import CHUNK_INSTANCES, ReplayScorer, first_occurrences, within_reach
-from chronorec.trainer.forked import Forked, refuse_to_encode, workers_for
+from chronorec.trainer.forked import beside, refuse_to_encode, workers_for
 from chronorec.trainer.protocols import Dataset, Instances, expected_metrics
 from chronorec.trainer.resources import release_free_heap
 
@@ -673,23 +671,9 @@ def _components_beside(components: Callable[[int, int], list], n: int, replay: "
         return components(0, n)
     # The chunk boundary that shares the instances most evenly (this process takes the first part).
     split = min(starts[1:], key=lambda s: max(s, n - s))
-    with Forked(functools.partial(_components_in_child, components, split, n, replay), name="tune-replay") as child:
-        collected = components(0, split)
-        failure = child.wait()
-        if failure is None:
-            with open(child.folder / "components.pkl", "rb") as stored:
-                collected += pickle.load(stored)
-    if failure is not None:
-        log.warning("the tuning replay's second process failed (%s): replaying its part here", failure)
-        collected += components(split, n)
-    return collected
-
-
-def _components_in_child(components: Callable[[int, int], list], begin: int, end: int, replay: "RankerReplay",
-                         folder: Path) -> None:
-    replay.encode = refuse_to_encode
-    with open(folder / "components.pkl", "wb") as stored:
-        pickle.dump(components(begin, end), stored, protocol=pickle.HIGHEST_PROTOCOL)
+    first, later = beside(functools.partial(components, 0, split), functools.partial(components, split, n),
+                          name="tuning replay", in_child=functools.partial(setattr, replay, "encode", refuse_to_encode))
+    return first + later
 
 
 def tune_time_model(

@@ -539,10 +539,13 @@ def test_test_scoring_and_sweeps_in_two_processes_are_the_same(drift, chronorec,
         ranker = cm.ChronorecRanker(ctx, ctx.untuned(), params, {}, sweeps=cm.SWEEPS)
         ranker.settings = replace(ranker.settings, replay_workers=workers)
         ranker.fit(task.train, task.dataset)
-        return score_instances(ranker, shuffled), ranker.sweep_results
+        # One batch (split between its chunks), then batches of 64 (whole batches to the child).
+        scored = [score_instances(ranker, shuffled, batch_size=size) for size in (1024, 64)]
+        return {f"{name} ({size})": v for size, m in zip((1024, 64), scored) for name, v in m.items()}, \
+            ranker.sweep_results
 
     (one, one_sweeps), (two, two_sweeps) = counted(1), counted(2)
-    assert forks == ["sweeps", "test scoring"]  # only with two workers
+    assert forks == ["sweeps", "test scoring", "test scoring"]  # only with two workers
     for metric in one:
         np.testing.assert_array_equal(one[metric], two[metric], err_msg=metric)
     assert one_sweeps == two_sweeps

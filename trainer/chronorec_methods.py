@@ -59,7 +59,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -70,8 +70,8 @@ from chronorec.trainer.base_model import packaged_minilm
 from chronorec.trainer import batch_replay
 from chronorec.trainer.forked import beside, refuse_to_encode, workers_for
 from chronorec.trainer.protocols import (
-    Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, batch_rank_counts, exclusion_mask, expected_metrics,
-    rank_counts, summarize,
+    Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, batch_rank_counts, batched_rank_counts,
+    exclusion_mask, expected_metrics, rank_counts, summarize,
 )
 from chronorec.trainer.resources import release_free_heap
 from chronorec.trainer.tune import ReplayRanker, RankerReplay, TuningGrid, build_index, fit_cooccurrence, tune_time_model
@@ -672,42 +672,57 @@ class ChronorecRanker:
                 scores[row, replay.columns_of(scored.item_ids)] = scored.score
             return scores
 
-    def rank_counts_batch(self, instances: Instances) -> tuple[np.ndarray, np.ndarray]:
-        """What the evaluation computes from score_batch's rows (protocols.batch_rank_counts). The
-        same encoder, time model and instances give the same rows: a variant that repeats an earlier
-        one (chronorec-blend is one of the time-aware variants) reads the earlier one's counts back."""
+    def rank_counts_all(self, instances: Instances, batch_size: int,
+                        progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """What the evaluation computes from score_batch's rows, batch after batch
+        (protocols.batched_rank_counts). The same encoder, time model and instances give the same
+        rows: a variant that repeats an earlier one (chronorec-blend is one of the time-aware
+        variants) reads the earlier one's counts back."""
         if not self._on_test_task or self.replay_ranker.per_event or not self.repeatable:
-            return self._counts_beside(instances)
-        key = (self.bundle.name, id(self.bundle.item_vectors), self.time_model, _digest(instances.pos))
+            return self._counts_beside(instances, batch_size, progress)
+        key = (self.bundle.name, id(self.bundle.item_vectors), self.time_model, batch_size, _digest(instances.pos))
         counts = self.ctx.test_counts.get(key)
         if counts is None:
-            counts = self.ctx.test_counts[key] = self._counts_beside(instances)
+            counts = self.ctx.test_counts[key] = self._counts_beside(instances, batch_size, progress)
+        elif progress is not None:
+            progress(len(instances))
         return counts[0].copy(), counts[1].copy()
 
-    def _counts(self, instances: Instances) -> tuple[np.ndarray, np.ndarray]:
-        return batch_rank_counts(self.score_batch(instances), instances)
+    def _counts(self, instances: Instances, batch_size: int,
+                progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return batched_rank_counts(lambda batch: batch_rank_counts(self.score_batch(batch), batch), instances,
+                                   batch_size, progress)
 
-    def _counts_beside(self, instances: Instances) -> tuple[np.ndarray, np.ndarray]:
-        """_counts(instances), its later chunks scored in a forked process when `replay_workers`
-        allow: the blend's chunks read no replayed state, the split falls at a chunk boundary, so
-        each part is scored as one pass scores it, and an instance's counts read only its own row.
-        The history texts the child's part reads are encoded here first; a child that needs the
-        encoder fails, and its part is then scored here. The learned ranker's rerank is not split:
-        its child would need every text of its part encoded here first, where the walk encodes only
-        the reranked quarter, and that ate the gain (ml-latest-small temporal: 15.9 s in one
-        process, 15.4 s in two)."""
+    def _counts_beside(self, instances: Instances, batch_size: int,
+                       progress: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray]:
+        """_counts(instances), the later instances scored in one forked process when `replay_workers`
+        allow. The blend's chunks read no replayed state and the split falls on a chunk boundary
+        (both parts are batched from a multiple of the chunk size), so each part is scored as one
+        pass scores it, and an instance's counts read only its own row. The history texts the
+        child's part reads are encoded here first, batch by batch as one pass encodes them (the
+        same encoder calls, so the same vectors); a child that needs the encoder fails, and its
+        part is then scored here. The learned ranker's rerank is not split: its child would need
+        every text of its part encoded here first, where the walk encodes only the reranked
+        quarter, and that ate the gain (ml-latest-small temporal: 15.9 s in one process, 15.4 s in
+        two)."""
         replay = self.replay_ranker.replay
         n, chunk = len(instances), batch_replay.CHUNK_INSTANCES
         if (replay is None or self.replay_ranker.per_event or self.replay_ranker.learned_ranker is not None
-                or n <= chunk or workers_for(self.settings.replay_workers) < 2):
-            return self._counts(instances)
-        split = min(range(chunk, n, chunk), key=lambda s: max(s, n - s))
-        later = instances[split:]
+                or n <= chunk or batch_size % chunk or workers_for(self.settings.replay_workers) < 2):
+            return self._counts(instances, batch_size, progress)
+        # Whole batches to the child where there are several, else chunks of the one batch.
+        step = batch_size if n > batch_size else chunk
+        split = min(range(step, n, step), key=lambda s: max(s, n - s))
         if self.reads_history_text:
-            replay.scorer().prime(later, self.time_model)
+            scorer = replay.scorer()
+            for start in range(split // batch_size * batch_size, n, batch_size):
+                scorer.prime(instances[start:start + batch_size], self.time_model)
         (better, tied), (later_better, later_tied) = beside(
-            functools.partial(self._counts, instances[:split]), functools.partial(self._counts, later),
+            functools.partial(self._counts, instances[:split], batch_size, progress),
+            functools.partial(self._counts, instances[split:], batch_size),
             name="test scoring", in_child=functools.partial(setattr, replay, "encode", refuse_to_encode))
+        if progress is not None:
+            progress(n - split)
         return np.concatenate([better, later_better]), np.concatenate([tied, later_tied])
 
     # -- sensitivity on the test window (analysis only)

@@ -368,10 +368,11 @@ class Ranker(Protocol):
     def score_batch(self, instances: Instances) -> np.ndarray:
         """(len(instances), dataset.n_items) scores; may use each instance's history and time.
 
-        A ranker may also give `rank_counts_batch(instances) -> (better, tied)`: what
-        `rank_counts(score_batch(instances), instances.target, exclusion_mask(instances))` gives,
-        which the evaluation then reads instead (e.g. a variant that repeats an earlier one reads
-        back that one's counts rather than scoring again)."""
+        A ranker may also give `rank_counts_all(instances, batch_size, progress) -> (better, tied)`:
+        what `rank_counts(score_batch(batch), batch.target, exclusion_mask(batch))` gives over
+        every batch of `batch_size` (`batched_rank_counts`), which the evaluation then reads
+        instead (e.g. a variant that repeats an earlier one reads back that one's counts rather
+        than scoring again)."""
 
 
 Split = TemporalSplit | LooSplit
@@ -443,22 +444,29 @@ def batch_rank_counts(scores: np.ndarray, instances: Instances) -> tuple[np.ndar
     return rank_counts(scores, instances.target, exclusion_mask(instances))
 
 
-def score_instances(ranker: Ranker, instances: Instances, batch_size: int = 1024,
-                    progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Per-instance metrics (plus 'better'/'tied' counts) of a fitted ranker, scored in batches."""
+def batched_rank_counts(counts_of: Callable[[Instances], tuple[np.ndarray, np.ndarray]], instances: Instances,
+                        batch_size: int, progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(better, tied) of every instance, `counts_of` called on consecutive batches of `batch_size`."""
     n = len(instances)
     better = np.empty(n, dtype=np.int64)
     tied = np.empty(n, dtype=np.int64)
-    counts_of = getattr(ranker, "rank_counts_batch", None)
     for start in range(0, n, batch_size):
         batch = instances[start:start + batch_size]
-        if counts_of is not None:
-            counts = counts_of(batch)
-        else:
-            counts = batch_rank_counts(np.asarray(ranker.score_batch(batch)), batch)
-        better[start:start + len(batch)], tied[start:start + len(batch)] = counts
+        better[start:start + len(batch)], tied[start:start + len(batch)] = counts_of(batch)
         if progress is not None:
             progress(len(batch))
+    return better, tied
+
+
+def score_instances(ranker: Ranker, instances: Instances, batch_size: int = 1024,
+                    progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Per-instance metrics (plus 'better'/'tied' counts) of a fitted ranker, scored in batches."""
+    counts_all = getattr(ranker, "rank_counts_all", None)
+    if counts_all is not None:
+        better, tied = counts_all(instances, batch_size, progress)
+    else:
+        better, tied = batched_rank_counts(lambda batch: batch_rank_counts(np.asarray(ranker.score_batch(batch)), batch),
+                                           instances, batch_size, progress)
     metrics = expected_metrics(better, tied)
     metrics["better"], metrics["tied"] = better, tied
     return metrics

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from chronorec.trainer.forked import EncoderNeeded, Forked, can_fork, refuse_to_encode, workers_for
+from chronorec.trainer.forked import EncoderNeeded, Forked, beside, can_fork, refuse_to_encode, workers_for
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="forks where fork is the platform's way")
 
@@ -60,3 +60,32 @@ def test_a_child_that_cannot_start_leaves_the_work_here(monkeypatch):
 def test_workers():
     assert workers_for(1) == 1 and workers_for(3) == 3
     assert workers_for(None) == min(2, os.cpu_count() or 1)
+
+
+def test_beside_computes_one_part_in_a_child_and_the_failed_part_here(caplog):
+    data = np.arange(10.0)
+    calls = []
+
+    def here():
+        calls.append(os.getpid())
+        return data[:5].sum()
+
+    def there():
+        return {"pid": os.getpid(), "sum": data[5:].sum()}
+
+    mine, theirs = beside(here, there, name="test")
+    assert mine == data[:5].sum() and theirs["sum"] == data[5:].sum()
+    assert theirs["pid"] != os.getpid() and calls == [os.getpid()]
+
+    state = {"encoder": "here"}
+
+    def needs_the_encoder():
+        if state["encoder"] != "here":
+            refuse_to_encode(["a text"])
+        return "encoded"
+
+    with caplog.at_level("WARNING"):
+        mine, theirs = beside(lambda: "first", needs_the_encoder, name="test",
+                              in_child=lambda: state.update(encoder="refuses"))
+    assert (mine, theirs) == ("first", "encoded") and state["encoder"] == "here"
+    assert "test: the second process failed (EncoderNeeded" in caplog.text

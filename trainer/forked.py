@@ -114,10 +114,10 @@ class Forked:
 
 def beside(here: Callable[[], Here], there: Callable[[], There], *, name: str,
            in_child: Callable[[], None] | None = None) -> tuple[Here, There]:
-    """(here(), there()), there() computed meanwhile in a forked process (`in_child` first, there:
-    say, its replay's encoder swapped for `refuse_to_encode`) and its result handed back pickled.
-    A child that fails is logged and there() then runs here, after here(): the same results,
-    only later."""
+    """(here(), there()): there() is computed meanwhile in a forked process, after `in_child` (say,
+    swapping the child's replay encoder for `refuse_to_encode`), and its result handed back
+    pickled. A child that fails is logged and there() then runs here, after here(): the same
+    results, only later."""
 
     def work(folder: Path) -> None:
         if in_child is not None:

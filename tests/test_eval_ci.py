@@ -539,7 +539,7 @@ def test_test_scoring_and_sweeps_in_two_processes_are_the_same(drift, chronorec,
         ranker = cm.ChronorecRanker(ctx, ctx.untuned(), params, {}, sweeps=cm.SWEEPS)
         ranker.settings = replace(ranker.settings, replay_workers=workers)
         ranker.fit(task.train, task.dataset)
-        # One batch (split between its chunks), then batches of 64 (whole batches to the child).
+        # One batch (split between its chunks), then batches of 64 (the split within the second).
         scored = [score_instances(ranker, shuffled, batch_size=size) for size in (1024, 64)]
         return {f"{name} ({size})": v for size, m in zip((1024, 64), scored) for name, v in m.items()}, \
             ranker.sweep_results

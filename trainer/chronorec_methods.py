@@ -697,11 +697,10 @@ class ChronorecRanker:
                        progress: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray]:
         """_counts(instances), the later instances scored in one forked process when `replay_workers`
         allow. The blend's chunks read no replayed state and the split falls on a chunk boundary
-        (both parts are batched from a multiple of the chunk size), so each part is scored as one
-        pass scores it, and an instance's counts read only its own row. The history texts the
-        child's part reads are encoded here first, batch by batch as one pass encodes them (the
-        same encoder calls, so the same vectors); a child that needs the encoder fails, and its
-        part is then scored here. The learned ranker's rerank is not split: its child would need
+        (both parts are batched from a multiple of the chunk size, so their chunks are one pass's),
+        so each part is scored as one pass scores it, and an instance's counts read only its own
+        row. The history texts are encoded here first, batch by batch as one pass encodes them;
+        a child that needs the encoder fails, and its part is then scored here. The learned ranker's rerank is not split: its child would need
         every text of its part encoded here first, where the walk encodes only the reranked
         quarter, and that ate the gain (ml-latest-small temporal: 15.9 s in one process, 15.4 s in
         two)."""
@@ -710,12 +709,12 @@ class ChronorecRanker:
         if (replay is None or self.replay_ranker.per_event or self.replay_ranker.learned_ranker is not None
                 or n <= chunk or batch_size % chunk or workers_for(self.settings.replay_workers) < 2):
             return self._counts(instances, batch_size, progress)
-        # Whole batches to the child where there are several, else chunks of the one batch.
-        step = batch_size if n > batch_size else chunk
-        split = min(range(step, n, step), key=lambda s: max(s, n - s))
+        split = min(range(chunk, n, chunk), key=lambda s: max(s, n - s))
         if self.reads_history_text:
+            # Every batch's texts, in the calls one pass makes (an encoder's vectors depend on the
+            # texts encoded with them, slightly), before the fork: the child then only reads them.
             scorer = replay.scorer()
-            for start in range(split // batch_size * batch_size, n, batch_size):
+            for start in range(0, n, batch_size):
                 scorer.prime(instances[start:start + batch_size], self.time_model)
         (better, tied), (later_better, later_tied) = beside(
             functools.partial(self._counts, instances[:split], batch_size, progress),

@@ -487,11 +487,11 @@ def test_tuning_and_sweeps_are_the_same_with_the_batch_replay(drift, chronorec, 
 def test_tuning_replayed_in_two_processes_is_the_same(drift, chronorec, monkeypatch, caplog):
     """The tuning replay's later chunks run in a forked process: the same choice, value and trace as
     one process; and a child that would need the encoder hands its part back to the parent."""
-    from chronorec.trainer import tune
+    from chronorec.trainer import batch_replay, forked
     from chronorec.trainer.batch_replay import HistoryTexts, ReplayScorer
     from chronorec.trainer.tune import RankerReplay, TuningGrid, tune_time_model
 
-    monkeypatch.setattr(tune, "CHUNK_INSTANCES", 32)  # several chunks on a small tuning window
+    monkeypatch.setattr(batch_replay, "CHUNK_INSTANCES", 32)  # several chunks on a small tuning window
     ctx = chronorec.context(temporal_split(drift))
     bundle = ctx.untuned()
     base = TimeModelParams(history_max_events=20)
@@ -508,7 +508,7 @@ def test_tuning_replayed_in_two_processes_is_the_same(drift, chronorec, monkeypa
     monkeypatch.setattr(ReplayScorer, "prime", lambda self, instances, params: HistoryTexts(
         params.history_max_events, self.texts(instances, params)))
     lazy = tuned(1)
-    with caplog.at_level("WARNING", logger=tune.__name__):
+    with caplog.at_level("WARNING", logger=forked.__name__):
         fallback = tuned(2)
     assert "second process failed (EncoderNeeded" in caplog.text
     assert (fallback.params, fallback.value, fallback.trace) == (lazy.params, lazy.value, lazy.trace)

@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 CHUNK_INSTANCES = 256
 
 
+def chunk_split(n: int) -> int | None:
+    """The chunk boundary (a multiple of CHUNK_INSTANCES, read when called) that shares `n`
+    instances most evenly between two parts; None when they fill fewer than two chunks."""
+    boundaries = range(CHUNK_INSTANCES, n, CHUNK_INSTANCES)
+    return min(boundaries, key=lambda s: max(s, n - s)) if len(boundaries) else None
+
+
 def first_occurrences(event_ids: list[str]) -> np.ndarray:
     """Per event (in the given order), whether the interaction state keeps it: the first event
     of each id (a later duplicate is ignored as the store ignores it); events without an id always."""
@@ -499,4 +506,4 @@ class ReplayChunk:
         return ScoredCandidates(self.scorer.row_ids[rows], score, semantic, cooccurrence, freshness, trend)
 
 
-__all__ = ["CHUNK_INSTANCES", "HistoryTexts", "ReplayChunk", "ReplayScorer", "ReplayedEvent", "first_occurrences", "within_reach"]
+__all__ = ["CHUNK_INSTANCES", "HistoryTexts", "chunk_split", "ReplayChunk", "ReplayScorer", "ReplayedEvent", "first_occurrences", "within_reach"]

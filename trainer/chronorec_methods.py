@@ -68,7 +68,7 @@ from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.itemtext import item_text_lookup
 from chronorec.trainer.base_model import packaged_minilm
 from chronorec.trainer import batch_replay
-from chronorec.trainer.forked import beside, refuse_to_encode, workers_for
+from chronorec.trainer.forked import beside, refusing_encoder, workers_for
 from chronorec.trainer.protocols import (
     Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, batch_rank_counts, batched_rank_counts,
     exclusion_mask, expected_metrics, rank_counts, summarize,
@@ -705,11 +705,11 @@ class ChronorecRanker:
         quarter, and that ate the gain (ml-latest-small temporal: 15.9 s in one process, 15.4 s in
         two)."""
         replay = self.replay_ranker.replay
-        n, chunk = len(instances), batch_replay.CHUNK_INSTANCES
+        n, split = len(instances), batch_replay.chunk_split(len(instances))
         if (replay is None or self.replay_ranker.per_event or self.replay_ranker.learned_ranker is not None
-                or n <= chunk or batch_size % chunk or workers_for(self.settings.replay_workers) < 2):
+                or split is None or batch_size % batch_replay.CHUNK_INSTANCES
+                or workers_for(self.settings.replay_workers) < 2):
             return self._counts(instances, batch_size, progress)
-        split = min(range(chunk, n, chunk), key=lambda s: max(s, n - s))
         if self.reads_history_text:
             # Every batch's texts, in the calls one pass makes (an encoder's vectors depend on the
             # texts encoded with them, slightly), before the fork: the child then only reads them.
@@ -719,7 +719,7 @@ class ChronorecRanker:
         (better, tied), (later_better, later_tied) = beside(
             functools.partial(self._counts, instances[:split], batch_size, progress),
             functools.partial(self._counts, instances[split:], batch_size),
-            name="test scoring", in_child=functools.partial(setattr, replay, "encode", refuse_to_encode))
+            name="test scoring", in_child=refusing_encoder(replay))
         if progress is not None:
             progress(n - split)
         return np.concatenate([better, later_better]), np.concatenate([tied, later_tied])
@@ -812,7 +812,7 @@ class ChronorecRanker:
                     counted = beside(
                         functools.partial(self._sweep_counts, scorer, instances, texts, params[:half]),
                         functools.partial(self._sweep_counts, scorer, instances, texts, params[half:]),
-                        name="sweeps", in_child=functools.partial(setattr, replay, "encode", refuse_to_encode))
+                        name="sweeps", in_child=refusing_encoder(replay))
                     for (b, t), rows in zip(counted, (slice(0, half), slice(half, None))):
                         better[rows], tied[rows] = b, t
         values: dict[tuple[str, str], list[np.ndarray]] = {}

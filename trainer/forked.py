@@ -3,6 +3,7 @@ with this process's data as it is, and hands its results back through files."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import multiprocessing
@@ -31,6 +32,12 @@ class EncoderNeeded(RuntimeError):
 def refuse_to_encode(texts: list[str]) -> np.ndarray:
     """The encoder a forked child's replay holds."""
     raise EncoderNeeded(f"{len(texts)} text(s) not encoded before the fork")
+
+
+def refusing_encoder(replay) -> Callable[[], None]:
+    """What a forked child runs first (beside's `in_child`): `replay`'s encoder swapped for
+    `refuse_to_encode`."""
+    return functools.partial(setattr, replay, "encode", refuse_to_encode)
 
 
 def can_fork() -> bool:
@@ -145,4 +152,4 @@ def _run(work: Callable[[Path], None], folder: Path, send) -> None:
         send.close()
 
 
-__all__ = ["EncoderNeeded", "Forked", "beside", "can_fork", "refuse_to_encode", "workers_for"]
+__all__ = ["EncoderNeeded", "Forked", "beside", "can_fork", "refuse_to_encode", "refusing_encoder", "workers_for"]

@@ -24,8 +24,8 @@ from chronorec.server.core.ranking import (
 )
 from chronorec.server.core.scoring import COMPONENTS, WEIGHT_NAMES, personal_scale, scaled_weights, weights_of
 from chronorec.server.core.timetext import HistoryEntry
-from chronorec.trainer.batch_replay import CHUNK_INSTANCES, ReplayScorer, first_occurrences, within_reach
-from chronorec.trainer.forked import beside, refuse_to_encode, workers_for
+from chronorec.trainer.batch_replay import ReplayScorer, chunk_split, first_occurrences, within_reach
+from chronorec.trainer.forked import beside, refusing_encoder, workers_for
 from chronorec.trainer.protocols import Dataset, Instances, expected_metrics
 from chronorec.trainer.resources import release_free_heap
 
@@ -666,13 +666,11 @@ def _components_beside(components: Callable[[int, int], list], n: int, replay: "
     set as of its instances, no state advanced), so each half computes exactly what one pass would.
     The history texts are encoded already (`prime`); a child that needs the encoder fails, and its
     half is then computed here."""
-    starts = list(range(0, n, CHUNK_INSTANCES))
-    if workers_for(workers) < 2 or len(starts) < 2:
+    split = chunk_split(n)  # this process takes the first part
+    if workers_for(workers) < 2 or split is None:
         return components(0, n)
-    # The chunk boundary that shares the instances most evenly (this process takes the first part).
-    split = min(starts[1:], key=lambda s: max(s, n - s))
     first, later = beside(functools.partial(components, 0, split), functools.partial(components, split, n),
-                          name="tuning replay", in_child=functools.partial(setattr, replay, "encode", refuse_to_encode))
+                          name="tuning replay", in_child=refusing_encoder(replay))
     return first + later
 
 
@@ -774,8 +772,7 @@ def tune_time_model(
         def components(begin: int, end: int) -> list[_Components | None]:
             """The kept components of walked instances [begin, end) (begin: a chunk's first)."""
             out: list[_Components | None] = []
-            for _part, chunk in scorer.chunks(walked[begin:end], walked_texts.part(slice(begin, end)),
-                                              size=CHUNK_INSTANCES):
+            for _part, chunk in scorer.chunks(walked[begin:end], walked_texts.part(slice(begin, end))):
                 for i in range(len(chunk)):
                     rows = chunk.rows_kept(i)
                     target_row = scorer.row_of_column[chunk.instances.target[i]]

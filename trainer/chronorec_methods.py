@@ -115,8 +115,9 @@ class EvalSettings:
     sweep_max_item_scores: int | None = 2_000_000
     seed: int = 0
     blas_threads: int | None = 1  # BLAS threads during the replay (its mat-vecs are tiny); None: leave as is
-    # Processes for the replays' pure-Python stretches (the blend's tuning replay, the ranker's
-    # training windows): None, up to two by the CPUs; 1, this process only. The same results either way.
+    # Processes for the replays' pure-Python stretches (the blend's tuning replay and test scoring,
+    # the sweeps, the ranker's training windows): None, up to two by the CPUs; 1, this process only.
+    # The same results either way.
     replay_workers: int | None = None
     ranker_candidates: int = 200  # the blend's best the learned ranker rescores
     ranker_second_look: int = 50  # ... and this many items of each whole-history source (0: none)
@@ -700,10 +701,10 @@ class ChronorecRanker:
         (both parts are batched from a multiple of the chunk size, so their chunks are one pass's),
         so each part is scored as one pass scores it, and an instance's counts read only its own
         row. The history texts are encoded here first, batch by batch as one pass encodes them;
-        a child that needs the encoder fails, and its part is then scored here. The learned ranker's rerank is not split: its child would need
-        every text of its part encoded here first, where the walk encodes only the reranked
-        quarter, and that ate the gain (ml-latest-small temporal: 15.9 s in one process, 15.4 s in
-        two)."""
+        a child that needs the encoder fails, and its part is then scored here. The learned
+        ranker's rerank is not split: its child would need every text of its part encoded here
+        first, where the walk encodes only the reranked quarter, and that ate the gain
+        (ml-latest-small temporal: 15.9 s in one process, 15.4 s in two)."""
         replay = self.replay_ranker.replay
         n, split = len(instances), batch_replay.chunk_split(len(instances))
         if (replay is None or self.replay_ranker.per_event or self.replay_ranker.learned_ranker is not None

@@ -483,6 +483,50 @@ def test_tuning_and_sweeps_are_the_same_with_the_batch_replay(drift, chronorec, 
 
 
 
+def _static_taste_log() -> Dataset:
+    """A year of ratings from users who keep their favourite topic (the evaluation's scaling set in
+    small): the taste does not drift, so what a user rated months ago predicts the next item as
+    well as what they rated last."""
+    from bench.eval_scale_data import generate
+
+    from chronorec.server.core.catalog import Event, Item
+
+    records, logged = generate(seed=3, n_items=240, n_users=260, events_per_user=9.0, late_users=10)
+    items = [Item(item_id=r["item_id"], title=r["title"], category=r["category"], published_at=r["published_at"])
+             for r in records]
+    events = [Event(event_id=e["event_id"], user_id=e["user_id"], item_id=e["item_id"], action=e["action"],
+                    timestamp=e["timestamp"], value=e["value"]) for e in logged]
+    return Dataset(items, events)
+
+
+def test_time_aware_tuning_scores_at_least_the_timeless_blend(drift, chronorec):
+    """The time grid holds the timeless blend (α 0, no decay, a year's popularity) and the search
+    starts there when it beats the starting parameters, so the time-aware tuning scores at least
+    what the time-blind tuning does on the same instances: on a log whose taste does not drift (where
+    an ascent from decayed settings turned co-occurrence off) and on drifting users."""
+    from chronorec.trainer.tune import RankerReplay, TuningGrid, tune_time_model
+
+    grid = TuningGrid()
+    assert max(grid.cooccurrence_half_life_days) == cm.BLIND.cooccurrence_half_life_days
+    assert max(grid.long_term_half_life_days) == cm.BLIND.long_term_half_life_days
+    assert max(grid.trend_window_days) == cm.BLIND.trend_window_days
+    starts = {}
+    for name, data in (("static", _static_taste_log()), ("drift", drift)):
+        ctx = chronorec.context(temporal_split(data))
+        bundle = ctx.untuned()
+
+        def tuned(base, tuning_grid):
+            replay = RankerReplay(data, ctx.items, ctx.tuning.train, bundle.encode, item_vectors=bundle.item_vectors)
+            return tune_time_model(replay, ctx.tuning.instances, base, tuning_grid, max_instances=150, replay_workers=1)
+
+        timed = tuned(TimeModelParams(history_max_events=20), grid)
+        blind = tuned(replace(cm.BLIND, history_max_events=20), cm.BLIND_GRID)
+        assert timed.value >= blind.value - 1e-9, name
+        starts[name] = timed.start
+    assert starts == {"static": "timeless", "drift": "given"}
+    chronorec.end_split(ctx.split)
+
+
 @pytest.mark.skipif(not can_fork(), reason="the forked replay runs where fork is the platform's way")
 def test_tuning_replayed_in_two_processes_is_the_same(drift, chronorec, monkeypatch, caplog):
     """The tuning replay's later chunks run in a forked process: the same choice, value and trace as

@@ -483,23 +483,19 @@ def test_tuning_and_sweeps_are_the_same_with_the_batch_replay(drift, chronorec, 
 
 
 
-def _static_taste_log() -> Dataset:
+def _static_taste_log(folder) -> Dataset:
     """A year of ratings from users who keep their favourite topic (the evaluation's scaling set in
-    small): the taste does not drift, so what a user rated months ago predicts the next item as
-    well as what they rated last."""
-    from bench.eval_scale_data import generate
+    small, written and read back as that set is): the taste does not drift, so what a user rated
+    months ago predicts the next item as well as what they rated last."""
+    from bench.eval_scale_data import generate, write
 
-    from chronorec.server.core.catalog import Event, Item
+    from chronorec.server.core.importers import detect_and_load
 
-    records, logged = generate(seed=3, n_items=240, n_users=260, events_per_user=9.0, late_users=10)
-    items = [Item(item_id=r["item_id"], title=r["title"], category=r["category"], published_at=r["published_at"])
-             for r in records]
-    events = [Event(event_id=e["event_id"], user_id=e["user_id"], item_id=e["item_id"], action=e["action"],
-                    timestamp=e["timestamp"], value=e["value"]) for e in logged]
-    return Dataset(items, events)
+    write(folder, *generate(seed=3, n_items=240, n_users=260, events_per_user=9.0, late_users=10))
+    return Dataset(*detect_and_load(folder))
 
 
-def test_time_aware_tuning_scores_at_least_the_timeless_blend(drift, chronorec):
+def test_time_aware_tuning_scores_at_least_the_timeless_blend(drift, chronorec, tmp_path):
     """The time grid holds the timeless blend (α 0, no decay, a year's popularity) and the search
     starts there when it beats the starting parameters, so the time-aware tuning scores at least
     what the time-blind tuning does on the same instances: on a log whose taste does not drift (where
@@ -511,7 +507,7 @@ def test_time_aware_tuning_scores_at_least_the_timeless_blend(drift, chronorec):
     assert max(grid.long_term_half_life_days) == cm.BLIND.long_term_half_life_days
     assert max(grid.trend_window_days) == cm.BLIND.trend_window_days
     starts = {}
-    for name, data in (("static", _static_taste_log()), ("drift", drift)):
+    for name, data in (("static", _static_taste_log(tmp_path)), ("drift", drift)):
         ctx = chronorec.context(temporal_split(data))
         bundle = ctx.untuned()
 

@@ -903,10 +903,15 @@ def tune_time_model(
     # ascent from decayed settings turns them off (weight 0) rather than reaching the long
     # half-lives they would need together. Either way the result scores at least as well as the
     # timeless blend does on these instances.
-    corner = tuple(start_choice[slot] if fixed[slot] else value for slot, value in enumerate((
-        semantic_configs.index((0.0, max(long_terms))) if (0.0, max(long_terms)) in semantic_configs else start_choice[0],
-        int(np.argmax(cooccurrence_values)), start_choice[2], int(np.argmax(trend_values)),
-        personal_values.index(0.0) if 0.0 in personal_values else start_choice[4])))
+    timeless_semantic = (0.0, max(long_terms))
+    corner_options = (
+        semantic_configs.index(timeless_semantic) if timeless_semantic in semantic_configs else start_choice[0],
+        int(np.argmax(cooccurrence_values)),
+        start_choice[2],  # freshness: the weight rows searched at the corner include 0, the timeless blend's
+        int(np.argmax(trend_values)),
+        personal_values.index(0.0) if 0.0 in personal_values else start_choice[4],
+    )
+    corner = tuple(start_choice[slot] if fixed[slot] else option for slot, option in enumerate(corner_options))
     from_corner = corner != start_choice and best_of(corner)[1] > best_of(start_choice)[1] + 1e-12
     choice = list(corner if from_corner else start_choice)
     best_value, best_weights = -1.0, base_weights[0]

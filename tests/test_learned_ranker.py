@@ -602,7 +602,7 @@ def test_the_resource_meter_counts_a_forked_workers_own_memory():
 
     context = multiprocessing.get_context("fork")
     ready, done = context.Event(), context.Event()
-    with ResourceMeter(interval=0.01) as meter:
+    with ResourceMeter(interval=0.01, children_interval=0.1) as meter:
         child = context.Process(target=hold, args=(ready, done))
         child.start()
         assert ready.wait(10)

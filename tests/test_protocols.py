@@ -15,7 +15,8 @@ from chronorec.server.core.catalog import Event, Item
 from chronorec.trainer import baselines, evaluate, report
 from chronorec.trainer.protocols import (
     SECONDS_PER_DAY, Dataset, Instances, bootstrap_ci, exclusion_mask, expected_metrics, fit_and_score,
-    gap_buckets, inner_validation_split, loo_split, rank_counts, score_instances, summarize, temporal_split,
+    gap_buckets, inner_validation_split, loo_split, prefix_item_counts, rank_counts, score_instances, summarize,
+    temporal_split, window_item_counts,
 )
 
 DAY = SECONDS_PER_DAY
@@ -249,6 +250,21 @@ def test_prefix_item_counts_matches_brute_force():
     got = baselines.prefix_item_counts(d, bounds, visible)
     for row, b in zip(got, bounds):
         assert row.tolist() == np.bincount(d.item[visible[visible < b]], minlength=d.n_items).tolist()
+
+
+@pytest.mark.parametrize("n_items", [6, 400])  # the windows hold more events than rows × items, and fewer
+def test_window_item_counts_equal_the_difference_of_prefix_counts(n_items):
+    rng = np.random.default_rng(3)
+    rows = [(f"u{rng.integers(5)}", f"i{rng.integers(n_items)}", k) for k in range(300)]
+    d = make_dataset(rows, n_items=n_items)
+    end = rng.integers(0, 301, 40)
+    start = np.maximum(0, end - rng.integers(0, 120, 40))
+    start[:3] = end[:3]  # empty windows
+    for visible in (None, np.sort(rng.choice(300, 170, replace=False))):
+        prefix = prefix_item_counts(d, np.concatenate((end, start)), visible)
+        got = window_item_counts(d, start, end, visible)
+        assert got.shape == (40, n_items) and got.dtype == prefix.dtype
+        assert np.array_equal(got, prefix[:40] - prefix[40:])
 
 
 def test_recentpop_counts_the_window_before_the_target_and_breaks_ties_by_all_time_counts():

@@ -16,7 +16,7 @@ from chronorec.server.core.manifest import TimeModelParams
 from chronorec.server.core.ranking import RecommendQuery, ScoredCandidates, _gather, _half_life_decay, _unit
 from chronorec.server.core.scoring import combine, personal_scale, score_weights
 from chronorec.server.core.timetext import HistoryEntry, action_strength
-from chronorec.trainer.protocols import Instances, prefix_item_counts
+from chronorec.trainer.protocols import Instances, window_item_counts
 
 if TYPE_CHECKING:
     from chronorec.trainer.tune import RankerReplay
@@ -284,6 +284,7 @@ class _Memo:
     cooccurrence: dict | None = None
     rows: np.ndarray | None = None
     semantic: dict | None = None  # similarities to the candidates, by user vector
+    long_terms: dict | None = None  # the decayed mean of the history's vectors, by half-life
 
 
 class ReplayChunk:
@@ -320,6 +321,7 @@ class ReplayChunk:
         self._texts: dict[int, list[str | None]] = {} if texts is None else {texts.history_max_events: texts.texts}
         self._memo = _Memo()
         self._memos: dict[int, _Memo] = {}  # instances' memos filled ahead (prefetch_semantic)
+        self._vectors_of, self._vectors = -1, np.zeros((0, 0))  # _history_vectors' one instance
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -342,9 +344,7 @@ class ReplayChunk:
             d, scorer = self.scorer.dataset, self.scorer
             window_start = np.searchsorted(d.ts, self.at - window_days * SECONDS_PER_DAY, side="left")
             n = len(self)
-            counts = prefix_item_counts(d, np.concatenate((self.instances.pos, window_start)),
-                                        np.flatnonzero(scorer.visible))
-            counts = counts[:n] - counts[n:]
+            counts = window_item_counts(d, window_start, self.instances.pos, np.flatnonzero(scorer.visible))
             peak = counts.max(axis=1, initial=0)
             trend = np.zeros((n, len(scorer.row_ids)), dtype=np.float32)
             live = np.flatnonzero(peak > 0)
@@ -401,13 +401,7 @@ class ReplayChunk:
         key = (params.alpha, params.long_term_half_life_days, params.history_max_events)
         if key in memo.user_vectors:
             return memo.user_vectors[key]
-        a, b = self.hist_ptr[i], self.hist_ptr[i + 1]
-        items = self.hist_items[a:b]
-        long_term_weight = _half_life_decay(self.ages[a:b], params.long_term_half_life_days) * self.strength[a:b]
-        vectors, present = self.scorer.item_vectors[items], self.scorer.item_present[items]
-        long_raw = (long_term_weight * present)[None, :] @ vectors
-        long_norm = float(np.linalg.norm(long_raw))
-        long_term = long_raw[0] / long_norm if long_norm > 1e-12 else None
+        long_term = self._long_term(i, params.long_term_half_life_days)
         alpha = params.alpha
         short_term = None
         if alpha > 0 or long_term is None:
@@ -424,6 +418,31 @@ class ReplayChunk:
                 vector = (blend / blend_norm).astype(np.float32)
         memo.user_vectors[key] = vector
         return vector
+
+    def _long_term(self, i: int, half_life_days: float) -> np.ndarray | None:
+        """The unit decayed mean of instance i's history vectors (None: no history item has one), as
+        _UserContext.build computes it: the same for every α, so computed once per half-life."""
+        memo = self._memo_for(i)
+        if memo.long_terms is None:
+            memo.long_terms = {}
+        if half_life_days in memo.long_terms:
+            return memo.long_terms[half_life_days]
+        a, b = self.hist_ptr[i], self.hist_ptr[i + 1]
+        long_term_weight = _half_life_decay(self.ages[a:b], half_life_days) * self.strength[a:b]
+        long_raw = (long_term_weight * self.scorer.item_present[self.hist_items[a:b]])[None, :] @ self._history_vectors(i)
+        long_norm = float(np.linalg.norm(long_raw))
+        long_term = memo.long_terms[half_life_days] = long_raw[0] / long_norm if long_norm > 1e-12 else None
+        return long_term
+
+    def _history_vectors(self, i: int) -> np.ndarray:
+        """Instance i's history item vectors in float64, kept for the instance's next half-life. The
+        product with float64 weights casts float32 vectors to this very array first, so the sums are
+        the same; cast once, a half-life costs a fifth (a history of 700 items: 0.07 ms, not 0.34)."""
+        if self._vectors_of != i:
+            a, b = self.hist_ptr[i], self.hist_ptr[i + 1]
+            self._vectors = self.scorer.item_vectors[self.hist_items[a:b]].astype(np.float64)
+            self._vectors_of = i
+        return self._vectors
 
     def _cooccurrence_raw(self, i: int, half_life_days: float) -> np.ndarray | None:
         """The co-occurrence model's Σ weight·similarity over its items, None without a positive weight."""

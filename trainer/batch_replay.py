@@ -378,7 +378,7 @@ class ReplayChunk:
 
     def _memo_for(self, i: int) -> _Memo:
         if self._memo.row != i:
-            self._memo = self._memos.pop(i, None) or _Memo(i, {}, {}, None, {})
+            self._memo = self._memos.pop(i, None) or _Memo(i, {}, {}, None, {}, {})
         return self._memo
 
     def prefetch_semantic(self, params: TimeModelParams) -> None:
@@ -423,8 +423,6 @@ class ReplayChunk:
         """The unit decayed mean of instance i's history vectors (None: no history item has one), as
         _UserContext.build computes it: the same for every α, so computed once per half-life."""
         memo = self._memo_for(i)
-        if memo.long_terms is None:
-            memo.long_terms = {}
         if half_life_days in memo.long_terms:
             return memo.long_terms[half_life_days]
         a, b = self.hist_ptr[i], self.hist_ptr[i + 1]

@@ -16,7 +16,7 @@ from chronorec.server.core.demo import generate_drift_dataset
 from chronorec.server.core.timetext import HistoryEntry, history_text
 from chronorec.trainer.data import event_log_from, load_training_data
 from chronorec.trainer.export import load_base_model
-from chronorec.trainer.finetune import FinetuneConfig, FrozenPrefix, finetune, freeze_below, frozen_layers
+from chronorec.trainer.finetune import FinetuneConfig, FrozenPrefix, collapsed, finetune, freeze_below, frozen_layers
 from bench import bench_finetune
 from tinybert import make_tiny_bert
 
@@ -228,3 +228,35 @@ def test_the_study_measures_each_variant_against_the_base_encoder(tiny_folder, t
     assert by_name["last"]["best_step"] == 2 and by_name["last"]["beats_start_on_selection"] is None
     assert by_name["norm-head"]["trained_layers"] == "output LayerNorm"
     assert "| plain-text |" in (tmp_path / "finetune-generated.md").read_text()
+
+
+def test_collapsed_compares_the_newest_validation_with_the_best_before_it():
+    config = FinetuneConfig(abandon_fraction=0.5)
+    runs = [{"step": 0, "MRR": 0.030}, {"step": 20, "MRR": 0.040}]
+    assert not collapsed(runs[:1], config)  # nothing to compare with
+    assert not collapsed(runs, config)
+    assert not collapsed(runs + [{"step": 40, "MRR": 0.020}], config)  # half of the best: not below it
+    assert collapsed(runs + [{"step": 40, "MRR": 0.0199}], config)  # the best, not the start, is the reference
+    assert not collapsed(runs + [{"step": 40, "MRR": 0.0}], FinetuneConfig(abandon_fraction=None))
+    assert not collapsed([{"step": 0, "MRR": 0.0}, {"step": 20, "MRR": 0.0}], config)  # nothing retrieved to lose
+
+
+def test_a_run_that_wrecks_the_encoder_stops_at_its_first_validation(tiny_folder, data, item_texts):
+    def run(**options):
+        module, tokenizer = load_base_model(tiny_folder)
+        freeze_below(module, 1)
+        # A learning rate this large throws the top layer's weights far from anything learned. (The
+        # tiny encoder retrieves only about twice as well as chance, so it cannot lose half of it.)
+        settings = {"abandon_fraction": 0.7, **{k: v for k, v in options.items() if k != "start_competes"}}
+        config = FinetuneConfig(steps=6, batch_size=16, lr=5.0, warmup_fraction=0.0, eval_every=2, patience=10,
+                                max_length=SHORT, max_valid_queries=40, progress=False, **settings)
+        return finetune(module, tokenizer, data.train[:100], data.valid, item_texts, config,
+                        start_competes=options.get("start_competes", True))
+
+    kept = run()
+    start, first = kept.evaluations[0]["MRR"], kept.evaluations[1]["MRR"]
+    assert first < 0.7 * start  # the premise: the first trained weights lost over 30 % of it
+    assert kept.steps == 2 and kept.stopped_early and kept.best_step == 0 and len(kept.evaluations) == 2
+    # The same run without the rule, or as a study of what training does, runs every step.
+    assert run(abandon_fraction=None).steps == 6
+    assert run(start_competes=False).steps == 6

@@ -136,6 +136,9 @@ class RunSettings:
                                     "steps x batch examples")
     seed: int = setting(0, group=FINETUNE, help="seed of the sampling, the initialisation and the tuning sample")
     patience: int = setting(2, group=FINETUNE, help="validations without gain before an early stop")
+    abandon_fraction: float | None = setting(
+        0.5, group=FINETUNE, help="stop at once when a validation falls below this fraction of the best so far, "
+                                  "the starting weights' included (none: never)")
     eval_every: int | None = setting(None, group=FINETUNE, help="steps between validations (none: 5 per run)")
     device: str = setting("auto", group=FINETUNE, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     threads: int | None = setting(
@@ -420,6 +423,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         steps=settings.steps, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
         temperature=settings.temperature, warmup_fraction=settings.warmup_fraction,
         hard_negatives=settings.hard_negatives, seed=settings.seed, patience=settings.patience,
+        abandon_fraction=settings.abandon_fraction,
         time_negatives=settings.time_negatives, distill_weight=settings.distill,
         eval_every=settings.eval_every, max_length=serving.max_length, device=settings.device,
         checkpoint_dir=str(models / CHECKPOINTS_DIR / IN_PROGRESS_DIR), progress=settings.progress,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from concurrent.futures import Future
 from dataclasses import replace
 
 import numpy as np
@@ -291,6 +292,17 @@ def test_the_validation_decides_whether_the_second_look_serves(logged):
     with_look, without_look = fit.second_look_valid
     assert fit.ranker.spec.second_look == (config.second_look if with_look > without_look else 0)
     assert fit.summary()["second_look"] == fit.ranker.spec.second_look
+
+
+def test_the_importances_by_gap_computed_beside_are_those_computed_here(logged):
+    split, validation, items, params, config, fit, groups = logged
+    pending = rt.importances_beside(fit.ranker, groups)
+    here = rt.importances_by_gap(fit.ranker, groups, threads=2)
+    assert here and pending.result() == here
+    # The fit's own were started beside and are read back when first asked for.
+    assert fit.importances_by_gap and fit.summary()["importances_by_gap"] == {
+        bucket: {k: round(v, 4) for k, v in values.items()} for bucket, values in fit.importances_by_gap.items()}
+    assert not isinstance(fit.gap_importances, Future)
 
 
 def test_groups_handed_to_lightgbm_apart_train_the_trees_of_their_stack(logged):

@@ -848,6 +848,17 @@ class LearnedChronorecRanker(ChronorecRanker):
         # (ReplayRanker._score_learned; every metric is the same).
         self.replay_ranker.rerank_reachable_only = True
 
+    @property
+    def params(self) -> dict:
+        # The ranker's summary is read once the test window is scored: its importances by gap are
+        # computed beside the scoring (ranker_train.importances_beside).
+        out = super().params
+        sweeps = out.pop("sweeps", None)
+        out.update(_ranker_report(self.ranker_fit))
+        if sweeps is not None:
+            out["sweeps"] = sweeps
+        return out
+
     def score_batch(self, instances: Instances) -> np.ndarray:
         # One ranker call per instance: the learned ranker reorders each one's own candidates.
         with blas_threads(self.settings.blas_threads):
@@ -982,7 +993,7 @@ class ChronorecMethods:
         ctx, bundle, tuning = self._chosen_blend(split)
         fit = ctx.ranker_fit(bundle, tuning.params, f"{bundle.name}-time")
         return LearnedChronorecRanker(ctx, bundle, tuning.params, fit,
-                                      {**_encoder_report(bundle), **_tuning_report(tuning), **_ranker_report(fit)})
+                                      {**_encoder_report(bundle), **_tuning_report(tuning)})
 
 
 def evaluation_methods(settings: Mapping[str, Any]) -> dict[str, MethodFactory]:

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -501,12 +502,21 @@ class RankerFit:
     valid_groups: int
     seconds: float
     importances: dict[str, float] = field(default_factory=dict)
-    importances_by_gap: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The SHAP shares by gap (importances_by_gap), or their computation still running beside whatever
+    # comes next (a Future, read when first asked for).
+    gap_importances: "dict[str, dict[str, float]] | Future" = field(default_factory=dict, repr=False)
     curve: list[float] = field(default_factory=list)
     # Validation NDCG@10 with and without the second look (None: not compared).
     second_look_valid: tuple[float, float] | None = None
     # Per range of time since the previous event: what the route choice compared (choose_routes).
     route_choice: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def importances_by_gap(self) -> dict[str, dict[str, float]]:
+        """Per bucket of time since the previous event, each feature's share of the SHAP mass."""
+        if isinstance(self.gap_importances, Future):
+            self.gap_importances = self.gap_importances.result()
+        return self.gap_importances
 
     @property
     def helps(self) -> bool:
@@ -591,8 +601,7 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
     fit = RankerFit(ranker, best, float(ranker_valid.mean()) if len(ranker_valid) else 0.0,
                     float(blend_valid.mean()) if len(blend_valid) else 0.0, valid.instances,
                     len(train.sizes), len(valid.sizes), time.perf_counter() - started,
-                    ranker.importances(),
-                    importances_by_gap(ranker, as_served), curve,
+                    ranker.importances(), importances_beside(ranker, as_served), curve,
                     second_look_valid, route_choice)
     say(f"ranker: {best} rounds on {len(train.sizes)} groups ({len(train.labels)} rows) in {fit.seconds:.0f} s; "
         f"validation NDCG@10 {fit.valid_ndcg_ranker:.4f} against the blend's {fit.valid_ndcg_blend:.4f} "
@@ -648,6 +657,19 @@ def _truncated(booster, rounds: int):
     import lightgbm
 
     return lightgbm.Booster(model_str=booster.model_to_string(num_iteration=rounds))
+
+
+def importances_beside(ranker: LearnedRanker, groups: Groups) -> Future:
+    """importances_by_gap(ranker, groups) computed in a thread, on one core and a copy of the model,
+    while this one goes on: LightGBM leaves the interpreter free while it computes, and what
+    usually comes next (the evaluation's test rerank) is Python on one core. The values are the
+    same: each row's SHAP values do not depend on the threads."""
+    copy = LearnedRanker.from_model_text(ranker.model_text(), ranker.spec, threads=1)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranker-importances")
+    try:
+        return executor.submit(importances_by_gap, copy, groups, threads=1)
+    finally:
+        executor.shutdown(wait=False)  # the thread ends with its one task
 
 
 def importances_by_gap(ranker: LearnedRanker, groups: Groups, per_bucket: int = 50,
@@ -837,6 +859,7 @@ __all__ = [
     "fit_ranker",
     "gap_ranges",
     "group_ndcg",
+    "importances_beside",
     "importances_by_gap",
     "lightgbm_params",
     "loo_slices",

@@ -8,6 +8,7 @@ be exactly what the serving TimeAwareRanker returns.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -600,3 +601,20 @@ def test_test_scoring_and_sweeps_in_two_processes_are_the_same(drift, chronorec,
     for metric in lazy:
         np.testing.assert_array_equal(lazy[metric], fallback[metric], err_msg=metric)
     assert fallback_sweeps == lazy_sweeps
+
+
+def test_fine_tuning_that_kept_the_base_weights_stores_its_outcome_not_a_model(drift, ci_settings, tmp_path):
+    # No step after the validation of the starting weights: keep-best keeps them.
+    settings = ci_settings.with_overrides(cache_dir=str(tmp_path), finetune_steps=0, finetune_examples=32)
+    ctx = cm.ChronorecMethods(settings).context(temporal_split(drift))
+    version_dir, info = ctx._finetune()
+    assert version_dir is None and cm.kept_base_weights(info) and not info["reused_from_cache"]
+    [record] = tmp_path.glob(f"finetuned-temporal-*/{cm.KEPT_BASE_RECORD}")
+    assert [p.name for p in record.parent.iterdir()] == [cm.KEPT_BASE_RECORD]  # no copy of the base model
+    # Another evaluation with the same data, split and settings reads the outcome back.
+    again_dir, again = cm.ChronorecMethods(settings).context(temporal_split(drift))._finetune()
+    assert again_dir is None and again.pop("reused_from_cache")
+    stored = json.loads(json.dumps(info, default=str))
+    assert again == {k: v for k, v in stored.items() if k != "reused_from_cache"}
+    finetuned = ctx.finetuned()
+    assert finetuned.item_vectors is ctx.untuned().item_vectors and finetuned.info["kept_base_weights"]

@@ -79,6 +79,8 @@ from chronorec.trainer.tune import ReplayRanker, RankerReplay, TuningGrid, build
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CHRONOREC_EVAL_CACHE"
+# In a fine-tuning run's cache folder: the run's outcome when keep-best chose the starting weights.
+KEPT_BASE_RECORD = "kept-base-weights.json"
 # Encoder answers an EncoderBundle remembers (~100 batches of 1,024 history texts at 384 dimensions).
 ENCODE_MEMORY_BYTES = 160 * 1024 * 1024
 SWEEP_METRIC = "NDCG@10"
@@ -463,7 +465,10 @@ class SplitContext:
         return build_examples(event_log_from(d.items, d.events), windows, max_events=self.settings.history_max_events,
                               pick=pick)
 
-    def _finetune(self) -> tuple[Path, dict]:
+    def _finetune(self) -> tuple[Path | None, dict]:
+        """(the fine-tuned version's folder, what the run did): the folder is None when keep-best
+        chose the starting weights, which are the base model already exported, so only the outcome
+        is stored (KEPT_BASE_RECORD in the run's cache folder), not an identical copy of the model."""
         from chronorec.trainer.finetune import FinetuneConfig, encoder_retrieval_metrics, train_encoder
 
         s = self.settings
@@ -502,6 +507,17 @@ class SplitContext:
             [(e.position, e.query) for e in train], {k: v for k, v in asdict(config).items() if k != "progress"},
         )
         root = s.cache_root() / f"finetuned-{self.split.protocol}-{fingerprint}"
+        kept_record = root / KEPT_BASE_RECORD
+        if s.reuse_cache and kept_record.is_file():
+            try:
+                info = dict(json.loads(kept_record.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                info = {}  # unreadable: fine-tune again and write it anew
+            if kept_base_weights(info):
+                s.say(f"{self.split.protocol}: reusing the fine-tuning outcome {kept_record} (same data, split and "
+                      f"settings): the base weights were kept")
+                info["reused_from_cache"] = True
+                return None, info
         repo, version = _load_version(root)
         if version is not None and s.reuse_cache:
             s.say(f"{self.split.protocol}: reusing the fine-tuned encoder {root} (same data, split and settings)")
@@ -557,12 +573,18 @@ class SplitContext:
             "encoder_valid_NDCG@10_before": before.get("NDCG@10"), "encoder_valid_NDCG@10_after": after.get("NDCG@10"),
             "reused_from_cache": False,
         }
-        version = trained.publish(repo, base_model=str(base), max_length=s.max_length, activate=True,
-                                  extra={"evaluation": info},
-                                  training_window={"protocol": self.split.protocol, "fingerprint": fingerprint})
         s.say(f"{self.split.protocol}: fine-tuned in {info['finetune_s']:.0f} s; encoder-only retrieval on "
               f"{len(sample)} validation queries: " + ", ".join(
                   f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in ("HR@10", "NDCG@10", "NDCG@20") if k in before))
+        if kept_base_weights(info):
+            root.mkdir(parents=True, exist_ok=True)
+            staging = kept_record.with_suffix(f".{os.getpid()}.tmp")
+            staging.write_text(json.dumps(info, sort_keys=True, default=str), encoding="utf-8")
+            os.replace(staging, kept_record)
+            return None, info
+        version = trained.publish(repo, base_model=str(base), max_length=s.max_length, activate=True,
+                                  extra={"evaluation": info},
+                                  training_window={"protocol": self.split.protocol, "fingerprint": fingerprint})
         return repo.version_dir(version), info
 
     # -- replays and tuning

@@ -65,6 +65,7 @@ import numpy as np
 
 from chronorec.server.core.catalog import Item
 from chronorec.server.core.manifest import TimeModelParams
+from chronorec.server.core.repository import _write_atomically
 from chronorec.server.core.itemtext import item_text_lookup
 from chronorec.trainer.base_model import packaged_minilm
 from chronorec.trainer import batch_replay
@@ -511,7 +512,7 @@ class SplitContext:
         if s.reuse_cache and kept_record.is_file():
             try:
                 info = dict(json.loads(kept_record.read_text(encoding="utf-8")))
-            except (OSError, ValueError):
+            except (OSError, ValueError, TypeError):
                 info = {}  # unreadable: fine-tune again and write it anew
             if kept_base_weights(info):
                 s.say(f"{self.split.protocol}: reusing the fine-tuning outcome {kept_record} (same data, split and "
@@ -578,9 +579,7 @@ class SplitContext:
                   f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in ("HR@10", "NDCG@10", "NDCG@20") if k in before))
         if kept_base_weights(info):
             root.mkdir(parents=True, exist_ok=True)
-            staging = kept_record.with_suffix(f".{os.getpid()}.tmp")
-            staging.write_text(json.dumps(info, sort_keys=True, default=str), encoding="utf-8")
-            os.replace(staging, kept_record)
+            _write_atomically(kept_record, json.dumps(info, sort_keys=True, default=str))
             return None, info
         version = trained.publish(repo, base_model=str(base), max_length=s.max_length, activate=True,
                                   extra={"evaluation": info},
@@ -874,12 +873,7 @@ class LearnedChronorecRanker(ChronorecRanker):
     def params(self) -> dict:
         # The ranker's summary is read once the test window is scored: its importances by gap are
         # computed beside the scoring (ranker_train.importances_beside).
-        out = super().params
-        sweeps = out.pop("sweeps", None)
-        out.update(_ranker_report(self.ranker_fit))
-        if sweeps is not None:
-            out["sweeps"] = sweeps
-        return out
+        return {**super().params, **_ranker_report(self.ranker_fit)}
 
     def score_batch(self, instances: Instances) -> np.ndarray:
         # One ranker call per instance: the learned ranker reorders each one's own candidates.

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.catalog_state import CatalogState
@@ -572,6 +573,39 @@ def test_sparse_cooccurrence_queries_give_scipys_exact_values():
         assert model.neighbour_ids(history, n) == neighbours
         assert {ids[i] for i in model.neighbour_positions(history, n)} == neighbours
 
+
+
+def test_sparse_cooccurrence_blocks_place_values_alike_by_map_and_by_search():
+    # _sparse_block places each stored value among the wanted columns through a catalogue-sized
+    # map or by binary search (by size): the same float32 bits as scipy's slice either way, with
+    # every item known (the block returned as is) or not, repeated columns, and a matrix holding
+    # duplicate entries (summed per cell, as toarray sums them).
+    rng = np.random.default_rng(11)
+    ids = [f"i{j}" for j in range(300)]
+    baskets = {f"u{u}": [ids[int(j)] for j in rng.zipf(1.5, size=int(rng.integers(2, 25))) % 300] for u in range(500)}
+    model = CooccurrenceModel.fit(baskets, ids, max_neighbors=30, dense_max_items=0)
+    assert model._canonical
+    fitted, data, indices, indptr = model._sparse, [], [], [0]
+    for row in range(fitted.shape[0]):  # every third row's first value stored twice, halved the second time
+        stored = slice(fitted.indptr[row], fitted.indptr[row + 1])
+        values, columns = fitted.data[stored], fitted.indices[stored]
+        data += values.tolist() + ([float(values[0]) * 0.5] if len(values) and row % 3 == 0 else [])
+        indices += columns.tolist() + ([int(columns[0])] if len(values) and row % 3 == 0 else [])
+        indptr.append(len(data))
+    doubled = sp.csr_matrix((np.array(data, dtype=np.float32), np.array(indices), np.array(indptr)), shape=fitted.shape)
+    duplicated = CooccurrenceModel(ids, doubled, model.num_users)
+    assert not duplicated._canonical
+    for trial in range(40):
+        history = [ids[int(j)] for j in rng.choice(300, size=int(rng.integers(1, 60)), replace=False)]
+        columns = [ids[int(j)] for j in rng.choice(300, size=int(rng.integers(1, 80)))]
+        for m in (model, duplicated):
+            r, c = m.indices_of(history), m.indices_of(columns)
+            expected = m._sparse[r][:, c].toarray().astype(np.float32)
+            for column_map in (True, False):
+                assert m._sparse_block(r, c, column_map=column_map).tobytes() == expected.tobytes()
+            assert m.pair_similarities(history, columns).tobytes() == expected.tobytes()
+            with_unknown = m.pair_similarities(history + ["nope"], ["nope"] + columns)
+            assert with_unknown.tobytes() == np.pad(expected, ((0, 1), (1, 0))).tobytes()
 
 def test_dense_cooccurrence_scores_at_positions_are_the_full_scores_there():
     ids = [f"i{j}" for j in range(30)]

@@ -318,7 +318,7 @@ class CooccurrenceModel:
             hit = wanted[where] == columns
         block = np.zeros((len(rows), len(wanted)), dtype=np.float32)
         if self._canonical:
-            # One stored value per cell: placed, not added (0 + v is v).
+            # One stored value per cell: placed, not added (0 + v is v; the fit stores no negative zero).
             block[entry_rows[hit], where[hit]] = self._sparse.data[entries[hit]]
         else:
             np.add.at(block, (entry_rows[hit], where[hit]), self._sparse.data[entries[hit]])

@@ -9,13 +9,16 @@ value placed among the candidates through a catalogue-sized map against by binar
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 from chronorec.server.core.cooccurrence import CooccurrenceModel
 
-from .common import log, print_table
+from .common import DEFAULT_OUT, log, print_table
 
 
 def fitted(items: int, users: int, seed: int) -> tuple[CooccurrenceModel, list[str], np.ndarray]:
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for cooccurrence.json")
     args = parser.parse_args()
 
     log(f"fitting on {args.users} generated users, {args.items} items")
@@ -62,6 +66,14 @@ def main() -> None:
                 [["binary search (baseline)", f"{search:.3f}", " ".join(f"{t:.3f}" for t in times[False])],
                  ["column map", f"{mapped:.3f}", " ".join(f"{t:.3f}" for t in times[True])]])
     print(f"\ncolumn map / binary search: {mapped / search:.2f}x the time")
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures = {"items": args.items, "users": args.users, "history": args.history, "candidates": args.candidates,
+               "values_read_per_call": round(float(values)), "calls": args.calls,
+               "binary_search_ms": times[False], "column_map_ms": times[True],
+               "binary_search_ms_median": search, "column_map_ms_median": mapped,
+               "load_average": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
+    (args.out / "cooccurrence.json").write_text(json.dumps(figures, indent=2))
+    log(f"-> {args.out / 'cooccurrence.json'}")
 
 
 if __name__ == "__main__":

@@ -271,15 +271,13 @@ class CooccurrenceModel:
         known_rows, known_cols = np.flatnonzero(rows >= 0), np.flatnonzero(cols >= 0)
         if not len(known_rows) or not len(known_cols):
             return result
-        if len(known_rows) == len(rows) and len(known_cols) == len(cols):
-            # Every item known (the usual case): the block is the result, with no copy into it.
-            if self._dense is not None:
-                return self._dense[np.ix_(rows, cols)].astype(np.float32, copy=False)
-            return self._sparse_block(rows, cols)
         if self._dense is not None:
             block = self._dense[np.ix_(rows[known_rows], cols[known_cols])]
         else:
             block = self._sparse_block(rows[known_rows], cols[known_cols])
+        if len(known_rows) == len(rows) and len(known_cols) == len(cols):
+            # Every item known (the usual case): the block is the result, with no copy into it.
+            return block.astype(np.float32, copy=False)
         result[np.ix_(known_rows, known_cols)] = block
         return result
 

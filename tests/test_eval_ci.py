@@ -428,6 +428,29 @@ def test_semantic_prefetched_for_a_chunk_gives_the_same_candidates(drift, chrono
     assert not ahead._memos  # each instance's memo is handed over once
 
 
+def test_components_left_out_by_a_zero_weight_are_completed_as_computed_at_once(drift, chronorec):
+    """The walks that ask whether an event is wanted score it without the components its zero
+    weights leave out, then work those out for the wanted events alone: the same candidates,
+    scores and components, bit for bit, as computing every component at once."""
+    split = evaluate.build_split(drift, "temporal")
+    _, batch = _replay_pair(chronorec, split)
+    scorer = batch.replay.scorer()
+    params = REPLAY_MODELS[0].with_overrides({"w_cooccurrence": 0.0, "w_trend": 0.0})
+    instances = split.test_task().instances[:40]
+    texts = scorer.prime(instances, params)
+    (_, lazy), = scorer.chunks(instances, texts)
+    (_, eager), = scorer.chunks(instances, texts)
+    left_out = 0
+    for i in range(len(instances)):
+        partial = lazy.candidates(i, params, components=False)
+        whole, expected = lazy.completed(i, params, partial), eager.candidates(i, params)
+        left_out += int(not (np.array_equal(partial.cooccurrence, expected.cooccurrence)
+                             and np.array_equal(partial.trend, expected.trend)))
+        for name in ("item_ids", "score", "semantic", "cooccurrence", "freshness", "trend"):
+            np.testing.assert_array_equal(getattr(whole, name), getattr(expected, name))
+    assert left_out  # the zero-weight components were left out of some scores
+
+
 def test_batch_replay_follows_the_states_rules_on_duplicates_and_cold_starts(drift, chronorec):
     """A repeated event id is ignored by the interaction state (and so by the batch replay); a user
     with no earlier event is a cold start scored by trend alone."""

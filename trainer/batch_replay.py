@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
@@ -190,8 +190,11 @@ class ReplayScorer:
                           for i, row in enumerate(rows))
             else:
                 # The chunk's candidates first (they read no state), then its wanted texts in one call.
-                events = [(i, row, scored, lazy) for i, row, scored, lazy in
-                          ((i, row, chunk.candidates(i, params, components=True), history(i))
+                # `wanted` reads the scores, which need only the components with a weight: the others
+                # are worked out for the events wanted alone (on ml-latest-small temporal the blend
+                # weighs co-occurrence 0, and most validation and test events are not wanted).
+                events = [(i, row, chunk.completed(i, params, scored), lazy) for i, row, scored, lazy in
+                          ((i, row, chunk.candidates(i, params, components=False), history(i))
                            for i, row in enumerate(rows))
                           if wanted(row, scored, chunk.columns_kept(i), lazy)]
                 self.replay.cache_vectors([t for t in (chunk.text(i, params) for i, _, _, _ in events) if t is not None])
@@ -505,14 +508,18 @@ class ReplayChunk:
         """Instance i's trend component over its candidates (float32)."""
         return self._trend_matrix(params.trend_window_days)[i, self.rows_kept(i)]
 
+    def _score_weights(self, i: int, params: TimeModelParams) -> np.ndarray:
+        history_length = int(self.n_hist[i])
+        scale = personal_scale(float(self.min_age[i]), params.personal_half_life_days) if history_length else 1.0
+        return score_weights(params, history_length=history_length, scale=scale)
+
     def candidates(self, i: int, params: TimeModelParams, *, components: bool = True) -> ScoredCandidates:
         """Instance i's candidates as `TimeAwareRanker.score_candidates` returns them (in
         `rows_kept(i)` order). With components=False a component whose weight is zero is left
-        at zero (adding 0·x changes no score) instead of being computed."""
+        at zero (adding 0·x changes no score) instead of being computed (`completed` works it
+        out later)."""
         rows = self.rows_kept(i)
-        history_length = int(self.n_hist[i])
-        scale = personal_scale(float(self.min_age[i]), params.personal_half_life_days) if history_length else 1.0
-        weights = score_weights(params, history_length=history_length, scale=scale)
+        weights = self._score_weights(i, params)
         needed = weights != 0 if not components else np.ones(4, dtype=bool)
         zeros = np.zeros(len(rows), dtype=np.float32)
         semantic = self.semantic(i, params) if needed[0] else zeros
@@ -521,6 +528,21 @@ class ReplayChunk:
         trend = self.trend(i, params) if needed[3] else zeros
         score = combine(weights, semantic.astype(np.float64), cooccurrence, freshness, trend)
         return ScoredCandidates(self.scorer.row_ids[rows], score, semantic, cooccurrence, freshness, trend)
+
+    def completed(self, i: int, params: TimeModelParams, scored: ScoredCandidates) -> ScoredCandidates:
+        """`scored` (candidates(i, params, components=False)) with the components its zero weights
+        left out worked out: what candidates(i, params) gives, score included (the score did not
+        read them)."""
+        skipped = self._score_weights(i, params) == 0
+        if not skipped.any():
+            return scored
+        return replace(
+            scored,
+            semantic=self.semantic(i, params) if skipped[0] else scored.semantic,
+            cooccurrence=self.cooccurrence(i, params) if skipped[1] else scored.cooccurrence,
+            freshness=self.freshness(i, params) if skipped[2] else scored.freshness,
+            trend=self.trend(i, params) if skipped[3] else scored.trend,
+        )
 
 
 __all__ = ["CHUNK_INSTANCES", "HistoryTexts", "chunk_split", "ReplayChunk", "ReplayScorer", "ReplayedEvent", "first_occurrences", "within_reach"]

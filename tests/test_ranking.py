@@ -574,7 +574,6 @@ def test_sparse_cooccurrence_queries_give_scipys_exact_values():
         assert {ids[i] for i in model.neighbour_positions(history, n)} == neighbours
 
 
-
 def test_sparse_cooccurrence_blocks_place_values_alike_by_map_and_by_search():
     # _sparse_block places each stored value among the wanted columns through a catalogue-sized
     # map or by binary search (by size): the same float32 bits as scipy's slice either way, with
@@ -606,6 +605,7 @@ def test_sparse_cooccurrence_blocks_place_values_alike_by_map_and_by_search():
             assert m.pair_similarities(history, columns).tobytes() == expected.tobytes()
             with_unknown = m.pair_similarities(history + ["nope"], ["nope"] + columns)
             assert with_unknown.tobytes() == np.pad(expected, ((0, 1), (1, 0))).tobytes()
+
 
 def test_dense_cooccurrence_scores_at_positions_are_the_full_scores_there():
     ids = [f"i{j}" for j in range(30)]

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import mmap
+import platform
 import time
 
 import numpy as np
@@ -458,6 +459,11 @@ def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch
                           "--methods", "MostPop,allocating", "--no-progress"]) == 0
     doc = json.loads((out / "report.json").read_text())
     assert doc["peak_rss_mb"] > 0 and doc["machine"]["cpus"] >= 1 and len(doc["machine"]["load_average"]) == 3
+    # The versions behind the figures: this interpreter's and the installed libraries', in the Markdown too.
+    import lightgbm
+    assert doc["libraries"]["python"] == platform.python_version()
+    assert doc["libraries"]["numpy"] == np.__version__ and doc["libraries"]["lightgbm"] == lightgbm.__version__
+    assert f"numpy {np.__version__}" in (out / "report.md").read_text()
     temporal = doc["protocols"]["temporal"]
     cold = {name: entry["by_target"][1] for name, entry in temporal["methods"].items()}
     for name, entry in temporal["methods"].items():

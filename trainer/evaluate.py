@@ -24,7 +24,7 @@ from chronorec.trainer.protocols import (
     BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRIC_NAMES, TARGET_LABELS, Dataset, MethodFactory, Split, fit_and_score,
     gap_buckets, loo_split, metric_by_bucket, summarize, target_buckets, temporal_split,
 )
-from chronorec.trainer.resources import ResourceMeter, machine_load, peak_rss_mb, release_free_heap
+from chronorec.trainer.resources import ResourceMeter, library_versions, machine_load, peak_rss_mb, release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95},
         "metrics": list(METRIC_NAMES),
         "machine": machine_load(),
+        "libraries": library_versions(),
         "protocols": {},
     }
     for protocol in protocols:

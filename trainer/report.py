@@ -155,6 +155,9 @@ def markdown_report(document: Mapping) -> str:
         out.append(f"Machine: {machine.get('cpus')} CPUs, load average {machine.get('load_average')} at the start, "
                    f"{at_end.get('load_average')} at the end; peak RSS {document.get('peak_rss_mb')} MB"
                    + (f"; {document['total_s']:.0f} s in all." if document.get("total_s") is not None else "."))
+    if document.get("libraries"):
+        out.append("Libraries (the figures' last digits move with them): "
+                   + ", ".join(f"{name} {version}" for name, version in document["libraries"].items()) + ".")
     for name, protocol in document["protocols"].items():
         out += ["", f"## {name}", ""] + _details_lines(protocol["details"]) + ["", markdown_table(protocol)]
         params = {m: r["params"] for m, r in protocol["methods"].items() if r.get("params")}

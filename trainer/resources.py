@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib.metadata
 import os
+import platform
 import resource
 import threading
 import time
@@ -171,4 +173,24 @@ def machine_load() -> dict:
     return {"load_average": load, "cpus": os.cpu_count()}
 
 
-__all__ = ["ResourceMeter", "current_rss_mb", "machine_load", "peak_rss_mb"]
+# The libraries whose versions move the evaluation's figures: the encoder's vectors (ONNX Runtime,
+# and PyTorch and transformers for fine-tuning and export), the learned ranker's trees (LightGBM),
+# the index and every array sum (hnswlib, NumPy, SciPy). setup.sh installs the newest each range in
+# pyproject.toml allows, so two setups a month apart may differ in the last digits.
+FIGURE_LIBRARIES = ("numpy", "scipy", "onnxruntime", "onnxruntime-gpu", "lightgbm", "hnswlib", "torch",
+                    "transformers")
+
+
+def library_versions(names: tuple[str, ...] = FIGURE_LIBRARIES) -> dict[str, str]:
+    """Python's and each installed library's version (those not installed left out)."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+__all__ = ["FIGURE_LIBRARIES", "ResourceMeter", "current_rss_mb", "library_versions", "machine_load",
+           "peak_rss_mb"]

@@ -26,7 +26,7 @@ from chronorec.trainer import evaluate, report
 from chronorec.trainer.data import TargetPositions, build_examples, event_log_from
 from chronorec.trainer.forked import can_fork
 from chronorec.trainer.protocols import Dataset, bootstrap_ci, temporal_split
-from chronorec.trainer.tune import ReplayRanker
+from chronorec.trainer.tune import ReplayRanker, paired_tuning_gain
 
 pytestmark = pytest.mark.slow
 
@@ -186,6 +186,44 @@ def test_fine_tuning_that_kept_the_base_weights_uses_the_base_encoder(drift, chr
         ctx.bundles.pop("finetuned", None)
     assert not cm.kept_base_weights({**info, "best_step": 3})
     assert not cm.kept_base_weights({**info, "selection_queries": 0})
+
+
+def test_a_fine_tuned_encoder_serves_only_when_the_blend_over_it_gains(drift, chronorec):
+    ctx = chronorec.context(temporal_split(drift))
+    base = ctx.untuned()
+    info = {"selection_queries": 32, "best_step": 2, "steps": 4,
+            "encoder_valid_NDCG@10_before": 0.05, "encoder_valid_NDCG@10_after": 0.06}
+    # Its own retrieval improved, but it gives the base encoder's vectors: the blend over it ties.
+    same = cm.EncoderBundle("finetuned", base.encoder, base.version_dir, base.item_vectors, info)
+    saved = {"bundle": ctx.bundles.get("finetuned"), "tuning": ctx.tunings.pop("finetuned-time", None),
+             "replay": ctx._replays.pop("finetuned", None), "index": ctx._indexes.pop("finetuned", None)}
+    ctx.bundles["finetuned"] = same
+    try:
+        bundle, why = ctx.encoder_choice()
+        fused, plain = ctx.tunings["finetuned-time"], ctx.tunings["untuned-time"]
+        assert len(fused.per_instance) == fused.instances
+        np.testing.assert_array_equal(fused.per_instance, plain.per_instance)
+        assert bundle is base and why.startswith("base encoder") and "not above zero" in why
+        # A blend over it that does better on every tuning instance: the fine-tuned encoder serves.
+        ctx.tunings["finetuned-time"] = replace(fused, per_instance=fused.per_instance + 0.05)
+        bundle, why = ctx.encoder_choice()
+        assert bundle is same and why.startswith("fine-tuned encoder") and "+0.0500 [+0.0500, +0.0500]" in why
+        # ... unless its own retrieval did not improve.
+        same.info["encoder_valid_NDCG@10_after"] = 0.05
+        bundle, why = ctx.encoder_choice()
+        assert bundle is base and "did not improve" in why
+        with pytest.raises(ValueError, match="different instances"):
+            paired_tuning_gain(replace(fused, positions=fused.positions + 1), plain, drift.user)
+    finally:
+        ctx.tunings.pop("finetuned-time", None)
+        ctx._replays.pop("finetuned", None)
+        ctx._indexes.pop("finetuned", None)
+        for key, store, name in (("bundle", ctx.bundles, "finetuned"), ("tuning", ctx.tunings, "finetuned-time"),
+                                 ("replay", ctx._replays, "finetuned"), ("index", ctx._indexes, "finetuned")):
+            if saved[key] is not None:
+                store[name] = saved[key]
+            else:
+                store.pop(name, None)
 
 
 def test_item_vectors_are_kept_with_the_cached_models(drift, chronorec):

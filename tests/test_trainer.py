@@ -305,6 +305,10 @@ def test_tuning_chooses_parameters_that_score_what_it_reports(trained, data):
     task = EvalTask("tuning", data.dataset, data.inner.train, instances)
     check = fit_and_score(ReplayRanker(encode, data.event_log.items, result.params), task)
     assert float(check.metrics["NDCG@10"].mean()) == pytest.approx(result.value, abs=1e-9)
+    # ... instance by instance too, paired by position (what comparing two tunings reads).
+    assert sorted(result.positions.tolist()) == sorted(np.asarray(instances.pos).tolist())
+    by_position = dict(zip(np.asarray(instances.pos).tolist(), check.metrics["NDCG@10"].tolist()))
+    np.testing.assert_allclose(result.per_instance, [by_position[p] for p in result.positions.tolist()], atol=1e-9)
     default = fit_and_score(ReplayRanker(encode, data.event_log.items, TimeModelParams()), task)
     assert float(default.metrics["NDCG@10"].mean()) == pytest.approx(result.default_value, abs=1e-9)
 

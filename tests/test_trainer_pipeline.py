@@ -167,6 +167,35 @@ def test_a_worse_candidate_is_published_but_gated_and_force_activates_it(tmp_pat
     assert 0.5 < manifest.int8_cosine["min"] <= manifest.int8_cosine["mean"] <= 1.0 + 1e-6
 
 
+def test_fine_tuned_weights_that_do_not_lift_the_tuned_blend_are_not_published(tmp_path, drift, tiny_folder):
+    from chronorec.server.core.encoder import OnnxEncoder
+    from chronorec.server.core.itemtext import item_text
+
+    db, models, base = _fresh_world(tmp_path, drift, tiny_folder)
+    # A few small steps: a checkpoint beats the start on the encoder's own validation retrieval, but
+    # the blend tuned over it does no better than the one tuned over the starting weights.
+    outcome = run_once(db, models, RunSettings(steps=8, batch_size=16, lr=1e-4, eval_every=4, patience=10,
+                                               progress=False, max_eval_instances=60, threads=1))
+    choice = outcome.details["encoder"]
+    assert choice["best_step"] > 0 and choice["valid_best"] > choice["valid_before"]
+    low, high = choice["fused_valid"]["ci95_user_clustered"]
+    assert not low > 0 and low <= choice["fused_valid"]["difference"] <= high
+    assert choice["fine_tuned"] is False
+    repo = ModelRepository(models)
+    assert outcome.version in repo.list_versions()
+    manifest = load_manifest(repo.version_dir(outcome.version))
+    assert manifest.extra["trainer"]["encoder"]["fine_tuned"] is False
+    assert manifest.time_model == TimeModelParams.from_dict(outcome.details["time_model"])
+    # The version's encoder is the starting one: the same vectors as the base version's.
+    texts = [item_text(item) for item in drift.items[:20]]
+    published, starting = OnnxEncoder(repo.version_dir(outcome.version)), OnnxEncoder(repo.version_dir(base))
+    try:
+        np.testing.assert_allclose(published.encode(texts), starting.encode(texts), atol=1e-5)
+    finally:
+        published.close()
+        starting.close()
+
+
 def test_failures_exit_1_and_leave_the_serving_version(tmp_path, first_run):
     _, models, _, outcome = first_run
     assert run_once(tmp_path / "missing.db", models, RunSettings(**QUICK)).exit_code == EXIT_FAILED

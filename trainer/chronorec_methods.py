@@ -75,7 +75,9 @@ from chronorec.trainer.protocols import (
     exclusion_mask, expected_metrics, rank_counts, summarize,
 )
 from chronorec.trainer.resources import release_free_heap
-from chronorec.trainer.tune import ReplayRanker, RankerReplay, TuningGrid, build_index, fit_cooccurrence, tune_time_model
+from chronorec.trainer.tune import (
+    ReplayRanker, RankerReplay, TuningGrid, build_index, fit_cooccurrence, paired_tuning_gain, tune_time_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -402,17 +404,37 @@ class SplitContext:
         return self.bundles["finetuned"]
 
     def chosen(self) -> EncoderBundle:
-        """The encoder the pipeline would serve: the fine-tuned one only when its own retrieval on the
-        validation window (NDCG@10, the base encoder's measured on the same queries) improved."""
+        """The encoder the pipeline would serve (`encoder_choice()`'s)."""
+        return self.encoder_choice()[0]
+
+    def encoder_choice(self) -> tuple[EncoderBundle, str]:
+        """(the encoder the pipeline would serve, why). The fine-tuned one only when (1) its own
+        retrieval on the validation window improved (NDCG@10, the base encoder's measured on the
+        same queries), and (2) the blend over it, tuned on the tuning task as chronorec-finetuned-time
+        is, beats the blend over the base encoder (chronorec-untuned-time) on those instances with a
+        paired bootstrap interval above zero (users resampled): a gain of the encoder alone that does
+        not carry into the fused ranking is not worth the fine-tuned model."""
         finetuned = self.finetuned()
         info = finetuned.info.get("finetune", finetuned.info)
         before = info.get("encoder_valid_NDCG@10_before")
         after = info.get("encoder_valid_NDCG@10_after")
-        if before is not None and after is not None and after > before:
-            return finetuned
-        self.settings.say(f"{self.split.protocol}: the fine-tuned encoder's validation retrieval did not improve "
-                          f"(NDCG@10 {before} -> {after}): the base encoder is used")
-        return self.untuned()
+        if before is None or after is None or not after > before:
+            reason = (f"base encoder: the fine-tuned encoder's validation retrieval did not improve "
+                      f"(NDCG@10 {_fmt(before)} -> {_fmt(after)})")
+            bundle = self.untuned()
+        else:
+            base = TimeModelParams(history_max_events=self.settings.history_max_events)
+            fused = self.tune(finetuned, base, TIME_GRID, f"{finetuned.name}-time")
+            plain = self.tune(self.untuned(), base, TIME_GRID, "untuned-time")
+            gain, low, high = paired_tuning_gain(fused, plain, self.dataset.user)
+            better = low > 0
+            reason = (f"{'fine-tuned' if better else 'base'} encoder: its validation retrieval improved (NDCG@10 "
+                      f"{_fmt(before)} -> {_fmt(after)}); the blend over it on the tuning task "
+                      f"{fused.value:.4f} against the base encoder's {plain.value:.4f}, paired "
+                      f"{gain:+.4f} [{low:+.4f}, {high:+.4f}]{'' if better else ': not above zero'}")
+            bundle = finetuned if better else self.untuned()
+        self.settings.say(f"{self.split.protocol}: {reason}")
+        return bundle, reason
 
     def ranker_fit(self, bundle: EncoderBundle, params: TimeModelParams, key: str):
         """The learned ranker over `bundle` and the tuned blend `params`, trained once per key."""
@@ -912,6 +934,10 @@ def _ranker_report(fit) -> dict:
                                                               round(fit.valid_ndcg_ranker, 5)]}
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _tuning_report(tuning) -> dict:
     return {"tuning": {**tuning.summary(), "trace": tuning.trace}, "tuned_on": "validation window (tuning task)"}
 
@@ -994,22 +1020,20 @@ class ChronorecMethods:
 
     def _chosen_blend(self, split: Split):
         ctx = self.context(split)
-        bundle = ctx.chosen()
+        bundle, why = ctx.encoder_choice()
         base = TimeModelParams(history_max_events=self.settings.history_max_events)
         # The same key as untuned-time / finetuned-time: the encoder chosen is one of those two.
         tuning = ctx.tune(bundle, base, TIME_GRID, f"{bundle.name}-time")
-        return ctx, bundle, tuning
+        return ctx, bundle, tuning, {**_encoder_report(bundle), "encoder_choice": why, **_tuning_report(tuning)}
 
     def blend(self, split: Split) -> ChronorecRanker:
-        ctx, bundle, tuning = self._chosen_blend(split)
-        return ChronorecRanker(ctx, bundle, tuning.params, {**_encoder_report(bundle), **_tuning_report(tuning)},
-                               repeatable=True)
+        ctx, bundle, tuning, report = self._chosen_blend(split)
+        return ChronorecRanker(ctx, bundle, tuning.params, report, repeatable=True)
 
     def ranker(self, split: Split) -> ChronorecRanker:
-        ctx, bundle, tuning = self._chosen_blend(split)
+        ctx, bundle, tuning, report = self._chosen_blend(split)
         fit = ctx.ranker_fit(bundle, tuning.params, f"{bundle.name}-time")
-        return LearnedChronorecRanker(ctx, bundle, tuning.params, fit,
-                                      {**_encoder_report(bundle), **_tuning_report(tuning)})
+        return LearnedChronorecRanker(ctx, bundle, tuning.params, fit, report)
 
 
 def evaluation_methods(settings: Mapping[str, Any]) -> dict[str, MethodFactory]:

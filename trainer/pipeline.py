@@ -411,7 +411,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     from chronorec.trainer.data import newest_examples
     from chronorec.trainer import distributed
     from chronorec.trainer.finetune import FinetuneConfig, train_encoder, trending_negatives
-    from chronorec.trainer.tune import CachedEncoder, RankerReplay, torch_encoder, tune_time_model
+    from chronorec.trainer.tune import CachedEncoder, RankerReplay, paired_tuning_gain, torch_encoder, tune_time_model
 
     if settings.threads:
         # Beside a busy server, fewer threads than cores avoid OpenMP spin-waits on descheduled threads.
@@ -434,9 +434,10 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         say(f"training on the newest {len(train)} of {len(data.train)} examples "
             f"(from {_utc(train[0].timestamp)})")
     negatives = trending_negatives(train, data.dataset) if settings.time_negatives > 0 else None
+    # The starting weights are kept for the ablation and for the choice below, which tunes over them.
     encoder = train_encoder(init_folder, train, data.valid, item_texts, config, train_layers=settings.train_layers,
-                            run_tag=f"{init_folder.resolve()}|{data.event_log.max_seq}", keep_initial=settings.ablation,
-                            negatives=negatives)
+                            run_tag=f"{init_folder.resolve()}|{data.event_log.max_seq}",
+                            keep_initial=settings.ablation or settings.tune, negatives=negatives)
     module, tokenizer, trained, initial_module = encoder.module, encoder.tokenizer, encoder.result, encoder.initial
     say(f"fine-tuned {trained.steps} steps ({encoder.trained_layers} layers) at {trained.examples_per_second:.1f} examples/s "
         f"on {trained.device}; "
@@ -469,11 +470,32 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         say(f"time model tuned on {tuning.instances} validation instances: {tuning.metric} "
             f"{tuning.default_value:.4f} -> {tuning.value:.4f}")
 
-    learned, ranker_details = _train_ranker(data, encode, params, settings, say) if settings.ranker else (None, None)
-
     initial_encode = (CachedEncoder(torch_encoder(initial_module, tokenizer, max_length=serving.max_length))
                       if initial_module is not None else None)
-    evaluation = _evaluate(data, repo, serving, encode, params, settings, say, initial_encode, learned)
+    if tuning is not None and encoder_choice["fine_tuned"] and initial_encode is not None:
+        # The fine-tuned weights serve only when the blend over them, tuned on the validation window,
+        # beats the blend over the starting weights tuned there too, by a paired interval above zero:
+        # a gain of the encoder alone that does not carry into the fused ranking is not worth a change.
+        replay = RankerReplay(data.dataset, data.event_log.items, data.inner.train, initial_encode)
+        start_tuning = tune_time_model(replay, data.inner.instances, serving.params,
+                                       max_instances=settings.max_tune_instances, seed=settings.seed)
+        gain, low, high = paired_tuning_gain(tuning, start_tuning, data.dataset.user)
+        better = low > 0
+        encoder_choice["fused_valid"] = {
+            "metric": tuning.metric, "fine_tuned": tuning.value, "starting": start_tuning.value,
+            "difference": gain, "ci95_user_clustered": [low, high]}
+        say(f"validation {tuning.metric} of the tuned blend: fine-tuned weights {tuning.value:.4f}, starting weights "
+            f"{start_tuning.value:.4f}, paired {gain:+.4f} [{low:+.4f}, {high:+.4f}]: "
+            + ("the fine-tuned weights serve" if better else "not above zero, the version keeps the starting weights"))
+        if not better:
+            module = encoder.module = initial_module
+            encode, params, tuning = initial_encode, start_tuning.params, start_tuning
+            encoder_choice["fine_tuned"] = False
+
+    learned, ranker_details = _train_ranker(data, encode, params, settings, say) if settings.ranker else (None, None)
+
+    evaluation = _evaluate(data, repo, serving, encode, params, settings, say,
+                           initial_encode if settings.ablation else None, learned)
 
     metrics: dict[str, Any] = {**evaluation["candidate"], "test_instances": evaluation["gate"]["instances"]}
     metrics.update({f"serving_{k}": v for k, v in evaluation["serving"].items()})

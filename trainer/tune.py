@@ -26,7 +26,7 @@ from chronorec.server.core.scoring import COMPONENTS, WEIGHT_NAMES, personal_sca
 from chronorec.server.core.timetext import HistoryEntry
 from chronorec.trainer.batch_replay import ReplayScorer, chunk_split, first_occurrences, within_reach
 from chronorec.trainer.forked import beside, refusing_encoder, workers_for
-from chronorec.trainer.protocols import Dataset, Instances, expected_metrics
+from chronorec.trainer.protocols import Dataset, Instances, bootstrap_ci, expected_metrics
 from chronorec.trainer.resources import release_free_heap
 
 log = logging.getLogger(__name__)
@@ -350,6 +350,10 @@ class TuningResult:
     # Where the coordinate ascent started: "given" (the starting parameters) or "timeless" (the
     # grid's corner without time, which scored better).
     start: str = "given"
+    # `metric` of `params` on each tuning instance (0 where the target is out of reach), and each
+    # one's global position: two tunings on the same instances pair up by position.
+    per_instance: np.ndarray | None = None
+    positions: np.ndarray | None = None
 
     def summary(self) -> dict:
         return {"metric": self.metric, "tuned": self.value, "untuned": self.default_value,
@@ -758,7 +762,9 @@ def tune_time_model(
     scorer = replay.scorer()
     if scorer is None:
         replay.prime(instances, collecting)
+        walked_rows: list[int] = []
         for row, user_id, at in replay.walk(instances):
+            walked_rows.append(row)
             scored = [replay.score(user_id, at, setting) for setting in settings]
             target_id = replay.dataset.item_ids[instances.target[row]]
             hits = np.flatnonzero(scored[0].item_ids == target_id)
@@ -769,6 +775,7 @@ def tune_time_model(
             parts = _collect([b.astype(np.float32) for b in blocks], int(hits[0]))
             parts.gap_seconds = replay.gap_seconds(int(instances.pos[row]))
             collected.append(kept(parts))
+        collected_positions = np.asarray(instances.pos, dtype=np.int64)[np.asarray(walked_rows, dtype=np.int64)]
     else:
         # The same components from the batch form of the ranker, each computed only for the passes
         # that read it, in the walk's order (the search below sums the instances in that order).
@@ -795,6 +802,7 @@ def tune_time_model(
             return out
 
         collected = _components_beside(components, len(walked), replay, replay_workers)
+        collected_positions = np.asarray(walked.pos, dtype=np.int64)
     collect_seconds = time.perf_counter() - started
 
     # A component flat in every instance (freshness on a catalog without publication times) cannot
@@ -809,9 +817,9 @@ def tune_time_model(
 
     threads = max(1, min(search_threads or os.cpu_count() or 1, os.cpu_count() or 1))
 
-    def evaluate(choice: tuple[int, ...], weight_rows: np.ndarray) -> np.ndarray:
+    def evaluate(choice: tuple[int, ...], weight_rows: np.ndarray, per_instance: bool = False) -> np.ndarray:
         """Mean `metric` per weight row for one choice of (semantic, co-occurrence, freshness, trend,
-        personal half-life) values."""
+        personal half-life) values (`per_instance`: (rows, instances in reach) values instead)."""
         all_rows = weight_rows.astype(np.float32)
         product = _WeightProduct(all_rows)
         half_life = personal_values[choice[4]]
@@ -844,7 +852,7 @@ def tune_time_model(
             tied[:, members] = t
 
         if not present:
-            return np.zeros(len(weight_rows))
+            return np.zeros((len(weight_rows), 0) if per_instance else len(weight_rows))
         groups = [members[a:a + _SEARCH_SLICE] for members in by_scale.values()
                   for a in range(0, len(members), _SEARCH_SLICE)]
         if threads == 1:
@@ -864,9 +872,12 @@ def tune_time_model(
             if degenerate.any():
                 better[degenerate, j] = 0
                 tied[degenerate, j] = parts.candidates - 1
+        values = expected_metrics(better, tied)[metric]
+        if per_instance:
+            return values
         # Summed instance after instance (a running sum, as a loop adds them; a pairwise sum would
         # round differently and could change which row wins a near tie).
-        total = np.cumsum(expected_metrics(better, tied)[metric], axis=1)[:, -1]
+        total = np.cumsum(values, axis=1)[:, -1]
         return total / max(1, len(collected))
 
     def index_of(options: list[float], value: float) -> int:
@@ -930,6 +941,9 @@ def tune_time_model(
             trace.append({"round": round_number, "slot": slot, "best": best_value})
         if not improved:
             break
+    per_instance = np.zeros(len(collected))
+    per_instance[[j for j, parts in enumerate(collected) if parts is not None]] = \
+        evaluate(tuple(choice), best_weights[None, :], per_instance=True)[0]
     if threads > 1:
         release_free_heap()  # the worker threads' arenas held the slices' temporaries
     # Inert components keep the starting weight: harmless here, and meaningful once they vary.
@@ -949,7 +963,22 @@ def tune_time_model(
              len(instances), seconds, collect_seconds, metric, best_value, default_value,
              "; searched from the timeless corner" if from_corner else "")
     return TuningResult(tuned, metric, best_value, default_value, len(instances), seconds, trace,
-                        "timeless" if from_corner else "given")
+                        "timeless" if from_corner else "given", per_instance, collected_positions)
+
+
+def paired_tuning_gain(a: TuningResult, b: TuningResult, user_of: np.ndarray) -> tuple[float, float, float]:
+    """(mean of a − b, its 95 % bootstrap interval, users resampled) over the instances two tunings
+    scored, each with its own parameters, paired by position: they must have tuned on the same
+    instances (`user_of`: the user of each position)."""
+    order_a, order_b = np.argsort(a.positions, kind="stable"), np.argsort(b.positions, kind="stable")
+    positions = a.positions[order_a]
+    if not np.array_equal(positions, b.positions[order_b]):
+        raise ValueError("the two tunings scored different instances")
+    if not len(positions):
+        return 0.0, 0.0, 0.0
+    difference = a.per_instance[order_a] - b.per_instance[order_b]
+    low, high = bootstrap_ci(difference, clusters=np.asarray(user_of)[positions])
+    return float(difference.mean()), float(low), float(high)
 
 
 __all__ = [
@@ -960,6 +989,7 @@ __all__ = [
     "TuningResult",
     "build_index",
     "fit_cooccurrence",
+    "paired_tuning_gain",
     "torch_encoder",
     "tune_time_model",
 ]

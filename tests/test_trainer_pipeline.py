@@ -185,6 +185,7 @@ def test_fine_tuned_weights_that_do_not_lift_the_tuned_blend_are_not_published(t
     assert outcome.version in repo.list_versions()
     manifest = load_manifest(repo.version_dir(outcome.version))
     assert manifest.extra["trainer"]["encoder"]["fine_tuned"] is False
+    assert manifest.metrics["encoder_valid_MRR"] == manifest.metrics["encoder_valid_MRR_before"]
     assert manifest.time_model == TimeModelParams.from_dict(outcome.details["time_model"])
     # The version's encoder is the starting one: the same vectors as the base version's.
     texts = [item_text(item) for item in drift.items[:20]]

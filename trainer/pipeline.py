@@ -501,7 +501,9 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     metrics.update({f"serving_{k}": v for k, v in evaluation["serving"].items()})
     metrics["train_examples_per_second"] = trained.examples_per_second
     if trained.best_metric is not None:
-        metrics[f"encoder_valid_{config.early_stop_metric}"] = trained.best_metric
+        # The shipped encoder's: the starting weights' when the fused test kept them.
+        metrics[f"encoder_valid_{config.early_stop_metric}"] = (trained.best_metric if encoder_choice["fine_tuned"]
+                                                                 else trained.initial_metric)
         metrics[f"encoder_valid_{config.early_stop_metric}_before"] = trained.initial_metric
     if tuning is not None:
         metrics[f"tuning_valid_{tuning.metric}"] = tuning.value

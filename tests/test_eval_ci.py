@@ -25,7 +25,7 @@ from chronorec.trainer import chronorec_methods as cm
 from chronorec.trainer import evaluate, report
 from chronorec.trainer.data import TargetPositions, build_examples, event_log_from
 from chronorec.trainer.forked import can_fork
-from chronorec.trainer.protocols import Dataset, bootstrap_ci, temporal_split
+from chronorec.trainer.protocols import Dataset, EvalTask, bootstrap_ci, fit_and_score, temporal_split
 from chronorec.trainer.tune import ReplayRanker, paired_tuning_gain
 
 pytestmark = pytest.mark.slow
@@ -164,6 +164,23 @@ def test_learned_ranker_beats_the_blend_which_beats_time_blind(drift, chronorec)
     blend = result["chronorec-blend"]["params"]
     assert ranker["encoder"] == blend["encoder"]
     assert {k: ranker[k] for k in TimeModelParams().to_dict()} == {k: blend[k] for k in TimeModelParams().to_dict()}
+
+
+def test_a_ranker_that_does_not_beat_the_blend_on_validation_is_left_out_as_the_trainer_does(drift, chronorec):
+    split = temporal_split(drift)
+    learned = chronorec.ranker(split)
+    fit = learned.ranker_fit
+    assert fit.helps and learned.replay_ranker.learned_ranker is fit.ranker and learned.params["ranker"]["used"]
+    # The same trees, had they only tied the blend on validation: chronorec-train run would ship the
+    # version without them, so the variant scores as the blend does.
+    losing = replace(fit, valid_ndcg_ranker=fit.valid_ndcg_blend)
+    left_out = cm.LearnedChronorecRanker(learned.ctx, learned.bundle, learned.time_model, losing, learned.report)
+    assert left_out.replay_ranker.learned_ranker is None and left_out.params["ranker"]["used"] is False
+    test = split.test_task()
+    task = EvalTask(test.name, test.dataset, test.train, test.instances[:40])
+    blend = fit_and_score(chronorec.blend(split), task).metrics["NDCG@10"]
+    np.testing.assert_array_equal(fit_and_score(left_out, task).metrics["NDCG@10"], blend)
+    assert not np.array_equal(fit_and_score(learned, task).metrics["NDCG@10"], blend)
 
 
 def test_fine_tuning_that_kept_the_base_weights_uses_the_base_encoder(drift, chronorec, monkeypatch):

@@ -881,12 +881,16 @@ class ChronorecRanker:
 
 
 class LearnedChronorecRanker(ChronorecRanker):
-    """chronorec-ranker: the serving TimeAwareRanker with the version's learned ranker, replayed."""
+    """chronorec-ranker: the serving TimeAwareRanker with the version's learned ranker, replayed.
+
+    As `chronorec-train run` ships a learned ranker only when it beats the blend on the validation
+    window (RankerFit.helps), a ranker that does not is left out here too: the version would serve
+    the blend, and so does this variant (its report says `ranker.used` false)."""
 
     def __init__(self, ctx: SplitContext, bundle: EncoderBundle, params: TimeModelParams, fit, report: dict):
         super().__init__(ctx, bundle, params, report)
         self.ranker_fit = fit
-        self.replay_ranker.learned_ranker = fit.ranker
+        self.replay_ranker.learned_ranker = fit.ranker if fit.helps else None
         # A target the learned ranker cannot reach keeps the blend's rank: its rerank is skipped
         # (ReplayRanker._score_learned; every metric is the same).
         self.replay_ranker.rerank_reachable_only = True
@@ -930,8 +934,8 @@ def _encoder_report(bundle: EncoderBundle) -> dict:
 
 
 def _ranker_report(fit) -> dict:
-    return {"ranker": fit.summary(), "ranker_valid_NDCG@10": [round(fit.valid_ndcg_blend, 5),
-                                                              round(fit.valid_ndcg_ranker, 5)]}
+    return {"ranker": {**fit.summary(), "used": fit.helps},
+            "ranker_valid_NDCG@10": [round(fit.valid_ndcg_blend, 5), round(fit.valid_ndcg_ranker, 5)]}
 
 
 def _fmt(value: float | None) -> str:

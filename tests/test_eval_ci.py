@@ -574,6 +574,19 @@ def _static_taste_log(folder) -> Dataset:
     return Dataset(*detect_and_load(folder))
 
 
+def test_the_drift_log_written_for_the_evaluation_reads_back_as_generated(tmp_path):
+    from bench.eval_drift_data import generate
+    from bench.eval_scale_data import write
+
+    from chronorec.server.core.importers import detect_and_load
+
+    write(tmp_path, *generate(seed=7, users=30))
+    items, events = detect_and_load(tmp_path)
+    original = generate_drift_dataset(seed=7, n_users=30, anchor=1_790_000_000.0)
+    assert sorted(items, key=lambda i: i.item_id) == sorted(original.items, key=lambda i: i.item_id)
+    assert sorted(events, key=lambda e: e.event_id) == sorted(original.events, key=lambda e: e.event_id)
+
+
 def test_time_aware_tuning_scores_at_least_the_timeless_blend(drift, chronorec, tmp_path):
     """The time grid holds the timeless blend (α 0, no decay, a year's popularity) and the search
     starts there when it beats the starting parameters, so the time-aware tuning scores at least

@@ -104,7 +104,10 @@ def test_trainer_benchmark_quick(tmp_path):
     assert result["status"] in ("activated", "gated") and result["events"] > 0
     assert _finite_positive(result["examples_per_second"]) and result["train_examples"] == 20 * 32
     rows = result["rows"]
-    assert set(rows) >= {"before: serving base encoder, default time model", "after: fine-tuned encoder, tuned time model"}
+    assert "before: serving base encoder, default time model" in rows
+    # The rows name what the version ships: the fine-tuned weights only when both of the trainer's tests passed.
+    shipped = "fine-tuned encoder" if result["encoder"]["fine_tuned"] else "starting weights (fine-tuning not kept)"
+    assert any(name.startswith(f"after: {shipped}, tuned time model") for name in rows)
     assert all(0.0 <= m["NDCG@10"] <= 1.0 for m in rows.values())
     assert result["prepare"]["items"] == result["items"] or result["status"] == "gated"
 

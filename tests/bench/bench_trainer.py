@@ -83,12 +83,17 @@ def run(args: argparse.Namespace) -> dict:
         details = outcome.details
         ablation = details.get("ablation") or {}
         finetune = details.get("finetune") or {}
+        # What the version ships: the fine-tuned weights only when they passed both of the trainer's
+        # tests (the encoder's own retrieval, then the tuned blend over it), else the starting ones.
+        encoder = details.get("encoder") or {}
+        shipped = "fine-tuned encoder" if encoder.get("fine_tuned") else "starting weights (fine-tuning not kept)"
+        with_ranker = ", learned ranker" if (details.get("ranker") or {}).get("used") else ""
         rows = [
             ("before: serving base encoder, default time model", outcome.serving_metrics),
             ("base encoder, time model tuned on validation", ablation.get("initial_weights_tuned_time_model", {})),
             ("base encoder alone (semantic score only)", ablation.get("initial_weights_encoder_only", {})),
-            ("fine-tuned encoder alone (semantic score only)", ablation.get("candidate_encoder_only", {})),
-            ("after: fine-tuned encoder, tuned time model", outcome.candidate_metrics),
+            (f"shipped encoder alone (semantic score only): {shipped}", ablation.get("candidate_encoder_only", {})),
+            (f"after: {shipped}, tuned time model{with_ranker}", outcome.candidate_metrics),
         ]
         result = {
             "data": source,
@@ -109,6 +114,7 @@ def run(args: argparse.Namespace) -> dict:
             "rows": {name: metrics for name, metrics in rows},
             "gate": details.get("gate"),
             "time_model": details.get("time_model"),
+            "encoder": encoder,
             "prepare": details.get("prepare"),
             "torch_threads": torch.get_num_threads(),
         }
@@ -122,6 +128,12 @@ def run(args: argparse.Namespace) -> dict:
         [[name, m.get("HR@10"), m.get("NDCG@10"), m.get("NDCG@20"), m.get("MRR")] for name, m in rows],
     )
     before, after = outcome.serving_metrics.get(GATE), outcome.candidate_metrics.get(GATE)
+    fused = result["encoder"].get("fused_valid")
+    if fused:
+        low, high = fused["ci95_user_clustered"]
+        print(f"validation {fused['metric']} of the tuned blend: fine-tuned {fused['fine_tuned']:.4f}, starting weights "
+              f"{fused['starting']:.4f}, paired {fused['difference']:+.4f} [{low:+.4f}, {high:+.4f}]: "
+              f"{'fine-tuned weights shipped' if result['encoder'].get('fine_tuned') else 'starting weights shipped'}")
     print(f"training: {result['train_examples']} examples at {result['examples_per_second']:.1f} examples/s "
           f"({result['torch_threads']} torch threads); whole run {seconds:.0f} s; {outcome.status}")
     if before is not None and after is not None:

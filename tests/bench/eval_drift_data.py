@@ -4,7 +4,7 @@
     /usr/bin/time -v .venv/bin/chronorec-eval --data /tmp/eval-drift --protocol both \\
         --plugin chronorec.trainer.chronorec_methods --out /tmp/eval-drift/report
 
-Users whose interest moves from one topic to another over a 60-day window, items that expire and a
+Users whose interest moves from one topic to another over a 120-day window, items that expire and a
 few published late (`server.core.demo.generate_drift_dataset`); the third data set of the README's
 fine-tuning figures beside ML-100K and ml-latest-small. Same arguments, same files.
 """

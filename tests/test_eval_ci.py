@@ -196,7 +196,7 @@ def test_fine_tuning_that_kept_the_base_weights_uses_the_base_encoder(drift, chr
         # The very same encoder and vectors, under the base encoder's name: its index and tuning are shared.
         assert finetuned.item_vectors is base.item_vectors and finetuned.name == base.name
         assert finetuned.info["kept_base_weights"] and finetuned.info["finetune"] == info
-        assert ctx.chosen() is base
+        assert ctx.encoder_choice()[0] is base
         report_line = cm._encoder_report(finetuned)
         assert report_line["encoder"].startswith("untuned") and report_line["encoder_only_valid_NDCG@10"] == [0.05, 0.05]
     finally:
@@ -232,9 +232,6 @@ def test_a_fine_tuned_encoder_serves_only_when_the_blend_over_it_gains(drift, ch
         with pytest.raises(ValueError, match="different instances"):
             paired_tuning_gain(replace(fused, positions=fused.positions + 1), plain, drift.user)
     finally:
-        ctx.tunings.pop("finetuned-time", None)
-        ctx._replays.pop("finetuned", None)
-        ctx._indexes.pop("finetuned", None)
         for key, store, name in (("bundle", ctx.bundles, "finetuned"), ("tuning", ctx.tunings, "finetuned-time"),
                                  ("replay", ctx._replays, "finetuned"), ("index", ctx._indexes, "finetuned")):
             if saved[key] is not None:

@@ -403,10 +403,6 @@ class SplitContext:
                 self.bundles["finetuned"] = self._bundle("finetuned", version_dir, info)
         return self.bundles["finetuned"]
 
-    def chosen(self) -> EncoderBundle:
-        """The encoder the pipeline would serve (`encoder_choice()`'s)."""
-        return self.encoder_choice()[0]
-
     def encoder_choice(self) -> tuple[EncoderBundle, str]:
         """(the encoder the pipeline would serve, why). The fine-tuned one only when (1) its own
         retrieval on the validation window improved (NDCG@10, the base encoder's measured on the

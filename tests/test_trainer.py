@@ -196,6 +196,59 @@ def test_contrastive_loss_masks_other_rows_with_the_same_item():
     assert torch.isfinite(with_hard) and with_hard > loss  # more negatives, harder task
 
 
+
+def test_logq_correction_subtracts_each_in_batch_items_log_frequency():
+    torch.manual_seed(1)
+    queries = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    items = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    keys = torch.tensor([1, 2, 3, 4])
+    log_q = torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125]))
+    corrected = contrastive_loss(queries, items, keys, 0.1, log_q=log_q)
+
+    logits = queries @ items.T / 0.1
+    targets = torch.arange(4)
+    # Query to item: each item's column is lowered by its log frequency (a popular item, often a
+    # negative in others' rows, is no longer pushed away for it). Item to query: unchanged.
+    expected = (torch.nn.functional.cross_entropy(logits - log_q[None, :], targets)
+                + torch.nn.functional.cross_entropy(logits.T, targets)) / 2
+    assert torch.allclose(corrected, expected)
+    # Equal frequencies shift every logit alike: the plain loss.
+    uniform = contrastive_loss(queries, items, keys, 0.1, log_q=torch.full((4,), -3.0))
+    assert torch.allclose(uniform, contrastive_loss(queries, items, keys, 0.1))
+    # Hard negatives keep their logits; only the in-batch columns are corrected.
+    hard = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
+    with_hard = contrastive_loss(queries, items, keys, 0.1, hard, torch.tensor([7, 8]), log_q=log_q)
+    all_logits = torch.cat([logits - log_q[None, :], queries @ hard.T / 0.1], dim=1)
+    assert torch.allclose(with_hard, (torch.nn.functional.cross_entropy(all_logits, targets)
+                                      + torch.nn.functional.cross_entropy(logits.T, targets)) / 2)
+
+
+def test_finetuning_corrects_each_positive_by_its_share_of_the_training_positives(tiny_folder, data, item_texts,
+                                                                                monkeypatch):
+    train = data.train[:64]
+    share = {}
+    for e in train:
+        share[e.item_id] = share.get(e.item_id, 0) + 1 / len(train)
+    seen = []
+    real_loss = finetune_module.contrastive_loss
+
+    def spy(queries, items, keys, temperature, hard_items=None, hard_keys=None, log_q=None):
+        seen.append(None if log_q is None else log_q.clone())
+        return real_loss(queries, items, keys, temperature, hard_items, hard_keys, log_q=log_q)
+
+    monkeypatch.setattr(finetune_module, "contrastive_loss", spy)
+    module, tokenizer = load_base_model(tiny_folder)
+    config = FinetuneConfig(steps=2, batch_size=16, lr=TINY_LR, max_length=SHORT, progress=False)
+    assert config.logq_correction  # the default recipe
+    finetune(module, tokenizer, train, [], item_texts, config)
+    batches = finetune_module._Batches(len(train), 16, config.seed)
+    for step, log_q in enumerate(seen):
+        expected = [np.log(share[train[r].item_id]) for r in batches.at(step)]
+        assert np.allclose(log_q.numpy(), expected, atol=1e-5)
+    seen.clear()
+    finetune(module, tokenizer, train, [], item_texts, replace(config, logq_correction=False))
+    assert seen == [None, None]
+
 # ------------------------------------------------------------------------ fine-tuning
 
 

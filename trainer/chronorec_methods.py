@@ -111,6 +111,7 @@ class EvalSettings:
     finetune_whole_window: bool = False  # sample the examples from the whole training window, not the newest
     finetune_time_negatives: int = 0  # per example, items trending at its time as extra negatives
     finetune_distill: float = 0.0  # weight of the term keeping the vectors near the base encoder's
+    finetune_logq: bool = True  # in-batch negatives corrected for their sampling frequency (FinetuneConfig.logq_correction)
     hard_negatives: int = 0
     tune_max_instances: int | None = 1000  # tuning instances (a seeded sample of the tuning task)
     sweeps: bool = True
@@ -519,6 +520,7 @@ class SplitContext:
             max_length=s.max_length, device="auto",
             progress=None if s.progress is None else s.progress,
             time_negatives=s.finetune_time_negatives, distill_weight=s.finetune_distill,
+            logq_correction=s.finetune_logq,
         )
         fingerprint = _digest(
             "finetune-v3", s.finetune_keep_best, str(base), self.split.protocol, d.user, d.item, d.ts, self.item_ids,
@@ -586,7 +588,7 @@ class SplitContext:
             "trained_layers": trained.trained_layers, "steps": result.steps, "lr": s.finetune_lr,
             "best_step": result.best_step if selection else result.steps, "selection_queries": len(selection),
             "whole_window": s.finetune_whole_window, "time_negatives": s.finetune_time_negatives,
-            "distill": s.finetune_distill,
+            "distill": s.finetune_distill, "logq": s.finetune_logq,
             "examples_per_second": round(result.examples_per_second, 2),
             "encoder_valid_before": before, "encoder_valid_after": after,
             "encoder_valid_NDCG@10_before": before.get("NDCG@10"), "encoder_valid_NDCG@10_after": after.get("NDCG@10"),

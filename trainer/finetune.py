@@ -10,6 +10,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,12 @@ class FinetuneConfig:
     # Weight of a term keeping the query and item vectors near the starting encoder's (cosine to a
     # frozen copy): the encoder learns the log without forgetting what it knew. 0: off.
     distill_weight: float = 0.0
+    # Sampling-bias correction of the in-batch negatives (logQ): an item is a negative in other rows'
+    # batches about as often as it is a positive, so uncorrected InfoNCE learns
+    # log p(item | history) - log p(item) and pushes popular items away from every history, while
+    # retrieval over the whole catalogue must rank them by p(item | history). Subtracting each
+    # in-batch item's log frequency among the training positives from its logits removes that bias.
+    logq_correction: bool = True
     hard_negative_skip: int = 0  # nearest items passed over (likely unlabelled positives)
     hard_negative_refresh: int | None = None  # steps between re-encoding the catalog; None: once per epoch
     eval_every: int | None = None  # steps between validations; None: about 5 per run
@@ -122,13 +129,17 @@ def contrastive_loss(
     temperature: float,
     hard_items: torch.Tensor | None = None,
     hard_keys: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE with in-batch negatives (rows are unit vectors; row i's positive is items[i]).
 
     Another row with the same positive item is not a negative of row i (same item key) and is
     masked out in both directions; a hard negative that happens to be row i's positive is masked
     too. Unlike regressing cos(query, positive) to 1, the negatives push unrelated pairs apart, so
-    the vectors cannot all collapse onto one point.
+    the vectors cannot all collapse onto one point. `log_q`: per row, the log of its positive's
+    sampling frequency (FinetuneConfig.logq_correction), subtracted from that item's column in the
+    query-to-item direction (the item-to-query direction's softmax runs over queries, where a
+    constant per item cancels).
     """
     batch = queries.shape[0]
     targets = torch.arange(batch, device=queries.device)
@@ -136,6 +147,8 @@ def contrastive_loss(
     duplicate = (item_keys[:, None] == item_keys[None, :]) & ~torch.eye(batch, dtype=torch.bool, device=queries.device)
     logits = logits.masked_fill(duplicate, float("-inf"))
     item_to_query = F.cross_entropy(logits.T, targets)
+    if log_q is not None:
+        logits = logits - log_q[None, :]
     if hard_items is not None and hard_items.shape[0]:
         hard_logits = queries @ hard_items.T / temperature
         hard_logits = hard_logits.masked_fill(item_keys[:, None] == hard_keys[None, :], float("-inf"))
@@ -634,6 +647,14 @@ def finetune(
         # Same item, same key: the loss masks such pairs. An item outside the catalog gets a key of its own.
         return torch.tensor([item_key.get(train[r].item_id, -1 - r) for r in rows], device=device)
 
+    positives = Counter(e.item_id for e in train)
+
+    def log_q_of(rows: list[int]) -> torch.Tensor | None:
+        if not config.logq_correction:
+            return None
+        return torch.tensor([math.log(positives[train[r].item_id] / len(train)) for r in rows],
+                            dtype=torch.float32, device=device)
+
     rng = np.random.default_rng(config.seed)
     valid_sample = list(valid)
     if len(valid_sample) > config.max_valid_queries:
@@ -774,6 +795,7 @@ def finetune(
                     query_vectors.float(), item_vectors[: len(batch)].float(), keys_of(rows), config.temperature,
                     item_vectors[len(batch):].float() if hard_texts else None,
                     torch.tensor(hard_keys, device=device) if hard_texts else None,
+                    log_q_of(rows),
                 )
                 if teacher is not None:
                     loss = loss + config.distill_weight * _distillation(

@@ -125,6 +125,9 @@ class RunSettings:
         0, group=FINETUNE, help="negatives per example among the items trending at the example's time")
     distill: float = setting(
         0.0, group=FINETUNE, help="weight of a term keeping the vectors near the starting encoder's (0: off)")
+    logq: bool = setting(
+        True, group=FINETUNE, help="correct the in-batch negatives for how often each item is a positive (logQ; "
+                                   "off: plain in-batch contrastive loss)")
     train_layers: int | None = setting(
         None, group=FINETUNE,
         help="train only the top N transformer layers, the rest frozen (about 2x the steps per second on CPU; "
@@ -424,7 +427,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         temperature=settings.temperature, warmup_fraction=settings.warmup_fraction,
         hard_negatives=settings.hard_negatives, seed=settings.seed, patience=settings.patience,
         abandon_fraction=settings.abandon_fraction,
-        time_negatives=settings.time_negatives, distill_weight=settings.distill,
+        time_negatives=settings.time_negatives, distill_weight=settings.distill, logq_correction=settings.logq,
         eval_every=settings.eval_every, max_length=serving.max_length, device=settings.device,
         checkpoint_dir=str(models / CHECKPOINTS_DIR / IN_PROGRESS_DIR), progress=settings.progress,
     )

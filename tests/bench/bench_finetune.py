@@ -34,7 +34,9 @@ import numpy as np
 
 from .common import ANCHOR, DEFAULT_OUT, _json_default, load_note, log, print_table
 
-# The evaluation's fine-tuning (EvalSettings): 100 steps of 32 newest examples, top 2 layers, lr 2e-4.
+# The evaluation's fine-tuning (EvalSettings): 100 steps of 32 newest examples, top 2 layers, lr 2e-4,
+# in-batch negatives corrected for their frequency (the "logq" variant; the others vary the recipe
+# before that correction, "default").
 BASE_STEPS = 100
 BASE_BATCH = 32
 BASE_LR = 2e-4
@@ -57,11 +59,13 @@ class Variant:
     time_negatives: int = 0
     distill: float = 0.0
     plain_history: bool = False  # history text without its relative-time phrases (training and measuring)
+    logq: bool = False  # in-batch negatives corrected for their sampling frequency (FinetuneConfig.logq_correction)
     steps: int | None = None  # None: the run's --steps
 
 
 VARIANTS = {v.name: v for v in (
-    Variant("default", "the evaluation's recipe: top 2 layers, lr 2e-4, newest examples, best checkpoint"),
+    Variant("default", "the evaluation's earlier recipe: top 2 layers, lr 2e-4, newest examples, best checkpoint, "
+                       "plain in-batch negatives"),
     Variant("last", "as default, the last weights instead of the best checkpoint", keep_best=False),
     Variant("lr5e-5", "as default at lr 5e-5", lr=5e-5),
     Variant("lr1e-3", "as default at lr 1e-3", lr=1e-3),
@@ -74,8 +78,11 @@ VARIANTS = {v.name: v for v in (
     Variant("norm-head", "frozen encoder, only the output LayerNorm trains (a diagonal head), lr 1e-3",
             output_norm_only=True, lr=1e-3, train_layers=0),
     Variant("plain-text", "as default, history text without its relative-time phrases", plain_history=True),
+    Variant("logq", "the evaluation's recipe: as default, in-batch negatives corrected for how often each item "
+                    "is a positive (logQ)", logq=True),
+    Variant("logq-lr5e-5", "as logq at lr 5e-5", logq=True, lr=5e-5),
 )}
-DEFAULT_VARIANTS = ("default", "last", "lr5e-5", "top1", "whole", "trend", "distill", "norm-head", "plain-text")
+DEFAULT_VARIANTS = ("default", "last", "lr5e-5", "top1", "whole", "trend", "distill", "norm-head", "plain-text", "logq")
 
 
 def plain_history(query: str) -> str:
@@ -200,7 +207,7 @@ def run_variant(study: Study, variant: Variant, steps: int, eval_every: int | No
     config = FinetuneConfig(steps=steps, batch_size=BASE_BATCH, lr=variant.lr, seed=study.seed,
                             max_valid_queries=len(study.selection) or 1, max_length=study.max_length, device="cpu",
                             progress=False, time_negatives=variant.time_negatives, distill_weight=variant.distill,
-                            eval_every=eval_every)
+                            logq_correction=variant.logq, eval_every=eval_every)
     # The best trained checkpoint (the starting weights do not compete): what the recipe learned.
     # Whether keep-best would have kept it over the starting weights is reported beside it.
     result = finetune(module, tokenizer, train, selection, study.item_texts, config, negatives=negatives,

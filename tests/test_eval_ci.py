@@ -146,7 +146,7 @@ def test_a_plugin_drops_a_finished_splits_context_before_the_next_split_runs(dri
 def test_learned_ranker_beats_the_blend_which_beats_time_blind(drift, chronorec):
     per_instance: dict[str, np.ndarray] = {}
     methods = ["chronorec-ranker", "chronorec-blend", "chronorec-finetuned-blind"]
-    document = evaluate.evaluate(drift, ["temporal"], methods, progress=False, per_instance=per_instance,
+    document = evaluate.evaluate(drift, ["temporal"], ["MostPop", *methods], progress=False, per_instance=per_instance,
                                  factories={**evaluate.METHODS, **chronorec.factories()})
     result = document["protocols"]["temporal"]["methods"]
     ndcg = {m: result[m]["metrics"]["NDCG@10"]["mean"] for m in methods}
@@ -155,7 +155,16 @@ def test_learned_ranker_beats_the_blend_which_beats_time_blind(drift, chronorec)
     comparisons = {(c["method"], c["reference"]): c for c in document["protocols"]["temporal"]["comparisons"]}
     versus_blend = comparisons[("chronorec-ranker", "chronorec-blend")]
     assert versus_blend["ci95_user_clustered"][0] > 0
-    assert "Paired differences" in report.markdown_report(document)
+    markdown = report.markdown_report(document)
+    assert "Paired differences" in markdown
+    # The ranker against each bucket's best baseline: one row per gap and target bucket with events,
+    # their events those of the by-gap and warm/cold tables.
+    by_bucket = document["protocols"]["temporal"]["bucket_comparisons"]
+    entry = result["chronorec-ranker"]
+    sizes = {b["bucket"]: b["n"] for b in [*entry["by_gap"], *entry["by_target"]]}
+    assert {r["bucket"]: r["n"] for r in by_bucket} == {k: n for k, n in sizes.items() if n}
+    assert {r["method"] for r in by_bucket} == {"chronorec-ranker"}
+    assert "against each bucket's best baseline" in markdown
     ranker = result["chronorec-ranker"]["params"]
     # Trained on earlier windows, early-stopped on the validation window, where it beat the blend.
     assert ranker["ranker"]["train_groups"] > 0 and ranker["ranker"]["best_iteration"] >= 1

@@ -483,6 +483,34 @@ def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch
     assert "| allocating |" in markdown.split("Time and memory per method")[1]
 
 
+def test_chronorec_meets_each_buckets_own_best_baseline_paired_on_its_instances():
+    users = np.array(["a", "a", "b", "b", "c", "c", "d", "e", "e", "f", "f", "a"])
+    gap = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1])  # -1: a first event, in no bucket
+    ours = np.array([0.5, 0.5, 1.0, 0.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    ease = np.array([1.0, 0.0, 0.5, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    mostpop = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 1.0, 0.0, 0.0])
+    metrics = {name: {"NDCG@10": v, "HR@10": (v > 0).astype(float)}
+               for name, v in (("chronorec-ranker", ours), ("EASE", ease), ("MostPop", mostpop))}
+    labels = ("<1h", "1h-1d", "1-7d")
+    rows = report.bucket_comparisons(metrics, users, ["MostPop", "EASE", "ItemKNN"], {"gap": (gap, labels)})
+    # One row per bucket with instances; each against the baseline that is best there.
+    assert [(r["bucket"], r["n"], r["reference"]) for r in rows] == [("<1h", 6, "EASE"), ("1h-1d", 4, "MostPop")]
+    for r, members in zip(rows, (gap == 0, gap == 1)):
+        reference = metrics[r["reference"]]["NDCG@10"]
+        assert r["method"] == "chronorec-ranker" and r["kind"] == "gap"
+        assert r["difference"] == pytest.approx(ours[members].mean() - reference[members].mean())
+        low, high = bootstrap_ci(ours[members] - reference[members], users[members])
+        assert r["ci95_user_clustered"] == [pytest.approx(low), pytest.approx(high)]
+        assert low <= r["difference"] <= high
+        assert r["hits"] == [(ours[members] > 0).sum(), (reference[members] > 0).sum()]
+    assert rows[0]["difference"] == pytest.approx(1 / 12) and rows[1]["difference"] == pytest.approx(-0.375)
+    table = report.bucket_comparisons_table({"bucket_comparisons": rows})
+    assert "| 1h-1d | 4 | 0.2500 | 0.6250 (MostPop) | -0.3750 |" in table and table.endswith("| 1 / 3 |")
+    # Nothing to compare without a chronorec form or a baseline.
+    assert report.bucket_comparisons({"EASE": metrics["EASE"]}, users, ["EASE"], {"gap": (gap, labels)}) == []
+    assert report.bucket_comparisons_table({}) == ""
+
+
 def test_plot_sweep(tmp_path):
     values = [1, 3, 10, 30]
     series = {"decayed mean": [{"mean": 0.01 * k, "ci95": [0.01 * k - 0.002, 0.01 * k + 0.002]} for k in range(4)],

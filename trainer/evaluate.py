@@ -21,8 +21,8 @@ from chronorec.server.core import importers
 from chronorec.trainer import baselines, report
 from chronorec.trainer.flags import Verbosity, add_settings_flags, setting, settings_from_args
 from chronorec.trainer.protocols import (
-    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRIC_NAMES, TARGET_LABELS, Dataset, MethodFactory, Split, fit_and_score,
-    gap_buckets, loo_split, metric_by_bucket, summarize, target_buckets, temporal_split,
+    BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, GAP_LABELS, METRIC_NAMES, TARGET_LABELS, Dataset, MethodFactory, Split,
+    fit_and_score, gap_buckets, loo_split, metric_by_bucket, summarize, target_buckets, temporal_split,
 )
 from chronorec.trainer.resources import ResourceMeter, library_versions, machine_load, peak_rss_mb, release_free_heap
 
@@ -201,15 +201,20 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
         for name in methods:
             entry, metrics = run_method(name, factories[name], split, progress=progress, batch_size=batch_size)
             entries[name] = entry
-            paired[name] = {"NDCG@10": metrics["NDCG@10"]}
+            paired[name] = {"NDCG@10": metrics["NDCG@10"], "HR@10": metrics["HR@10"]}
             if per_instance is not None:
                 per_instance.update({f"{protocol}/{name}/{k}": v for k, v in metrics.items()})
             m = entry["metrics"]
             log.info("%s %s: HR@10 %.4f NDCG@10 %.4f (%.1f s, peak RSS %s MB)", protocol, name, m["HR@10"]["mean"],
                      m["NDCG@10"]["mean"], entry["timing_s"]["total"], entry["resources"]["peak_rss_mb"])
+        task = split.test_task()
+        users = task.instances.user
         document["protocols"][protocol] = {
             "details": split.details(), "methods": entries,
-            "comparisons": report.paired_comparisons(paired, split.test_task().instances.user, list(baselines.BASELINES)),
+            "comparisons": report.paired_comparisons(paired, users, list(baselines.BASELINES)),
+            "bucket_comparisons": report.bucket_comparisons(
+                paired, users, list(baselines.BASELINES),
+                {"gap": (gap_buckets(task.instances), GAP_LABELS), "target": (target_buckets(task), TARGET_LABELS)}),
         }
         if protocol != protocols[-1]:
             _end_split(factories, split)

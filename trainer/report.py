@@ -105,8 +105,7 @@ def paired_comparisons(metrics: Mapping[str, Mapping[str, "np.ndarray"]], users,
     ran_baselines = [b for b in baselines if b in metrics]
     ours = [m for m in ("chronorec-ranker", "chronorec-blend", "chronorec-finetuned-time") if m in metrics]
     if ran_baselines and ours:
-        best = max(ran_baselines, key=lambda b: float(metrics[b][metric].mean()))
-        pairs.append((ours[0], best, "chronorec vs the best baseline"))
+        pairs.append((ours[0], _best_baseline(metrics, ran_baselines, metric), "chronorec vs the best baseline"))
     out = []
     for method, reference, label in pairs:
         a, b = metrics[method][metric], metrics[reference][metric]
@@ -116,6 +115,63 @@ def paired_comparisons(metrics: Mapping[str, Mapping[str, "np.ndarray"]], users,
                     "difference": float(a.mean() - base), "ci95_user_clustered": [float(low), float(high)],
                     "relative": float(a.mean() / base - 1.0) if base > 0 else None})
     return out
+
+
+def _best_baseline(metrics: Mapping[str, Mapping[str, "np.ndarray"]], baselines: Sequence[str], metric: str,
+                   rows=None) -> str | None:
+    """The baseline with the highest mean of `metric` (over `rows`, default all); the first such in
+    `baselines` order on a tie."""
+    ran = [b for b in baselines if b in metrics]
+    if not ran:
+        return None
+    return max(ran, key=lambda b: float((metrics[b][metric] if rows is None else metrics[b][metric][rows]).mean()))
+
+
+def bucket_comparisons(metrics: Mapping[str, Mapping[str, "np.ndarray"]], users, baselines: Sequence[str],
+                       buckets: Mapping[str, tuple["np.ndarray", Sequence[str]]], metric: str = "NDCG@10",
+                       hits: str = "HR@10") -> list[dict]:
+    """chronorec's best form against the best baseline of each bucket (`buckets`: per kind, each test
+    instance's bucket index and the labels; the baseline with the highest mean there): the paired
+    difference of `metric` with its user-clustered bootstrap 95% interval, and each side's top-10
+    hits (the sum of `hits`, HR@10's expected hits with ties), on the bucket's instances only."""
+    from chronorec.trainer.protocols import bootstrap_ci
+
+    ours = next((m for m in ("chronorec-ranker", "chronorec-blend", "chronorec-finetuned-time") if m in metrics), None)
+    if ours is None or not any(b in metrics for b in baselines):
+        return []
+    out = []
+    for kind, (index, labels) in buckets.items():
+        for b, label in enumerate(labels):
+            rows = index == b
+            if not rows.any():
+                continue
+            best = _best_baseline(metrics, baselines, metric, rows)
+            a, r = metrics[ours][metric][rows], metrics[best][metric][rows]
+            low, high = bootstrap_ci(a - r, users[rows])
+            entry = {"kind": kind, "bucket": label, "n": int(rows.sum()), "method": ours, "reference": best,
+                     "metric": metric, "mean": float(a.mean()), "reference_mean": float(r.mean()),
+                     "difference": float(a.mean() - r.mean()), "ci95_user_clustered": [float(low), float(high)]}
+            if hits in metrics[ours] and hits in metrics[best]:
+                entry["hits"] = [float(metrics[ours][hits][rows].sum()), float(metrics[best][hits][rows].sum())]
+            out.append(entry)
+    return out
+
+
+def bucket_comparisons_table(protocol: Mapping) -> str:
+    rows = protocol.get("bucket_comparisons") or []
+    if not rows:
+        return ""
+    first = rows[0]
+    lines = [f"| bucket | events | {first['method']} | the bucket's best baseline | difference | "
+             f"95% CI (users resampled) | top-10 hits (ours / theirs) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        low, high = r["ci95_user_clustered"]
+        hits = "–" if "hits" not in r else " / ".join(f"{h:.1f}".removesuffix(".0") for h in r["hits"])
+        lines.append(f"| {r['bucket']} | {r['n']} | {_fmt(r['mean'])} | {_fmt(r['reference_mean'])} "
+                     f"({r['reference']}) | {r['difference']:+.4f} | [{low:+.4f}, {high:+.4f}] | {hits} |")
+    return (f"{first['metric']} of chronorec against each bucket's best baseline, paired on the bucket's "
+            f"test instances\n\n" + "\n".join(lines))
 
 
 def comparisons_table(protocol: Mapping) -> str:
@@ -167,6 +223,8 @@ def markdown_report(document: Mapping) -> str:
         out += ["", gap_table(protocol), "", target_table(protocol), "", resources_table(protocol)]
         if protocol.get("comparisons"):
             out += ["", comparisons_table(protocol)]
+        if protocol.get("bucket_comparisons"):
+            out += ["", bucket_comparisons_table(protocol)]
         for plot in protocol.get("plots", []):
             out += ["", f"![{plot}]({plot})"]
     return "\n".join(out) + "\n"

@@ -58,15 +58,15 @@ def _bucket_table(protocol: Mapping, key: str, title: str) -> str:
     return f"{title}\n\n" + "\n".join(lines)
 
 
-def gap_table(protocol: Mapping, metric: str = "NDCG@10") -> str:
-    """Metric per method and bucket of time since the user's previous event."""
-    return _bucket_table(protocol, "by_gap", f"{metric} by time since the user's previous event")
+def gap_table(protocol: Mapping) -> str:
+    """NDCG@10 (the metric `by_gap` holds) per method and bucket of time since the user's previous event."""
+    return _bucket_table(protocol, "by_gap", "NDCG@10 by time since the user's previous event")
 
 
-def target_table(protocol: Mapping, metric: str = "NDCG@10") -> str:
-    """Metric per method on warm targets (the item has a training event) and cold ones (it has none)."""
-    return _bucket_table(protocol, "by_target", f"{metric} by target item: warm (seen in training) and cold "
-                                                 f"(first seen after the cutoff)")
+def target_table(protocol: Mapping) -> str:
+    """NDCG@10 per method on warm targets (the item has a training event) and cold ones (it has none)."""
+    return _bucket_table(protocol, "by_target", "NDCG@10 by target item: warm (seen in training) and cold "
+                                                "(first seen after the cutoff)")
 
 
 def resources_table(protocol: Mapping) -> str:

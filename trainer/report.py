@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # reports are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 TABLE_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
+# chronorec's forms as compared with the baselines: the first of these that ran.
+CHRONOREC_FORMS = ("chronorec-ranker", "chronorec-blend", "chronorec-finetuned-time")
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -94,7 +97,7 @@ PAIRED_COMPARISONS = (
 )
 
 
-def paired_comparisons(metrics: Mapping[str, Mapping[str, "np.ndarray"]], users, baselines: Sequence[str],
+def paired_comparisons(metrics: Mapping[str, Mapping[str, np.ndarray]], users, baselines: Sequence[str],
                        metric: str = "NDCG@10") -> list[dict]:
     """Mean difference of `metric` per test instance between methods run on the same instances, with
     its user-clustered bootstrap 95% interval: PAIRED_COMPARISONS, and chronorec's best form against
@@ -103,7 +106,7 @@ def paired_comparisons(metrics: Mapping[str, Mapping[str, "np.ndarray"]], users,
 
     pairs = [(a, b, label) for a, b, label in PAIRED_COMPARISONS if a in metrics and b in metrics]
     ran_baselines = [b for b in baselines if b in metrics]
-    ours = [m for m in ("chronorec-ranker", "chronorec-blend", "chronorec-finetuned-time") if m in metrics]
+    ours = [m for m in CHRONOREC_FORMS if m in metrics]
     if ran_baselines and ours:
         pairs.append((ours[0], _best_baseline(metrics, ran_baselines, metric), "chronorec vs the best baseline"))
     out = []
@@ -117,7 +120,7 @@ def paired_comparisons(metrics: Mapping[str, Mapping[str, "np.ndarray"]], users,
     return out
 
 
-def _best_baseline(metrics: Mapping[str, Mapping[str, "np.ndarray"]], baselines: Sequence[str], metric: str,
+def _best_baseline(metrics: Mapping[str, Mapping[str, np.ndarray]], baselines: Sequence[str], metric: str,
                    rows=None) -> str | None:
     """The baseline with the highest mean of `metric` (over `rows`, default all); the first such in
     `baselines` order on a tie."""
@@ -127,8 +130,8 @@ def _best_baseline(metrics: Mapping[str, Mapping[str, "np.ndarray"]], baselines:
     return max(ran, key=lambda b: float((metrics[b][metric] if rows is None else metrics[b][metric][rows]).mean()))
 
 
-def bucket_comparisons(metrics: Mapping[str, Mapping[str, "np.ndarray"]], users, baselines: Sequence[str],
-                       buckets: Mapping[str, tuple["np.ndarray", Sequence[str]]], metric: str = "NDCG@10",
+def bucket_comparisons(metrics: Mapping[str, Mapping[str, np.ndarray]], users, baselines: Sequence[str],
+                       buckets: Mapping[str, tuple[np.ndarray, Sequence[str]]], metric: str = "NDCG@10",
                        hits: str = "HR@10") -> list[dict]:
     """chronorec's best form against the best baseline of each bucket (`buckets`: per kind, each test
     instance's bucket index and the labels; the baseline with the highest mean there): the paired
@@ -136,9 +139,10 @@ def bucket_comparisons(metrics: Mapping[str, Mapping[str, "np.ndarray"]], users,
     hits (the sum of `hits`, HR@10's expected hits with ties), on the bucket's instances only."""
     from chronorec.trainer.protocols import bootstrap_ci
 
-    ours = next((m for m in ("chronorec-ranker", "chronorec-blend", "chronorec-finetuned-time") if m in metrics), None)
+    ours = next((m for m in CHRONOREC_FORMS if m in metrics), None)
     if ours is None or not any(b in metrics for b in baselines):
         return []
+    users = np.asarray(users)
     out = []
     for kind, (index, labels) in buckets.items():
         for b, label in enumerate(labels):

@@ -83,7 +83,7 @@ def temporal_slices(split: TemporalSplit, training_slices: int = 2, share: float
     return slices[::-1], validation
 
 
-def loo_slices(split: LooSplit, per_user: int = 3) -> tuple[list[FeatureSlice], FeatureSlice]:
+def loo_slices(split: LooSplit, per_user: int = 6) -> tuple[list[FeatureSlice], FeatureSlice]:
     """(training slices, validation slice) of a leave-one-out split.
 
     Validation: the validation targets with co-occurrence fitted on the training events (as the

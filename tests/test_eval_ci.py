@@ -175,6 +175,19 @@ def test_learned_ranker_beats_the_blend_which_beats_time_blind(drift, chronorec)
     assert {k: ranker[k] for k in TimeModelParams().to_dict()} == {k: blend[k] for k in TimeModelParams().to_dict()}
 
 
+def test_the_loo_ranker_learns_from_each_users_newest_events_up_to_its_cap(drift, ci_settings):
+    from chronorec.trainer.ranker_train import loo_slices
+
+    split = evaluate.build_split(drift, "loo", 0.8)
+    targets = loo_slices(split, per_user=2)[0][0].targets
+    newest_two = int((drift.rank_in_user[targets] > 0).sum())
+    assert newest_two > 25
+    for cap, expected in ((10_000, newest_two), (25, 25)):
+        settings = ci_settings.with_overrides(ranker_loo_events_per_user=2, ranker_loo_groups=cap)
+        fit = cm.ChronorecMethods(settings).ranker(split).ranker_fit
+        assert fit.train_groups == expected
+
+
 def test_a_ranker_that_does_not_beat_the_blend_on_validation_is_left_out_as_the_trainer_does(drift, chronorec):
     split = temporal_split(drift)
     learned = chronorec.ranker(split)

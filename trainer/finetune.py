@@ -647,13 +647,12 @@ def finetune(
         # Same item, same key: the loss masks such pairs. An item outside the catalog gets a key of its own.
         return torch.tensor([item_key.get(train[r].item_id, -1 - r) for r in rows], device=device)
 
-    positives = Counter(e.item_id for e in train)
-
-    def log_q_of(rows: list[int]) -> torch.Tensor | None:
-        if not config.logq_correction:
-            return None
-        return torch.tensor([math.log(positives[train[r].item_id] / len(train)) for r in rows],
-                            dtype=torch.float32, device=device)
+    # Per training example, the log share of the training positives that its item holds (logQ).
+    log_q = None
+    if config.logq_correction:
+        positives = Counter(e.item_id for e in train)
+        log_q = torch.tensor([math.log(positives[e.item_id] / len(train)) for e in train],
+                             dtype=torch.float32, device=device)
 
     rng = np.random.default_rng(config.seed)
     valid_sample = list(valid)
@@ -795,7 +794,7 @@ def finetune(
                     query_vectors.float(), item_vectors[: len(batch)].float(), keys_of(rows), config.temperature,
                     item_vectors[len(batch):].float() if hard_texts else None,
                     torch.tensor(hard_keys, device=device) if hard_texts else None,
-                    log_q_of(rows),
+                    None if log_q is None else log_q[rows],
                 )
                 if teacher is not None:
                     loss = loss + config.distill_weight * _distillation(

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.importers import detect_and_load
 from chronorec.trainer import baselines, evaluate, report
 from chronorec.trainer.protocols import (
-    SECONDS_PER_DAY, Dataset, Instances, bootstrap_ci, exclusion_mask, expected_metrics, fit_and_score,
-    gap_buckets, inner_validation_split, loo_split, prefix_item_counts, rank_counts, score_instances, summarize,
-    temporal_split, window_item_counts,
+    SECONDS_PER_DAY, Dataset, Instances, bootstrap_ci, cold_targets, exclusion_mask, expected_metrics, fit_and_score,
+    gap_buckets, inner_validation_split, loo_split, prefix_item_counts, rank_counts, repeat_targets, score_instances,
+    summarize, temporal_split, window_item_counts,
 )
 
 DAY = SECONDS_PER_DAY
@@ -470,10 +471,15 @@ def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch
         resources = entry["resources"]
         assert resources["seconds"] >= 0 and resources["peak_rss_mb"] >= resources["rss_before_mb"] > 0
         assert [b["bucket"] for b in entry["by_gap"]] == ["<1h", "1h-1d", "1-7d", "7-30d", ">30d"]
-        assert [b["bucket"] for b in entry["by_target"]] == ["warm", "cold"]
+        assert [b["bucket"] for b in entry["by_target"]] == ["warm", "cold", "repeat"]
         assert sum(b["n"] for b in entry["by_target"]) == temporal["details"]["n_test_instances"]
-    # Cold targets are the test instances whose item has no training event.
+    # Cold targets are the test instances whose item has no training event; repeats, the others
+    # whose item is in the user's history (on five items, most are).
     assert cold["MostPop"]["n"] == temporal["details"]["n_unseen_targets"] > 0
+    repeat = temporal["methods"]["MostPop"]["by_target"][2]
+    split = temporal_split(Dataset(*detect_and_load(tmp_path / "data")))
+    assert 0 < repeat["n"] <= temporal["details"]["n_repeat_targets"]
+    assert repeat["n"] == int((repeat_targets(split.instances) & ~cold_targets(split.test_task())).sum())
     # The 40 MB block is seen in the method's own peak (measured or sampled).
     assert temporal["methods"]["allocating"]["resources"]["peak_increase_mb"] >= 30
     markdown = (out / "report.md").read_text()

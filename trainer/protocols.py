@@ -24,9 +24,10 @@ BOOTSTRAP_RESAMPLES = 1000
 # Time since the user's previous event: <1h, 1h-1d, 1-7d, 7-30d, >30d.
 GAP_EDGES_S = (SECONDS_PER_HOUR, SECONDS_PER_DAY, 7 * SECONDS_PER_DAY, 30 * SECONDS_PER_DAY)
 GAP_LABELS = ("<1h", "1h-1d", "1-7d", "7-30d", ">30d")
-# Targets by whether their item has a training event: cold ones (first seen after the cutoff, or in
-# loo never before the test phase) can be reached only through their text, freshness and trend.
-TARGET_LABELS = ("warm", "cold")
+# Targets by what reaches them: cold ones (no training event: first seen after the cutoff, or in loo
+# never before the test phase) only their text, freshness and trend; repeats (any other target the
+# user already had an event on) only a ranker that recommends such items; warm ones the rest.
+TARGET_LABELS = ("warm", "cold", "repeat")
 
 
 # -- data -------------------------------------------------------------------------------
@@ -369,11 +370,17 @@ def loo_split(dataset: Dataset, min_events: int = 3) -> LooSplit:
                     int(d.n_users - kept.size))
 
 
-def repeat_target_count(instances: Instances) -> int:
-    """Instances whose target item already occurs in the history (kept rankable, see rank_counts)."""
+def repeat_targets(instances: Instances) -> np.ndarray:
+    """Per instance, whether its target item already occurs in its history (kept rankable, see
+    exclusion_mask)."""
     rows, positions = instances.history_flat()
     hit = instances.dataset.item[positions] == instances.target[rows]
-    return int(np.unique(rows[hit]).size)
+    return np.bincount(rows[hit], minlength=len(instances)) > 0
+
+
+def repeat_target_count(instances: Instances) -> int:
+    """Instances whose target item already occurs in the history (repeat_targets)."""
+    return int(repeat_targets(instances).sum())
 
 
 # -- rankers ----------------------------------------------------------------------------
@@ -590,8 +597,12 @@ def cold_targets(task: EvalTask) -> np.ndarray:
 
 
 def target_buckets(task: EvalTask) -> np.ndarray:
-    """Bucket index of each instance in TARGET_LABELS: 0 warm, 1 cold (cold_targets)."""
-    return cold_targets(task).astype(np.int64)
+    """Bucket index of each instance in TARGET_LABELS: 1 cold (cold_targets), else 2 repeat
+    (repeat_targets), else 0 warm."""
+    cold = cold_targets(task)
+    buckets = cold.astype(np.int64)
+    buckets[repeat_targets(task.instances) & ~cold] = 2
+    return buckets
 
 
 def metric_by_bucket(values: np.ndarray, buckets: np.ndarray, labels: Sequence[str] = GAP_LABELS,

@@ -50,13 +50,15 @@ def _bucket_table(protocol: Mapping, key: str, title: str) -> str:
     if not methods:
         return ""
     first = next(iter(methods.values()))[key]
-    best = [max((r[key][k]["mean"] for r in methods.values() if r[key][k]["mean"] is not None), default=None)
-            for k in range(len(first))]
-    head = ["method"] + [f"{b['bucket']} (n={b['n']})" for b in first]
+    shown = [k for k, b in enumerate(first) if b["n"]]  # a bucket no test event falls in is left out
+    best = {k: max((r[key][k]["mean"] for r in methods.values() if r[key][k]["mean"] is not None), default=None)
+            for k in shown}
+    head = ["method"] + [f"{first[k]['bucket']} (n={first[k]['n']})" for k in shown]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, result in methods.items():
-        cells = [f"**{_fmt(b['mean'])}**" if b["mean"] is not None and b["mean"] == best[k] else _fmt(b["mean"])
-                 for k, b in enumerate(result[key])]
+        buckets = result[key]
+        cells = [f"**{_fmt(buckets[k]['mean'])}**" if buckets[k]["mean"] is not None and buckets[k]["mean"] == best[k]
+                 else _fmt(buckets[k]["mean"]) for k in shown]
         lines.append("| " + " | ".join([name] + cells) + " |")
     return f"{title}\n\n" + "\n".join(lines)
 
@@ -67,9 +69,11 @@ def gap_table(protocol: Mapping) -> str:
 
 
 def target_table(protocol: Mapping) -> str:
-    """NDCG@10 per method on warm targets (the item has a training event) and cold ones (it has none)."""
-    return _bucket_table(protocol, "by_target", "NDCG@10 by target item: warm (seen in training) and cold "
-                                                "(first seen after the cutoff)")
+    """NDCG@10 per method on cold targets (the item has no training event), repeats (any other whose
+    item is in the user's own history) and warm ones (the rest)."""
+    return _bucket_table(protocol, "by_target", "NDCG@10 by target item: warm (seen in training), cold "
+                                                "(first seen after the cutoff) and repeat (a warm item "
+                                                "already in the user's history)")
 
 
 def resources_table(protocol: Mapping) -> str:

@@ -728,3 +728,37 @@ def test_fine_tuning_that_kept_the_base_weights_stores_its_outcome_not_a_model(d
     assert again == {k: v for k, v in stored.items() if k != "reused_from_cache"}
     finetuned = ctx.finetuned()
     assert finetuned.item_vectors is ctx.untuned().item_vectors and finetuned.info["kept_base_weights"]
+
+
+def test_items_named_only_by_their_events_are_ranked_by_chronorec_too(ci_settings, tmp_path):
+    """A ratings log without an item file: every item is known by its id alone. The protocols rank
+    all of them, and so does chronorec: each is an item titled by its id (the text the server reads
+    for an item it does not know), reached through co-occurrence and trend, so the time-aware blend
+    ranks well above what is merely popular, and fine-tuning has examples to learn from."""
+    from bench.eval_scale_data import generate, write
+
+    from chronorec.server.core.importers import detect_and_load
+
+    _, events = generate(seed=3, n_items=240, n_users=500, events_per_user=12.0, late_users=10)
+    write(tmp_path / "log", [], events)
+    (tmp_path / "log" / "items.jsonl").unlink()
+    data = Dataset(*detect_and_load(tmp_path / "log"))
+    assert not data.items and data.n_items == len({e["item_id"] for e in events})
+
+    chronorec = cm.ChronorecMethods(ci_settings.with_overrides(cache_dir=str(tmp_path / "cache")))
+    split = temporal_split(data)
+    ctx = chronorec.context(split)
+    assert ctx.item_ids == data.item_ids
+    assert all(ctx.item_text_of(i) == i for i in data.item_ids)
+    train, _ = ctx.training_examples()
+    assert train and all(example.positive == example.item_id for example in train)
+
+    methods = ["MostPop", "chronorec-untuned-time", "chronorec-finetuned-time"]
+    document = evaluate.evaluate(data, ["temporal"], methods, progress=False,
+                                 factories={**evaluate.METHODS, **chronorec.factories()})
+    result = document["protocols"]["temporal"]["methods"]
+    # On the warm targets: half of this log's targets are repeats of the user's own items, which
+    # chronorec, serving as the server does by default, does not recommend (the "repeat" bucket).
+    warm = {name: result[name]["by_target"][0]["mean"] for name in methods}
+    assert warm["chronorec-untuned-time"] > 3 * warm["MostPop"] > 0
+    assert result["chronorec-finetuned-time"]["params"]["finetune_steps"] >= 1

@@ -321,6 +321,20 @@ def untuned_version_dir(settings: EvalSettings) -> Path:
 # ------------------------------------------------------------------------ split context
 
 
+def catalogue_of(dataset: Dataset) -> dict[str, Item]:
+    """Every item the evaluation ranks, by id: the data set's items, and each item named only by
+    its events (a ratings log without an item file, or with a partial one) as an item whose title
+    is its id, the text the server reads for an item it does not know (itemtext.item_text_lookup).
+    The protocols rank every catalogue item (protocols.Dataset), so chronorec must be able to
+    recommend these too: they are reached through co-occurrence, trend and the learned ranker."""
+    items = {item.item_id: item for item in dataset.items}
+    for item_id in dataset.item_ids:
+        if item_id not in items:
+            items[item_id] = Item(item_id=item_id, title=item_id)
+    return items
+
+
+
 class SplitContext:
     """What the variants of one split share: catalogue, encoders, co-occurrence, tuning replays."""
 
@@ -331,9 +345,9 @@ class SplitContext:
         # catalogue encoded by the same model gives the same vectors, ~1 min for 10k items).
         self._shared = shared if shared is not None else {}
         self.dataset: Dataset = split.dataset
-        self.items: dict[str, Item] = {item.item_id: item for item in self.dataset.items}
+        self.items: dict[str, Item] = catalogue_of(self.dataset)
         self.item_text_of = item_text_lookup(self.items)
-        self.item_ids = [i for i in self.dataset.item_ids if i in self.items]
+        self.item_ids = list(self.dataset.item_ids)
         self.tuning = split.tuning_task()
         self.bundles: dict[str, EncoderBundle] = {}
         self._indexes: dict[str, Any] = {}
@@ -400,10 +414,11 @@ class SplitContext:
             # their memory free in the C heap, resident for the rest of the evaluation otherwise.
             gc.collect()
             release_free_heap()
-            if kept_base_weights(info):
+            if kept_base_weights(info) or info.get("skipped"):
                 base = self.untuned()
-                self.settings.say(f"{self.split.protocol}: fine-tuning kept the base weights (no checkpoint improved "
-                                  f"the encoder's validation retrieval): the fine-tuned variants use the base encoder")
+                why = info.get("skipped") or "no checkpoint improved the encoder's validation retrieval"
+                self.settings.say(f"{self.split.protocol}: fine-tuning kept the base weights ({why}): the fine-tuned "
+                                  f"variants use the base encoder")
                 self.bundles["finetuned"] = EncoderBundle(base.name, base.encoder, base.version_dir, base.item_vectors,
                                                           {**base.info, "finetune": info, "kept_base_weights": True},
                                                           base.calls)
@@ -491,13 +506,15 @@ class SplitContext:
         else:
             raise TypeError(f"unknown split {type(split).__name__}")
         # event_log_from orders events as the Dataset does (time, then file order): positions agree.
-        return build_examples(event_log_from(d.items, d.events), windows, max_events=self.settings.history_max_events,
+        return build_examples(event_log_from(list(self.items.values()), d.events), windows,
+                              max_events=self.settings.history_max_events,
                               pick=pick)
 
     def _finetune(self) -> tuple[Path | None, dict]:
         """(the fine-tuned version's folder, what the run did): the folder is None when keep-best
         chose the starting weights, which are the base model already exported, so only the outcome
-        is stored (KEPT_BASE_RECORD in the run's cache folder), not an identical copy of the model."""
+        is stored (KEPT_BASE_RECORD in the run's cache folder), not an identical copy of the model; and
+        None with `skipped` saying why when the training window holds no example to learn from."""
         from chronorec.trainer.finetune import FinetuneConfig, encoder_retrieval_metrics, train_encoder
 
         s = self.settings
@@ -519,7 +536,7 @@ class SplitContext:
 
         train, picked_valid = self.training_examples(pick)
         if not train:
-            raise ValueError("no training examples to fine-tune on")
+            return None, {"skipped": "no training examples to fine-tune on"}
         d = self.dataset
         base = s.base_folder().resolve()
         config = FinetuneConfig(

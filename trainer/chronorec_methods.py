@@ -334,7 +334,6 @@ def catalogue_of(dataset: Dataset) -> dict[str, Item]:
     return items
 
 
-
 class SplitContext:
     """What the variants of one split share: catalogue, encoders, co-occurrence, tuning replays."""
 

@@ -44,8 +44,9 @@ def markdown_table(protocol: Mapping, metrics: Sequence[str] = TABLE_METRICS) ->
     return "\n".join(lines)
 
 
-def _bucket_table(protocol: Mapping, key: str, title: str) -> str:
-    """Metric per method and bucket (`key`: "by_gap" or "by_target"), the best of each bucket in bold."""
+def _bucket_table(protocol: Mapping, key: str, title: str, described: Mapping[str, str] | None = None) -> str:
+    """Metric per method and bucket (`key`: "by_gap" or "by_target"), the best of each bucket in bold;
+    `described`: what each bucket holds, listed after `title` for the buckets shown."""
     methods = {name: result for name, result in protocol["methods"].items() if result.get(key)}
     if not methods:
         return ""
@@ -60,6 +61,9 @@ def _bucket_table(protocol: Mapping, key: str, title: str) -> str:
         cells = [f"**{_fmt(buckets[k]['mean'])}**" if buckets[k]["mean"] is not None and buckets[k]["mean"] == best[k]
                  else _fmt(buckets[k]["mean"]) for k in shown]
         lines.append("| " + " | ".join([name] + cells) + " |")
+    if described:
+        parts = [f"{first[k]['bucket']} ({described[first[k]['bucket']]})" for k in shown]
+        title += ": " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
     return f"{title}\n\n" + "\n".join(lines)
 
 
@@ -71,9 +75,9 @@ def gap_table(protocol: Mapping) -> str:
 def target_table(protocol: Mapping) -> str:
     """NDCG@10 per method on cold targets (the item has no training event), repeats (any other whose
     item is in the user's own history) and warm ones (the rest)."""
-    return _bucket_table(protocol, "by_target", "NDCG@10 by target item: warm (seen in training), cold "
-                                                "(first seen after the cutoff) and repeat (a warm item "
-                                                "already in the user's history)")
+    return _bucket_table(protocol, "by_target", "NDCG@10 by target item", {
+        "warm": "seen in training", "cold": "first seen after the cutoff",
+        "repeat": "a warm item already in the user's history"})
 
 
 def resources_table(protocol: Mapping) -> str:

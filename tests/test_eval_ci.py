@@ -752,6 +752,11 @@ def test_items_named_only_by_their_events_are_ranked_by_chronorec_too(ci_setting
     assert all(ctx.item_text_of(i) == i for i in data.item_ids)
     train, _ = ctx.training_examples()
     assert train and all(example.positive == example.item_id for example in train)
+    # A window with no example to learn from skips fine-tuning and says why, instead of failing.
+    empty = cm.SplitContext(split, chronorec.settings)
+    empty.training_examples = lambda pick=None: ([], [])
+    bundle, reason = empty.encoder_choice()
+    assert bundle is empty.untuned() and "skipped (no training examples" in reason
 
     methods = ["MostPop", "chronorec-untuned-time", "chronorec-finetuned-time"]
     document = evaluate.evaluate(data, ["temporal"], methods, progress=False,

@@ -436,7 +436,10 @@ class SplitContext:
         info = finetuned.info.get("finetune", finetuned.info)
         before = info.get("encoder_valid_NDCG@10_before")
         after = info.get("encoder_valid_NDCG@10_after")
-        if before is None or after is None or not after > before:
+        if info.get("skipped"):
+            reason = f"base encoder: fine-tuning was skipped ({info['skipped']})"
+            bundle = self.untuned()
+        elif before is None or after is None or not after > before:
             reason = (f"base encoder: the fine-tuned encoder's validation retrieval did not improve "
                       f"(NDCG@10 {_fmt(before)} -> {_fmt(after)})")
             bundle = self.untuned()

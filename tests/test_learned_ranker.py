@@ -481,6 +481,47 @@ def test_routes_are_chosen_only_where_a_feature_alone_clearly_wins(logged):
     assert fit.summary()["routes"] == [r.to_dict() for r in fit.ranker.spec.routes]
 
 
+def test_after_a_long_absence_the_best_trend_window_is_routed_on_its_lead_alone(logged):
+    """Ranges a week or more after the previous event go to their best trend window when it ranks their
+    validation events better than the trees, without the bound other signals need; never below that,
+    never on fewer than route_min_events events, never to another signal on its lead alone."""
+    *_, fit, groups = logged
+    trees = LearnedRanker(fit.ranker.booster, replace(fit.ranker.spec, routes=()))
+    groups = rt.Groups.concatenate([groups] * 2)
+    n = len(groups.sizes)
+    starts = np.r_[0, np.cumsum(groups.sizes)[:-1]]
+
+    def rigged(gap_s: float, feature: str, every: int) -> rt.Groups:
+        """Every other event `gap_s` after the previous one; among those, `feature` alone puts the
+        target first in all but one of `every` and is flat (no value) elsewhere."""
+        out = replace(groups, gap_seconds=np.where(np.arange(n) % 2 == 0, 60.0, gap_s), features=groups.features.copy())
+        for k, (start, size) in enumerate(zip(starts, groups.sizes)):
+            column = out.features[start:start + size, FEATURE_INDEX[feature]]
+            column[:] = 0.0
+            if k % 2 and (k // 2) % every != 0:
+                column[groups.labels[start:start + size] > 0] = 1.0
+        return out
+
+    config = rt.RankerTrainingConfig(route_min_events=5, route_features=("trend_7d", "trend_30d", "cooccurrence_1h"))
+    long_gap = 40 * 86400.0
+    trend = rigged(long_gap, "trend_30d", 5)
+    routes, report = rt.choose_routes(trees, trend, config)
+    entry = {e["gap"]: e for e in report}[">30d"]
+    assert entry["best_trend"] == "trend_30d" and entry["trend_alone"] > entry["trees"]
+    assert entry["difference_ci"][0] <= 0  # no bound: a lead the other signals could not route on
+    assert entry["routed"] and entry["rule"] == "trend after a long absence"
+    assert [(r.min_gap_s, r.max_gap_s, r.feature) for r in routes] == [(30 * 86400.0, math.inf, "trend_30d")]
+    # The same lead five days after the previous event, or switched off, or on too few events: no route.
+    assert rt.choose_routes(trees, rigged(5 * 86400.0, "trend_30d", 5), config)[0] == ()
+    assert rt.choose_routes(trees, trend, replace(config, route_trend_after_s=None))[0] == ()
+    assert rt.choose_routes(trees, trend, replace(config, route_min_events=n))[0] == ()
+    # Another signal with the same lead after a long absence still needs the bound.
+    other, report = rt.choose_routes(trees, rigged(long_gap, "cooccurrence_1h", 5), config)
+    assert other == () and not {e["gap"]: e for e in report}[">30d"]["routed"]
+    # A trend that never puts the target first (flat: it trails the trees) there: no route either.
+    assert rt.choose_routes(trees, rigged(long_gap, "trend_30d", 1), config)[0] == ()
+
+
 def test_loo_slices_hold_out_targets_from_the_fit(drift):
     from chronorec.trainer.evaluate import build_split
 

@@ -142,6 +142,9 @@ class EvalSettings:
     ranker_loo_groups: int = 5000
     ranker_valid_groups: int = 2500  # sampled events of the validation window
     ranker_negatives: int = 10  # sampled items added to each training group
+    # Gap ranges starting this many days after the previous event go to their best trend window when
+    # it beats the trees on validation (RankerTrainingConfig.route_trend_after_s); None: a bound everywhere.
+    ranker_trend_after_days: float | None = 7.0
     # Logged events × catalogue items per window at most (RankerTrainingConfig.max_item_scores_per_slice).
     ranker_max_item_scores: int | None = 10_000_000
     progress: bool | None = None  # status lines on stderr; None: when stderr is a terminal
@@ -473,6 +476,8 @@ class SplitContext:
                                           else s.ranker_loo_groups,
                                           max_valid_groups=s.ranker_valid_groups,
                                           max_item_scores_per_slice=s.ranker_max_item_scores,
+                                          route_trend_after_s=None if s.ranker_trend_after_days is None
+                                          else s.ranker_trend_after_days * 86400.0,
                                           collect_workers=s.replay_workers, seed=s.seed)
             s.say(f"{self.split.protocol}: training the learned ranker over the {bundle.name} encoder "
                   f"({len(training)} training windows, validation: {self.tuning.name})")

@@ -184,6 +184,10 @@ class RunSettings:
         "windows further back of which only returning users' events (an hour or more after their previous one) "
         "are learned from"))
     ranker_groups: int = setting(2500, group=RANKER, help="logged events per window the ranker learns from")
+    ranker_trend_after_days: float = setting(7.0, group=RANKER, help=(
+        "users this many days or more since their previous event are ranked by the best trend window when it beats "
+        "the trees on their validation events (30 or more); below, a range needs a bootstrap bound; negative: a "
+        "bound everywhere"))
 
 
 @dataclass
@@ -542,7 +546,9 @@ def _train_ranker(data, encode, params: TimeModelParams, settings: RunSettings,
                                            returning_slices=settings.ranker_returning_windows)
     config = RankerTrainingConfig(candidates=settings.ranker_candidates, second_look=settings.ranker_second_look,
                                   max_groups_per_slice=settings.ranker_groups,
-                                  max_valid_groups=settings.ranker_groups, seed=settings.seed, threads=settings.threads)
+                                  max_valid_groups=settings.ranker_groups, seed=settings.seed, threads=settings.threads,
+                                  route_trend_after_s=(settings.ranker_trend_after_days * 86400.0
+                                                       if settings.ranker_trend_after_days >= 0 else None))
     try:
         fit = train_ranker(data.dataset, data.event_log.items, encode, None, params, training, validation, config, say)
     except ValueError as exc:  # too few logged events to learn from

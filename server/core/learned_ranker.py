@@ -37,9 +37,10 @@ class GapRoute:
     feature (highest first, the learned score breaking ties) instead of the learned score.
 
     The training pipeline adds one where, on the validation window, that feature alone ranked such
-    users' next item better than the trees did by an interval above zero: users back after weeks
-    away are 1-2 % of the events the trees learn from, and what is popular this month can serve
-    them better than what the trees made of so few."""
+    users' next item better than the trees did by an interval above zero, or, for users back after a
+    week or more, where a trend window simply did better: such users are 1-2 % of the events the
+    trees learn from, and what is popular this month can serve them better than what the trees made
+    of so few."""
 
     min_gap_s: float
     max_gap_s: float  # math.inf: no upper bound

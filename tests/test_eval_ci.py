@@ -165,6 +165,10 @@ def test_learned_ranker_beats_the_blend_which_beats_time_blind(drift, chronorec)
     assert {r["bucket"]: r["n"] for r in by_bucket} == {k: n for k, n in sizes.items() if n}
     assert {r["method"] for r in by_bucket} == {"chronorec-ranker"}
     assert "against each bucket's best baseline" in markdown
+    # ... and what the ranker chose on validation, range by range.
+    fit = result["chronorec-ranker"]["params"]["ranker"]
+    assert f"NDCG@10 {fit['valid_NDCG@10_ranker']:.4f} against the blend's" in markdown
+    assert all(f"| {r['gap']} | {r['events']} | " in markdown for r in fit["route_choice"])
     ranker = result["chronorec-ranker"]["params"]
     # Trained on earlier windows, early-stopped on the validation window, where it beat the blend.
     assert ranker["ranker"]["train_groups"] > 0 and ranker["ranker"]["best_iteration"] >= 1

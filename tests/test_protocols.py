@@ -489,6 +489,33 @@ def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch
     assert "| allocating |" in markdown.split("Time and memory per method")[1]
 
 
+def test_report_shows_what_the_ranker_chose_on_validation_and_each_routes_rule():
+    from chronorec.trainer import report
+
+    fit = {"valid_NDCG@10_ranker": 0.1013, "valid_NDCG@10_blend": 0.0829, "valid_instances": 2500,
+           "best_iteration": 256, "train_groups": 4247, "second_look": 0, "used": True,
+           "valid_NDCG@10_with_without_second_look": [0.0948, 0.1007],
+           "route_choice": [
+               {"gap": "<1h", "events": 1502, "trees": 0.1433, "best_feature": "blend_score", "feature_alone": 0.1236,
+                "routed": False},
+               {"gap": "1-7d", "events": 46, "trees": 0.2, "best_feature": "cooccurrence_1h", "feature_alone": 0.3,
+                "difference_ci": [0.01, 0.2], "routed": True, "rule": "bound", "route": "cooccurrence_1h"},
+               {"gap": ">30d", "events": 30, "trees": 0.3327, "best_feature": "blend_score", "feature_alone": 0.45,
+                "best_trend": "trend_30d", "trend_alone": 0.4264, "routed": True,
+                "rule": "trend after a long absence", "route": "trend_30d"}]}
+    protocol = {"methods": {"chronorec-ranker": {"params": {"ranker": fit}}, "MostPop": {"params": {}}}}
+    table = report.ranker_table(protocol)
+    assert "NDCG@10 0.1013 against the blend's 0.0829" in table and "second look not used (0.0948 with it" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["<1h"].endswith("| – | – |")
+    assert rows["1-7d"].endswith("| cooccurrence_1h (bootstrap bound) |")
+    # Routed to the trend window, though another signal alone did better: the rule says why.
+    assert rows[">30d"].endswith("| 0.4264 (trend_30d) | trend_30d (trend after a long absence) |")
+    # No learned ranker in the run, or one without its fit's figures: no section.
+    assert report.ranker_table({"methods": {"MostPop": {"params": {}}}}) == ""
+    assert report.ranker_table({"methods": {"chronorec-ranker": {"params": {"ranker": {"used": False}}}}}) == ""
+
+
 def test_chronorec_meets_each_buckets_own_best_baseline_paired_on_its_instances():
     users = np.array(["a", "a", "b", "b", "c", "c", "d", "e", "e", "f", "f", "a"])
     gap = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1])  # -1: a first event, in no bucket

@@ -663,6 +663,7 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
                 entry["rule"] = "trend after a long absence"
         entry["routed"] = routed
         if routed:
+            entry["route"] = best
             routes.append(GapRoute(low, high, best))
             say(f"ranker: users {label} since their previous event are ranked by {best} "
                 f"(validation NDCG@10 {float(alone[best][members].mean()):.4f} vs the trees' {entry['trees']:.4f}, "

@@ -96,6 +96,39 @@ def resources_table(protocol: Mapping) -> str:
             "e.g. an encoder; * = sampled every 20 ms, below an earlier peak of the process)\n\n" + "\n".join(lines))
 
 
+def ranker_table(protocol: Mapping, method: str = "chronorec-ranker") -> str:
+    """What the learned ranker chose on the validation window: its figure against the blend's, the
+    second look, and per range of time since the previous event the trees against the best single
+    signal (and trend window) alone, with the route taken, if any, and the rule that took it."""
+    fit = ((protocol["methods"].get(method) or {}).get("params") or {}).get("ranker")
+    if not isinstance(fit, Mapping) or "valid_NDCG@10_ranker" not in fit:
+        return ""
+    head = (f"{method} on the validation window ({fit.get('valid_instances')} events): NDCG@10 "
+            f"{_fmt(fit['valid_NDCG@10_ranker'])} against the blend's {_fmt(fit.get('valid_NDCG@10_blend'))}, "
+            f"{fit.get('best_iteration')} rounds on {fit.get('train_groups')} training groups; "
+            f"{'used' if fit.get('used', True) else 'not used (the blend ranks)'}")
+    second = fit.get("valid_NDCG@10_with_without_second_look")
+    if second:
+        head += (f"; second look {'kept' if fit.get('second_look') else 'not used'} ({_fmt(second[0])} with it, "
+                 f"{_fmt(second[1])} without)")
+    rows = fit.get("route_choice") or []
+    if not rows:
+        return head + "."
+    lines = ["| time since the previous event | validation events | trees | best signal alone | best trend window "
+             "alone | routed to |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        trend = f"{_fmt(r['trend_alone'])} ({r['best_trend']})" if "best_trend" in r else "–"
+        routed = "–"
+        if r.get("routed"):
+            rule = r.get("rule", "bound")
+            routed = f"{r.get('route', r['best_feature'])} ({'bootstrap bound' if rule == 'bound' else rule})"
+        lines.append(f"| {r['gap']} | {r['events']} | {_fmt(r['trees'])} | {_fmt(r['feature_alone'])} "
+                     f"({r['best_feature']}) | {trend} | {routed} |")
+    return head + (". NDCG@10 per range of time since the previous event, on the validation events whose target "
+                   "is among the candidates and more of the window's returning users' events:\n\n") + \
+        "\n".join(lines)
+
+
 # Paired comparisons the report shows when both methods ran: (method, reference, what it measures).
 PAIRED_COMPARISONS = (
     ("chronorec-ranker", "chronorec-blend", "learned ranker vs the blend it reorders"),
@@ -233,6 +266,8 @@ def markdown_report(document: Mapping) -> str:
             out += ["", "Chosen parameters:"] + [f"- {m}: {json.dumps(_short_params(p), default=_json_default)}"
                                                  for m, p in params.items()]
         out += ["", gap_table(protocol), "", target_table(protocol), "", resources_table(protocol)]
+        if ranker := ranker_table(protocol):
+            out += ["", ranker]
         if protocol.get("comparisons"):
             out += ["", comparisons_table(protocol)]
         if protocol.get("bucket_comparisons"):

@@ -499,7 +499,7 @@ def test_report_shows_what_the_ranker_chose_on_validation_and_each_routes_rule()
                {"gap": "<1h", "events": 1502, "trees": 0.1433, "best_feature": "blend_score", "feature_alone": 0.1236,
                 "routed": False},
                {"gap": "1-7d", "events": 46, "trees": 0.2, "best_feature": "cooccurrence_1h", "feature_alone": 0.3,
-                "difference_ci": [0.01, 0.2], "routed": True, "rule": "bound", "route": "cooccurrence_1h"},
+                "difference_ci": [0.01, 0.2], "routed": True, "rule": "bootstrap bound", "route": "cooccurrence_1h"},
                {"gap": ">30d", "events": 30, "trees": 0.3327, "best_feature": "blend_score", "feature_alone": 0.45,
                 "best_trend": "trend_30d", "trend_alone": 0.4264, "routed": True,
                 "rule": "trend after a long absence", "route": "trend_30d"}]}

@@ -654,7 +654,7 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
             entry["difference_ci"] = [round(float(lo), 5), round(float(hi), 5)]
             routed = bool(lo > 0)
         if routed:
-            entry["rule"] = "bound"
+            entry["rule"] = "bootstrap bound"
         elif trends and config.route_trend_after_s is not None and low >= config.route_trend_after_s:
             trend = max(trends, key=lambda f: float(alone[f][members].mean()))
             entry.update(best_trend=trend, trend_alone=round(float(alone[trend][members].mean()), 5))

@@ -120,8 +120,7 @@ def ranker_table(protocol: Mapping, method: str = "chronorec-ranker") -> str:
         trend = f"{_fmt(r['trend_alone'])} ({r['best_trend']})" if "best_trend" in r else "–"
         routed = "–"
         if r.get("routed"):
-            rule = r.get("rule", "bound")
-            routed = f"{r.get('route', r['best_feature'])} ({'bootstrap bound' if rule == 'bound' else rule})"
+            routed = f"{r.get('route', r['best_feature'])} ({r.get('rule', 'bootstrap bound')})"
         lines.append(f"| {r['gap']} | {r['events']} | {_fmt(r['trees'])} | {_fmt(r['feature_alone'])} "
                      f"({r['best_feature']}) | {trend} | {routed} |")
     return head + (". NDCG@10 per range of time since the previous event, on the validation events whose target "

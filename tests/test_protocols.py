@@ -16,8 +16,9 @@ from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.importers import detect_and_load
 from chronorec.trainer import baselines, evaluate, report
 from chronorec.trainer.protocols import (
-    SECONDS_PER_DAY, Dataset, Instances, bootstrap_ci, cold_targets, exclusion_mask, expected_metrics, fit_and_score,
-    gap_buckets, inner_validation_split, loo_split, prefix_item_counts, rank_counts, repeat_targets, score_instances,
+    SECONDS_PER_DAY, UNRANKED, Dataset, Instances, bootstrap_ci, cold_targets, exclusion_mask, expected_metrics,
+    fit_and_score, gap_buckets, inner_validation_split, loo_split, prefix_item_counts, rank_counts, repeat_targets,
+    score_instances,
     summarize, temporal_split, window_item_counts,
 )
 
@@ -169,14 +170,36 @@ def test_tie_aware_rank_equals_average_over_all_tie_breaks():
         assert got["NDCG@2"][0] == pytest.approx(np.mean(dcg))
 
 
-def test_history_items_are_excluded_but_a_repeated_target_is_not():
-    d = make_dataset([("a", "i0", 1), ("a", "i1", 2), ("a", "i1", 3), ("b", "i2", 1)], n_items=4)
-    inst = Instances(d, np.array([d.global_pos[2]]))  # a's second i1, history i0, i1
+def test_history_items_are_excluded_and_a_repeated_target_cannot_be_hit():
+    d = make_dataset([("a", "i0", 1), ("a", "i1", 2), ("b", "i2", 1), ("a", "i2", 3), ("a", "i1", 4)], n_items=4)
+    inst = Instances(d, np.array([d.global_pos[3], d.global_pos[4]]))  # a's i2 (history i0, i1); a's i1 again
     mask = exclusion_mask(inst)
-    assert mask[0].tolist() == [True, False, False, False]
-    scores = np.array([[9.0, 1.0, 5.0, 1.0]])  # i0 is excluded; i2 beats the target; i3 ties
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, False]]
+    scores = np.array([[9.0, 9.0, 1.0, 1.0], [0.0, 9.0, 0.0, 0.0]])
     better, tied = rank_counts(scores, inst.target, mask)
-    assert (better[0], tied[0]) == (1, 1)
+    # The first target is ranked among the items outside the history (i3 ties with it); the second
+    # repeats i1, which the history holds, so it is not ranked at all, however high its own score,
+    # and scores 0 on every metric although only one item could have stood before it.
+    assert better.tolist() == [0, UNRANKED] and tied.tolist() == [1, 0]
+    metrics = expected_metrics(better, tied)
+    assert metrics["HR@10"][0] == 1 and metrics["NDCG@10"][0] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    assert all(values[1] == 0 for values in metrics.values())
+
+
+def test_a_scorer_that_puts_the_users_own_items_first_gains_nothing_on_repeats():
+    """The mask does not depend on the target: if it kept a repeated target rankable and the rest of
+    the history excluded, ranking the user's own items first would hit every repeat at rank 1."""
+    rng = np.random.default_rng(5)
+    rows = [(f"u{rng.integers(0, 8)}", f"i{rng.integers(0, 6)}", t) for t in range(200)]
+    d = make_dataset(rows, n_items=6)
+    split = temporal_split(d, 0.6)
+    inst = split.instances
+    repeats = repeat_targets(inst)
+    assert 0 < repeats.sum() < len(inst)
+    own_first = split.instances.history_matrix(binary=True) * 100.0 + rng.random((len(inst), d.n_items))
+    better, tied = rank_counts(own_first, inst.target, exclusion_mask(inst))
+    ndcg = expected_metrics(better, tied)["NDCG@10"]
+    assert (ndcg[repeats] == 0).all() and (ndcg[~repeats] > 0).all()
 
 
 def test_rank_counts_rejects_nan():

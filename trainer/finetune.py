@@ -173,7 +173,7 @@ def encoder_retrieval_per_example(
 ) -> tuple[list[TrainingExample], dict[str, np.ndarray]]:
     """(the examples whose item is in the catalog, HR@10 / NDCG@10 / MRR of each one's item among all
     catalog items by the encoder alone): cosine of history text and item text, the history's items
-    excluded, ties at their expectation. `encode(texts)`, when given, replaces the module's own
+    excluded (a repeated item is a miss, as in the evaluation's protocols), ties at their expectation. `encode(texts)`, when given, replaces the module's own
     encoding (a `FrozenPrefix` that runs only the trainable top layers gives the same vectors)."""
     item_ids = list(item_texts)
     column = {item_id: i for i, item_id in enumerate(item_ids)}
@@ -191,7 +191,6 @@ def encoder_retrieval_per_example(
     for row, example in enumerate(examples):
         excluded[row, [column[i] for i in example.history_items if i in column]] = True
     targets = np.array([column[e.item_id] for e in examples])
-    excluded[np.arange(len(examples)), targets] = False
     better, tied = rank_counts(scores, targets, excluded)
     return examples, expected_metrics(better, tied)
 

@@ -26,7 +26,8 @@ GAP_EDGES_S = (SECONDS_PER_HOUR, SECONDS_PER_DAY, 7 * SECONDS_PER_DAY, 30 * SECO
 GAP_LABELS = ("<1h", "1h-1d", "1-7d", "7-30d", ">30d")
 # Targets by what reaches them: cold ones (no training event: first seen after the cutoff, or in loo
 # never before the test phase) only their text, freshness and trend; repeats (any other target the
-# user already had an event on) only a ranker that recommends such items; warm ones the rest.
+# user already had an event on) none: the protocol excludes the history's items (exclusion_mask);
+# warm ones the rest.
 TARGET_LABELS = ("warm", "cold", "repeat")
 
 
@@ -371,8 +372,8 @@ def loo_split(dataset: Dataset, min_events: int = 3) -> LooSplit:
 
 
 def repeat_targets(instances: Instances) -> np.ndarray:
-    """Per instance, whether its target item already occurs in its history (kept rankable, see
-    exclusion_mask)."""
+    """Per instance, whether its target item already occurs in its history (then no method can hit
+    it: exclusion_mask)."""
     rows, positions = instances.history_flat()
     hit = instances.dataset.item[positions] == instances.target[rows]
     return np.bincount(rows[hit], minlength=len(instances)) > 0
@@ -413,18 +414,27 @@ MethodFactory = Callable[[Split], Ranker]
 # -- metrics ----------------------------------------------------------------------------
 
 
+# rank_counts' count of items above a target that is not ranked at all (a repeat: exclusion_mask).
+UNRANKED = -1
+
+
 def exclusion_mask(instances: Instances) -> np.ndarray:
-    """(n, n_items) True for items in the history, except the target itself: a repeated
-    target stays rankable (otherwise it could never be hit)."""
+    """(n, n_items) True for the items in each history, a repeated target among them: the design's
+    protocol excludes every item already in the history, as the server does by default, so a
+    target the user already had cannot be hit by any method (rank_counts). Keeping that one item
+    rankable while the rest of the history is excluded would make the mask depend on the target: a
+    scorer that put the user's own items first would then hit every repeat at rank 1, told by the
+    mask which of them is the target."""
     rows, positions = instances.history_flat()
     mask = np.zeros((len(instances), instances.dataset.n_items), dtype=bool)
     mask[rows, instances.dataset.item[positions]] = True
-    mask[np.arange(len(instances)), instances.target] = False
     return mask
 
 
 def rank_counts(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: (#candidates scored strictly above the target, #other candidates tied with it)."""
+    """Per row: (#candidates scored strictly above the target, #other candidates tied with it).
+    A target that `excluded` holds is not ranked at all: (UNRANKED, 0), which expected_metrics
+    scores 0 on every metric."""
     scores = np.asarray(scores)
     if np.isnan(scores).any():
         raise ValueError("scores contain NaN")
@@ -432,10 +442,14 @@ def rank_counts(scores: np.ndarray, targets: np.ndarray, excluded: np.ndarray | 
     target_score = scores[rows, targets][:, None]
     above = scores > target_score
     tied = scores == target_score
-    if excluded is not None:
-        above &= ~excluded
-        tied &= ~excluded
-    return above.sum(axis=1), tied.sum(axis=1) - 1
+    if excluded is None:
+        return above.sum(axis=1), tied.sum(axis=1) - 1
+    above &= ~excluded
+    tied &= ~excluded
+    better, same = above.sum(axis=1), tied.sum(axis=1) - 1
+    unranked = excluded[rows, targets]
+    better[unranked], same[unranked] = UNRANKED, 0
+    return better, same
 
 
 def _prefix_sums(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -452,9 +466,14 @@ def expected_metrics(better: np.ndarray, tied: np.ndarray, cutoffs: Iterable[int
         HR@K   = clip(K - b, 0, e+1) / (e+1)
         NDCG@K = (D(min(b+e+1, K)) - D(min(b, K))) / (e+1),  D(r) = sum_{j<=r} 1/log2(j+1)
         MRR    = (H(b+e+1) - H(b)) / (e+1),                H(r) = sum_{j<=r} 1/j
+
+    and b = UNRANKED (a target that is not ranked at all) scores 0 on each.
     """
     b = np.asarray(better, dtype=np.int64)
     e1 = np.asarray(tied, dtype=np.int64) + 1
+    ranked = b != UNRANKED
+    if not ranked.all():
+        b, e1 = np.where(ranked, b, 0), np.where(ranked, e1, 1)
     last = b + e1
     dcg, harmonic = _prefix_sums(int(last.max(initial=1)))
     out: dict[str, np.ndarray] = {}
@@ -462,6 +481,9 @@ def expected_metrics(better: np.ndarray, tied: np.ndarray, cutoffs: Iterable[int
         out[f"HR@{k}"] = np.clip(k - b, 0, e1) / e1
         out[f"NDCG@{k}"] = (dcg[np.minimum(last, k)] - dcg[np.minimum(b, k)]) / e1
     out["MRR"] = (harmonic[last] - harmonic[b]) / e1
+    if not ranked.all():
+        for values in out.values():
+            values[~ranked] = 0.0
     return out
 
 

@@ -77,7 +77,8 @@ def target_table(protocol: Mapping) -> str:
     item is in the user's own history) and warm ones (the rest)."""
     return _bucket_table(protocol, "by_target", "NDCG@10 by target item", {
         "warm": "seen in training", "cold": "first seen after the cutoff",
-        "repeat": "a warm item already in the user's history"})
+        "repeat": "a warm item already in the user's history, which no method can hit: the history's items are "
+                  "excluded"})
 
 
 def resources_table(protocol: Mapping) -> str:

@@ -176,7 +176,9 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
     (see report.py).
 
     `per_instance`, when given, receives "<protocol>/<method>/<metric>" arrays (and
-    "<protocol>/pos", the target's global positions) for paired comparisons between methods."""
+    "<protocol>/pos", the target's global positions) for paired comparisons between methods; its
+    "better" and "tied" arrays are rank_counts' (better = protocols.UNRANKED: a repeated target,
+    not ranked)."""
     factories = METHODS if factories is None else factories
     unknown = [m for m in methods if m not in factories]
     if unknown:

@@ -744,8 +744,8 @@ def test_items_named_only_by_their_events_are_ranked_by_chronorec_too(ci_setting
     from chronorec.server.core.importers import detect_and_load
 
     _, events = generate(seed=3, n_items=240, n_users=500, events_per_user=12.0, late_users=10)
-    write(tmp_path / "log", [], events)
-    (tmp_path / "log" / "items.jsonl").unlink()
+    write(tmp_path / "log", [], events)  # no items: events.jsonl alone
+    assert not (tmp_path / "log" / "items.jsonl").exists()
     data = Dataset(*detect_and_load(tmp_path / "log"))
     assert not data.items and data.n_items == len({e["item_id"] for e in events})
 

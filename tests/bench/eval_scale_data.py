@@ -6,7 +6,11 @@
 
 Users outnumber items (EASE then solves items × items, its costly form), most users are active
 on both sides of the temporal cutoff, and ~12% of the items are published after it, so that
-about 15% of the test targets are cold. Same arguments, same files.
+about 15% of the test targets are cold. Same arguments, same files. `--bare` writes the events only
+(each item is then known by its id), and `--items`, `--users`, `--late-users` size the log, e.g. a
+small bare one:
+
+    .venv/bin/python -m tests.bench.eval_scale_data --out /tmp/eval-bare --bare --items 2000 --users 1500 --late-users 100
 """
 
 from __future__ import annotations
@@ -80,8 +84,13 @@ def generate(seed: int = 11, n_items: int = 10_000, n_users: int = 11_900, event
 
 
 def write(out: Path, items: list[dict], events: list[dict]) -> None:
+    """events.jsonl, and items.jsonl unless `items` is empty (then any earlier one is removed)."""
     out.mkdir(parents=True, exist_ok=True)
+    if not items:
+        (out / "items.jsonl").unlink(missing_ok=True)
     for name, records in (("items.jsonl", items), ("events.jsonl", events)):
+        if name == "items.jsonl" and not items:
+            continue
         with (out / name).open("w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
@@ -91,9 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for items.jsonl and events.jsonl")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--items", type=int, default=10_000, help="catalogue size")
+    parser.add_argument("--users", type=int, default=11_900, help="users active across the whole window")
+    parser.add_argument("--late-users", type=int, default=650, help="users who arrive after the cutoff")
+    parser.add_argument("--bare", action="store_true",
+                        help="write events.jsonl only: a bare ratings log, each item known by its id")
     args = parser.parse_args(argv)
-    items, events = generate(args.seed)
-    write(args.out, items, events)
+    items, events = generate(args.seed, n_items=args.items, n_users=args.users, late_users=args.late_users)
+    write(args.out, [] if args.bare else items, events)
 
     from chronorec.server.core.importers import detect_and_load
     from chronorec.trainer.protocols import Dataset, temporal_split

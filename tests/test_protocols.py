@@ -18,8 +18,7 @@ from chronorec.trainer import baselines, evaluate, report
 from chronorec.trainer.protocols import (
     SECONDS_PER_DAY, UNRANKED, Dataset, Instances, bootstrap_ci, cold_targets, exclusion_mask, expected_metrics,
     fit_and_score, gap_buckets, inner_validation_split, loo_split, prefix_item_counts, rank_counts, repeat_targets,
-    score_instances,
-    summarize, temporal_split, window_item_counts,
+    score_instances, summarize, temporal_split, window_item_counts,
 )
 
 DAY = SECONDS_PER_DAY

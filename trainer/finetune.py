@@ -173,8 +173,9 @@ def encoder_retrieval_per_example(
 ) -> tuple[list[TrainingExample], dict[str, np.ndarray]]:
     """(the examples whose item is in the catalog, HR@10 / NDCG@10 / MRR of each one's item among all
     catalog items by the encoder alone): cosine of history text and item text, the history's items
-    excluded (a repeated item is a miss, as in the evaluation's protocols), ties at their expectation. `encode(texts)`, when given, replaces the module's own
-    encoding (a `FrozenPrefix` that runs only the trainable top layers gives the same vectors)."""
+    excluded (a repeated item is a miss, as in the evaluation's protocols), ties at their
+    expectation. `encode(texts)`, when given, replaces the module's own encoding (a `FrozenPrefix`
+    that runs only the trainable top layers gives the same vectors)."""
     item_ids = list(item_texts)
     column = {item_id: i for i, item_id in enumerate(item_ids)}
     examples = [e for e in examples if e.item_id in column]

@@ -86,11 +86,12 @@ def generate(seed: int = 11, n_items: int = 10_000, n_users: int = 11_900, event
 def write(out: Path, items: list[dict], events: list[dict]) -> None:
     """events.jsonl, and items.jsonl unless `items` is empty (then any earlier one is removed)."""
     out.mkdir(parents=True, exist_ok=True)
-    if not items:
+    files = [("events.jsonl", events)]
+    if items:
+        files.insert(0, ("items.jsonl", items))
+    else:
         (out / "items.jsonl").unlink(missing_ok=True)
-    for name, records in (("items.jsonl", items), ("events.jsonl", events)):
-        if name == "items.jsonl" and not items:
-            continue
+    for name, records in files:
         with (out / name).open("w", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")

@@ -195,7 +195,7 @@ def test_a_scorer_that_puts_the_users_own_items_first_gains_nothing_on_repeats()
     inst = split.instances
     repeats = repeat_targets(inst)
     assert 0 < repeats.sum() < len(inst)
-    own_first = split.instances.history_matrix(binary=True) * 100.0 + rng.random((len(inst), d.n_items))
+    own_first = inst.history_matrix(binary=True) * 100.0 + rng.random((len(inst), d.n_items))
     better, tied = rank_counts(own_first, inst.target, exclusion_mask(inst))
     ndcg = expected_metrics(better, tied)["NDCG@10"]
     assert (ndcg[repeats] == 0).all() and (ndcg[~repeats] > 0).all()

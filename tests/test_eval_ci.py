@@ -772,3 +772,27 @@ def test_items_named_only_by_their_events_are_ranked_by_chronorec_too(ci_setting
     warm = {name: result[name]["by_target"][0]["mean"] for name in methods}
     assert warm["chronorec-untuned-time"] > 3 * warm["MostPop"] > 0
     assert result["chronorec-finetuned-time"]["params"]["finetune_steps"] >= 1
+
+
+def test_the_short_lived_items_log_is_led_by_recent_popularity(tmp_path):
+    """The generated log of short-lived items (tests/bench/eval_trend_data) has the shape its
+    docstring gives: sessions of events minutes apart, a share of the test targets released after
+    the cutoff, and this week's popularity ahead of all-time popularity, of the decayed neighbours
+    and of EASE, as of each test event."""
+    from bench.eval_scale_data import write
+    from bench.eval_trend_data import generate
+
+    from chronorec.server.core.importers import detect_and_load
+    from chronorec.trainer.protocols import target_buckets
+
+    write(tmp_path, [], generate(seed=2, n_items=600, n_users=900)[1])
+    data = Dataset(*detect_and_load(tmp_path))
+    gaps = np.diff(data.ts[np.lexsort((data.ts, data.user))])[np.diff(np.sort(data.user)) == 0]
+    assert np.mean(gaps < 3600) > 0.4
+    split = temporal_split(data)
+    cold = np.mean(target_buckets(split.test_task()) == 1)
+    assert 0.08 < cold < 0.4
+    methods = ["MostPop", "RecentPop-7d", "ItemKNN-hl10d", "EASE"]
+    document = evaluate.evaluate(data, ["temporal"], methods, progress=False)
+    ndcg = {m: document["protocols"]["temporal"]["methods"][m]["metrics"]["NDCG@10"]["mean"] for m in methods}
+    assert ndcg["RecentPop-7d"] == max(ndcg.values())

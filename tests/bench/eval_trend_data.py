@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.bench.eval_scale_data import ANCHOR, DAY, TOPICS, WORDS, write
+from .eval_scale_data import ANCHOR, DAY, TOPICS, WORDS, write
 
 
 def generate(seed: int = 5, n_items: int = 3000, n_users: int = 3000, sessions_per_user: float = 4.0,
@@ -64,7 +64,8 @@ def generate(seed: int = 5, n_items: int = 3000, n_users: int = 3000, sessions_p
         events = np.flatnonzero(event_topic == t)
         for chunk in np.array_split(events, max(1, len(events) // 2000)):
             age = times[chunk, None] - published[None, members]
-            weight = np.where(age >= 0, quality[members] * (evergreen + np.exp2(-np.maximum(age, 0) / half_life[members])), 0.0)
+            appeal = quality[members] * (evergreen + np.exp2(-np.maximum(age, 0.0) / half_life[members]))
+            weight = np.where(age >= 0, appeal, 0.0)  # not before its release
             total = weight.sum(axis=1)
             ok = total > 0
             cumulative = np.cumsum(weight[ok], axis=1)

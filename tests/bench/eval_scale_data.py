@@ -97,6 +97,19 @@ def write(out: Path, items: list[dict], events: list[dict]) -> None:
                 f.write(json.dumps(record) + "\n")
 
 
+def describe(folder: Path) -> str:
+    """A line on the log written in `folder`, as the evaluation reads it: its size and its temporal split."""
+    from chronorec.server.core.importers import detect_and_load
+    from chronorec.trainer.protocols import Dataset, temporal_split
+
+    dataset = Dataset(*detect_and_load(folder))
+    details = temporal_split(dataset).details()
+    return (f"{dataset.n_events:,} events, {dataset.n_users:,} users, {dataset.n_items:,} items; temporal: "
+            f"{details['n_train_events']:,} training events, {details['n_test_instances']:,} test events of "
+            f"{details['n_test_users']:,} users, {details['n_unseen_targets']:,} with a cold target "
+            f"({details['n_unseen_targets'] / max(1, details['n_test_instances']):.0%})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for items.jsonl and events.jsonl")
@@ -110,16 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     items, events = generate(args.seed, n_items=args.items, n_users=args.users, late_users=args.late_users)
     write(args.out, [] if args.bare else items, events)
 
-    from chronorec.server.core.importers import detect_and_load
-    from chronorec.trainer.protocols import Dataset, temporal_split
-
-    dataset = Dataset(*detect_and_load(args.out))
-    split = temporal_split(dataset)
-    details = split.details()
-    print(f"{dataset.n_events:,} events, {dataset.n_users:,} users, {dataset.n_items:,} items; temporal: "
-          f"{details['n_train_events']:,} training events, {details['n_test_instances']:,} test events of "
-          f"{details['n_test_users']:,} users, {details['n_unseen_targets']:,} with a cold target "
-          f"({details['n_unseen_targets'] / max(1, details['n_test_instances']):.0%})")
+    print(describe(args.out))
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .eval_scale_data import ANCHOR, DAY, TOPICS, WORDS, write
+from .eval_scale_data import ANCHOR, DAY, TOPICS, WORDS, describe, write
 
 
 def generate(seed: int = 5, n_items: int = 3000, n_users: int = 3000, sessions_per_user: float = 4.0,
@@ -93,16 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     items, events = generate(args.seed, n_items=args.items, n_users=args.users)
     write(args.out, [] if args.bare else items, events)
 
-    from chronorec.server.core.importers import detect_and_load
-    from chronorec.trainer.protocols import Dataset, temporal_split
-
-    dataset = Dataset(*detect_and_load(args.out))
-    split = temporal_split(dataset)
-    details = split.details()
-    print(f"{dataset.n_events:,} events, {dataset.n_users:,} users, {dataset.n_items:,} items; temporal: "
-          f"{details['n_train_events']:,} training events, {details['n_test_instances']:,} test events of "
-          f"{details['n_test_users']:,} users, {details['n_unseen_targets']:,} with a cold target "
-          f"({details['n_unseen_targets'] / max(1, details['n_test_instances']):.0%})")
+    print(describe(args.out))
     return 0
 
 

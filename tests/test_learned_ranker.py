@@ -481,28 +481,32 @@ def test_routes_are_chosen_only_where_a_feature_alone_clearly_wins(logged):
     assert fit.summary()["routes"] == [r.to_dict() for r in fit.ranker.spec.routes]
 
 
-def test_after_a_long_absence_the_best_trend_window_is_routed_on_its_lead_alone(logged):
-    """Ranges a week or more after the previous event go to their best trend window when it ranks their
-    validation events better than the trees, without the bound other signals need; never below that,
-    never on fewer than route_min_events events, never to another signal on its lead alone."""
+def test_after_a_long_absence_the_best_trend_window_serves_unless_the_trees_beat_it_by_a_bound(logged):
+    """Ranges a week or more after the previous event go to their best trend window unless the trees
+    rank their validation events better by a bootstrap bound: a lead of the trees without one does not
+    keep them. Never below a week, never on fewer than route_min_events events, never to another
+    signal without the bound."""
     *_, fit, groups = logged
     trees = LearnedRanker(fit.ranker.booster, replace(fit.ranker.spec, routes=()))
     groups = rt.Groups.concatenate([groups] * 2)
     n = len(groups.sizes)
     starts = np.r_[0, np.cumsum(groups.sizes)[:-1]]
+    config = rt.RankerTrainingConfig(route_min_events=5, route_features=("trend_7d", "trend_30d", "cooccurrence_1h"))
 
     def rigged(gap_s: float, feature: str, every: int) -> rt.Groups:
         """Every other event `gap_s` after the previous one; among those, `feature` alone puts the
-        target first in all but one of `every` and is flat (no value) elsewhere."""
+        target first in all but one of `every` and is flat (no value) elsewhere; the other trend
+        windows are flat everywhere."""
         out = replace(groups, gap_seconds=np.where(np.arange(n) % 2 == 0, 60.0, gap_s), features=groups.features.copy())
+        for name in config.route_features:
+            if name.startswith("trend_") or name == feature:
+                out.features[:, FEATURE_INDEX[name]] = 0.0
         for k, (start, size) in enumerate(zip(starts, groups.sizes)):
             column = out.features[start:start + size, FEATURE_INDEX[feature]]
-            column[:] = 0.0
             if k % 2 and (k // 2) % every != 0:
                 column[groups.labels[start:start + size] > 0] = 1.0
         return out
 
-    config = rt.RankerTrainingConfig(route_min_events=5, route_features=("trend_7d", "trend_30d", "cooccurrence_1h"))
     long_gap = 40 * 86400.0
     trend = rigged(long_gap, "trend_30d", 5)
     routes, report = rt.choose_routes(trees, trend, config)
@@ -515,11 +519,24 @@ def test_after_a_long_absence_the_best_trend_window_is_routed_on_its_lead_alone(
     assert rt.choose_routes(trees, rigged(5 * 86400.0, "trend_30d", 5), config)[0] == ()
     assert rt.choose_routes(trees, trend, replace(config, route_trend_after_s=None))[0] == ()
     assert rt.choose_routes(trees, trend, replace(config, route_min_events=n))[0] == ()
-    # Another signal with the same lead after a long absence still needs the bound.
+    # Another signal with the same lead after a long absence still needs the bound, and the trees
+    # beat the flat trend windows by one there.
     other, report = rt.choose_routes(trees, rigged(long_gap, "cooccurrence_1h", 5), config)
-    assert other == () and not {e["gap"]: e for e in report}[">30d"]["routed"]
-    # A trend that never puts the target first (flat: it trails the trees) there: no route either.
+    entry = {e["gap"]: e for e in report}[">30d"]
+    assert other == () and not entry["routed"] and entry["trees_lead_ci"][0] > 0
+    # A trend that never puts the target first (flat: far behind the trees) there: no route either.
     assert rt.choose_routes(trees, rigged(long_gap, "trend_30d", 1), config)[0] == ()
+    # A trend behind the trees by less than the bound: it serves all the same.
+    ahead = []
+    for every in range(2, 13):
+        routes, report = rt.choose_routes(trees, rigged(long_gap, "trend_30d", every), config)
+        entry = {e["gap"]: e for e in report}[">30d"]
+        if entry["trees"] > entry["trend_alone"]:
+            ahead.append(every)
+            assert entry["routed"] == (entry["trees_lead_ci"][0] <= 0)
+            if entry["routed"]:
+                break
+    assert ahead and entry["routed"] and entry["rule"] == "trend after a long absence", ahead
 
 
 def test_loo_slices_hold_out_targets_from_the_fit(drift):

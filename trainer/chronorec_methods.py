@@ -142,8 +142,9 @@ class EvalSettings:
     ranker_loo_groups: int = 5000
     ranker_valid_groups: int = 2500  # sampled events of the validation window
     ranker_negatives: int = 10  # sampled items added to each training group
-    # Gap ranges starting this many days after the previous event go to their best trend window when
-    # it beats the trees on validation (RankerTrainingConfig.route_trend_after_s); None: a bound everywhere.
+    # Gap ranges starting this many days after the previous event go to their best trend window unless
+    # the trees beat it on validation by a bound (RankerTrainingConfig.route_trend_after_s); None: a
+    # range goes to a signal only when that beats the trees by a bound, everywhere.
     ranker_trend_after_days: float | None = 7.0
     # Logged events × catalogue items per window at most (RankerTrainingConfig.max_item_scores_per_slice).
     ranker_max_item_scores: int | None = 10_000_000

@@ -185,9 +185,9 @@ class RunSettings:
         "are learned from"))
     ranker_groups: int = setting(2500, group=RANKER, help="logged events per window the ranker learns from")
     ranker_trend_after_days: float = setting(7.0, group=RANKER, help=(
-        "users this many days or more since their previous event are ranked by the best trend window when it beats "
-        "the trees on their validation events (30 or more); below, a range needs a bootstrap bound; negative: a "
-        "bound everywhere"))
+        "users this many days or more since their previous event are ranked by the best trend window unless the "
+        "trees beat it on their validation events (30 or more) by a bootstrap bound; below, a range is routed to a "
+        "signal only when that beats the trees by a bound; negative: the latter everywhere"))
 
 
 @dataclass

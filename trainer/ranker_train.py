@@ -166,11 +166,15 @@ class RankerTrainingConfig:
     route_level: float = 0.05
     route_min_events: int = 30
     # Except after a long absence: ranges starting at least this long after the previous event are
-    # handed to the best of the trend windows among `route_features` when it simply ranks the range's
-    # validation events better than the trees (still on `route_min_events` or more). That family is
-    # named in advance by the design (someone back after weeks away needs what is popular now), not
-    # picked from the data, and no bound can be met there: a window holds a few dozen such events,
-    # where a lead of 0.1 NDCG@10 has a standard error near 0.07. None: the bound everywhere.
+    # handed to the best of the trend windows among `route_features` (still on `route_min_events` or
+    # more) unless the trees rank the range's validation events better by a one-sided bootstrap
+    # bound (at `route_level` divided among the trend windows). There the burden is the trees': that
+    # family is named in advance by the design (someone back after weeks away needs what is popular
+    # now), not picked from the data, while the trees learned those users from 1-2 % of their
+    # events, and the features they read most (the history's co-occurrence, its decayed parts) have
+    # gone stale for them. A window holds a few hundred such events at most, where a tie decided by
+    # the sign of the mean went either way from one training of the trees to the next (the
+    # short-lived items log, README). None: the other signals' bound everywhere.
     route_trend_after_s: float | None = 7 * 86400.0
     max_valid_returning_groups: int = 1500
     threads: int | None = None
@@ -627,8 +631,8 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
     """(routes, what was compared per gap range): a range is routed to the feature that ranks its
     validation events best alone, when that beats the trees (`ranker`, without routes) by a paired
     bootstrap bound above zero (RankerTrainingConfig.route_level, shared among the features); a range
-    after a long absence (`route_trend_after_s`) first to its best trend window, when that ranks its
-    events better than the trees at all."""
+    after a long absence (`route_trend_after_s`) otherwise to its best trend window, unless the trees
+    rank its events better than that by such a bound (shared among the trend windows)."""
     features = [f for f in config.route_features if f in FEATURE_INDEX]
     if not features or not len(groups.sizes):
         return (), []
@@ -658,9 +662,13 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
         elif trends and config.route_trend_after_s is not None and low >= config.route_trend_after_s:
             trend = max(trends, key=lambda f: float(alone[f][members].mean()))
             entry.update(best_trend=trend, trend_alone=round(float(alone[trend][members].mean()), 5))
-            if n >= config.route_min_events and alone[trend][members].mean() > trees[members].mean():
-                best, routed = trend, True
-                entry["rule"] = "trend after a long absence"
+            if n >= config.route_min_events:
+                trend_level = 1.0 - 2.0 * config.route_level / len(trends)
+                lo, hi = bootstrap_ci(trees[members] - alone[trend][members], level=trend_level, seed=config.seed)
+                entry["trees_lead_ci"] = [round(float(lo), 5), round(float(hi), 5)]
+                if not lo > 0:
+                    best, routed = trend, True
+                    entry["rule"] = "trend after a long absence"
         entry["routed"] = routed
         if routed:
             entry["route"] = best

@@ -172,9 +172,9 @@ class RankerTrainingConfig:
     # family is named in advance by the design (someone back after weeks away needs what is popular
     # now), not picked from the data, while the trees learned those users from 1-2 % of their
     # events, and the features they read most (the history's co-occurrence, its decayed parts) have
-    # gone stale for them. A window holds a few hundred such events at most, where a tie decided by
-    # the sign of the mean went either way from one training of the trees to the next (the
-    # short-lived items log, README). None: the other signals' bound everywhere.
+    # gone stale for them. A validation window holds a few dozen to a couple of thousand such events,
+    # and on the short-lived items log (README) a near tie decided by the sign of the mean went
+    # either way from one training of the trees to the next. None: the other signals' bound everywhere.
     route_trend_after_s: float | None = 7 * 86400.0
     max_valid_returning_groups: int = 1500
     threads: int | None = None

@@ -642,8 +642,16 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
     alone = {f: group_ndcg(np.where(np.isfinite(col := groups.features[:, FEATURE_INDEX[f]].astype(np.float64)),
                                     col, -np.inf), groups) for f in features}
     routes, report = [], []
-    level = 1.0 - 2.0 * config.route_level / len(features)  # one-sided: the lower end of a two-sided interval
+    # One-sided bounds: the lower end of a two-sided interval, the level shared among the signals compared.
+    level = 1.0 - 2.0 * config.route_level / len(features)
     trends = [f for f in features if f.startswith("trend_")]
+    trend_level = 1.0 - 2.0 * config.route_level / max(1, len(trends))
+
+    def interval(difference: np.ndarray, at_level: float) -> tuple[float, list[float]]:
+        """(the bound, the interval as reported)."""
+        lo, hi = bootstrap_ci(difference, level=at_level, seed=config.seed)
+        return float(lo), [round(float(lo), 5), round(float(hi), 5)]
+
     for label, (low, high) in zip(GAP_LABELS, gap_ranges()):
         members = (groups.gap_seconds >= low) & (groups.gap_seconds < high)
         n = int(members.sum())
@@ -654,18 +662,15 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
                                  "best_feature": best, "feature_alone": round(float(alone[best][members].mean()), 5)}
         routed = False
         if n >= config.route_min_events and alone[best][members].mean() > trees[members].mean():
-            lo, hi = bootstrap_ci(alone[best][members] - trees[members], level=level, seed=config.seed)
-            entry["difference_ci"] = [round(float(lo), 5), round(float(hi), 5)]
-            routed = bool(lo > 0)
+            lo, entry["difference_ci"] = interval(alone[best][members] - trees[members], level)
+            routed = lo > 0
         if routed:
             entry["rule"] = "bootstrap bound"
         elif trends and config.route_trend_after_s is not None and low >= config.route_trend_after_s:
             trend = max(trends, key=lambda f: float(alone[f][members].mean()))
             entry.update(best_trend=trend, trend_alone=round(float(alone[trend][members].mean()), 5))
             if n >= config.route_min_events:
-                trend_level = 1.0 - 2.0 * config.route_level / len(trends)
-                lo, hi = bootstrap_ci(trees[members] - alone[trend][members], level=trend_level, seed=config.seed)
-                entry["trees_lead_ci"] = [round(float(lo), 5), round(float(hi), 5)]
+                lo, entry["trees_lead_ci"] = interval(trees[members] - alone[trend][members], trend_level)
                 if not lo > 0:
                     best, routed = trend, True
                     entry["rule"] = "trend after a long absence"

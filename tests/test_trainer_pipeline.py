@@ -31,7 +31,10 @@ ANCHOR = 1_790_000_000.0
 TESTS = Path(__file__).resolve().parent
 # Few steps of a tiny BERT: enough to learn the topics of the generated users.
 TRAIN = dict(steps=36, batch_size=32, lr=2e-3, eval_every=12, patience=10, progress=False, ablation=True, threads=1)
-QUICK = dict(steps=2, batch_size=16, lr=2e-3, tune=False, progress=False, max_eval_instances=60, threads=1)
+# Runs that test the gate, the exit codes and the export's atomicity train no learned ranker: first_run
+# trains and ships one (and tests/test_learned_ranker.py tests it whole), which takes most of a run.
+QUICK = dict(steps=2, batch_size=16, lr=2e-3, tune=False, progress=False, max_eval_instances=60, threads=1,
+             ranker=False)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -175,7 +178,7 @@ def test_fine_tuned_weights_that_do_not_lift_the_tuned_blend_are_not_published(t
     # A few small steps: a checkpoint beats the start on the encoder's own validation retrieval, but
     # the blend tuned over it does no better than the one tuned over the starting weights.
     outcome = run_once(db, models, RunSettings(steps=8, batch_size=16, lr=1e-4, eval_every=4, patience=10,
-                                               progress=False, max_eval_instances=60, threads=1))
+                                               progress=False, max_eval_instances=60, threads=1, ranker=False))
     choice = outcome.details["encoder"]
     assert choice["best_step"] > 0 and choice["valid_best"] > choice["valid_before"]
     low, high = choice["fused_valid"]["ci95_user_clustered"]
@@ -243,7 +246,7 @@ def test_a_trainer_killed_mid_export_leaves_no_version_the_server_would_load(tmp
 
         export.export_onnx = export_then_hang
         run_once({str(db)!r}, {str(models)!r}, RunSettings(steps=1, batch_size=8, tune=False, progress=False,
-                                                           max_eval_instances=20, threads=1))
+                                                           max_eval_instances=20, threads=1, ranker=False))
     """)
     process = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:

@@ -601,8 +601,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence(out: TextIO) -> None:
+    """Points the process's standard output at /dev/null when `out` is it and its reader has gone,
+    so the interpreter's final flush of what is still buffered raises no second BrokenPipeError."""
+    if out is not sys.stdout:
+        return
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, descriptor)
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Runs one command; returns 0 on success, 1 on a gRPC error, 2 on a usage error."""
+    """Runs one command; returns 0 on success, 1 on a gRPC error, 2 on a usage error.
+
+    When the reader of `out` goes away (`chronorec versions | head -1`), the command stops without
+    a message and returns 1, as Python's own guidance for SIGPIPE has it."""
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
@@ -631,6 +650,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             args.run(client, args, out)
         except ChronorecClientError as error:
             print(f"chronorec: {error.code.name}: {error.message}", file=err)
+            return EXIT_ERROR
+        except BrokenPipeError:
+            _silence(out)
             return EXIT_ERROR
         except (UsageError, ValueError, OSError) as error:
             print(f"chronorec: {error}", file=err)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +77,18 @@ def test_the_commands(server):
     assert "impression needs its recommendation_id and position" in bad.getvalue()
     assert cli(["--target", server.target, "activate", candidate, "--canary", "150"], out=bad, err=bad) == 1
     assert "INVALID_ARGUMENT" in bad.getvalue()
+
+
+def test_a_reader_that_goes_away_stops_the_command_without_a_message(server):
+    """`chronorec versions | head -1`: the pipe's reader is gone before the command writes."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "chronorec.client.cli", "--target", server.target, "versions"],
+                              stdout=write, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write)
+    assert done.returncode == 1
+    assert done.stderr == b""
+    # The same call with a reader prints the versions and succeeds.
+    assert "version" in run(server, "versions")

@@ -648,6 +648,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     with client:
         try:
             args.run(client, args, out)
+            out.flush()  # a reader gone before the last buffered line is met here, not at exit
         except ChronorecClientError as error:
             print(f"chronorec: {error.code.name}: {error.message}", file=err)
             return EXIT_ERROR

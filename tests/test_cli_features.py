@@ -79,7 +79,7 @@ def test_the_commands(server):
     assert "INVALID_ARGUMENT" in bad.getvalue()
 
 
-@pytest.mark.parametrize("command", ["versions", "status"])  # a table written as it goes; lines printed at once
+@pytest.mark.parametrize("command", ["versions", "status"])  # a table, and name-value pairs
 def test_a_reader_that_goes_away_stops_the_command_without_a_message(server, command):
     """`chronorec versions | head -1`: the pipe's reader is gone before the command writes."""
     read, write = os.pipe()

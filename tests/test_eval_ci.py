@@ -143,6 +143,22 @@ def test_a_plugin_drops_a_finished_splits_context_before_the_next_split_runs(dri
     assert not methods._contexts
 
 
+def test_item_text_ids_names_every_item_by_its_id_alone(drift):
+    """The content ablation: chronorec reads each item as a bare ratings log names it, its times kept."""
+    split = temporal_split(drift)
+    some = next(item for item in drift.items if item.category)
+    shown = cm.SplitContext(split, cm.EvalSettings()).items[some.item_id]
+    assert shown == some
+    context = cm.SplitContext(split, cm.EvalSettings().with_overrides(item_text="ids"))
+    assert set(context.items) == set(drift.item_ids)
+    bare = context.items[some.item_id]
+    assert (bare.title, bare.category, bare.text, bare.attributes) == (some.item_id, "", "", {})
+    assert (bare.published_at, bare.expires_at) == (some.published_at, some.expires_at)
+    assert context.item_text_of(some.item_id) == some.item_id
+    with pytest.raises(ValueError, match="item_text must be one of catalogue, ids"):
+        cm.EvalSettings().with_overrides(item_text="titles")
+
+
 def test_learned_ranker_beats_the_blend_which_beats_time_blind(drift, chronorec):
     per_instance: dict[str, np.ndarray] = {}
     methods = ["chronorec-ranker", "chronorec-blend", "chronorec-finetuned-blind"]

@@ -87,6 +87,7 @@ KEPT_BASE_RECORD = "kept-base-weights.json"
 # Encoder answers an EncoderBundle remembers (~100 batches of 1,024 history texts at 384 dimensions).
 ENCODE_MEMORY_BYTES = 160 * 1024 * 1024
 SWEEP_METRIC = "NDCG@10"
+ITEM_TEXTS = ("catalogue", "ids")  # EvalSettings.item_text
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,15 @@ class EvalSettings:
     ranker_trend_after_days: float | None = 7.0
     # Logged events × catalogue items per window at most (RankerTrainingConfig.max_item_scores_per_slice).
     ranker_max_item_scores: int | None = 10_000_000
+    # What chronorec reads of an item: "catalogue", its title, category and text; "ids", its id
+    # alone, as in a ratings log without an item file (its times kept). The difference between the
+    # two is what the items' content adds: the language model's input and the category features.
+    item_text: str = "catalogue"
     progress: bool | None = None  # status lines on stderr; None: when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        if self.item_text not in ITEM_TEXTS:
+            raise ValueError(f"item_text must be one of {', '.join(ITEM_TEXTS)}, not {self.item_text!r}")
 
     def with_overrides(self, **overrides: Any) -> "EvalSettings":
         known = {f.name for f in fields(self)}
@@ -325,13 +334,21 @@ def untuned_version_dir(settings: EvalSettings) -> Path:
 # ------------------------------------------------------------------------ split context
 
 
-def catalogue_of(dataset: Dataset) -> dict[str, Item]:
+def catalogue_of(dataset: Dataset, item_text: str = "catalogue") -> dict[str, Item]:
     """Every item the evaluation ranks, by id: the data set's items, and each item named only by
     its events (a ratings log without an item file, or with a partial one) as an item whose title
     is its id, the text the server reads for an item it does not know (itemtext.item_text_lookup).
     The protocols rank every catalogue item (protocols.Dataset), so chronorec must be able to
-    recommend these too: they are reached through co-occurrence, trend and the learned ranker."""
+    recommend these too: they are reached through co-occurrence, trend and the learned ranker.
+
+    item_text "ids" (EvalSettings.item_text): every item is named so, its title, category, text
+    and attributes left out and its publication and expiry times kept."""
+    if item_text not in ITEM_TEXTS:
+        raise ValueError(f"item_text must be one of {', '.join(ITEM_TEXTS)}, not {item_text!r}")
     items = {item.item_id: item for item in dataset.items}
+    if item_text == "ids":
+        items = {i: Item(item_id=i, title=i, published_at=item.published_at, expires_at=item.expires_at)
+                 for i, item in items.items()}
     for item_id in dataset.item_ids:
         if item_id not in items:
             items[item_id] = Item(item_id=item_id, title=item_id)
@@ -348,7 +365,7 @@ class SplitContext:
         # catalogue encoded by the same model gives the same vectors, ~1 min for 10k items).
         self._shared = shared if shared is not None else {}
         self.dataset: Dataset = split.dataset
-        self.items: dict[str, Item] = catalogue_of(self.dataset)
+        self.items: dict[str, Item] = catalogue_of(self.dataset, settings.item_text)
         self.item_text_of = item_text_lookup(self.items)
         self.item_ids = list(self.dataset.item_ids)
         self.tuning = split.tuning_task()

@@ -334,19 +334,17 @@ def untuned_version_dir(settings: EvalSettings) -> Path:
 # ------------------------------------------------------------------------ split context
 
 
-def catalogue_of(dataset: Dataset, item_text: str = "catalogue") -> dict[str, Item]:
+def catalogue_of(dataset: Dataset, ids_only: bool = False) -> dict[str, Item]:
     """Every item the evaluation ranks, by id: the data set's items, and each item named only by
     its events (a ratings log without an item file, or with a partial one) as an item whose title
     is its id, the text the server reads for an item it does not know (itemtext.item_text_lookup).
     The protocols rank every catalogue item (protocols.Dataset), so chronorec must be able to
     recommend these too: they are reached through co-occurrence, trend and the learned ranker.
 
-    item_text "ids" (EvalSettings.item_text): every item is named so, its title, category, text
+    ids_only (EvalSettings.item_text "ids"): every item is named so, its title, category, text
     and attributes left out and its publication and expiry times kept."""
-    if item_text not in ITEM_TEXTS:
-        raise ValueError(f"item_text must be one of {', '.join(ITEM_TEXTS)}, not {item_text!r}")
     items = {item.item_id: item for item in dataset.items}
-    if item_text == "ids":
+    if ids_only:
         items = {i: Item(item_id=i, title=i, published_at=item.published_at, expires_at=item.expires_at)
                  for i, item in items.items()}
     for item_id in dataset.item_ids:
@@ -365,7 +363,7 @@ class SplitContext:
         # catalogue encoded by the same model gives the same vectors, ~1 min for 10k items).
         self._shared = shared if shared is not None else {}
         self.dataset: Dataset = split.dataset
-        self.items: dict[str, Item] = catalogue_of(self.dataset, settings.item_text)
+        self.items: dict[str, Item] = catalogue_of(self.dataset, ids_only=settings.item_text == "ids")
         self.item_text_of = item_text_lookup(self.items)
         self.item_ids = list(self.dataset.item_ids)
         self.tuning = split.tuning_task()

@@ -1,4 +1,4 @@
-"""Importers: MovieLens 100K / latest and generic JSONL, on tiny files and on the real data when present."""
+"""Importers: MovieLens 100K / latest / 1M-10M and generic JSONL, on tiny files and on the real data when present."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from chronorec.server.core import errors
 from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.importers import (
-    JSONL, ML100K, ML_LATEST, detect_and_load, detect_format, load_jsonl, load_movielens_100k,
-    load_movielens_latest, parse_time,
+    JSONL, ML100K, ML_DAT, ML_LATEST, detect_and_load, detect_format, load_jsonl, load_movielens_100k,
+    load_movielens_dat, load_movielens_latest, parse_time,
 )
 from chronorec.server.core.store import EventStore
 
@@ -103,6 +103,67 @@ def test_movielens_latest_bad_header(ml_latest: Path):
     (ml_latest / "ratings.csv").write_text("user,movie\n1,2\n")
     with pytest.raises(errors.InvalidArgument, match=r"ratings\.csv:1: header lacks"):
         load_movielens_latest(ml_latest)
+
+
+@pytest.fixture
+def ml_dat(tmp_path: Path) -> Path:
+    """ML-1M's layout: latin-1 movies.dat, users.dat beside (not read), no tags."""
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    (folder / "movies.dat").write_text(
+        "1::Toy Story (1995)::Animation|Children's|Comedy\n"
+        "2::Café Society (1995)::Drama\n"
+        "3::Nothing (2020)::(no genres listed)\n\n",
+        encoding="latin-1",
+    )
+    (folder / "users.dat").write_text("1::F::1::10::48067\n")
+    (folder / "ratings.dat").write_text("1::1193::5::978300760\n\n1::2::3.5::978302109\n")
+    return folder
+
+
+def test_movielens_dat_tiny(ml_dat: Path):
+    items, events = load_movielens_dat(ml_dat)
+    toy, cafe, nothing = items
+    assert toy == Item("1", "Toy Story (1995)", category="Animation, Children's, Comedy")
+    assert cafe.title == "Café Society (1995)" and cafe.category == "Drama"
+    assert nothing.category == "" and nothing.text == ""
+    assert events == [Event("mldat-1", "1", "1193", "rating", 978300760.0, 5.0),
+                      Event("mldat-3", "1", "2", "rating", 978302109.0, 3.5)]
+    assert detect_format(ml_dat) == ML_DAT
+    assert detect_and_load(ml_dat / "ratings.dat") == (items, events)
+
+
+def test_movielens_dat_utf8_titles_and_tags(ml_dat: Path):
+    """ML-10M's layout: UTF-8 files and a tags.dat whose tags may hold '::'."""
+    (ml_dat / "movies.dat").write_text("1::Amélie (2001)::Comedy|Romance\n7::Odd::Title (1999)::Drama\n",
+                                       encoding="utf-8")
+    tags = ["whimsical", "Whimsical", "  paris   cafés ", "note::spoiler"] + [f"t{k}" for k in range(12)]
+    (ml_dat / "tags.dat").write_text("".join(f"15::1::{t}::1215184630\n" for t in tags) + "3::7::noir::1\n",
+                                     encoding="utf-8")
+    amelie, odd = load_movielens_dat(ml_dat)[0]
+    assert amelie.title == "Amélie (2001)" and amelie.category == "Comedy, Romance"
+    assert amelie.text == "whimsical, paris cafés, note::spoiler, " + ", ".join(f"t{k}" for k in range(7))
+    assert odd.title == "Odd::Title (1999)" and odd.text == "noir"
+
+
+def test_movielens_dat_bad_lines_are_named(ml_dat: Path):
+    with (ml_dat / "ratings.dat").open("a") as f:
+        f.write("1::2::four::3\n")
+    with pytest.raises(errors.InvalidArgument, match=r"ratings\.dat:4: rating and timestamp"):
+        load_movielens_dat(ml_dat)
+    (ml_dat / "ratings.dat").write_text("1::2::3\n")
+    with pytest.raises(errors.InvalidArgument, match=r"ratings\.dat:1: expected 4"):
+        load_movielens_dat(ml_dat)
+    (ml_dat / "movies.dat").write_text("1 Toy Story\n")
+    with pytest.raises(errors.InvalidArgument, match=r"movies\.dat:1: expected"):
+        load_movielens_dat(ml_dat)
+    (ml_dat / "tags.dat").write_text("15::1::whimsical::soon\n")
+    with pytest.raises(errors.InvalidArgument, match=r"tags\.dat:1: expected"):
+        load_movielens_dat(ml_dat)
+    (ml_dat / "tags.dat").unlink()
+    (ml_dat / "movies.dat").unlink()
+    with pytest.raises(errors.InvalidArgument, match=r"movies\.dat: no such file"):
+        load_movielens_dat(ml_dat)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

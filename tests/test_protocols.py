@@ -454,6 +454,39 @@ def test_register_method_and_cli_report(tmp_path, monkeypatch):
                           "--no-progress"]) == 1
 
 
+def test_movielens_dat_folder_evaluates_as_its_jsonl_twin(tmp_path):
+    """An ML-1M / ML-10M folder ("::" files) is read by the evaluation, named in the report, and
+    scores as the same ratings written as JSONL."""
+    rng = np.random.default_rng(11)
+    times = np.sort(rng.choice(np.arange(0, 90 * DAY, 60), size=150, replace=False))
+    rows = [(str(rng.integers(1, 9)), str(rng.integers(1, 7)), int(t), int(rng.integers(1, 6))) for t in times]
+    dat = tmp_path / "ml-1m"
+    dat.mkdir()
+    (dat / "movies.dat").write_text("".join(f"{k}::Item {k} (1999)::Drama\n" for k in range(1, 7)), encoding="latin-1")
+    (dat / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, t, r in rows))
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "items.jsonl").write_text("".join(
+        json.dumps({"item_id": str(k), "title": f"Item {k} (1999)", "category": "Drama"}) + "\n" for k in range(1, 7)))
+    (twin / "events.jsonl").write_text("".join(
+        json.dumps({"event_id": f"e{n}", "user_id": u, "item_id": i, "action": "rating", "timestamp": t,
+                    "value": r}) + "\n" for n, (u, i, t, r) in enumerate(rows)))
+    saved = {}
+    for name, folder in (("dat", dat), ("twin", twin)):
+        out = tmp_path / f"report-{name}"
+        assert evaluate.main(["--data", str(folder), "--protocol", "both", "--out", str(out),
+                              "--methods", "MostPop,ItemKNN-hl10d", "--no-progress"]) == 0
+        saved[name] = dict(np.load(out / "per_instance.npz"))
+        if name == "dat":
+            doc = json.loads((out / "report.json").read_text())
+            assert doc["dataset"]["format"] == "movielens-dat"
+            assert doc["dataset"]["ratings_file"].endswith("ratings.dat") and doc["dataset"]["sha256"]
+            assert doc["dataset"]["n_events"] == len(rows)
+    assert saved["dat"].keys() == saved["twin"].keys()
+    for key, values in saved["dat"].items():
+        np.testing.assert_array_equal(values, saved["twin"][key], err_msg=key)
+
+
 class _Allocating(FixedScores):
     """Fixed scores that hold a big array for a moment while fitting: a peak the report must show."""
 

@@ -83,6 +83,7 @@ def ratings_file(path: str | Path) -> Path | None:
     fmt = importers.detect_format(path)
     folder = path.parent if path.is_file() and fmt != importers.JSONL else path
     candidates = {importers.ML100K: [folder / "u.data"], importers.ML_LATEST: [folder / "ratings.csv"],
+                  importers.ML_DAT: [folder / "ratings.dat"],
                   importers.JSONL: [path] if path.is_file() else [path / "events.jsonl"]}[fmt]
     return next((c for c in candidates if c.is_file()), None)
 
@@ -229,7 +230,7 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
 class EvalCommand:
     """One `chronorec-eval` (or `chronorec-train eval`) run: data, protocols, methods, report folder."""
 
-    data: str = setting(help="MovieLens folder (ml-100k, ml-latest*) or JSONL file/folder")
+    data: str = setting(help="MovieLens folder (ml-100k, ml-latest*, ml-1m, ml-10m) or JSONL file/folder")
     out: str = setting(help="report folder (report.md, report.json, PNG plots, per_instance.npz)")
     protocol: str = setting("both", choices=("temporal", "loo", "both"), help="evaluation protocol")
     methods: str | None = setting(None, help="comma-separated method names (none: all; see --list-methods)")

@@ -1,4 +1,5 @@
-"""Readers turning MovieLens and generic JSONL files into catalog items and events.
+"""Readers turning MovieLens (100K; latest and 20M/25M/32M; 1M and 10M) and generic JSONL
+files into catalog items and events.
 
 Generic JSONL format (UTF-8, one JSON object per line, blank lines ignored):
 
@@ -38,6 +39,7 @@ from chronorec.server.core.store import event_problem, item_problem
 
 ML100K = "movielens-100k"
 ML_LATEST = "movielens-latest"
+ML_DAT = "movielens-dat"
 JSONL = "jsonl"
 MAX_TAGS_PER_MOVIE = 10
 
@@ -100,28 +102,54 @@ def load_movielens_100k(folder: str | Path) -> tuple[list[Item], list[Event]]:
             attributes={"release_date": release_date, "imdb_url": imdb_url},
         )))
 
-    data_path = _require_file(folder / "u.data")
+    events = _rating_events(_require_file(folder / "u.data"), "\t", "ml100k",
+                            "expected 4 tab-separated fields: user item rating timestamp")
+    return items, events
+
+
+def _rating_events(path: Path, separator: str, id_prefix: str, expected: str) -> list[Event]:
+    """Rating events from a headerless 'user, item, rating, timestamp' file, streamed (ML-10M's
+    holds 10 million lines); event ids are `id_prefix` and the line number."""
     events: list[Event] = []
-    with data_path.open(encoding="latin-1") as f:
+    with path.open(encoding="latin-1") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            fields = line.split("\t")
+            fields = line.split(separator)
             if len(fields) != 4:
-                raise _bad(data_path, line_no, "expected 4 tab-separated fields: user item rating timestamp")
+                raise _bad(path, line_no, expected)
             user_id, item_id, rating, timestamp = (x.strip() for x in fields)
             try:
                 value, ts = float(rating), float(int(timestamp))
             except ValueError:
-                raise _bad(data_path, line_no, "rating and timestamp must be numbers") from None
-            events.append(_checked_event(data_path, line_no, Event(
-                event_id=f"ml100k-{line_no}", user_id=user_id, item_id=item_id,
+                raise _bad(path, line_no, "rating and timestamp must be numbers") from None
+            events.append(_checked_event(path, line_no, Event(
+                event_id=f"{id_prefix}-{line_no}", user_id=user_id, item_id=item_id,
                 action="rating", timestamp=ts, value=value,
             )))
-    return items, events
+    return events
 
 
 # -- MovieLens latest (ml-latest, ml-latest-small, ml-25m, ...) -----------------------
+
+
+class _MovieTags:
+    """Up to MAX_TAGS_PER_MOVIE distinct tags per movie, in file order, as an item's text."""
+
+    def __init__(self) -> None:
+        self._tags: dict[str, list[str]] = {}
+        self._seen: dict[str, set[str]] = {}
+
+    def add(self, movie_id: str, tag: str) -> None:
+        tag = " ".join(tag.split())
+        movie_tags = self._tags.setdefault(movie_id, [])
+        # Case-insensitive distinct: users write "funny" and "Funny".
+        if tag and len(movie_tags) < MAX_TAGS_PER_MOVIE and tag.casefold() not in self._seen.setdefault(movie_id, set()):
+            self._seen[movie_id].add(tag.casefold())
+            movie_tags.append(tag)
+
+    def text(self, movie_id: str) -> str:
+        return ", ".join(self._tags.get(movie_id, []))
 
 
 def _csv_rows(path: Path, required: list[str]):
@@ -141,17 +169,11 @@ def load_movielens_latest(folder: str | Path) -> tuple[list[Item], list[Event]]:
     """Items from movies.csv (tags.csv, links.csv when present) and rating events from
     ratings.csv; event ids carry the line number in ratings.csv (the header is line 1)."""
     folder = Path(folder)
-    tags: dict[str, list[str]] = {}
+    tags = _MovieTags()
     tags_path = folder / "tags.csv"
     if tags_path.is_file():
-        seen: dict[str, set[str]] = {}
         for _, row in _csv_rows(tags_path, ["movieId", "tag"]):
-            tag = " ".join(row["tag"].split())
-            movie_tags = tags.setdefault(row["movieId"], [])
-            # Case-insensitive distinct: users write "funny" and "Funny".
-            if tag and len(movie_tags) < MAX_TAGS_PER_MOVIE and tag.casefold() not in seen.setdefault(row["movieId"], set()):
-                seen[row["movieId"]].add(tag.casefold())
-                movie_tags.append(tag)
+            tags.add(row["movieId"], row["tag"])
     links: dict[str, dict[str, str]] = {}
     links_path = folder / "links.csv"
     if links_path.is_file():
@@ -163,7 +185,7 @@ def load_movielens_latest(folder: str | Path) -> tuple[list[Item], list[Event]]:
     for line_no, row in _csv_rows(movies_path, ["movieId", "title", "genres"]):
         genres = "" if row["genres"] == "(no genres listed)" else ", ".join(row["genres"].split("|"))
         items.append(_checked_item(movies_path, line_no, Item(
-            item_id=row["movieId"], title=row["title"], text=", ".join(tags.get(row["movieId"], [])),
+            item_id=row["movieId"], title=row["title"], text=tags.text(row["movieId"]),
             category=genres, attributes=links.get(row["movieId"], {}),
         )))
 
@@ -178,6 +200,58 @@ def load_movielens_latest(folder: str | Path) -> tuple[list[Item], list[Event]]:
             event_id=f"mllatest-{line_no}", user_id=row["userId"], item_id=row["movieId"],
             action="rating", timestamp=ts, value=value,
         )))
+    return items, events
+
+
+# -- MovieLens 1M / 10M ("::"-separated .dat files) ------------------------------------
+
+
+def _dat_text_lines(path: Path) -> list[str]:
+    """The lines of a small .dat file: UTF-8 where the whole file decodes so (ML-10M), else
+    latin-1 (ML-1M's titles are ISO-8859-1)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return text.splitlines()
+
+
+def load_movielens_dat(folder: str | Path) -> tuple[list[Item], list[Event]]:
+    """Items from movies.dat (tags.dat when present, as in ML-10M) and rating events from
+    ratings.dat, the "::"-separated files of ML-1M and ML-10M; event ids carry the line number
+    in ratings.dat. users.dat (ML-1M's demographics) is not read."""
+    folder = Path(folder)
+    tags = _MovieTags()
+    tags_path = folder / "tags.dat"
+    if tags_path.is_file():
+        for line_no, line in enumerate(_dat_text_lines(tags_path), start=1):
+            if not line.strip():
+                continue
+            # A tag may itself hold "::": the user and movie lead, the timestamp ends the line.
+            fields = line.split("::", 2)
+            tag, sep, timestamp = fields[-1].rpartition("::")
+            if len(fields) != 3 or not sep or not timestamp.strip().isdigit():
+                raise _bad(tags_path, line_no, "expected 'user::movie::tag::timestamp'")
+            tags.add(fields[1].strip(), tag)
+
+    movies_path = _require_file(folder / "movies.dat")
+    items: list[Item] = []
+    for line_no, line in enumerate(_dat_text_lines(movies_path), start=1):
+        if not line.strip():
+            continue
+        movie_id, sep, rest = line.partition("::")
+        title, sep2, genres = rest.rpartition("::")
+        if not sep or not sep2:
+            raise _bad(movies_path, line_no, "expected 'movie::title::genres'")
+        genres = genres.strip()
+        category = "" if genres in ("", "(no genres listed)") else ", ".join(genres.split("|"))
+        items.append(_checked_item(movies_path, line_no, Item(
+            item_id=movie_id.strip(), title=title, text=tags.text(movie_id.strip()), category=category,
+        )))
+
+    events = _rating_events(_require_file(folder / "ratings.dat"), "::", "mldat",
+                            "expected 4 '::'-separated fields: user::movie::rating::timestamp")
     return items, events
 
 
@@ -292,20 +366,23 @@ def _is_events_jsonl(path: Path) -> bool:
 
 
 def detect_format(path: str | Path) -> str:
-    """ML100K for a folder holding u.data, ML_LATEST for one holding ratings.csv, JSONL for
-    a .jsonl file or a folder holding items.jsonl / events.jsonl."""
+    """ML100K for a folder holding u.data, ML_LATEST for one holding ratings.csv, ML_DAT for
+    one holding ratings.dat (ML-1M, ML-10M), JSONL for a .jsonl file or a folder holding
+    items.jsonl / events.jsonl."""
     path = Path(path)
-    if path.is_file() and path.name in ("u.data", "u.item", "ratings.csv", "movies.csv"):
+    if path.is_file() and path.name in ("u.data", "u.item", "ratings.csv", "movies.csv", "ratings.dat", "movies.dat"):
         path = path.parent
     if path.is_dir():
         if (path / "u.data").is_file():
             return ML100K
         if (path / "ratings.csv").is_file():
             return ML_LATEST
+        if (path / "ratings.dat").is_file():
+            return ML_DAT
         if (path / "items.jsonl").is_file() or (path / "events.jsonl").is_file():
             return JSONL
         raise errors.InvalidArgument(
-            f"{path}: no known dataset here (expected u.data, ratings.csv, items.jsonl or events.jsonl)")
+            f"{path}: no known dataset here (expected u.data, ratings.csv, ratings.dat, items.jsonl or events.jsonl)")
     if path.is_file() and path.suffix == ".jsonl":
         return JSONL
     if not path.exists():
@@ -323,6 +400,8 @@ def detect_and_load(path: str | Path) -> tuple[list[Item], list[Event]]:
         return load_movielens_100k(folder)
     if fmt == ML_LATEST:
         return load_movielens_latest(folder)
+    if fmt == ML_DAT:
+        return load_movielens_dat(folder)
     if path.is_dir():
         items_path, events_path = path / "items.jsonl", path / "events.jsonl"
         return load_jsonl(items_path if items_path.is_file() else None,

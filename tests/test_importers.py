@@ -32,7 +32,7 @@ def ml100k(tmp_path: Path) -> Path:
     toy_genres = flags("Animation", "Children's", "Comedy")
     (folder / "u.item").write_text(
         f"1|Toy Story (1995)|01-Jan-1995||http://imdb/1|{toy_genres}\n"
-        f"2|Café Society (1995)|01-Jan-1995||http://imdb/2|{flags('Drama')}\n"
+        f"2|Café Society\x85 (1995)|01-Jan-1995||http://imdb/2|{flags('Drama')}\n"
         f"3|unknown||||{flags('unknown')}\n",
         encoding="latin-1",
     )
@@ -63,7 +63,7 @@ def test_movielens_100k_tiny(ml100k: Path):
     items, events = load_movielens_100k(ml100k)
     assert items[0] == Item("1", "Toy Story (1995)", category="Animation, Children's, Comedy",
                             attributes={"release_date": "01-Jan-1995", "imdb_url": "http://imdb/1"})
-    assert items[1].title == "Café Society (1995)" and items[1].published_at is None
+    assert items[1].title == "Café Society\x85 (1995)" and items[1].published_at is None  # 0x85: no line break
     assert items[2].category == "unknown"
     assert events == [
         Event("ml100k-1", "7", "2", "rating", 881250949.0, 4.0),
@@ -112,7 +112,7 @@ def ml_dat(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "movies.dat").write_text(
         "1::Toy Story (1995)::Animation|Children's|Comedy\n"
-        "2::Café Society (1995)::Drama\n"
+        "2::Café Society\x85 (1995)::Drama\r\n"
         "3::Nothing (2020)::(no genres listed)\n\n",
         encoding="latin-1",
     )
@@ -125,7 +125,7 @@ def test_movielens_dat_tiny(ml_dat: Path):
     items, events = load_movielens_dat(ml_dat)
     toy, cafe, nothing = items
     assert toy == Item("1", "Toy Story (1995)", category="Animation, Children's, Comedy")
-    assert cafe.title == "Café Society (1995)" and cafe.category == "Drama"
+    assert cafe.title == "Café Society\x85 (1995)" and cafe.category == "Drama"  # 0x85 is no line break here
     assert nothing.category == "" and nothing.text == ""
     assert events == [Event("mldat-1", "1", "1193", "rating", 978300760.0, 5.0),
                       Event("mldat-3", "1", "2", "rating", 978302109.0, 3.5)]

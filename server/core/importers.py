@@ -68,6 +68,21 @@ def _require_file(path: Path) -> Path:
     return path
 
 
+def _file_lines(path: Path, encoding: str | None = None) -> list[str]:
+    """The lines of a small text file in `encoding`, or, with None, UTF-8 where the whole file
+    decodes so (ML-10M's .dat files), else latin-1 (ML-1M's titles are ISO-8859-1)."""
+    raw = path.read_bytes()
+    if encoding is None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+    else:
+        text = raw.decode(encoding)
+    # Split on newlines alone: str.splitlines would also break at a latin-1 0x85 or 0x1c inside a title.
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 # -- MovieLens 100K ----------------------------------------------------------------------
 
 
@@ -76,7 +91,7 @@ def load_movielens_100k(folder: str | Path) -> tuple[list[Item], list[Event]]:
     folder = Path(folder)
     genre_path = _require_file(folder / "u.genre")
     genres: dict[int, str] = {}
-    for line_no, line in enumerate(genre_path.read_text(encoding="latin-1").splitlines(), start=1):
+    for line_no, line in enumerate(_file_lines(genre_path, "latin-1"), start=1):
         if not line.strip():
             continue
         name, sep, index = line.rpartition("|")
@@ -87,7 +102,7 @@ def load_movielens_100k(folder: str | Path) -> tuple[list[Item], list[Event]]:
 
     item_path = _require_file(folder / "u.item")
     items: list[Item] = []
-    for line_no, line in enumerate(item_path.read_text(encoding="latin-1").splitlines(), start=1):
+    for line_no, line in enumerate(_file_lines(item_path, "latin-1"), start=1):
         if not line.strip():
             continue
         fields = line.split("|")
@@ -206,17 +221,6 @@ def load_movielens_latest(folder: str | Path) -> tuple[list[Item], list[Event]]:
 # -- MovieLens 1M / 10M ("::"-separated .dat files) ------------------------------------
 
 
-def _dat_text_lines(path: Path) -> list[str]:
-    """The lines of a small .dat file: UTF-8 where the whole file decodes so (ML-10M), else
-    latin-1 (ML-1M's titles are ISO-8859-1)."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    return text.splitlines()
-
-
 def load_movielens_dat(folder: str | Path) -> tuple[list[Item], list[Event]]:
     """Items from movies.dat (tags.dat when present, as in ML-10M) and rating events from
     ratings.dat, the "::"-separated files of ML-1M and ML-10M; event ids carry the line number
@@ -225,7 +229,7 @@ def load_movielens_dat(folder: str | Path) -> tuple[list[Item], list[Event]]:
     tags = _MovieTags()
     tags_path = folder / "tags.dat"
     if tags_path.is_file():
-        for line_no, line in enumerate(_dat_text_lines(tags_path), start=1):
+        for line_no, line in enumerate(_file_lines(tags_path), start=1):
             if not line.strip():
                 continue
             # A tag may itself hold "::": the user and movie lead, the timestamp ends the line.
@@ -237,7 +241,7 @@ def load_movielens_dat(folder: str | Path) -> tuple[list[Item], list[Event]]:
 
     movies_path = _require_file(folder / "movies.dat")
     items: list[Item] = []
-    for line_no, line in enumerate(_dat_text_lines(movies_path), start=1):
+    for line_no, line in enumerate(_file_lines(movies_path), start=1):
         if not line.strip():
             continue
         movie_id, sep, rest = line.partition("::")

@@ -82,10 +82,11 @@ def ratings_file(path: str | Path) -> Path | None:
     path = Path(path)
     fmt = importers.detect_format(path)
     folder = path.parent if path.is_file() and fmt != importers.JSONL else path
-    candidates = {importers.ML100K: [folder / "u.data"], importers.ML_LATEST: [folder / "ratings.csv"],
-                  importers.ML_DAT: [folder / "ratings.dat"],
-                  importers.JSONL: [path] if path.is_file() else [path / "events.jsonl"]}[fmt]
-    return next((c for c in candidates if c.is_file()), None)
+    if fmt == importers.JSONL:
+        candidate = path if path.is_file() else path / "events.jsonl"
+    else:
+        candidate = folder / importers.RATINGS_FILES[fmt]
+    return candidate if candidate.is_file() else None
 
 
 def sha256_file(path: Path) -> str:

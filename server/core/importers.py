@@ -42,6 +42,10 @@ ML_LATEST = "movielens-latest"
 ML_DAT = "movielens-dat"
 JSONL = "jsonl"
 MAX_TAGS_PER_MOVIE = 10
+# Each MovieLens format by the file holding its ratings, in the order detect_format looks for them
+# (the evaluation report hashes that file), and the files naming their films.
+RATINGS_FILES = {ML100K: "u.data", ML_LATEST: "ratings.csv", ML_DAT: "ratings.dat"}
+_MOVIE_FILES = ("u.item", "movies.csv", "movies.dat")
 
 
 def _bad(path: Path, line: int, problem: str) -> errors.InvalidArgument:
@@ -66,6 +70,11 @@ def _require_file(path: Path) -> Path:
     if not path.is_file():
         raise errors.InvalidArgument(f"{path}: no such file")
     return path
+
+
+def _genres(field: str) -> str:
+    """A MovieLens genres field ("Adventure|Animation", or "(no genres listed)") as an item's category."""
+    return "" if field in ("", "(no genres listed)") else ", ".join(field.split("|"))
 
 
 def _file_lines(path: Path, encoding: str | None = None) -> list[str]:
@@ -117,7 +126,7 @@ def load_movielens_100k(folder: str | Path) -> tuple[list[Item], list[Event]]:
             attributes={"release_date": release_date, "imdb_url": imdb_url},
         )))
 
-    events = _rating_events(_require_file(folder / "u.data"), "\t", "ml100k",
+    events = _rating_events(_require_file(folder / RATINGS_FILES[ML100K]), "\t", "ml100k",
                             "expected 4 tab-separated fields: user item rating timestamp")
     return items, events
 
@@ -198,13 +207,12 @@ def load_movielens_latest(folder: str | Path) -> tuple[list[Item], list[Event]]:
     movies_path = _require_file(folder / "movies.csv")
     items: list[Item] = []
     for line_no, row in _csv_rows(movies_path, ["movieId", "title", "genres"]):
-        genres = "" if row["genres"] == "(no genres listed)" else ", ".join(row["genres"].split("|"))
         items.append(_checked_item(movies_path, line_no, Item(
             item_id=row["movieId"], title=row["title"], text=tags.text(row["movieId"]),
-            category=genres, attributes=links.get(row["movieId"], {}),
+            category=_genres(row["genres"]), attributes=links.get(row["movieId"], {}),
         )))
 
-    ratings_path = _require_file(folder / "ratings.csv")
+    ratings_path = _require_file(folder / RATINGS_FILES[ML_LATEST])
     events: list[Event] = []
     for line_no, row in _csv_rows(ratings_path, ["userId", "movieId", "rating", "timestamp"]):
         try:
@@ -248,13 +256,12 @@ def load_movielens_dat(folder: str | Path) -> tuple[list[Item], list[Event]]:
         title, sep2, genres = rest.rpartition("::")
         if not sep or not sep2:
             raise _bad(movies_path, line_no, "expected 'movie::title::genres'")
-        genres = genres.strip()
-        category = "" if genres in ("", "(no genres listed)") else ", ".join(genres.split("|"))
+        movie_id = movie_id.strip()
         items.append(_checked_item(movies_path, line_no, Item(
-            item_id=movie_id.strip(), title=title, text=tags.text(movie_id.strip()), category=category,
+            item_id=movie_id, title=title, text=tags.text(movie_id), category=_genres(genres.strip()),
         )))
 
-    events = _rating_events(_require_file(folder / "ratings.dat"), "::", "mldat",
+    events = _rating_events(_require_file(folder / RATINGS_FILES[ML_DAT]), "::", "mldat",
                             "expected 4 '::'-separated fields: user::movie::rating::timestamp")
     return items, events
 
@@ -374,24 +381,24 @@ def detect_format(path: str | Path) -> str:
     one holding ratings.dat (ML-1M, ML-10M), JSONL for a .jsonl file or a folder holding
     items.jsonl / events.jsonl."""
     path = Path(path)
-    if path.is_file() and path.name in ("u.data", "u.item", "ratings.csv", "movies.csv", "ratings.dat", "movies.dat"):
+    if path.is_file() and path.name in (*RATINGS_FILES.values(), *_MOVIE_FILES):
         path = path.parent
     if path.is_dir():
-        if (path / "u.data").is_file():
-            return ML100K
-        if (path / "ratings.csv").is_file():
-            return ML_LATEST
-        if (path / "ratings.dat").is_file():
-            return ML_DAT
+        for fmt, name in RATINGS_FILES.items():
+            if (path / name).is_file():
+                return fmt
         if (path / "items.jsonl").is_file() or (path / "events.jsonl").is_file():
             return JSONL
         raise errors.InvalidArgument(
-            f"{path}: no known dataset here (expected u.data, ratings.csv, ratings.dat, items.jsonl or events.jsonl)")
+            f"{path}: no known dataset here (expected {', '.join(RATINGS_FILES.values())}, items.jsonl or events.jsonl)")
     if path.is_file() and path.suffix == ".jsonl":
         return JSONL
     if not path.exists():
         raise errors.InvalidArgument(f"{path}: no such file or folder")
     raise errors.InvalidArgument(f"{path}: unknown dataset format (expected a MovieLens folder or a .jsonl file)")
+
+
+_MOVIELENS_LOADERS = {ML100K: load_movielens_100k, ML_LATEST: load_movielens_latest, ML_DAT: load_movielens_dat}
 
 
 def detect_and_load(path: str | Path) -> tuple[list[Item], list[Event]]:
@@ -400,12 +407,8 @@ def detect_and_load(path: str | Path) -> tuple[list[Item], list[Event]]:
     path = Path(path)
     fmt = detect_format(path)
     folder = path.parent if path.is_file() and fmt != JSONL else path
-    if fmt == ML100K:
-        return load_movielens_100k(folder)
-    if fmt == ML_LATEST:
-        return load_movielens_latest(folder)
-    if fmt == ML_DAT:
-        return load_movielens_dat(folder)
+    if fmt in _MOVIELENS_LOADERS:
+        return _MOVIELENS_LOADERS[fmt](folder)
     if path.is_dir():
         items_path, events_path = path / "items.jsonl", path / "events.jsonl"
         return load_jsonl(items_path if items_path.is_file() else None,

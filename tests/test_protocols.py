@@ -518,7 +518,9 @@ def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch
     # The versions behind the figures: this interpreter's and the installed libraries', in the Markdown too.
     import lightgbm
     assert doc["libraries"]["python"] == platform.python_version()
+    import tokenizers
     assert doc["libraries"]["numpy"] == np.__version__ and doc["libraries"]["lightgbm"] == lightgbm.__version__
+    assert doc["libraries"]["tokenizers"] == tokenizers.__version__
     assert f"numpy {np.__version__}" in (out / "report.md").read_text()
     temporal = doc["protocols"]["temporal"]
     cold = {name: entry["by_target"][1] for name, entry in temporal["methods"].items()}

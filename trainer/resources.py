@@ -174,11 +174,12 @@ def machine_load() -> dict:
 
 
 # The libraries whose versions move the evaluation's figures: the encoder's vectors (ONNX Runtime,
-# and PyTorch and transformers for fine-tuning and export), the learned ranker's trees (LightGBM),
-# the index and every array sum (hnswlib, NumPy, SciPy). setup.sh installs the newest each range in
-# pyproject.toml allows, so two setups a month apart may differ in the last digits.
-FIGURE_LIBRARIES = ("numpy", "scipy", "onnxruntime", "onnxruntime-gpu", "lightgbm", "hnswlib", "torch",
-                    "transformers")
+# the tokenizers library that splits every text it reads, and PyTorch and transformers for
+# fine-tuning and export), the learned ranker's trees (LightGBM), the index and every array sum
+# (hnswlib, NumPy, SciPy). setup.sh installs the newest each range in pyproject.toml allows, so two
+# setups a month apart may differ in the last digits.
+FIGURE_LIBRARIES = ("numpy", "scipy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "lightgbm", "hnswlib",
+                    "torch", "transformers")
 
 
 def library_versions(names: tuple[str, ...] = FIGURE_LIBRARIES) -> dict[str, str]:

@@ -517,8 +517,8 @@ def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch
     assert doc["peak_rss_mb"] > 0 and doc["machine"]["cpus"] >= 1 and len(doc["machine"]["load_average"]) == 3
     # The versions behind the figures: this interpreter's and the installed libraries', in the Markdown too.
     import lightgbm
-    assert doc["libraries"]["python"] == platform.python_version()
     import tokenizers
+    assert doc["libraries"]["python"] == platform.python_version()
     assert doc["libraries"]["numpy"] == np.__version__ and doc["libraries"]["lightgbm"] == lightgbm.__version__
     assert doc["libraries"]["tokenizers"] == tokenizers.__version__
     assert f"numpy {np.__version__}" in (out / "report.md").read_text()

@@ -166,6 +166,25 @@ def test_movielens_dat_bad_lines_are_named(ml_dat: Path):
         load_movielens_dat(ml_dat)
 
 
+def test_a_ratings_file_without_its_item_file_is_a_bare_log_where_the_caller_takes_one(ml100k, ml_latest, ml_dat):
+    """The evaluation ranks items known by their ids alone; the import needs the catalogue."""
+    for folder, item_file, loader in ((ml100k, "u.item", load_movielens_100k),
+                                      (ml_latest, "movies.csv", load_movielens_latest),
+                                      (ml_dat, "movies.dat", load_movielens_dat)):
+        _, events = loader(folder)
+        (folder / item_file).unlink()
+        with pytest.raises(errors.InvalidArgument, match=rf"{item_file.replace('.', '[.]')}: no such file"):
+            detect_and_load(folder)
+        items, bare = detect_and_load(folder, items_optional=True)
+        assert items == [] and bare == events
+        assert loader(folder, items_optional=True) == ([], events)
+        # Still a MovieLens folder: its ratings file is required and its bad lines named.
+        ratings = next(p for p in folder.iterdir() if p.name in ("u.data", "ratings.csv", "ratings.dat"))
+        ratings.unlink()
+        with pytest.raises(errors.InvalidArgument):
+            loader(folder, items_optional=True)
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     return path

@@ -471,20 +471,43 @@ def test_movielens_dat_folder_evaluates_as_its_jsonl_twin(tmp_path):
     (twin / "events.jsonl").write_text("".join(
         json.dumps({"event_id": f"e{n}", "user_id": u, "item_id": i, "action": "rating", "timestamp": t,
                     "value": r}) + "\n" for n, (u, i, t, r) in enumerate(rows)))
+    doc = _evaluated_alike(tmp_path, dat, twin)
+    assert doc["dataset"]["format"] == "movielens-dat"
+    assert doc["dataset"]["ratings_file"].endswith("ratings.dat") and doc["dataset"]["sha256"]
+    assert doc["dataset"]["n_events"] == len(rows)
+
+
+def _evaluated_alike(tmp_path, folder, twin) -> dict:
+    """Both data sets evaluated (both protocols, two baselines) to the same per-instance arrays;
+    the first one's report.json."""
     saved = {}
-    for name, folder in (("dat", dat), ("twin", twin)):
+    for name, data in (("first", folder), ("twin", twin)):
         out = tmp_path / f"report-{name}"
-        assert evaluate.main(["--data", str(folder), "--protocol", "both", "--out", str(out),
+        assert evaluate.main(["--data", str(data), "--protocol", "both", "--out", str(out),
                               "--methods", "MostPop,ItemKNN-hl10d", "--no-progress"]) == 0
         saved[name] = dict(np.load(out / "per_instance.npz"))
-        if name == "dat":
-            doc = json.loads((out / "report.json").read_text())
-            assert doc["dataset"]["format"] == "movielens-dat"
-            assert doc["dataset"]["ratings_file"].endswith("ratings.dat") and doc["dataset"]["sha256"]
-            assert doc["dataset"]["n_events"] == len(rows)
-    assert saved["dat"].keys() == saved["twin"].keys()
-    for key, values in saved["dat"].items():
+    assert saved["first"].keys() == saved["twin"].keys()
+    for key, values in saved["first"].items():
         np.testing.assert_array_equal(values, saved["twin"][key], err_msg=key)
+    return json.loads((tmp_path / "report-first" / "report.json").read_text())
+
+
+def test_a_ratings_csv_without_movies_evaluates_as_its_events_only_jsonl_twin(tmp_path):
+    """A MovieLens folder holding ratings.csv alone is a bare ratings log, as events.jsonl alone is."""
+    rng = np.random.default_rng(12)
+    times = np.sort(rng.choice(np.arange(0, 90 * DAY, 60), size=150, replace=False))
+    rows = [(str(rng.integers(1, 9)), str(rng.integers(1, 7)), int(t), int(rng.integers(1, 6))) for t in times]
+    bare = tmp_path / "ratings-only"
+    bare.mkdir()
+    (bare / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(
+        f"{u},{i},{r},{t}\n" for u, i, t, r in rows))
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "events.jsonl").write_text("".join(
+        json.dumps({"event_id": f"e{n}", "user_id": u, "item_id": i, "action": "rating", "timestamp": t,
+                    "value": r}) + "\n" for n, (u, i, t, r) in enumerate(rows)))
+    doc = _evaluated_alike(tmp_path, bare, twin)
+    assert doc["dataset"]["format"] == "movielens-latest" and doc["dataset"]["n_items"] == 6
 
 
 class _Allocating(FixedScores):

@@ -261,7 +261,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     methods = list(factories) if not command.methods else [m.strip() for m in command.methods.split(",") if m.strip()]
     protocols = list(PROTOCOL_NAMES) if command.protocol == "both" else [command.protocol]
     t0 = time.perf_counter()
-    dataset = Dataset(*importers.detect_and_load(command.data))
+    # A ratings file without its item file is a bare ratings log: each item is known by its id.
+    dataset = Dataset(*importers.detect_and_load(command.data, items_optional=True))
     load_s = time.perf_counter() - t0
     per_instance: dict[str, np.ndarray] = {}
     document = evaluate(dataset, protocols, methods, data_path=command.data, quantile=command.quantile,

@@ -95,9 +95,26 @@ def _file_lines(path: Path, encoding: str | None = None) -> list[str]:
 # -- MovieLens 100K ----------------------------------------------------------------------
 
 
-def load_movielens_100k(folder: str | Path) -> tuple[list[Item], list[Event]]:
-    """Items from u.item (genres named by u.genre) and rating events from u.data, in file order."""
+def _bare(item_path: Path, items_optional: bool) -> bool:
+    """Whether a MovieLens folder is read as a bare ratings log: its item file is absent and the
+    caller takes one (the evaluation ranks such items by their ids); else that file is required."""
+    if items_optional and not item_path.exists():
+        return True
+    _require_file(item_path)
+    return False
+
+
+def load_movielens_100k(folder: str | Path, items_optional: bool = False) -> tuple[list[Item], list[Event]]:
+    """Items from u.item (genres named by u.genre) and rating events from u.data, in file order;
+    `items_optional`: without u.item, no items (a bare ratings log)."""
     folder = Path(folder)
+
+    def ratings() -> list[Event]:
+        return _rating_events(_require_file(folder / RATINGS_FILES[ML100K]), "\t", "ml100k",
+                              "expected 4 tab-separated fields: user item rating timestamp")
+
+    if _bare(folder / "u.item", items_optional):
+        return [], ratings()
     genre_path = _require_file(folder / "u.genre")
     genres: dict[int, str] = {}
     for line_no, line in enumerate(_file_lines(genre_path, "latin-1"), start=1):
@@ -125,10 +142,7 @@ def load_movielens_100k(folder: str | Path) -> tuple[list[Item], list[Event]]:
             item_id=movie_id.strip(), title=title, category=category,
             attributes={"release_date": release_date, "imdb_url": imdb_url},
         )))
-
-    events = _rating_events(_require_file(folder / RATINGS_FILES[ML100K]), "\t", "ml100k",
-                            "expected 4 tab-separated fields: user item rating timestamp")
-    return items, events
+    return items, ratings()
 
 
 def _rating_events(path: Path, separator: str, id_prefix: str, expected: str) -> list[Event]:
@@ -189,10 +203,14 @@ def _csv_rows(path: Path, required: list[str]):
             yield reader.line_num, row
 
 
-def load_movielens_latest(folder: str | Path) -> tuple[list[Item], list[Event]]:
+def load_movielens_latest(folder: str | Path, items_optional: bool = False) -> tuple[list[Item], list[Event]]:
     """Items from movies.csv (tags.csv, links.csv when present) and rating events from
-    ratings.csv; event ids carry the line number in ratings.csv (the header is line 1)."""
+    ratings.csv; event ids carry the line number in ratings.csv (the header is line 1);
+    `items_optional`: without movies.csv, no items (a bare ratings log)."""
     folder = Path(folder)
+    movies_path = folder / "movies.csv"
+    if _bare(movies_path, items_optional):
+        return [], _latest_ratings(_require_file(folder / RATINGS_FILES[ML_LATEST]))
     tags = _MovieTags()
     tags_path = folder / "tags.csv"
     if tags_path.is_file():
@@ -204,15 +222,16 @@ def load_movielens_latest(folder: str | Path) -> tuple[list[Item], list[Event]]:
         for _, row in _csv_rows(links_path, ["movieId", "imdbId", "tmdbId"]):
             links[row["movieId"]] = {k: v for k, v in (("imdb_id", row["imdbId"]), ("tmdb_id", row["tmdbId"])) if v}
 
-    movies_path = _require_file(folder / "movies.csv")
     items: list[Item] = []
     for line_no, row in _csv_rows(movies_path, ["movieId", "title", "genres"]):
         items.append(_checked_item(movies_path, line_no, Item(
             item_id=row["movieId"], title=row["title"], text=tags.text(row["movieId"]),
             category=_genres(row["genres"]), attributes=links.get(row["movieId"], {}),
         )))
+    return items, _latest_ratings(_require_file(folder / RATINGS_FILES[ML_LATEST]))
 
-    ratings_path = _require_file(folder / RATINGS_FILES[ML_LATEST])
+
+def _latest_ratings(ratings_path: Path) -> list[Event]:
     events: list[Event] = []
     for line_no, row in _csv_rows(ratings_path, ["userId", "movieId", "rating", "timestamp"]):
         try:
@@ -223,17 +242,26 @@ def load_movielens_latest(folder: str | Path) -> tuple[list[Item], list[Event]]:
             event_id=f"mllatest-{line_no}", user_id=row["userId"], item_id=row["movieId"],
             action="rating", timestamp=ts, value=value,
         )))
-    return items, events
+    return events
 
 
 # -- MovieLens 1M / 10M ("::"-separated .dat files) ------------------------------------
 
 
-def load_movielens_dat(folder: str | Path) -> tuple[list[Item], list[Event]]:
+def load_movielens_dat(folder: str | Path, items_optional: bool = False) -> tuple[list[Item], list[Event]]:
     """Items from movies.dat (tags.dat when present, as in ML-10M) and rating events from
     ratings.dat, the "::"-separated files of ML-1M and ML-10M; event ids carry the line number
-    in ratings.dat. users.dat (ML-1M's demographics) is not read."""
+    in ratings.dat. users.dat (ML-1M's demographics) is not read. `items_optional`: without
+    movies.dat, no items (a bare ratings log)."""
     folder = Path(folder)
+
+    def ratings() -> list[Event]:
+        return _rating_events(_require_file(folder / RATINGS_FILES[ML_DAT]), "::", "mldat",
+                              "expected 4 '::'-separated fields: user::movie::rating::timestamp")
+
+    movies_path = folder / "movies.dat"
+    if _bare(movies_path, items_optional):
+        return [], ratings()
     tags = _MovieTags()
     tags_path = folder / "tags.dat"
     if tags_path.is_file():
@@ -247,7 +275,6 @@ def load_movielens_dat(folder: str | Path) -> tuple[list[Item], list[Event]]:
                 raise _bad(tags_path, line_no, "expected 'user::movie::tag::timestamp'")
             tags.add(fields[1].strip(), tag)
 
-    movies_path = _require_file(folder / "movies.dat")
     items: list[Item] = []
     for line_no, line in enumerate(_file_lines(movies_path), start=1):
         if not line.strip():
@@ -260,10 +287,7 @@ def load_movielens_dat(folder: str | Path) -> tuple[list[Item], list[Event]]:
         items.append(_checked_item(movies_path, line_no, Item(
             item_id=movie_id, title=title, text=tags.text(movie_id), category=_genres(genres.strip()),
         )))
-
-    events = _rating_events(_require_file(folder / RATINGS_FILES[ML_DAT]), "::", "mldat",
-                            "expected 4 '::'-separated fields: user::movie::rating::timestamp")
-    return items, events
+    return items, ratings()
 
 
 # -- generic JSONL ------------------------------------------------------------------------
@@ -401,14 +425,16 @@ def detect_format(path: str | Path) -> str:
 _MOVIELENS_LOADERS = {ML100K: load_movielens_100k, ML_LATEST: load_movielens_latest, ML_DAT: load_movielens_dat}
 
 
-def detect_and_load(path: str | Path) -> tuple[list[Item], list[Event]]:
+def detect_and_load(path: str | Path, items_optional: bool = False) -> tuple[list[Item], list[Event]]:
     """Load whatever dataset `path` names (see detect_format). A single .jsonl file is
-    read as an events file when its first record has event_id or user_id, else as items."""
+    read as an events file when its first record has event_id or user_id, else as items.
+    `items_optional`: a MovieLens folder without its item file is a bare ratings log (no items),
+    as an events-only JSONL file is; else that file is required."""
     path = Path(path)
     fmt = detect_format(path)
     folder = path.parent if path.is_file() and fmt != JSONL else path
     if fmt in _MOVIELENS_LOADERS:
-        return _MOVIELENS_LOADERS[fmt](folder)
+        return _MOVIELENS_LOADERS[fmt](folder, items_optional=items_optional)
     if path.is_dir():
         items_path, events_path = path / "items.jsonl", path / "events.jsonl"
         return load_jsonl(items_path if items_path.is_file() else None,

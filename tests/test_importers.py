@@ -178,10 +178,10 @@ def test_a_ratings_file_without_its_item_file_is_a_bare_log_where_the_caller_tak
         items, bare = detect_and_load(folder, items_optional=True)
         assert items == [] and bare == events
         assert loader(folder, items_optional=True) == ([], events)
-        # Still a MovieLens folder: its ratings file is required and its bad lines named.
+        # The ratings file itself is still required.
         ratings = next(p for p in folder.iterdir() if p.name in ("u.data", "ratings.csv", "ratings.dat"))
         ratings.unlink()
-        with pytest.raises(errors.InvalidArgument):
+        with pytest.raises(errors.InvalidArgument, match=rf"{ratings.name.replace('.', '[.]')}: no such file"):
             loader(folder, items_optional=True)
 
 

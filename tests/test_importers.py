@@ -10,8 +10,8 @@ import pytest
 from chronorec.server.core import errors
 from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.importers import (
-    JSONL, ML100K, ML_DAT, ML_LATEST, detect_and_load, detect_format, load_jsonl, load_movielens_100k,
-    load_movielens_dat, load_movielens_latest, parse_time,
+    ITEM_FILES, JSONL, ML100K, ML_DAT, ML_LATEST, RATINGS_FILES, detect_and_load, detect_format, load_jsonl,
+    load_movielens_100k, load_movielens_dat, load_movielens_latest, movielens_ratings, parse_time,
 )
 from chronorec.server.core.store import EventStore
 
@@ -168,21 +168,20 @@ def test_movielens_dat_bad_lines_are_named(ml_dat: Path):
 
 def test_a_ratings_file_without_its_item_file_is_a_bare_log_where_the_caller_takes_one(ml100k, ml_latest, ml_dat):
     """The evaluation ranks items known by their ids alone; the import needs the catalogue."""
-    for folder, item_file, loader in ((ml100k, "u.item", load_movielens_100k),
-                                      (ml_latest, "movies.csv", load_movielens_latest),
-                                      (ml_dat, "movies.dat", load_movielens_dat)):
+    for folder, loader in ((ml100k, load_movielens_100k), (ml_latest, load_movielens_latest),
+                           (ml_dat, load_movielens_dat)):
+        fmt = detect_format(folder)
         _, events = loader(folder)
-        (folder / item_file).unlink()
-        with pytest.raises(errors.InvalidArgument, match=rf"{item_file.replace('.', '[.]')}: no such file"):
+        assert movielens_ratings(fmt, folder) == events
+        (folder / ITEM_FILES[fmt]).unlink()
+        with pytest.raises(errors.InvalidArgument, match=rf"{ITEM_FILES[fmt].replace('.', '[.]')}: no such file"):
             detect_and_load(folder)
         items, bare = detect_and_load(folder, items_optional=True)
         assert items == [] and bare == events
-        assert loader(folder, items_optional=True) == ([], events)
         # The ratings file itself is still required.
-        ratings = next(p for p in folder.iterdir() if p.name in ("u.data", "ratings.csv", "ratings.dat"))
-        ratings.unlink()
-        with pytest.raises(errors.InvalidArgument, match=rf"{ratings.name.replace('.', '[.]')}: no such file"):
-            loader(folder, items_optional=True)
+        (folder / RATINGS_FILES[fmt]).unlink()
+        with pytest.raises(errors.InvalidArgument, match=rf"{RATINGS_FILES[fmt].replace('.', '[.]')}: no such file"):
+            movielens_ratings(fmt, folder)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -43,9 +43,9 @@ ML_DAT = "movielens-dat"
 JSONL = "jsonl"
 MAX_TAGS_PER_MOVIE = 10
 # Each MovieLens format by the file holding its ratings, in the order detect_format looks for them
-# (the evaluation report hashes that file), and the files naming their films.
+# (the evaluation report hashes that file), and by the file naming its films.
 RATINGS_FILES = {ML100K: "u.data", ML_LATEST: "ratings.csv", ML_DAT: "ratings.dat"}
-_MOVIE_FILES = ("u.item", "movies.csv", "movies.dat")
+ITEM_FILES = {ML100K: "u.item", ML_LATEST: "movies.csv", ML_DAT: "movies.dat"}
 
 
 def _bad(path: Path, line: int, problem: str) -> errors.InvalidArgument:
@@ -95,26 +95,9 @@ def _file_lines(path: Path, encoding: str | None = None) -> list[str]:
 # -- MovieLens 100K ----------------------------------------------------------------------
 
 
-def _bare(item_path: Path, items_optional: bool) -> bool:
-    """Whether a MovieLens folder is read as a bare ratings log: its item file is absent and the
-    caller takes one (the evaluation ranks such items by their ids); else that file is required."""
-    if items_optional and not item_path.exists():
-        return True
-    _require_file(item_path)
-    return False
-
-
-def load_movielens_100k(folder: str | Path, items_optional: bool = False) -> tuple[list[Item], list[Event]]:
-    """Items from u.item (genres named by u.genre) and rating events from u.data, in file order;
-    `items_optional`: without u.item, no items (a bare ratings log)."""
+def load_movielens_100k(folder: str | Path) -> tuple[list[Item], list[Event]]:
+    """Items from u.item (genres named by u.genre) and rating events from u.data, in file order."""
     folder = Path(folder)
-
-    def ratings() -> list[Event]:
-        return _rating_events(_require_file(folder / RATINGS_FILES[ML100K]), "\t", "ml100k",
-                              "expected 4 tab-separated fields: user item rating timestamp")
-
-    if _bare(folder / "u.item", items_optional):
-        return [], ratings()
     genre_path = _require_file(folder / "u.genre")
     genres: dict[int, str] = {}
     for line_no, line in enumerate(_file_lines(genre_path, "latin-1"), start=1):
@@ -126,7 +109,7 @@ def load_movielens_100k(folder: str | Path, items_optional: bool = False) -> tup
         genres[int(index)] = name
     genre_names = [genres[i] for i in sorted(genres)]
 
-    item_path = _require_file(folder / "u.item")
+    item_path = _require_file(folder / ITEM_FILES[ML100K])
     items: list[Item] = []
     for line_no, line in enumerate(_file_lines(item_path, "latin-1"), start=1):
         if not line.strip():
@@ -142,7 +125,7 @@ def load_movielens_100k(folder: str | Path, items_optional: bool = False) -> tup
             item_id=movie_id.strip(), title=title, category=category,
             attributes={"release_date": release_date, "imdb_url": imdb_url},
         )))
-    return items, ratings()
+    return items, movielens_ratings(ML100K, folder)
 
 
 def _rating_events(path: Path, separator: str, id_prefix: str, expected: str) -> list[Event]:
@@ -203,14 +186,10 @@ def _csv_rows(path: Path, required: list[str]):
             yield reader.line_num, row
 
 
-def load_movielens_latest(folder: str | Path, items_optional: bool = False) -> tuple[list[Item], list[Event]]:
+def load_movielens_latest(folder: str | Path) -> tuple[list[Item], list[Event]]:
     """Items from movies.csv (tags.csv, links.csv when present) and rating events from
-    ratings.csv; event ids carry the line number in ratings.csv (the header is line 1);
-    `items_optional`: without movies.csv, no items (a bare ratings log)."""
+    ratings.csv; event ids carry the line number in ratings.csv (the header is line 1)."""
     folder = Path(folder)
-    movies_path = folder / "movies.csv"
-    if _bare(movies_path, items_optional):
-        return [], _latest_ratings(_require_file(folder / RATINGS_FILES[ML_LATEST]))
     tags = _MovieTags()
     tags_path = folder / "tags.csv"
     if tags_path.is_file():
@@ -222,13 +201,14 @@ def load_movielens_latest(folder: str | Path, items_optional: bool = False) -> t
         for _, row in _csv_rows(links_path, ["movieId", "imdbId", "tmdbId"]):
             links[row["movieId"]] = {k: v for k, v in (("imdb_id", row["imdbId"]), ("tmdb_id", row["tmdbId"])) if v}
 
+    movies_path = _require_file(folder / ITEM_FILES[ML_LATEST])
     items: list[Item] = []
     for line_no, row in _csv_rows(movies_path, ["movieId", "title", "genres"]):
         items.append(_checked_item(movies_path, line_no, Item(
             item_id=row["movieId"], title=row["title"], text=tags.text(row["movieId"]),
             category=_genres(row["genres"]), attributes=links.get(row["movieId"], {}),
         )))
-    return items, _latest_ratings(_require_file(folder / RATINGS_FILES[ML_LATEST]))
+    return items, movielens_ratings(ML_LATEST, folder)
 
 
 def _latest_ratings(ratings_path: Path) -> list[Event]:
@@ -248,20 +228,11 @@ def _latest_ratings(ratings_path: Path) -> list[Event]:
 # -- MovieLens 1M / 10M ("::"-separated .dat files) ------------------------------------
 
 
-def load_movielens_dat(folder: str | Path, items_optional: bool = False) -> tuple[list[Item], list[Event]]:
+def load_movielens_dat(folder: str | Path) -> tuple[list[Item], list[Event]]:
     """Items from movies.dat (tags.dat when present, as in ML-10M) and rating events from
     ratings.dat, the "::"-separated files of ML-1M and ML-10M; event ids carry the line number
-    in ratings.dat. users.dat (ML-1M's demographics) is not read. `items_optional`: without
-    movies.dat, no items (a bare ratings log)."""
+    in ratings.dat. users.dat (ML-1M's demographics) is not read."""
     folder = Path(folder)
-
-    def ratings() -> list[Event]:
-        return _rating_events(_require_file(folder / RATINGS_FILES[ML_DAT]), "::", "mldat",
-                              "expected 4 '::'-separated fields: user::movie::rating::timestamp")
-
-    movies_path = folder / "movies.dat"
-    if _bare(movies_path, items_optional):
-        return [], ratings()
     tags = _MovieTags()
     tags_path = folder / "tags.dat"
     if tags_path.is_file():
@@ -275,6 +246,7 @@ def load_movielens_dat(folder: str | Path, items_optional: bool = False) -> tupl
                 raise _bad(tags_path, line_no, "expected 'user::movie::tag::timestamp'")
             tags.add(fields[1].strip(), tag)
 
+    movies_path = _require_file(folder / ITEM_FILES[ML_DAT])
     items: list[Item] = []
     for line_no, line in enumerate(_file_lines(movies_path), start=1):
         if not line.strip():
@@ -287,7 +259,22 @@ def load_movielens_dat(folder: str | Path, items_optional: bool = False) -> tupl
         items.append(_checked_item(movies_path, line_no, Item(
             item_id=movie_id, title=title, text=tags.text(movie_id), category=_genres(genres.strip()),
         )))
-    return items, ratings()
+    return items, movielens_ratings(ML_DAT, folder)
+
+
+# How each line-per-rating format reads: separator, event id prefix, what a bad line should hold.
+_RATING_LINES = {
+    ML100K: ("\t", "ml100k", "expected 4 tab-separated fields: user item rating timestamp"),
+    ML_DAT: ("::", "mldat", "expected 4 '::'-separated fields: user::movie::rating::timestamp"),
+}
+
+
+def movielens_ratings(fmt: str, folder: str | Path) -> list[Event]:
+    """The rating events of a MovieLens folder of format `fmt` (its RATINGS_FILES file)."""
+    path = _require_file(Path(folder) / RATINGS_FILES[fmt])
+    if fmt == ML_LATEST:
+        return _latest_ratings(path)
+    return _rating_events(path, *_RATING_LINES[fmt])
 
 
 # -- generic JSONL ------------------------------------------------------------------------
@@ -405,7 +392,7 @@ def detect_format(path: str | Path) -> str:
     one holding ratings.dat (ML-1M, ML-10M), JSONL for a .jsonl file or a folder holding
     items.jsonl / events.jsonl."""
     path = Path(path)
-    if path.is_file() and path.name in (*RATINGS_FILES.values(), *_MOVIE_FILES):
+    if path.is_file() and path.name in (*RATINGS_FILES.values(), *ITEM_FILES.values()):
         path = path.parent
     if path.is_dir():
         for fmt, name in RATINGS_FILES.items():
@@ -434,7 +421,9 @@ def detect_and_load(path: str | Path, items_optional: bool = False) -> tuple[lis
     fmt = detect_format(path)
     folder = path.parent if path.is_file() and fmt != JSONL else path
     if fmt in _MOVIELENS_LOADERS:
-        return _MOVIELENS_LOADERS[fmt](folder, items_optional=items_optional)
+        if items_optional and not (folder / ITEM_FILES[fmt]).exists():
+            return [], movielens_ratings(fmt, folder)
+        return _MOVIELENS_LOADERS[fmt](folder)
     if path.is_dir():
         items_path, events_path = path / "items.jsonl", path / "events.jsonl"
         return load_jsonl(items_path if items_path.is_file() else None,

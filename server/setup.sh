@@ -10,6 +10,9 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# The libraries that move the evaluation's figures are installed at the versions server/constraints.txt
+# pins, so that two setups give the same figures; CHRONOREC_UNPINNED=1 takes the newest each range allows.
+[ "${CHRONOREC_UNPINNED:-0}" = 1 ] || PIP+=(--constraint server/constraints.txt)
 # torch first and pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
 case ",$EXTRAS," in
   *,trainer,*) .venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "torch==2.13.0" ;;

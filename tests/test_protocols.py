@@ -545,6 +545,9 @@ def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch
     assert doc["libraries"]["numpy"] == np.__version__ and doc["libraries"]["lightgbm"] == lightgbm.__version__
     assert doc["libraries"]["tokenizers"] == tokenizers.__version__
     assert f"numpy {np.__version__}" in (out / "report.md").read_text()
+    # ...beside the versions setup.sh pins, and the CPU whose kernels the libraries chose.
+    assert doc["libraries_pinned"]["numpy"] and "server/constraints.txt pins" in (out / "report.md").read_text()
+    assert set(doc["machine"]["cpu"]) <= {"model", "simd", "blas"}
     temporal = doc["protocols"]["temporal"]
     cold = {name: entry["by_target"][1] for name, entry in temporal["methods"].items()}
     for name, entry in temporal["methods"].items():

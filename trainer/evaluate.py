@@ -24,7 +24,8 @@ from chronorec.trainer.protocols import (
     BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, GAP_LABELS, METRIC_NAMES, TARGET_LABELS, Dataset, MethodFactory, Split,
     fit_and_score, gap_buckets, loo_split, metric_by_bucket, summarize, target_buckets, temporal_split,
 )
-from chronorec.trainer.resources import ResourceMeter, library_versions, machine_load, peak_rss_mb, release_free_heap
+from chronorec.trainer.resources import (ResourceMeter, cpu_description, library_versions, machine_load,
+                                          peak_rss_mb, pinned_versions, release_free_heap)
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,9 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
         "dataset": dataset_info(dataset, data_path),
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95},
         "metrics": list(METRIC_NAMES),
-        "machine": machine_load(),
+        "machine": {**machine_load(), "cpu": cpu_description()},
         "libraries": library_versions(),
+        "libraries_pinned": pinned_versions(),
         "protocols": {},
     }
     for protocol in protocols:

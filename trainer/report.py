@@ -13,6 +13,8 @@ import numpy as np
 matplotlib.use("Agg")  # reports are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from chronorec.trainer.resources import off_pin  # noqa: E402
+
 TABLE_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
 # chronorec's forms as compared with the baselines: the first of these that ran.
 CHRONOREC_FORMS = ("chronorec-ranker", "chronorec-blend", "chronorec-finetuned-time")
@@ -237,6 +239,30 @@ def _details_lines(details: Mapping) -> list[str]:
     return [f"- {k}: {v}" for k, v in details.items()]
 
 
+def _cpu_words(cpu: Mapping) -> str:
+    """"AMD EPYC; NumPy's SIMD X86_V3, X86_V4; OpenBLAS kernels SkylakeX": what the figures' last digits
+    depend on beside the libraries' versions."""
+    parts = [cpu["model"]] if cpu.get("model") else []
+    if cpu.get("simd"):
+        parts.append("NumPy's SIMD " + ", ".join(cpu["simd"]))
+    for blas in cpu.get("blas") or []:
+        if blas.get("architecture"):
+            parts.append(f"{blas.get('library') or 'BLAS'} kernels {blas['architecture']}")
+    return "; ".join(dict.fromkeys(parts))  # numpy's and scipy's OpenBLAS name the same kernels once
+
+
+def _pins_words(installed: Mapping[str, str], pins: Mapping[str, str] | None) -> str:
+    """Whether the figures' libraries are the versions server/constraints.txt pins."""
+    if not pins:
+        return ""
+    off = off_pin(installed, pins)
+    if not off:
+        return " These are the versions server/constraints.txt pins."
+    return (" Not the versions server/constraints.txt pins, so the figures may differ from a pinned setup's in "
+            "their last digits: " + ", ".join(f"{name} {have} (pinned {pin})" for name, (have, pin) in off.items())
+            + ".")
+
+
 def markdown_report(document: Mapping) -> str:
     """The whole report as Markdown."""
     ds = document["dataset"]
@@ -253,12 +279,15 @@ def markdown_report(document: Mapping) -> str:
     ]
     machine, at_end = document.get("machine") or {}, document.get("machine_at_end") or {}
     if machine:
-        out.append(f"Machine: {machine.get('cpus')} CPUs, load average {machine.get('load_average')} at the start, "
+        cpu = _cpu_words(machine.get("cpu") or {})
+        out.append(f"Machine: {machine.get('cpus')} CPUs{f' ({cpu})' if cpu else ''}, load average "
+                   f"{machine.get('load_average')} at the start, "
                    f"{at_end.get('load_average')} at the end; peak RSS {document.get('peak_rss_mb')} MB"
                    + (f"; {document['total_s']:.0f} s in all." if document.get("total_s") is not None else "."))
     if document.get("libraries"):
         out.append("Libraries (the figures' last digits move with them): "
-                   + ", ".join(f"{name} {version}" for name, version in document["libraries"].items()) + ".")
+                   + ", ".join(f"{name} {version}" for name, version in document["libraries"].items()) + "."
+                   + _pins_words(document["libraries"], document.get("libraries_pinned")))
     for name, protocol in document["protocols"].items():
         out += ["", f"## {name}", ""] + _details_lines(protocol["details"]) + ["", markdown_table(protocol)]
         params = {m: r["params"] for m, r in protocol["methods"].items() if r.get("params")}

@@ -6,8 +6,10 @@ import ctypes
 import ctypes.util
 import functools
 import importlib.metadata
+import importlib.resources
 import os
 import platform
+import re
 import resource
 import threading
 import time
@@ -173,13 +175,86 @@ def machine_load() -> dict:
     return {"load_average": load, "cpus": os.cpu_count()}
 
 
+def cpu_description() -> dict:
+    """The processor and the kernels the numerical libraries chose on it.
+
+    {"model": /proc/cpuinfo's model name, "simd": the SIMD targets NumPy dispatches to here (beyond
+    its build's baseline), "blas": [{"library", "version", "architecture"}] as threadpoolctl reads
+    the loaded BLAS libraries (OpenBLAS picks its kernels, e.g. SkylakeX or Haswell, by the CPU)}.
+    The same libraries give other last digits on a CPU with other kernels, so the report names
+    them. Each part is left out where it cannot be read."""
+    out: dict = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                out["model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if "model" not in out and platform.processor():
+        out["model"] = platform.processor()
+    try:  # what numpy.show_runtime() prints, read where it reads it
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+        out["simd"] = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+        out["blas"] = [{"library": info.get("internal_api"), "version": info.get("version"),
+                        "architecture": info.get("architecture")}
+                       for info in threadpool_info() if info.get("user_api") == "blas"]
+    except ImportError:
+        pass
+    return out
+
+
 # The libraries whose versions move the evaluation's figures: the encoder's vectors (ONNX Runtime,
 # the tokenizers library that splits every text it reads, and PyTorch and transformers for
 # fine-tuning and export), the learned ranker's trees (LightGBM), the index and every array sum
-# (hnswlib, NumPy, SciPy). setup.sh installs the newest each range in pyproject.toml allows, so two
-# setups a month apart may differ in the last digits.
+# (hnswlib, NumPy, SciPy). setup.sh installs the versions server/constraints.txt pins (all but
+# onnxruntime-gpu, whose figures move with the GPU's kernels anyway), so two setups a month apart
+# give the same figures on the same CPU.
 FIGURE_LIBRARIES = ("numpy", "scipy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "lightgbm", "hnswlib",
                     "torch", "transformers")
+CONSTRAINTS_FILE = "constraints.txt"  # in the chronorec.server package (server/)
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def parse_pins(text: str) -> dict[str, str]:
+    """NAME==VERSION lines of a pip constraints file (comments and blank lines skipped), by normalised name."""
+    pins = {}
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        if not sep or not name.strip() or not version.strip():
+            raise ValueError(f"{CONSTRAINTS_FILE}: {raw.strip()!r} is not NAME==VERSION")
+        pins[_normalised(name.strip())] = version.strip()
+    return pins
+
+
+def pinned_versions() -> dict[str, str]:
+    """The versions server/constraints.txt pins ({} where the file is not installed)."""
+    try:
+        text = importlib.resources.files("chronorec.server").joinpath(CONSTRAINTS_FILE).read_text()
+    except (ModuleNotFoundError, OSError):
+        return {}
+    return parse_pins(text)
+
+
+def off_pin(installed: dict[str, str], pins: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Each installed library whose version is not its pin: name -> (installed, pinned). A local
+    build tag is no difference (PyTorch's 2.13.0+cpu is the pinned 2.13.0)."""
+    out = {}
+    for name, version in installed.items():
+        pin = pins.get(_normalised(name))
+        if pin is not None and version.split("+", 1)[0] != pin.split("+", 1)[0]:
+            out[name] = (version, pin)
+    return out
 
 
 def library_versions(names: tuple[str, ...] = FIGURE_LIBRARIES) -> dict[str, str]:
@@ -193,5 +268,5 @@ def library_versions(names: tuple[str, ...] = FIGURE_LIBRARIES) -> dict[str, str
     return out
 
 
-__all__ = ["FIGURE_LIBRARIES", "ResourceMeter", "current_rss_mb", "library_versions", "machine_load",
-           "peak_rss_mb"]
+__all__ = ["CONSTRAINTS_FILE", "FIGURE_LIBRARIES", "ResourceMeter", "cpu_description", "current_rss_mb",
+           "library_versions", "machine_load", "off_pin", "parse_pins", "peak_rss_mb", "pinned_versions"]

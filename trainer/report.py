@@ -240,8 +240,8 @@ def _details_lines(details: Mapping) -> list[str]:
 
 
 def _cpu_words(cpu: Mapping) -> str:
-    """"AMD EPYC; NumPy's SIMD X86_V3, X86_V4; OpenBLAS kernels SkylakeX": what the figures' last digits
-    depend on beside the libraries' versions."""
+    """The CPU as the report names it (e.g. AMD EPYC; NumPy's SIMD X86_V3, X86_V4; openblas kernels
+    SkylakeX): what the figures' last digits depend on beside the libraries' versions."""
     parts = [cpu["model"]] if cpu.get("model") else []
     if cpu.get("simd"):
         parts.append("NumPy's SIMD " + ", ".join(cpu["simd"]))

@@ -679,3 +679,36 @@ def test_the_resource_meter_counts_a_forked_workers_own_memory():
         child.join(10)
     assert meter.peak_mb is not None and meter.rss_before_mb is not None
     assert meter.peak_mb - meter.rss_before_mb > 120 and not meter.peak_exact
+
+
+@pytest.mark.skipif(not can_fork(), reason="reads /proc")
+def test_the_resource_meter_counts_a_worker_gone_no_longer():
+    """A worker's result handed back takes room in this process once the worker has exited: the
+    worker's last reading (up to `children_interval` old) is not added to it."""
+    import multiprocessing
+    import time
+
+    from chronorec.trainer.resources import ResourceMeter
+
+    def hold(ready, done):
+        block = np.ones(150 * 2**20 // 8)
+        ready.set()
+        done.wait(10)
+        del block
+
+    context = multiprocessing.get_context("fork")
+    ready, done = context.Event(), context.Event()
+    with ResourceMeter(interval=0.01, children_interval=2.0) as meter:
+        child = context.Process(target=hold, args=(ready, done))
+        child.start()
+        assert ready.wait(10)
+        time.sleep(2.2)  # the worker's pages read once
+        done.set()
+        child.join(10)
+        # Then this process holds as much, well before the next reading of the workers.
+        block = np.ones(150 * 2**20 // 8)
+        time.sleep(0.3)
+        del block
+    assert meter.peak_mb is not None and meter.rss_before_mb is not None
+    grown = meter.peak_mb - meter.rss_before_mb
+    assert 120 < grown < 250, grown

@@ -62,7 +62,7 @@ class Forked:
     Before the fork, garbage is collected and free heap pages handed back: a page both processes
     map is copied when either writes it, and this process's next allocations would otherwise land
     in freed pages the child still maps (the child's memory counts in the evaluation's peak,
-    resources.children_private_mb). The objects alive then are frozen for the child's collector,
+    resources.children_private_by_pid). The objects alive then are frozen for the child's collector,
     whose full collections would otherwise write to, and so copy, every page of objects it inherited.
     """
 

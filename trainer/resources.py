@@ -39,24 +39,27 @@ def _child_pids(pid: str = "self") -> list[str]:
     return pids
 
 
-def children_private_mb() -> float:
-    """Memory the process's descendants (a forked worker) hold of their own: pages they wrote or no
-    longer share with this process (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup). With
-    this process's RSS it is what the work holds in all, each shared page counted once."""
-    total_kb, todo, seen = 0, _child_pids(), set()
+def children_private_by_pid() -> dict[str, float]:
+    """Memory each of the process's descendants (a forked worker) holds of its own, MB by pid: pages
+    it wrote or no longer shares with this process (Private_Clean + Private_Dirty of
+    /proc/PID/smaps_rollup). With this process's RSS their sum is what the work holds in all, each
+    shared page counted once."""
+    held: dict[str, float] = {}
+    todo = _child_pids()
     while todo:
         pid = todo.pop()
-        if pid in seen:
+        if pid in held:
             continue
-        seen.add(pid)
+        total_kb = 0
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith(("Private_Clean:", "Private_Dirty:")):
                     total_kb += int(line.split()[1])
         except (OSError, IndexError, ValueError):
             continue
+        held[pid] = total_kb / 1024.0
         todo.extend(_child_pids(pid))
-    return total_kb / 1024.0
+    return held
 
 
 @functools.cache
@@ -102,8 +105,9 @@ class ResourceMeter:
     every allocation but slows numpy-heavy code several times; resetting VmHWM
     (/proc/self/clear_refs) would make `time -v` and the process's own maxrss lie afterwards.
     While the block has child processes (the ranker's forked feature logging) the peak is the
-    largest sampled sum of this process's RSS and their own pages (children_private_mb, read every
-    `children_interval` seconds), and not exact. Reading a process's page map costs milliseconds
+    largest sampled sum of this process's RSS and their own pages (children_private_by_pid, read every
+    `children_interval` seconds; a child that has exited leaves the sum at the next sample, as
+    what it handed back is in this process's RSS by then), and not exact. Reading a process's page map costs milliseconds
     of kernel time per GB mapped (~3 ms for a 2 GB child here), and contends with the child's own
     page faults: read every 0.2 s, a profile of an ml-latest-small evaluation found the sampler
     ~10 s in those reads.
@@ -132,12 +136,18 @@ class ResourceMeter:
         return self
 
     def _sample(self) -> None:
-        ticks, children = 0, 0.0
+        ticks, held = 0, {}
         while not self._stop.wait(self.interval):
             ticks += 1
             if ticks % self.children_every == 0:
-                children = children_private_mb()
-                self._children_seen = self._children_seen or children > 0
+                held = children_private_by_pid()
+                self._children_seen = self._children_seen or any(held.values())
+            elif held:
+                # A worker that has gone holds nothing any more, and what it handed back is in this
+                # process's RSS now: its last reading, up to `children_interval` old, would count
+                # those pages twice (the tuning replay's half came to ~0.4 GB on a 10k-item set).
+                held = {pid: mb for pid, mb in held.items() if os.path.exists(f"/proc/{pid}")}
+            children = sum(held.values())
             rss = current_rss_mb()
             if rss is not None and rss + children > self._sampled:
                 self._sampled = rss + children

@@ -652,32 +652,45 @@ def test_a_forked_walk_that_needs_the_encoder_is_done_here(drift, monkeypatch, c
         _same_groups(a, b)
 
 
+WORKER_MB = 150
+
+
+def _hold_memory(ready, done) -> None:
+    """A forked worker's body: WORKER_MB written (its own pages), held until `done`."""
+    block = np.ones(WORKER_MB * 2**20 // 8)
+    ready.set()
+    done.wait(10)
+    del block
+
+
+def _metered_worker(children_interval: float, held_s: float, then=None):
+    """A ResourceMeter over a forked worker holding WORKER_MB for `held_s` seconds, then `then()`
+    here after the worker has exited."""
+    import multiprocessing
+    import time
+
+    from chronorec.trainer.resources import ResourceMeter
+
+    context = multiprocessing.get_context("fork")
+    ready, done = context.Event(), context.Event()
+    with ResourceMeter(interval=0.01, children_interval=children_interval) as meter:
+        child = context.Process(target=_hold_memory, args=(ready, done))
+        child.start()
+        assert ready.wait(10)
+        time.sleep(held_s)
+        done.set()
+        child.join(10)
+        if then is not None:
+            then()
+    assert meter.peak_mb is not None and meter.rss_before_mb is not None
+    return meter
+
+
 @pytest.mark.skipif(not can_fork(), reason="reads /proc")
 def test_the_resource_meter_counts_a_forked_workers_own_memory():
     """A forked worker's pages are memory the work holds: the meter's peak adds them to this
     process's resident set."""
-    import multiprocessing
-
-    from chronorec.trainer.resources import ResourceMeter
-
-    def hold(ready, done):
-        block = np.ones(150 * 2**20 // 8)  # 150 MB written: the child's own pages
-        ready.set()
-        done.wait(10)
-        del block
-
-    context = multiprocessing.get_context("fork")
-    ready, done = context.Event(), context.Event()
-    with ResourceMeter(interval=0.01, children_interval=0.1) as meter:
-        child = context.Process(target=hold, args=(ready, done))
-        child.start()
-        assert ready.wait(10)
-        import time
-
-        time.sleep(0.5)
-        done.set()
-        child.join(10)
-    assert meter.peak_mb is not None and meter.rss_before_mb is not None
+    meter = _metered_worker(children_interval=0.1, held_s=0.5)
     assert meter.peak_mb - meter.rss_before_mb > 120 and not meter.peak_exact
 
 
@@ -685,30 +698,14 @@ def test_the_resource_meter_counts_a_forked_workers_own_memory():
 def test_the_resource_meter_counts_a_worker_gone_no_longer():
     """A worker's result handed back takes room in this process once the worker has exited: the
     worker's last reading (up to `children_interval` old) is not added to it."""
-    import multiprocessing
     import time
 
-    from chronorec.trainer.resources import ResourceMeter
-
-    def hold(ready, done):
-        block = np.ones(150 * 2**20 // 8)
-        ready.set()
-        done.wait(10)
-        del block
-
-    context = multiprocessing.get_context("fork")
-    ready, done = context.Event(), context.Event()
-    with ResourceMeter(interval=0.01, children_interval=2.0) as meter:
-        child = context.Process(target=hold, args=(ready, done))
-        child.start()
-        assert ready.wait(10)
-        time.sleep(2.2)  # the worker's pages read once
-        done.set()
-        child.join(10)
-        # Then this process holds as much, well before the next reading of the workers.
-        block = np.ones(150 * 2**20 // 8)
+    def hold_as_much_here():  # well before the next reading of the workers
+        block = np.ones(WORKER_MB * 2**20 // 8)
         time.sleep(0.3)
         del block
-    assert meter.peak_mb is not None and meter.rss_before_mb is not None
+
+    # The worker's pages are read once (at 2 s), the next reading would come 2 s later.
+    meter = _metered_worker(children_interval=2.0, held_s=2.2, then=hold_as_much_here)
     grown = meter.peak_mb - meter.rss_before_mb
     assert 120 < grown < 250, grown

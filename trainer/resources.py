@@ -105,12 +105,12 @@ class ResourceMeter:
     every allocation but slows numpy-heavy code several times; resetting VmHWM
     (/proc/self/clear_refs) would make `time -v` and the process's own maxrss lie afterwards.
     While the block has child processes (the ranker's forked feature logging) the peak is the
-    largest sampled sum of this process's RSS and their own pages (children_private_by_pid, read every
-    `children_interval` seconds; a child that has exited leaves the sum at the next sample, as
-    what it handed back is in this process's RSS by then), and not exact. Reading a process's page map costs milliseconds
-    of kernel time per GB mapped (~3 ms for a 2 GB child here), and contends with the child's own
-    page faults: read every 0.2 s, a profile of an ml-latest-small evaluation found the sampler
-    ~10 s in those reads.
+    largest sampled sum of this process's RSS and their own pages (children_private_by_pid, read
+    every `children_interval` seconds; a child that has exited leaves the sum at the next sample,
+    as what it handed back is in this process's RSS by then), and not exact. Reading a process's
+    page map costs milliseconds of kernel time per GB mapped (~3 ms for a 2 GB child here), and
+    contends with the child's own page faults: read every 0.2 s, a profile of an ml-latest-small
+    evaluation found the sampler ~10 s in those reads.
     """
 
     def __init__(self, interval: float = 0.02, children_interval: float = 1.0):

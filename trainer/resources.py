@@ -9,11 +9,13 @@ import importlib.metadata
 import importlib.resources
 import os
 import platform
-import re
 import resource
 import threading
 import time
 from pathlib import Path
+
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 _STATUS = Path("/proc/self/status")
 _STATM = Path("/proc/self/statm")
@@ -229,10 +231,6 @@ FIGURE_LIBRARIES = ("numpy", "scipy", "onnxruntime", "onnxruntime-gpu", "tokeniz
 CONSTRAINTS_FILE = "constraints.txt"  # in the chronorec.server package (server/)
 
 
-def _normalised(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def parse_pins(text: str) -> dict[str, str]:
     """NAME==VERSION lines of a pip constraints file (comments and blank lines skipped), by normalised name."""
     pins = {}
@@ -243,7 +241,7 @@ def parse_pins(text: str) -> dict[str, str]:
         name, sep, version = line.partition("==")
         if not sep or not name.strip() or not version.strip():
             raise ValueError(f"{CONSTRAINTS_FILE}: {raw.strip()!r} is not NAME==VERSION")
-        pins[_normalised(name.strip())] = version.strip()
+        pins[canonicalize_name(name.strip())] = version.strip()
     return pins
 
 
@@ -261,8 +259,8 @@ def off_pin(installed: dict[str, str], pins: dict[str, str]) -> dict[str, tuple[
     build tag is no difference (PyTorch's 2.13.0+cpu is the pinned 2.13.0)."""
     out = {}
     for name, version in installed.items():
-        pin = pins.get(_normalised(name))
-        if pin is not None and version.split("+", 1)[0] != pin.split("+", 1)[0]:
+        pin = pins.get(canonicalize_name(name))
+        if pin is not None and Version(version).public != Version(pin).public:
             out[name] = (version, pin)
     return out
 

@@ -354,6 +354,51 @@ def test_learned_replay_in_batches_scores_as_one_ranker_call_per_event(drift, lo
     np.testing.assert_array_equal(scores[False], scores[True])
 
 
+def test_the_rerank_encodes_the_next_chunks_texts_while_this_ones_are_reranked(drift, logged, monkeypatch):
+    """With the rerank kept to reachable targets, the walk starts the next chunk's history texts'
+    encoding in a thread before this chunk's events are reranked. The encoder then gets the very
+    calls, in the same order, that one chunk at a time makes, so every vector is the same even from
+    an encoder whose vectors depend on the call (as an ONNX session's do, slightly); a walk left
+    early leaves nothing in flight and caches nothing it did not hand on."""
+    import threading
+
+    from chronorec.trainer import batch_replay
+
+    split, validation, items, params, config, fit, groups = logged
+    task = split.test_task()
+    params = replace(params, alpha=0.0)  # the blend reads no text: the rerank alone encodes them
+    monkeypatch.setattr(batch_replay, "CHUNK_INSTANCES", 8)  # many chunks on the small set
+    runs = {}
+    for ahead in (0, 1):
+        monkeypatch.setattr(batch_replay.ReplayScorer, "chunks_ahead", ahead)
+        calls: list[tuple[tuple[str, ...], str]] = []
+
+        def encoder(texts: list[str]) -> np.ndarray:
+            calls.append((tuple(texts), threading.current_thread().name))
+            return hashed_encoder(texts) * (1.0 + 1e-3 * len(texts))
+
+        replay_ranker = ReplayRanker(encoder, items, params, learned_ranker=fit.ranker)
+        replay_ranker.rerank_reachable_only = True
+        replay_ranker.fit(task.train, drift)
+        del calls[:]  # the catalogue's texts
+        runs[ahead] = replay_ranker.score_batch(task.instances), calls, replay_ranker.replay
+    (serial, serial_calls, _), (ahead, ahead_calls, replay) = runs[0], runs[1]
+    assert len(serial_calls) >= 3
+    assert [c for c, _ in ahead_calls] == [c for c, _ in serial_calls]
+    assert all(thread.startswith("encode-ahead") for _, thread in ahead_calls)
+    np.testing.assert_array_equal(ahead, serial)
+
+    # Left after its first event: the second chunk's call, started, is dropped, not cached.
+    monkeypatch.setattr(batch_replay.ReplayScorer, "chunks_ahead", 1)
+    replay.reset()
+    replay._vectors.clear()
+    walk = replay.first_stage().walk_candidates(task.instances, params, lambda *_: True)
+    first = next(walk)
+    walk.close()
+    assert not replay._in_flight
+    assert first.row is not None and len(replay._vectors) <= batch_replay.CHUNK_INSTANCES
+
+
 def test_ranker_file_round_trip_and_refusals(tmp_path, logged):
     *_, fit, _ = logged
     spec = fit.ranker.spec

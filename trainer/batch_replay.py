@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -74,6 +76,10 @@ class ReplayScorer:
     co-occurrence) stay one call each, with the inputs and calls the ranker makes, so every
     score is the ranker's to the last bit (tests/test_eval_ci.py checks it).
     """
+
+    # Chunks whose candidates are worked out and texts' encoding started before the events of the
+    # chunk before them are handed on (walk_candidates with `wanted`); 0: one chunk at a time.
+    chunks_ahead = 1
 
     def __init__(self, replay: "RankerReplay"):
         d = replay.dataset
@@ -167,8 +173,9 @@ class ReplayScorer:
         encoded in one call first; with it, only the texts of the instances wanted are, one call
         per chunk (on ml-latest-small four in five validation events are not wanted: encoding is
         most of the cost of logging an event). `primed`: what `prime` gave for the instances in
-        global order (their texts already encoded), so they are not written again."""
-        replay, d = self.replay, self.dataset
+        global order (their texts already encoded), so they are not written again. With `wanted`,
+        a chunk's call runs in a thread while the previous chunk's events are handed on
+        (_walk_wanted)."""
         order = np.argsort(instances.pos, kind="stable")
         ordered = instances[order]
         if primed is not None:
@@ -178,32 +185,61 @@ class ReplayScorer:
             texts = self.prime(ordered, params)
         else:
             texts = HistoryTexts(params.history_max_events, self.texts(ordered, params))
+        if wanted is not None:
+            yield from self._walk_wanted(ordered, order, texts, params, wanted)
+            return
         for part, chunk in self.chunks(ordered, texts):
             rows = [int(order[part.start + i]) for i in range(len(chunk))]
             chunk.prefetch_semantic(params)
+            yield from self._replayed(chunk, ((i, row, chunk.candidates(i, params, components=True), chunk.history(i))
+                                              for i, row in enumerate(rows)), params)
 
-            def history(i: int) -> LazyHistory:
-                return LazyHistory(self, chunk.hist_pos[chunk.hist_ptr[i]:chunk.hist_ptr[i + 1]])
+    def _walk_wanted(self, ordered: Instances, order: np.ndarray, texts: "HistoryTexts", params: TimeModelParams,
+                     wanted: "Callable[[int, ScoredCandidates, np.ndarray, LazyHistory], bool]"
+                     ) -> Iterator["ReplayedEvent"]:
+        """walk_candidates with `wanted`, one chunk ahead: a chunk's candidates are worked out and
+        its wanted texts' encoding started in a thread (the encoder runs outside the interpreter's
+        lock, on calls the same as one after the other) before the previous chunk's events are
+        handed on, so the encoder works while the caller computes those events' features."""
+        replay = self.replay
+        ahead: deque[tuple[ReplayChunk, list, TimeModelParams, Future | None]] = deque()
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-ahead") as encoding:
+                for part, chunk in self.chunks(ordered, texts):
+                    rows = [int(order[part.start + i]) for i in range(len(chunk))]
+                    chunk.prefetch_semantic(params)
+                    # The chunk's candidates first (they read no state), then its wanted texts in one
+                    # call. `wanted` reads the scores, which need only the components with a weight:
+                    # the others are worked out for the events wanted alone (on ml-latest-small
+                    # temporal the blend weighs co-occurrence 0, and most validation and test events
+                    # are not wanted).
+                    events = [(i, row, chunk.completed(i, params, scored), lazy) for i, row, scored, lazy in
+                              ((i, row, chunk.candidates(i, params, components=False), chunk.history(i))
+                               for i, row in enumerate(rows))
+                              if wanted(row, scored, chunk.columns_kept(i), lazy)]
+                    encoded = replay.encode_later(
+                        [t for t in (chunk.text(i, params) for i, _, _, _ in events) if t is not None], encoding)
+                    ahead.append((chunk, events, params, encoded))
+                    while len(ahead) > self.chunks_ahead:
+                        yield from self._replayed(*ahead.popleft())
+                while ahead:
+                    yield from self._replayed(*ahead.popleft())
+        finally:
+            replay.drop_in_flight()
 
-            if wanted is None:
-                events = ((i, row, chunk.candidates(i, params, components=True), history(i))
-                          for i, row in enumerate(rows))
-            else:
-                # The chunk's candidates first (they read no state), then its wanted texts in one call.
-                # `wanted` reads the scores, which need only the components with a weight: the others
-                # are worked out for the events wanted alone (on ml-latest-small temporal the blend
-                # weighs co-occurrence 0, and most validation and test events are not wanted).
-                events = [(i, row, chunk.completed(i, params, scored), lazy) for i, row, scored, lazy in
-                          ((i, row, chunk.candidates(i, params, components=False), history(i))
-                           for i, row in enumerate(rows))
-                          if wanted(row, scored, chunk.columns_kept(i), lazy)]
-                self.replay.cache_vectors([t for t in (chunk.text(i, params) for i, _, _, _ in events) if t is not None])
-            for i, row, scored, lazy in events:
-                position = int(chunk.instances.pos[i])
-                replay.advance(position)
-                query = RecommendQuery(user_id=d.user_ids[d.user[position]], k=10, at=float(d.ts[position]),
-                                       params=params, exhaustive=True).resolved()
-                yield ReplayedEvent(row, query, scored, self.columns.take(chunk.rows_kept(i)), lazy)
+    def _replayed(self, chunk: "ReplayChunk", events, params: TimeModelParams,
+                  encoded: Future | None = None) -> Iterator["ReplayedEvent"]:
+        """`events` (chunk index, row, candidates, history) handed on, the replay's state advanced to
+        each; `encoded`: the call encoding their texts, cached first (RankerReplay.settle)."""
+        replay, d = self.replay, self.dataset
+        if encoded is not None:
+            replay.settle(encoded)
+        for i, row, scored, lazy in events:
+            position = int(chunk.instances.pos[i])
+            replay.advance(position)
+            query = RecommendQuery(user_id=d.user_ids[d.user[position]], k=10, at=float(d.ts[position]),
+                                   params=params, exhaustive=True).resolved()
+            yield ReplayedEvent(row, query, scored, self.columns.take(chunk.rows_kept(i)), lazy)
 
     def history_entries(self, positions: np.ndarray) -> list[HistoryEntry]:
         """HistoryEntry of the events at global `positions` (as the interaction state holds them)."""
@@ -328,6 +364,10 @@ class ReplayChunk:
 
     def __len__(self) -> int:
         return len(self.instances)
+
+    def history(self, i: int) -> "LazyHistory":
+        """Instance i's visible history, built when read."""
+        return LazyHistory(self.scorer, self.hist_pos[self.hist_ptr[i]:self.hist_ptr[i + 1]])
 
     # -- per-chunk arrays
 

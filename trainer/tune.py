@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -90,6 +90,8 @@ class RankerReplay:
             self.index = build_index(self.item_ids, item_vectors)
         self.cooccurrence = cooccurrence if cooccurrence is not None else fit_cooccurrence(dataset, train, self.item_ids)
         self._vectors: dict[str, np.ndarray] = {}
+        # Calls encode_later started and settle has not cached yet: (texts, their vectors' future).
+        self._in_flight: list[tuple[list[str], Future]] = []
         self._column = {item_id: i for i, item_id in enumerate(dataset.item_ids)}
         self._scorer: ReplayScorer | None = None
         self._kept: np.ndarray | None = None  # per global position: does the state keep the event
@@ -102,10 +104,7 @@ class RankerReplay:
                                     self.item_text_of, learned_ranker=self.learned_ranker)
 
     def _encode_known(self, texts: list[str]) -> np.ndarray:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
-        if missing:
-            log.debug("encoding %d short-term texts during the replay", len(missing))
-            self._vectors.update(zip(missing, self.encode(missing)))
+        self.cache_vectors(texts)
         return np.stack([self._vectors[t] for t in texts])
 
     def encoded(self, texts: list[str]) -> np.ndarray:
@@ -138,10 +137,55 @@ class RankerReplay:
         self.cache_vectors(texts)
 
     def cache_vectors(self, texts: list[str]) -> None:
-        """Encode those of `texts` not cached yet, in one call (first occurrences, in order)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        """Encode those of `texts` not cached yet, in one call (first occurrences, in order), once
+        the calls in flight (encode_later) are cached."""
+        missing = self.uncached(texts)
+        if missing and self._in_flight:
+            self.settle()
+            missing = self.uncached(texts)
         if missing:
-            self._vectors.update(zip(missing, self.encode(missing)))
+            log.debug("encoding %d texts", len(missing))
+            self.store_vectors(missing, self.encode(missing))
+
+    def encode_later(self, texts: list[str], executor: Executor) -> Future | None:
+        """cache_vectors(texts) started on `executor`: the call (those of `texts` neither cached nor
+        in an earlier call still in flight) is the one cache_vectors would make once those are
+        cached, so every vector is the one it would give. `settle` caches them; a text the ranker
+        needs before then settles first (_encode_known). Returns the call's future (None: no call)."""
+        pending = {t for batch, _ in self._in_flight for t in batch}
+        missing = self.uncached(texts, pending)
+        if not missing:
+            return None
+        future = executor.submit(self.encode, missing)
+        self._in_flight.append((missing, future))
+        return future
+
+    def settle(self, through: Future | None = None) -> None:
+        """Wait for the calls encode_later started and cache their vectors, oldest first: all of
+        them, or those up to the one of `through` (none if it is settled already)."""
+        if through is not None and all(future is not through for _, future in self._in_flight):
+            return
+        while self._in_flight:
+            texts, future = self._in_flight.pop(0)
+            self.store_vectors(texts, future.result())
+            if future is through:
+                return
+
+    def drop_in_flight(self) -> None:
+        """Forget the calls encode_later started and nobody settled (a walk left before reaching
+        them): their texts are encoded again when needed, as if never asked for."""
+        for _, future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+
+    def uncached(self, texts: list[str], pending: "set[str] | frozenset[str]" = frozenset()) -> list[str]:
+        """Those of `texts` neither cached nor in `pending` (texts already being encoded), first
+        occurrences, in order: the list cache_vectors encodes in one call."""
+        return [t for t in dict.fromkeys(texts) if t not in self._vectors and t not in pending]
+
+    def store_vectors(self, texts: list[str], vectors: np.ndarray) -> None:
+        """Cache `vectors`, the encoder's answer for `texts` (one call)."""
+        self._vectors.update(zip(texts, vectors))
 
     def scorer(self) -> "ReplayScorer | None":
         """The batch form of this replay's ranker (same scores, many instances at once); None when the

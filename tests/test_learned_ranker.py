@@ -392,11 +392,14 @@ def test_the_rerank_encodes_the_next_chunks_texts_while_this_ones_are_reranked(d
     monkeypatch.setattr(batch_replay.ReplayScorer, "chunks_ahead", 1)
     replay.reset()
     replay._vectors.clear()
-    walk = replay.first_stage().walk_candidates(task.instances, params, lambda *_: True)
-    first = next(walk)
+    scorer = replay.first_stage()
+    walk = scorer.walk_candidates(task.instances, params, lambda *_: True)
+    next(walk)
     walk.close()
     assert not replay._in_flight
-    assert first.row is not None and len(replay._vectors) <= batch_replay.CHUNK_INSTANCES
+    ordered = task.instances[np.argsort(task.instances.pos, kind="stable")]
+    first_chunk = {t for t in scorer.texts(ordered[:batch_replay.CHUNK_INSTANCES], params) if t is not None}
+    assert first_chunk and set(replay._vectors) == first_chunk
 
 
 def test_ranker_file_round_trip_and_refusals(tmp_path, logged):

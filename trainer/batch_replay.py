@@ -202,7 +202,7 @@ class ReplayScorer:
         lock, on calls the same as one after the other) before the previous chunk's events are
         handed on, so the encoder works while the caller computes those events' features."""
         replay = self.replay
-        ahead: deque[tuple[ReplayChunk, list, TimeModelParams, Future | None]] = deque()
+        ahead: deque[tuple[ReplayChunk, list, Future | None]] = deque()
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-ahead") as encoding:
                 for part, chunk in self.chunks(ordered, texts):
@@ -219,11 +219,13 @@ class ReplayScorer:
                               if wanted(row, scored, chunk.columns_kept(i), lazy)]
                     encoded = replay.encode_later(
                         [t for t in (chunk.text(i, params) for i, _, _, _ in events) if t is not None], encoding)
-                    ahead.append((chunk, events, params, encoded))
+                    ahead.append((chunk, events, encoded))
                     while len(ahead) > self.chunks_ahead:
-                        yield from self._replayed(*ahead.popleft())
+                        chunk, events, encoded = ahead.popleft()
+                        yield from self._replayed(chunk, events, params, encoded)
                 while ahead:
-                    yield from self._replayed(*ahead.popleft())
+                    chunk, events, encoded = ahead.popleft()
+                    yield from self._replayed(chunk, events, params, encoded)
         finally:
             replay.drop_in_flight()
 

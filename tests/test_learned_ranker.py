@@ -742,6 +742,45 @@ def test_the_resource_meter_counts_a_forked_workers_own_memory():
     assert meter.peak_mb - meter.rss_before_mb > 120 and not meter.peak_exact
 
 
+def _spin(seconds: float) -> None:
+    """Python on one core for `seconds` of wall time."""
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@pytest.mark.skipif(not can_fork(), reason="forks a worker")
+def test_the_resource_meter_counts_cpu_time_of_threads_and_joined_workers_not_waiting():
+    """The meter's CPU time is work done, here or in a forked worker waited for; a block that only
+    waits has next to none, so its cores busy tell an idle core from a busy one."""
+    import multiprocessing
+    import threading
+    import time
+
+    from chronorec.trainer.resources import ResourceMeter
+
+    with ResourceMeter() as waiting:
+        time.sleep(0.4)
+    assert waiting.cpu_seconds < 0.15 and waiting.cores_busy < 0.4
+    with ResourceMeter() as busy:
+        _spin(0.4)
+    assert busy.cpu_seconds > 0.25 and busy.cores_busy > 0.6
+    with ResourceMeter() as threaded:  # a thread's work is the process's
+        worker = threading.Thread(target=_spin, args=(0.4,))
+        worker.start()
+        worker.join()
+    assert threaded.cpu_seconds > 0.25
+    with ResourceMeter() as forked:  # this process waits; the worker spins
+        child = multiprocessing.get_context("fork").Process(target=_spin, args=(0.4,))
+        child.start()
+        child.join(10)
+    assert child.exitcode == 0 and forked.cpu_seconds > 0.25
+    report = forked.report()
+    assert report["cpu_seconds"] == round(forked.cpu_seconds, 2) and report["cores_busy"] > 0.6
+
+
 @pytest.mark.skipif(not can_fork(), reason="reads /proc")
 def test_the_resource_meter_counts_a_worker_gone_no_longer():
     """A worker's result handed back takes room in this process once the worker has exited: the

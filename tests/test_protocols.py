@@ -553,6 +553,7 @@ def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch
     for name, entry in temporal["methods"].items():
         resources = entry["resources"]
         assert resources["seconds"] >= 0 and resources["peak_rss_mb"] >= resources["rss_before_mb"] > 0
+        assert resources["cpu_seconds"] >= 0
         assert [b["bucket"] for b in entry["by_gap"]] == ["<1h", "1h-1d", "1-7d", "7-30d", ">30d"]
         assert [b["bucket"] for b in entry["by_target"]] == ["warm", "cold", "repeat"]
         assert sum(b["n"] for b in entry["by_target"]) == temporal["details"]["n_test_instances"]
@@ -566,8 +567,9 @@ def test_report_has_time_memory_gap_and_warm_cold_sections(tmp_path, monkeypatch
     # The 40 MB block is seen in the method's own peak (measured or sampled).
     assert temporal["methods"]["allocating"]["resources"]["peak_increase_mb"] >= 30
     markdown = (out / "report.md").read_text()
+    assert doc["cpu_s"] >= 0 and f"{doc['cpu_s']:.0f} s of CPU" in markdown
     for heading in ("by time since the user's previous event", "by target item: warm", "Time and memory per method",
-                    "peak RSS (MB)", "load average"):
+                    "CPU (s) | cores busy", "peak RSS (MB)", "load average"):
         assert heading in markdown
     assert "| allocating |" in markdown.split("Time and memory per method")[1]
 

@@ -24,8 +24,8 @@ from chronorec.trainer.protocols import (
     BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, GAP_LABELS, METRIC_NAMES, TARGET_LABELS, Dataset, MethodFactory, Split,
     fit_and_score, gap_buckets, loo_split, metric_by_bucket, summarize, target_buckets, temporal_split,
 )
-from chronorec.trainer.resources import (ResourceMeter, cpu_description, library_versions, machine_load,
-                                          peak_rss_mb, pinned_versions, release_free_heap)
+from chronorec.trainer.resources import (ResourceMeter, cpu_description, cpu_seconds, library_versions,
+                                          machine_load, peak_rss_mb, pinned_versions, release_free_heap)
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,9 @@ def evaluate(dataset: Dataset, protocols: Sequence[str], methods: Sequence[str],
             if per_instance is not None:
                 per_instance.update({f"{protocol}/{name}/{k}": v for k, v in metrics.items()})
             m = entry["metrics"]
-            log.info("%s %s: HR@10 %.4f NDCG@10 %.4f (%.1f s, peak RSS %s MB)", protocol, name, m["HR@10"]["mean"],
-                     m["NDCG@10"]["mean"], entry["timing_s"]["total"], entry["resources"]["peak_rss_mb"])
+            log.info("%s %s: HR@10 %.4f NDCG@10 %.4f (%.1f s, %s cores busy, peak RSS %s MB)", protocol, name,
+                     m["HR@10"]["mean"], m["NDCG@10"]["mean"], entry["timing_s"]["total"],
+                     entry["resources"]["cores_busy"], entry["resources"]["peak_rss_mb"])
         task = split.test_task()
         users = task.instances.user
         document["protocols"][protocol] = {
@@ -262,7 +263,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 0
     methods = list(factories) if not command.methods else [m.strip() for m in command.methods.split(",") if m.strip()]
     protocols = list(PROTOCOL_NAMES) if command.protocol == "both" else [command.protocol]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     # A ratings file without its item file is a bare ratings log: each item is known by its id.
     dataset = Dataset(*importers.detect_and_load(command.data, items_optional=True))
     load_s = time.perf_counter() - t0
@@ -272,6 +273,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                         factories=factories)
     document["load_s"] = load_s
     document["total_s"] = time.perf_counter() - t0
+    document["cpu_s"] = round(cpu_seconds() - cpu0, 1)
     written = report.write_report(document, command.out)
     np.savez_compressed(Path(command.out) / "per_instance.npz", **per_instance)
     for name, protocol in document["protocols"].items():

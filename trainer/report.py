@@ -88,15 +88,20 @@ def resources_table(protocol: Mapping) -> str:
     methods = {name: result for name, result in protocol["methods"].items() if result.get("resources")}
     if not methods:
         return ""
-    head = ["method", "setup (s)", "fit (s)", "score (s)", "total (s)", "peak RSS (MB)", "above its start (MB)"]
+    head = ["method", "setup (s)", "fit (s)", "score (s)", "total (s)", "CPU (s)", "cores busy", "peak RSS (MB)",
+            "above its start (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, result in methods.items():
         t, r = result["timing_s"], result["resources"]
         peak = _fmt(r.get("peak_rss_mb"), 0) + ("" if r.get("peak_exact") else "*")
         lines.append("| " + " | ".join([name, f"{t['setup']:.1f}", f"{t['fit']:.1f}", f"{t['score']:.1f}",
-                                        f"{t['total']:.1f}", peak, _fmt(r.get("peak_increase_mb"), 0)]) + " |")
+                                        f"{t['total']:.1f}", _fmt(r.get("cpu_seconds"), 1),
+                                        _fmt(r.get("cores_busy"), 2), peak,
+                                        _fmt(r.get("peak_increase_mb"), 0)]) + " |")
     return ("Time and memory per method (a method's setup includes what it builds first for others, "
-            "e.g. an encoder; * = sampled every 20 ms, below an earlier peak of the process)\n\n" + "\n".join(lines))
+            "e.g. an encoder; CPU: user and system time of its threads and of the processes it forked; "
+            "cores busy: CPU over wall time; * = sampled every 20 ms, below an earlier peak of the process)\n\n"
+            + "\n".join(lines))
 
 
 def ranker_table(protocol: Mapping, method: str = "chronorec-ranker") -> str:
@@ -283,7 +288,9 @@ def markdown_report(document: Mapping) -> str:
         out.append(f"Machine: {machine.get('cpus')} CPUs{f' ({cpu})' if cpu else ''}, load average "
                    f"{machine.get('load_average')} at the start, "
                    f"{at_end.get('load_average')} at the end; peak RSS {document.get('peak_rss_mb')} MB"
-                   + (f"; {document['total_s']:.0f} s in all." if document.get("total_s") is not None else "."))
+                   + (f"; {document['total_s']:.0f} s in all" if document.get("total_s") is not None else "")
+                   + (f", {document['cpu_s']:.0f} s of CPU ({document['cpu_s'] / document['total_s']:.2f} cores busy)."
+                      if document.get("cpu_s") is not None and document.get("total_s") else "."))
     if document.get("libraries"):
         out.append("Libraries (the figures' last digits move with them): "
                    + ", ".join(f"{name} {version}" for name, version in document["libraries"].items()) + "."

@@ -99,7 +99,12 @@ def peak_rss_mb() -> float:
 
 
 class ResourceMeter:
-    """Wall time and peak RSS of a `with` block.
+    """Wall time, CPU time and peak RSS of a `with` block.
+
+    The CPU time is the user and system time of every thread of this process and of the child
+    processes it waited for during the block (a forked worker is counted once joined); over the
+    wall time it tells how many cores the block kept busy (2 on two cores saturated, 1 for
+    Python on one).
 
     The peak is exact when the block raises the process's own peak (VmHWM moves). Otherwise
     the block stayed below an earlier peak, and its own is the largest RSS a thread samples
@@ -119,6 +124,7 @@ class ResourceMeter:
         self.interval = interval
         self.children_every = max(1, round(children_interval / interval))
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.rss_before_mb: float | None = None
         self.peak_mb: float | None = None
         self.peak_exact = False
@@ -135,6 +141,7 @@ class ResourceMeter:
             self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
             self._thread.start()
         self._started = time.perf_counter()
+        self._cpu_before = cpu_seconds()
         return self
 
     def _sample(self) -> None:
@@ -156,6 +163,7 @@ class ResourceMeter:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self._started
+        self.cpu_seconds = cpu_seconds() - self._cpu_before
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -166,12 +174,26 @@ class ResourceMeter:
             own = peak_after if peak_after > self._peak_before else current_rss_mb() or 0.0
             self.peak_mb = max(self._sampled, own) or None
 
+    @property
+    def cores_busy(self) -> float | None:
+        """CPU seconds per wall second over the block (None for a block too short to tell)."""
+        return self.cpu_seconds / self.seconds if self.seconds >= 0.05 else None
+
     def report(self) -> dict:
-        """{"seconds", "rss_before_mb", "peak_rss_mb", "peak_increase_mb", "peak_exact"} (MB = 2^20 bytes)."""
+        """{"seconds", "cpu_seconds", "cores_busy", "rss_before_mb", "peak_rss_mb", "peak_increase_mb",
+        "peak_exact"} (MB = 2^20 bytes)."""
         increase = None if self.peak_mb is None or self.rss_before_mb is None else self.peak_mb - self.rss_before_mb
-        return {"seconds": round(self.seconds, 2), "rss_before_mb": _round(self.rss_before_mb),
-                "peak_rss_mb": _round(self.peak_mb), "peak_increase_mb": _round(increase),
-                "peak_exact": self.peak_exact}
+        cores = self.cores_busy
+        return {"seconds": round(self.seconds, 2), "cpu_seconds": round(self.cpu_seconds, 2),
+                "cores_busy": None if cores is None else round(cores, 2),
+                "rss_before_mb": _round(self.rss_before_mb), "peak_rss_mb": _round(self.peak_mb),
+                "peak_increase_mb": _round(increase), "peak_exact": self.peak_exact}
+
+
+def cpu_seconds() -> float:
+    """User and system time so far of this process's threads and of the children it has waited for."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def _round(value: float | None) -> float | None:
@@ -276,5 +298,5 @@ def library_versions(names: tuple[str, ...] = FIGURE_LIBRARIES) -> dict[str, str
     return out
 
 
-__all__ = ["CONSTRAINTS_FILE", "FIGURE_LIBRARIES", "ResourceMeter", "cpu_description", "current_rss_mb",
-           "library_versions", "machine_load", "off_pin", "parse_pins", "peak_rss_mb", "pinned_versions"]
+__all__ = ["CONSTRAINTS_FILE", "FIGURE_LIBRARIES", "ResourceMeter", "cpu_description", "cpu_seconds",
+           "current_rss_mb", "library_versions", "machine_load", "off_pin", "parse_pins", "peak_rss_mb", "pinned_versions"]

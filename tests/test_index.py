@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from chronorec.server.core.errors import InvalidArgument, NotFound
-from chronorec.server.core.index import ItemIndex
+from chronorec.server.core.index import PRODUCT_BLOCK_ROWS, ItemIndex, row_products
 from chronorec.server.core.rwlock import ReadWriteLock
 
 DIM = 16
@@ -174,6 +174,38 @@ def test_vectors_matrix_and_similarities_mark_missing_items():
     assert not matrix[1].any()
     scores, present = index.similarities(vectors[1], ["item00001", "missing"])
     assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] == 0.0
+
+
+def test_row_products_give_each_query_the_same_bits_alone_or_among_many():
+    """One mat-vec per block and query: a query's products do not depend on the others computed
+    with it (a matrix product over many would round them otherwise)."""
+    n = 3 * PRODUCT_BLOCK_ROWS + 17  # a short last block too
+    vectors, queries = unit_vectors(n, seed=1, dim=64), unit_vectors(9, seed=2, dim=64)
+    together = row_products(vectors, queries)
+    for j in range(len(queries)):
+        assert np.array_equal(together[j], row_products(vectors, queries[j:j + 1])[0])
+    np.testing.assert_allclose(together, queries @ vectors.T, atol=1e-5)
+
+
+def test_similarities_for_many_queries_are_each_querys_own_to_the_last_bit():
+    """similarities_by_label_many gives each vector what similarities_by_label gives it alone,
+    whether its labels take most rows (products over every row) or few (a gather), with 0 for
+    label -1; a changed index gives None, so the caller looks the labels up again."""
+    n = 2 * PRODUCT_BLOCK_ROWS + 40
+    index = ItemIndex(DIM, initial_capacity=n)
+    index.upsert(ids(n), unit_vectors(n, seed=3))
+    labels, generation = index.labels_of(ids(n) + ["missing"])
+    rng = np.random.default_rng(4)
+    wanted = [labels, labels[rng.choice(len(labels), 30, replace=False)], labels[::-1][: n // 2], labels[:0]]
+    queries = unit_vectors(len(wanted), seed=5)
+    many = index.similarities_by_label_many(list(queries), wanted, generation)
+    for query, rows, scores in zip(queries, wanted, many):
+        alone = index.similarities_by_label(query, rows, generation)
+        assert scores.dtype == np.float32 and np.array_equal(scores, alone)
+        assert (scores[rows < 0] == 0).all()
+    index.upsert(["item00000"], unit_vectors(1, seed=6))
+    index.delete(["item00001"])
+    assert index.similarities_by_label_many(list(queries), wanted, generation) is None
 
 
 def test_invalid_vectors_are_rejected():

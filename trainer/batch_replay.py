@@ -316,6 +316,11 @@ class HistoryTexts:
         return HistoryTexts(self.history_max_events, [self.texts[k] for k in order])
 
 
+def _vector_key(params: TimeModelParams) -> tuple:
+    """What a user vector depends on among the time model's parameters (its memo key)."""
+    return params.alpha, params.long_term_half_life_days, params.history_max_events
+
+
 @dataclass
 class _Memo:
     """What one instance's settings share (user vectors by α and half-life, co-occurrence by half-life)."""
@@ -435,7 +440,7 @@ class ReplayChunk:
         at a time for every instance, so each block is read from memory once per chunk."""
         if params.w_semantic == 0:
             return
-        key = (params.alpha, params.long_term_half_life_days, params.history_max_events)
+        key = _vector_key(params)
         wanted: list[tuple[_Memo, np.ndarray, np.ndarray]] = []
         for i in range(len(self)):
             if not self.n_hist[i]:
@@ -444,24 +449,29 @@ class ReplayChunk:
             vector = self._user_vector(i, params) if len(rows) else None
             memo = self._memo_for(i)
             if vector is not None and key not in memo.semantic:
-                wanted.append((memo, vector, self.scorer.labels[rows]))
+                wanted.append((memo, vector, rows))
             self._memos[i] = memo
         self._memo = _Memo()
+        self._store_similarities(key, wanted)
+
+    def _store_similarities(self, key: tuple, wanted: list[tuple[_Memo, np.ndarray, np.ndarray]]) -> None:
+        """Each (memo, user vector, catalogue rows)'s similarities to its rows in one index call, kept
+        read-only in the memo under the user vector's `key` (shared by the settings' candidates)."""
         if not wanted:
             return
         scorer = self.scorer
-        found = scorer.replay.index.similarities_by_label_many([v for _, v, _ in wanted], [r for _, _, r in wanted],
-                                                               scorer.generation)
+        found = scorer.replay.index.similarities_by_label_many(
+            [vector for _, vector, _ in wanted], [scorer.labels[rows] for _, _, rows in wanted], scorer.generation)
         if found is None:
             raise RuntimeError("the replay's index changed while scoring")
         for (memo, _, _), semantic in zip(wanted, found):
-            semantic.flags.writeable = False  # shared by the settings' candidates
+            semantic.flags.writeable = False
             memo.semantic[key] = semantic
 
     def _user_vector(self, i: int, params: TimeModelParams) -> np.ndarray | None:
         """_UserContext.build's user vector (history non-empty, w_semantic non-zero)."""
         memo = self._memo_for(i)
-        key = (params.alpha, params.long_term_half_life_days, params.history_max_events)
+        key = _vector_key(params)
         if key in memo.user_vectors:
             return memo.user_vectors[key]
         long_term = self._long_term(i, params.long_term_half_life_days)
@@ -537,14 +547,9 @@ class ReplayChunk:
         # Settings that share the user vector (the sweeps' co-occurrence and personal half-lives,
         # the tuning's other passes) share its similarities: computed once per instance.
         memo = self._memo_for(i)
-        key = (params.alpha, params.long_term_half_life_days, params.history_max_events)
+        key = _vector_key(params)
         if key not in memo.semantic:
-            scorer = self.scorer
-            semantic = scorer.replay.index.similarities_by_label(vector, scorer.labels[rows], scorer.generation)
-            if semantic is None:
-                raise RuntimeError("the replay's index changed while scoring")
-            semantic.flags.writeable = False  # shared by the settings' candidates
-            memo.semantic[key] = semantic
+            self._store_similarities(key, [(memo, vector, rows)])
         return memo.semantic[key]
 
     def cooccurrence(self, i: int, params: TimeModelParams) -> np.ndarray:

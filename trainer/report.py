@@ -13,7 +13,7 @@ import numpy as np
 matplotlib.use("Agg")  # reports are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from chronorec.trainer.resources import off_pin  # noqa: E402
+from chronorec.trainer.resources import cores_busy, off_pin  # noqa: E402
 
 TABLE_METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
 # chronorec's forms as compared with the baselines: the first of these that ran.
@@ -268,6 +268,14 @@ def _pins_words(installed: Mapping[str, str], pins: Mapping[str, str] | None) ->
             + ".")
 
 
+def _cpu_of_run(document: Mapping) -> str:
+    """", N s of CPU (C cores busy)" for the machine line, or "" when the run's CPU was not taken."""
+    if document.get("cpu_s") is None or document.get("total_s") is None:
+        return ""
+    cores = cores_busy(document["cpu_s"], document["total_s"])
+    return f", {document['cpu_s']:.0f} s of CPU" + ("" if cores is None else f" ({cores:.2f} cores busy)")
+
+
 def markdown_report(document: Mapping) -> str:
     """The whole report as Markdown."""
     ds = document["dataset"]
@@ -289,8 +297,7 @@ def markdown_report(document: Mapping) -> str:
                    f"{machine.get('load_average')} at the start, "
                    f"{at_end.get('load_average')} at the end; peak RSS {document.get('peak_rss_mb')} MB"
                    + (f"; {document['total_s']:.0f} s in all" if document.get("total_s") is not None else "")
-                   + (f", {document['cpu_s']:.0f} s of CPU ({document['cpu_s'] / document['total_s']:.2f} cores busy)."
-                      if document.get("cpu_s") is not None and document.get("total_s") else "."))
+                   + _cpu_of_run(document) + ".")
     if document.get("libraries"):
         out.append("Libraries (the figures' last digits move with them): "
                    + ", ".join(f"{name} {version}" for name, version in document["libraries"].items()) + "."

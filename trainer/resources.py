@@ -177,7 +177,7 @@ class ResourceMeter:
     @property
     def cores_busy(self) -> float | None:
         """CPU seconds per wall second over the block (None for a block too short to tell)."""
-        return self.cpu_seconds / self.seconds if self.seconds >= 0.05 else None
+        return cores_busy(self.cpu_seconds, self.seconds)
 
     def report(self) -> dict:
         """{"seconds", "cpu_seconds", "cores_busy", "rss_before_mb", "peak_rss_mb", "peak_increase_mb",
@@ -188,6 +188,12 @@ class ResourceMeter:
                 "cores_busy": None if cores is None else round(cores, 2),
                 "rss_before_mb": _round(self.rss_before_mb), "peak_rss_mb": _round(self.peak_mb),
                 "peak_increase_mb": _round(increase), "peak_exact": self.peak_exact}
+
+
+def cores_busy(cpu: float, seconds: float) -> float | None:
+    """CPU seconds per wall second: how many cores a stretch kept busy (None below 0.05 s, too
+    short to tell)."""
+    return cpu / seconds if seconds >= 0.05 else None
 
 
 def cpu_seconds() -> float:
@@ -298,5 +304,6 @@ def library_versions(names: tuple[str, ...] = FIGURE_LIBRARIES) -> dict[str, str
     return out
 
 
-__all__ = ["CONSTRAINTS_FILE", "FIGURE_LIBRARIES", "ResourceMeter", "cpu_description", "cpu_seconds",
-           "current_rss_mb", "library_versions", "machine_load", "off_pin", "parse_pins", "peak_rss_mb", "pinned_versions"]
+__all__ = ["CONSTRAINTS_FILE", "FIGURE_LIBRARIES", "ResourceMeter", "cores_busy", "cpu_description", "cpu_seconds",
+           "current_rss_mb", "library_versions", "machine_load", "off_pin", "parse_pins", "peak_rss_mb",
+           "pinned_versions"]

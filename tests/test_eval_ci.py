@@ -215,7 +215,9 @@ def test_a_ranker_that_does_not_beat_the_blend_on_validation_is_left_out_as_the_
     assert fit.helps and learned.replay_ranker.learned_ranker is fit.ranker and learned.params["ranker"]["used"]
     # The same trees, had they only tied the blend on validation: chronorec-train run would ship the
     # version without them, so the variant scores as the blend does.
-    losing = replace(fit, valid_ndcg_ranker=fit.valid_ndcg_blend)
+    # (Decided on the validation events the blend was not tuned on, when it was tuned on part of them.)
+    losing = replace(fit, valid_ndcg_ranker=fit.valid_ndcg_blend,
+                     held_out=None if fit.held_out is None else (fit.held_out[1], fit.held_out[1], fit.held_out[2]))
     left_out = cm.LearnedChronorecRanker(learned.ctx, learned.bundle, learned.time_model, losing, learned.report)
     assert left_out.replay_ranker.learned_ranker is None and left_out.params["ranker"]["used"] is False
     test = split.test_task()

@@ -294,6 +294,42 @@ def test_the_validation_decides_whether_the_second_look_serves(logged):
     assert fit.summary()["second_look"] == fit.ranker.spec.second_look
 
 
+def test_held_out_figures_count_every_held_out_event_groups_or_not():
+    # Three groups (events at positions 10, 11, 12) and two more events that formed no group.
+    groups = rt.Groups(np.zeros((6, len(FEATURE_NAMES)), np.float32), np.array([1, 0, 1, 0, 1, 0]),
+                       np.array([2, 2, 2]), np.zeros(6), np.ones(6, bool), np.zeros(3), np.ones(3, bool),
+                       np.array([10, 11, 12]), 5)
+    ranker = np.array([1.0, 0.5, 0.25, 0.0, 0.0])  # per group, then 0 for each groupless event
+    blend = np.array([0.5, 0.5, 0.5, 0.0, 0.0])
+    assert rt.held_out_figures(ranker, blend, groups, None) is None
+    assert rt.held_out_figures(ranker, blend, groups, np.zeros(0, np.int64)) is None
+    # Events 11 and 12 formed groups; 13 and 14 did not and count 0 for both.
+    assert rt.held_out_figures(ranker, blend, groups, np.array([11, 12, 13, 14])) == (0.75 / 4, 1.0 / 4, 4)
+
+
+def test_the_ranker_and_the_blend_are_compared_where_the_blend_was_not_tuned(drift, logged):
+    split, validation, items, params, config, fit, groups = logged
+    assert fit.held_out is None and fit.summary()["valid_held_out"] is None  # no tuning named
+    wide = replace(config, max_valid_groups=10_000, route_features=())
+    targets = np.asarray(validation.targets)
+    asked = targets[drift.rank_in_user[targets] > 0]  # every validation event with a history
+    tuned = asked[::2]
+    half = rt.train_ranker(drift, items, hashed_encoder, None, params, rt.temporal_slices(split, training_slices=1)[0],
+                           validation, wide, tuned=tuned)
+    assert half.valid_instances == len(asked) and half.held_out[2] == len(asked) - len(tuned)
+    assert half.summary()["valid_held_out"]["events"] == len(asked) - len(tuned)
+    # The blend's figure on the events it was tuned on is its own fit's: the held-out events decide.
+    whole_wins = replace(half, valid_ndcg_ranker=0.3, valid_ndcg_blend=0.1)
+    assert not replace(whole_wins, held_out=(0.1, 0.2, 5)).helps
+    assert replace(whole_wins, held_out=(0.2, 0.1, 5)).helps
+    assert replace(whole_wins, held_out=None).helps and not replace(half, held_out=None, valid_ndcg_ranker=0.1,
+                                                                    valid_ndcg_blend=0.1).helps
+    # Tuned on every event of the window (loo's validation): nothing is held out, the whole window decides.
+    every = rt.train_ranker(drift, items, hashed_encoder, None, params, rt.temporal_slices(split, training_slices=1)[0],
+                            validation, wide, tuned=targets)
+    assert every.held_out is None
+
+
 def test_the_importances_by_gap_computed_beside_are_those_computed_here(logged):
     split, validation, items, params, config, fit, groups = logged
     pending = rt.importances_beside(fit.ranker, groups)

@@ -476,8 +476,9 @@ class SplitContext:
         self.settings.say(f"{self.split.protocol}: {reason}")
         return bundle, reason
 
-    def ranker_fit(self, bundle: EncoderBundle, params: TimeModelParams, key: str):
-        """The learned ranker over `bundle` and the tuned blend `params`, trained once per key."""
+    def ranker_fit(self, bundle: EncoderBundle, params: TimeModelParams, key: str, tuned: np.ndarray | None = None):
+        """The learned ranker over `bundle` and the tuned blend `params`, trained once per key (`tuned`:
+        the positions of the instances `params` were tuned on, train_ranker's `tuned`)."""
         if key not in self.ranker_fits:
             from chronorec.trainer.ranker_train import RankerTrainingConfig, slices_of, train_ranker
 
@@ -506,7 +507,7 @@ class SplitContext:
                 self.ranker_fits[key] = train_ranker(
                     self.dataset, self.items, bundle.encode, bundle.item_vectors, params, training, validation,
                     config, say=lambda m: s.say(f"{self.split.protocol}: {m}"), index=self.index(bundle),
-                    fitted=fitted)
+                    fitted=fitted, tuned=tuned)
         return self.ranker_fits[key]
 
     def training_examples(self, pick=None):
@@ -1083,7 +1084,7 @@ class ChronorecMethods:
 
     def ranker(self, split: Split) -> ChronorecRanker:
         ctx, bundle, tuning, report = self._chosen_blend(split)
-        fit = ctx.ranker_fit(bundle, tuning.params, f"{bundle.name}-time")
+        fit = ctx.ranker_fit(bundle, tuning.params, f"{bundle.name}-time", tuned=tuning.positions)
         return LearnedChronorecRanker(ctx, bundle, tuning.params, fit, report)
 
 

@@ -499,7 +499,9 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
             encode, params, tuning = initial_encode, start_tuning.params, start_tuning
             encoder_choice["fine_tuned"] = False
 
-    learned, ranker_details = _train_ranker(data, encode, params, settings, say) if settings.ranker else (None, None)
+    learned, ranker_details = (_train_ranker(data, encode, params, settings, say,
+                                             tuned=tuning.positions if tuning is not None else None)
+                               if settings.ranker else (None, None))
 
     evaluation = _evaluate(data, repo, serving, encode, params, settings, say,
                            initial_encode if settings.ablation else None, learned)
@@ -537,9 +539,11 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
 
 
 def _train_ranker(data, encode, params: TimeModelParams, settings: RunSettings,
-                  say: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+                  say: Callable[[str], None], tuned: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
     """(the learned ranker to ship or None, what its training said): trained on windows before the
-    validation window, early-stopped on it, shipped only when it beats the blend there."""
+    validation window, early-stopped on it, shipped only when it beats the blend there, on the
+    window's events the blend was not tuned on when there are any (`tuned`: the positions it was
+    tuned on; None: `params` were not tuned on this window)."""
     from chronorec.trainer.ranker_train import RankerTrainingConfig, temporal_slices, train_ranker
 
     training, validation = temporal_slices(data.split, training_slices=settings.ranker_windows, inner=data.inner,
@@ -550,14 +554,18 @@ def _train_ranker(data, encode, params: TimeModelParams, settings: RunSettings,
                                   route_trend_after_s=(settings.ranker_trend_after_days * 86400.0
                                                        if settings.ranker_trend_after_days >= 0 else None))
     try:
-        fit = train_ranker(data.dataset, data.event_log.items, encode, None, params, training, validation, config, say)
+        fit = train_ranker(data.dataset, data.event_log.items, encode, None, params, training, validation, config, say,
+                           tuned=tuned)
     except ValueError as exc:  # too few logged events to learn from
         say(f"no learned ranker: {exc}")
         return None, {"used": False, "reason": str(exc)}
     details = {**fit.summary(), "used": fit.helps}
     if not fit.helps:
+        ranker_figure, blend_figure = fit.held_out[:2] if fit.held_out else (fit.valid_ndcg_ranker, fit.valid_ndcg_blend)
         say(f"the learned ranker does not beat the blend on the validation window (NDCG@10 "
-            f"{fit.valid_ndcg_ranker:.4f} vs {fit.valid_ndcg_blend:.4f}): the version ranks with the blend")
+            f"{ranker_figure:.4f} vs {blend_figure:.4f}"
+            f"{f' on the {fit.held_out[2]} events the blend was not tuned on' if fit.held_out else ''}): "
+            "the version ranks with the blend")
         return None, details
     return fit.ranker, details
 

@@ -521,6 +521,10 @@ class RankerFit:
     second_look_valid: tuple[float, float] | None = None
     # Per range of time since the previous event: what the route choice compared (choose_routes).
     route_choice: list[dict[str, Any]] = field(default_factory=list)
+    # (ranker, blend, events) on the validation events the blend's time model was not tuned on, the
+    # events where the two compare fairly (None: the blend was tuned on every one of them, or the
+    # caller did not say which it was tuned on).
+    held_out: tuple[float, float, int] | None = None
 
     @property
     def importances_by_gap(self) -> dict[str, dict[str, float]]:
@@ -531,12 +535,22 @@ class RankerFit:
 
     @property
     def helps(self) -> bool:
-        return self.ranker is not None and self.valid_ndcg_ranker > self.valid_ndcg_blend
+        """Whether the ranker beats the blend on validation: on the events the blend was not tuned on
+        when there are any (on those it was tuned on, the blend's figure is its own fit's), else on
+        the whole window."""
+        if self.ranker is None:
+            return False
+        if self.held_out is not None:
+            return self.held_out[0] > self.held_out[1]
+        return self.valid_ndcg_ranker > self.valid_ndcg_blend
 
     def summary(self) -> dict[str, Any]:
         return {
             "best_iteration": self.best_iteration, "valid_NDCG@10_ranker": round(self.valid_ndcg_ranker, 5),
             "valid_NDCG@10_blend": round(self.valid_ndcg_blend, 5), "valid_instances": self.valid_instances,
+            "valid_held_out": (None if self.held_out is None else
+                               {"NDCG@10_ranker": round(self.held_out[0], 5), "NDCG@10_blend": round(self.held_out[1], 5),
+                                "events": self.held_out[2]}),
             "train_groups": self.train_groups, "valid_groups": self.valid_groups, "seconds": round(self.seconds, 1),
             "second_look": self.ranker.spec.second_look if self.ranker is not None else 0,
             "routes": [r.to_dict() for r in self.ranker.spec.routes] if self.ranker is not None else [],
@@ -550,11 +564,14 @@ class RankerFit:
 
 
 def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
-               say: Callable[[str], None] = lambda _m: None, returning: Groups | None = None) -> RankerFit:
+               say: Callable[[str], None] = lambda _m: None, returning: Groups | None = None,
+               held_out: np.ndarray | None = None) -> RankerFit:
     """LambdaRank on the training groups, early-stopped on the validation groups as the server ranks
     them (candidates only); gap routes chosen on the validation groups and `returning` (more of the
     validation window's returning users, logged like it); optionally refitted on both training and
-    validation with the chosen number of rounds."""
+    validation with the chosen number of rounds. `held_out`: the global positions of the validation
+    events (groups or not) that the blend's time model was not tuned on; the ranker and the blend
+    are also compared on those alone, and RankerFit.helps decides on them when there are any."""
     import lightgbm
 
     started = time.perf_counter()
@@ -613,11 +630,26 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
                     float(blend_valid.mean()) if len(blend_valid) else 0.0, valid.instances,
                     len(train.sizes), len(valid.sizes), time.perf_counter() - started,
                     ranker.importances(), importances_beside(ranker, as_served), curve,
-                    second_look_valid, route_choice)
+                    second_look_valid, route_choice, held_out_figures(ranker_valid, blend_valid, valid, held_out))
     say(f"ranker: {best} rounds on {len(train.sizes)} groups ({len(train.labels)} rows) in {fit.seconds:.0f} s; "
         f"validation NDCG@10 {fit.valid_ndcg_ranker:.4f} against the blend's {fit.valid_ndcg_blend:.4f} "
-        f"({valid.instances} events)")
+        f"({valid.instances} events)" + ("" if fit.held_out is None else
+        f"; on the {fit.held_out[2]} events the blend was not tuned on {fit.held_out[0]:.4f} against {fit.held_out[1]:.4f}"))
     return fit
+
+
+def held_out_figures(ranker_valid: np.ndarray, blend_valid: np.ndarray, valid: Groups,
+                     held_out: np.ndarray | None) -> tuple[float, float, int] | None:
+    """(ranker, blend, events): mean NDCG@10 over the `held_out` validation events, from the
+    per-event figures group_ndcg gives (the groups first, in `valid`'s order, then 0 for each event
+    that formed no group: it counts in the denominator, as on the whole window). None without such
+    events."""
+    if held_out is None or not len(held_out):
+        return None
+    groups = len(valid.sizes)
+    keep = np.isin(valid.positions, held_out)
+    events = len(held_out)
+    return (float(ranker_valid[:groups][keep].sum() / events), float(blend_valid[:groups][keep].sum() / events), events)
 
 
 def gap_ranges(edges: Sequence[float] = GAP_EDGES_S) -> list[tuple[float, float]]:
@@ -753,10 +785,13 @@ def train_ranker(
     say: Callable[[str], None] = lambda _m: None,
     index: ItemIndex | None = None,
     fitted: Callable[[FeatureSlice], CooccurrenceModel | None] = lambda _s: None,
+    tuned: np.ndarray | None = None,
 ) -> RankerFit:
     """Log the features of the training and validation slices and fit the ranker on them (`index`:
     the item index of `item_vectors`, shared by the slices' replays when given; `fitted(slice)`: a
-    co-occurrence model already fitted on exactly the slice's fit events, else None)."""
+    co-occurrence model already fitted on exactly the slice's fit events, else None; `tuned`: the
+    global positions of the events the blend's time model `params` was tuned on, which the choice
+    between the ranker and the blend leaves out of the validation sample: fit_ranker's held_out)."""
     config = config or RankerTrainingConfig()
     per_slice = config.max_groups_per_slice
     if config.max_item_scores_per_slice is not None:
@@ -792,7 +827,12 @@ def train_ranker(
                                    negatives=0, seed=config.seed).groups()
     train = Groups.concatenate(parts)
     parts.clear()  # the windows' own rows: a second copy of every training row during the fit
-    return fit_ranker(train, valid, config, say, returning=returning)
+    held_out = None
+    if tuned is not None:
+        sample = _sampled_targets(dataset, np.asarray(validation.targets, dtype=np.int64), config.max_valid_groups,
+                                  config.seed)
+        held_out = sample[~np.isin(sample, np.asarray(tuned, dtype=np.int64))]
+    return fit_ranker(train, valid, config, say, returning=returning, held_out=held_out)
 
 
 @dataclass(frozen=True)
@@ -892,6 +932,7 @@ __all__ = [
     "fit_ranker",
     "gap_ranges",
     "group_ndcg",
+    "held_out_figures",
     "importances_beside",
     "importances_by_gap",
     "lightgbm_params",

@@ -555,6 +555,22 @@ def test_routes_are_chosen_only_where_a_feature_alone_clearly_wins(logged):
     # Too few events in the range: never routed, whatever the feature did.
     assert rt.choose_routes(trees, rigged, replace(config, route_min_events=n))[0] == ()
     assert rt.choose_routes(trees, rigged, replace(config, route_features=()))[0] == ()
+
+    # The blend's score, as good there, competes only on the events its time model was not tuned on.
+    blended = replace(rigged, features=rigged.features.copy())
+    blended.features[:, FEATURE_INDEX[rt.BLEND_SCORE]] = rigged.features[:, FEATURE_INDEX["trend_7d"]]
+    blend_config = replace(config, route_features=(rt.BLEND_SCORE, "cooccurrence_1h"))
+    returning = np.arange(n) % 2 == 1
+    assert [r.feature for r in rt.choose_routes(trees, blended, blend_config)[0]] == [rt.BLEND_SCORE]
+    # Tuned on every returning event: nothing left to compare on, no route.
+    routes, report = rt.choose_routes(trees, blended, blend_config, in_sample=returning)
+    assert routes == () and {e["gap"]: e for e in report}["1-7d"]["best_feature"] == "cooccurrence_1h"
+    # Tuned on half of them: it competes on the other half, and the route says on how many events.
+    half = returning & (np.arange(n) % 4 == 1)
+    routes, report = rt.choose_routes(trees, blended, blend_config, in_sample=half)
+    entry = {e["gap"]: e for e in report}["1-7d"]
+    assert [r.feature for r in routes] == [rt.BLEND_SCORE] and entry["routed"]
+    assert entry["feature_events"] == int((returning & ~half).sum()) < entry["events"]
     # The returning users logged for the choice leave out the validation sample's own events: the
     # sample is drawn again from the seed, as collect_groups drew it.
     split, validation = logged[0], logged[1]

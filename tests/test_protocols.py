@@ -583,7 +583,7 @@ def test_report_shows_what_the_ranker_chose_on_validation_and_each_routes_rule()
            "valid_NDCG@10_with_without_second_look": [0.0948, 0.1007],
            "route_choice": [
                {"gap": "<1h", "events": 1502, "trees": 0.1433, "best_feature": "blend_score", "feature_alone": 0.1236,
-                "routed": False},
+                "feature_events": 900, "trees_on_those": 0.1401, "routed": False},
                {"gap": "1-7d", "events": 46, "trees": 0.2, "best_feature": "cooccurrence_1h", "feature_alone": 0.3,
                 "difference_ci": [0.01, 0.2], "routed": True, "rule": "bootstrap bound", "route": "cooccurrence_1h"},
                {"gap": ">30d", "events": 30, "trees": 0.3327, "best_feature": "blend_score", "feature_alone": 0.45,
@@ -594,7 +594,7 @@ def test_report_shows_what_the_ranker_chose_on_validation_and_each_routes_rule()
     assert "NDCG@10 0.1013 against the blend's 0.0829 (0.0951 against 0.0702 on the 1500 of them the blend was " \
         "not tuned on, which decide)" in table and "second look not used (0.0948 with it" in table
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert rows["<1h"].endswith("| – | – |")
+    assert rows["<1h"].endswith("| 0.1236 (blend_score; the trees 0.1401 on its 900 events) | – | – |")
     assert rows["1-7d"].endswith("| cooccurrence_1h (bootstrap bound) |")
     # Routed to the trend window, though another signal alone did better: the rule says why.
     assert rows[">30d"].endswith("| 0.4264 (trend_30d) | trend_30d (trend after a long absence) |")

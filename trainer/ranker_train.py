@@ -120,9 +120,11 @@ def slices_of(split: Split, **options: Any) -> tuple[list[FeatureSlice], Feature
 
 # The single signals a range of time since the user's previous event may be handed to instead of the
 # trees (GapRoute): each is, alone, what a plain baseline ranks by (popularity over a window, item
-# co-occurrence with the history at a half-life, the history's mean vector, the blend).
+# co-occurrence with the history at a half-life, the history's mean vector, the blend). The blend's
+# own score competes only on the events its time model was not tuned on (choose_routes).
+BLEND_SCORE = "blend_score"
 ROUTE_FEATURES: tuple[str, ...] = (
-    "blend_score", "trend_1d", "trend_7d", "trend_30d", "popularity_share", "cooccurrence_1h", "cooccurrence_1d",
+    BLEND_SCORE, "trend_1d", "trend_7d", "trend_30d", "popularity_share", "cooccurrence_1h", "cooccurrence_1d",
     "cooccurrence_7d", "cooccurrence_60d", "cooccurrence_all", "semantic_mean_all",
 )
 
@@ -565,13 +567,15 @@ class RankerFit:
 
 def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
                say: Callable[[str], None] = lambda _m: None, returning: Groups | None = None,
-               held_out: np.ndarray | None = None) -> RankerFit:
+               held_out: np.ndarray | None = None, tuned: np.ndarray | None = None) -> RankerFit:
     """LambdaRank on the training groups, early-stopped on the validation groups as the server ranks
     them (candidates only); gap routes chosen on the validation groups and `returning` (more of the
     validation window's returning users, logged like it); optionally refitted on both training and
     validation with the chosen number of rounds. `held_out`: the global positions of the validation
     events (groups or not) that the blend's time model was not tuned on; the ranker and the blend
-    are also compared on those alone, and RankerFit.helps decides on them when there are any."""
+    are also compared on those alone, and RankerFit.helps decides on them when there are any.
+    `tuned`: the positions it was tuned on, which the blend's score does not compete on for a route
+    (choose_routes)."""
     import lightgbm
 
     started = time.perf_counter()
@@ -614,7 +618,8 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
     routing = as_served
     if returning is not None and len(returning.sizes):
         routing = Groups.concatenate([as_served, returning if spec.second_look else returning.without_second_look()])
-    routes, route_choice = choose_routes(ranker, routing, config, say)
+    in_sample = None if tuned is None else np.isin(routing.positions, np.asarray(tuned, dtype=np.int64))
+    routes, route_choice = choose_routes(ranker, routing, config, say, in_sample=in_sample)
     if routes:
         spec = replace(spec, routes=routes)
         ranker = LearnedRanker(booster, spec, threads=1)
@@ -659,12 +664,15 @@ def gap_ranges(edges: Sequence[float] = GAP_EDGES_S) -> list[tuple[float, float]
 
 
 def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingConfig,
-                  say: Callable[[str], None] = lambda _m: None) -> tuple[tuple[GapRoute, ...], list[dict[str, Any]]]:
+                  say: Callable[[str], None] = lambda _m: None,
+                  in_sample: np.ndarray | None = None) -> tuple[tuple[GapRoute, ...], list[dict[str, Any]]]:
     """(routes, what was compared per gap range): a range is routed to the feature that ranks its
     validation events best alone, when that beats the trees (`ranker`, without routes) by a paired
     bootstrap bound above zero (RankerTrainingConfig.route_level, shared among the features); a range
     after a long absence (`route_trend_after_s`) otherwise to its best trend window, unless the trees
-    rank its events better than that by such a bound (shared among the trend windows)."""
+    rank its events better than that by such a bound (shared among the trend windows).
+    `in_sample`: per group, whether the blend's time model was tuned on its event; the blend's score
+    competes on the other events only (on those, its figure is its own fit's)."""
     features = [f for f in config.route_features if f in FEATURE_INDEX]
     if not features or not len(groups.sizes):
         return (), []
@@ -684,17 +692,28 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
         lo, hi = bootstrap_ci(difference, level=at_level, seed=config.seed)
         return float(lo), [round(float(lo), 5), round(float(hi), 5)]
 
+    def compared(feature: str, members: np.ndarray) -> np.ndarray:
+        """The events `feature` alone competes on: the blend's score not on those it was tuned on."""
+        return members & ~in_sample if feature == BLEND_SCORE and in_sample is not None else members
+
+    def alone_mean(feature: str, members: np.ndarray) -> float:
+        rows = compared(feature, members)
+        return float(alone[feature][rows].mean()) if rows.any() else -math.inf
+
     for label, (low, high) in zip(GAP_LABELS, gap_ranges()):
         members = (groups.gap_seconds >= low) & (groups.gap_seconds < high)
         n = int(members.sum())
         if not n:
             continue
-        best = max(features, key=lambda f: float(alone[f][members].mean()))
+        best = max(features, key=lambda f: alone_mean(f, members))
+        on = compared(best, members)
         entry: dict[str, Any] = {"gap": label, "events": n, "trees": round(float(trees[members].mean()), 5),
-                                 "best_feature": best, "feature_alone": round(float(alone[best][members].mean()), 5)}
+                                 "best_feature": best, "feature_alone": round(alone_mean(best, members), 5)}
+        if int(on.sum()) != n:
+            entry.update(feature_events=int(on.sum()), trees_on_those=round(float(trees[on].mean()), 5))
         routed = False
-        if n >= config.route_min_events and alone[best][members].mean() > trees[members].mean():
-            lo, entry["difference_ci"] = interval(alone[best][members] - trees[members], level)
+        if int(on.sum()) >= config.route_min_events and alone[best][on].mean() > trees[on].mean():
+            lo, entry["difference_ci"] = interval(alone[best][on] - trees[on], level)
             routed = lo > 0
         if routed:
             entry["rule"] = "bootstrap bound"
@@ -704,15 +723,15 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
             if n >= config.route_min_events:
                 lo, entry["trees_lead_ci"] = interval(trees[members] - alone[trend][members], trend_level)
                 if not lo > 0:
-                    best, routed = trend, True
+                    best, routed, on = trend, True, members
                     entry["rule"] = "trend after a long absence"
         entry["routed"] = routed
         if routed:
             entry["route"] = best
             routes.append(GapRoute(low, high, best))
             say(f"ranker: users {label} since their previous event are ranked by {best} "
-                f"(validation NDCG@10 {float(alone[best][members].mean()):.4f} vs the trees' {entry['trees']:.4f}, "
-                f"{n} events; {entry['rule']})")
+                f"(validation NDCG@10 {float(alone[best][on].mean()):.4f} vs the trees' {float(trees[on].mean()):.4f}, "
+                f"{int(on.sum())} events; {entry['rule']})")
         report.append(entry)
     return tuple(routes), report
 
@@ -832,7 +851,7 @@ def train_ranker(
         sample = _sampled_targets(dataset, np.asarray(validation.targets, dtype=np.int64), config.max_valid_groups,
                                   config.seed)
         held_out = sample[~np.isin(sample, np.asarray(tuned, dtype=np.int64))]
-    return fit_ranker(train, valid, config, say, returning=returning, held_out=held_out)
+    return fit_ranker(train, valid, config, say, returning=returning, held_out=held_out, tuned=tuned)
 
 
 @dataclass(frozen=True)

@@ -135,8 +135,11 @@ def ranker_table(protocol: Mapping, method: str = "chronorec-ranker") -> str:
         routed = "–"
         if r.get("routed"):
             routed = f"{r.get('route', r['best_feature'])} ({r.get('rule', 'bootstrap bound')})"
-        lines.append(f"| {r['gap']} | {r['events']} | {_fmt(r['trees'])} | {_fmt(r['feature_alone'])} "
-                     f"({r['best_feature']}) | {trend} | {routed} |")
+        # The blend's score competes on the events its time model was not tuned on only.
+        alone = (f"{_fmt(r['feature_alone'])} ({r['best_feature']})" if "feature_events" not in r else
+                 f"{_fmt(r['feature_alone'])} ({r['best_feature']}; the trees {_fmt(r.get('trees_on_those'))} on its "
+                 f"{r['feature_events']} events)")
+        lines.append(f"| {r['gap']} | {r['events']} | {_fmt(r['trees'])} | {alone} | {trend} | {routed} |")
     return head + (". NDCG@10 per range of time since the previous event, on the validation events whose target "
                    "is among the candidates and more of the window's returning users' events:\n\n") + \
         "\n".join(lines)

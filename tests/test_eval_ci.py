@@ -25,8 +25,8 @@ from chronorec.trainer import chronorec_methods as cm
 from chronorec.trainer import evaluate, report
 from chronorec.trainer.data import TargetPositions, build_examples, event_log_from
 from chronorec.trainer.forked import can_fork
-from chronorec.trainer.protocols import Dataset, EvalTask, bootstrap_ci, fit_and_score, temporal_split
-from chronorec.trainer.tune import ReplayRanker, paired_tuning_gain
+from chronorec.trainer.protocols import Dataset, EvalTask, bootstrap_ci, fit_and_score, score_instances, temporal_split
+from chronorec.trainer.tune import ReplayRanker, held_out_gain, paired_tuning_gain
 
 pytestmark = pytest.mark.slow
 
@@ -282,6 +282,37 @@ def test_a_fine_tuned_encoder_serves_only_when_the_blend_over_it_gains(drift, ch
                 store[name] = saved[key]
             else:
                 store.pop(name, None)
+
+
+def test_two_tuned_blends_compare_on_the_instances_neither_was_tuned_on(drift, ci_settings):
+    # Tuned on 60 of the tuning task's instances: the rest compare the two blends.
+    capped = cm.ChronorecMethods(ci_settings.with_overrides(tune_max_instances=60))
+    ctx = capped.context(temporal_split(drift))
+    base = ctx.untuned()
+    task = ctx.tuning
+    assert len(task.instances) > 2 * 60
+    info = {"selection_queries": 32, "best_step": 2, "steps": 4,
+            "encoder_valid_NDCG@10_before": 0.05, "encoder_valid_NDCG@10_after": 0.06}
+    ctx.bundles["finetuned"] = cm.EncoderBundle("finetuned", base.encoder, base.version_dir, base.item_vectors, info)
+    bundle, why = ctx.encoder_choice()
+    fused, plain = ctx.tunings["finetuned-time"], ctx.tunings["untuned-time"]
+    assert bundle is base and "on the 60 tuning instances neither blend was tuned on" in why
+    assert "paired +0.0000 [+0.0000, +0.0000]: not above zero" in why
+
+    # The tuned blend against the untuned time model, on instances of the task neither was tuned on.
+    tuned_ranker, untuned_ranker = (ReplayRanker(base.encode, ctx.items, params, item_vectors=base.item_vectors)
+                                    for params in (plain.params, TimeModelParams()))
+    for ranker in (tuned_ranker, untuned_ranker):
+        ranker.fit(task.train, drift, index=ctx.index(base), cooccurrence=ctx.cooccurrence("tuning"))
+    held = held_out_gain(tuned_ranker, untuned_ranker, task.instances, [plain.positions], None, seed=0)
+    rest = task.instances[~np.isin(task.instances.pos, plain.positions)]
+    assert held.instances == len(rest) == len(task.instances) - len(plain.positions)
+    expected = [score_instances(r, rest)["NDCG@10"].mean() for r in (tuned_ranker, untuned_ranker)]
+    assert (held.a, held.b) == pytest.approx(expected) and held.difference == pytest.approx(expected[0] - expected[1])
+    assert held.low <= held.difference <= held.high
+    # At most max_instances of them, a seeded draw; none left: None.
+    assert held_out_gain(tuned_ranker, untuned_ranker, task.instances, [plain.positions], 20, seed=0).instances == 20
+    assert held_out_gain(tuned_ranker, untuned_ranker, task.instances, [task.instances.pos], None, seed=0) is None
 
 
 def test_item_vectors_are_kept_with_the_cached_models(drift, chronorec):

@@ -112,6 +112,9 @@ def test_the_published_version_records_how_it_was_made(first_run):
     assert held["events"] == ranker["valid_instances"] - outcome.details["tuning"]["instances"] > 0
     assert held["NDCG@10_ranker"] > held["NDCG@10_blend"]
     assert manifest.extra["trainer"]["encoder"]["fine_tuned"] is True
+    # The two tuned blends compared on the validation instances neither was tuned on.
+    fused = manifest.extra["trainer"]["encoder"]["fused_valid"]
+    assert fused["held_out"] and fused["instances"] == 366 - 240 and fused["ci95_user_clustered"][0] > 0
     # The trainable weights are kept beside the version, so the next run continues from them.
     assert (checkpoint_dir(models, outcome.version) / "config.json").is_file()
     assert not (models / "checkpoints" / ".in-progress").exists()

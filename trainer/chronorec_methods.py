@@ -76,10 +76,16 @@ from chronorec.trainer.protocols import (
 )
 from chronorec.trainer.resources import release_free_heap
 from chronorec.trainer.tune import (
-    ReplayRanker, RankerReplay, TuningGrid, build_index, fit_cooccurrence, paired_tuning_gain, tune_time_model,
+    ReplayRanker, RankerReplay, TuningGrid, build_index, fit_cooccurrence, held_out_gain, paired_tuning_gain,
+    tune_time_model,
 )
 
 log = logging.getLogger(__name__)
+
+# Instances per batch when two tuned blends are scored on held-out validation instances: the
+# evaluation's own batch (protocols.fit_and_score), a multiple of batch_replay.CHUNK_INSTANCES so
+# that the scoring may split between two processes (ChronorecRanker._counts_beside).
+HELD_OUT_BATCH = 1024
 
 CACHE_ENV = "CHRONOREC_EVAL_CACHE"
 # In a fine-tuning run's cache folder: the run's outcome when keep-best chose the starting weights.
@@ -448,9 +454,11 @@ class SplitContext:
         """(the encoder the pipeline would serve, why). The fine-tuned one only when (1) its own
         retrieval on the validation window improved (NDCG@10, the base encoder's measured on the
         same queries), and (2) the blend over it, tuned on the tuning task as chronorec-finetuned-time
-        is, beats the blend over the base encoder (chronorec-untuned-time) on those instances with a
-        paired bootstrap interval above zero (users resampled): a gain of the encoder alone that does
-        not carry into the fused ranking is not worth the fine-tuned model."""
+        is, beats the blend over the base encoder (chronorec-untuned-time) with a paired bootstrap
+        interval above zero (users resampled): a gain of the encoder alone that does not carry into
+        the fused ranking is not worth the fine-tuned model. The two blends compare on the tuning
+        task's instances neither was tuned on (tune.held_out_gain), or on those they were tuned on
+        when there are no others (loo's windows, under the tuning's cap)."""
         finetuned = self.finetuned()
         info = finetuned.info.get("finetune", finetuned.info)
         before = info.get("encoder_valid_NDCG@10_before")
@@ -466,15 +474,36 @@ class SplitContext:
             base = TimeModelParams(history_max_events=self.settings.history_max_events)
             fused = self.tune(finetuned, base, TIME_GRID, f"{finetuned.name}-time")
             plain = self.tune(self.untuned(), base, TIME_GRID, "untuned-time")
-            gain, low, high = paired_tuning_gain(fused, plain, self.dataset.user)
+            held = self._held_out_gain((finetuned, fused), (self.untuned(), plain))
+            if held is None:
+                gain, low, high = paired_tuning_gain(fused, plain, self.dataset.user)
+                where, figures = "on the tuning task", (fused.value, plain.value)
+            else:
+                gain, low, high = held.difference, held.low, held.high
+                where = f"on the {held.instances} tuning instances neither blend was tuned on"
+                figures = (held.a, held.b)
             better = low > 0
             reason = (f"{'fine-tuned' if better else 'base'} encoder: its validation retrieval improved (NDCG@10 "
-                      f"{_fmt(before)} -> {_fmt(after)}); the blend over it on the tuning task "
-                      f"{fused.value:.4f} against the base encoder's {plain.value:.4f}, paired "
+                      f"{_fmt(before)} -> {_fmt(after)}); the blend over it {where} "
+                      f"{figures[0]:.4f} against the base encoder's {figures[1]:.4f}, paired "
                       f"{gain:+.4f} [{low:+.4f}, {high:+.4f}]{'' if better else ': not above zero'}")
             bundle = finetuned if better else self.untuned()
         self.settings.say(f"{self.split.protocol}: {reason}")
         return bundle, reason
+
+    def _held_out_gain(self, *blends: tuple[EncoderBundle, Any]):
+        """tune.held_out_gain of two (encoder, tuning) blends on the tuning task (None: no instance
+        is left that neither was tuned on, or a tuning that did not keep its instances' positions)."""
+        if any(tuning.positions is None for _, tuning in blends):
+            return None
+        rankers = []
+        for bundle, tuning in blends:
+            # Scored as the test window is (in two processes when the settings allow).
+            ranker = ChronorecRanker(self, bundle, tuning.params, {})
+            ranker.fit(self.tuning.train, self.dataset)
+            rankers.append(ranker)
+        return held_out_gain(*rankers, self.tuning.instances, [t.positions for _, t in blends],
+                             self.settings.tune_max_instances, self.settings.seed, batch_size=HELD_OUT_BATCH)
 
     def ranker_fit(self, bundle: EncoderBundle, params: TimeModelParams, key: str, tuned: np.ndarray | None = None):
         """The learned ranker over `bundle` and the tuned blend `params`, trained once per key (`tuned`:
@@ -736,6 +765,9 @@ class ChronorecRanker:
             # The split's own training events: the encoder's index and the co-occurrence fitted on
             # them are shared by every variant (each variant keeps its own history-text vectors).
             self.replay_ranker.fit(train, dataset, index=ctx.index(self.bundle), cooccurrence=ctx.cooccurrence("test"))
+        elif dataset is ctx.dataset and np.array_equal(train, ctx.tuning.train):
+            # The tuning task's (SplitContext._held_out_gain): its co-occurrence is fitted already.
+            self.replay_ranker.fit(train, dataset, index=ctx.index(self.bundle), cooccurrence=ctx.cooccurrence("tuning"))
         else:
             self.replay_ranker.fit(train, dataset)
         if self.sweeps:

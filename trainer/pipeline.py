@@ -418,7 +418,9 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     from chronorec.trainer.data import newest_examples
     from chronorec.trainer import distributed
     from chronorec.trainer.finetune import FinetuneConfig, train_encoder, trending_negatives
-    from chronorec.trainer.tune import CachedEncoder, RankerReplay, paired_tuning_gain, torch_encoder, tune_time_model
+    from chronorec.trainer.tune import (
+        CachedEncoder, RankerReplay, ReplayRanker, held_out_gain, paired_tuning_gain, torch_encoder, tune_time_model,
+    )
 
     if settings.threads:
         # Beside a busy server, fewer threads than cores avoid OpenMP spin-waits on descheduled threads.
@@ -483,16 +485,30 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         # The fine-tuned weights serve only when the blend over them, tuned on the validation window,
         # beats the blend over the starting weights tuned there too, by a paired interval above zero:
         # a gain of the encoder alone that does not carry into the fused ranking is not worth a change.
+        # The two compare on the window's instances neither was tuned on, when there are any.
         replay = RankerReplay(data.dataset, data.event_log.items, data.inner.train, initial_encode)
         start_tuning = tune_time_model(replay, data.inner.instances, serving.params,
                                        max_instances=settings.max_tune_instances, seed=settings.seed)
-        gain, low, high = paired_tuning_gain(tuning, start_tuning, data.dataset.user)
+        rankers = []
+        for blend_encode, blend_tuning in ((encode, tuning), (initial_encode, start_tuning)):
+            ranker = ReplayRanker(blend_encode, data.event_log.items, blend_tuning.params)
+            ranker.fit(data.inner.train, data.dataset)
+            rankers.append(ranker)
+        held = held_out_gain(*rankers, data.inner.instances, [tuning.positions, start_tuning.positions],
+                             settings.max_tune_instances, settings.seed)
+        if held is None:
+            gain, low, high = paired_tuning_gain(tuning, start_tuning, data.dataset.user)
+            figures, instances, where = (tuning.value, start_tuning.value), tuning.instances, "tuned on"
+        else:
+            gain, low, high = held.difference, held.low, held.high
+            figures, instances, where = (held.a, held.b), held.instances, "neither was tuned on"
         better = low > 0
         encoder_choice["fused_valid"] = {
-            "metric": tuning.metric, "fine_tuned": tuning.value, "starting": start_tuning.value,
-            "difference": gain, "ci95_user_clustered": [low, high]}
-        say(f"validation {tuning.metric} of the tuned blend: fine-tuned weights {tuning.value:.4f}, starting weights "
-            f"{start_tuning.value:.4f}, paired {gain:+.4f} [{low:+.4f}, {high:+.4f}]: "
+            "metric": tuning.metric, "fine_tuned": figures[0], "starting": figures[1],
+            "difference": gain, "ci95_user_clustered": [low, high], "instances": instances,
+            "held_out": held is not None}
+        say(f"validation {tuning.metric} of the tuned blend on {instances} instances {where}: fine-tuned weights "
+            f"{figures[0]:.4f}, starting weights {figures[1]:.4f}, paired {gain:+.4f} [{low:+.4f}, {high:+.4f}]: "
             + ("the fine-tuned weights serve" if better else "not above zero, the version keeps the starting weights"))
         if not better:
             module = encoder.module = initial_module

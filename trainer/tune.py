@@ -1025,14 +1025,52 @@ def paired_tuning_gain(a: TuningResult, b: TuningResult, user_of: np.ndarray) ->
     return float(difference.mean()), float(low), float(high)
 
 
+@dataclass(frozen=True)
+class HeldOutGain:
+    """Two tuned blends compared on validation instances neither was tuned on (held_out_gain)."""
+
+    a: float  # mean NDCG@10 of blend a
+    b: float
+    difference: float  # mean of a − b
+    low: float  # its 95 % bootstrap interval, users resampled
+    high: float
+    instances: int
+
+
+def held_out_gain(a, b, instances: Instances, tuned: Sequence[np.ndarray], max_instances: int | None, seed: int,
+                  batch_size: int = 1024) -> HeldOutGain | None:
+    """Two blends (fitted rankers, protocols.Ranker, each with its tuned time model: a ReplayRanker,
+    say) scored on `instances` less
+    those any of them was tuned on (`tuned`: each tuning's positions), up to `max_instances` of
+    them (a seeded draw): the paired NDCG@10 difference a − b. A blend's figure on the instances its
+    own time model was tuned on is its own fit's, so only these compare two tuned blends fairly.
+    None when no instance is left."""
+    from chronorec.trainer.protocols import score_instances
+
+    seen = np.concatenate([np.asarray(t, dtype=np.int64) for t in tuned]) if tuned else np.zeros(0, np.int64)
+    rest = np.flatnonzero(~np.isin(instances.pos, seen))
+    if not len(rest):
+        return None
+    if max_instances is not None and len(rest) > max_instances:
+        rest = np.sort(np.random.default_rng(seed).choice(rest, max_instances, replace=False))
+    held = instances[rest]
+    values = [score_instances(ranker, held, batch_size)["NDCG@10"] for ranker in (a, b)]
+    difference = values[0] - values[1]
+    low, high = bootstrap_ci(difference, clusters=held.user)
+    return HeldOutGain(float(values[0].mean()), float(values[1].mean()), float(difference.mean()), float(low),
+                       float(high), len(rest))
+
+
 __all__ = [
     "CachedEncoder",
+    "HeldOutGain",
     "ReplayRanker",
     "RankerReplay",
     "TuningGrid",
     "TuningResult",
     "build_index",
     "fit_cooccurrence",
+    "held_out_gain",
     "paired_tuning_gain",
     "torch_encoder",
     "tune_time_model",

@@ -26,7 +26,7 @@ from chronorec.server.core.scoring import COMPONENTS, WEIGHT_NAMES, personal_sca
 from chronorec.server.core.timetext import HistoryEntry
 from chronorec.trainer.batch_replay import ReplayScorer, chunk_split, first_occurrences, within_reach
 from chronorec.trainer.forked import beside, refusing_encoder, workers_for
-from chronorec.trainer.protocols import Dataset, Instances, bootstrap_ci, expected_metrics
+from chronorec.trainer.protocols import Dataset, Instances, bootstrap_ci, expected_metrics, score_instances
 from chronorec.trainer.resources import release_free_heap
 
 log = logging.getLogger(__name__)
@@ -1040,13 +1040,10 @@ class HeldOutGain:
 def held_out_gain(a, b, instances: Instances, tuned: Sequence[np.ndarray], max_instances: int | None, seed: int,
                   batch_size: int = 1024) -> HeldOutGain | None:
     """Two blends (fitted rankers, protocols.Ranker, each with its tuned time model: a ReplayRanker,
-    say) scored on `instances` less
-    those any of them was tuned on (`tuned`: each tuning's positions), up to `max_instances` of
-    them (a seeded draw): the paired NDCG@10 difference a − b. A blend's figure on the instances its
-    own time model was tuned on is its own fit's, so only these compare two tuned blends fairly.
-    None when no instance is left."""
-    from chronorec.trainer.protocols import score_instances
-
+    say) scored on `instances` less those any of them was tuned on (`tuned`: each tuning's
+    positions), up to `max_instances` of them (a seeded draw): the paired NDCG@10 difference a − b.
+    A blend's figure on the instances its own time model was tuned on is its own fit's, so only
+    these compare two tuned blends fairly. None when no instance is left."""
     seen = np.concatenate([np.asarray(t, dtype=np.int64) for t in tuned]) if tuned else np.zeros(0, np.int64)
     rest = np.flatnonzero(~np.isin(instances.pos, seen))
     if not len(rest):

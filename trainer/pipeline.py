@@ -486,13 +486,17 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
         # beats the blend over the starting weights tuned there too, by a paired interval above zero:
         # a gain of the encoder alone that does not carry into the fused ranking is not worth a change.
         # The two compare on the window's instances neither was tuned on, when there are any.
-        replay = RankerReplay(data.dataset, data.event_log.items, data.inner.train, initial_encode)
-        start_tuning = tune_time_model(replay, data.inner.instances, serving.params,
+        # The same co-occurrence: it is fitted on the window's training events, whatever the encoder.
+        start_replay = RankerReplay(data.dataset, data.event_log.items, data.inner.train, initial_encode,
+                                    cooccurrence=replay.cooccurrence)
+        start_tuning = tune_time_model(start_replay, data.inner.instances, serving.params,
                                        max_instances=settings.max_tune_instances, seed=settings.seed)
         rankers = []
-        for blend_encode, blend_tuning in ((encode, tuning), (initial_encode, start_tuning)):
+        for blend_encode, blend_tuning, blend_replay in ((encode, tuning, replay),
+                                                         (initial_encode, start_tuning, start_replay)):
+            # Each tuning replay's item index and co-occurrence, not built again.
             ranker = ReplayRanker(blend_encode, data.event_log.items, blend_tuning.params)
-            ranker.fit(data.inner.train, data.dataset)
+            ranker.fit(data.inner.train, data.dataset, index=blend_replay.index, cooccurrence=blend_replay.cooccurrence)
             rankers.append(ranker)
         held = held_out_gain(*rankers, data.inner.instances, [tuning.positions, start_tuning.positions],
                              settings.max_tune_instances, settings.seed)

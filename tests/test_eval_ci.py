@@ -447,6 +447,34 @@ def test_only_the_repeatable_variants_keep_their_test_rank_counts(drift, chronor
     assert not chronorec.ranker(split).repeatable
 
 
+def test_a_ranker_that_does_not_help_is_the_blend_scored_as_the_blend_is(drift, chronorec):
+    # The version would serve the blend: the variant is chronorec-blend itself, its test counts
+    # read back from the blend's, so no second scoring (nor history-text encoding) is done.
+    from chronorec.trainer.protocols import exclusion_mask, rank_counts
+
+    split = _evaluated_temporal_split(chronorec, drift)
+    task = split.test_task()
+    learned = chronorec.ranker(split)
+    assert learned.ranker_fit.helps
+    blend = chronorec.blend(split)
+    unhelpful = cm.LearnedChronorecRanker(learned.ctx, learned.bundle, learned.time_model,
+                                          replace(learned.ranker_fit, ranker=None), learned.report)
+    assert unhelpful.repeatable and unhelpful.replay_ranker.learned_ranker is None
+    assert unhelpful.time_model == blend.time_model and unhelpful.bundle is blend.bundle
+    for ranker in (blend, unhelpful):
+        ranker.fit(task.train, task.dataset)
+    instances = task.instances[:200]
+    rows = unhelpful.score_batch(instances)
+    np.testing.assert_array_equal(rows, blend.score_batch(instances))
+    expected = rank_counts(rows, instances.target, exclusion_mask(instances))
+    reference = score_instances(blend, task.instances, batch_size=64)
+    unhelpful.replay_ranker.replay = None  # a second scoring would fail: the counts come from the context
+    repeated = score_instances(unhelpful, task.instances, batch_size=64)
+    for name in reference:
+        np.testing.assert_array_equal(repeated[name], reference[name])
+    np.testing.assert_array_equal(repeated["better"][:200], expected[0])
+
+
 def test_evaluation_ranks_through_the_serving_ranker(drift, chronorec, monkeypatch):
     split = temporal_split(drift)
     ranker = chronorec.untuned_time(split)

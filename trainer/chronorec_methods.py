@@ -965,10 +965,11 @@ class LearnedChronorecRanker(ChronorecRanker):
 
     As `chronorec-train run` ships a learned ranker only when it beats the blend on the validation
     window (RankerFit.helps), a ranker that does not is left out here too: the version would serve
-    the blend, and so does this variant (its report says `ranker.used` false)."""
+    the blend, and so does this variant (its report says `ranker.used` false): it is then
+    chronorec-blend itself, scored as that is (and its test counts read back from it)."""
 
     def __init__(self, ctx: SplitContext, bundle: EncoderBundle, params: TimeModelParams, fit, report: dict):
-        super().__init__(ctx, bundle, params, report)
+        super().__init__(ctx, bundle, params, report, repeatable=not fit.helps)
         self.ranker_fit = fit
         self.replay_ranker.learned_ranker = fit.ranker if fit.helps else None
         # A target the learned ranker cannot reach keeps the blend's rank: its rerank is skipped
@@ -982,6 +983,10 @@ class LearnedChronorecRanker(ChronorecRanker):
         return {**super().params, **_ranker_report(self.ranker_fit)}
 
     def score_batch(self, instances: Instances) -> np.ndarray:
+        if self.replay_ranker.learned_ranker is None:
+            # The blend serves: its batch scoring, which encodes only the history texts it reads
+            # (a forked half of the test window is handed none to encode).
+            return super().score_batch(instances)
         # One ranker call per instance: the learned ranker reorders each one's own candidates.
         with blas_threads(self.settings.blas_threads):
             return self.replay_ranker.score_batch(instances)

@@ -269,6 +269,8 @@ def test_a_fine_tuned_encoder_serves_only_when_the_blend_over_it_gains(drift, ch
         ctx.tunings["finetuned-time"] = replace(fused, per_instance=fused.per_instance + 0.05)
         bundle, why = ctx.encoder_choice()
         assert bundle is same and why.startswith("fine-tuned encoder") and "+0.0500 [+0.0500, +0.0500]" in why
+        # Tuned on every instance of the task: the two compare on those (compare_tuned_blends' fallback).
+        assert "the blend over it on the tuning task" in why
         # ... unless its own retrieval did not improve.
         same.info["encoder_valid_NDCG@10_after"] = 0.05
         bundle, why = ctx.encoder_choice()

@@ -76,7 +76,7 @@ from chronorec.trainer.protocols import (
 )
 from chronorec.trainer.resources import release_free_heap
 from chronorec.trainer.tune import (
-    ReplayRanker, RankerReplay, TuningGrid, build_index, fit_cooccurrence, held_out_gain, paired_tuning_gain,
+    ReplayRanker, RankerReplay, TuningGrid, build_index, compare_tuned_blends, fit_cooccurrence, held_out_gain,
     tune_time_model,
 )
 
@@ -474,19 +474,15 @@ class SplitContext:
             base = TimeModelParams(history_max_events=self.settings.history_max_events)
             fused = self.tune(finetuned, base, TIME_GRID, f"{finetuned.name}-time")
             plain = self.tune(self.untuned(), base, TIME_GRID, "untuned-time")
-            held = self._held_out_gain((finetuned, fused), (self.untuned(), plain))
-            if held is None:
-                gain, low, high = paired_tuning_gain(fused, plain, self.dataset.user)
-                where, figures = "on the tuning task", (fused.value, plain.value)
-            else:
-                gain, low, high = held.difference, held.low, held.high
-                where = f"on the {held.instances} tuning instances neither blend was tuned on"
-                figures = (held.a, held.b)
-            better = low > 0
+            gain = compare_tuned_blends(fused, plain, self.dataset.user,
+                                        self._held_out_gain((finetuned, fused), (self.untuned(), plain)))
+            where = (f"on the {gain.instances} tuning instances neither blend was tuned on" if gain.held_out
+                     else "on the tuning task")
+            better = gain.low > 0
             reason = (f"{'fine-tuned' if better else 'base'} encoder: its validation retrieval improved (NDCG@10 "
                       f"{_fmt(before)} -> {_fmt(after)}); the blend over it {where} "
-                      f"{figures[0]:.4f} against the base encoder's {figures[1]:.4f}, paired "
-                      f"{gain:+.4f} [{low:+.4f}, {high:+.4f}]{'' if better else ': not above zero'}")
+                      f"{gain.a:.4f} against the base encoder's {gain.b:.4f}, paired "
+                      f"{gain.difference:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}]{'' if better else ': not above zero'}")
             bundle = finetuned if better else self.untuned()
         self.settings.say(f"{self.split.protocol}: {reason}")
         return bundle, reason

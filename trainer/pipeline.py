@@ -419,7 +419,7 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
     from chronorec.trainer import distributed
     from chronorec.trainer.finetune import FinetuneConfig, train_encoder, trending_negatives
     from chronorec.trainer.tune import (
-        CachedEncoder, RankerReplay, ReplayRanker, held_out_gain, paired_tuning_gain, torch_encoder, tune_time_model,
+        CachedEncoder, RankerReplay, ReplayRanker, compare_tuned_blends, held_out_gain, torch_encoder, tune_time_model,
     )
 
     if settings.threads:
@@ -498,21 +498,18 @@ def _train_evaluate_publish(data, repo: ModelRepository, models: Path, serving: 
             ranker = ReplayRanker(blend_encode, data.event_log.items, blend_tuning.params)
             ranker.fit(data.inner.train, data.dataset, index=blend_replay.index, cooccurrence=blend_replay.cooccurrence)
             rankers.append(ranker)
-        held = held_out_gain(*rankers, data.inner.instances, [tuning.positions, start_tuning.positions],
-                             settings.max_tune_instances, settings.seed)
-        if held is None:
-            gain, low, high = paired_tuning_gain(tuning, start_tuning, data.dataset.user)
-            figures, instances, where = (tuning.value, start_tuning.value), tuning.instances, "tuned on"
-        else:
-            gain, low, high = held.difference, held.low, held.high
-            figures, instances, where = (held.a, held.b), held.instances, "neither was tuned on"
-        better = low > 0
+        gain = compare_tuned_blends(tuning, start_tuning, data.dataset.user,
+                                    held_out_gain(*rankers, data.inner.instances,
+                                                  [tuning.positions, start_tuning.positions],
+                                                  settings.max_tune_instances, settings.seed))
+        better = gain.low > 0
         encoder_choice["fused_valid"] = {
-            "metric": tuning.metric, "fine_tuned": figures[0], "starting": figures[1],
-            "difference": gain, "ci95_user_clustered": [low, high], "instances": instances,
-            "held_out": held is not None}
-        say(f"validation {tuning.metric} of the tuned blend on {instances} instances {where}: fine-tuned weights "
-            f"{figures[0]:.4f}, starting weights {figures[1]:.4f}, paired {gain:+.4f} [{low:+.4f}, {high:+.4f}]: "
+            "metric": tuning.metric, "fine_tuned": gain.a, "starting": gain.b,
+            "difference": gain.difference, "ci95_user_clustered": [gain.low, gain.high], "instances": gain.instances,
+            "held_out": gain.held_out}
+        say(f"validation {tuning.metric} of the tuned blend on {gain.instances} instances "
+            f"{'neither was tuned on' if gain.held_out else 'tuned on'}: fine-tuned weights {gain.a:.4f}, starting "
+            f"weights {gain.b:.4f}, paired {gain.difference:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}]: "
             + ("the fine-tuned weights serve" if better else "not above zero, the version keeps the starting weights"))
         if not better:
             module = encoder.module = initial_module

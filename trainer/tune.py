@@ -1035,6 +1035,17 @@ class HeldOutGain:
     low: float  # its 95 % bootstrap interval, users resampled
     high: float
     instances: int
+    held_out: bool = True  # False: compared on the instances both were tuned on (compare_tuned_blends)
+
+
+def compare_tuned_blends(a: TuningResult, b: TuningResult, user_of: np.ndarray,
+                         held: "HeldOutGain | None") -> HeldOutGain:
+    """`held` (held_out_gain of the two blends) when there is one, else the two tunings' own paired
+    gain on the instances they were both tuned on (paired_tuning_gain), with `held_out` False."""
+    if held is not None:
+        return held
+    gain, low, high = paired_tuning_gain(a, b, user_of)
+    return HeldOutGain(a.value, b.value, gain, low, high, a.instances, held_out=False)
 
 
 def held_out_gain(a, b, instances: Instances, tuned: Sequence[np.ndarray], max_instances: int | None, seed: int,
@@ -1066,6 +1077,7 @@ __all__ = [
     "TuningGrid",
     "TuningResult",
     "build_index",
+    "compare_tuned_blends",
     "fit_cooccurrence",
     "held_out_gain",
     "paired_tuning_gain",

@@ -578,10 +578,10 @@ def _train_ranker(data, encode, params: TimeModelParams, settings: RunSettings,
         return None, {"used": False, "reason": str(exc)}
     details = {**fit.summary(), "used": fit.helps}
     if not fit.helps:
-        ranker_figure, blend_figure = fit.held_out[:2] if fit.held_out else (fit.valid_ndcg_ranker, fit.valid_ndcg_blend)
+        ranker_figure, blend_figure, held_out = fit.deciding
         say(f"the learned ranker does not beat the blend on the validation window (NDCG@10 "
             f"{ranker_figure:.4f} vs {blend_figure:.4f}"
-            f"{f' on the {fit.held_out[2]} events the blend was not tuned on' if fit.held_out else ''}): "
+            f"{'' if held_out is None else f' on the {held_out} events the blend was not tuned on'}): "
             "the version ranks with the blend")
         return None, details
     return fit.ranker, details

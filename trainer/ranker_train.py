@@ -536,15 +536,19 @@ class RankerFit:
         return self.gap_importances
 
     @property
-    def helps(self) -> bool:
-        """Whether the ranker beats the blend on validation: on the events the blend was not tuned on
-        when there are any (on those it was tuned on, the blend's figure is its own fit's), else on
-        the whole window."""
-        if self.ranker is None:
-            return False
+    def deciding(self) -> tuple[float, float, int | None]:
+        """(ranker, blend, held-out events or None) on validation as `helps` compares them: on the
+        events the blend was not tuned on when there are any (on those it was tuned on, the blend's
+        figure is its own fit's), else on the whole window."""
         if self.held_out is not None:
-            return self.held_out[0] > self.held_out[1]
-        return self.valid_ndcg_ranker > self.valid_ndcg_blend
+            return self.held_out
+        return self.valid_ndcg_ranker, self.valid_ndcg_blend, None
+
+    @property
+    def helps(self) -> bool:
+        """Whether the ranker beats the blend on validation (the figures of `deciding`)."""
+        ranker, blend, _ = self.deciding
+        return self.ranker is not None and ranker > blend
 
     def summary(self) -> dict[str, Any]:
         return {

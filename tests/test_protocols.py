@@ -391,6 +391,9 @@ def test_ease_dual_form_gives_the_primal_scores():
     # Only the items with a training event are solved for; the solve over every item (zero rows
     # and columns for the others) is the same model.
     assert primal.columns.tolist() == sorted(set(d.item[split.train].tolist())) and len(primal.columns) < 14
+    # Held over the solved items alone (no items × items copy widened with zero columns).
+    solved = len(primal.columns)
+    assert primal.weights.shape == (solved, solved) and dual.k_x.shape[1] == solved == len(dual.denominator)
     x = d.interaction_matrix(split.train)
     whole = baselines.ease_weights(x.T @ x, 3.0, dtype=np.float64)
     h = split.instances.history_matrix(binary=True)

@@ -204,7 +204,7 @@ class EASE:
         self.users_x: np.ndarray | None = None  # dual: X of users with training events (solved items)
         self.k_x: np.ndarray | None = None  # dual: (XXᵀ + λI)⁻¹X (× solved items)
         self.denominator: np.ndarray | None = None  # dual: λ·diag(P) (solved items)
-        self.n_items = 0
+        self.n_items = 0  # the width the scores are set among zeros to (every item of the data set)
         self.columns: np.ndarray | None = None  # the items solved for (those with a training event)
         self.params: dict = {"lambda": self.lam}
 

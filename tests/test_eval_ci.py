@@ -208,6 +208,25 @@ def test_the_loo_ranker_learns_from_each_users_newest_events_up_to_its_cap(drift
         assert fit.train_groups == expected
 
 
+def test_the_rankers_step_and_rounds_are_settings(drift, ci_settings, monkeypatch):
+    from chronorec.trainer import ranker_train
+
+    configs = []
+    real = ranker_train.train_ranker
+
+    def recording(*args, **kwargs):
+        configs.append(args[7])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ranker_train, "train_ranker", recording)
+    settings = ci_settings.with_overrides(ranker_learning_rate=0.2, ranker_early_stopping_rounds=3,
+                                          ranker_max_rounds=8)
+    fit = cm.ChronorecMethods(settings).ranker(temporal_split(drift)).ranker_fit
+    (config,) = configs
+    assert (config.learning_rate, config.early_stopping_rounds, config.max_rounds) == (0.2, 3, 8)
+    assert 1 <= fit.best_iteration <= 8 and len(fit.curve) <= 8
+
+
 def test_a_ranker_that_does_not_beat_the_blend_on_validation_is_left_out_as_the_trainer_does(drift, chronorec):
     split = temporal_split(drift)
     learned = chronorec.ranker(split)

@@ -149,6 +149,11 @@ class EvalSettings:
     ranker_loo_groups: int = 5000
     ranker_valid_groups: int = 2500  # sampled events of the validation window
     ranker_negatives: int = 10  # sampled items added to each training group
+    # LightGBM's step per round, and the rounds without a better validation figure after which the fit
+    # stops (RankerTrainingConfig.learning_rate, early_stopping_rounds; at most ranker_max_rounds).
+    ranker_learning_rate: float = 0.05
+    ranker_early_stopping_rounds: int = 60
+    ranker_max_rounds: int = 600
     # Gap ranges starting this many days after the previous event go to their best trend window unless
     # the trees beat it on validation by a bound (RankerTrainingConfig.route_trend_after_s); None: a
     # range goes to a signal only when that beats the trees by a bound, everywhere.
@@ -513,7 +518,9 @@ class SplitContext:
                        if temporal else {"per_user": s.ranker_loo_events_per_user})
             training, validation = slices_of(self.split, **options)
             config = RankerTrainingConfig(candidates=s.ranker_candidates, second_look=s.ranker_second_look,
-                                          negatives=s.ranker_negatives,
+                                          negatives=s.ranker_negatives, learning_rate=s.ranker_learning_rate,
+                                          early_stopping_rounds=s.ranker_early_stopping_rounds,
+                                          max_rounds=s.ranker_max_rounds,
                                           max_groups_per_slice=s.ranker_groups_per_slice if temporal
                                           else s.ranker_loo_groups,
                                           max_valid_groups=s.ranker_valid_groups,

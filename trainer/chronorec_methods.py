@@ -74,6 +74,7 @@ from chronorec.trainer.protocols import (
     Dataset, Instances, LooSplit, MethodFactory, Split, TemporalSplit, batch_rank_counts, batched_rank_counts,
     exclusion_mask, expected_metrics, rank_counts, summarize,
 )
+from chronorec.trainer.ranker_train import RankerTrainingConfig
 from chronorec.trainer.resources import release_free_heap
 from chronorec.trainer.tune import (
     ReplayRanker, RankerReplay, TuningGrid, build_index, compare_tuned_blends, fit_cooccurrence, held_out_gain,
@@ -150,10 +151,10 @@ class EvalSettings:
     ranker_valid_groups: int = 2500  # sampled events of the validation window
     ranker_negatives: int = 10  # sampled items added to each training group
     # LightGBM's step per round, and the rounds without a better validation figure after which the fit
-    # stops (RankerTrainingConfig.learning_rate, early_stopping_rounds; at most ranker_max_rounds).
-    ranker_learning_rate: float = 0.05
-    ranker_early_stopping_rounds: int = 60
-    ranker_max_rounds: int = 600
+    # stops (at most ranker_max_rounds); by default the trainer's own (RankerTrainingConfig).
+    ranker_learning_rate: float = RankerTrainingConfig.learning_rate
+    ranker_early_stopping_rounds: int = RankerTrainingConfig.early_stopping_rounds
+    ranker_max_rounds: int = RankerTrainingConfig.max_rounds
     # Gap ranges starting this many days after the previous event go to their best trend window unless
     # the trees beat it on validation by a bound (RankerTrainingConfig.route_trend_after_s); None: a
     # range goes to a signal only when that beats the trees by a bound, everywhere.
@@ -510,7 +511,7 @@ class SplitContext:
         """The learned ranker over `bundle` and the tuned blend `params`, trained once per key (`tuned`:
         the positions of the instances `params` were tuned on, train_ranker's `tuned`)."""
         if key not in self.ranker_fits:
-            from chronorec.trainer.ranker_train import RankerTrainingConfig, slices_of, train_ranker
+            from chronorec.trainer.ranker_train import slices_of, train_ranker
 
             s = self.settings
             temporal = isinstance(self.split, TemporalSplit)

@@ -633,6 +633,37 @@ def test_after_a_long_absence_the_best_trend_window_serves_unless_the_trees_beat
     assert entry["trees"] > entry["trend_alone"] and entry["trees_lead_ci"][0] <= 0
     assert entry["routed"] and entry["rule"] == "trend after a long absence"
     assert [r.feature for r in routes] == ["trend_30d"]
+    # Earlier windows' events in the same range weigh in on which trend window that is: where the
+    # week's trend puts the target first in nearly all of as many earlier events, it is the window
+    # chosen, and the trees then keep the range, which they rank far better than that window (flat
+    # on the validation events). Earlier events in another range count for nothing.
+    earlier = rigged(long_gap, "trend_7d", n)
+    routes, report = rt.choose_routes(trees, trend, config, earlier=earlier)
+    entry = {e["gap"]: e for e in report}[">30d"]
+    assert entry["earlier_events"] == n // 2
+    assert entry["trend_pooled"]["trend_7d"] > entry["trend_pooled"]["trend_30d"]
+    assert entry["best_trend"] == "trend_7d" and entry["trees_lead_ci"][0] > 0
+    assert routes == () and not entry["routed"]
+    routes, report = rt.choose_routes(trees, trend, config, earlier=rigged(5 * 86400.0, "trend_7d", n))
+    entry = {e["gap"]: e for e in report}[">30d"]
+    assert entry["earlier_events"] == 0 and entry["best_trend"] == "trend_30d"
+    assert [r.feature for r in routes] == ["trend_30d"]
+
+
+def test_the_served_view_of_groups_ranks_as_the_copy_without_the_second_look_does(logged):
+    """Groups.served_view drops nothing and copies no feature, and ranks each group's target as the
+    groups with the second look's rows taken out do."""
+    *_, fit, groups = logged
+    second = groups.second_look_rows().copy()
+    second[np.flatnonzero(groups.in_candidates & (groups.labels == 0))[::3]] = True
+    second[np.flatnonzero(groups.labels > 0)[0]] = True  # a target reached through the second look alone
+    marked = replace(groups, second_look=second)
+    view = marked.served_view(False)
+    assert view.features is marked.features and marked.served_view(True) is marked
+    scores = fit.ranker.predict(groups.features)
+    without = marked.without_second_look()
+    assert not view.reachable[0] and np.array_equal(view.reachable[1:], groups.reachable[1:])
+    assert np.allclose(rt.group_ndcg(scores, view), rt.group_ndcg(fit.ranker.predict(without.features), without))
 
 
 def test_loo_slices_hold_out_targets_from_the_fit(drift):

@@ -168,8 +168,9 @@ class RankerTrainingConfig:
     route_level: float = 0.05
     route_min_events: int = 30
     # Except after a long absence: ranges starting at least this long after the previous event are
-    # handed to the best of the trend windows among `route_features` (still on `route_min_events` or
-    # more) unless the trees rank the range's validation events better by a one-sided bootstrap
+    # handed to the best of the trend windows among `route_features` (best over the range's events in
+    # the validation and training groups together; still on `route_min_events` or more validation
+    # events) unless the trees rank the range's validation events better by a one-sided bootstrap
     # bound (at `route_level` divided among the trend windows). There the burden is the trees': that
     # family is named in advance by the design (someone back after weeks away needs what is popular
     # now), not picked from the data, while the trees learned those users from 1-2 % of their
@@ -250,6 +251,18 @@ class Groups:
     def candidates_only(self) -> "Groups":
         """The groups as the server ranks them: candidate rows only, groups whose target is one."""
         return self._rows(self.in_candidates, self.reachable, self.in_candidates, self.reachable)
+
+    def served_view(self, second_look: bool) -> "Groups":
+        """The same rows and features, not copied, with the candidates as a ranker serving with or
+        without the second look ranks them (group_ndcg reads only candidates): the sampled negatives
+        and added targets are never candidates, nor, without the second look, its rows."""
+        if second_look or not self.second_look_rows().any():
+            return self
+        in_candidates = self.in_candidates & ~self.second_look_rows()
+        group_of_row = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        hits = np.bincount(group_of_row, weights=((self.labels > 0) & in_candidates).astype(float),
+                           minlength=len(self.sizes)) > 0
+        return replace(self, in_candidates=in_candidates, reachable=self.reachable & hits)
 
     def without_second_look(self) -> "Groups":
         """The groups as a ranker serving without the second look sees them: its rows are dropped
@@ -623,7 +636,8 @@ def fit_ranker(train: Groups, valid: Groups, config: RankerTrainingConfig,
     if returning is not None and len(returning.sizes):
         routing = Groups.concatenate([as_served, returning if spec.second_look else returning.without_second_look()])
     in_sample = None if tuned is None else np.isin(routing.positions, np.asarray(tuned, dtype=np.int64))
-    routes, route_choice = choose_routes(ranker, routing, config, say, in_sample=in_sample)
+    routes, route_choice = choose_routes(ranker, routing, config, say, in_sample=in_sample,
+                                         earlier=train.served_view(bool(spec.second_look)))
     if routes:
         spec = replace(spec, routes=routes)
         ranker = LearnedRanker(booster, spec, threads=1)
@@ -669,14 +683,22 @@ def gap_ranges(edges: Sequence[float] = GAP_EDGES_S) -> list[tuple[float, float]
 
 def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingConfig,
                   say: Callable[[str], None] = lambda _m: None,
-                  in_sample: np.ndarray | None = None) -> tuple[tuple[GapRoute, ...], list[dict[str, Any]]]:
+                  in_sample: np.ndarray | None = None, earlier: Groups | None = None,
+                  ) -> tuple[tuple[GapRoute, ...], list[dict[str, Any]]]:
     """(routes, what was compared per gap range): a range is routed to the feature that ranks its
     validation events best alone, when that beats the trees (`ranker`, without routes) by a paired
     bootstrap bound above zero (RankerTrainingConfig.route_level, shared among the features); a range
     after a long absence (`route_trend_after_s`) otherwise to its best trend window, unless the trees
     rank its events better than that by such a bound (shared among the trend windows).
     `in_sample`: per group, whether the blend's time model was tuned on its event; the blend's score
-    competes on the other events only (on those, its figure is its own fit's)."""
+    competes on the other events only (on those, its figure is its own fit's).
+    `earlier`: groups from earlier windows, as served (the training groups: Groups.served_view). The
+    trend window a range after a long absence would go to is the one that ranks that range's events
+    best over these and the validation events together, each event counted once: a validation window
+    holds a few hundred such events, and on one draw of the short-lived items log (README) it put the
+    month's trend ahead where the week's led in each earlier third of the training windows and again
+    on test. Whether the trees keep the range is still decided on the validation events alone (the
+    trees were fitted on the earlier ones)."""
     features = [f for f in config.route_features if f in FEATURE_INDEX]
     if not features or not len(groups.sizes):
         return (), []
@@ -690,6 +712,10 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
     level = 1.0 - 2.0 * config.route_level / len(features)
     trends = [f for f in features if f.startswith("trend_")]
     trend_level = 1.0 - 2.0 * config.route_level / max(1, len(trends))
+    before: dict[str, np.ndarray] = {}
+    if trends and earlier is not None and len(earlier.sizes) and config.route_trend_after_s is not None:
+        before = {f: group_ndcg(np.where(np.isfinite(col := earlier.features[:, FEATURE_INDEX[f]].astype(np.float64)),
+                                         col, -np.inf), earlier) for f in trends}
 
     def interval(difference: np.ndarray, at_level: float) -> tuple[float, list[float]]:
         """(the bound, the interval as reported)."""
@@ -722,7 +748,13 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
         if routed:
             entry["rule"] = "bootstrap bound"
         elif trends and config.route_trend_after_s is not None and low >= config.route_trend_after_s:
-            trend = max(trends, key=lambda f: float(alone[f][members].mean()))
+            pooled = {f: alone[f][members] for f in trends}
+            if before:
+                earlier_members = (earlier.gap_seconds >= low) & (earlier.gap_seconds < high)
+                pooled = {f: np.concatenate([pooled[f], before[f][earlier_members]]) for f in trends}
+                entry.update(earlier_events=int(earlier_members.sum()),
+                             trend_pooled={f: round(float(v.mean()), 5) for f, v in pooled.items()})
+            trend = max(trends, key=lambda f: float(pooled[f].mean()))
             entry.update(best_trend=trend, trend_alone=round(float(alone[trend][members].mean()), 5))
             if n >= config.route_min_events:
                 lo, entry["trees_lead_ci"] = interval(trees[members] - alone[trend][members], trend_level)

@@ -591,7 +591,11 @@ def test_report_shows_what_the_ranker_chose_on_validation_and_each_routes_rule()
                 "difference_ci": [0.01, 0.2], "routed": True, "rule": "bootstrap bound", "route": "cooccurrence_1h"},
                {"gap": ">30d", "events": 30, "trees": 0.3327, "best_feature": "blend_score", "feature_alone": 0.45,
                 "best_trend": "trend_30d", "trend_alone": 0.4264, "routed": True,
-                "rule": "trend after a long absence", "route": "trend_30d"}]}
+                "rule": "trend after a long absence", "route": "trend_30d"},
+               {"gap": "7-30d", "events": 67, "trees": 0.2838, "best_feature": "blend_score", "feature_alone": 0.19,
+                "best_trend": "trend_7d", "trend_alone": 0.1613, "earlier_events": 194,
+                "trend_pooled": {"trend_1d": 0.0786, "trend_7d": 0.0905, "trend_30d": 0.0648},
+                "trees_lead_ci": [0.044, 0.212], "routed": False}]}
     protocol = {"methods": {"chronorec-ranker": {"params": {"ranker": fit}}, "MostPop": {"params": {}}}}
     table = report.ranker_table(protocol)
     assert "NDCG@10 0.1013 against the blend's 0.0829 (0.0951 against 0.0702 on the 1500 of them the blend was " \
@@ -601,6 +605,8 @@ def test_report_shows_what_the_ranker_chose_on_validation_and_each_routes_rule()
     assert rows["1-7d"].endswith("| cooccurrence_1h (bootstrap bound) |")
     # Routed to the trend window, though another signal alone did better: the rule says why.
     assert rows[">30d"].endswith("| 0.4264 (trend_30d) | trend_30d (trend after a long absence) |")
+    # The trend window chosen over the training windows' events too says so, and on how many.
+    assert rows["7-30d"].endswith("| 0.1613 (trend_7d; 0.0905 over these and 194 training events) | – |")
     # No learned ranker in the run, or one without its fit's figures: no section.
     assert report.ranker_table({"methods": {"MostPop": {"params": {}}}}) == ""
     assert report.ranker_table({"methods": {"chronorec-ranker": {"params": {"ranker": {"used": False}}}}}) == ""

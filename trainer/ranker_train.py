@@ -258,11 +258,16 @@ class Groups:
         and added targets are never candidates, nor, without the second look, its rows."""
         if second_look or not self.second_look_rows().any():
             return self
+        in_candidates, hits = self._candidates_without_second_look()
+        return replace(self, in_candidates=in_candidates, reachable=self.reachable & hits)
+
+    def _candidates_without_second_look(self) -> tuple[np.ndarray, np.ndarray]:
+        """(per row: a candidate not through the second look alone, per group: its target is one)."""
         in_candidates = self.in_candidates & ~self.second_look_rows()
         group_of_row = np.repeat(np.arange(len(self.sizes)), self.sizes)
         hits = np.bincount(group_of_row, weights=((self.labels > 0) & in_candidates).astype(float),
                            minlength=len(self.sizes)) > 0
-        return replace(self, in_candidates=in_candidates, reachable=self.reachable & hits)
+        return in_candidates, hits
 
     def without_second_look(self) -> "Groups":
         """The groups as a ranker serving without the second look sees them: its rows are dropped
@@ -270,10 +275,7 @@ class Groups:
         counts as reachable). Every other row's features are the same: the `_rank` features rank
         against the blend's best only."""
         second = self.second_look_rows()
-        in_candidates = self.in_candidates & ~second
-        group_of_row = np.repeat(np.arange(len(self.sizes)), self.sizes)
-        hits = np.bincount(group_of_row, weights=((self.labels > 0) & in_candidates).astype(float),
-                           minlength=len(self.sizes)) > 0
+        in_candidates, hits = self._candidates_without_second_look()
         return self._rows(~second | (self.labels > 0), np.ones(len(self.sizes), dtype=bool), in_candidates, hits)
 
 
@@ -705,8 +707,12 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
     if ranker.spec.routes:
         ranker = LearnedRanker(ranker.booster, replace(ranker.spec, routes=()), threads=1)
     trees = group_ndcg(ranker.predict(groups.features), groups)
-    alone = {f: group_ndcg(np.where(np.isfinite(col := groups.features[:, FEATURE_INDEX[f]].astype(np.float64)),
-                                    col, -np.inf), groups) for f in features}
+    def alone_figures(of: Groups, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Per feature, each group's NDCG@10 with the candidates ranked by that feature alone (no value: last)."""
+        return {f: group_ndcg(np.where(np.isfinite(col := of.features[:, FEATURE_INDEX[f]].astype(np.float64)),
+                                       col, -np.inf), of) for f in names}
+
+    alone = alone_figures(groups, features)
     routes, report = [], []
     # One-sided bounds: the lower end of a two-sided interval, the level shared among the signals compared.
     level = 1.0 - 2.0 * config.route_level / len(features)
@@ -714,8 +720,7 @@ def choose_routes(ranker: LearnedRanker, groups: Groups, config: RankerTrainingC
     trend_level = 1.0 - 2.0 * config.route_level / max(1, len(trends))
     before: dict[str, np.ndarray] = {}
     if trends and earlier is not None and len(earlier.sizes) and config.route_trend_after_s is not None:
-        before = {f: group_ndcg(np.where(np.isfinite(col := earlier.features[:, FEATURE_INDEX[f]].astype(np.float64)),
-                                         col, -np.inf), earlier) for f in trends}
+        before = alone_figures(earlier, trends)
 
     def interval(difference: np.ndarray, at_level: float) -> tuple[float, list[float]]:
         """(the bound, the interval as reported)."""

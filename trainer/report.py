@@ -131,11 +131,12 @@ def ranker_table(protocol: Mapping, method: str = "chronorec-ranker") -> str:
     lines = ["| time since the previous event | validation events | trees | best signal alone | best trend window "
              "alone | routed to |", "|---|---|---|---|---|---|"]
     for r in rows:
-        trend = f"{_fmt(r['trend_alone'])} ({r['best_trend']})" if "best_trend" in r else "–"
-        if "trend_pooled" in r and r.get("best_trend") in r["trend_pooled"]:
-            # Chosen over these events and the training windows' in the same range (choose_routes).
-            trend = (f"{_fmt(r['trend_alone'])} ({r['best_trend']}; {_fmt(r['trend_pooled'][r['best_trend']])} over "
-                     f"these and {r['earlier_events']} training events)")
+        trend = "–"
+        if "best_trend" in r:
+            # Chosen over these events and, when counted, the training windows' in the same range (choose_routes).
+            pooled = r.get("trend_pooled", {}).get(r["best_trend"])
+            over = "" if pooled is None else f"; {_fmt(pooled)} over these and {r['earlier_events']} training events"
+            trend = f"{_fmt(r['trend_alone'])} ({r['best_trend']}{over})"
         routed = "–"
         if r.get("routed"):
             routed = f"{r.get('route', r['best_feature'])} ({r.get('rule', 'bootstrap bound')})"

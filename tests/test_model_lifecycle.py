@@ -7,11 +7,13 @@ import json
 import shutil
 import threading
 
+import numpy as np
 import pytest
 
 from chronorec.server.core import encoder as encoder_module
 from chronorec.server.core.catalog import Event, Item
 from chronorec.server.core.catalog_state import CatalogState
+from chronorec.server.core.cooccurrence import CooccurrenceModel
 from chronorec.server.core.encoder import EncoderSettings, OnnxEncoder, load_encoder
 from chronorec.server.core.engine import ChronorecEngine, ServingStatus
 from chronorec.server.core.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -145,6 +147,10 @@ def test_every_version_reads_the_one_cooccurrence_model(engine, tiny_repo):
     engine.refit_cooccurrence()
     with engine.manager.acquire() as model:
         assert model.ranker.cooccurrence is engine.cooccurrence.model is not before
+    # The refit reads the events' times too: the learned ranker's session embedding is fitted.
+    items, times = engine.state.user_items_and_times()
+    expected = CooccurrenceModel.fit(items, list(engine.catalog), times=times)
+    np.testing.assert_array_equal(engine.cooccurrence.model.session_vectors, expected.session_vectors)
     # A version swapped in later reads the same source: nothing is carried over by hand.
     repo = ModelRepository(tiny_repo)
     second = copy_version(repo, "v-second")

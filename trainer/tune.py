@@ -249,9 +249,12 @@ def build_index(item_ids: Sequence[str], item_vectors: np.ndarray) -> ItemIndex:
 def fit_cooccurrence(dataset: Dataset, train: np.ndarray, item_ids: Sequence[str]) -> CooccurrenceModel:
     """The server's co-occurrence model fitted on the events at global positions `train` only."""
     by_user: dict[str, list[str]] = {}
-    for position in np.asarray(train, dtype=np.int64):
-        by_user.setdefault(dataset.user_ids[dataset.user[position]], []).append(dataset.item_ids[dataset.item[position]])
-    return CooccurrenceModel.fit(by_user, list(item_ids))
+    times: dict[str, list[float]] = {}
+    for position in np.asarray(train, dtype=np.int64).tolist():
+        user = dataset.user_ids[dataset.user[position]]
+        by_user.setdefault(user, []).append(dataset.item_ids[dataset.item[position]])
+        times.setdefault(user, []).append(float(dataset.ts[position]))
+    return CooccurrenceModel.fit(by_user, list(item_ids), times=times)
 
 
 class ReplayRanker:

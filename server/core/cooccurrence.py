@@ -7,6 +7,7 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse.linalg import svds
 
 from chronorec.server.core.catalog import Event
 
@@ -22,6 +23,15 @@ _CHUNK_CELLS = 8_000_000
 # next weighted TRANSITION_DECAY**(d-1): the next item says most, the one after still something.
 TRANSITION_SPAN = 3
 TRANSITION_DECAY = 0.5
+# Events of one user less than this apart belong to one session (the common web-analytics rule).
+SESSION_GAP_S = 30 * 60.0
+# Dimensions of the session embedding, and what each side's count is smoothed by (see
+# _session_embedding). With at most _SVD_DENSE_BELOW seen items or sessions, the smaller side's
+# Gram matrix is decomposed whole.
+SESSION_DIMENSIONS = 24
+SESSION_SMOOTHING = 1.0
+_SVD_DENSE_BELOW = 4 * SESSION_DIMENSIONS
+_SVD_SEED = 0
 # Rows whose top neighbours a model remembers (the items users recently had events on);
 # past it the memory starts over.
 _NEIGHBOUR_CACHE_ROWS = 65536
@@ -31,6 +41,74 @@ def _user_item_pairs(interactions: Interactions) -> list[tuple[str, str]]:
     if isinstance(interactions, Mapping):
         return [(str(user), str(item)) for user, items in interactions.items() for item in items]
     return [(event.user_id, event.item_id) for event in interactions]
+
+
+def _session_numbers(interactions: Mapping[str, Iterable[str]], times: Mapping[str, Sequence[float]]) -> list[int]:
+    """Per (user, item) pair in _user_item_pairs order, its session's number: a user's events
+    (oldest first) start a new session after a gap of more than SESSION_GAP_S."""
+    numbers: list[int] = []
+    session = -1
+    for user, items in interactions.items():
+        stamps = np.asarray(times[user], dtype=np.float64)
+        items = list(items)
+        if len(stamps) != len(items):
+            raise ValueError(f"user {user!r}: {len(items)} items but {len(stamps)} times")
+        if not len(items):
+            continue
+        starts = np.r_[True, np.diff(stamps) > SESSION_GAP_S]
+        numbers.extend((session + np.cumsum(starts)).tolist())
+        session += int(starts.sum())
+    return numbers
+
+
+def _session_embedding(sessions: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+    """(n_items, SESSION_DIMENSIONS) float32 unit item vectors: the top right singular vectors of the
+    binary session × item matrix, scaled by their singular values; zero rows for items in no session.
+
+    Each side is divided by the square root of its count plus SESSION_SMOOTHING (regularised
+    spectral embedding): with the plain counts, every small part of the log that shares no item
+    with the rest (a one-event session, two items only ever seen together) is a singular value of
+    exactly 1, and on a log of short sessions those fill every dimension before the first topic."""
+    out = np.zeros((n_items, SESSION_DIMENSIONS), dtype=np.float32)
+    if not len(sessions) or not n_items:
+        return out
+    _, sessions = np.unique(sessions, return_inverse=True)
+    matrix = sp.csr_matrix((np.ones(len(sessions)), (sessions, items)), shape=(int(sessions.max()) + 1, n_items))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    per_item = np.asarray(matrix.sum(axis=0)).ravel()
+    per_session = np.asarray(matrix.sum(axis=1)).ravel()
+    matrix = (sp.diags(1.0 / np.sqrt(per_session + SESSION_SMOOTHING)) @ matrix
+              @ sp.diags(1.0 / np.sqrt(per_item + SESSION_SMOOTHING))).tocsr()
+    seen = np.flatnonzero(per_item > 0)
+    matrix = matrix[:, seen]
+    rank = min(SESSION_DIMENSIONS, *matrix.shape)
+    if min(matrix.shape) <= _SVD_DENSE_BELOW:
+        # Few items or few sessions: the eigenvectors of the small side's Gram matrix.
+        few_items = matrix.shape[1] <= matrix.shape[0]
+        gram = (matrix.T @ matrix if few_items else matrix @ matrix.T).toarray()
+        eigenvalues, eigenvectors = np.linalg.eigh(gram)
+        order = np.argsort(-eigenvalues, kind="stable")[:rank]
+        values = np.sqrt(np.maximum(eigenvalues[order], 0.0))
+        eigenvectors = eigenvectors[:, order]
+        if few_items:
+            right = eigenvectors.T
+        else:
+            keep = values > 1e-12
+            values, eigenvectors = values[keep], eigenvectors[:, keep]
+            right = (matrix.T @ eigenvectors / values).T
+        rank = len(values)
+    else:
+        # ARPACK from a fixed start: the same events give the same vectors.
+        start = np.random.default_rng(_SVD_SEED).uniform(-1.0, 1.0, min(matrix.shape))
+        _, values, right = svds(matrix, k=rank, v0=start, solver="arpack")
+        order = np.argsort(-values, kind="stable")
+        values, right = values[order], right[order]
+    vectors = np.asarray(right[:rank]).T * values[:rank]
+    norms = np.linalg.norm(vectors, axis=1)
+    kept = norms > 1e-12
+    out[seen[kept], :rank] = vectors[kept] / norms[kept, None]
+    return out
 
 
 def _at_positions(full: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -50,10 +128,15 @@ class CooccurrenceModel:
     Fitted from ordered histories, it also holds directional transitions: P(next = j | i),
     how often j came among the next few items after i (see TRANSITION_SPAN), which the
     learned ranker reads; the blend reads only the symmetric similarity.
+
+    Fitted with each event's time as well, it holds a session embedding: unit item vectors from a
+    rank-SESSION_DIMENSIONS SVD of the (normalised) session × item matrix (sessions: a user's events less than
+    SESSION_GAP_S apart), so items that share sessions' topics are close even when no one history
+    held both. The learned ranker reads their cosine with the user's current session.
     """
 
     def __init__(self, item_ids: Sequence[str], similarity: np.ndarray | sp.csr_matrix, num_users: int,
-                 transitions: sp.csr_matrix | None = None):
+                 transitions: sp.csr_matrix | None = None, session_vectors: np.ndarray | None = None):
         self._item_ids = list(item_ids)
         self._index = {item_id: i for i, item_id in enumerate(self._item_ids)}
         self._dense = similarity if isinstance(similarity, np.ndarray) else None
@@ -66,6 +149,8 @@ class CooccurrenceModel:
                              else sp.csr_matrix(transitions, dtype=np.float32))
         # Each row's top neighbour columns for one n (the ranker asks the same n every call).
         self._neighbour_cache: dict = {}
+        # (items, SESSION_DIMENSIONS) float32 unit rows, zero for an item in no session; None: not fitted.
+        self.session_vectors = None if session_vectors is None else np.asarray(session_vectors, dtype=np.float32)
 
     # -------------------------------------------------------------------- fit
 
@@ -77,25 +162,36 @@ class CooccurrenceModel:
         max_neighbors: int | None = 200,
         *,
         dense_max_items: int = DENSE_MAX_ITEMS,
+        times: Mapping[str, Sequence[float]] | None = None,
     ) -> "CooccurrenceModel":
         """Fit from `{user: [item, ...]}` or from events; only items in `item_ids` count.
 
         Items outside `item_ids` are dropped, which leaves the cosine between the kept
         items unchanged (a column's norm depends only on its own users).
+
+        `times`: `{user: [timestamp, ...]}` aligned with a mapping's items (oldest first); with
+        it the session embedding is fitted too.
         """
+        session_of = None
+        if times is not None:
+            if not isinstance(interactions, Mapping):
+                raise TypeError("times go with interactions given as {user: [item, ...]}")
+            session_of = _session_numbers(interactions, times)
         pairs = _user_item_pairs(interactions)
         if item_ids is None:
             item_ids = sorted({item for _, item in pairs})
         item_ids = list(dict.fromkeys(str(i) for i in item_ids))
         item_index = {item_id: i for i, item_id in enumerate(item_ids)}
         user_index: dict[str, int] = {}
-        rows, cols = [], []
-        for user, item in pairs:
+        rows, cols, sessions = [], [], []
+        for k, (user, item) in enumerate(pairs):
             col = item_index.get(item)
             if col is None:
                 continue
             rows.append(user_index.setdefault(user, len(user_index)))
             cols.append(col)
+            if session_of is not None:
+                sessions.append(session_of[k])
         n_items, n_users = len(item_ids), len(user_index)
         rows_array, cols_array = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         transitions = cls._fit_transitions(rows_array, cols_array, n_items)
@@ -115,7 +211,10 @@ class CooccurrenceModel:
             similarity = cls._fit_dense(normalised, keep)
         else:
             similarity = cls._fit_sparse(normalised, keep)
-        return cls(item_ids, similarity, n_users, transitions)
+        session_vectors = None
+        if session_of is not None:
+            session_vectors = _session_embedding(np.asarray(sessions, dtype=np.int64), cols_array, n_items)
+        return cls(item_ids, similarity, n_users, transitions, session_vectors)
 
     @staticmethod
     def _fit_transitions(users: np.ndarray, items: np.ndarray, n_items: int) -> sp.csr_matrix:
@@ -263,6 +362,19 @@ class CooccurrenceModel:
         np.add.at(sums, where[hit], values[hit])
         sums[wanted < 0] = 0.0
         return sums[inverse.reshape(-1)]
+
+    def session_vectors_for(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(vectors, present): the session embedding's rows of `item_ids` (zero where absent) and
+        whether each item has one (seen in a session of the fit); None when not fitted."""
+        if self.session_vectors is None:
+            return None
+        positions = self.indices_of(item_ids)
+        vectors = np.zeros((len(positions), self.session_vectors.shape[1]), dtype=np.float32)
+        known = positions >= 0
+        vectors[known] = self.session_vectors[positions[known]]
+        present = known.copy()
+        present[known] = np.abs(vectors[known]).sum(axis=1) > 0
+        return vectors, present
 
     def pair_similarities(self, row_ids: Sequence[str], col_ids: Sequence[str]) -> np.ndarray:
         """sim(r, c) as a len(row_ids)×len(col_ids) matrix; 0 for unknown items."""

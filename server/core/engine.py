@@ -314,7 +314,8 @@ class ChronorecEngine:
     def refit_cooccurrence(self) -> None:
         """Refit item co-occurrence from the whole event log; every ranker reads it from the next request."""
         count = self.state.event_count
-        self.cooccurrence.model = CooccurrenceModel.fit(self.state.user_sequences(), list(self.catalog))
+        sequences, times = self.state.user_items_and_times()
+        self.cooccurrence.model = CooccurrenceModel.fit(sequences, list(self.catalog), times=times)
         self._events_at_fit = count
 
     def _refresh_loop(self) -> None:

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from chronorec.client.rules import SECONDS_PER_DAY as _DAY
-from chronorec.server.core.cooccurrence import CooccurrenceModel
+from chronorec.server.core.cooccurrence import SESSION_GAP_S, CooccurrenceModel
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.manifest import TimeModelParams
@@ -24,8 +24,6 @@ COOCCURRENCE_HALF_LIVES_S = {"1m": 60.0, "1h": _HOUR, "1d": _DAY, "7d": 7 * _DAY
 TREND_WINDOWS_S = {"1h": _HOUR, "1d": _DAY, "7d": 7 * _DAY, "30d": 30 * _DAY}
 # Category profile of the history at these half-lives (None: every event alike).
 CATEGORY_HALF_LIVES_S = {"1h": _HOUR, "all": None}
-# Events less than this apart belong to one session (the common web-analytics rule).
-SESSION_GAP_S = 30 * 60.0
 # Transitions read the newest few events; each older one counts half as much as the next.
 TRANSITION_EVENTS = 5
 # The newest history items the pairwise features read: a long history costs O(items × candidates).
@@ -61,6 +59,11 @@ FEATURE_NAMES: tuple[str, ...] = (
     # The whole history alike, however old: the user's standing taste, which is what is left to go
     # on after a long absence (the decayed parts above have faded for such a user).
     "cooccurrence_all", "semantic_mean_all",
+    # The co-occurrence model's session embedding: the candidate's cosine with the items of the
+    # user's current session (none after a break of SESSION_GAP_S) and with the whole history.
+    # Sessions keep to a topic more than a user's whole history does, so this reaches the items of
+    # the session's topic that never shared a history with its items.
+    "topic_session", "topic_all",
     # The same signals as ranks among the candidates (0: the candidate's best): a share of the
     # month's events or a similarity means something else at each time and for each user, its
     # place among the candidates does not, so a few splits on the time since the user's previous
@@ -270,6 +273,30 @@ def _item_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], out
     out[:, column["item_first_seen_days"]] = (at - state.first_event_times(at, positions)) / _DAY
 
 
+def _topic_features(model: CooccurrenceModel, newest_first: list[str], event_rows: np.ndarray, kept: np.ndarray,
+                    positive: np.ndarray, session_start: int | None, ids: list[str], out: np.ndarray) -> None:
+    """topic_session and topic_all: each candidate's cosine, in the session embedding, with the
+    positive events' items of the current session (from event `session_start` on; None: the
+    user is not in a session) and of the whole history, each item weighted by its events."""
+    candidates = model.session_vectors_for(ids)
+    if candidates is None:
+        return
+    vectors, present = candidates
+    history_vectors, history_present = model.session_vectors_for(newest_first)
+    column = FEATURE_INDEX
+    whole = _unit((_per_item(event_rows, kept, positive.astype(np.float64), len(newest_first)) * history_present)
+                  @ history_vectors)
+    if whole is not None:
+        out[present, column["topic_all"]] = vectors[present] @ whole
+    if session_start is not None:
+        current = positive.copy()
+        current[:session_start] = False
+        now = _unit((_per_item(event_rows, kept, current.astype(np.float64), len(newest_first)) * history_present)
+                    @ history_vectors)
+        if now is not None:
+            out[present, column["topic_session"]] = vectors[present] @ now
+
+
 def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], out: np.ndarray) -> None:
     column, at, history = FEATURE_INDEX, inputs.at, inputs.history
     arrays = inputs.arrays if inputs.arrays is not None else HistoryArrays.of(history)
@@ -327,6 +354,8 @@ def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], 
             out[:, column["transition_last"]] = transitions[0]
             weights = 0.5 ** np.arange(len(recent_events))
             out[:, column["transition_recent"]] = (weights @ transitions) / weights.sum()
+        _topic_features(model, newest_first, event_rows, kept, positive, session_start if in_session else None,
+                        ids, out)
 
     # Categories: the decayed share of the history in the item's categories, and how long ago
     # the user last met one of them. Candidates share few distinct category fields (genre

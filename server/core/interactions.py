@@ -219,6 +219,17 @@ class InteractionState:
 
     user_sequences = user_items
 
+    def user_items_and_times(self, at: float | None = None) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
+        """user_items(at) and, aligned with it, each event's time (co-occurrence with its sessions)."""
+        with self._lock.read():
+            items, times = {}, {}
+            for user_id, log in self._users.items():
+                end = len(log.entries) if at is None else log.visible_count(at)
+                if end:
+                    items[user_id] = [e.item_id for e in log.entries[:end]]
+                    times[user_id] = log.timestamps[:end]
+            return items, times
+
     def users(self) -> list[str]:
         with self._lock.read():
             return list(self._users)

@@ -147,10 +147,19 @@ def test_every_version_reads_the_one_cooccurrence_model(engine, tiny_repo):
     engine.refit_cooccurrence()
     with engine.manager.acquire() as model:
         assert model.ranker.cooccurrence is engine.cooccurrence.model is not before
-    # The refit reads the events' times too: the learned ranker's session embedding is fitted.
+    # The refit reads the events' times too: with enough sessions of several items (two "jazz" or
+    # two "space" items each, an hour apart), the learned ranker's session embedding is fitted.
+    rng = np.random.default_rng(0)
+    sessions = [(f"s{u}", ANCHOR - 200_000 + 3600 * k, rng.choice(range(k % 2, 20, 2), 2, replace=False))
+                for u in range(60) for k in range(6)]
+    engine.state.add([Event(f"s-{user}-{at}-{i}", user, f"i{i}", "view", at + j)
+                      for user, at, pair in sessions for j, i in enumerate(pair)])
+    engine.refit_cooccurrence()
     items, times = engine.state.user_items_and_times()
     expected = CooccurrenceModel.fit(items, list(engine.catalog), times=times)
-    np.testing.assert_array_equal(engine.cooccurrence.model.session_vectors, expected.session_vectors)
+    fitted = engine.cooccurrence.model.session_vectors
+    assert fitted is not None
+    np.testing.assert_array_equal(fitted, expected.session_vectors)
     # A version swapped in later reads the same source: nothing is carried over by hand.
     repo = ModelRepository(tiny_repo)
     second = copy_version(repo, "v-second")

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from chronorec.server.core.catalog import Event, Item
-from chronorec.server.core.cooccurrence import SESSION_DIMENSIONS, SESSION_GAP_S, CooccurrenceModel
+from chronorec.server.core.cooccurrence import (
+    _SVD_DENSE_BELOW, SESSION_DIMENSIONS, SESSION_GAP_S, SESSION_MIN_SESSIONS, SESSION_MIN_SHARE, CooccurrenceModel,
+    _session_numbers,
+)
 from chronorec.server.core.features import FEATURE_INDEX, FeatureInputs, FirstStage, candidate_features
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
@@ -19,7 +22,8 @@ TOPICS = {f"t{k}": [f"t{k}-{j}" for j in range(5)] for k in range(SESSION_DIMENS
 T0 = 1_000_000.0
 
 
-def topical_log(seed: int = 0, users: int = 300) -> list[Event]:
+def topical_log(seed: int = 0, users: int = 300, topics: dict[str, list[str]] = TOPICS,
+                per_session: int = 3) -> list[Event]:
     """Each session keeps to one topic (three of its five items), and each user has eight sessions
     on topics drawn at random: the users' histories mix topics, their sessions do not. Items t0-0
     and t0-1 never share a session, though many histories hold both."""
@@ -27,11 +31,11 @@ def topical_log(seed: int = 0, users: int = 300) -> list[Event]:
     events, n = [], 0
     for u in range(users):
         at = T0 + u
-        for topic in rng.choice(list(TOPICS), 8):
-            pool = TOPICS[topic]
+        for topic in rng.choice(list(topics), 8):
+            pool = topics[topic]
             if topic == "t0":
                 pool = [i for i in pool if i != ("t0-1" if rng.random() < 0.5 else "t0-0")]
-            for item in rng.choice(pool, 3, replace=False):
+            for item in rng.choice(pool, per_session, replace=False):
                 events.append(Event(f"e{n}", f"u{u}", str(item), "view", at))
                 n += 1
                 at += 60.0
@@ -39,11 +43,12 @@ def topical_log(seed: int = 0, users: int = 300) -> list[Event]:
     return events
 
 
-def fitted(events: list[Event], extra_items: tuple[str, ...] = ()) -> CooccurrenceModel:
+def fitted(events: list[Event], extra_items: tuple[str, ...] = (),
+           topics: dict[str, list[str]] = TOPICS) -> CooccurrenceModel:
     state = InteractionState()
     state.add(events)
     items, times = state.user_items_and_times()
-    catalogue = [i for topic in TOPICS.values() for i in topic] + list(extra_items)
+    catalogue = [i for topic in topics.values() for i in topic] + list(extra_items)
     return CooccurrenceModel.fit(items, catalogue, times=times)
 
 
@@ -84,16 +89,38 @@ def test_times_must_match_the_items():
 
 
 def test_sessions_break_after_the_session_gap():
-    # One user: x then y within the gap (one session), z after it (another).
+    # One user: x then y within the gap (one session), z after it (another); a second user's own.
     state = InteractionState()
     state.add([Event("1", "u", "x", "view", T0), Event("2", "u", "y", "view", T0 + SESSION_GAP_S),
-               Event("3", "u", "z", "view", T0 + 2 * SESSION_GAP_S + 1)])
+               Event("3", "u", "z", "view", T0 + 2 * SESSION_GAP_S + 1), Event("4", "v", "x", "view", T0)])
     items, times = state.user_items_and_times()
-    assert items == {"u": ["x", "y", "z"]} and times == {"u": [T0, T0 + SESSION_GAP_S, T0 + 2 * SESSION_GAP_S + 1]}
-    model = CooccurrenceModel.fit(items, ["x", "y", "z"], times=times)
-    v = model.session_vectors
-    assert float(v[0] @ v[1]) == pytest.approx(1.0, abs=1e-5)
-    assert abs(float(v[0] @ v[2])) < 1e-5
+    assert items == {"u": ["x", "y", "z"], "v": ["x"]}
+    assert times == {"u": [T0, T0 + SESSION_GAP_S, T0 + 2 * SESSION_GAP_S + 1], "v": [T0]}
+    assert _session_numbers(items, times) == [0, 0, 1, 2]
+
+
+def test_no_embedding_where_sessions_do_not_say_which_items_go_together():
+    rng = np.random.default_rng(2)
+    catalogue = [i for topic in TOPICS.values() for i in topic]
+    # A ratings log of single visits, days apart: next to no session holds two items.
+    visits = [Event(f"e{k}", f"u{k % 400}", str(rng.choice(catalogue)), "view", T0 + k * 86400.0 / 7)
+              for k in range(4000)]
+    state = InteractionState()
+    state.add(visits)
+    items, times = state.user_items_and_times()
+    model = CooccurrenceModel.fit(items, catalogue, times=times)
+    assert model.session_vectors is None and model.session_vectors_for(catalogue) is None
+    # Sessions of several items, but fewer than the embedding's minimum.
+    few = topical_log(users=SESSION_MIN_SESSIONS // 8 - 1)
+    state = InteractionState()
+    state.add(few)
+    assert max(_session_numbers(*state.user_items_and_times())) + 1 < SESSION_MIN_SESSIONS
+    assert fitted(few).session_vectors is None
+    # Enough of them, drowned in single visits: under SESSION_MIN_SHARE of the sessions' items.
+    enough = topical_log()
+    lonely = [Event(f"x{k}", f"w{k}", "t1-1", "view", T0 + k) for k in range(int(len(enough) / SESSION_MIN_SHARE))]
+    assert fitted(enough).session_vectors is not None
+    assert fitted(enough + lonely).session_vectors is None
 
 
 def topic_features(model: CooccurrenceModel, history_events: list[Event], at: float, ids: list[str]) -> np.ndarray:
@@ -141,16 +168,15 @@ def test_topic_features_read_the_current_session_and_the_whole_history():
     assert np.isnan(y[:, FEATURE_INDEX["topic_session"]]).all() and np.isnan(y[:, FEATURE_INDEX["topic_all"]]).all()
 
 
-def test_a_log_of_few_sessions_is_decomposed_whole():
-    # Three sessions over 150 items (fewer sessions than the embedding's cut-off for ARPACK).
-    groups = [[f"s{k}-{j}" for j in range(50)] for k in range(3)]
-    items = {f"u{k}": group for k, group in enumerate(groups)}
-    times = {f"u{k}": [T0 + 60.0 * j for j in range(50)] for k in range(3)}
-    model = CooccurrenceModel.fit(items, [i for g in groups for i in g], times=times)
+def test_a_catalogue_of_few_items_is_decomposed_whole():
+    # One topic per dimension, three items each: 72 items, at most _SVD_DENSE_BELOW.
+    topics = {f"q{k}": [f"q{k}-{j}" for j in range(3)] for k in range(SESSION_DIMENSIONS)}
+    catalogue = [i for topic in topics.values() for i in topic]
+    assert len(catalogue) <= _SVD_DENSE_BELOW
+    model = fitted(topical_log(topics=topics, per_session=2), topics=topics)
     v = model.session_vectors
-    assert v.shape == (150, SESSION_DIMENSIONS)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    topic = np.repeat(np.arange(SESSION_DIMENSIONS), 3)
     cosine = v @ v.T
-    same = np.repeat(np.arange(3), 50)
-    assert cosine[same[:, None] == same[None, :]].min() > 0.999
-    assert np.abs(cosine[same[:, None] != same[None, :]]).max() < 1e-5
+    same = topic[:, None] == topic[None, :]
+    assert cosine[same].min() > 0.99 and np.abs(cosine[~same]).max() < 0.01

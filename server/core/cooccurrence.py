@@ -26,10 +26,15 @@ TRANSITION_DECAY = 0.5
 # Events of one user less than this apart belong to one session (the common web-analytics rule).
 SESSION_GAP_S = 30 * 60.0
 # Dimensions of the session embedding, and what each side's count is smoothed by (see
-# _session_embedding). With at most _SVD_DENSE_BELOW seen items or sessions, the smaller side's
-# Gram matrix is decomposed whole.
+# _session_embedding). With at most _SVD_DENSE_BELOW seen items, their Gram matrix is decomposed whole.
 SESSION_DIMENSIONS = 24
 SESSION_SMOOTHING = 1.0
+# The embedding is fitted only where sessions say which items go together: at least this many
+# sessions of two or more distinct items, holding at least this share of the sessions' items. A
+# log whose events are days apart (a ratings log of single visits) has almost none, and an
+# embedding fitted on a handful of chance pairs is noise the ranker would learn from.
+SESSION_MIN_SESSIONS = 10 * SESSION_DIMENSIONS
+SESSION_MIN_SHARE = 0.1
 _SVD_DENSE_BELOW = 4 * SESSION_DIMENSIONS
 _SVD_SEED = 0
 # Rows whose top neighbours a model remembers (the items users recently had events on);
@@ -61,43 +66,38 @@ def _session_numbers(interactions: Mapping[str, Iterable[str]], times: Mapping[s
     return numbers
 
 
-def _session_embedding(sessions: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+def _session_embedding(sessions: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray | None:
     """(n_items, SESSION_DIMENSIONS) float32 unit item vectors: the top right singular vectors of the
     binary session × item matrix, scaled by their singular values; zero rows for items in no session.
+    None when the sessions are too few to fit it (SESSION_MIN_SESSIONS, SESSION_MIN_SHARE).
 
     Each side is divided by the square root of its count plus SESSION_SMOOTHING (regularised
     spectral embedding): with the plain counts, every small part of the log that shares no item
     with the rest (a one-event session, two items only ever seen together) is a singular value of
     exactly 1, and on a log of short sessions those fill every dimension before the first topic."""
-    out = np.zeros((n_items, SESSION_DIMENSIONS), dtype=np.float32)
     if not len(sessions) or not n_items:
-        return out
+        return None
     _, sessions = np.unique(sessions, return_inverse=True)
     matrix = sp.csr_matrix((np.ones(len(sessions)), (sessions, items)), shape=(int(sessions.max()) + 1, n_items))
     matrix.sum_duplicates()
     matrix.data[:] = 1.0
     per_item = np.asarray(matrix.sum(axis=0)).ravel()
     per_session = np.asarray(matrix.sum(axis=1)).ravel()
+    several = per_session >= 2
+    if several.sum() < SESSION_MIN_SESSIONS or per_session[several].sum() < SESSION_MIN_SHARE * per_session.sum():
+        return None
+    out = np.zeros((n_items, SESSION_DIMENSIONS), dtype=np.float32)
     matrix = (sp.diags(1.0 / np.sqrt(per_session + SESSION_SMOOTHING)) @ matrix
               @ sp.diags(1.0 / np.sqrt(per_item + SESSION_SMOOTHING))).tocsr()
     seen = np.flatnonzero(per_item > 0)
     matrix = matrix[:, seen]
     rank = min(SESSION_DIMENSIONS, *matrix.shape)
-    if min(matrix.shape) <= _SVD_DENSE_BELOW:
-        # Few items or few sessions: the eigenvectors of the small side's Gram matrix.
-        few_items = matrix.shape[1] <= matrix.shape[0]
-        gram = (matrix.T @ matrix if few_items else matrix @ matrix.T).toarray()
-        eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    if matrix.shape[1] <= _SVD_DENSE_BELOW:
+        # Few items: the eigenvectors of their Gram matrix.
+        eigenvalues, eigenvectors = np.linalg.eigh((matrix.T @ matrix).toarray())
         order = np.argsort(-eigenvalues, kind="stable")[:rank]
         values = np.sqrt(np.maximum(eigenvalues[order], 0.0))
-        eigenvectors = eigenvectors[:, order]
-        if few_items:
-            right = eigenvectors.T
-        else:
-            keep = values > 1e-12
-            values, eigenvectors = values[keep], eigenvectors[:, keep]
-            right = (matrix.T @ eigenvectors / values).T
-        rank = len(values)
+        right = eigenvectors[:, order].T
     else:
         # ARPACK from a fixed start: the same events give the same vectors.
         start = np.random.default_rng(_SVD_SEED).uniform(-1.0, 1.0, min(matrix.shape))
@@ -130,9 +130,9 @@ class CooccurrenceModel:
     learned ranker reads; the blend reads only the symmetric similarity.
 
     Fitted with each event's time as well, it holds a session embedding: unit item vectors from a
-    rank-SESSION_DIMENSIONS SVD of the (normalised) session × item matrix (sessions: a user's events less than
-    SESSION_GAP_S apart), so items that share sessions' topics are close even when no one history
-    held both. The learned ranker reads their cosine with the user's current session.
+    rank-SESSION_DIMENSIONS SVD of the normalised session × item matrix (sessions: a user's events
+    less than SESSION_GAP_S apart), so items that share sessions' topics are close even when no
+    one history held both. The learned ranker reads their cosine with the user's current session.
     """
 
     def __init__(self, item_ids: Sequence[str], similarity: np.ndarray | sp.csr_matrix, num_users: int,

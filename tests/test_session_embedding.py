@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from chronorec.server.core.catalog import Event, Item
+from chronorec.server.core.catalog import Event
 from chronorec.server.core.cooccurrence import (
     _SVD_DENSE_BELOW, SESSION_DIMENSIONS, SESSION_GAP_S, SESSION_MIN_SESSIONS, SESSION_MIN_SHARE, CooccurrenceModel,
     _session_numbers,

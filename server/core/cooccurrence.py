@@ -104,7 +104,7 @@ def _session_embedding(sessions: np.ndarray, items: np.ndarray, n_items: int) ->
         _, values, right = svds(matrix, k=rank, v0=start, solver="arpack")
         order = np.argsort(-values, kind="stable")
         values, right = values[order], right[order]
-    vectors = np.asarray(right[:rank]).T * values[:rank]
+    vectors = right[:rank].T * values[:rank]
     norms = np.linalg.norm(vectors, axis=1)
     kept = norms > 1e-12
     out[seen[kept], :rank] = vectors[kept] / norms[kept, None]
@@ -151,6 +151,8 @@ class CooccurrenceModel:
         self._neighbour_cache: dict = {}
         # (items, SESSION_DIMENSIONS) float32 unit rows, zero for an item in no session; None: not fitted.
         self.session_vectors = None if session_vectors is None else np.asarray(session_vectors, dtype=np.float32)
+        # Per item, whether it has a vector (a zero row: in no session of the fit).
+        self._session_present = None if self.session_vectors is None else np.abs(self.session_vectors).sum(axis=1) > 0
 
     # -------------------------------------------------------------------- fit
 
@@ -373,7 +375,7 @@ class CooccurrenceModel:
         known = positions >= 0
         vectors[known] = self.session_vectors[positions[known]]
         present = known.copy()
-        present[known] = np.abs(vectors[known]).sum(axis=1) > 0
+        present[known] = self._session_present[positions[known]]
         return vectors, present
 
     def pair_similarities(self, row_ids: Sequence[str], col_ids: Sequence[str]) -> np.ndarray:

@@ -283,18 +283,19 @@ def _topic_features(model: CooccurrenceModel, newest_first: list[str], event_row
         return
     vectors, present = candidates
     history_vectors, history_present = model.session_vectors_for(newest_first)
-    column = FEATURE_INDEX
-    whole = _unit((_per_item(event_rows, kept, positive.astype(np.float64), len(newest_first)) * history_present)
-                  @ history_vectors)
-    if whole is not None:
-        out[present, column["topic_all"]] = vectors[present] @ whole
+
+    def cosine_with(events: np.ndarray, name: str) -> None:
+        """The candidates' cosine with the unit mean of `events`' items (none: left missing)."""
+        mean = _unit((_per_item(event_rows, kept, events.astype(np.float64), len(newest_first)) * history_present)
+                     @ history_vectors)
+        if mean is not None:
+            out[present, FEATURE_INDEX[name]] = vectors[present] @ mean
+
+    cosine_with(positive, "topic_all")
     if session_start is not None:
         current = positive.copy()
         current[:session_start] = False
-        now = _unit((_per_item(event_rows, kept, current.astype(np.float64), len(newest_first)) * history_present)
-                    @ history_vectors)
-        if now is not None:
-            out[present, column["topic_session"]] = vectors[present] @ now
+        cosine_with(current, "topic_session")
 
 
 def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], out: np.ndarray) -> None:

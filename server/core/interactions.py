@@ -209,13 +209,7 @@ class InteractionState:
 
     def user_items(self, at: float | None = None) -> dict[str, list[str]]:
         """Per user, the items of their events up to `at` (input for co-occurrence fitting)."""
-        with self._lock.read():
-            result = {}
-            for user_id, log in self._users.items():
-                end = len(log.entries) if at is None else log.visible_count(at)
-                if end:
-                    result[user_id] = [e.item_id for e in log.entries[:end]]
-            return result
+        return self.user_items_and_times(at)[0]
 
     user_sequences = user_items
 

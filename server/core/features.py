@@ -207,6 +207,16 @@ def _unit(vector: np.ndarray) -> np.ndarray | None:
     return vector / norm if norm > 1e-12 and math.isfinite(norm) else None
 
 
+def _cosine_with_mean(out: np.ndarray, name: str, item_weights: np.ndarray, history_vectors: np.ndarray,
+                      history_present: np.ndarray, vectors: np.ndarray, present: np.ndarray) -> None:
+    """Feature `name` of the candidates with a vector (`present`): their cosine with the unit mean of
+    the history items' vectors weighted by `item_weights` (items without a vector count nothing);
+    left missing where that mean is zero."""
+    mean = _unit((item_weights * history_present) @ history_vectors)
+    if mean is not None:
+        out[present, FEATURE_INDEX[name]] = vectors[present] @ mean
+
+
 def candidate_features(inputs: FeatureInputs, first: FirstStage) -> np.ndarray:
     """(len(candidates), len(FEATURE_NAMES)) float32, NaN where a feature has no value."""
     n = len(first.item_ids)
@@ -286,10 +296,8 @@ def _topic_features(model: CooccurrenceModel, newest_first: list[str], event_row
 
     def cosine_with(events: np.ndarray, name: str) -> None:
         """The candidates' cosine with the unit mean of `events`' items (none: left missing)."""
-        mean = _unit((_per_item(event_rows, kept, events.astype(np.float64), len(newest_first)) * history_present)
-                     @ history_vectors)
-        if mean is not None:
-            out[present, FEATURE_INDEX[name]] = vectors[present] @ mean
+        _cosine_with_mean(out, name, _per_item(event_rows, kept, events.astype(np.float64), len(newest_first)),
+                          history_vectors, history_present, vectors, present)
 
     cosine_with(positive, "topic_all")
     if session_start is not None:
@@ -322,14 +330,10 @@ def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], 
     history_vectors, history_present = inputs.index.vectors_matrix_for(newest_first)
     if inputs.short_term is not None:
         out[present, column["semantic_history_text"]] = candidates[present] @ inputs.short_term
-    long_weights = _per_item(event_rows, kept, _decay(ages, inputs.params.long_term_half_life_days * _DAY) * strengths,
-                             len(newest_first))
-    long_term = _unit((long_weights * history_present) @ history_vectors)
-    if long_term is not None:
-        out[present, column["semantic_decayed_mean"]] = candidates[present] @ long_term
-    whole = _unit((_per_item(event_rows, kept, strengths, len(newest_first)) * history_present) @ history_vectors)
-    if whole is not None:
-        out[present, column["semantic_mean_all"]] = candidates[present] @ whole
+    decayed = _decay(ages, inputs.params.long_term_half_life_days * _DAY) * strengths
+    for name, event_weights in (("semantic_decayed_mean", decayed), ("semantic_mean_all", strengths)):
+        _cosine_with_mean(out, name, _per_item(event_rows, kept, event_weights, len(newest_first)),
+                          history_vectors, history_present, candidates, present)
     if history_present.any():
         recent = np.flatnonzero(history_present)[:RECENT_ITEMS]
         similarity = candidates[present] @ history_vectors[recent].T

@@ -26,6 +26,7 @@ ENV_PREFIX = "CHRONOREC_TRAIN"
 # Tokens a version published by export-base reads (item and history texts alike).
 DEFAULT_MAX_LENGTH = 64
 SUBCOMMANDS: dict[str, Registrar | str] = {
+    "compare": "chronorec.trainer.compare:register_compare_subcommand",
     "eval": "chronorec.trainer.evaluate:register_eval_subcommand",
 }
 

@@ -44,7 +44,7 @@ class CompareCommand:
     before_method: str | None = setting(None, help="the reference run's method, when another (default: --method)")
     metric: str = setting("NDCG@10", choices=METRIC_NAMES, help="the metric compared")
     quantile: float = setting(0.8, help="the temporal cutoff quantile both runs used")
-    json: bool = setting(False, help="print the rows as JSON instead of a table")
+    as_json: bool = setting(False, flag="json", help="print the rows as JSON instead of a table")
 
 
 def load_rows(path: str | Path) -> Mapping[str, np.ndarray]:
@@ -119,7 +119,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     dataset = Dataset(*importers.detect_and_load(command.data, items_optional=True))
     rows = compare_runs(dataset, before, after, protocol=command.protocol, method=command.method,
                         before_method=command.before_method, metric=command.metric, quantile=command.quantile)
-    if command.json:
+    if command.as_json:
         print(json.dumps(rows, indent=2))
     else:
         print(markdown(rows, f"{command.before_method or command.method} ({command.before})",

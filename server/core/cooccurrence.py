@@ -48,19 +48,29 @@ def _user_item_pairs(interactions: Interactions) -> list[tuple[str, str]]:
     return [(event.user_id, event.item_id) for event in interactions]
 
 
+def session_starts(times: np.ndarray) -> np.ndarray:
+    """Per event of one user's history (times oldest first), whether it starts a session: the first
+    event, and each one more than SESSION_GAP_S after the event before it."""
+    times = np.asarray(times, dtype=np.float64)
+    starts = np.zeros(len(times), dtype=bool)
+    starts[:1] = True
+    starts[1:] = np.diff(times) > SESSION_GAP_S
+    return starts
+
+
 def _session_numbers(interactions: Mapping[str, Iterable[str]], times: Mapping[str, Sequence[float]]) -> list[int]:
     """Per (user, item) pair in _user_item_pairs order, its session's number: a user's events
     (oldest first) start a new session after a gap of more than SESSION_GAP_S."""
     numbers: list[int] = []
     session = -1
     for user, items in interactions.items():
-        stamps = np.asarray(times[user], dtype=np.float64)
+        stamps = times[user]
         items = list(items)
         if len(stamps) != len(items):
             raise ValueError(f"user {user!r}: {len(items)} items but {len(stamps)} times")
         if not len(items):
             continue
-        starts = np.r_[True, np.diff(stamps) > SESSION_GAP_S]
+        starts = session_starts(stamps)
         numbers.extend((session + np.cumsum(starts)).tolist())
         session += int(starts.sum())
     return numbers

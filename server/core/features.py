@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from chronorec.client.rules import SECONDS_PER_DAY as _DAY
-from chronorec.server.core.cooccurrence import SESSION_GAP_S, CooccurrenceModel
+from chronorec.server.core.cooccurrence import SESSION_GAP_S, CooccurrenceModel, session_starts
 from chronorec.server.core.index import ItemIndex
 from chronorec.server.core.interactions import InteractionState
 from chronorec.server.core.manifest import TimeModelParams
@@ -313,9 +313,7 @@ def _history_features(inputs: FeatureInputs, first: FirstStage, ids: list[str], 
     ages = at - times
 
     # The user's state.
-    gaps = np.diff(times)
-    breaks = np.flatnonzero(gaps > SESSION_GAP_S)
-    session_start = int(breaks[-1]) + 1 if len(breaks) else 0
+    session_start = int(np.flatnonzero(session_starts(times))[-1])
     in_session = ages[-1] <= SESSION_GAP_S
     out[:, column["user_gap_log_s"]] = _log_seconds(ages[-1])
     out[:, column["user_session_events"]] = (len(history) - session_start) if in_session else 0

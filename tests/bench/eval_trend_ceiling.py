@@ -24,7 +24,8 @@ import numpy as np
 
 from chronorec.server.core import importers
 from chronorec.trainer.protocols import (
-    GAP_LABELS, Dataset, expected_metrics, exclusion_mask, gap_buckets, prefix_item_counts, temporal_split,
+    GAP_LABELS, UNRANKED, Dataset, expected_metrics, exclusion_mask, gap_buckets, prefix_item_counts, rank_counts,
+    temporal_split,
 )
 
 from .eval_trend_data import generate
@@ -37,7 +38,7 @@ def topics_of(dataset: Dataset, seed: int, n_items: int, n_users: int) -> np.nda
     """Each catalogue item's generated topic (an index), from the generator run again with the log's arguments."""
     items, events = generate(seed, n_items=n_items, n_users=n_users)
     times = np.sort(np.array([e["timestamp"] for e in events]))
-    if len(events) != dataset.n_events or not np.array_equal(times, np.sort(dataset.ts)):
+    if len(events) != dataset.n_events or not np.array_equal(times, dataset.ts):  # both in time order
         raise SystemExit(f"the log is not the one the generator makes with seed {seed}, {n_items} items and "
                          f"{n_users} users ({dataset.n_events} events against {len(events)}): give the log's own arguments")
     names = sorted({item["category"] for item in items})
@@ -65,16 +66,13 @@ def ndcg_per_instance(dataset: Dataset, topic: np.ndarray, betas=BETAS, batch: i
         at = np.arange(len(part))
         for beta in betas:
             primary = window * (1.0 + beta * share[:, topic])
-            target_primary = primary[at, part.target][:, None]
-            target_all = all_time[at, part.target][:, None]
-            above = (primary > target_primary) | ((primary == target_primary) & (all_time > target_all))
-            tied = (primary == target_primary) & (all_time == target_all)
-            above &= ~excluded
-            tied &= ~excluded
-            better, same = above.sum(axis=1), tied.sum(axis=1) - 1
-            ranked = ~excluded[at, part.target]
-            ndcg = expected_metrics(np.where(ranked, better, 0), np.where(ranked, same, 0), cutoffs=(10,))["NDCG@10"]
-            out[beta][a:a + len(part)] = np.where(ranked, ndcg, 0.0)
+            # Lexicographic (primary, all-time count): the candidates above the target on the first,
+            # then, among those level with it there, the all-time count's own better and tied.
+            above, _ = rank_counts(primary, part.target, excluded)
+            level = np.where(primary == primary[at, part.target][:, None], all_time, -np.inf)
+            above_level, tied = rank_counts(level, part.target, excluded)
+            better = np.where(above == UNRANKED, UNRANKED, above + above_level)
+            out[beta][a:a + len(part)] = expected_metrics(better, tied, cutoffs=(10,))["NDCG@10"]
     return out, gap_buckets(instances)
 
 

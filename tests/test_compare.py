@@ -9,7 +9,7 @@ import pytest
 
 from chronorec.server.core.importers import detect_and_load
 from chronorec.trainer import cli, evaluate
-from chronorec.trainer.compare import compare_runs, load_rows
+from chronorec.trainer.compare import compare_pooled, compare_runs, load_rows
 from chronorec.trainer.protocols import Dataset, bootstrap_ci
 
 METHODS = "MostPop,RecentPop-7d"
@@ -29,6 +29,16 @@ def runs(tmp_path_factory):
     assert evaluate.main(["--data", str(data), "--out", str(out), "--protocol", "both", "--methods", METHODS,
                           "--no-progress"]) == 0
     return data, other, out
+
+
+@pytest.fixture(scope="module")
+def other_run(runs):
+    """The second log's own run, temporal only."""
+    _, other, out = runs
+    report = out.parent / "other-report"
+    assert evaluate.main(["--data", str(other), "--out", str(report), "--protocol", "temporal", "--methods", METHODS,
+                          "--no-progress"]) == 0
+    return report
 
 
 def test_two_methods_of_one_run_are_paired_with_the_reports_buckets(runs):
@@ -92,3 +102,44 @@ def test_runs_that_do_not_pair_are_refused_with_what_is_wrong(runs, tmp_path, ca
     assert cli.main(["compare", "--data", str(data), "--before", str(tmp_path), "--after", str(out)]) == 1
     assert "per_instance.npz does not exist" in capsys.readouterr().err
     np.testing.assert_array_equal(load_rows(out)["temporal/pos"], rows["temporal/pos"])
+
+
+def test_several_data_sets_pool_every_instance_once_with_users_kept_apart(runs, other_run, capsys):
+    data, other, out = runs
+    first, second = Dataset(*detect_and_load(data)), Dataset(*detect_and_load(other))
+    rows, rows2 = load_rows(out), load_rows(other_run)
+    options = dict(method="RecentPop-7d", before_method="MostPop")
+    # One data set: compare_runs' rows exactly.
+    assert compare_pooled([(first, rows, rows)], **options) == compare_runs(first, rows, rows, **options)
+    pooled = compare_pooled([(first, rows, rows), (second, rows2, rows2)], **options)
+    apart = [compare_runs(first, rows, rows, **options), compare_runs(second, rows2, rows2, **options)]
+    for row in pooled:
+        # Counts add up and means are over every instance of both, each counted once.
+        sides = [next((r for r in one if (r["scope"], r["bucket"]) == (row["scope"], row["bucket"])), None)
+                 for one in apart]
+        n = [s["n"] if s else 0 for s in sides]
+        assert row["n"] == sum(n)
+        for key in ("before", "after", "difference"):
+            assert row[key] == pytest.approx(sum(s[key] * k for s, k in zip(sides, n) if s) / sum(n))
+    # The interval resamples (data set, user) clusters: user 0 of one log is not user 0 of the other.
+    split = [evaluate.build_split(d, "temporal").test_task().instances for d in (first, second)]
+    a = np.concatenate([rows["temporal/MostPop/NDCG@10"], rows2["temporal/MostPop/NDCG@10"]])
+    b = np.concatenate([rows["temporal/RecentPop-7d/NDCG@10"], rows2["temporal/RecentPop-7d/NDCG@10"]])
+    users = np.concatenate([split[0].user, split[1].user + split[0].user.max() + 1])
+    assert pooled[0]["ci95_user_clustered"] == pytest.approx(list(bootstrap_ci(b - a, users)))
+    # The command takes comma-separated lists, one pair of runs per data set.
+    assert cli.main(["compare", "--data", f"{data},{other}", "--before", f"{out},{other_run}",
+                     "--after", f"{out},{other_run}", "--method", "RecentPop-7d", "--before-method", "MostPop",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == pooled
+    assert cli.main(["compare", "--data", f"{data},{other}", "--before", f"{out},{other_run}",
+                     "--after", f"{out},{other_run}", "--method", "RecentPop-7d", "--before-method", "MostPop"]) == 0
+    assert "pooled over 2 data sets" in capsys.readouterr().out
+    # Lists of other lengths, or runs given in the wrong order, are refused with what is wrong.
+    assert cli.main(["compare", "--data", f"{data},{other}", "--before", str(out), "--after", str(out)]) == 1
+    assert "give one pair of runs per data set" in capsys.readouterr().err
+    assert cli.main(["compare", "--data", f"{data},{other}", "--before", f"{other_run},{out}",
+                     "--after", f"{other_run},{out}", "--method", "MostPop"]) == 1
+    assert "not run on this data set's temporal test instances" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="nothing to compare"):
+        compare_pooled([])

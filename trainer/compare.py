@@ -9,6 +9,12 @@ with the very buckets the report uses. The two sides may also be two methods of 
 ranker against the blend).
 
     chronorec-train compare --data DIR --before RUN_A --after RUN_B --protocol temporal
+
+Several data sets at once (comma-separated, one pair of runs each) give one pooled figure: every
+instance of every data set counts once, and the bootstrap resamples users within their own data
+set, so a change too small to settle on one draw of a generated log can be read over several.
+
+    chronorec-train compare --data D1,D2 --before A1,A2 --after B1,B2
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -36,9 +42,12 @@ PER_INSTANCE = "per_instance.npz"
 class CompareCommand:
     """One comparison: the data set, the two runs, which protocol, method and metric."""
 
-    data: str = setting(help="the data set both runs evaluated (what chronorec-eval --data was given)")
-    before: str = setting(help="the reference run: a chronorec-eval report folder or its per_instance.npz")
-    after: str = setting(help="the run compared with it (the same folder for two methods of one run)")
+    data: str = setting(help="the data set both runs evaluated (what chronorec-eval --data was given); "
+                             "several, comma-separated, for one pooled comparison")
+    before: str = setting(help="the reference run: a chronorec-eval report folder or its per_instance.npz "
+                               "(one per data set, comma-separated, in --data's order)")
+    after: str = setting(help="the run compared with it (the same folder for two methods of one run; "
+                              "one per data set)")
     protocol: str = setting("temporal", choices=PROTOCOL_NAMES, help="the protocol whose rows are paired")
     method: str = setting("chronorec-ranker", help="the method compared")
     before_method: str | None = setting(None, help="the reference run's method, when another (default: --method)")
@@ -67,12 +76,12 @@ def _column(rows: Mapping[str, np.ndarray], protocol: str, method: str, metric: 
     return np.asarray(rows[key], dtype=np.float64)
 
 
-def compare_runs(dataset: Dataset, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], *,
-                 protocol: str = "temporal", method: str = "chronorec-ranker", before_method: str | None = None,
-                 metric: str = "NDCG@10", quantile: float = 0.8) -> list[dict[str, Any]]:
-    """Per scope ("all", "gap", "target") and bucket: the instances, each side's mean, and the mean of
-    after − before with its user-clustered bootstrap 95 % interval. Raises ValueError when a run
-    holds other test instances than this data set's split (another data set, cutoff or protocol)."""
+def _paired(dataset: Dataset, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], *,
+            protocol: str, method: str, before_method: str | None, metric: str, quantile: float,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[str, np.ndarray, tuple[str, ...]]]]:
+    """(before's values, after's, each instance's user, the scopes' bucket indices) of one data set's
+    test instances. Raises ValueError when a run holds other test instances than this data set's
+    split (another data set, cutoff or protocol)."""
     task = build_split(dataset, protocol, quantile).test_task()
     positions = task.instances.pos
     for side, rows in (("before", before), ("after", after)):
@@ -84,12 +93,40 @@ def compare_runs(dataset: Dataset, before: Mapping[str, np.ndarray], after: Mapp
                              f"({len(held)} instances against {len(positions)}): another data set, cutoff or protocol")
     a = _column(before, protocol, before_method or method, metric, "before")
     b = _column(after, protocol, method, metric, "after")
-    users = task.instances.user
-    scopes = (("all", np.zeros(len(positions), dtype=np.int64), ("all",)),
+    scopes = [("all", np.zeros(len(positions), dtype=np.int64), ("all",)),
               ("gap", gap_buckets(task.instances), GAP_LABELS),
-              ("target", target_buckets(task), TARGET_LABELS))
+              ("target", target_buckets(task), TARGET_LABELS)]
+    return a, b, np.asarray(task.instances.user, dtype=np.int64), scopes
+
+
+def compare_runs(dataset: Dataset, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], *,
+                 protocol: str = "temporal", method: str = "chronorec-ranker", before_method: str | None = None,
+                 metric: str = "NDCG@10", quantile: float = 0.8) -> list[dict[str, Any]]:
+    """Per scope ("all", "gap", "target") and bucket: the instances, each side's mean, and the mean of
+    after − before with its user-clustered bootstrap 95 % interval. Raises ValueError when a run
+    holds other test instances than this data set's split (another data set, cutoff or protocol)."""
+    return compare_pooled([(dataset, before, after)], protocol=protocol, method=method,
+                          before_method=before_method, metric=metric, quantile=quantile)
+
+
+def compare_pooled(parts: Sequence[tuple[Dataset, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]], *,
+                   protocol: str = "temporal", method: str = "chronorec-ranker", before_method: str | None = None,
+                   metric: str = "NDCG@10", quantile: float = 0.8) -> list[dict[str, Any]]:
+    """compare_runs over several data sets, each with its own pair of runs, pooled: every test
+    instance counts once, and users are resampled within their own data set (a user of one is not
+    a user of another). One data set gives compare_runs' rows exactly."""
+    if not parts:
+        raise ValueError("nothing to compare: give at least one data set and its two runs")
+    paired = [_paired(dataset, before, after, protocol=protocol, method=method, before_method=before_method,
+                      metric=metric, quantile=quantile) for dataset, before, after in parts]
+    a = np.concatenate([p[0] for p in paired])
+    b = np.concatenate([p[1] for p in paired])
+    # One cluster per (data set, user): offsets keep each data set's users apart, in their order.
+    offsets = np.cumsum([0] + [int(p[2].max()) + 1 if len(p[2]) else 0 for p in paired[:-1]])
+    users = np.concatenate([p[2] + offset for p, offset in zip(paired, offsets)])
     out = []
-    for scope, index, labels in scopes:
+    for k_scope, (scope, _, labels) in enumerate(paired[0][3]):
+        index = np.concatenate([p[3][k_scope][1] for p in paired])
         for k, label in enumerate(labels):
             rows = index == k
             if not rows.any():
@@ -102,8 +139,9 @@ def compare_runs(dataset: Dataset, before: Mapping[str, np.ndarray], after: Mapp
     return out
 
 
-def markdown(rows: list[dict[str, Any]], before: str, after: str, metric: str) -> str:
-    lines = [f"{metric}, after − before, paired by instance", "",
+def markdown(rows: list[dict[str, Any]], before: str, after: str, metric: str, data_sets: int = 1) -> str:
+    pooled = f", pooled over {data_sets} data sets (users resampled within each)" if data_sets > 1 else ""
+    lines = [f"{metric}, after − before, paired by instance{pooled}", "",
              f"| scope | bucket | instances | before: {before} | after: {after} | difference [95 % CI, users resampled] |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -113,17 +151,25 @@ def markdown(rows: list[dict[str, Any]], before: str, after: str, metric: str) -
     return "\n".join(lines)
 
 
+def _listed(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     command = settings_from_args(CompareCommand, args)
-    before, after = load_rows(command.before), load_rows(command.after)
-    dataset = Dataset(*importers.detect_and_load(command.data, items_optional=True))
-    rows = compare_runs(dataset, before, after, protocol=command.protocol, method=command.method,
-                        before_method=command.before_method, metric=command.metric, quantile=command.quantile)
+    data, befores, afters = _listed(command.data), _listed(command.before), _listed(command.after)
+    if not (len(data) == len(befores) == len(afters)):
+        raise ValueError(f"--data, --before and --after name {len(data)}, {len(befores)} and {len(afters)} "
+                         f"places: give one pair of runs per data set, in --data's order")
+    parts = [(Dataset(*importers.detect_and_load(d, items_optional=True)), load_rows(b), load_rows(a))
+             for d, b, a in zip(data, befores, afters)]
+    rows = compare_pooled(parts, protocol=command.protocol, method=command.method,
+                          before_method=command.before_method, metric=command.metric, quantile=command.quantile)
     if command.as_json:
         print(json.dumps(rows, indent=2))
     else:
         print(markdown(rows, f"{command.before_method or command.method} ({command.before})",
-                       f"{command.method} ({command.after})", command.metric))
+                       f"{command.method} ({command.after})", command.metric, data_sets=len(parts)))
     return 0
 
 
@@ -136,4 +182,4 @@ def register_compare_subcommand(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-__all__ = ["CompareCommand", "compare_runs", "load_rows", "markdown", "register_compare_subcommand"]
+__all__ = ["CompareCommand", "compare_pooled", "compare_runs", "load_rows", "markdown", "register_compare_subcommand"]

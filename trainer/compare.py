@@ -76,12 +76,16 @@ def _column(rows: Mapping[str, np.ndarray], protocol: str, method: str, metric: 
     return np.asarray(rows[key], dtype=np.float64)
 
 
+# The scopes a comparison reports, each with its buckets' labels (_paired gives each instance's bucket).
+_SCOPES: tuple[tuple[str, tuple[str, ...]], ...] = (("all", ("all",)), ("gap", GAP_LABELS), ("target", TARGET_LABELS))
+
+
 def _paired(dataset: Dataset, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], *,
             protocol: str, method: str, before_method: str | None, metric: str, quantile: float,
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[str, np.ndarray, tuple[str, ...]]]]:
-    """(before's values, after's, each instance's user, the scopes' bucket indices) of one data set's
-    test instances. Raises ValueError when a run holds other test instances than this data set's
-    split (another data set, cutoff or protocol)."""
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """(before's values, after's, each instance's user, its bucket in each of _SCOPES) of one data
+    set's test instances. Raises ValueError when a run holds other test instances than this data
+    set's split (another data set, cutoff or protocol)."""
     task = build_split(dataset, protocol, quantile).test_task()
     positions = task.instances.pos
     for side, rows in (("before", before), ("after", after)):
@@ -93,10 +97,8 @@ def _paired(dataset: Dataset, before: Mapping[str, np.ndarray], after: Mapping[s
                              f"({len(held)} instances against {len(positions)}): another data set, cutoff or protocol")
     a = _column(before, protocol, before_method or method, metric, "before")
     b = _column(after, protocol, method, metric, "after")
-    scopes = [("all", np.zeros(len(positions), dtype=np.int64), ("all",)),
-              ("gap", gap_buckets(task.instances), GAP_LABELS),
-              ("target", target_buckets(task), TARGET_LABELS)]
-    return a, b, np.asarray(task.instances.user, dtype=np.int64), scopes
+    buckets = (np.zeros(len(positions), dtype=np.int64), gap_buckets(task.instances), target_buckets(task))
+    return a, b, np.asarray(task.instances.user, dtype=np.int64), buckets
 
 
 def compare_runs(dataset: Dataset, before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], *,
@@ -125,8 +127,8 @@ def compare_pooled(parts: Sequence[tuple[Dataset, Mapping[str, np.ndarray], Mapp
     offsets = np.cumsum([0] + [int(p[2].max()) + 1 if len(p[2]) else 0 for p in paired[:-1]])
     users = np.concatenate([p[2] + offset for p, offset in zip(paired, offsets)])
     out = []
-    for k_scope, (scope, _, labels) in enumerate(paired[0][3]):
-        index = np.concatenate([p[3][k_scope][1] for p in paired])
+    for k_scope, (scope, labels) in enumerate(_SCOPES):
+        index = np.concatenate([p[3][k_scope] for p in paired])
         for k, label in enumerate(labels):
             rows = index == k
             if not rows.any():

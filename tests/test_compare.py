@@ -127,19 +127,23 @@ def test_several_data_sets_pool_every_instance_once_with_users_kept_apart(runs, 
     b = np.concatenate([rows["temporal/RecentPop-7d/NDCG@10"], rows2["temporal/RecentPop-7d/NDCG@10"]])
     users = np.concatenate([split[0].user, split[1].user + split[0].user.max() + 1])
     assert pooled[0]["ci95_user_clustered"] == pytest.approx(list(bootstrap_ci(b - a, users)))
-    # The command takes comma-separated lists, one pair of runs per data set.
-    assert cli.main(["compare", "--data", f"{data},{other}", "--before", f"{out},{other_run}",
-                     "--after", f"{out},{other_run}", "--method", "RecentPop-7d", "--before-method", "MostPop",
+    # The command takes each flag once per data set, one pair of runs each.
+    both = ["--data", str(data), "--data", str(other)]
+    runs_in_order = ["--before", str(out), "--before", str(other_run), "--after", str(out), "--after", str(other_run)]
+    assert cli.main(["compare", *both, *runs_in_order, "--method", "RecentPop-7d", "--before-method", "MostPop",
                      "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == pooled
-    assert cli.main(["compare", "--data", f"{data},{other}", "--before", f"{out},{other_run}",
-                     "--after", f"{out},{other_run}", "--method", "RecentPop-7d", "--before-method", "MostPop"]) == 0
+    assert cli.main(["compare", *both, *runs_in_order, "--method", "RecentPop-7d", "--before-method", "MostPop"]) == 0
     assert "pooled over 2 data sets" in capsys.readouterr().out
     # Lists of other lengths, or runs given in the wrong order, are refused with what is wrong.
-    assert cli.main(["compare", "--data", f"{data},{other}", "--before", str(out), "--after", str(out)]) == 1
+    assert cli.main(["compare", *both, "--before", str(out), "--after", str(out)]) == 1
     assert "give one pair of runs per data set" in capsys.readouterr().err
-    assert cli.main(["compare", "--data", f"{data},{other}", "--before", f"{other_run},{out}",
-                     "--after", f"{other_run},{out}", "--method", "MostPop"]) == 1
+    assert cli.main(["compare", *both, "--before", str(other_run), "--before", str(out),
+                     "--after", str(other_run), "--after", str(out), "--method", "MostPop"]) == 1
     assert "not run on this data set's temporal test instances" in capsys.readouterr().err
     with pytest.raises(ValueError, match="nothing to compare"):
         compare_pooled([])
+    # Each of the three is required, however many times it may be given.
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--before", str(out), "--after", str(out)])
+    assert "--data" in capsys.readouterr().err

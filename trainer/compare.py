@@ -10,11 +10,12 @@ ranker against the blend).
 
     chronorec-train compare --data DIR --before RUN_A --after RUN_B --protocol temporal
 
-Several data sets at once (comma-separated, one pair of runs each) give one pooled figure: every
-instance of every data set counts once, and the bootstrap resamples users within their own data
-set, so a change too small to settle on one draw of a generated log can be read over several.
+Several data sets at once (each flag repeated, one pair of runs per data set) give one pooled
+figure: every instance of every data set counts once, and the bootstrap resamples users within
+their own data set, so a change too small to settle on one draw of a generated log can be read
+over several.
 
-    chronorec-train compare --data D1,D2 --before A1,A2 --after B1,B2
+    chronorec-train compare --data D1 --data D2 --before A1 --before A2 --after B1 --after B2
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ PER_INSTANCE = "per_instance.npz"
 class CompareCommand:
     """One comparison: the data set, the two runs, which protocol, method and metric."""
 
-    data: str = setting(help="the data set both runs evaluated (what chronorec-eval --data was given); "
-                             "several, comma-separated, for one pooled comparison")
-    before: str = setting(help="the reference run: a chronorec-eval report folder or its per_instance.npz "
-                               "(one per data set, comma-separated, in --data's order)")
-    after: str = setting(help="the run compared with it (the same folder for two methods of one run; "
-                              "one per data set)")
+    data: list[str] = setting(help="the data set both runs evaluated (what chronorec-eval --data was given); "
+                                   "repeated, for one comparison pooled over several")
+    before: list[str] = setting(help="the reference run: a chronorec-eval report folder or its per_instance.npz "
+                                     "(one per data set, in --data's order)")
+    after: list[str] = setting(help="the run compared with it (the same folder for two methods of one run; "
+                                    "one per data set)")
     protocol: str = setting("temporal", choices=PROTOCOL_NAMES, help="the protocol whose rows are paired")
     method: str = setting("chronorec-ranker", help="the method compared")
     before_method: str | None = setting(None, help="the reference run's method, when another (default: --method)")
@@ -153,13 +154,9 @@ def markdown(rows: list[dict[str, Any]], before: str, after: str, metric: str, d
     return "\n".join(lines)
 
 
-def _listed(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     command = settings_from_args(CompareCommand, args)
-    data, befores, afters = _listed(command.data), _listed(command.before), _listed(command.after)
+    data, befores, afters = command.data, command.before, command.after
     if not (len(data) == len(befores) == len(afters)):
         raise ValueError(f"--data, --before and --after name {len(data)}, {len(befores)} and {len(afters)} "
                          f"places: give one pair of runs per data set, in --data's order")
@@ -170,8 +167,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if command.as_json:
         print(json.dumps(rows, indent=2))
     else:
-        print(markdown(rows, f"{command.before_method or command.method} ({command.before})",
-                       f"{command.method} ({command.after})", command.metric, data_sets=len(parts)))
+        print(markdown(rows, f"{command.before_method or command.method} ({', '.join(befores)})",
+                       f"{command.method} ({', '.join(afters)})", command.metric, data_sets=len(parts)))
     return 0
 
 

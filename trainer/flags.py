@@ -77,7 +77,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix
 
     A flag left out takes its value from `<env_prefix>_<FLAG>` when that is set, else the field's
     default. Booleans get `--x` and `--no-x`; a list is repeatable (comma-separated in the
-    environment); a field without a default is a required flag unless its variable is set. A
+    environment); a field without a default (a list too) is a required flag unless its variable is set. A
     variable that does not parse stops the parser with an error that names it.
     """
     environ = os.environ if environ is None else environ
@@ -119,7 +119,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, cls: type, *, env_prefix
             options["action"] = _Toggle
         elif is_list:
             # Given on the command line, the flag's values replace the default instead of extending it.
-            options.update(action=_ReplaceDefaultAppend, type=kind, metavar=spec.name.upper())
+            options.update(action=_ReplaceDefaultAppend, type=kind, metavar=spec.name.upper(),
+                           required=required or None)
         else:
             choices = spec.metadata.get("choices")
             options.update(type=kind, choices=choices, metavar=None if choices else spec.name.upper())
